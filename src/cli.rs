@@ -1,0 +1,477 @@
+//! The command line: the only place that prints for humans.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::export;
+use crate::import::{self, ImportRequest};
+use crate::naming::{Tree, point_name};
+use crate::read::PointReader;
+use crate::repo::{Repository, valid_uuid};
+use crate::verify::{self, VerifyReport};
+use crate::{BLOCK_SIZE, blocks_for, timefmt};
+
+/// Exit status when `verify` finds damage (1 is any other error, 2 a usage error).
+pub const EXIT_DAMAGE: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cbtfs",
+    version,
+    about = "Incremental backups of XenServer/XCP-ng disks with Changed Block Tracking, and their history as files",
+    after_help = "Logs go to standard error; set CBTFS_LOG=debug for more."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new, empty repository.
+    Init {
+        /// Directory to create (or an empty one).
+        repo: PathBuf,
+    },
+    /// Add a restore point from a raw disk image (a full base, or the blocks a CBT bitmap marks).
+    Import {
+        repo: PathBuf,
+        /// The disk's VDI uuid.
+        #[arg(long)]
+        vdi: String,
+        /// The disk's name (default: the name it already has, else disk-<uuid prefix>).
+        #[arg(long)]
+        name: Option<String>,
+        /// The uuid of the VM owning the disk.
+        #[arg(long)]
+        vm_uuid: Option<String>,
+        /// The name of the VM owning the disk.
+        #[arg(long)]
+        vm_name: Option<String>,
+        /// Raw image (or block device) holding the disk as it was at the snapshot.
+        #[arg(long)]
+        raw: PathBuf,
+        /// File holding the base64 bitmap from VDI.list_changed_blocks (`-` reads standard
+        /// input). Without it, the image starts a new set as its full base.
+        #[arg(long)]
+        bitmap: Option<PathBuf>,
+        /// Snapshot time, RFC 3339 (2026-11-21T02:00:00Z); default now. Must be later than the
+        /// set's newest point.
+        #[arg(long)]
+        time: Option<String>,
+        /// Print the new point as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List disks, sets and restore points.
+    Ls {
+        repo: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a restore point as a raw image (sparse file, block device, or `-` for stdout).
+    Export {
+        repo: PathBuf,
+        /// VM/DISK/SET/POINT as `cbtfs ls` shows it, VDI_UUID@latest or VDI_UUID@TIME.
+        point: String,
+        /// Output file, block device, or `-`.
+        out: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check every checksum and structure; exit status 3 if anything is damaged.
+    Verify {
+        repo: PathBuf,
+        /// Only this point (and the points it depends on).
+        point: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cbtfs: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Init { repo } => {
+            Repository::init(&repo)?;
+            println!("created repository {}", repo.display());
+        }
+        Command::Import {
+            repo,
+            vdi,
+            name,
+            vm_uuid,
+            vm_name,
+            raw,
+            bitmap,
+            time,
+            json,
+        } => cmd_import(
+            &repo, vdi, name, vm_uuid, vm_name, raw, bitmap, time, json,
+        )?,
+        Command::Ls { repo, json } => cmd_ls(&repo, json)?,
+        Command::Export {
+            repo,
+            point,
+            out,
+            force,
+        } => cmd_export(&repo, &point, &out, force)?,
+        Command::Verify { repo, point, json } => return cmd_verify(&repo, point, json),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open(repo: &Path) -> Result<Repository> {
+    Ok(Repository::open(repo)?)
+}
+
+/// Progress on a terminal: one line, rewritten at most every 200 ms.
+struct Progress {
+    on: bool,
+    what: &'static str,
+    total: u64,
+    start: Instant,
+    last: Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(what: &'static str, total: u64) -> Self {
+        Progress {
+            on: std::io::stderr().is_terminal(),
+            what,
+            total,
+            start: Instant::now(),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+    fn update(&self, done: u64) {
+        self.update_total(done, self.total)
+    }
+    fn finish(&self) {
+        if self.on {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_import(
+    repo: &Path,
+    vdi: String,
+    name: Option<String>,
+    vm_uuid: Option<String>,
+    vm_name: Option<String>,
+    raw: PathBuf,
+    bitmap: Option<PathBuf>,
+    time: Option<String>,
+    json: bool,
+) -> Result<()> {
+    if !valid_uuid(&vdi) {
+        bail!("--vdi {vdi:?} is not a VDI uuid (like 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b)");
+    }
+    let repository = open(repo)?;
+    let time = match time {
+        Some(t) => timefmt::parse(&t).map_err(anyhow::Error::msg)?,
+        None => timefmt::now(),
+    };
+    let bitmap = match bitmap {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the bitmap from standard input")?;
+            Some((s, "standard input".to_string()))
+        }
+        Some(p) => Some((
+            std::fs::read_to_string(&p)
+                .with_context(|| format!("reading bitmap file {}", p.display()))?,
+            p.display().to_string(),
+        )),
+    };
+    let req = ImportRequest {
+        vdi,
+        disk_name: name,
+        vm_uuid,
+        vm_name,
+        raw,
+        bitmap,
+        time,
+    };
+    let progress = Progress::new("import", 0);
+    let report = import::import_raw(&repository, &req, |done, total| {
+        progress.update_total(done * BLOCK_SIZE, total * BLOCK_SIZE)
+    })?;
+    progress.finish();
+    let m = &report.manifest;
+    let tree = Tree::build(repository.catalog()?);
+    let path = tree.path_of(m).unwrap_or_else(|| m.label());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&point_json(m, &path))?);
+    } else {
+        println!(
+            "{} point {path}: {} blocks changed, {} stored ({}), disk {}",
+            if m.seq == 0 { "base" } else { "incremental" },
+            m.changed_blocks,
+            m.data_blocks,
+            human(m.data_blocks * BLOCK_SIZE),
+            human(m.virtual_size)
+        );
+    }
+    Ok(())
+}
+
+impl Progress {
+    fn update_total(&self, done: u64, total: u64) {
+        if let Ok(mut last) = self.last.lock()
+            && self.on
+            && (last.elapsed() >= Duration::from_millis(200) || done >= total)
+        {
+            *last = Instant::now();
+            let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+            eprint!(
+                "\r{}: {} of {} ({:.0} MB/s)   ",
+                self.what,
+                human(done),
+                human(total),
+                done as f64 / secs / 1e6
+            );
+        }
+    }
+}
+
+fn changed_percent(m: &crate::repo::PointManifest) -> f64 {
+    let blocks = blocks_for(m.virtual_size).max(1);
+    m.changed_blocks as f64 * 100.0 / blocks as f64
+}
+
+fn point_json(m: &crate::repo::PointManifest, path: &str) -> serde_json::Value {
+    json!({
+        "path": path,
+        "name": point_name(m),
+        "vdi": m.vdi,
+        "set": m.set,
+        "seq": m.seq,
+        "time": timefmt::rfc3339(m.time),
+        "virtual_size": m.virtual_size,
+        "changed_blocks": m.changed_blocks,
+        "stored_blocks": m.data_blocks,
+        "stored_bytes": m.data_blocks * BLOCK_SIZE,
+        "changed_percent": (changed_percent(m) * 100.0).round() / 100.0,
+        "source": m.source,
+    })
+}
+
+fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
+    let repository = open(repo)?;
+    let tree = Tree::build(repository.catalog()?);
+    if json {
+        let vms: Vec<_> = tree
+            .vms
+            .iter()
+            .map(|vm| {
+                json!({
+                    "name": vm.name,
+                    "uuid": vm.uuid,
+                    "disks": vm.disks.iter().map(|d| {
+                        let newest = d.history.newest();
+                        json!({
+                            "name": d.name,
+                            "vdi": d.vdi(),
+                            "disk_name": newest.map(|p| p.disk_name.clone()),
+                            "virtual_size": newest.map(|p| p.virtual_size),
+                            "sets": d.history.sets.iter().map(|s| json!({
+                                "name": s.id,
+                                "points": s.points.iter().map(|p| point_json(
+                                    p, &format!("{}/{}/{}/{}", vm.name, d.name, s.id, point_name(p)))).collect::<Vec<_>>(),
+                                "problems": s.problems,
+                            })).collect::<Vec<_>>(),
+                        })
+                    }).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "repository": repo.display().to_string(),
+                "vms": vms
+            }))?
+        );
+        return Ok(());
+    }
+    if tree.vms.is_empty() {
+        println!(
+            "repository {} holds no restore points yet (add one with `cbtfs import` or `cbtfs backup`)",
+            repo.display()
+        );
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    for vm in &tree.vms {
+        for d in &vm.disks {
+            let newest = d.history.newest();
+            writeln!(
+                out,
+                "{}/{}  (VDI {}, {}{})",
+                vm.name,
+                d.name,
+                d.vdi(),
+                human(newest.map_or(0, |p| p.virtual_size)),
+                vm.uuid
+                    .as_ref()
+                    .map(|u| format!(", VM {u}"))
+                    .unwrap_or_default()
+            )?;
+            for s in &d.history.sets {
+                writeln!(out, "  set {}  ({} points)", s.id, s.points.len())?;
+                writeln!(
+                    out,
+                    "    {:<18} {:<22} {:>10} {:>12} {:>10} {:>8}",
+                    "POINT", "TIME", "SIZE", "STORED", "BLOCKS", "CHANGED"
+                )?;
+                for p in &s.points {
+                    writeln!(
+                        out,
+                        "    {:<18} {:<22} {:>10} {:>12} {:>10} {:>7.2}%",
+                        point_name(p),
+                        timefmt::rfc3339(p.time),
+                        human(p.virtual_size),
+                        human(p.data_blocks * BLOCK_SIZE),
+                        p.data_blocks,
+                        changed_percent(p)
+                    )?;
+                }
+                for pr in &s.problems {
+                    writeln!(out, "    DAMAGED {}: {}", pr.location, pr.message)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn resolve(repository: &Repository, spec: &str) -> Result<(Tree, crate::repo::SetHistory, u32)> {
+    let tree = Tree::build(repository.catalog()?);
+    let (set, seq) = tree
+        .resolve(spec)
+        .map_err(|e| anyhow::anyhow!("point {spec:?}: {e}"))?;
+    Ok((tree, set, seq))
+}
+
+fn cmd_export(repo: &Path, spec: &str, out: &Path, force: bool) -> Result<()> {
+    let repository = open(repo)?;
+    let (tree, set, seq) = resolve(&repository, spec)?;
+    let reader = PointReader::open(&repository, &set, seq)
+        .with_context(|| format!("opening point {spec}"))?;
+    let path = tree
+        .path_of(&reader.manifest)
+        .unwrap_or_else(|| reader.manifest.label());
+    let progress = Progress::new("export", reader.map().stored_blocks() * BLOCK_SIZE);
+    let report = if out.as_os_str() == "-" {
+        let p = Progress::new("export", reader.size());
+        let mut stdout = std::io::stdout().lock();
+        let r = export::export_to_writer(&reader, &mut stdout, &|d| p.update(d))?;
+        p.finish();
+        r
+    } else {
+        let r = export::export_to_path(&reader, out, force, &|d| progress.update(d))?;
+        progress.finish();
+        r
+    };
+    if out.as_os_str() != "-" {
+        println!(
+            "exported {path} to {} ({}, {} of data)",
+            out.display(),
+            human(report.size),
+            human(report.data_bytes)
+        );
+    }
+    Ok(())
+}
+
+fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode> {
+    let repository = open(repo)?;
+    let mut report = VerifyReport::default();
+    match &point {
+        None => verify::verify_all(&repository, &mut report)?,
+        Some(spec) => {
+            let (_, set, seq) = resolve(&repository, spec)?;
+            verify::verify_set(&repository, &set, Some(seq), &mut report);
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for d in &report.damage {
+            let what = match (&d.point, d.block) {
+                (Some(p), Some(b)) => format!("point {p}, block {b} (bytes {}..{})", b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE),
+                (Some(p), None) => format!("point {p}"),
+                _ => "repository".to_string(),
+            };
+            if d.location.is_empty() {
+                println!("DAMAGED {what}: {}", d.problem);
+            } else {
+                println!("DAMAGED {what}: {} ({})", d.problem, d.location);
+            }
+        }
+        if report.ok() {
+            println!(
+                "ok: {} points, {} stored blocks checked, no damage",
+                report.points_checked, report.blocks_checked
+            );
+        } else {
+            println!(
+                "{} problems found in {} points ({} stored blocks checked); damaged ranges read as errors, never as wrong data",
+                report.damage.len(),
+                report.points_checked,
+                report.blocks_checked
+            );
+        }
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DAMAGE)
+    })
+}

@@ -1,0 +1,257 @@
+//! Reading a restore point: resolve with `chain`, then positional reads of stored blocks, each
+//! checked against its CRC-32C before a single byte of it is returned.
+//!
+//! Shared by `export`, `verify` and the mount. A `PointReader` is immutable and `Sync`: many
+//! threads may read at once (no locks on the read path).
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use crate::chain::{ChainMap, Extent, LayerView};
+use crate::repo::{PointManifest, RepoError, Repository, SetHistory, StoredPoint};
+use crate::{BLOCK_SHIFT, BLOCK_SIZE};
+
+/// Largest single positional read: large enough to amortize the syscall, small enough that a
+/// reader's request is not delayed behind one huge read.
+const MAX_GROUP_BLOCKS: u64 = 64;
+
+/// A range that could not be read. Bytes before `valid_until` were read correctly.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot read bytes {range_start}..{range_end} of point {point}: block {block} (stored by point {owner} in {location}) {problem}; run `cbtfs verify` for a full report"
+)]
+pub struct ReadError {
+    pub point: String,
+    pub owner: String,
+    pub block: u64,
+    pub range_start: u64,
+    pub range_end: u64,
+    pub location: String,
+    pub problem: String,
+    pub valid_until: u64,
+}
+
+/// A restore point ready to read.
+pub struct PointReader {
+    pub manifest: PointManifest,
+    layers: Vec<Arc<StoredPoint>>,
+    map: ChainMap,
+}
+
+impl std::fmt::Debug for PointReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PointReader")
+            .field("point", &self.manifest.label())
+            .field("depth", &self.layers.len())
+            .finish()
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; BLOCK_SIZE as usize]);
+}
+
+impl PointReader {
+    /// Open point `seq` of `set`: opens it and every point below it.
+    pub fn open(repo: &Repository, set: &SetHistory, seq: u32) -> Result<PointReader, RepoError> {
+        let mut layers = Vec::with_capacity(seq as usize + 1);
+        for m in set.points.iter().take(seq as usize + 1) {
+            layers.push(Arc::new(repo.open_point(m)?));
+        }
+        PointReader::from_layers(layers)
+    }
+
+    /// Build from opened layers (base first); the last is the point read.
+    pub fn from_layers(layers: Vec<Arc<StoredPoint>>) -> Result<PointReader, RepoError> {
+        let manifest = layers
+            .last()
+            .map(|p| p.manifest.clone())
+            .ok_or_else(|| RepoError::Invalid("internal: empty chain".into()))?;
+        let views: Vec<LayerView> = layers
+            .iter()
+            .map(|p| LayerView {
+                changed: &p.index.changed,
+                data: &p.index.data,
+                virtual_size: p.index.virtual_size,
+            })
+            .collect();
+        let map = ChainMap::build(&views);
+        Ok(PointReader {
+            manifest,
+            layers,
+            map,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.map.size()
+    }
+
+    pub fn map(&self) -> &ChainMap {
+        &self.map
+    }
+
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Read at `offset` into `buf`; returns the bytes read (short only at the end of the disk).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize, ReadError> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(0);
+        }
+        let len = (buf.len() as u64).min(size - offset) as usize;
+        let buf = &mut buf[..len];
+        let mut result = Ok(());
+        self.map.for_each_extent(offset, len as u64, |e| {
+            if result.is_err() {
+                return;
+            }
+            let at = (e.offset() - offset) as usize;
+            let dst = &mut buf[at..at + e.len() as usize];
+            match e {
+                Extent::Zero { .. } => dst.fill(0),
+                Extent::Stored {
+                    offset: o,
+                    layer,
+                    entry,
+                    ..
+                } => result = self.read_stored(dst, o, layer, entry),
+            }
+        });
+        result.map(|_| len)
+    }
+
+    fn fail(
+        &self,
+        layer: &StoredPoint,
+        block: u64,
+        valid_until: u64,
+        problem: String,
+    ) -> ReadError {
+        let start = block << BLOCK_SHIFT;
+        let e = ReadError {
+            point: self.manifest.label(),
+            owner: layer.manifest.label(),
+            block,
+            range_start: start,
+            range_end: (start + BLOCK_SIZE).min(self.size()),
+            location: layer.data_location.clone(),
+            problem,
+            valid_until,
+        };
+        tracing::error!(point = %e.point, owner = %e.owner, block, file = %e.location, problem = %e.problem, "damaged block");
+        e
+    }
+
+    /// Fill `dst` with point bytes `offset..`, all stored in `layer` from entry `entry` on.
+    fn read_stored(
+        &self,
+        dst: &mut [u8],
+        offset: u64,
+        layer: u32,
+        entry: u32,
+    ) -> Result<(), ReadError> {
+        let p = &self.layers[layer as usize];
+        let end = offset + dst.len() as u64;
+        let mut pos = offset;
+        let mut ei = entry as usize;
+        while pos < end {
+            let block = pos >> BLOCK_SHIFT;
+            let in_block = pos - (block << BLOCK_SHIFT);
+            let at = (pos - offset) as usize;
+            let Some(first) = p.index.entry(ei) else {
+                return Err(self.fail(p, block, pos, "has no index entry".into()));
+            };
+            if first.len as u64 != BLOCK_SIZE {
+                return Err(self.fail(
+                    p,
+                    block,
+                    pos,
+                    format!("has an impossible stored length {}", first.len),
+                ));
+            }
+            if in_block == 0 && end - pos >= BLOCK_SIZE {
+                // Whole blocks: read as many as lie back to back in the data file straight into
+                // the caller's buffer, then check each.
+                let mut n = 1u64;
+                while n < MAX_GROUP_BLOCKS && pos + (n + 1) * BLOCK_SIZE <= end {
+                    match p.index.entry(ei + n as usize) {
+                        Some(e)
+                            if e.len as u64 == BLOCK_SIZE
+                                && e.offset == first.offset + n * BLOCK_SIZE =>
+                        {
+                            n += 1
+                        }
+                        _ => break,
+                    }
+                }
+                let bytes = (n * BLOCK_SIZE) as usize;
+                let out = &mut dst[at..at + bytes];
+                if let Err(e) = p.data.read_exact_at(out, first.offset) {
+                    return Err(self.fail(p, block, pos, io_problem(&e)));
+                }
+                for i in 0..n {
+                    let chunk = &out[(i * BLOCK_SIZE) as usize..((i + 1) * BLOCK_SIZE) as usize];
+                    let want = p.index.entry(ei + i as usize).map(|e| e.crc);
+                    if want != Some(crc32c::crc32c(chunk)) {
+                        return Err(self.fail(
+                            p,
+                            block + i,
+                            pos + i * BLOCK_SIZE,
+                            "fails its checksum".into(),
+                        ));
+                    }
+                }
+                pos += n * BLOCK_SIZE;
+                ei += n as usize;
+            } else {
+                // Part of a block: read and check the whole block, copy the part.
+                let take = (BLOCK_SIZE - in_block).min(end - pos) as usize;
+                let r = SCRATCH.with(|s| {
+                    let mut s = s.borrow_mut();
+                    p.data
+                        .read_exact_at(&mut s[..], first.offset)
+                        .map_err(|e| io_problem(&e))?;
+                    if crc32c::crc32c(&s[..]) != first.crc {
+                        return Err("fails its checksum".to_string());
+                    }
+                    dst[at..at + take]
+                        .copy_from_slice(&s[in_block as usize..in_block as usize + take]);
+                    Ok(())
+                });
+                if let Err(problem) = r {
+                    return Err(self.fail(p, block, pos, problem));
+                }
+                pos += take as u64;
+                ei += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Check every stored block this point reads (verify): returns the damaged blocks' errors.
+    pub fn check_all(&self, mut on_error: impl FnMut(ReadError)) {
+        let mut buf = vec![0u8; (MAX_GROUP_BLOCKS * BLOCK_SIZE) as usize];
+        let mut pos = 0;
+        while pos < self.size() {
+            let len = (buf.len() as u64).min(self.size() - pos);
+            match self.read_at(&mut buf[..len as usize], pos) {
+                Ok(_) => pos += len,
+                Err(e) => {
+                    pos = e.range_end.max(pos + 1);
+                    on_error(e);
+                }
+            }
+        }
+    }
+}
+
+fn io_problem(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "lies past the end of its data file (truncated)".into()
+    } else {
+        format!("cannot be read: {e}")
+    }
+}

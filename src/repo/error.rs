@@ -1,0 +1,78 @@
+//! Errors of the repository layer: a small kind plus the object it concerns.
+
+use std::io;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(
+        "{path} is not a cbtfs repository (no cbtfs.repo file); create one with `cbtfs init {path}`"
+    )]
+    NotARepository { path: PathBuf },
+
+    #[error(
+        "{what} at {location} has format version {found}, but this cbtfs reads up to version {supported}; upgrade cbtfs to read it (nothing was changed)"
+    )]
+    UnsupportedVersion {
+        what: &'static str,
+        location: String,
+        found: u64,
+        supported: u64,
+    },
+
+    #[error("{location} is damaged: {detail}; run `cbtfs verify` for a full report")]
+    Corrupt { location: String, detail: String },
+
+    #[error("{op} {location}: {source}{hint}")]
+    Io {
+        op: &'static str,
+        location: String,
+        #[source]
+        source: io::Error,
+        hint: &'static str,
+    },
+
+    #[error(
+        "repository {path} is being written by another process ({holder}); wait for it to finish, or remove {path}/lock if that process no longer exists"
+    )]
+    Locked { path: PathBuf, holder: String },
+
+    #[error("{0}")]
+    Invalid(String),
+
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl RepoError {
+    /// Wrap an I/O error with the operation and object, adding advice for the errors a user can fix.
+    pub fn io(op: &'static str, location: impl Into<String>, source: io::Error) -> Self {
+        let hint = match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+                "; the disk is full: free space or move the repository, then run the command again (nothing partial was committed)"
+            }
+            Some(libc::EROFS) => {
+                "; the repository is on a read-only filesystem: remount it read-write to add points (reading works as is)"
+            }
+            Some(libc::EACCES) | Some(libc::EPERM) => {
+                "; permission denied: run as the repository's owner"
+            }
+            _ => "",
+        };
+        RepoError::Io {
+            op,
+            location: location.into(),
+            source,
+            hint,
+        }
+    }
+
+    pub fn corrupt(location: impl Into<String>, detail: impl Into<String>) -> Self {
+        RepoError::Corrupt {
+            location: location.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+pub type Result<T, E = RepoError> = std::result::Result<T, E>;

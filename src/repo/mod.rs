@@ -1,0 +1,877 @@
+//! The repository: every disk's backup history on storage, and the only code that knows its format.
+//!
+//! # Layout (format version 1)
+//!
+//! ```text
+//! REPO/
+//!   cbtfs.repo                          repository header (record, see below)
+//!   lock                                writers hold an exclusive lock on it
+//!   disks/<VDI-UUID>/<SET>/             one directory per incremental set, named by its base time
+//!       000000.point                    the base's manifest: the commit record
+//!       000000-<nonce>.idx              its index (see `index`)
+//!       000000-<nonce>.data             its block data
+//!       000001.point ...                incremental points, numbered from the base
+//! ```
+//!
+//! * A **disk** is a VDI, keyed by uuid. Its name, virtual size and owning VM are recorded in each
+//!   point's manifest (as they were at that snapshot); the newest point's values name the disk.
+//! * A **set** starts with a full base and grows by incremental points while CBT stays enabled on
+//!   the host. Its directory name is the base's time in ISO 8601 basic form (`20261121T020000Z`).
+//!   The newest set is the one with the greatest name; only it grows.
+//! * A **point** is three objects: a data file (the stored blocks, 64 KiB each, concatenated in
+//!   ascending block order; written once, never modified), an index (bitmaps of the blocks the
+//!   point holds and of those that are stored, and per stored block its offset, length and
+//!   CRC-32C), and a manifest (a checksummed JSON record naming the other two, with the point's
+//!   time, virtual size, disk and VM). Every point, the base included, is stored this way. A block
+//!   in the point's `changed` bitmap but not in `data` was all zeros: recorded, not stored.
+//!
+//! # Commit and crash safety
+//!
+//! Data and index objects get fresh names (a random nonce) and are made durable (fsync) first; the
+//! point becomes visible only when its manifest `NNNNNN.point` is put — written to a temporary
+//! name, fsynced, hard-linked into place (link never replaces: a commit cannot overwrite another)
+//! and the directory fsynced. A crash at any moment leaves either no manifest (the orphaned data
+//! and index are deleted by the next writer, under the lock) or a complete point. Readers never
+//! look at objects no manifest names. On an S3-compatible store the same sequence is: PUT data,
+//! PUT index, conditional PUT of the manifest.
+//!
+//! # Records
+//!
+//! `cbtfs.repo` and `*.point` are JSON followed by a line `cbtfs-crc32c:XXXXXXXX` (see
+//! `manifest`). Each has `format` and `version`; a version newer than this build reads is refused
+//! with an "upgrade cbtfs" message, never guessed at.
+//!
+//! # Integrity
+//!
+//! Every stored block carries a CRC-32C checked on every read; manifests and index headers,
+//! bitmaps and entries carry their own. Damage fails exactly the affected range (EIO through the
+//! mount) and is named by `cbtfs verify`; it never yields wrong bytes.
+//!
+//! Indexes are memory-mapped. Objects are immutable, so the mapping is safe against cbtfs itself;
+//! another process truncating an index while it is mapped would fault the reader (the limit of
+//! mapping; repository files are private to their owner).
+
+pub mod error;
+pub mod index;
+pub mod manifest;
+pub mod store;
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use roaring::RoaringBitmap;
+use serde::{Deserialize, Serialize};
+
+pub use error::{RepoError, Result};
+use index::{Entry, Index, IndexWriter};
+use store::{LocalStore, Object, ObjectWriter, Store};
+
+use crate::{BLOCK_SIZE, blocks_for, timefmt};
+
+pub const REPO_FILE: &str = "cbtfs.repo";
+pub const REPO_FORMAT: &str = "cbtfs-repository";
+pub const REPO_VERSION: u64 = 1;
+pub const POINT_FORMAT: &str = "cbtfs-point";
+pub const POINT_VERSION: u64 = 1;
+const DISKS: &str = "disks";
+const LOCK_FILE: &str = "lock";
+/// Largest disk a point can describe: block numbers are u32 (roaring bitmaps).
+pub const MAX_VIRTUAL_SIZE: u64 = (u32::MAX as u64) * BLOCK_SIZE;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepoHeader {
+    pub format: String,
+    pub version: u64,
+    pub id: String,
+    pub created: String,
+    pub block_size: u64,
+}
+
+/// A point's manifest: its commit record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PointManifest {
+    pub format: String,
+    pub version: u64,
+    pub vdi: String,
+    pub disk_name: String,
+    pub vm_uuid: Option<String>,
+    pub vm_name: Option<String>,
+    /// The set (directory) this point belongs to.
+    pub set: String,
+    /// Position in the set: 0 is the base.
+    pub seq: u32,
+    /// Snapshot time, Unix seconds (UTC).
+    pub time: i64,
+    pub virtual_size: u64,
+    /// Blocks this point holds (stored or recorded as zero).
+    pub changed_blocks: u64,
+    /// Blocks whose bytes are stored.
+    pub data_blocks: u64,
+    pub index: FileRef,
+    pub data: FileRef,
+    /// Where the point came from (`import:FILE`, `backup:HOST`).
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileRef {
+    pub name: String,
+    pub len: u64,
+}
+
+impl PointManifest {
+    /// `VDI@TIME`, how errors and logs name a point.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.vdi, timefmt::basic(self.time))
+    }
+}
+
+/// A problem found while listing a set (a damaged or missing manifest).
+#[derive(Debug, Clone, Serialize)]
+pub struct SetProblem {
+    pub location: String,
+    pub message: String,
+}
+
+/// One incremental set: its points in order, as far as they are intact.
+#[derive(Debug, Clone)]
+pub struct SetHistory {
+    pub vdi: String,
+    pub id: String,
+    /// Points 0..n with no gap. Points after a damaged or missing one are not listed here (they
+    /// cannot be resolved) but named in `problems`.
+    pub points: Vec<PointManifest>,
+    pub problems: Vec<SetProblem>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskHistory {
+    pub vdi: String,
+    pub sets: Vec<SetHistory>,
+}
+
+impl DiskHistory {
+    /// The disk's newest point (its name, VM and size name the disk).
+    pub fn newest(&self) -> Option<&PointManifest> {
+        self.sets.iter().rev().find_map(|s| s.points.last())
+    }
+}
+
+/// What `begin_point` needs to know.
+#[derive(Debug, Clone)]
+pub struct NewPoint {
+    pub vdi: String,
+    pub disk_name: String,
+    pub vm_uuid: Option<String>,
+    pub vm_name: Option<String>,
+    pub time: i64,
+    pub virtual_size: u64,
+    pub source: String,
+    /// Start a new set (a full base) instead of extending the newest one.
+    pub new_set: bool,
+}
+
+/// An opened point: its manifest, checked index and data file.
+pub struct StoredPoint {
+    pub manifest: PointManifest,
+    pub index: Index,
+    pub data: Arc<dyn Object>,
+    /// Where the data file is, for error messages.
+    pub data_location: String,
+}
+
+impl std::fmt::Debug for StoredPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredPoint")
+            .field("point", &self.manifest.label())
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+/// An open repository.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    root: PathBuf,
+    store: Arc<LocalStore>,
+    pub header: RepoHeader,
+}
+
+/// Is `s` a plausible VDI uuid (it becomes a directory name, so nothing else is accepted)?
+pub fn valid_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+fn random_hex(bytes: usize) -> Result<String> {
+    let mut b = vec![0u8; bytes];
+    getrandom::fill(&mut b).map_err(|e| RepoError::Invalid(format!("no randomness: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn set_key(vdi: &str, set: &str) -> String {
+    format!("{DISKS}/{vdi}/{set}")
+}
+
+impl Repository {
+    /// Create a repository in `path` (a new or empty directory).
+    pub fn init(path: &Path) -> Result<Repository> {
+        let loc = path.display().to_string();
+        match std::fs::read_dir(path) {
+            Ok(mut entries) => {
+                if path.join(REPO_FILE).exists() {
+                    return Err(RepoError::Invalid(format!(
+                        "{loc} is already a cbtfs repository; nothing was changed"
+                    )));
+                }
+                if entries.next().is_some() {
+                    return Err(RepoError::Invalid(format!(
+                        "{loc} is not empty; give `cbtfs init` a new or empty directory"
+                    )));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new()
+                    .mode_private()
+                    .create(path)
+                    .map_err(|e| RepoError::io("create directory", &loc, e))?;
+            }
+            Err(e) => return Err(RepoError::io("read directory", &loc, e)),
+        }
+        // The repository directory itself is private: it holds whole disks.
+        set_private(path).map_err(|e| RepoError::io("set permissions of", &loc, e))?;
+        let store = LocalStore::new(path);
+        store
+            .make_dir(DISKS)
+            .map_err(|e| RepoError::io("create", store.describe(DISKS), e))?;
+        let header = RepoHeader {
+            format: REPO_FORMAT.into(),
+            version: REPO_VERSION,
+            id: random_hex(16)?,
+            created: timefmt::rfc3339(timefmt::now()),
+            block_size: BLOCK_SIZE,
+        };
+        store
+            .put_new(REPO_FILE, &manifest::encode(&header))
+            .map_err(|e| RepoError::io("write", store.describe(REPO_FILE), e))?;
+        Repository::open(path)
+    }
+
+    /// Open an existing repository, checking its header.
+    pub fn open(path: &Path) -> Result<Repository> {
+        let store = LocalStore::new(path);
+        let loc = store.describe(REPO_FILE);
+        let bytes = match std::fs::read(path.join(REPO_FILE)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(RepoError::NotARepository {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(RepoError::io("read", loc, e)),
+        };
+        let header: RepoHeader =
+            manifest::decode(&bytes, &loc, "repository", REPO_FORMAT, REPO_VERSION)?;
+        if header.block_size != BLOCK_SIZE {
+            return Err(RepoError::corrupt(
+                loc,
+                format!("block size {} is not 65536", header.block_size),
+            ));
+        }
+        Ok(Repository {
+            root: path.to_path_buf(),
+            store: Arc::new(store),
+            header,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn store(&self) -> &LocalStore {
+        &self.store
+    }
+
+    /// The uuids of all disks with a directory in the repository.
+    pub fn disk_ids(&self) -> Result<Vec<String>> {
+        let names = self
+            .store
+            .list(DISKS)
+            .map_err(|e| RepoError::io("list", self.store.describe(DISKS), e))?;
+        Ok(names.into_iter().filter(|n| valid_uuid(n)).collect())
+    }
+
+    /// Every disk's history (manifests only: cheap).
+    pub fn catalog(&self) -> Result<Vec<DiskHistory>> {
+        let mut disks = Vec::new();
+        for vdi in self.disk_ids()? {
+            let d = self.disk(&vdi)?;
+            if !d.sets.is_empty() {
+                disks.push(d);
+            }
+        }
+        Ok(disks)
+    }
+
+    /// One disk's history. A disk without committed points has no sets.
+    pub fn disk(&self, vdi: &str) -> Result<DiskHistory> {
+        let key = format!("{DISKS}/{vdi}");
+        let set_names = match self.store.list(&key) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(RepoError::io("list", self.store.describe(&key), e)),
+        };
+        let mut sets = Vec::new();
+        for set in set_names {
+            if set.starts_with('.') {
+                continue;
+            }
+            let s = self.load_set(vdi, &set)?;
+            if !s.points.is_empty() || !s.problems.is_empty() {
+                sets.push(s);
+            }
+        }
+        Ok(DiskHistory {
+            vdi: vdi.to_string(),
+            sets,
+        })
+    }
+
+    fn load_set(&self, vdi: &str, set: &str) -> Result<SetHistory> {
+        let key = set_key(vdi, set);
+        let names = self
+            .store
+            .list(&key)
+            .map_err(|e| RepoError::io("list", self.store.describe(&key), e))?;
+        let mut found: Vec<(u32, std::result::Result<PointManifest, RepoError>, String)> =
+            Vec::new();
+        for name in &names {
+            let Some(stem) = name.strip_suffix(".point") else {
+                continue;
+            };
+            let Ok(seq) = stem.parse::<u32>() else {
+                continue;
+            };
+            let k = format!("{key}/{name}");
+            let loc = self.store.describe(&k);
+            let parsed = std::fs::read(self.store.path(&k))
+                .map_err(|e| RepoError::io("read", &loc, e))
+                .and_then(|b| {
+                    manifest::decode::<PointManifest>(
+                        &b,
+                        &loc,
+                        "point manifest",
+                        POINT_FORMAT,
+                        POINT_VERSION,
+                    )
+                })
+                .and_then(|m| {
+                    if m.seq != seq || m.vdi != vdi || m.set != set {
+                        Err(RepoError::corrupt(
+                            &loc,
+                            format!(
+                                "manifest describes {}/{}/{} but is stored as {vdi}/{set}/{seq}",
+                                m.vdi, m.set, m.seq
+                            ),
+                        ))
+                    } else {
+                        Ok(m)
+                    }
+                });
+            found.push((seq, parsed, loc));
+        }
+        found.sort_by_key(|(s, _, _)| *s);
+        let mut points: Vec<PointManifest> = Vec::new();
+        let mut problems = Vec::new();
+        let mut broken = false;
+        for (seq, parsed, loc) in found {
+            if broken {
+                problems.push(SetProblem {
+                    location: loc,
+                    message: "unreadable: an earlier point of its set is damaged or missing"
+                        .into(),
+                });
+                continue;
+            }
+            if seq as usize != points.len() {
+                problems.push(SetProblem {
+                    location: self.store.describe(&format!("{key}/{:06}.point", points.len())),
+                    message: format!(
+                        "missing: points {}..{} are absent, so later points cannot be read",
+                        points.len(),
+                        seq
+                    ),
+                });
+                broken = true;
+                problems.push(SetProblem {
+                    location: loc,
+                    message: "unreadable: an earlier point of its set is damaged or missing"
+                        .into(),
+                });
+                continue;
+            }
+            match parsed {
+                Ok(m) => {
+                    if let Some(prev) = points.last()
+                        && m.time <= prev.time
+                    {
+                        problems.push(SetProblem {
+                            location: loc,
+                            message: "damaged: its time is not after the previous point's".into(),
+                        });
+                        broken = true;
+                        continue;
+                    }
+                    points.push(m)
+                }
+                Err(e) => {
+                    problems.push(SetProblem {
+                        location: loc,
+                        message: e.to_string(),
+                    });
+                    broken = true;
+                }
+            }
+        }
+        Ok(SetHistory {
+            vdi: vdi.to_string(),
+            id: set.to_string(),
+            points,
+            problems,
+        })
+    }
+
+    /// Open one point's index and data.
+    pub fn open_point(&self, m: &PointManifest) -> Result<StoredPoint> {
+        let key = set_key(&m.vdi, &m.set);
+        let ik = format!("{key}/{}", m.index.name);
+        let iloc = self.store.describe(&ik);
+        let map = self
+            .store
+            .map(&ik)
+            .map_err(|e| RepoError::io("open index", &iloc, e))?;
+        if map.len() as u64 != m.index.len {
+            return Err(RepoError::corrupt(
+                &iloc,
+                format!(
+                    "index is {} bytes, its manifest says {} (truncated or replaced)",
+                    map.len(),
+                    m.index.len
+                ),
+            ));
+        }
+        let index = Index::parse(map, &iloc)?;
+        if index.virtual_size != m.virtual_size
+            || index.changed.len() != m.changed_blocks
+            || index.data.len() != m.data_blocks
+        {
+            return Err(RepoError::corrupt(
+                &iloc,
+                "index does not match its manifest (sizes or block counts differ)",
+            ));
+        }
+        let dk = format!("{key}/{}", m.data.name);
+        let data_location = self.store.describe(&dk);
+        // A short data file is not fatal here: the blocks it lacks fail when read, the rest reads.
+        let data = self
+            .store
+            .open(&dk)
+            .map_err(|e| RepoError::io("open data", &data_location, e))?;
+        Ok(StoredPoint {
+            manifest: m.clone(),
+            index,
+            data,
+            data_location,
+        })
+    }
+
+    /// Take the writer lock (one writer at a time; readers never lock).
+    pub fn lock(&self, holder: &str) -> Result<WriteLock> {
+        let path = self.root.join(LOCK_FILE);
+        let loc = path.display().to_string();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(store::FILE_MODE)
+            .open(&path)
+            .map_err(|e| RepoError::io("open lock file", &loc, e))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut who = String::new();
+                let _ = f.read_to_string(&mut who);
+                let who = who.trim();
+                return Err(RepoError::Locked {
+                    path: self.root.clone(),
+                    holder: if who.is_empty() {
+                        "unknown holder".into()
+                    } else {
+                        who.to_string()
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(RepoError::io("lock", &loc, e));
+            }
+        }
+        let info = format!(
+            "pid {} ({holder}) since {}",
+            std::process::id(),
+            timefmt::rfc3339(timefmt::now())
+        );
+        let _ = f.set_len(0);
+        let _ = f.rewind();
+        let _ = f.write_all(info.as_bytes());
+        Ok(WriteLock { _file: f })
+    }
+
+    /// Delete what a crashed writer left in `vdi`'s sets: temporary files, data and index
+    /// objects no manifest names, and set directories without points. Needs the lock.
+    pub fn clean_orphans(&self, _lock: &WriteLock, vdi: &str) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let dkey = format!("{DISKS}/{vdi}");
+        let sets = match self.store.list(&dkey) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) => return Err(RepoError::io("list", self.store.describe(&dkey), e)),
+        };
+        for set in sets {
+            let key = set_key(vdi, &set);
+            let names = self
+                .store
+                .list(&key)
+                .map_err(|e| RepoError::io("list", self.store.describe(&key), e))?;
+            let mut referenced = BTreeSet::new();
+            let mut has_manifest = false;
+            for n in names.iter().filter(|n| n.ends_with(".point")) {
+                has_manifest = true;
+                // A manifest we cannot read keeps the objects its name prefix may own.
+                let prefix = n.trim_end_matches(".point").to_string();
+                match std::fs::read(self.store.path(&format!("{key}/{n}"))).ok().and_then(|b| {
+                    manifest::decode::<PointManifest>(
+                        &b,
+                        "",
+                        "point manifest",
+                        POINT_FORMAT,
+                        u64::MAX,
+                    )
+                    .ok()
+                }) {
+                    Some(m) => {
+                        referenced.insert(m.index.name);
+                        referenced.insert(m.data.name);
+                    }
+                    None => {
+                        referenced.insert(format!("{prefix}-*"));
+                    }
+                }
+            }
+            for n in &names {
+                let orphan_obj = (n.ends_with(".data") || n.ends_with(".idx"))
+                    && !referenced.contains(n)
+                    && !n
+                        .split_once('-')
+                        .is_some_and(|(p, _)| referenced.contains(&format!("{p}-*")));
+                let tmp = n.starts_with('.') && n.ends_with(".tmp");
+                if orphan_obj || tmp {
+                    let k = format!("{key}/{n}");
+                    self.store
+                        .delete(&k)
+                        .map_err(|e| RepoError::io("delete", self.store.describe(&k), e))?;
+                    removed.push(self.store.describe(&k));
+                }
+            }
+            if !has_manifest {
+                let rest = self.store.list(&key).unwrap_or_default();
+                if rest.is_empty() && self.store.remove_dir(&key).is_ok() {
+                    removed.push(self.store.describe(&key));
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Start writing a point. Decides its set and sequence number and checks its time.
+    pub fn begin_point<'l>(&self, lock: &'l WriteLock, spec: NewPoint) -> Result<PointWriter<'l>> {
+        if !valid_uuid(&spec.vdi) {
+            return Err(RepoError::Invalid(format!(
+                "{:?} is not a VDI uuid (like 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b)",
+                spec.vdi
+            )));
+        }
+        if spec.virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(RepoError::Invalid(format!(
+                "disk {} is {} bytes; cbtfs stores disks up to 256 TiB",
+                spec.vdi, spec.virtual_size
+            )));
+        }
+        self.clean_orphans(lock, &spec.vdi)?;
+        let disk = self.disk(&spec.vdi)?;
+        let newest_time = disk.newest().map(|p| p.time);
+        let (set, seq, previous) = if spec.new_set {
+            if let Some(t) = newest_time
+                && spec.time <= t
+            {
+                return Err(RepoError::Invalid(format!(
+                    "a new base for disk {} must be later than its newest point ({}); give a later --time",
+                    spec.vdi,
+                    timefmt::rfc3339(t)
+                )));
+            }
+            let mut set = timefmt::basic(spec.time);
+            let mut n = 1;
+            while disk.sets.iter().any(|s| s.id == set)
+                || self.store.path(&set_key(&spec.vdi, &set)).exists()
+            {
+                n += 1;
+                set = format!("{}-{n}", timefmt::basic(spec.time));
+            }
+            (set, 0u32, None)
+        } else {
+            let Some(last_set) = disk.sets.last() else {
+                return Err(RepoError::Invalid(format!(
+                    "disk {} has no backup set yet: import a full image (without --bitmap) first",
+                    spec.vdi
+                )));
+            };
+            if let Some(p) = last_set.problems.first() {
+                return Err(RepoError::Invalid(format!(
+                    "set {} of disk {} is damaged ({}: {}); start a new set with a full image (import without --bitmap)",
+                    last_set.id, spec.vdi, p.location, p.message
+                )));
+            }
+            let prev = last_set.points.last().cloned();
+            if let Some(p) = &prev
+                && spec.time <= p.time
+            {
+                return Err(RepoError::Invalid(format!(
+                    "the new point's time {} must be later than the set's newest point {}; give a later --time",
+                    timefmt::rfc3339(spec.time),
+                    timefmt::rfc3339(p.time)
+                )));
+            }
+            (last_set.id.clone(), last_set.points.len() as u32, prev)
+        };
+        let key = set_key(&spec.vdi, &set);
+        let dkey = format!("{DISKS}/{}", spec.vdi);
+        self.store
+            .make_dir(&dkey)
+            .and_then(|_| self.store.make_dir(&key))
+            .map_err(|e| RepoError::io("create", self.store.describe(&key), e))?;
+        let nonce = random_hex(8)?;
+        let data_name = format!("{seq:06}-{nonce}.data");
+        let index_name = format!("{seq:06}-{nonce}.idx");
+        let dk = format!("{key}/{data_name}");
+        let ik = format!("{key}/{index_name}");
+        let data = self
+            .store
+            .create(&dk)
+            .map_err(|e| RepoError::io("create", self.store.describe(&dk), e))?;
+        let mut w = PointWriter {
+            store: self.store.clone(),
+            _lock: lock,
+            set_key: key,
+            spec,
+            set,
+            seq,
+            previous,
+            data_name,
+            index_name,
+            data: Some(data),
+            index: None,
+            changed: RoaringBitmap::new(),
+            stored: RoaringBitmap::new(),
+            data_len: 0,
+            next_block: 0,
+            committed: false,
+        };
+        let iw = w
+            .store
+            .create(&ik)
+            .and_then(IndexWriter::new)
+            .map_err(|e| RepoError::io("create", w.store.describe(&ik), e))?;
+        w.index = Some(iw);
+        Ok(w)
+    }
+}
+
+trait DirBuilderPrivate {
+    fn mode_private(&mut self) -> &mut Self;
+}
+impl DirBuilderPrivate for std::fs::DirBuilder {
+    fn mode_private(&mut self) -> &mut Self {
+        use std::os::unix::fs::DirBuilderExt;
+        self.mode(store::DIR_MODE)
+    }
+}
+
+fn set_private(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(store::DIR_MODE))
+}
+
+/// The writer lock; released when dropped (or when the process dies).
+pub struct WriteLock {
+    _file: File,
+}
+
+/// Writes one point; blocks must come in ascending order. Dropped without `commit`, it deletes
+/// what it wrote: nothing becomes visible.
+pub struct PointWriter<'l> {
+    store: Arc<LocalStore>,
+    _lock: &'l WriteLock,
+    set_key: String,
+    spec: NewPoint,
+    set: String,
+    seq: u32,
+    previous: Option<PointManifest>,
+    data_name: String,
+    index_name: String,
+    data: Option<Box<dyn ObjectWriter>>,
+    index: Option<IndexWriter>,
+    changed: RoaringBitmap,
+    stored: RoaringBitmap,
+    data_len: u64,
+    next_block: u64,
+    committed: bool,
+}
+
+impl PointWriter<'_> {
+    /// The point this one follows in its set (None for a base).
+    pub fn previous(&self) -> Option<&PointManifest> {
+        self.previous.as_ref()
+    }
+
+    pub fn set(&self) -> &str {
+        &self.set
+    }
+
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
+
+    fn data_loc(&self) -> String {
+        self.store
+            .describe(&format!("{}/{}", self.set_key, self.data_name))
+    }
+
+    /// Add block `block` with `bytes` (64 KiB, or less for the disk's last block: zero-padded).
+    /// An all-zero block is recorded in the bitmap but not stored.
+    pub fn add_block(&mut self, block: u64, bytes: &[u8]) -> Result<()> {
+        let blocks = blocks_for(self.spec.virtual_size);
+        if block < self.next_block || block >= blocks || bytes.len() as u64 > BLOCK_SIZE {
+            return Err(RepoError::Invalid(format!(
+                "internal: block {block} out of order or outside the disk ({blocks} blocks)"
+            )));
+        }
+        self.next_block = block + 1;
+        self.changed.insert(block as u32);
+        if crate::is_zero(bytes) {
+            return Ok(());
+        }
+        let pad = BLOCK_SIZE as usize - bytes.len();
+        let mut crc = crc32c::crc32c(bytes);
+        if pad > 0 {
+            crc = crc32c::crc32c_append(crc, &vec![0u8; pad]);
+        }
+        let entry = Entry {
+            offset: self.data_len,
+            len: BLOCK_SIZE as u32,
+            crc,
+        };
+        let loc = self.data_loc();
+        let data = self
+            .data
+            .as_mut()
+            .ok_or_else(|| RepoError::Invalid("internal: point already finished".into()))?;
+        data.write_all(bytes)
+            .and_then(|_| data.write_all(&vec![0u8; pad]))
+            .map_err(|e| RepoError::io("write", &loc, e))?;
+        self.data_len += BLOCK_SIZE;
+        self.stored.insert(block as u32);
+        let iloc = self
+            .store
+            .describe(&format!("{}/{}", self.set_key, self.index_name));
+        self.index
+            .as_mut()
+            .ok_or_else(|| RepoError::Invalid("internal: point already finished".into()))?
+            .push(entry)
+            .map_err(|e| RepoError::io("write", iloc, e))
+    }
+
+    /// Make the point durable and visible. Returns its manifest.
+    pub fn commit(mut self) -> Result<PointManifest> {
+        let dloc = self.data_loc();
+        let iloc = self
+            .store
+            .describe(&format!("{}/{}", self.set_key, self.index_name));
+        let data = self
+            .data
+            .take()
+            .ok_or_else(|| RepoError::Invalid("internal: point already finished".into()))?;
+        let data_len = data.finish().map_err(|e| RepoError::io("write", &dloc, e))?;
+        let index = self
+            .index
+            .take()
+            .ok_or_else(|| RepoError::Invalid("internal: point already finished".into()))?;
+        let index_len = index
+            .finish(self.spec.virtual_size, &self.changed, &self.stored)
+            .map_err(|e| RepoError::io("write", &iloc, e))?;
+        let m = PointManifest {
+            format: POINT_FORMAT.into(),
+            version: POINT_VERSION,
+            vdi: self.spec.vdi.clone(),
+            disk_name: self.spec.disk_name.clone(),
+            vm_uuid: self.spec.vm_uuid.clone(),
+            vm_name: self.spec.vm_name.clone(),
+            set: self.set.clone(),
+            seq: self.seq,
+            time: self.spec.time,
+            virtual_size: self.spec.virtual_size,
+            changed_blocks: self.changed.len(),
+            data_blocks: self.stored.len(),
+            index: FileRef {
+                name: self.index_name.clone(),
+                len: index_len,
+            },
+            data: FileRef {
+                name: self.data_name.clone(),
+                len: data_len,
+            },
+            source: self.spec.source.clone(),
+        };
+        let mk = format!("{}/{:06}.point", self.set_key, self.seq);
+        self.store
+            .put_new(&mk, &manifest::encode(&m))
+            .map_err(|e| RepoError::io("commit", self.store.describe(&mk), e))?;
+        self.committed = true;
+        tracing::info!(point = %m.label(), set = %m.set, seq = m.seq, "committed");
+        Ok(m)
+    }
+}
+
+impl Drop for PointWriter<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        self.data.take();
+        self.index.take();
+        for name in [&self.data_name, &self.index_name] {
+            let _ = self.store.delete(&format!("{}/{}", self.set_key, name));
+        }
+        if self.seq == 0 {
+            let _ = self.store.remove_dir(&self.set_key);
+        }
+    }
+}

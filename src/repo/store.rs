@@ -1,0 +1,240 @@
+//! Where repository objects live: a small interface that a local directory implements today and
+//! an S3-compatible bucket can implement tomorrow.
+//!
+//! The repository only ever needs five things from storage: stream a new immutable object, put a
+//! small object atomically *without replacing* an existing one (the commit), read a byte range,
+//! list a "directory", and delete. Objects are never modified after they are finished.
+//!
+//! Keys are relative, `/`-separated paths (`disks/<vdi>/<set>/000003.point`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+/// File mode of every object: repository data is private to its owner.
+pub const FILE_MODE: u32 = 0o600;
+/// Directory mode: private as well.
+pub const DIR_MODE: u32 = 0o700;
+
+/// A readable, finished object.
+pub trait Object: Send + Sync {
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fill `buf` from `offset`; an object shorter than asked is an `UnexpectedEof` error.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+/// An object being written. Nothing is durable until `finish` returns.
+pub trait ObjectWriter: Write + Send {
+    /// Make the object durable and return its length.
+    fn finish(self: Box<Self>) -> io::Result<u64>;
+}
+
+/// Storage behind a repository.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Start a new object under `key` (its "directory" must exist). Fails if it exists.
+    fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>>;
+    /// Atomically and durably put a small object; fails with `AlreadyExists` if `key` exists.
+    /// This is the repository's commit primitive.
+    fn put_new(&self, key: &str, bytes: &[u8]) -> io::Result<()>;
+    fn open(&self, key: &str) -> io::Result<Arc<dyn Object>>;
+    /// Map a whole object into memory (indexes are read as arrays).
+    fn map(&self, key: &str) -> io::Result<Mapped>;
+    /// Names directly under the "directory" `prefix` (no recursion), sorted.
+    fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
+    fn delete(&self, key: &str) -> io::Result<()>;
+    /// Make a "directory" (no-op on object stores).
+    fn make_dir(&self, key: &str) -> io::Result<()>;
+    /// Remove an empty "directory" (no-op on object stores).
+    fn remove_dir(&self, key: &str) -> io::Result<()>;
+    /// A human-readable location of `key`, for error messages.
+    fn describe(&self, key: &str) -> String;
+}
+
+/// A mapped object: its bytes, whether they come from an mmap or memory.
+pub enum Mapped {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Mapped::Map(m) => m,
+            Mapped::Owned(v) => v,
+        }
+    }
+}
+
+/// A repository in a local directory.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn parent_dir(&self, key: &str) -> PathBuf {
+        match self.path(key).parent() {
+            Some(p) => p.to_path_buf(),
+            None => self.root.clone(),
+        }
+    }
+}
+
+/// fsync a directory so that entries created or renamed in it survive power loss.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+struct LocalFile(File, u64);
+
+impl Object for LocalFile {
+    fn len(&self) -> u64 {
+        self.1
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(&self.0, buf, offset)
+    }
+}
+
+struct LocalWriter {
+    file: io::BufWriter<File>,
+    written: u64,
+}
+
+impl Write for LocalWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl ObjectWriter for LocalWriter {
+    fn finish(self: Box<Self>) -> io::Result<u64> {
+        let written = self.written;
+        let file = self.file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(written)
+    }
+}
+
+impl Store for LocalStore {
+    fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(self.path(key))?;
+        Ok(Box::new(LocalWriter {
+            // Blocks arrive 64 KiB at a time; fewer, larger writes are cheaper.
+            file: io::BufWriter::with_capacity(1 << 20, file),
+            written: 0,
+        }))
+    }
+
+    fn put_new(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+        let dst = self.path(key);
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| io::Error::other(e.to_string()))?;
+        let tmp = dst.with_file_name(format!(
+            ".{}.{:016x}.tmp",
+            dst.file_name().and_then(|n| n.to_str()).unwrap_or("object"),
+            u64::from_le_bytes(nonce)
+        ));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .open(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            drop(f);
+            // link(2) never replaces an existing name: a commit cannot overwrite another.
+            fs::hard_link(&tmp, &dst)?;
+            sync_dir(&self.parent_dir(key))
+        })();
+        let _ = fs::remove_file(&tmp);
+        result
+    }
+
+    fn open(&self, key: &str) -> io::Result<Arc<dyn Object>> {
+        let f = File::open(self.path(key))?;
+        let len = f.metadata()?.len();
+        Ok(Arc::new(LocalFile(f, len)))
+    }
+
+    fn map(&self, key: &str) -> io::Result<Mapped> {
+        let f = File::open(self.path(key))?;
+        let len = f.metadata()?.len();
+        if len == 0 {
+            return Ok(Mapped::Owned(Vec::new()));
+        }
+        // SAFETY: repository objects are immutable once finished; nothing in cbtfs writes or
+        // truncates a finished object. An outside process truncating it while mapped would raise
+        // SIGBUS, the accepted limit of mapping (documented in the repo module).
+        let map = unsafe { Mmap::map(&f)? };
+        Ok(Mapped::Map(map))
+    }
+
+    fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        let dir = if prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(prefix)
+        };
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn delete(&self, key: &str) -> io::Result<()> {
+        fs::remove_file(self.path(key))
+    }
+
+    fn make_dir(&self, key: &str) -> io::Result<()> {
+        let p = self.path(key);
+        match fs::DirBuilder::new().mode(DIR_MODE).create(&p) {
+            Ok(()) => sync_dir(&self.parent_dir(key)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn remove_dir(&self, key: &str) -> io::Result<()> {
+        fs::remove_dir(self.path(key))
+    }
+
+    fn describe(&self, key: &str) -> String {
+        self.path(key).display().to_string()
+    }
+}
