@@ -98,6 +98,11 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    // SAFETY: restoring the default SIGPIPE disposition at start-up, before any thread exists, so
+    // `cbtfs ls | head` or `cbtfs export ... - | cmp` end quietly when the reader goes away.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
