@@ -6,9 +6,13 @@ use roaring::RoaringBitmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BitmapError {
-    #[error("the changed-block bitmap is not valid base64 ({0}); pass the string exactly as VDI.list_changed_blocks returned it")]
+    #[error(
+        "the changed-block bitmap is not valid base64 ({0}); pass the string exactly as VDI.list_changed_blocks returned it"
+    )]
     NotBase64(String),
-    #[error("the changed-block bitmap covers {bits} blocks but the disk has {blocks} blocks of 64 KiB: it belongs to a smaller disk or was cut short; get it again with VDI.list_changed_blocks for this disk")]
+    #[error(
+        "the changed-block bitmap covers {bits} blocks but the disk has {blocks} blocks of 64 KiB: it belongs to a smaller disk or was cut short; get it again with VDI.list_changed_blocks for this disk"
+    )]
     TooShort { bits: u64, blocks: u64 },
 }
 
@@ -74,7 +78,10 @@ mod tests {
         assert_eq!(decode_base64(&s, 10).unwrap().len(), 10);
         assert!(matches!(
             decode_base64(&s, 17),
-            Err(BitmapError::TooShort { bits: 16, blocks: 17 })
+            Err(BitmapError::TooShort {
+                bits: 16,
+                blocks: 17
+            })
         ));
         assert!(matches!(
             decode_base64("not base64!", 1),

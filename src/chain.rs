@@ -98,7 +98,8 @@ impl ChainMap {
         let mut runs = Vec::new();
         for (j, layer) in layers.iter().enumerate().rev() {
             if j + 1 < layers.len() {
-                limit = limit.min(blocks_for(layers[j + 1].virtual_size).min(u32::MAX as u64) as u32);
+                limit =
+                    limit.min(blocks_for(layers[j + 1].virtual_size).min(u32::MAX as u64) as u32);
             }
             if limit == 0 {
                 break;
@@ -313,7 +314,7 @@ mod tests {
                 let mut pos = off.min(size);
                 for e in &ex {
                     prop_assert_eq!(e.offset(), pos);
-                    prop_assert!(e.len() > 0);
+                    prop_assert!(!e.is_empty());
                     pos += e.len();
                 }
                 prop_assert_eq!(pos, off.saturating_add(len).min(size).max(off.min(size)));
@@ -334,12 +335,18 @@ mod tests {
         let base_changed: RoaringBitmap = (0..65536u32).collect();
         let mut layers = vec![(base_changed.clone(), base_changed, 4u64 << 30)];
         for i in 0..1000u32 {
-            let c: RoaringBitmap = [(i * 7919) % 65536, (i * 104729) % 65536].into_iter().collect();
+            let c: RoaringBitmap = [(i * 7919) % 65536, (i * 104729) % 65536]
+                .into_iter()
+                .collect();
             layers.push((c.clone(), c, 4u64 << 30));
         }
         let views: Vec<LayerView> = layers
             .iter()
-            .map(|(c, d, s)| LayerView { changed: c, data: d, virtual_size: *s })
+            .map(|(c, d, s)| LayerView {
+                changed: c,
+                data: d,
+                virtual_size: *s,
+            })
             .collect();
         let map = ChainMap::build(&views);
         assert_eq!(map.stored_blocks(), 65536);

@@ -108,6 +108,7 @@ pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
     let cli = Cli::parse();
@@ -136,9 +137,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bitmap,
             time,
             json,
-        } => cmd_import(
-            &repo, vdi, name, vm_uuid, vm_name, raw, bitmap, time, json,
-        )?,
+        } => cmd_import(&repo, vdi, name, vm_uuid, vm_name, raw, bitmap, time, json)?,
         Command::Ls { repo, json } => cmd_ls(&repo, json)?,
         Command::Export {
             repo,
@@ -450,7 +449,11 @@ fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode
     } else {
         for d in &report.damage {
             let what = match (&d.point, d.block) {
-                (Some(p), Some(b)) => format!("point {p}, block {b} (bytes {}..{})", b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE),
+                (Some(p), Some(b)) => format!(
+                    "point {p}, block {b} (bytes {}..{})",
+                    b * BLOCK_SIZE,
+                    (b + 1) * BLOCK_SIZE
+                ),
                 (Some(p), None) => format!("point {p}"),
                 _ => "repository".to_string(),
             };

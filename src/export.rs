@@ -21,7 +21,7 @@ const CHUNK: u64 = 8 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     #[error(transparent)]
-    Read(#[from] ReadError),
+    Read(#[from] Box<ReadError>),
     #[error("{path} exists; choose another name, or pass --force to replace it")]
     Exists { path: PathBuf },
     #[error("{op} {path}: {source}")]
@@ -94,11 +94,12 @@ fn export_positioned(
                         .read_at(b, off)
                         .map_err(ExportError::from)
                         .and_then(|_| {
-                            out.write_all_at(b, off).map_err(|source| ExportError::Output {
-                                op: "write",
-                                path: path.to_string(),
-                                source,
-                            })
+                            out.write_all_at(b, off)
+                                .map_err(|source| ExportError::Output {
+                                    op: "write",
+                                    path: path.to_string(),
+                                    source,
+                                })
                         });
                     match r {
                         Ok(()) => progress(done.fetch_add(len, Ordering::Relaxed) + len),
@@ -201,7 +202,7 @@ pub fn export_to_writer(
         path: "standard output".into(),
         source,
     };
-    let (tx, rx) = mpsc::sync_channel::<Result<Vec<u8>, ReadError>>(2);
+    let (tx, rx) = mpsc::sync_channel::<Result<Vec<u8>, Box<ReadError>>>(2);
     let mut data_bytes = 0;
     std::thread::scope(|s| {
         s.spawn(move || {

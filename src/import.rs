@@ -79,12 +79,14 @@ pub fn import_raw(
     let size = image_size(&mut img).map_err(img_err)?;
     let blocks = blocks_for(size);
     let marked = match &req.bitmap {
-        Some((text, from)) => Some(bitmap::decode_base64(text, blocks).map_err(|source| {
-            ImportError::Bitmap {
-                path: from.clone(),
-                source,
-            }
-        })?),
+        Some((text, from)) => {
+            Some(
+                bitmap::decode_base64(text, blocks).map_err(|source| ImportError::Bitmap {
+                    path: from.clone(),
+                    source,
+                })?,
+            )
+        }
         None => None,
     };
 

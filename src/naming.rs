@@ -104,10 +104,7 @@ impl Tree {
         let vm_items: Vec<(String, String)> = by_vm
             .iter()
             .map(|(uuid, (name, _))| match uuid {
-                Some(u) => (
-                    u.clone(),
-                    sanitize(name.as_deref().unwrap_or("unnamed-vm")),
-                ),
+                Some(u) => (u.clone(), sanitize(name.as_deref().unwrap_or("unnamed-vm"))),
                 None => (String::new(), NO_VM.to_string()),
             })
             .collect();
@@ -148,7 +145,13 @@ impl Tree {
     /// The path of a point as the mount shows it: `VM/DISK/SET/POINT`.
     pub fn path_of(&self, m: &PointManifest) -> Option<String> {
         let (vm, disk) = self.disk_by_uuid(&m.vdi)?;
-        Some(format!("{}/{}/{}/{}", vm.name, disk.name, m.set, point_name(m)))
+        Some(format!(
+            "{}/{}/{}/{}",
+            vm.name,
+            disk.name,
+            m.set,
+            point_name(m)
+        ))
     }
 
     /// Resolve a user's point name to its set and position.
@@ -178,7 +181,9 @@ impl Tree {
                     ));
                 };
                 let Some(d) = v.disks.iter().find(|d| d.name == *disk) else {
-                    return Err(format!("no disk {disk:?} under VM {vm:?}; `cbtfs ls` lists them"));
+                    return Err(format!(
+                        "no disk {disk:?} under VM {vm:?}; `cbtfs ls` lists them"
+                    ));
                 };
                 (d, rest)
             }
@@ -199,15 +204,19 @@ impl Tree {
                 };
                 if *point == "latest" {
                     return match s.points.len() {
-                        0 => Err(format!("set {set} of disk {} has no readable point", disk.vdi())),
+                        0 => Err(format!(
+                            "set {set} of disk {} has no readable point",
+                            disk.vdi()
+                        )),
                         n => Ok((s.clone(), n as u32 - 1)),
                     };
                 }
                 match s.points.iter().find(|p| point_name(p) == *point) {
                     Some(p) => Ok((s.clone(), p.seq)),
                     None => Err(format!(
-                        "set {set} of disk {} has no point {point:?}; `cbtfs ls` lists its points",
-                        disk.vdi()
+                        "set {set} of disk {} has no readable point {point:?}; `cbtfs ls` lists its points{}",
+                        disk.vdi(),
+                        damage_note(&disk.history)
                     )),
                 }
             }
@@ -235,10 +244,22 @@ fn find_in_disk(d: &DiskHistory, when: &str, spec: &str) -> Result<(SetHistory, 
         }
     }
     Err(format!(
-        "disk {} has no point at {} ({spec}); `cbtfs ls` lists its points",
+        "disk {} has no readable point at {} ({spec}); `cbtfs ls` lists its points{}",
         d.vdi,
-        timefmt::rfc3339(t)
+        timefmt::rfc3339(t),
+        damage_note(d)
     ))
+}
+
+/// A hint when a name may be missing because its manifest is damaged.
+fn damage_note(d: &DiskHistory) -> String {
+    match d.sets.iter().find_map(|s| s.problems.first()) {
+        Some(p) => format!(
+            " (some points of this disk are damaged, e.g. {}: run `cbtfs verify`)",
+            p.location
+        ),
+        None => String::new(),
+    }
 }
 
 #[cfg(test)]
@@ -256,7 +277,10 @@ mod tests {
         assert_eq!(sanitize("disk 0 ☃"), "disk_0");
         for s in ["x:y", "a b", "/", "*?$`'\""] {
             let n = sanitize(s);
-            assert!(n.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c)));
+            assert!(
+                n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
+            );
         }
     }
 
@@ -267,6 +291,9 @@ mod tests {
             ("bbbbbbbb-2".to_string(), "db".to_string()),
             ("cccccccc-3".to_string(), "web".to_string()),
         ];
-        assert_eq!(unique_names(&items), vec!["db-aaaaaaaa", "db-bbbbbbbb", "web"]);
+        assert_eq!(
+            unique_names(&items),
+            vec!["db-aaaaaaaa", "db-bbbbbbbb", "web"]
+        );
     }
 }

@@ -96,7 +96,7 @@ impl PointReader {
     }
 
     /// Read at `offset` into `buf`; returns the bytes read (short only at the end of the disk).
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize, ReadError> {
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize, Box<ReadError>> {
         let size = self.size();
         if offset >= size {
             return Ok(0);
@@ -129,7 +129,7 @@ impl PointReader {
         block: u64,
         valid_until: u64,
         problem: String,
-    ) -> ReadError {
+    ) -> Box<ReadError> {
         let start = block << BLOCK_SHIFT;
         let e = ReadError {
             point: self.manifest.label(),
@@ -141,8 +141,8 @@ impl PointReader {
             problem,
             valid_until,
         };
-        tracing::error!(point = %e.point, owner = %e.owner, block, file = %e.location, problem = %e.problem, "damaged block");
-        e
+        tracing::debug!(point = %e.point, owner = %e.owner, block, file = %e.location, problem = %e.problem, "damaged block");
+        Box::new(e)
     }
 
     /// Fill `dst` with point bytes `offset..`, all stored in `layer` from entry `entry` on.
@@ -152,7 +152,7 @@ impl PointReader {
         offset: u64,
         layer: u32,
         entry: u32,
-    ) -> Result<(), ReadError> {
+    ) -> Result<(), Box<ReadError>> {
         let p = &self.layers[layer as usize];
         let end = offset + dst.len() as u64;
         let mut pos = offset;
@@ -190,7 +190,20 @@ impl PointReader {
                 let bytes = (n * BLOCK_SIZE) as usize;
                 let out = &mut dst[at..at + bytes];
                 if let Err(e) = p.data.read_exact_at(out, first.offset) {
-                    return Err(self.fail(p, block, pos, io_problem(&e)));
+                    if n == 1 {
+                        return Err(self.fail(p, block, pos, io_problem(&e)));
+                    }
+                    // Find exactly which block fails: read them one by one.
+                    let one = &mut out[..BLOCK_SIZE as usize];
+                    if let Err(e) = p.data.read_exact_at(one, first.offset) {
+                        return Err(self.fail(p, block, pos, io_problem(&e)));
+                    }
+                    if crc32c::crc32c(one) != first.crc {
+                        return Err(self.fail(p, block, pos, "fails its checksum".into()));
+                    }
+                    pos += BLOCK_SIZE;
+                    ei += 1;
+                    continue;
                 }
                 for i in 0..n {
                     let chunk = &out[(i * BLOCK_SIZE) as usize..((i + 1) * BLOCK_SIZE) as usize];
@@ -232,7 +245,7 @@ impl PointReader {
     }
 
     /// Check every stored block this point reads (verify): returns the damaged blocks' errors.
-    pub fn check_all(&self, mut on_error: impl FnMut(ReadError)) {
+    pub fn check_all(&self, mut on_error: impl FnMut(Box<ReadError>)) {
         let mut buf = vec![0u8; (MAX_GROUP_BLOCKS * BLOCK_SIZE) as usize];
         let mut pos = 0;
         while pos < self.size() {

@@ -105,10 +105,13 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
     // Read the data file front to back in large pieces, checking each block against its entry.
     const BATCH: usize = 64;
     let mut buf = vec![0u8; BATCH * BLOCK_SIZE as usize];
-    let blocks: Vec<u32> = p.index.data.iter().collect();
+    // Walk the data bitmap alongside the entries (entry k is the k-th data block).
+    let mut data_blocks = p.index.data.iter();
+    let total = p.index.entry_count();
     let mut i = 0;
-    while i < blocks.len() {
-        let n = BATCH.min(blocks.len() - i);
+    while i < total {
+        let n = BATCH.min(total - i);
+        let blocks: Vec<u32> = data_blocks.by_ref().take(n).collect();
         let entries: Vec<_> = (i..i + n).filter_map(|k| p.index.entry(k)).collect();
         let contiguous = entries.len() == n
             && entries.iter().enumerate().all(|(k, e)| {
@@ -123,7 +126,7 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
                 let chunk = &buf[k * BLOCK_SIZE as usize..(k + 1) * BLOCK_SIZE as usize];
                 if crc32c::crc32c(chunk) != e.crc {
                     push(
-                        Some(blocks[i + k] as u64),
+                        Some(blocks[k] as u64),
                         &p.data_location,
                         "block fails its checksum".into(),
                     );
@@ -131,8 +134,8 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
             }
         } else {
             // Slow path: one block at a time, to name exactly which fail.
-            for k in 0..n {
-                let block = blocks[i + k] as u64;
+            for (k, &block) in blocks.iter().enumerate() {
+                let block = block as u64;
                 let Some(e) = p.index.entry(i + k) else {
                     push(Some(block), &p.data_location, "no index entry".into());
                     continue;

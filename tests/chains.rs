@@ -24,7 +24,12 @@ struct Step {
 
 fn random_size(rng: &mut TestRng) -> usize {
     let blocks = 1 + rng.below(40) as usize;
-    blocks * BS - if rng.below(3) == 0 { 512 * (1 + rng.below(127) as usize) } else { 0 }
+    blocks * BS
+        - if rng.below(3) == 0 {
+            512 * (1 + rng.below(127) as usize)
+        } else {
+            0
+        }
 }
 
 fn random_block(rng: &mut TestRng, buf: &mut [u8]) {
@@ -105,7 +110,11 @@ fn life(seed: u64, depth: usize) -> Vec<Step> {
         }
         changed.sort();
         changed.dedup();
-        let extra = if rng.below(5) == 0 { 1 + rng.below(20) } else { 0 };
+        let extra = if rng.below(5) == 0 {
+            1 + rng.below(20)
+        } else {
+            0
+        };
         steps.push(Step {
             image: image.clone(),
             bitmap: Some(changed),
@@ -190,7 +199,10 @@ fn run_life(dir: &Path, steps: &[Step], seed: u64) {
                 let n = r.read_at(&mut buf, off as u64).unwrap();
                 let end = (off + len).min(want.len());
                 assert_eq!(n, end - off);
-                assert!(buf[..n] == want[off..end], "seed {seed} point {k} @{off}+{len}");
+                assert!(
+                    buf[..n] == want[off..end],
+                    "seed {seed} point {k} @{off}+{len}"
+                );
             }
             k += 1;
         }
@@ -227,7 +239,16 @@ fn cli_depth_200_export_equals_each_snapshot() {
         std::fs::write(&img, &st.image).unwrap();
         let t = time(i as u64);
         let mut args = vec![
-            "import", s(&repo), "--vdi", &v, "--name", "data disk", "--raw", s(&img), "--time", &t,
+            "import",
+            s(&repo),
+            "--vdi",
+            &v,
+            "--name",
+            "data disk",
+            "--raw",
+            s(&img),
+            "--time",
+            &t,
         ];
         let bm;
         if let Some(bits) = &st.bitmap {
@@ -247,7 +268,10 @@ fn cli_depth_200_export_equals_each_snapshot() {
     for (i, (path, st)) in paths.iter().zip(&steps).enumerate() {
         let out = d.join(format!("out{i}.raw"));
         ok(&["export", s(&repo), path, s(&out)]);
-        assert!(std::fs::read(&out).unwrap() == st.image, "point {i} ({path}) differs");
+        assert!(
+            std::fs::read(&out).unwrap() == st.image,
+            "point {i} ({path}) differs"
+        );
         std::fs::remove_file(&out).unwrap();
     }
     // The newest by uuid, and by time, to stdout.

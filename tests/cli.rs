@@ -16,8 +16,19 @@ fn setup(d: &Path) -> (String, String) {
     TestRng::new(2).fill(&mut data[30 * BS..31 * BS]);
     std::fs::write(&img, &data).unwrap();
     ok(&[
-        "import", s(&repo), "--vdi", &v, "--name", "root disk", "--vm-name", "web: prod",
-        "--vm-uuid", "11111111-2222-4333-8444-555555555555", "--raw", s(&img), "--time",
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--name",
+        "root disk",
+        "--vm-name",
+        "web: prod",
+        "--vm-uuid",
+        "11111111-2222-4333-8444-555555555555",
+        "--raw",
+        s(&img),
+        "--time",
         "2026-11-21T02:00:00Z",
     ]);
     (s(&repo).to_string(), v)
@@ -42,7 +53,15 @@ fn ls_reports_sizes_blocks_and_changed_percent() {
     std::fs::write(&img, &data).unwrap();
     let bm = write_bitmap(d.path(), "bm", &[0, 20, 21], 40);
     ok(&[
-        "import", &repo, "--vdi", &v, "--raw", s(&img), "--bitmap", s(&bm), "--time",
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--bitmap",
+        s(&bm),
+        "--time",
         "2026-11-22T02:00:00Z",
     ]);
     let human = ok(&["ls", &repo]);
@@ -54,7 +73,10 @@ fn ls_reports_sizes_blocks_and_changed_percent() {
     assert_eq!(pts[0]["stored_blocks"], 8, "base skips zero blocks");
     assert_eq!(pts[0]["virtual_size"], 40 * BS as u64);
     assert_eq!(pts[1]["changed_blocks"], 3);
-    assert_eq!(pts[1]["stored_blocks"], 1, "zero blocks are recorded, not stored");
+    assert_eq!(
+        pts[1]["stored_blocks"], 1,
+        "zero blocks are recorded, not stored"
+    );
     assert_eq!(
         pts[1]["path"],
         "web_prod/root_disk/20261121T020000Z/20261122T020000Z"
@@ -68,23 +90,56 @@ fn export_is_sparse_and_refuses_to_overwrite() {
     let (repo, v) = setup(d.path());
     let out = d.path().join("out.raw");
     ok(&["export", &repo, &format!("{v}@latest"), s(&out)]);
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(d.path().join("img")).unwrap());
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(d.path().join("img")).unwrap()
+    );
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 40 * BS as u64);
     // 8 data blocks; the other 32 are holes.
-    assert!(allocated(&out) <= 8 * BS as u64 + 64 * 1024, "not sparse: {}", allocated(&out));
+    assert!(
+        allocated(&out) <= 8 * BS as u64 + 64 * 1024,
+        "not sparse: {}",
+        allocated(&out)
+    );
     let (_, msg) = fails(&["export", &repo, &format!("{v}@latest"), s(&out)]);
     assert!(msg.contains("exists") && msg.contains("--force"), "{msg}");
     ok(&["export", &repo, &format!("{v}@latest"), s(&out), "--force"]);
     // By mount path, with .raw, and by time.
-    ok(&["export", &repo, "web_prod/root_disk/20261121T020000Z/20261121T020000Z.raw", s(&d.path().join("a"))]);
-    ok(&["export", &repo, &format!("{v}@20261121T020000Z"), s(&d.path().join("b"))]);
-    ok(&["export", &repo, &format!("by-uuid/{v}/20261121T020000Z/latest"), s(&d.path().join("c"))]);
+    ok(&[
+        "export",
+        &repo,
+        "web_prod/root_disk/20261121T020000Z/20261121T020000Z.raw",
+        s(&d.path().join("a")),
+    ]);
+    ok(&[
+        "export",
+        &repo,
+        &format!("{v}@20261121T020000Z"),
+        s(&d.path().join("b")),
+    ]);
+    ok(&[
+        "export",
+        &repo,
+        &format!("by-uuid/{v}/20261121T020000Z/latest"),
+        s(&d.path().join("c")),
+    ]);
     for n in ["a", "b", "c"] {
-        assert_eq!(std::fs::read(d.path().join(n)).unwrap(), std::fs::read(&out).unwrap());
+        assert_eq!(
+            std::fs::read(d.path().join(n)).unwrap(),
+            std::fs::read(&out).unwrap()
+        );
     }
     // No temporary file left behind.
-    let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(!names.iter().any(|n| n.to_string_lossy().contains("partial")), "{names:?}");
+    let names: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.to_string_lossy().contains("partial")),
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -94,13 +149,24 @@ fn bad_input_gets_clear_errors() {
     let img = d.path().join("img");
 
     let (_, m) = fails(&["ls", s(d.path())]);
-    assert!(m.contains("not a cbtfs repository") && m.contains("cbtfs init"), "{m}");
+    assert!(
+        m.contains("not a cbtfs repository") && m.contains("cbtfs init"),
+        "{m}"
+    );
 
     let (_, m) = fails(&["init", &repo]);
     assert!(m.contains("already a cbtfs repository"), "{m}");
 
-    let (_, m) = fails(&["export", &repo, "web_prod/root_disk/20261121T020000Z/20991231T000000Z", "-"]);
-    assert!(m.contains("no point") && m.contains("cbtfs ls"), "{m}");
+    let (_, m) = fails(&[
+        "export",
+        &repo,
+        "web_prod/root_disk/20261121T020000Z/20991231T000000Z",
+        "-",
+    ]);
+    assert!(
+        m.contains("no readable point") && m.contains("cbtfs ls"),
+        "{m}"
+    );
     let (_, m) = fails(&["export", &repo, "nosuchvm/x/y/z", "-"]);
     assert!(m.contains("no VM folder"), "{m}");
     let (_, m) = fails(&["export", &repo, &format!("{}@latest", vdi(99)), "-"]);
@@ -113,28 +179,95 @@ fn bad_input_gets_clear_errors() {
 
     let bad = d.path().join("bad.b64");
     std::fs::write(&bad, "this is not base64!!").unwrap();
-    let (_, m) = fails(&["import", &repo, "--vdi", &v, "--raw", s(&img), "--bitmap", s(&bad), "--time", "2026-11-22T00:00:00Z"]);
-    assert!(m.contains("not valid base64") && m.contains("bad.b64"), "{m}");
+    let (_, m) = fails(&[
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--bitmap",
+        s(&bad),
+        "--time",
+        "2026-11-22T00:00:00Z",
+    ]);
+    assert!(
+        m.contains("not valid base64") && m.contains("bad.b64"),
+        "{m}"
+    );
 
     // 40 blocks need 5 bytes of bitmap; 4 is short (the image is too large for it).
     let short = write_bitmap(d.path(), "short", &[1], 32);
-    let (_, m) = fails(&["import", &repo, "--vdi", &v, "--raw", s(&img), "--bitmap", s(&short), "--time", "2026-11-22T00:00:00Z"]);
+    let (_, m) = fails(&[
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--bitmap",
+        s(&short),
+        "--time",
+        "2026-11-22T00:00:00Z",
+    ]);
     assert!(m.contains("covers 32 blocks but the disk has 40"), "{m}");
 
     let bm = write_bitmap(d.path(), "bm", &[1], 40);
-    let (_, m) = fails(&["import", &repo, "--vdi", &v, "--raw", s(&img), "--bitmap", s(&bm), "--time", "2026-11-20T00:00:00Z"]);
+    let (_, m) = fails(&[
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--bitmap",
+        s(&bm),
+        "--time",
+        "2026-11-20T00:00:00Z",
+    ]);
     assert!(m.contains("must be later than"), "{m}");
-    let (_, m) = fails(&["import", &repo, "--vdi", &vdi(5), "--raw", s(&img), "--bitmap", s(&bm)]);
+    let (_, m) = fails(&[
+        "import",
+        &repo,
+        "--vdi",
+        &vdi(5),
+        "--raw",
+        s(&img),
+        "--bitmap",
+        s(&bm),
+    ]);
     assert!(m.contains("no backup set yet"), "{m}");
-    let (_, m) = fails(&["import", &repo, "--vdi", &v, "--raw", s(&d.path().join("missing.img"))]);
+    let (_, m) = fails(&[
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&d.path().join("missing.img")),
+    ]);
     assert!(m.contains("missing.img"), "{m}");
-    let (_, m) = fails(&["import", &repo, "--vdi", &v, "--raw", s(&img), "--time", "tomorrow"]);
+    let (_, m) = fails(&[
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        "tomorrow",
+    ]);
     assert!(m.contains("not a time"), "{m}");
 
     // Nothing above was committed.
     let j: serde_json::Value = serde_json::from_str(&ok(&["ls", &repo, "--json"])).unwrap();
     assert_eq!(j["vms"][0]["disks"].as_array().unwrap().len(), 1);
-    assert_eq!(j["vms"][0]["disks"][0]["sets"][0]["points"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        j["vms"][0]["disks"][0]["sets"][0]["points"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     ok(&["verify", &repo]);
 }
 
@@ -144,11 +277,21 @@ fn newer_repository_version_is_refused_and_left_alone() {
     let (repo, _) = setup(d.path());
     let hdr = Path::new(&repo).join("cbtfs.repo");
     let text = std::fs::read_to_string(&hdr).unwrap();
-    let json = text.split("\ncbtfs-crc32c:").next().unwrap().replace("\"version\": 1", "\"version\": 2");
-    let new = format!("{json}\ncbtfs-crc32c:{:08x}\n", crc32c::crc32c(json.as_bytes()));
+    let json = text
+        .split("\ncbtfs-crc32c:")
+        .next()
+        .unwrap()
+        .replace("\"version\": 1", "\"version\": 2");
+    let new = format!(
+        "{json}\ncbtfs-crc32c:{:08x}\n",
+        crc32c::crc32c(json.as_bytes())
+    );
     std::fs::write(&hdr, &new).unwrap();
     let (_, m) = fails(&["ls", &repo]);
-    assert!(m.contains("format version 2") && m.contains("upgrade cbtfs"), "{m}");
+    assert!(
+        m.contains("format version 2") && m.contains("upgrade cbtfs"),
+        "{m}"
+    );
     assert_eq!(std::fs::read_to_string(&hdr).unwrap(), new);
 }
 
@@ -160,7 +303,12 @@ fn repository_files_are_private() {
     let mut stack = vec![std::path::PathBuf::from(&repo)];
     while let Some(p) = stack.pop() {
         let md = std::fs::metadata(&p).unwrap();
-        assert_eq!(md.permissions().mode() & 0o077, 0, "{} is not private", p.display());
+        assert_eq!(
+            md.permissions().mode() & 0o077,
+            0,
+            "{} is not private",
+            p.display()
+        );
         if md.is_dir() {
             stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
         }
@@ -174,8 +322,20 @@ fn a_second_writer_is_refused_while_one_holds_the_lock() {
     let r = cbtfs::repo::Repository::open(Path::new(&repo)).unwrap();
     let _held = r.lock("test holder").unwrap();
     let img = d.path().join("img");
-    let (_, m) = fails(&["import", &repo, "--vdi", &v, "--raw", s(&img), "--time", "2026-12-01T00:00:00Z"]);
-    assert!(m.contains("being written by another process") && m.contains("test holder"), "{m}");
+    let (_, m) = fails(&[
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        "2026-12-01T00:00:00Z",
+    ]);
+    assert!(
+        m.contains("being written by another process") && m.contains("test holder"),
+        "{m}"
+    );
     // Readers do not need the lock.
     ok(&["ls", &repo]);
 }
@@ -189,7 +349,16 @@ fn new_base_starts_a_new_set_and_old_sets_stay_readable() {
     let mut second = first.clone();
     TestRng::new(9).fill(&mut second[..]);
     std::fs::write(&img, &second).unwrap();
-    ok(&["import", &repo, "--vdi", &v, "--raw", s(&img), "--time", "2026-11-25T02:00:00Z"]);
+    ok(&[
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        "2026-11-25T02:00:00Z",
+    ]);
     let j: serde_json::Value = serde_json::from_str(&ok(&["ls", &repo, "--json"])).unwrap();
     assert_eq!(j["vms"][0]["disks"][0]["sets"].as_array().unwrap().len(), 2);
     let o = cbtfs(&["export", &repo, &format!("{v}@2026-11-21T02:00:00Z"), "-"]);

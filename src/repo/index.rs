@@ -232,7 +232,9 @@ impl Index {
         }
         let blocks = crate::blocks_for(virtual_size);
         if changed.max().is_some_and(|m| m as u64 >= blocks) {
-            return Err(bad(format!("blocks beyond the disk's end ({blocks} blocks)")));
+            return Err(bad(format!(
+                "blocks beyond the disk's end ({blocks} blocks)"
+            )));
         }
         Ok(Index {
             virtual_size,
@@ -339,6 +341,9 @@ mod tests {
         let mut b = sample();
         b[7] = 2;
         let err = Index::parse(Mapped::Owned(b), "x").unwrap_err();
-        assert!(matches!(err, RepoError::UnsupportedVersion { found: 2, .. }));
+        assert!(matches!(
+            err,
+            RepoError::UnsupportedVersion { found: 2, .. }
+        ));
     }
 }

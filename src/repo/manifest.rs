@@ -100,7 +100,11 @@ mod tests {
                 b[i] ^= 1 << bit;
                 // Either refused, or (a flip inside trailing whitespace of the hex) the same record.
                 if let Ok(r) = decode::<R>(&b, "f", "test record", "t", 1) {
-                    assert_eq!(r, rec(1), "flip at byte {i} bit {bit} gave a different record");
+                    assert_eq!(
+                        r,
+                        rec(1),
+                        "flip at byte {i} bit {bit} gave a different record"
+                    );
                 }
             }
         }
@@ -115,7 +119,10 @@ mod tests {
     fn newer_version_is_refused_clearly() {
         let bytes = encode(&rec(9));
         let err = decode::<R>(&bytes, "f", "test record", "t", 1).unwrap_err();
-        assert!(matches!(err, RepoError::UnsupportedVersion { found: 9, .. }));
+        assert!(matches!(
+            err,
+            RepoError::UnsupportedVersion { found: 9, .. }
+        ));
         assert!(err.to_string().contains("upgrade cbtfs"));
     }
 }

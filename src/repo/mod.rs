@@ -396,14 +396,15 @@ impl Repository {
             if broken {
                 problems.push(SetProblem {
                     location: loc,
-                    message: "unreadable: an earlier point of its set is damaged or missing"
-                        .into(),
+                    message: "unreadable: an earlier point of its set is damaged or missing".into(),
                 });
                 continue;
             }
             if seq as usize != points.len() {
                 problems.push(SetProblem {
-                    location: self.store.describe(&format!("{key}/{:06}.point", points.len())),
+                    location: self
+                        .store
+                        .describe(&format!("{key}/{:06}.point", points.len())),
                     message: format!(
                         "missing: points {}..{} are absent, so later points cannot be read",
                         points.len(),
@@ -413,8 +414,7 @@ impl Repository {
                 broken = true;
                 problems.push(SetProblem {
                     location: loc,
-                    message: "unreadable: an earlier point of its set is damaged or missing"
-                        .into(),
+                    message: "unreadable: an earlier point of its set is damaged or missing".into(),
                 });
                 continue;
             }
@@ -557,16 +557,18 @@ impl Repository {
                 has_manifest = true;
                 // A manifest we cannot read keeps the objects its name prefix may own.
                 let prefix = n.trim_end_matches(".point").to_string();
-                match std::fs::read(self.store.path(&format!("{key}/{n}"))).ok().and_then(|b| {
-                    manifest::decode::<PointManifest>(
-                        &b,
-                        "",
-                        "point manifest",
-                        POINT_FORMAT,
-                        u64::MAX,
-                    )
+                match std::fs::read(self.store.path(&format!("{key}/{n}")))
                     .ok()
-                }) {
+                    .and_then(|b| {
+                        manifest::decode::<PointManifest>(
+                            &b,
+                            "",
+                            "point manifest",
+                            POINT_FORMAT,
+                            u64::MAX,
+                        )
+                        .ok()
+                    }) {
                     Some(m) => {
                         referenced.insert(m.index.name);
                         referenced.insert(m.data.name);
@@ -819,7 +821,9 @@ impl PointWriter<'_> {
             .data
             .take()
             .ok_or_else(|| RepoError::Invalid("internal: point already finished".into()))?;
-        let data_len = data.finish().map_err(|e| RepoError::io("write", &dloc, e))?;
+        let data_len = data
+            .finish()
+            .map_err(|e| RepoError::io("write", &dloc, e))?;
         let index = self
             .index
             .take()

@@ -34,7 +34,11 @@ pub fn ok(args: &[&str]) -> String {
 /// Run and require failure; returns stderr + stdout.
 pub fn fails(args: &[&str]) -> (i32, String) {
     let o = cbtfs(args);
-    assert!(!o.status.success(), "cbtfs {:?} unexpectedly succeeded", args);
+    assert!(
+        !o.status.success(),
+        "cbtfs {:?} unexpectedly succeeded",
+        args
+    );
     (
         o.status.code().unwrap_or(-1),
         format!(
