@@ -87,6 +87,11 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Run the whole job on a built-in example: a guest filesystem, daily backups, exports.
+    Demo {
+        /// Working directory (recreated; default: $TMPDIR/cbtfs-demo).
+        dir: Option<PathBuf>,
+    },
     /// Check every checksum and structure; exit status 3 if anything is damaged.
     Verify {
         repo: PathBuf,
@@ -146,6 +151,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
         } => cmd_export(&repo, &point, &out, force)?,
         Command::Verify { repo, point, json } => return cmd_verify(&repo, point, json),
+        Command::Demo { dir } => crate::demo::run_demo(&dir.unwrap_or_else(crate::demo::default_dir))?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@
 pub mod bitmap;
 pub mod chain;
 pub mod cli;
+pub mod demo;
 pub mod export;
 pub mod import;
 pub mod naming;
