@@ -39,18 +39,22 @@ if [ ! -f built-$DEPTH_MAX ]; then
   qemu-img convert -O qcow2 raw.img qcow/1.qcow2
   for ((d = 2; d <= DEPTH_MAX; d++)); do
     head -c 65536 /dev/urandom > pattern
+    # This point's blocks, its CBT bitmap (written to ./bitmap) and its time.
+    read -r t picks < <(python3 -c "
+import base64, datetime, random
+random.seed($d)
+picks = sorted(random.sample(range($blocks), $BLOCKS_PER_POINT))
+bits = bytearray(($blocks + 7) // 8)
+for b in picks: bits[b // 8] |= 0x80 >> (b % 8)
+open('bitmap', 'w').write(base64.b64encode(bits).decode())
+t = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(hours=$d)
+print(t.strftime('%Y-%m-%dT%H:%M:%SZ'), ' '.join(map(str, picks)))")
     cmds=()
-    picks=$(python3 -c "import random,sys; random.seed($d); print(' '.join(str(b) for b in sorted(random.sample(range($blocks), $BLOCKS_PER_POINT))))")
     for b in $picks; do cmds+=(-c "write -q -s pattern $((b * 65536)) 64k"); done
     qemu-io -f raw "${cmds[@]}" raw.img >/dev/null
-    qemu-img create -q -f qcow2 -b "$PWD/qcow/$((d - 1)).qcow2" -F qcow2 qcow/$d.qcow2
-    qemu-io -f qcow2 "${cmds[@]}" qcow/$d.qcow2 >/dev/null
-    python3 -c "
-import base64
-bits = bytearray(($blocks + 7) // 8)
-for b in '$picks'.split(): b = int(b); bits[b // 8] |= 0x80 >> (b % 8)
-open('bitmap', 'w').write(base64.b64encode(bits).decode())"
-    t=$(python3 -c "import datetime; print((datetime.datetime(2026,1,1,tzinfo=datetime.timezone.utc)+datetime.timedelta(hours=$d)).strftime('%Y-%m-%dT%H:%M:%SZ'))")
+    # -u and a backing-less open keep building linear: whole 64 KiB clusters need no backing.
+    qemu-img create -q -f qcow2 -u -b "$PWD/qcow/$((d - 1)).qcow2" -F qcow2 qcow/$d.qcow2 ${SIZE_MB}M
+    qemu-io "${cmds[@]}" "json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"file\",\"filename\":\"qcow/$d.qcow2\"},\"backing\":null}" >/dev/null
     "$CBTFS" import repo --vdi $V --raw raw.img --bitmap bitmap --time "$t" >/dev/null
     [ $((d % 100)) = 0 ] && echo "  $d points" >&2
   done

@@ -11,6 +11,7 @@ pub mod chain;
 pub mod cli;
 pub mod demo;
 pub mod export;
+pub mod fs;
 pub mod import;
 pub mod naming;
 pub mod read;

@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 use crate::repo::{DiskHistory, PointManifest, SetHistory};
 use crate::timefmt;
 
+/// The mount's folder of disks by VDI uuid, for scripts.
+pub const BY_UUID: &str = "by-uuid";
+
 /// Name of the folder for disks whose VM is unknown (imported images).
 pub const NO_VM: &str = "no-vm";
 
@@ -108,7 +111,13 @@ impl Tree {
                 None => (String::new(), NO_VM.to_string()),
             })
             .collect();
-        let vm_names = unique_names(&vm_items);
+        let mut vm_names = unique_names(&vm_items);
+        // The mount's root also holds `by-uuid/`: no VM may take that name.
+        for (n, (id, _)) in vm_names.iter_mut().zip(&vm_items) {
+            if n == BY_UUID {
+                *n = format!("{BY_UUID}-{}", short(id));
+            }
+        }
         let mut vms = Vec::new();
         for ((uuid, (_, disks)), name) in by_vm.into_iter().zip(vm_names) {
             let items: Vec<(String, String)> = disks

@@ -5,7 +5,8 @@
 //! threads may read at once (no locks on the read path).
 
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::chain::{ChainMap, Extent, LayerView};
 use crate::repo::{PointManifest, RepoError, Repository, SetHistory, StoredPoint};
@@ -29,6 +30,33 @@ pub struct ReadError {
     pub location: String,
     pub problem: String,
     pub valid_until: u64,
+}
+
+/// Shares opened points between readers: a point's index is parsed and mapped once however many
+/// restore points above it are open.
+#[derive(Default)]
+pub struct LayerCache {
+    map: Mutex<HashMap<String, Weak<StoredPoint>>>,
+}
+
+impl LayerCache {
+    pub fn get(&self, repo: &Repository, m: &PointManifest) -> Result<Arc<StoredPoint>, RepoError> {
+        // The index name carries a random nonce: it identifies this exact point.
+        let key = format!("{}/{}/{}", m.vdi, m.set, m.index.name);
+        if let Ok(map) = self.map.lock()
+            && let Some(p) = map.get(&key).and_then(Weak::upgrade)
+        {
+            return Ok(p);
+        }
+        let p = Arc::new(repo.open_point(m)?);
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() > 4096 {
+                map.retain(|_, w| w.strong_count() > 0);
+            }
+            map.insert(key, Arc::downgrade(&p));
+        }
+        Ok(p)
+    }
 }
 
 /// A restore point ready to read.
@@ -57,6 +85,20 @@ impl PointReader {
         let mut layers = Vec::with_capacity(seq as usize + 1);
         for m in set.points.iter().take(seq as usize + 1) {
             layers.push(Arc::new(repo.open_point(m)?));
+        }
+        PointReader::from_layers(layers)
+    }
+
+    /// Open point `seq` of `set`, sharing opened points through `cache`.
+    pub fn open_cached(
+        repo: &Repository,
+        set: &SetHistory,
+        seq: u32,
+        cache: &LayerCache,
+    ) -> Result<PointReader, RepoError> {
+        let mut layers = Vec::with_capacity(seq as usize + 1);
+        for m in set.points.iter().take(seq as usize + 1) {
+            layers.push(cache.get(repo, m)?);
         }
         PointReader::from_layers(layers)
     }
@@ -189,13 +231,13 @@ impl PointReader {
                 }
                 let bytes = (n * BLOCK_SIZE) as usize;
                 let out = &mut dst[at..at + bytes];
-                if let Err(e) = p.data.read_exact_at(out, first.offset) {
+                if let Err(e) = p.data().and_then(|d| d.read_exact_at(out, first.offset)) {
                     if n == 1 {
                         return Err(self.fail(p, block, pos, io_problem(&e)));
                     }
                     // Find exactly which block fails: read them one by one.
                     let one = &mut out[..BLOCK_SIZE as usize];
-                    if let Err(e) = p.data.read_exact_at(one, first.offset) {
+                    if let Err(e) = p.data().and_then(|d| d.read_exact_at(one, first.offset)) {
                         return Err(self.fail(p, block, pos, io_problem(&e)));
                     }
                     if crc32c::crc32c(one) != first.crc {
@@ -224,8 +266,8 @@ impl PointReader {
                 let take = (BLOCK_SIZE - in_block).min(end - pos) as usize;
                 let r = SCRATCH.with(|s| {
                     let mut s = s.borrow_mut();
-                    p.data
-                        .read_exact_at(&mut s[..], first.offset)
+                    p.data()
+                        .and_then(|d| d.read_exact_at(&mut s[..], first.offset))
                         .map_err(|e| io_problem(&e))?;
                     if crc32c::crc32c(&s[..]) != first.crc {
                         return Err("fails its checksum".to_string());

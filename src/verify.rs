@@ -92,13 +92,20 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
         );
     }
     let expected = m.data_blocks * BLOCK_SIZE;
-    if p.data.len() != m.data.len || p.data.len() != expected {
+    let data = match p.data() {
+        Ok(d) => d.clone(),
+        Err(e) => {
+            push(None, &p.data_location, format!("data file cannot be opened: {e}"));
+            return;
+        }
+    };
+    if data.len() != m.data.len || data.len() != expected {
         push(
             None,
             &p.data_location,
             format!(
                 "data file is {} bytes, expected {expected} (truncated or extended)",
-                p.data.len()
+                data.len()
             ),
         );
     }
@@ -118,7 +125,7 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
                 e.len as u64 == BLOCK_SIZE && e.offset == entries[0].offset + k as u64 * BLOCK_SIZE
             });
         if contiguous
-            && p.data
+            && data
                 .read_exact_at(&mut buf[..n * BLOCK_SIZE as usize], entries[0].offset)
                 .is_ok()
         {
@@ -149,7 +156,7 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
                     continue;
                 }
                 let chunk = &mut buf[..BLOCK_SIZE as usize];
-                match p.data.read_exact_at(chunk, e.offset) {
+                match data.read_exact_at(chunk, e.offset) {
                     Ok(()) if crc32c::crc32c(chunk) == e.crc => {}
                     Ok(()) => push(
                         Some(block),

@@ -56,7 +56,7 @@ pub mod index;
 pub mod manifest;
 pub mod store;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -179,9 +179,23 @@ pub struct NewPoint {
 pub struct StoredPoint {
     pub manifest: PointManifest,
     pub index: Index,
-    pub data: Arc<dyn Object>,
     /// Where the data file is, for error messages.
     pub data_location: String,
+    data_key: String,
+    store: Arc<LocalStore>,
+    /// Opened on first read: a set of 1,000 points must not hold 1,000 descriptors per reader.
+    data: std::sync::OnceLock<Arc<dyn Object>>,
+}
+
+impl StoredPoint {
+    /// The point's data file, opened on first use.
+    pub fn data(&self) -> io::Result<&Arc<dyn Object>> {
+        if let Some(d) = self.data.get() {
+            return Ok(d);
+        }
+        let d = self.store.open(&self.data_key)?;
+        Ok(self.data.get_or_init(|| d))
+    }
 }
 
 impl std::fmt::Debug for StoredPoint {
@@ -199,6 +213,9 @@ pub struct Repository {
     root: PathBuf,
     store: Arc<LocalStore>,
     pub header: RepoHeader,
+    /// Parsed manifests by key, with the (inode, length) they were read from: manifests never
+    /// change once committed, so a mount rescanning the repository reads only new ones.
+    manifests: Arc<std::sync::Mutex<HashMap<String, (u64, u64, PointManifest)>>>,
 }
 
 /// Is `s` a plausible VDI uuid (it becomes a directory name, so nothing else is accepted)?
@@ -289,6 +306,7 @@ impl Repository {
             root: path.to_path_buf(),
             store: Arc::new(store),
             header,
+            manifests: Default::default(),
         })
     }
 
@@ -362,6 +380,21 @@ impl Repository {
             };
             let k = format!("{key}/{name}");
             let loc = self.store.describe(&k);
+            let ident = std::fs::metadata(self.store.path(&k)).map(|md| {
+                use std::os::unix::fs::MetadataExt;
+                (md.ino(), md.len())
+            });
+            let cached = match (&ident, self.manifests.lock()) {
+                (Ok((ino, len)), Ok(cache)) => cache
+                    .get(&k)
+                    .filter(|(i, l, _)| i == ino && l == len)
+                    .map(|(_, _, m)| m.clone()),
+                _ => None,
+            };
+            if let Some(m) = cached {
+                found.push((seq, Ok(m), loc));
+                continue;
+            }
             let parsed = std::fs::read(self.store.path(&k))
                 .map_err(|e| RepoError::io("read", &loc, e))
                 .and_then(|b| {
@@ -386,6 +419,9 @@ impl Repository {
                         Ok(m)
                     }
                 });
+            if let (Ok(m), Ok((ino, len)), Ok(mut cache)) = (&parsed, ident, self.manifests.lock()) {
+                cache.insert(k.clone(), (ino, len, m.clone()));
+            }
             found.push((seq, parsed, loc));
         }
         found.sort_by_key(|(s, _, _)| *s);
@@ -478,18 +514,15 @@ impl Repository {
                 "index does not match its manifest (sizes or block counts differ)",
             ));
         }
-        let dk = format!("{key}/{}", m.data.name);
-        let data_location = self.store.describe(&dk);
-        // A short data file is not fatal here: the blocks it lacks fail when read, the rest reads.
-        let data = self
-            .store
-            .open(&dk)
-            .map_err(|e| RepoError::io("open data", &data_location, e))?;
+        let data_key = format!("{key}/{}", m.data.name);
+        // A short or missing data file is not fatal here: the blocks it lacks fail when read.
         Ok(StoredPoint {
             manifest: m.clone(),
             index,
-            data,
-            data_location,
+            data_location: self.store.describe(&data_key),
+            data_key,
+            store: self.store.clone(),
+            data: std::sync::OnceLock::new(),
         })
     }
 
