@@ -87,6 +87,19 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Mount the repository read-only: every restore point as a raw disk file.
+    Mount {
+        repo: PathBuf,
+        mountpoint: PathBuf,
+        /// Stay in the foreground, logging to standard error (default: a daemon logging to
+        /// syslog, or to log_file=FILE).
+        #[arg(short, long)]
+        foreground: bool,
+        /// Mount options: allow_other, allow_root, log_file=FILE, nodev, nosuid, noexec,
+        /// noatime; fstab's ro/noauto/user/_netdev/nofail/x-* are accepted and ignored.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+    },
     /// Run the whole job on a built-in example: a guest filesystem, daily backups, exports.
     Demo {
         /// Working directory (recreated; default: $TMPDIR/cbtfs-demo).
@@ -108,15 +121,18 @@ pub fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
     let cli = Cli::parse();
+    // The mount sets up its own logging (a daemon logs to syslog or a file).
+    if !matches!(cli.command, Command::Mount { .. }) {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .init();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -151,6 +167,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
         } => cmd_export(&repo, &point, &out, force)?,
         Command::Verify { repo, point, json } => return cmd_verify(&repo, point, json),
+        Command::Mount {
+            repo,
+            mountpoint,
+            foreground,
+            options,
+        } => {
+            let opts = crate::mount::parse_options(&options)?;
+            crate::mount::mount(&repo, &mountpoint, foreground, opts)?
+        }
         Command::Demo { dir } => crate::demo::run_demo(&dir.unwrap_or_else(crate::demo::default_dir))?,
     }
     Ok(ExitCode::SUCCESS)

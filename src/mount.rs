@@ -1,0 +1,541 @@
+//! `cbtfs mount`: the mount's lifecycle — options, mount point checks, daemonizing, signals,
+//! unmounting. The filesystem itself is `fs`; `fuse` adapts it to the kernel.
+//!
+//! * Background mode forks before any thread exists, reports success or the error through a
+//!   pipe, and logs to syslog (or `log_file=`); `-f` stays in the foreground, logging to stderr.
+//! * SIGINT, SIGTERM and SIGHUP unmount and exit; so does an outside `umount`/`fusermount3 -u`.
+//!   A busy mount point is detached lazily and served until its last user closes it.
+//! * A mount left behind by a killed daemon ("Transport endpoint is not connected") is detached
+//!   by the next `cbtfs mount` on that directory; a live mount there is refused.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::fs::CbtFs;
+use crate::fuse::{FuseAdapter, MAX_READ};
+use crate::repo::Repository;
+
+/// What `-o` may say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub log_file: Option<PathBuf>,
+    /// Kernel mount flags passed through (nodev, nosuid, noexec, noatime, ...).
+    pub flags: Vec<String>,
+}
+
+/// Split an option string on commas; `\,` is a literal comma (util-linux's escaping).
+pub fn split_options(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&',') => {
+                cur.push(',');
+                chars.next();
+            }
+            ',' => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out.into_iter().filter(|o| !o.is_empty()).collect()
+}
+
+/// Parse `-o` options. fstab-only options are accepted and ignored; unknown ones are refused.
+pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
+    let mut m = MountOptions::default();
+    for o in opts.iter().flat_map(|s| split_options(s)) {
+        let (key, value) = match o.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (o.clone(), None),
+        };
+        match key.as_str() {
+            "allow_other" => m.allow_other = true,
+            "allow_root" => m.allow_root = true,
+            "log_file" => m.log_file = value.map(PathBuf::from),
+            "rw" => bail!("cbtfs mounts are read-only: remove `rw` from the options"),
+            // Always so: restore points are read-only.
+            "ro" | "default_permissions" => {}
+            "nodev" | "nosuid" | "noexec" | "dev" | "suid" | "exec" | "noatime" | "atime"
+            | "nodiratime" | "relatime" | "strictatime" | "sync" | "async" | "dirsync" => {
+                m.flags.push(key)
+            }
+            // For mount(8) and fstab, not for the filesystem.
+            "auto" | "noauto" | "user" | "users" | "nouser" | "owner" | "group" | "_netdev"
+            | "nofail" | "defaults" | "comment" | "loop" => {}
+            k if k.starts_with("x-") => {}
+            k => bail!(
+                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, log_file=FILE, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
+            ),
+        }
+    }
+    if m.allow_other && m.allow_root {
+        bail!("allow_other and allow_root exclude each other: pick one");
+    }
+    Ok(m)
+}
+
+fn flag_option(f: &str) -> Option<MountOption> {
+    Some(match f {
+        "nodev" => MountOption::NoDev,
+        "nosuid" => MountOption::NoSuid,
+        "noexec" => MountOption::NoExec,
+        "dev" => MountOption::Dev,
+        "suid" => MountOption::Suid,
+        "exec" => MountOption::Exec,
+        "noatime" => MountOption::NoAtime,
+        "atime" => MountOption::Atime,
+        "sync" => MountOption::Sync,
+        "async" => MountOption::Async,
+        "dirsync" => MountOption::DirSync,
+        _ => return None,
+    })
+}
+
+/// The fstype of the mount at `path`, if `path` is a mount point.
+pub fn mounted_fstype(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.as_os_str().as_bytes();
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(mp) = fields.get(4) else { continue };
+        if unescape_mountinfo(mp).as_bytes() == want {
+            let dash = fields.iter().position(|f| *f == "-");
+            found = dash.and_then(|d| fields.get(d + 1)).map(|s| s.to_string());
+        }
+    }
+    found
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Detach a mount lazily (root: umount2; others: fusermount3 -uz).
+fn detach(path: &Path) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let c = CString::new(path.as_os_str().as_bytes())?;
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return Ok(());
+        }
+        return Err(std::io::Error::last_os_error()).context("umount2");
+    }
+    let st = std::process::Command::new("fusermount3")
+        .arg("-uz")
+        .arg(path)
+        .status()
+        .context("running fusermount3 -uz")?;
+    if !st.success() {
+        bail!("fusermount3 -uz {} failed", path.display());
+    }
+    Ok(())
+}
+
+/// Check the mount point; recover it if a dead cbtfs left a stale mount there.
+fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
+    match std::fs::metadata(mp) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            let abs = absolute(mp)?;
+            eprintln!(
+                "cbtfs: {} was left mounted by a process that no longer runs; detaching it",
+                abs.display()
+            );
+            detach(&abs).with_context(|| format!("detaching the stale mount at {}", abs.display()))?;
+            prepare_mountpoint(&abs)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "mount point {} does not exist; create it with `mkdir -p {}`",
+            mp.display(),
+            mp.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("mount point {}", mp.display())),
+        Ok(md) if !md.is_dir() => bail!("mount point {} is not a directory", mp.display()),
+        Ok(_) => {
+            let abs = std::fs::canonicalize(mp).or_else(|_| absolute(mp))?;
+            if let Some(fstype) = mounted_fstype(&abs) {
+                // A dead FUSE daemon's mount may still answer stat from cached attributes;
+                // listing it tells.
+                let dead = fstype.starts_with("fuse")
+                    && matches!(std::fs::read_dir(&abs), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+                if dead {
+                    eprintln!(
+                        "cbtfs: {} was left mounted by a process that no longer runs; detaching it",
+                        abs.display()
+                    );
+                    detach(&abs).with_context(|| {
+                        format!("detaching the stale mount at {}", abs.display())
+                    })?;
+                    return prepare_mountpoint(&abs);
+                }
+                bail!(
+                    "{} is already a mount point ({fstype}); unmount it first (`umount {}`) or choose another directory",
+                    abs.display(),
+                    abs.display()
+                );
+            }
+            Ok(abs)
+        }
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(std::env::current_dir()?.join(p))
+}
+
+/// Let the process hold one descriptor per stored point in use (sets may hold 1,000 points).
+pub fn raise_fd_limit() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write to and read from a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
+}
+
+/// Ask for 4 MiB readahead on the mount's backing device info, so sequential readers get
+/// 1 MiB requests (fuser cannot raise it; the kernel default gives 128 KiB).
+fn raise_readahead(mp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(mp) else { return };
+    let dev = md.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&path, "4096") {
+        Ok(()) => tracing::debug!(%path, "readahead set to 4 MiB"),
+        Err(e) => tracing::debug!(%path, error = %e, "cannot raise readahead (needs root); reads stay at the kernel's default size"),
+    }
+}
+
+/// Where logs go.
+enum LogTarget {
+    Stderr,
+    File(PathBuf),
+    Syslog,
+}
+
+fn init_logging(target: LogTarget) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match target {
+        LogTarget::Stderr => {
+            use std::io::IsTerminal;
+            let ansi = std::io::stderr().is_terminal();
+            let _ = b.with_writer(std::io::stderr).with_ansi(ansi).try_init();
+        }
+        LogTarget::File(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .with_context(|| format!("opening log file {}", p.display()))?;
+            let _ = b
+                .with_writer(std::sync::Mutex::new(f))
+                .with_ansi(false)
+                .try_init();
+        }
+        LogTarget::Syslog => {
+            // SAFETY: the identity is a static NUL-terminated string that outlives the process's
+            // use of syslog.
+            unsafe { libc::openlog(c"cbtfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+            let _ = b
+                .with_writer(Syslog)
+                .with_ansi(false)
+                .without_time()
+                .try_init();
+        }
+    }
+    Ok(())
+}
+
+/// A tracing writer that sends each event to syslog at its level.
+struct Syslog;
+struct SyslogLine {
+    prio: i32,
+    buf: Vec<u8>,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Syslog {
+    type Writer = SyslogLine;
+    fn make_writer(&'a self) -> SyslogLine {
+        SyslogLine {
+            prio: libc::LOG_INFO,
+            buf: Vec::new(),
+        }
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SyslogLine {
+        let prio = match *meta.level() {
+            tracing::Level::ERROR => libc::LOG_ERR,
+            tracing::Level::WARN => libc::LOG_WARNING,
+            tracing::Level::INFO => libc::LOG_INFO,
+            tracing::Level::DEBUG | tracing::Level::TRACE => libc::LOG_DEBUG,
+        };
+        SyslogLine {
+            prio,
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl Write for SyslogLine {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for SyslogLine {
+    fn drop(&mut self) {
+        let text: Vec<u8> = self.buf.iter().copied().filter(|&c| c != 0).collect();
+        if let Ok(c) = CString::new(String::from_utf8_lossy(&text).trim_end().to_string()) {
+            // SAFETY: "%s" with one valid C string argument.
+            unsafe { libc::syslog(self.prio, c"%s".as_ptr(), c.as_ptr()) };
+        }
+    }
+}
+
+/// Mount `repo` at `mountpoint`; returns when unmounted (foreground) or once mounted (parent
+/// of a background daemon).
+pub fn mount(repo: &Path, mountpoint: &Path, foreground: bool, opts: MountOptions) -> Result<()> {
+    let repo_path = std::fs::canonicalize(repo)
+        .with_context(|| format!("repository {}", repo.display()))?;
+    let repository = Repository::open(&repo_path)?;
+    let mp = prepare_mountpoint(mountpoint)?;
+    raise_fd_limit();
+    if foreground {
+        init_logging(LogTarget::Stderr)?;
+        return serve(repository, &mp, &opts, &|| {});
+    }
+    let log_file = opts.log_file.as_ref().map(|p| absolute(p)).transpose()?;
+
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors into a valid array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe");
+    }
+    // SAFETY: both descriptors were just created by pipe2 and are owned here only.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no thread has been started yet (the mount's threads start in the child), so fork
+    // is safe; the child continues with a single thread.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()).context("fork"),
+        0 => {
+            drop(rd);
+            // SAFETY: setsid and chdir take no pointers we do not own; the child detaches from
+            // the terminal session and the caller's working directory.
+            unsafe {
+                libc::setsid();
+                libc::chdir(c"/".as_ptr());
+            }
+            let target = match log_file {
+                Some(p) => LogTarget::File(p),
+                None => LogTarget::Syslog,
+            };
+            // Written once: "ok" when mounted (then closed, so the parent sees EOF), or the error.
+            let report = std::cell::RefCell::new(Some(std::fs::File::from(wr)));
+            let ready = || {
+                if let Some(mut f) = report.borrow_mut().take() {
+                    let _ = f.write_all(b"ok");
+                }
+            };
+            let code = match init_logging(target)
+                .and_then(|_| redirect_stdio())
+                .and_then(|_| serve(repository, &mp, &opts, &ready))
+            {
+                Ok(()) => 0,
+                Err(e) => {
+                    if let Some(mut f) = report.borrow_mut().take() {
+                        let _ = write!(f, "error: {e:#}");
+                    }
+                    tracing::error!("{e:#}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        _child => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(rd).read_to_string(&mut msg);
+            if msg.starts_with("ok") {
+                Ok(())
+            } else if let Some(e) = msg.strip_prefix("error: ") {
+                bail!("{e}")
+            } else {
+                bail!("the cbtfs daemon exited before the mount was ready; see the system log")
+            }
+        }
+    }
+}
+
+fn redirect_stdio() -> Result<()> {
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors from a valid open file.
+        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+    }
+    Ok(())
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialize and fill a sigset_t we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Mount and serve until a signal or an outside unmount.
+fn serve(
+    repo: Repository,
+    mp: &Path,
+    opts: &MountOptions,
+    ready: &dyn Fn(),
+) -> Result<()> {
+    let set = signal_set();
+    // SAFETY: blocking signals in this (only) thread before the mount's threads start, so they
+    // inherit the mask and the signals wait for sigtimedwait below.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+
+    let started = std::time::Instant::now();
+    let fs = CbtFs::new(repo.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut options = vec![
+        MountOption::FSName(repo.root().display().to_string()),
+        MountOption::Subtype("cbtfs".into()),
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+    ];
+    options.extend(opts.flags.iter().filter_map(|f| flag_option(f)));
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else if opts.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(2);
+    config.clone_fd = true;
+    let session = fuser::spawn_mount(FuseAdapter::new(fs), mp, &config)
+        .with_context(|| format!("mounting {} on {}", repo.root().display(), mp.display()))?;
+    raise_readahead(mp);
+    tracing::info!(repository = %repo.root().display(), mountpoint = %mp.display(), ms = started.elapsed().as_millis() as u64, max_read = MAX_READ, "mounted");
+    ready();
+
+    let timeout = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 250_000_000,
+    };
+    loop {
+        if session.guard.is_finished() {
+            tracing::info!(mountpoint = %mp.display(), "unmounted from outside; exiting");
+            return session.join().context("the filesystem thread failed");
+        }
+        // SAFETY: waits for one of the blocked signals, with a valid set and timeout.
+        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+        if sig > 0 {
+            tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting");
+            break;
+        }
+    }
+    if let Err(e) = detach_or_unmount(mp) {
+        tracing::warn!(error = %e, "unmount failed");
+    }
+    // Serve whatever still holds the detached mount until it is released.
+    while !session.guard.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    session.join().context("the filesystem thread failed")
+}
+
+/// Unmount; if busy, detach lazily so the name disappears now and the last user ends it.
+fn detach_or_unmount(mp: &Path) -> Result<()> {
+    let c = CString::new(mp.as_os_str().as_bytes())?;
+    // SAFETY: geteuid has no preconditions; umount2 gets a valid NUL-terminated path.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    if !root {
+        let st = std::process::Command::new("fusermount3").arg("-u").arg(mp).status();
+        if matches!(st, Ok(s) if s.success()) {
+            return Ok(());
+        }
+    }
+    tracing::warn!(mountpoint = %mp.display(), "mount point busy: detached; open files are served until closed");
+    detach(mp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_on_unescaped_commas() {
+        assert_eq!(split_options("a,b\\,c,,d"), vec!["a", "b,c", "d"]);
+        assert_eq!(split_options(""), Vec::<String>::new());
+    }
+
+    #[test]
+    fn fstab_options_are_tolerated_and_unknown_refused() {
+        let o = parse_options(&["ro,noauto,_netdev,nofail,x-systemd.automount,user,nodev,allow_other".into()]).unwrap();
+        assert!(o.allow_other);
+        assert_eq!(o.flags, vec!["nodev"]);
+        assert!(parse_options(&["rw".into()]).is_err());
+        let e = parse_options(&["bogus".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown mount option `bogus`"), "{e}");
+        assert!(parse_options(&["allow_other,allow_root".into()]).is_err());
+        let o = parse_options(&["log_file=/tmp/a\\,b.log".into()]).unwrap();
+        assert_eq!(o.log_file, Some(PathBuf::from("/tmp/a,b.log")));
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
+    }
+}
