@@ -176,7 +176,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = crate::mount::parse_options(&options)?;
             crate::mount::mount(&repo, &mountpoint, foreground, opts)?
         }
-        Command::Demo { dir } => crate::demo::run_demo(&dir.unwrap_or_else(crate::demo::default_dir))?,
+        Command::Demo { dir } => {
+            crate::demo::run_demo(&dir.unwrap_or_else(crate::demo::default_dir))?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -175,7 +175,10 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         }
         let script = dir.join("debugfs.cmds");
         fs::File::create(&script)?.write_all(cmds.as_bytes())?;
-        run("debugfs", &["-w", "-f", &script.display().to_string(), &img])?;
+        run(
+            "debugfs",
+            &["-w", "-f", &script.display().to_string(), &img],
+        )?;
         let changed = changed_blocks(&prev, &image)?;
         let size = fs::metadata(&image)?.len();
         let b64 = bitmap::encode_base64(&changed, crate::blocks_for(size));

@@ -154,10 +154,7 @@ impl Snapshot {
         let by_uuid_ino = s.unique(ino_of("by-uuid"));
         let mut newest_all = 0;
         for vm in &tree.vms {
-            let vm_ino = s.unique(ino_of(&format!(
-                "vm:{}",
-                vm.uuid.as_deref().unwrap_or("-")
-            )));
+            let vm_ino = s.unique(ino_of(&format!("vm:{}", vm.uuid.as_deref().unwrap_or("-"))));
             let mut vm_children = BTreeMap::new();
             let mut vm_newest = 0;
             for disk in &vm.disks {
@@ -324,7 +321,9 @@ impl CbtFs {
         }
         match self.rescan() {
             Ok(()) => *scanned = Instant::now(),
-            Err(e) => tracing::warn!(error = %e, "rescanning the repository failed; serving the previous view"),
+            Err(e) => {
+                tracing::warn!(error = %e, "rescanning the repository failed; serving the previous view")
+            }
         }
     }
 
@@ -369,7 +368,12 @@ impl CbtFs {
         let NodeData::Point { set, seq } = &node.data else {
             return Err(FsError::IsDir);
         };
-        if let Some(r) = self.readers.lock().ok().and_then(|mut c| c.get(&ino).cloned()) {
+        if let Some(r) = self
+            .readers
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(&ino).cloned())
+        {
             return Ok(r);
         }
         let r = PointReader::open_cached(&self.repo, set, *seq, &self.layers).map_err(|e| {
@@ -614,16 +618,27 @@ mod tests {
     fn tree_reads_seeks_and_errors() {
         let (_d, fs, data) = fixture();
         let dir = fs.opendir(ROOT_INO).unwrap();
-        let names: Vec<String> = fs.readdir(dir, 0).unwrap().iter().map(|e| e.name.clone()).collect();
+        let names: Vec<String> = fs
+            .readdir(dir, 0)
+            .unwrap()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
         assert_eq!(names, vec![".", "..", "by-uuid", "no-vm"]);
         let set = walk(&fs, "no-vm/root/20270115T080000Z");
         assert_eq!(set.kind, Kind::Dir);
         let f = walk(&fs, "no-vm/root/20270115T080000Z/20270115T080000Z.raw");
-        assert_eq!((f.kind, f.size, f.perm), (Kind::File, data.len() as u64, 0o444));
+        assert_eq!(
+            (f.kind, f.size, f.perm),
+            (Kind::File, data.len() as u64, 0o444)
+        );
         assert_eq!(f.blocks, BLOCK_SIZE / 512, "one stored block");
         assert!(f.immutable);
         let l = walk(&fs, "no-vm/root/latest.raw");
-        assert_eq!(fs.readlink(l.ino).unwrap(), "20270115T080000Z/20270115T080000Z.raw");
+        assert_eq!(
+            fs.readlink(l.ino).unwrap(),
+            "20270115T080000Z/20270115T080000Z.raw"
+        );
         let b = walk(&fs, "by-uuid/11111111-2222-4333-8444-555555555555");
         assert_eq!(fs.readlink(b.ino).unwrap(), "../no-vm/root");
 
@@ -635,12 +650,21 @@ mod tests {
         let mut tail = vec![0u8; 100];
         assert_eq!(fs.read(fh, data.len() as u64 - 10, &mut tail).unwrap(), 10);
         assert_eq!(fs.seek(fh, 0, libc::SEEK_DATA).unwrap(), BLOCK_SIZE);
-        assert_eq!(fs.seek(fh, BLOCK_SIZE, libc::SEEK_HOLE).unwrap(), 2 * BLOCK_SIZE);
-        assert!(matches!(fs.seek(fh, 3 * BLOCK_SIZE, libc::SEEK_DATA), Err(FsError::NoDataAfter)));
+        assert_eq!(
+            fs.seek(fh, BLOCK_SIZE, libc::SEEK_HOLE).unwrap(),
+            2 * BLOCK_SIZE
+        );
+        assert!(matches!(
+            fs.seek(fh, 3 * BLOCK_SIZE, libc::SEEK_DATA),
+            Err(FsError::NoDataAfter)
+        ));
         assert_eq!(FsError::NoDataAfter.errno(), libc::ENXIO);
         fs.release(fh);
         assert!(matches!(fs.read(fh, 0, &mut tail), Err(FsError::BadHandle)));
-        assert!(matches!(fs.lookup(ROOT_INO, "nope"), Err(FsError::NotFound)));
+        assert!(matches!(
+            fs.lookup(ROOT_INO, "nope"),
+            Err(FsError::NotFound)
+        ));
         assert!(matches!(fs.lookup(f.ino, "x"), Err(FsError::NotDir)));
     }
 

@@ -221,6 +221,15 @@ impl Filesystem for FuseAdapter {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let (total, free, files) = self.fs.statfs();
         let bsize = 1u64 << 16;
-        reply.statfs(total / bsize, free / bsize, free / bsize, files, 0, bsize as u32, 255, bsize as u32);
+        reply.statfs(
+            total / bsize,
+            free / bsize,
+            free / bsize,
+            files,
+            0,
+            bsize as u32,
+            255,
+            bsize as u32,
+        );
     }
 }

@@ -159,16 +159,25 @@ fn detach(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What a FUSE mount whose daemon died answers: "not connected" or "connection aborted".
+fn is_dead_mount_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+    )
+}
+
 /// Check the mount point; recover it if a dead cbtfs left a stale mount there.
 fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
     match std::fs::metadata(mp) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if is_dead_mount_error(&e) => {
             let abs = absolute(mp)?;
             eprintln!(
                 "cbtfs: {} was left mounted by a process that no longer runs; detaching it",
                 abs.display()
             );
-            detach(&abs).with_context(|| format!("detaching the stale mount at {}", abs.display()))?;
+            detach(&abs)
+                .with_context(|| format!("detaching the stale mount at {}", abs.display()))?;
             prepare_mountpoint(&abs)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
@@ -184,7 +193,7 @@ fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
                 // A dead FUSE daemon's mount may still answer stat from cached attributes;
                 // listing it tells.
                 let dead = fstype.starts_with("fuse")
-                    && matches!(std::fs::read_dir(&abs), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+                    && matches!(std::fs::read_dir(&abs), Err(e) if is_dead_mount_error(&e));
                 if dead {
                     eprintln!(
                         "cbtfs: {} was left mounted by a process that no longer runs; detaching it",
@@ -232,13 +241,17 @@ pub fn raise_fd_limit() {
 /// 1 MiB requests (fuser cannot raise it; the kernel default gives 128 KiB).
 fn raise_readahead(mp: &Path) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(md) = std::fs::metadata(mp) else { return };
+    let Ok(md) = std::fs::metadata(mp) else {
+        return;
+    };
     let dev = md.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     match std::fs::write(&path, "4096") {
         Ok(()) => tracing::debug!(%path, "readahead set to 4 MiB"),
-        Err(e) => tracing::debug!(%path, error = %e, "cannot raise readahead (needs root); reads stay at the kernel's default size"),
+        Err(e) => {
+            tracing::debug!(%path, error = %e, "cannot raise readahead (needs root); reads stay at the kernel's default size")
+        }
     }
 }
 
@@ -252,7 +265,9 @@ enum LogTarget {
 fn init_logging(target: LogTarget) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match target {
         LogTarget::Stderr => {
             use std::io::IsTerminal;
@@ -336,8 +351,8 @@ impl Drop for SyslogLine {
 /// Mount `repo` at `mountpoint`; returns when unmounted (foreground) or once mounted (parent
 /// of a background daemon).
 pub fn mount(repo: &Path, mountpoint: &Path, foreground: bool, opts: MountOptions) -> Result<()> {
-    let repo_path = std::fs::canonicalize(repo)
-        .with_context(|| format!("repository {}", repo.display()))?;
+    let repo_path =
+        std::fs::canonicalize(repo).with_context(|| format!("repository {}", repo.display()))?;
     let repository = Repository::open(&repo_path)?;
     let mp = prepare_mountpoint(mountpoint)?;
     raise_fd_limit();
@@ -408,7 +423,10 @@ pub fn mount(repo: &Path, mountpoint: &Path, foreground: bool, opts: MountOption
 }
 
 fn redirect_stdio() -> Result<()> {
-    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
     use std::os::fd::AsRawFd;
     for fd in 0..3 {
         // SAFETY: dup2 onto the standard descriptors from a valid open file.
@@ -430,12 +448,7 @@ fn signal_set() -> libc::sigset_t {
 }
 
 /// Mount and serve until a signal or an outside unmount.
-fn serve(
-    repo: Repository,
-    mp: &Path,
-    opts: &MountOptions,
-    ready: &dyn Fn(),
-) -> Result<()> {
+fn serve(repo: Repository, mp: &Path, opts: &MountOptions, ready: &dyn Fn()) -> Result<()> {
     let set = signal_set();
     // SAFETY: blocking signals in this (only) thread before the mount's threads start, so they
     // inherit the mask and the signals wait for sigtimedwait below.
@@ -502,7 +515,10 @@ fn detach_or_unmount(mp: &Path) -> Result<()> {
         return Ok(());
     }
     if !root {
-        let st = std::process::Command::new("fusermount3").arg("-u").arg(mp).status();
+        let st = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(mp)
+            .status();
         if matches!(st, Ok(s) if s.success()) {
             return Ok(());
         }
@@ -523,7 +539,10 @@ mod tests {
 
     #[test]
     fn fstab_options_are_tolerated_and_unknown_refused() {
-        let o = parse_options(&["ro,noauto,_netdev,nofail,x-systemd.automount,user,nodev,allow_other".into()]).unwrap();
+        let o = parse_options(&[
+            "ro,noauto,_netdev,nofail,x-systemd.automount,user,nodev,allow_other".into(),
+        ])
+        .unwrap();
         assert!(o.allow_other);
         assert_eq!(o.flags, vec!["nodev"]);
         assert!(parse_options(&["rw".into()]).is_err());

@@ -95,7 +95,11 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
     let data = match p.data() {
         Ok(d) => d.clone(),
         Err(e) => {
-            push(None, &p.data_location, format!("data file cannot be opened: {e}"));
+            push(
+                None,
+                &p.data_location,
+                format!("data file cannot be opened: {e}"),
+            );
             return;
         }
     };

@@ -207,6 +207,9 @@ impl std::fmt::Debug for StoredPoint {
     }
 }
 
+/// Parsed manifests by key, with the (inode, length) of the file they came from.
+type ManifestCache = HashMap<String, (u64, u64, PointManifest)>;
+
 /// An open repository.
 #[derive(Debug, Clone)]
 pub struct Repository {
@@ -215,7 +218,7 @@ pub struct Repository {
     pub header: RepoHeader,
     /// Parsed manifests by key, with the (inode, length) they were read from: manifests never
     /// change once committed, so a mount rescanning the repository reads only new ones.
-    manifests: Arc<std::sync::Mutex<HashMap<String, (u64, u64, PointManifest)>>>,
+    manifests: Arc<std::sync::Mutex<ManifestCache>>,
 }
 
 /// Is `s` a plausible VDI uuid (it becomes a directory name, so nothing else is accepted)?
@@ -419,7 +422,8 @@ impl Repository {
                         Ok(m)
                     }
                 });
-            if let (Ok(m), Ok((ino, len)), Ok(mut cache)) = (&parsed, ident, self.manifests.lock()) {
+            if let (Ok(m), Ok((ino, len)), Ok(mut cache)) = (&parsed, ident, self.manifests.lock())
+            {
                 cache.insert(k.clone(), (ino, len, m.clone()));
             }
             found.push((seq, parsed, loc));

@@ -124,3 +124,144 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// One step of a disk's life: the image at the snapshot and the blocks CBT reports.
+pub struct Step {
+    pub image: Vec<u8>,
+    /// None: a new full base (new set).
+    pub bitmap: Option<Vec<u64>>,
+    /// Bitmap length in blocks (≥ the disk's blocks: longer is legal).
+    pub bitmap_blocks: u64,
+}
+
+fn random_size(rng: &mut TestRng) -> usize {
+    let blocks = 1 + rng.below(40) as usize;
+    blocks * BS
+        - if rng.below(3) == 0 {
+            512 * (1 + rng.below(127) as usize)
+        } else {
+            0
+        }
+}
+
+fn random_block(rng: &mut TestRng, buf: &mut [u8]) {
+    match rng.below(10) {
+        0..=1 => buf.fill(0),
+        2 => {
+            // A partial write inside the block.
+            let a = rng.below(buf.len() as u64) as usize;
+            let b = a + rng.below((buf.len() - a) as u64 + 1) as usize;
+            rng.fill(&mut buf[a..b]);
+        }
+        _ => rng.fill(buf),
+    }
+}
+
+/// A random life of a disk: a base, then changes, resizes and occasional new bases.
+pub fn life(seed: u64, depth: usize) -> Vec<Step> {
+    let mut rng = TestRng::new(seed);
+    let mut image = vec![0u8; random_size(&mut rng)];
+    for c in image.chunks_mut(BS) {
+        if rng.below(3) != 0 {
+            random_block(&mut rng, c);
+        }
+    }
+    let mut steps = vec![Step {
+        image: image.clone(),
+        bitmap: None,
+        bitmap_blocks: 0,
+    }];
+    for _ in 1..depth {
+        if rng.below(25) == 0 {
+            for c in image.chunks_mut(BS) {
+                if rng.below(4) == 0 {
+                    random_block(&mut rng, c);
+                }
+            }
+            steps.push(Step {
+                image: image.clone(),
+                bitmap: None,
+                bitmap_blocks: 0,
+            });
+            continue;
+        }
+        let mut changed = Vec::new();
+        if rng.below(8) == 0 {
+            // Resize (XenServer only grows, but the format must not care).
+            let new = random_size(&mut rng);
+            let old = image.len();
+            image.resize(new, 0);
+            if new > old {
+                // Growth: the new area is marked, as CBT would, when written.
+                for b in (old / BS)..new.div_ceil(BS) {
+                    match rng.below(3) {
+                        0 => changed.push(b as u64),
+                        // Data past the old end that no bitmap marks: import must still
+                        // take it, since no older point can hold it.
+                        1 if b * BS >= old => {
+                            let end = ((b + 1) * BS).min(new);
+                            rng.fill(&mut image[b * BS..end]);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let nblocks = image.len().div_ceil(BS) as u64;
+        for _ in 0..rng.below(6) {
+            changed.push(rng.below(nblocks));
+        }
+        for &b in &changed {
+            let b = b as usize;
+            let end = ((b + 1) * BS).min(image.len());
+            random_block(&mut rng, &mut image[b * BS..end]);
+        }
+        if rng.below(4) == 0 {
+            // CBT may over-report: a marked block can be unchanged.
+            changed.push(rng.below(nblocks));
+        }
+        changed.sort();
+        changed.dedup();
+        let extra = if rng.below(5) == 0 {
+            1 + rng.below(20)
+        } else {
+            0
+        };
+        steps.push(Step {
+            image: image.clone(),
+            bitmap: Some(changed),
+            bitmap_blocks: nblocks + extra,
+        });
+    }
+    steps
+}
+
+/// Import a life into a new repository at `repo` (library calls: fast). Returns the vdi.
+pub fn import_life(dir: &Path, repo: &Path, steps: &[Step], seed: u64) -> String {
+    let r = cbtfs::repo::Repository::init(repo).unwrap();
+    let v = vdi(seed as u32);
+    let img = dir.join("life.img");
+    for (i, st) in steps.iter().enumerate() {
+        std::fs::write(&img, &st.image).unwrap();
+        let bitmap = st.bitmap.as_ref().map(|bits| {
+            let p = write_bitmap(dir, "life.bm", bits, st.bitmap_blocks);
+            (std::fs::read_to_string(p).unwrap(), "bm".to_string())
+        });
+        cbtfs::import::import_raw(
+            &r,
+            &cbtfs::import::ImportRequest {
+                vdi: v.clone(),
+                disk_name: Some("disk".into()),
+                vm_uuid: None,
+                vm_name: None,
+                raw: img.clone(),
+                bitmap,
+                time: cbtfs::timefmt::parse(&time(i as u64)).unwrap(),
+            },
+            |_, _| {},
+        )
+        .unwrap();
+    }
+    std::fs::remove_file(&img).unwrap();
+    v
+}

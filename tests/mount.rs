@@ -1,0 +1,818 @@
+//! The mount through a real kernel FUSE mount: contents, holes, guest filesystems, concurrency,
+//! damage, live updates, lifecycle and `mount -t cbtfs`. Needs root and /dev/fuse (CI has both).
+
+mod common;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn can_mount() -> bool {
+    if !is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipped: needs root and /dev/fuse");
+        return false;
+    }
+    true
+}
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `cbtfs mount -f`, unmounted (SIGTERM) when dropped.
+struct Mounted {
+    mp: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mounted {
+    fn new(repo: &Path, mp: &Path, extra: &[&str]) -> Mounted {
+        std::fs::create_dir_all(mp).unwrap();
+        let mp = std::fs::canonicalize(mp).unwrap();
+        let log = mp.with_extension("log");
+        let mut child = Command::new(bin())
+            .args(["mount", "-f", s(repo), s(&mp)])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while cbtfs::mount::mounted_fstype(&mp).is_none() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "cbtfs mount exited ({st}): {}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "mount not ready");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Mounted {
+            mp,
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill with a valid pid of our child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("cbtfs mount did not exit on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        if cbtfs::mount::mounted_fstype(&self.mp).is_some() {
+            let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
+        }
+    }
+}
+
+/// Every point's path in the mount, in order (from `cbtfs ls --json`).
+fn point_paths(repo: &Path) -> Vec<String> {
+    let j: serde_json::Value = serde_json::from_str(&ok(&["ls", s(repo), "--json"])).unwrap();
+    let mut out = Vec::new();
+    for vm in j["vms"].as_array().unwrap() {
+        for d in vm["disks"].as_array().unwrap() {
+            for set in d["sets"].as_array().unwrap() {
+                for p in set["points"].as_array().unwrap() {
+                    out.push(format!("{}.raw", p["path"].as_str().unwrap()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn every_point_of_random_chains_reads_exactly_through_the_mount() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let steps = life(4242, 200);
+    import_life(d.path(), &repo, &steps, 4242);
+    let m = Mounted::new(&repo, &d.path().join("mnt"), &[]);
+    let paths = point_paths(&repo);
+    assert_eq!(paths.len(), steps.len());
+    let refimg = d.path().join("ref.raw");
+    for (i, (p, st)) in paths.iter().zip(&steps).enumerate() {
+        let f = m.mp.join(p);
+        assert_eq!(std::fs::metadata(&f).unwrap().len(), st.image.len() as u64);
+        assert!(
+            std::fs::read(&f).unwrap() == st.image,
+            "point {i} ({p}) differs"
+        );
+        if i % 20 == 0 || i + 1 == steps.len() {
+            std::fs::write(&refimg, &st.image).unwrap();
+            run(
+                "qemu-img",
+                &["compare", "-q", "-f", "raw", "-F", "raw", s(&f), s(&refimg)],
+            );
+        }
+    }
+    // Reads at odd offsets and lengths, across blocks and the end.
+    let last = &steps.last().unwrap().image;
+    let f = File::open(m.mp.join(paths.last().unwrap())).unwrap();
+    let mut rng = TestRng::new(5);
+    for _ in 0..200 {
+        let off = rng.below(last.len() as u64 + 10);
+        let mut buf = vec![0u8; rng.below(300_000) as usize];
+        let n = f.read_at(&mut buf, off).unwrap();
+        let end = (off as usize + buf.len()).min(last.len()).max(off as usize);
+        assert_eq!(n, end.saturating_sub(off as usize));
+        assert!(buf[..n] == last[off as usize..off as usize + n]);
+    }
+}
+
+#[test]
+fn holes_show_to_cp_and_qemu_img_and_convert_round_trips() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    ok(&["init", s(&repo)]);
+    let v = vdi(20);
+    let mut data = vec![0u8; 256 * BS];
+    let mut rng = TestRng::new(20);
+    for b in [0usize, 1, 2, 50, 100, 101, 255] {
+        rng.fill(&mut data[b * BS..(b + 1) * BS]);
+    }
+    let img = d.path().join("img");
+    std::fs::write(&img, &data).unwrap();
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    let m = Mounted::new(&repo, &d.path().join("mnt"), &[]);
+    let f = m.mp.join("by-uuid").join(&v).join("latest.raw");
+
+    let copy = d.path().join("copy.raw");
+    run("cp", &["--sparse=always", s(&f), s(&copy)]);
+    assert!(std::fs::read(&copy).unwrap() == data);
+    assert!(
+        allocated(&copy) <= 8 * BS as u64,
+        "cp --sparse made {} bytes",
+        allocated(&copy)
+    );
+
+    // qemu-img map asks SEEK_DATA/SEEK_HOLE: it must see exactly the 7 data blocks.
+    let map: serde_json::Value = serde_json::from_str(&run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", s(&f)],
+    ))
+    .unwrap();
+    let mut data_bytes = 0;
+    for e in map.as_array().unwrap() {
+        if e["data"].as_bool().unwrap() {
+            data_bytes += e["length"].as_u64().unwrap();
+            let start = e["start"].as_u64().unwrap() as usize / BS;
+            assert!(
+                [0, 50, 100, 255].contains(&start),
+                "data extent at block {start}"
+            );
+        }
+    }
+    assert_eq!(data_bytes, 7 * BS as u64);
+    let st = std::fs::metadata(&f).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        st.blocks() * 512,
+        7 * BS as u64,
+        "st_blocks counts stored data only"
+    );
+
+    let q = d.path().join("p.qcow2");
+    let back = d.path().join("back.raw");
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "qcow2", s(&f), s(&q)],
+    );
+    run("qemu-img", &["convert", "-O", "raw", s(&q), s(&back)]);
+    assert!(std::fs::read(&back).unwrap() == data);
+}
+
+/// Blocks that differ between two images: what CBT would report.
+fn diff_blocks(a: &[u8], b: &[u8]) -> Vec<u64> {
+    (0..b.len().div_ceil(BS))
+        .filter(|&i| {
+            let r = i * BS..((i + 1) * BS).min(b.len());
+            a.get(r.clone()) != b.get(r)
+        })
+        .map(|i| i as u64)
+        .collect()
+}
+
+#[test]
+fn guest_ext4_files_at_each_point_through_a_loop_mount() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let tree = dp.join("tree");
+    std::fs::create_dir_all(tree.join("docs")).unwrap();
+    std::fs::write(tree.join("docs/a.txt"), "version 0\n").unwrap();
+    std::fs::write(tree.join("keep.txt"), "unchanged\n").unwrap();
+    let img = dp.join("guest.img");
+    run("mkfs.ext4", &["-q", "-F", "-d", s(&tree), s(&img), "64M"]);
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let v = vdi(21);
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--name",
+        "guest",
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    let mut expected = vec![vec![
+        ("docs/a.txt", Some("version 0\n")),
+        ("docs/b.txt", None),
+    ]];
+    for (step, (a, b)) in [("version 1\n", Some("new file\n")), ("version 2\n", None)]
+        .into_iter()
+        .enumerate()
+    {
+        let before = std::fs::read(&img).unwrap();
+        let local = dp.join("local");
+        std::fs::write(&local, a).unwrap();
+        let mut cmds = format!("rm /docs/a.txt\nwrite {} /docs/a.txt\n", s(&local));
+        match b {
+            Some(text) => {
+                let lb = dp.join("localb");
+                std::fs::write(&lb, text).unwrap();
+                cmds.push_str(&format!("write {} /docs/b.txt\n", s(&lb)));
+            }
+            None => cmds.push_str("rm /docs/b.txt\n"),
+        }
+        std::fs::write(dp.join("cmds"), cmds).unwrap();
+        run("debugfs", &["-w", "-f", s(&dp.join("cmds")), s(&img)]);
+        let after = std::fs::read(&img).unwrap();
+        let bm = write_bitmap(
+            dp,
+            "bm",
+            &diff_blocks(&before, &after),
+            (after.len() / BS) as u64,
+        );
+        ok(&[
+            "import",
+            s(&repo),
+            "--vdi",
+            &v,
+            "--raw",
+            s(&img),
+            "--bitmap",
+            s(&bm),
+            "--time",
+            &time(step as u64 + 1),
+        ]);
+        expected.push(vec![("docs/a.txt", Some(a)), ("docs/b.txt", b)]);
+    }
+    let m = Mounted::new(&repo, &dp.join("mnt"), &[]);
+    let paths = point_paths(&repo);
+    assert_eq!(paths.len(), 3);
+    for (p, want) in paths.iter().zip(&expected) {
+        let gm = dp.join("guest");
+        std::fs::create_dir_all(&gm).unwrap();
+        run("mount", &["-o", "loop,ro,noload", s(&m.mp.join(p)), s(&gm)]);
+        let check = (|| {
+            for (file, content) in want {
+                let got = std::fs::read_to_string(gm.join(file)).ok();
+                if got.as_deref() != *content {
+                    return Err(format!("{p}: {file} is {got:?}, want {content:?}"));
+                }
+            }
+            if std::fs::read_to_string(gm.join("keep.txt")).ok().as_deref() != Some("unchanged\n") {
+                return Err(format!("{p}: keep.txt changed"));
+            }
+            Ok(())
+        })();
+        run("umount", &[s(&gm)]);
+        check.unwrap();
+    }
+}
+
+#[test]
+fn concurrent_readers_while_points_are_added() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let v = vdi(22);
+    let blocks = 512; // 32 MiB
+    let mut data = vec![0u8; blocks * BS];
+    let mut rng = TestRng::new(22);
+    rng.fill(&mut data);
+    let img = dp.join("img");
+    std::fs::write(&img, &data).unwrap();
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    let mut truth = vec![data.clone()];
+    let m = Mounted::new(&repo, &dp.join("mnt"), &[]);
+    let first = m.mp.join(&point_paths(&repo)[0]);
+
+    let fio = Command::new("fio")
+        .args([
+            "--name=readers",
+            "--readonly",
+            "--rw=randread",
+            "--bs=64k",
+            "--numjobs=4",
+            "--ioengine=psync",
+            "--time_based",
+            "--runtime=4",
+            "--group_reporting",
+            &format!("--filename={}", s(&first)),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fio is installed (scripts/setup.sh)");
+
+    let base = truth[0].clone();
+    std::thread::scope(|sc| {
+        // A checking reader: point 0 must read the same while the set grows.
+        let reader = sc.spawn(|| {
+            let f = File::open(&first).unwrap();
+            let mut rng = TestRng::new(99);
+            let mut buf = vec![0u8; 3 * BS];
+            for _ in 0..300 {
+                let off = rng.below((blocks - 3) as u64 * BS as u64);
+                f.read_exact_at(&mut buf, off).unwrap();
+                assert!(buf == base[off as usize..off as usize + buf.len()]);
+            }
+        });
+        for step in 1..=10u64 {
+            let mut changed = Vec::new();
+            for _ in 0..20 {
+                let b = rng.below(blocks as u64);
+                rng.fill(&mut data[b as usize * BS..(b as usize + 1) * BS]);
+                changed.push(b);
+            }
+            changed.sort();
+            changed.dedup();
+            std::fs::write(&img, &data).unwrap();
+            let bm = write_bitmap(dp, "bm", &changed, blocks as u64);
+            ok(&[
+                "import",
+                s(&repo),
+                "--vdi",
+                &v,
+                "--raw",
+                s(&img),
+                "--bitmap",
+                s(&bm),
+                "--time",
+                &time(step),
+            ]);
+            truth.push(data.clone());
+            // The new point is there at once, and reads right.
+            let p = point_paths(&repo).pop().unwrap();
+            let got = std::fs::read(m.mp.join(&p)).unwrap();
+            assert!(got == data, "new point {p} reads wrong");
+        }
+        reader.join().unwrap();
+    });
+    let out = fio.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fio failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("err= 0"), "fio saw errors: {text}");
+    // Every point, old and new, still reads exactly.
+    let paths = point_paths(&repo);
+    assert_eq!(paths.len(), 11);
+    for (p, want) in paths.iter().zip(&truth) {
+        assert!(std::fs::read(m.mp.join(p)).unwrap() == *want, "{p}");
+    }
+    let latest = std::fs::read_link(
+        m.mp.join("no-vm")
+            .join(format!("disk-{}", &v[..8]))
+            .join("latest.raw"),
+    )
+    .unwrap();
+    assert!(
+        paths
+            .last()
+            .unwrap()
+            .ends_with(latest.file_name().unwrap().to_str().unwrap()),
+        "{latest:?}"
+    );
+}
+
+#[test]
+fn damaged_block_fails_only_its_range_and_is_logged() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let v = vdi(23);
+    let mut data = vec![0u8; 32 * BS];
+    TestRng::new(23).fill(&mut data);
+    let img = dp.join("img");
+    std::fs::write(&img, &data).unwrap();
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    // A second disk, undamaged.
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &vdi(24),
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    let set = std::fs::read_dir(repo.join("disks").join(&v))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let datafile = std::fs::read_dir(&set)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().unwrap() == "data")
+        .unwrap();
+    let mut bytes = std::fs::read(&datafile).unwrap();
+    bytes[10 * BS + 77] ^= 0x01;
+    std::fs::write(&datafile, bytes).unwrap();
+
+    let m = Mounted::new(&repo, &dp.join("mnt"), &[]);
+    let f = File::open(m.mp.join("by-uuid").join(&v).join("latest.raw")).unwrap();
+    let mut buf = vec![0u8; BS];
+    f.read_exact_at(&mut buf, 9 * BS as u64).unwrap();
+    assert!(buf == data[9 * BS..10 * BS]);
+    let e = f.read_exact_at(&mut buf, 10 * BS as u64).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let mut small = vec![0u8; 512];
+    let e = f
+        .read_exact_at(&mut small, 10 * BS as u64 + 4096)
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    f.read_exact_at(&mut buf, 11 * BS as u64).unwrap();
+    assert!(buf == data[11 * BS..12 * BS]);
+    f.read_exact_at(&mut small, 10 * BS as u64 - 512).unwrap();
+    assert!(small == data[10 * BS - 512..10 * BS]);
+    // Reading the whole file stops at the damage; the rest of the mount serves on.
+    let mut all = Vec::new();
+    assert!(
+        File::open(m.mp.join("by-uuid").join(&v).join("latest.raw"))
+            .unwrap()
+            .read_to_end(&mut all)
+            .is_err()
+    );
+    assert!(std::fs::read(m.mp.join("by-uuid").join(vdi(24)).join("latest.raw")).unwrap() == data);
+    let log = m.log();
+    assert!(
+        log.contains("damaged block") && log.contains("block=10") && log.contains(&v),
+        "log: {log}"
+    );
+}
+
+#[test]
+fn removed_set_disappears_while_open_files_keep_reading() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let v = vdi(25);
+    let mut data = vec![0u8; 16 * BS];
+    TestRng::new(25).fill(&mut data);
+    let img = dp.join("img");
+    std::fs::write(&img, &data).unwrap();
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    let mut data2 = data.clone();
+    TestRng::new(26).fill(&mut data2);
+    std::fs::write(&img, &data2).unwrap();
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        &time(1),
+    ]);
+    let m = Mounted::new(&repo, &dp.join("mnt"), &[]);
+    let paths = point_paths(&repo);
+    let old = m.mp.join(&paths[0]);
+    let f = File::open(&old).unwrap();
+    let mut buf = vec![0u8; data.len()];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    // Remove the first set from the repository, as a prune would.
+    let set_dir = repo
+        .join("disks")
+        .join(&v)
+        .join(Path::new(&paths[0]).parent().unwrap().file_name().unwrap());
+    std::fs::remove_dir_all(&set_dir).unwrap();
+    let mut again = vec![0u8; data.len()];
+    f.read_exact_at(&mut again, 0).unwrap();
+    assert!(again == data, "an open file of a removed point changed");
+    let disk_dir = old.parent().unwrap().parent().unwrap().to_path_buf();
+    wait_for(
+        "the removed set to disappear",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_dir(&disk_dir)
+                .unwrap()
+                .all(|e| e.unwrap().path() != old.parent().unwrap())
+        },
+    );
+    assert!(std::fs::read(m.mp.join(&paths[1])).unwrap() == data2);
+}
+
+#[test]
+fn lifecycle_background_signals_stale_mounts_and_read_only() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let img = dp.join("img");
+    std::fs::write(&img, vec![1u8; 4 * BS]).unwrap();
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &vdi(27),
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    let mp = dp.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mp = std::fs::canonicalize(&mp).unwrap();
+    let daemon_pids = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                (cmd.contains(" mount ") && cmd.contains(s(&mp)) && cmd.contains("cbtfs"))
+                    .then_some(pid)
+            })
+            .collect()
+    };
+
+    // Background mode: returns once the mount is ready.
+    ok(&["mount", s(&repo), s(&mp)]);
+    assert_eq!(cbtfs::mount::mounted_fstype(&mp).as_deref(), Some("fuse"));
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info.lines().find(|l| l.contains(s(&mp))).unwrap();
+    assert!(!line.contains("allow_other"), "{line}");
+    assert_eq!(daemon_pids().len(), 1);
+    // Read-only, with EROFS.
+    for r in [
+        std::fs::write(mp.join("new"), b"x").err(),
+        std::fs::create_dir(mp.join("d")).err(),
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(mp.join("no-vm/disk-0000001b/latest.raw"))
+            .err(),
+    ] {
+        assert_eq!(r.and_then(|e| e.raw_os_error()), Some(libc::EROFS));
+    }
+    // A second mount there is refused clearly.
+    let (_, m) = fails(&["mount", s(&repo), s(&mp)]);
+    assert!(m.contains("already a mount point"), "{m}");
+    // umount ends the daemon.
+    run("umount", &[s(&mp)]);
+    wait_for(
+        "the daemon to exit after umount",
+        Duration::from_secs(10),
+        || daemon_pids().is_empty(),
+    );
+
+    // SIGTERM in the foreground unmounts and exits 0.
+    let mut m = Mounted::new(&repo, &mp, &["-o", "allow_other"]);
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        info.lines()
+            .any(|l| l.contains(s(&mp)) && l.contains("allow_other"))
+    );
+    let st = m.stop();
+    assert!(st.success(), "exit status {st}");
+    assert!(
+        cbtfs::mount::mounted_fstype(&mp).is_none(),
+        "still mounted after SIGTERM"
+    );
+    drop(m);
+
+    // kill -9 leaves a dead mount; the next cbtfs mount recovers it.
+    ok(&["mount", s(&repo), s(&mp)]);
+    for pid in daemon_pids() {
+        // SAFETY: kill with a pid read from /proc.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    wait_for("the daemon to die", Duration::from_secs(10), || {
+        daemon_pids().is_empty()
+    });
+    let dead = std::fs::read_dir(&mp).err().and_then(|e| e.raw_os_error());
+    assert!(
+        matches!(dead, Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)),
+        "{dead:?}"
+    );
+    let o = cbtfs(&["mount", s(&repo), s(&mp)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no longer runs"));
+    assert!(std::fs::read_dir(&mp).unwrap().count() > 0);
+    run("umount", &[s(&mp)]);
+    wait_for("the daemon to exit", Duration::from_secs(10), || {
+        daemon_pids().is_empty()
+    });
+
+    // Bad option and missing mount point: clear errors.
+    let (_, m) = fails(&["mount", s(&repo), s(&mp), "-o", "bogus"]);
+    assert!(m.contains("unknown mount option `bogus`"), "{m}");
+    let (_, m) = fails(&["mount", s(&repo), s(&dp.join("nope"))]);
+    assert!(m.contains("does not exist") && m.contains("mkdir"), "{m}");
+    let (_, m) = fails(&["mount", s(dp), s(&mp)]);
+    assert!(m.contains("not a cbtfs repository"), "{m}");
+}
+
+#[test]
+fn mount_t_cbtfs_and_fstab_through_the_helper() {
+    if !can_mount() {
+        return;
+    }
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helper/mount.cbtfs");
+    let installed = Path::new("/sbin/mount.cbtfs");
+    if !installed.exists() {
+        std::os::unix::fs::symlink(&helper, installed).unwrap();
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let img = dp.join("img");
+    let data = vec![9u8; 4 * BS];
+    std::fs::write(&img, &data).unwrap();
+    let v = vdi(28);
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    let mp = dp.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mp = std::fs::canonicalize(&mp).unwrap();
+
+    let mount = |args: &[&str]| {
+        let o = Command::new("mount")
+            .args(args)
+            .env("CBTFS_BIN", bin())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "mount {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    mount(&[
+        "-t",
+        "cbtfs",
+        "-o",
+        "ro,noauto,_netdev,nofail,x-systemd.automount,nodev",
+        s(&repo),
+        s(&mp),
+    ]);
+    assert!(std::fs::read(mp.join("by-uuid").join(&v).join("latest.raw")).unwrap() == data);
+    run("umount", &[s(&mp)]);
+    assert!(cbtfs::mount::mounted_fstype(&mp).is_none());
+
+    // An fstab line.
+    let fstab = dp.join("fstab");
+    std::fs::write(
+        &fstab,
+        format!("{} {} cbtfs noauto,_netdev,x-test 0 0\n", s(&repo), s(&mp)),
+    )
+    .unwrap();
+    mount(&["--fstab", s(&fstab), s(&mp)]);
+    assert!(std::fs::read(mp.join("by-uuid").join(&v).join("latest.raw")).unwrap() == data);
+    run("umount", &[s(&mp)]);
+
+    // The helper translates mount(8)'s calling convention without mounting (-f: fake).
+    let o = Command::new(&helper)
+        .args([
+            s(&repo),
+            s(&mp),
+            "-fv",
+            "-o",
+            "rw,noauto,allow_other,log_file=/tmp/a\\,b",
+        ])
+        .env("CBTFS_BIN", bin())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("-o allow_other,log_file=/tmp/a\\,b"),
+        "{said}"
+    );
+    assert!(!said.contains("noauto") && !said.contains("rw,"), "{said}");
+}
