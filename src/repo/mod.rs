@@ -79,6 +79,8 @@ pub const POINT_FORMAT: &str = "cbtfs-point";
 pub const POINT_VERSION: u64 = 1;
 const DISKS: &str = "disks";
 const LOCK_FILE: &str = "lock";
+/// How long a writer waits for the lock before saying who holds it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest disk a point can describe: block numbers are u32 (roaring bitmaps).
 pub const MAX_VIRTUAL_SIZE: u64 = (u32::MAX as u64) * BLOCK_SIZE;
 
@@ -542,7 +544,17 @@ impl Repository {
             .mode(store::FILE_MODE)
             .open(&path)
             .map_err(|e| RepoError::io("open lock file", &loc, e))?;
-        match f.try_lock() {
+        // A lock just released can stay held for a moment by a forked child that has not yet
+        // exec'd (it shares the open file description): wait briefly before giving up.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let mut locked = f.try_lock();
+        while matches!(locked, Err(std::fs::TryLockError::WouldBlock))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            locked = f.try_lock();
+        }
+        match locked {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut who = String::new();
