@@ -69,6 +69,11 @@ fn debugfs_cat(image: &Path, file: &str) -> Result<String> {
 }
 
 pub fn run_demo(dir: &Path) -> Result<()> {
+    let mnt = dir.join("mnt");
+    if crate::mount::mounted_fstype(&mnt).is_some() {
+        // A previous demo's mount: take it down before clearing the directory.
+        let _ = Command::new("umount").arg(&mnt).status();
+    }
     if dir.exists() {
         if !dir.join(MARKER).exists() && fs::read_dir(dir)?.next().is_some() {
             bail!(
@@ -228,11 +233,85 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         }
     }
     let _ = fs::remove_file(&out_img);
-    println!(
-        "== done. Explore it:\n   cbtfs ls {repo}\n   cbtfs export {repo} {VDI}@2026-11-19T02:00:00Z /tmp/day3.raw\n   cbtfs verify {repo}",
-        repo = repo_path.display()
-    );
+
+    println!("== the whole history, mounted: every restore point is a raw disk file");
+    fs::create_dir_all(&mnt)?;
+    let exe = std::env::current_exe()?;
+    let mounted = Command::new(&exe)
+        .args([
+            "mount",
+            &repo_path.display().to_string(),
+            &mnt.display().to_string(),
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if mounted {
+        for e in walk(&mnt, 0)? {
+            println!("   {e}");
+        }
+        let day3 = mnt.join("demo-vm/root/20261116T020000Z/20261119T020000Z.raw");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let guest = dir.join("guest");
+            fs::create_dir_all(&guest)?;
+            let ok = Command::new("mount")
+                .args(["-o", "loop,ro,noload"])
+                .arg(&day3)
+                .arg(&guest)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                let text = fs::read_to_string(guest.join("home/alice/report.txt"))
+                    .unwrap_or_else(|e| format!("({e})"));
+                println!(
+                    "== day 3's disk, loop-mounted from the mount: home/alice/report.txt = {:?}",
+                    text.trim_end()
+                );
+                let _ = Command::new("umount").arg(&guest).status();
+            }
+        }
+        println!(
+            "== done. Explore it:\n   ls -l {m}/demo-vm/root/*/\n   sudo mount -o loop,ro,noload {day3} /mnt\n   qemu-img info {m}/demo-vm/root/latest.raw\n   cbtfs ls {repo}; cbtfs verify {repo}\n   umount {m}    # when done",
+            m = mnt.display(),
+            day3 = day3.display(),
+            repo = repo_path.display()
+        );
+    } else {
+        println!(
+            "   (the mount needs FUSE: install fuse3, then `cbtfs mount {} {}`)",
+            repo_path.display(),
+            mnt.display()
+        );
+        println!(
+            "== done. Explore it:\n   cbtfs ls {repo}\n   cbtfs export {repo} {VDI}@2026-11-19T02:00:00Z /tmp/day3.raw\n   cbtfs verify {repo}",
+            repo = repo_path.display()
+        );
+    }
     Ok(())
+}
+
+/// The mount's tree, indented, for display.
+fn walk(dir: &Path, depth: usize) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = fs::read_dir(dir)?.filter_map(|e| e.ok()).collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ft = e.file_type()?;
+        let pad = "  ".repeat(depth);
+        if ft.is_symlink() {
+            let t = fs::read_link(e.path())?;
+            out.push(format!("{pad}{name} -> {}", t.display()));
+        } else if ft.is_dir() {
+            out.push(format!("{pad}{name}/"));
+            out.extend(walk(&e.path(), depth + 1)?);
+        } else {
+            out.push(format!("{pad}{name}  ({} MiB)", e.metadata()?.len() >> 20));
+        }
+    }
+    Ok(out)
 }
 
 /// Default demo directory.
