@@ -122,6 +122,8 @@ pub fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // Reading a deep chain may open one data file per point.
+    crate::raise_fd_limit();
     // The mount sets up its own logging (a daemon logs to syslog or a file).
     if !matches!(cli.command, Command::Mount { .. }) {
         let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")

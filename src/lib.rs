@@ -38,3 +38,18 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
         && tail.iter().all(|&b| b == 0)
 }
+
+/// Let the process hold one descriptor per stored point in use (sets may hold 1,000 points).
+pub fn raise_fd_limit() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write to and read from a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
+}

@@ -222,21 +222,6 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     Ok(std::env::current_dir()?.join(p))
 }
 
-/// Let the process hold one descriptor per stored point in use (sets may hold 1,000 points).
-pub fn raise_fd_limit() {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit write to and read from a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
-            rl.rlim_cur = rl.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
-        }
-    }
-}
-
 /// Ask for 4 MiB readahead on the mount's backing device info, so sequential readers get
 /// 1 MiB requests (fuser cannot raise it; the kernel default gives 128 KiB).
 fn raise_readahead(mp: &Path) {
@@ -355,7 +340,7 @@ pub fn mount(repo: &Path, mountpoint: &Path, foreground: bool, opts: MountOption
         std::fs::canonicalize(repo).with_context(|| format!("repository {}", repo.display()))?;
     let repository = Repository::open(&repo_path)?;
     let mp = prepare_mountpoint(mountpoint)?;
-    raise_fd_limit();
+    crate::raise_fd_limit();
     if foreground {
         init_logging(LogTarget::Stderr)?;
         return serve(repository, &mp, &opts, &|| {});
