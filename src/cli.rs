@@ -95,8 +95,9 @@ enum Command {
         /// syslog, or to log_file=FILE).
         #[arg(short, long)]
         foreground: bool,
-        /// Mount options: allow_other, allow_root, log_file=FILE, nodev, nosuid, noexec,
-        /// noatime; fstab's ro/noauto/user/_netdev/nofail/x-* are accepted and ignored.
+        /// Mount options: allow_other, allow_root, log_file=FILE, threads=N (default 2), nodev,
+        /// nosuid, noexec, noatime; fstab's ro/noauto/user/_netdev/nofail/x-* are accepted and
+        /// ignored.
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
     },

@@ -22,12 +22,18 @@ use crate::fs::CbtFs;
 use crate::fuse::{FuseAdapter, MAX_READ};
 use crate::repo::Repository;
 
+/// Threads serving requests by default: the kernel's readahead keeps several requests in
+/// flight, and cold reads wait on the disk, so more threads than cores pay off.
+pub const DEFAULT_THREADS: usize = 2;
+
 /// What `-o` may say.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MountOptions {
     pub allow_other: bool,
     pub allow_root: bool,
     pub log_file: Option<PathBuf>,
+    /// Threads serving the kernel's requests (`threads=N`).
+    pub threads: Option<usize>,
     /// Kernel mount flags passed through (nodev, nosuid, noexec, noatime, ...).
     pub flags: Vec<String>,
 }
@@ -63,6 +69,16 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
             "allow_other" => m.allow_other = true,
             "allow_root" => m.allow_root = true,
             "log_file" => m.log_file = value.map(PathBuf::from),
+            "threads" => {
+                let n = value
+                    .as_deref()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .filter(|n| (1..=64).contains(n));
+                match n {
+                    Some(n) => m.threads = Some(n),
+                    None => bail!("threads= takes a number of threads from 1 to 64"),
+                }
+            }
             "rw" => bail!("cbtfs mounts are read-only: remove `rw` from the options"),
             // Always so: restore points are read-only.
             "ro" | "default_permissions" => {}
@@ -75,7 +91,7 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
             | "nofail" | "defaults" | "comment" | "loop" => {}
             k if k.starts_with("x-") => {}
             k => bail!(
-                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, log_file=FILE, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
+                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, log_file=FILE, threads=N, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
             ),
         }
     }
@@ -457,7 +473,7 @@ fn serve(repo: Repository, mp: &Path, opts: &MountOptions, ready: &dyn Fn()) -> 
     } else {
         SessionACL::Owner
     };
-    config.n_threads = Some(2);
+    config.n_threads = Some(opts.threads.unwrap_or(DEFAULT_THREADS));
     config.clone_fd = true;
     let session = fuser::spawn_mount(FuseAdapter::new(fs), mp, &config)
         .with_context(|| format!("mounting {} on {}", repo.root().display(), mp.display()))?;
@@ -534,6 +550,11 @@ mod tests {
         let e = parse_options(&["bogus".into()]).unwrap_err().to_string();
         assert!(e.contains("unknown mount option `bogus`"), "{e}");
         assert!(parse_options(&["allow_other,allow_root".into()]).is_err());
+        assert_eq!(
+            parse_options(&["threads=4".into()]).unwrap().threads,
+            Some(4)
+        );
+        assert!(parse_options(&["threads=0".into()]).is_err());
         let o = parse_options(&["log_file=/tmp/a\\,b.log".into()]).unwrap();
         assert_eq!(o.log_file, Some(PathBuf::from("/tmp/a,b.log")));
     }
