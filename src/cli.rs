@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use crate::export;
-use crate::import::{self, ImportRequest};
+use crate::import::{self, ImportRequest, ImportSource};
 use crate::naming::{Tree, point_name};
 use crate::read::PointReader;
 use crate::repo::{Repository, valid_uuid};
@@ -33,6 +33,8 @@ pub struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a new, empty repository.
@@ -56,8 +58,24 @@ enum Command {
         #[arg(long)]
         vm_name: Option<String>,
         /// Raw image (or block device) holding the disk as it was at the snapshot.
+        #[arg(long, required_unless_present = "nbd", conflicts_with = "nbd")]
+        raw: Option<PathBuf>,
+        /// NBD export holding the disk: nbd://HOST[:PORT]/EXPORT, nbds://… (TLS),
+        /// nbd+unix:///EXPORT?socket=PATH.
         #[arg(long)]
-        raw: PathBuf,
+        nbd: Option<String>,
+        /// NBD connections in parallel (at most 16, XenServer's limit per host).
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// The server's own certificate (PEM), trusted by exact match (nbds:// only).
+        #[arg(long, requires = "tls_subject", conflicts_with = "ca_cert")]
+        tls_cert: Option<PathBuf>,
+        /// The name the server's certificate must be issued for (default: the URI's host).
+        #[arg(long)]
+        tls_subject: Option<String>,
+        /// A CA bundle (PEM) that signed the server's certificate (nbds:// only).
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
         /// File holding the base64 bitmap from VDI.list_changed_blocks (`-` reads standard
         /// input). Without it, the image starts a new set as its full base.
         #[arg(long)]
@@ -158,10 +176,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             vm_uuid,
             vm_name,
             raw,
+            nbd,
+            connections,
+            tls_cert,
+            tls_subject,
+            ca_cert,
             bitmap,
             time,
             json,
-        } => cmd_import(&repo, vdi, name, vm_uuid, vm_name, raw, bitmap, time, json)?,
+        } => {
+            let source = import_source(raw, nbd, connections, tls_cert, tls_subject, ca_cert)?;
+            cmd_import(
+                &repo, vdi, name, vm_uuid, vm_name, source, bitmap, time, json,
+            )?
+        }
         Command::Ls { repo, json } => cmd_ls(&repo, json)?,
         Command::Export {
             repo,
@@ -241,7 +269,7 @@ fn cmd_import(
     name: Option<String>,
     vm_uuid: Option<String>,
     vm_name: Option<String>,
-    raw: PathBuf,
+    source: ImportSource,
     bitmap: Option<PathBuf>,
     time: Option<String>,
     json: bool,
@@ -274,7 +302,7 @@ fn cmd_import(
         disk_name: name,
         vm_uuid,
         vm_name,
-        raw,
+        source,
         bitmap,
         time,
     };
@@ -309,15 +337,89 @@ impl Progress {
         {
             *last = Instant::now();
             let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+            let rate = done as f64 / secs;
+            let eta = if rate > 0.0 && total > done {
+                format!(", {:.0} s left", (total - done) as f64 / rate)
+            } else {
+                String::new()
+            };
             eprint!(
-                "\r{}: {} of {} ({:.0} MB/s)   ",
+                "\r{}: {} of {} ({:.0} MB/s{eta})   ",
                 self.what,
                 human(done),
                 human(total),
-                done as f64 / secs / 1e6
+                rate / 1e6
             );
         }
     }
+}
+
+
+/// The import's source from the command line: a raw image, or an NBD export and its trust.
+fn import_source(
+    raw: Option<PathBuf>,
+    nbd: Option<String>,
+    connections: usize,
+    tls_cert: Option<PathBuf>,
+    tls_subject: Option<String>,
+    ca_cert: Option<PathBuf>,
+) -> Result<ImportSource> {
+    let Some(uri) = nbd else {
+        let Some(raw) = raw else {
+            bail!("give the disk's data with --raw IMAGE or --nbd URI");
+        };
+        if tls_cert.is_some() || ca_cert.is_some() {
+            bail!("--tls-cert and --ca-cert apply to --nbd nbds:// imports only");
+        }
+        return Ok(ImportSource::Raw(raw));
+    };
+    use crate::nbd::{FetchOptions, Target, Trust, fetch::MAX_CONNECTIONS, uri};
+    let u = uri::parse(&uri).map_err(anyhow::Error::msg)?;
+    if connections == 0 || connections > MAX_CONNECTIONS {
+        bail!(
+            "--connections must be 1 to {MAX_CONNECTIONS} (XenServer allows 16 NBD connections per host)"
+        );
+    }
+    let host_name = match &u.address {
+        crate::nbd::Address::Tcp { host, .. } => host.clone(),
+        crate::nbd::Address::Unix(_) => "localhost".into(),
+    };
+    let subject = tls_subject.unwrap_or(host_name);
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).with_context(|| format!("reading certificate {}", p.display()))
+    };
+    let trust = match (u.tls, tls_cert, ca_cert) {
+        (false, None, None) => {
+            eprintln!("cbtfs: note: {uri} is plain NBD: data crosses the network unencrypted");
+            None
+        }
+        (false, _, _) => {
+            bail!("certificates were given but {uri} is plain NBD; use an nbds:// URI")
+        }
+        (true, Some(c), None) => Some(Trust::Pinned {
+            cert_pem: read(&c)?,
+            subject,
+        }),
+        (true, None, Some(c)) => Some(Trust::Ca {
+            ca_pem: read(&c)?,
+            subject,
+        }),
+        (true, None, None) => bail!(
+            "{uri} uses TLS: give the server's certificate (--tls-cert PEM --tls-subject NAME, as VDI.get_nbd_info returns them) or --ca-cert FILE"
+        ),
+        (true, Some(_), Some(_)) => bail!("give --tls-cert or --ca-cert, not both"),
+    };
+    Ok(ImportSource::Nbd {
+        target: Target {
+            address: u.address,
+            export: u.export,
+            trust,
+        },
+        options: FetchOptions {
+            connections,
+            ..FetchOptions::default()
+        },
+    })
 }
 
 fn changed_percent(m: &crate::repo::PointManifest) -> f64 {

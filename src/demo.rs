@@ -133,7 +133,7 @@ pub fn run_demo(dir: &Path) -> Result<()> {
                 disk_name: Some("root".into()),
                 vm_uuid: Some(VM.into()),
                 vm_name: Some("demo-vm".into()),
-                raw: image.clone(),
+                source: crate::import::ImportSource::Raw(image.clone()),
                 bitmap: bitmap.map(|b| (b, "demo".into())),
                 time: start + day * 86400,
             },

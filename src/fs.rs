@@ -594,7 +594,7 @@ mod tests {
                 disk_name: Some("root".into()),
                 vm_uuid: None,
                 vm_name: None,
-                raw: img,
+                source: crate::import::ImportSource::Raw(img),
                 bitmap: None,
                 time: 1_800_000_000,
             },

@@ -38,6 +38,24 @@ pub enum ImportError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Fetch(#[from] crate::nbd::FetchError),
+    #[error(transparent)]
+    Nbd(#[from] crate::nbd::NbdError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// Where a point's bytes come from.
+#[derive(Debug, Clone)]
+pub enum ImportSource {
+    /// A raw image file or block device.
+    Raw(PathBuf),
+    /// An NBD export.
+    Nbd {
+        target: crate::nbd::Target,
+        options: crate::nbd::FetchOptions,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -46,7 +64,7 @@ pub struct ImportRequest {
     pub disk_name: Option<String>,
     pub vm_uuid: Option<String>,
     pub vm_name: Option<String>,
-    pub raw: PathBuf,
+    pub source: ImportSource,
     /// The base64 bitmap text and where it came from (for messages).
     pub bitmap: Option<(String, String)>,
     pub time: i64,
@@ -65,32 +83,47 @@ fn image_size(f: &mut File) -> io::Result<u64> {
     Ok(n)
 }
 
-/// Import `req.raw` into `repo`. `progress(done, total)` is called as blocks are read.
+/// Import `req` into `repo`. `progress(done, total)` counts blocks.
 pub fn import_raw(
     repo: &Repository,
     req: &ImportRequest,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<ImportReport, ImportError> {
-    let img_err = |source: io::Error| ImportError::Image {
-        path: req.raw.clone(),
-        source,
-    };
-    let mut img = File::open(&req.raw).map_err(img_err)?;
-    let size = image_size(&mut img).map_err(img_err)?;
-    let blocks = blocks_for(size);
-    let marked = match &req.bitmap {
-        Some((text, from)) => {
-            Some(
-                bitmap::decode_base64(text, blocks).map_err(|source| ImportError::Bitmap {
-                    path: from.clone(),
-                    source,
-                })?,
-            )
+    match &req.source {
+        ImportSource::Raw(path) => import_file(repo, req, path, progress),
+        ImportSource::Nbd { target, options } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| ImportError::Runtime(e.to_string()))?;
+            rt.block_on(import_nbd(repo, req, target, *options, progress))
         }
-        None => None,
-    };
+    }
+}
 
-    let lock = repo.lock(&format!("cbtfs import {}", req.vdi))?;
+/// The parsed bitmap, if any, for a disk of `blocks` blocks.
+fn marked_blocks(req: &ImportRequest, blocks: u64) -> Result<Option<RoaringBitmap>, ImportError> {
+    match &req.bitmap {
+        Some((text, from)) => Ok(Some(bitmap::decode_base64(text, blocks).map_err(
+            |source| ImportError::Bitmap {
+                path: from.clone(),
+                source,
+            },
+        )?)),
+        None => Ok(None),
+    }
+}
+
+/// Start the point: the lock, names carried over from the disk's newest point, set and seq.
+fn begin<'l>(
+    repo: &Repository,
+    lock: &'l crate::repo::WriteLock,
+    req: &ImportRequest,
+    size: u64,
+    source: String,
+    new_set: bool,
+) -> Result<crate::repo::PointWriter<'l>, ImportError> {
     let known = repo.disk(&req.vdi)?;
     let newest = known.newest();
     let disk_name = req
@@ -106,8 +139,8 @@ pub fn import_raw(
             newest.and_then(|p| p.vm_name.clone()),
         )
     };
-    let mut w = repo.begin_point(
-        &lock,
+    Ok(repo.begin_point(
+        lock,
         NewPoint {
             vdi: req.vdi.clone(),
             disk_name,
@@ -115,30 +148,63 @@ pub fn import_raw(
             vm_name,
             time: req.time,
             virtual_size: size,
-            source: format!("import:{}", display_name(&req.raw)),
-            new_set: marked.is_none(),
+            source,
+            new_set,
         },
-    )?;
+    )?)
+}
 
-    // Which blocks to read, and whether zero blocks among them must be recorded.
-    let (take, record_zeros) = match (&marked, w.previous()) {
-        (None, _) => (full_range(blocks), false),
-        (Some(m), prev) => {
+/// Which blocks to read, and whether zero blocks among them must be recorded (an incremental
+/// point records them: they hide older data; a base skips them).
+fn plan(
+    marked: Option<&RoaringBitmap>,
+    previous: Option<&PointManifest>,
+    size: u64,
+) -> (RoaringBitmap, bool) {
+    let blocks = blocks_for(size);
+    match marked {
+        None => (full_range(blocks), false),
+        Some(m) => {
             let mut take = m.clone();
-            if let Some(prev) = prev {
+            if let Some(prev) = previous {
                 let prev_size = prev.virtual_size;
                 if size > prev_size {
                     // Grown: everything from the old last (possibly partial) block on.
                     let mut grown = full_range(blocks);
                     grown.remove_range(..(prev_size / BLOCK_SIZE) as u32);
                     take |= grown;
-                } else if size < prev_size && size % BLOCK_SIZE != 0 {
+                } else if size < prev_size && !size.is_multiple_of(BLOCK_SIZE) {
                     take.insert((size / BLOCK_SIZE) as u32);
                 }
             }
             (take, true)
         }
+    }
+}
+
+fn import_file(
+    repo: &Repository,
+    req: &ImportRequest,
+    path: &Path,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<ImportReport, ImportError> {
+    let img_err = |source: io::Error| ImportError::Image {
+        path: path.to_path_buf(),
+        source,
     };
+    let mut img = File::open(path).map_err(img_err)?;
+    let size = image_size(&mut img).map_err(img_err)?;
+    let marked = marked_blocks(req, blocks_for(size))?;
+    let lock = repo.lock(&format!("cbtfs import {}", req.vdi))?;
+    let mut w = begin(
+        repo,
+        &lock,
+        req,
+        size,
+        format!("import:{}", display_name(path)),
+        marked.is_none(),
+    )?;
+    let (take, record_zeros) = plan(marked.as_ref(), w.previous(), size);
 
     let total = take.len();
     let mut done = 0u64;
@@ -165,6 +231,80 @@ pub fn import_raw(
             progress(done, total);
         }
     }
+    let manifest = w.commit()?;
+    Ok(ImportReport {
+        manifest,
+        blocks_read: total,
+    })
+}
+
+/// Fetch a point over NBD: the bitmap's blocks, or a whole base (skipping what block status
+/// reports as holes). Nothing is committed unless every block arrived.
+async fn import_nbd(
+    repo: &Repository,
+    req: &ImportRequest,
+    target: &crate::nbd::Target,
+    options: crate::nbd::FetchOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<ImportReport, ImportError> {
+    let mut pool = crate::nbd::Pool::open(target.clone(), options).await?;
+    let size = pool.info.size;
+    let marked = marked_blocks(req, blocks_for(size))?;
+    let allocated = if marked.is_none() {
+        pool.allocated().await?
+    } else {
+        None
+    };
+    let lock = repo.lock(&format!("cbtfs import {}", req.vdi))?;
+    let mut w = begin(
+        repo,
+        &lock,
+        req,
+        size,
+        format!("nbd:{}", target.describe()),
+        marked.is_none(),
+    )?;
+    let (mut take, record_zeros) = plan(marked.as_ref(), w.previous(), size);
+    if let Some(extents) = allocated {
+        // Only blocks overlapping data extents can hold anything.
+        let mut data = RoaringBitmap::new();
+        for (o, l) in extents {
+            let first = (o / BLOCK_SIZE) as u32;
+            let end = blocks_for(o + l).min(u32::MAX as u64) as u32;
+            data.insert_range(first..end);
+        }
+        take &= data;
+    }
+    let total = take.len();
+    let mut extents = Vec::new();
+    let mut it = take.iter();
+    while let Some(run) = it.next_range() {
+        let off = *run.start() as u64 * BLOCK_SIZE;
+        let end = ((*run.end() as u64 + 1) * BLOCK_SIZE).min(size);
+        extents.push((off, end - off));
+    }
+    let mut done = 0u64;
+    let mut failure = None;
+    pool.fetch(&extents, |off, data| {
+        for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+            if (record_zeros || !crate::is_zero(block))
+                && let Err(e) = w.add_block(off / BLOCK_SIZE + i as u64, block)
+            {
+                let msg = e.to_string();
+                failure = Some(e);
+                return Err(msg);
+            }
+            done += 1;
+        }
+        progress(done, total);
+        Ok(())
+    })
+    .await
+    .map_err(|e| match failure.take() {
+        Some(r) => ImportError::Repo(r),
+        None => ImportError::Fetch(e),
+    })?;
+    drop(pool);
     let manifest = w.commit()?;
     Ok(ImportReport {
         manifest,

@@ -16,6 +16,7 @@ pub mod fuse;
 pub mod import;
 pub mod mount;
 pub mod naming;
+pub mod nbd;
 pub mod read;
 pub mod repo;
 pub mod timefmt;

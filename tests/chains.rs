@@ -51,7 +51,7 @@ fn run_life(dir: &Path, steps: &[Step], seed: u64) {
                 disk_name: Some("disk".into()),
                 vm_uuid: None,
                 vm_name: None,
-                raw: img.clone(),
+                source: cbtfs::import::ImportSource::Raw(img.clone()),
                 bitmap,
                 time: cbtfs::timefmt::parse(&time(i as u64)).unwrap(),
             },

@@ -254,7 +254,7 @@ pub fn import_life(dir: &Path, repo: &Path, steps: &[Step], seed: u64) -> String
                 disk_name: Some("disk".into()),
                 vm_uuid: None,
                 vm_name: None,
-                raw: img.clone(),
+                source: cbtfs::import::ImportSource::Raw(img.clone()),
                 bitmap,
                 time: cbtfs::timefmt::parse(&time(i as u64)).unwrap(),
             },

@@ -1,0 +1,257 @@
+//! Fetching byte ranges of an export over several connections at once.
+//!
+//! The host serves each connection serially, so speed comes from connections in parallel (never
+//! more than 16 per host) and requests pipelined on each. Pieces are handed to the sink in
+//! ascending order through a bounded window, so memory is `connections × depth × request size`
+//! whatever the disk's size. A failed piece (dropped connection, error reply, timeout) is
+//! re-issued on a fresh connection with back-off, a bounded number of times.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::client::{Client, NbdError, Reply, Target};
+use super::proto::{self, ExportInfo};
+
+/// XenServer's limit of concurrent NBD connections per host.
+pub const MAX_CONNECTIONS: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+pub struct FetchOptions {
+    pub connections: usize,
+    /// Requests in flight per connection.
+    pub depth: usize,
+    /// Largest single read (capped by what the server advertises).
+    pub max_request: u32,
+    /// Attempts per piece before giving up.
+    pub attempts: u32,
+    /// A piece not answered in this time counts as failed.
+    pub timeout: Duration,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            connections: 4,
+            depth: 8,
+            max_request: 2 << 20,
+            attempts: 5,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+    #[error(
+        "reading {len} bytes at offset {offset} of {target} failed {attempts} times; last error: {last}"
+    )]
+    GaveUp {
+        target: String,
+        offset: u64,
+        len: u32,
+        attempts: u32,
+        last: NbdError,
+    },
+    #[error("{target}: no answer for {len} bytes at offset {offset} within {secs} s")]
+    Timeout {
+        target: String,
+        offset: u64,
+        len: u32,
+        secs: u64,
+    },
+    #[error("storing fetched data: {0}")]
+    Sink(String),
+}
+
+/// Connections to one export.
+pub struct Pool {
+    target: Target,
+    opts: FetchOptions,
+    clients: Vec<Client>,
+    pub info: ExportInfo,
+    next: usize,
+}
+
+impl Pool {
+    /// Open `opts.connections` connections in parallel.
+    pub async fn open(target: Target, mut opts: FetchOptions) -> Result<Pool, NbdError> {
+        opts.connections = opts.connections.clamp(1, MAX_CONNECTIONS);
+        let mut handles = Vec::new();
+        for _ in 0..opts.connections {
+            let t = target.clone();
+            let depth = opts.depth;
+            handles.push(tokio::spawn(
+                async move { Client::connect(&t, depth).await },
+            ));
+        }
+        let mut clients = Vec::new();
+        for h in handles {
+            let c = h.await.map_err(|e| NbdError::Connect {
+                target: target.describe(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+            clients.push(c);
+        }
+        let info = clients[0].info;
+        let server_max = if info.max_block > 0 {
+            info.max_block
+        } else {
+            proto::MAX_REQUEST
+        };
+        // Whole 64 KiB blocks per request.
+        opts.max_request =
+            (opts.max_request.min(server_max).min(proto::MAX_REQUEST) >> 16 << 16).max(1 << 16);
+        Ok(Pool {
+            target,
+            opts,
+            clients,
+            info,
+            next: 0,
+        })
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// A live connection, reconnecting the next one in turn if it died.
+    async fn pick(&mut self) -> Result<usize, NbdError> {
+        let i = self.next % self.clients.len();
+        self.next += 1;
+        if !self.clients[i].is_alive() {
+            tracing::info!(target = %self.target.describe(), "reconnecting");
+            self.clients[i] = Client::connect(&self.target, self.opts.depth).await?;
+        }
+        Ok(i)
+    }
+
+    /// Extents of the export that may hold data (`base:allocation`), if the server says.
+    pub async fn allocated(&mut self) -> Result<Option<Vec<(u64, u64)>>, NbdError> {
+        if self.clients[0].status_context.is_none() {
+            return Ok(None);
+        }
+        let size = self.info.size;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut pos = 0u64;
+        while pos < size {
+            let len = (size - pos).min(1 << 30) as u32;
+            let extents = self.clients[0].block_status(pos, len).await?;
+            if extents.is_empty() {
+                return Ok(None);
+            }
+            for (l, flags) in extents {
+                let l = (l as u64).min(size - pos);
+                if flags & (proto::STATE_HOLE | proto::STATE_ZERO) == 0 && l > 0 {
+                    match out.last_mut() {
+                        Some((o, ol)) if *o + *ol == pos => *ol += l,
+                        _ => out.push((pos, l)),
+                    }
+                }
+                pos += l;
+                if l == 0 || pos >= size {
+                    break;
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Read `extents` (ascending byte ranges) and give each piece to `sink` in order.
+    pub async fn fetch(
+        &mut self,
+        extents: &[(u64, u64)],
+        mut sink: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<(), FetchError> {
+        let max = self.opts.max_request as u64;
+        let mut pieces = extents.iter().flat_map(|&(o, l)| {
+            (0..l.div_ceil(max)).map(move |i| (o + i * max, (l - i * max).min(max) as u32))
+        });
+        let window = self.clients.len() * self.opts.depth;
+        type Slot = (u64, u32, u32, oneshot::Receiver<Result<Reply, NbdError>>);
+        let mut q: VecDeque<Slot> = VecDeque::new();
+        loop {
+            while q.len() < window {
+                let Some((off, len)) = pieces.next() else {
+                    break;
+                };
+                let i = self.pick().await?;
+                let rx = self.clients[i].read(off, len).await;
+                q.push_back((off, len, 1, rx));
+            }
+            let Some((off, len, attempt, rx)) = q.pop_front() else {
+                return Ok(());
+            };
+            let result = match tokio::time::timeout(self.opts.timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(NbdError::Closed {
+                    target: self.target.describe(),
+                }),
+                Err(_) => {
+                    if attempt >= self.opts.attempts {
+                        return Err(FetchError::Timeout {
+                            target: self.target.describe(),
+                            offset: off,
+                            len,
+                            secs: self.opts.timeout.as_secs(),
+                        });
+                    }
+                    // Whatever holds it is stuck: drop that connection's state by reconnecting.
+                    Err(NbdError::Closed {
+                        target: self.target.describe(),
+                    })
+                }
+            };
+            match result {
+                Ok(Reply::Data(d)) if d.len() == len as usize => {
+                    sink(off, &d).map_err(FetchError::Sink)?;
+                }
+                Ok(_) => {
+                    return Err(FetchError::Nbd(NbdError::Proto {
+                        target: self.target.describe(),
+                        source: proto::ProtoError::Malformed("read reply of the wrong size"),
+                    }));
+                }
+                Err(e) if e.is_transient() && attempt < self.opts.attempts => {
+                    let wait = Duration::from_millis(100 << attempt.min(6));
+                    tracing::warn!(offset = off, len, attempt, error = %e, "read failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    // Everything queued on a dead connection fails too and is retried in turn.
+                    let i = loop {
+                        match self.pick().await {
+                            Ok(i) => break i,
+                            Err(ce) if attempt + 1 < self.opts.attempts => {
+                                tracing::warn!(error = %ce, "reconnect failed; retrying");
+                                tokio::time::sleep(wait).await;
+                            }
+                            Err(ce) => {
+                                return Err(FetchError::GaveUp {
+                                    target: self.target.describe(),
+                                    offset: off,
+                                    len,
+                                    attempts: attempt + 1,
+                                    last: ce,
+                                });
+                            }
+                        }
+                    };
+                    let rx = self.clients[i].read(off, len).await;
+                    q.push_front((off, len, attempt + 1, rx));
+                }
+                Err(e) if e.is_transient() => {
+                    return Err(FetchError::GaveUp {
+                        target: self.target.describe(),
+                        offset: off,
+                        len,
+                        attempts: attempt,
+                        last: e,
+                    });
+                }
+                Err(e) => return Err(FetchError::Nbd(e)),
+            }
+        }
+    }
+}
