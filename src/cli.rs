@@ -157,10 +157,26 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cbtfs: error: {e:#}");
+            eprintln!("cbtfs: error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: typed errors already quote their cause in their text.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if out.contains(&c) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&c);
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -353,7 +369,6 @@ impl Progress {
         }
     }
 }
-
 
 /// The import's source from the command line: a raw image, or an NBD export and its trust.
 fn import_source(

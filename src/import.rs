@@ -285,26 +285,28 @@ async fn import_nbd(
     }
     let mut done = 0u64;
     let mut failure = None;
-    pool.fetch(&extents, |off, data| {
-        for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
-            if (record_zeros || !crate::is_zero(block))
-                && let Err(e) = w.add_block(off / BLOCK_SIZE + i as u64, block)
-            {
-                let msg = e.to_string();
-                failure = Some(e);
-                return Err(msg);
+    let fetched = pool
+        .fetch(&extents, |off, data| {
+            for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+                if (record_zeros || !crate::is_zero(block))
+                    && let Err(e) = w.add_block(off / BLOCK_SIZE + i as u64, block)
+                {
+                    let msg = e.to_string();
+                    failure = Some(e);
+                    return Err(msg);
+                }
+                done += 1;
             }
-            done += 1;
-        }
-        progress(done, total);
-        Ok(())
-    })
-    .await
-    .map_err(|e| match failure.take() {
+            progress(done, total);
+            Ok(())
+        })
+        .await;
+    // Every connection ends cleanly before the point commits (or the error is reported).
+    pool.close().await;
+    fetched.map_err(|e| match failure.take() {
         Some(r) => ImportError::Repo(r),
         None => ImportError::Fetch(e),
     })?;
-    drop(pool);
     let manifest = w.commit()?;
     Ok(ImportReport {
         manifest,

@@ -146,6 +146,7 @@ type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
 /// A negotiated connection.
 pub struct Client {
     tx: mpsc::Sender<Job>,
+    writer: tokio::task::JoinHandle<()>,
     pub info: ExportInfo,
     pub structured: bool,
     pub status_context: Option<u32>,
@@ -369,7 +370,7 @@ impl Client {
         let pending: PendingMap = Arc::new(Mutex::new(HashMap::new()));
         let alive = Arc::new(AtomicBool::new(true));
         let sem = Arc::new(Semaphore::new(depth.max(1)));
-        tokio::spawn(writer(
+        let writer = tokio::spawn(writer(
             wr,
             rx,
             pending.clone(),
@@ -380,12 +381,21 @@ impl Client {
         tokio::spawn(reader(rd, pending, alive.clone(), n.structured, t.clone()));
         Ok(Client {
             tx,
+            writer,
             info: n.info,
             structured: n.structured,
             status_context: n.status_context,
             alive,
             target: t,
         })
+    }
+
+    /// Disconnect cleanly: NBD_CMD_DISC, then TLS close_notify. (A host keeps a VBD plugged
+    /// per connection until it ends, and `data_destroy` waits for that.)
+    pub async fn close(self) {
+        let Client { tx, writer, .. } = self;
+        drop(tx);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
     }
 
     pub fn is_alive(&self) -> bool {

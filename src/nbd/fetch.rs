@@ -114,6 +114,13 @@ impl Pool {
         })
     }
 
+    /// Close every connection cleanly.
+    pub async fn close(self) {
+        for c in self.clients {
+            c.close().await;
+        }
+    }
+
     pub fn target(&self) -> &Target {
         &self.target
     }
