@@ -135,12 +135,19 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
-    // SAFETY: restoring the default SIGPIPE disposition at start-up, before any thread exists, so
-    // `cbtfs ls | head` or `cbtfs export ... - | cmp` end quietly when the reader goes away.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    // Commands that print data end quietly when their reader goes away (`cbtfs ls | head`,
+    // `cbtfs export ... - | cmp`). The others keep SIGPIPE ignored: a server closing a socket
+    // must surface as an error to retry, never kill the process.
+    if matches!(
+        cli.command,
+        Command::Ls { .. } | Command::Export { .. } | Command::Verify { .. }
+    ) {
+        // SAFETY: changing a signal disposition at start-up, before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // Reading a deep chain may open one data file per point.
     crate::raise_fd_limit();
     // The mount sets up its own logging (a daemon logs to syslog or a file).
@@ -390,6 +397,18 @@ fn import_source(
     };
     use crate::nbd::{FetchOptions, Target, Trust, fetch::MAX_CONNECTIONS, uri};
     let u = uri::parse(&uri).map_err(anyhow::Error::msg)?;
+    // Export names may carry a session id (xapi's do): show URIs only as the target describes.
+    let shown = Target {
+        address: u.address.clone(),
+        export: u.export.clone(),
+        trust: None,
+    }
+    .describe();
+    let uri = if u.tls {
+        shown.replacen("nbd", "nbds", 1)
+    } else {
+        shown
+    };
     if connections == 0 || connections > MAX_CONNECTIONS {
         bail!(
             "--connections must be 1 to {MAX_CONNECTIONS} (XenServer allows 16 NBD connections per host)"

@@ -19,6 +19,7 @@ pub mod naming;
 pub mod nbd;
 pub mod read;
 pub mod repo;
+pub mod sim;
 pub mod timefmt;
 pub mod verify;
 

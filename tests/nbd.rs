@@ -633,3 +633,147 @@ fn connections_cut_mid_transfer_are_reconnected() {
         "no connection was cut: the test proved nothing"
     );
 }
+
+#[test]
+fn xapi_like_server_export_name_tls12_and_connection_limit() {
+    use cbtfs::sim::nbd::{ServerConfig, start};
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let (img, data) = disk(dp, 9);
+    let cert = self_signed(&dp.join("host"), "xs-host.example");
+    let key = dp.join("host/server-key.pem");
+    // xapi's export names: /VDI_UUID?session_id=... — the session must never be printed.
+    let export = "/3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b?session_id=OpaqueRef:very-secret";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (port, accepted) = rt
+        .block_on(start(ServerConfig {
+            exports: [(export.to_string(), img.clone())].into_iter().collect(),
+            tls: Some((
+                std::fs::read_to_string(&cert).unwrap(),
+                std::fs::read_to_string(&key).unwrap(),
+            )),
+        }))
+        .unwrap();
+    let enc = "%2F3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b%3Fsession_id%3DOpaqueRef%3Avery-secret";
+    let uri = format!("nbds://127.0.0.1:{port}/{enc}");
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let v = vdi(47);
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--nbd",
+        &uri,
+        "--tls-cert",
+        s(&cert),
+        "--tls-subject",
+        "xs-host.example",
+        "--connections",
+        "16",
+        "--time",
+        &time(0),
+    ]);
+    assert!(latest(&repo, &v) == data);
+    // Only changed blocks, as the backup will fetch them.
+    let bm = write_bitmap(dp, "bm", &[0, 7, 8, 9, 200], 256);
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--nbd",
+        &uri,
+        "--tls-cert",
+        s(&cert),
+        "--tls-subject",
+        "xs-host.example",
+        "--bitmap",
+        s(&bm),
+        "--time",
+        &time(1),
+    ]);
+    assert!(latest(&repo, &v) == data);
+
+    let (_, m) = fails(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--nbd",
+        &uri.replace("nbds:", "nbd:"),
+        "--time",
+        &time(2),
+    ]);
+    assert!(
+        m.contains("requires TLS") && !m.contains("very-secret"),
+        "{m}"
+    );
+    let (_, m) = fails(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--nbd",
+        &format!("nbds://127.0.0.1:{port}/nope"),
+        "--tls-cert",
+        s(&cert),
+        "--tls-subject",
+        "xs-host.example",
+        "--time",
+        &time(2),
+    ]);
+    assert!(m.contains("refused the export"), "{m}");
+    let other = self_signed(&dp.join("other"), "xs-host.example");
+    let (_, m) = fails(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--nbd",
+        &uri,
+        "--tls-cert",
+        s(&other),
+        "--tls-subject",
+        "xs-host.example",
+        "--time",
+        &time(2),
+    ]);
+    assert!(
+        m.contains("pinned certificate mismatch")
+            && m.contains("<redacted>")
+            && !m.contains("very-secret"),
+        "{m}"
+    );
+
+    // Sixteen connections at once are served; a seventeenth is closed at once.
+    let target = cbtfs::nbd::Target {
+        address: cbtfs::nbd::Address::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        },
+        export: export.into(),
+        trust: Some(cbtfs::nbd::Trust::Pinned {
+            cert_pem: std::fs::read_to_string(&cert).unwrap(),
+            subject: "xs-host.example".into(),
+        }),
+    };
+    rt.block_on(async {
+        let mut open = Vec::new();
+        for _ in 0..16 {
+            open.push(cbtfs::nbd::Client::connect(&target, 4).await.unwrap());
+        }
+        let before = accepted.load(Ordering::SeqCst);
+        let e = cbtfs::nbd::Client::connect(&target, 4)
+            .await
+            .err()
+            .expect("17th refused");
+        assert!(accepted.load(Ordering::SeqCst) > before);
+        assert!(!e.to_string().contains("very-secret"), "{e}");
+        for c in open {
+            c.close().await;
+        }
+    });
+    assert_eq!(count_points(&repo), 2);
+}

@@ -1,0 +1,220 @@
+//! An NBD server that behaves as XenServer's xapi-nbd (xen-api `ocaml/nbd`), so the client is
+//! tested against the host it will meet:
+//! * fixed newstyle; with TLS required, every option but STARTTLS and ABORT before TLS gets
+//!   `NBD_REP_ERR_TLS_REQD`; TLS 1.2 only, ECDHE-RSA with AES-GCM, curve secp384r1;
+//! * after TLS only EXPORT_NAME, ABORT, LIST and STARTTLS are known (GO, INFO, STRUCTURED_REPLY,
+//!   meta contexts: `NBD_REP_ERR_UNSUP`); an unknown export closes the connection;
+//! * no NO_ZEROES (124 zero bytes follow the export size); reads only, 512-byte aligned, flags 0,
+//!   served one at a time; any error reply is followed by closing the connection;
+//! * at most 16 connections: the 17th is closed right after accept.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::nbd::proto;
+
+/// Connections a host serves at once.
+pub const MAX_CONNECTIONS: usize = 16;
+
+pub struct ServerConfig {
+    /// Export name → raw image.
+    pub exports: HashMap<String, PathBuf>,
+    /// TLS certificate and key (PEM); None serves plain NBD (an `insecure_nbd` network).
+    pub tls: Option<(String, String)>,
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        rustls::crypto::ring::cipher_suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        rustls::crypto::ring::cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    ];
+    provider.kx_groups = vec![rustls::crypto::ring::kx_group::SECP384R1];
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
+}
+
+/// Start serving on 127.0.0.1 (an ephemeral port) in the current tokio runtime; returns the
+/// port and a counter of connections accepted.
+pub async fn start(config: ServerConfig) -> Result<(u16, Arc<AtomicUsize>), String> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let tls = match &config.tls {
+        Some((c, k)) => Some(tokio_rustls::TlsAcceptor::from(tls_config(c, k)?)),
+        None => None,
+    };
+    let exports = Arc::new(config.exports);
+    let active = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                drop(sock); // the 17th connection is closed at once
+                continue;
+            }
+            active.fetch_add(1, Ordering::SeqCst);
+            let (exports, tls, active) = (exports.clone(), tls.clone(), active.clone());
+            tokio::spawn(async move {
+                let _ = sock.set_nodelay(true);
+                let r = session(Box::new(sock), &exports, tls).await;
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "sim nbd: connection ended");
+                }
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    Ok((port, counter))
+}
+
+async fn reply<S: Stream + ?Sized>(
+    s: &mut S,
+    opt: u32,
+    kind: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&proto::OPTION_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    s.write_all(&b).await?;
+    s.flush().await
+}
+
+async fn session(
+    mut s: Box<dyn Stream>,
+    exports: &HashMap<String, PathBuf>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
+    let mut g = Vec::new();
+    g.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+    g.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    g.extend_from_slice(&proto::FLAG_FIXED_NEWSTYLE.to_be_bytes());
+    s.write_all(&g).await?;
+    let mut cf = [0u8; 4];
+    s.read_exact(&mut cf).await?;
+    let mut secure = tls.is_none();
+    loop {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).await?;
+        let opt = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+        let len = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+        if u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) != proto::IHAVEOPT
+            || len > 4096
+        {
+            return Ok(());
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).await?;
+        match opt {
+            proto::OPT_ABORT => {
+                let _ = reply(&mut *s, opt, proto::REP_ACK, &[]).await;
+                return Ok(());
+            }
+            proto::OPT_STARTTLS if !secure => {
+                reply(&mut *s, opt, proto::REP_ACK, &[]).await?;
+                if let Some(acceptor) = &tls {
+                    s = Box::new(acceptor.accept(s).await?);
+                    secure = true;
+                }
+            }
+            _ if !secure => reply(&mut *s, opt, proto::REP_ERR_TLS_REQD, &[]).await?,
+            proto::OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(path) = exports.get(&name) else {
+                    return Ok(()); // xapi-nbd closes: EXPORT_NAME has no error reply
+                };
+                let file = std::fs::File::open(path)?;
+                let size = file.metadata()?.len();
+                let mut b = Vec::new();
+                b.extend_from_slice(&size.to_be_bytes());
+                b.extend_from_slice(&(proto::TFLAG_HAS_FLAGS | proto::TFLAG_READ_ONLY).to_be_bytes());
+                b.extend_from_slice(&[0u8; 124]);
+                s.write_all(&b).await?;
+                return transmission(s, file, size).await;
+            }
+            3 /* LIST */ => reply(&mut *s, opt, proto::REP_ACK, &[]).await?,
+            _ => reply(&mut *s, opt, proto::REP_ERR_UNSUP, &[]).await?,
+        }
+    }
+}
+
+async fn simple_reply<S: Stream + ?Sized>(
+    s: &mut S,
+    error: u32,
+    cookie: &[u8],
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    b.extend_from_slice(&proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&error.to_be_bytes());
+    b.extend_from_slice(cookie);
+    b.extend_from_slice(data);
+    s.write_all(&b).await?;
+    s.flush().await
+}
+
+/// Requests one at a time; any error reply ends the connection.
+async fn transmission(
+    mut s: Box<dyn Stream>,
+    file: std::fs::File,
+    size: u64,
+) -> std::io::Result<()> {
+    loop {
+        let mut r = [0u8; 28];
+        s.read_exact(&mut r).await?;
+        let magic = u32::from_be_bytes([r[0], r[1], r[2], r[3]]);
+        let flags = u16::from_be_bytes([r[4], r[5]]);
+        let cmd = u16::from_be_bytes([r[6], r[7]]);
+        let cookie = r[8..16].to_vec();
+        let offset = u64::from_be_bytes([r[16], r[17], r[18], r[19], r[20], r[21], r[22], r[23]]);
+        let len = u32::from_be_bytes([r[24], r[25], r[26], r[27]]) as u64;
+        if magic != proto::REQUEST_MAGIC {
+            return Ok(());
+        }
+        match cmd {
+            proto::CMD_DISC => return Ok(()),
+            proto::CMD_READ
+                if flags == 0
+                    && offset.is_multiple_of(512)
+                    && len.is_multiple_of(512)
+                    && len <= 32 << 20
+                    && offset.checked_add(len).is_some_and(|e| e <= size) =>
+            {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, offset)?;
+                simple_reply(&mut *s, 0, &cookie, &buf).await?;
+            }
+            _ => {
+                simple_reply(&mut *s, 22 /* EINVAL */, &cookie, &[]).await?;
+                return Ok(());
+            }
+        }
+    }
+}
