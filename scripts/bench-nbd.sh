@@ -60,7 +60,7 @@ mbps() { python3 -c "print(round($1 / $2 / 1e6))"; }
 bytes=$((SIZE_MB << 20))
 
 printf "%-6s %-4s %12s %12s %8s\n" mode conn "cbtfs MB/s" "nbdcopy MB/s" ratio
-for mode in plain tls; do
+for mode in ${MODES:-plain tls}; do
   if [ $mode = plain ]; then
     uri="nbd+unix:///disk?socket=$WORK/plain.sock"; tlsargs=(); curi="$uri"
   else

@@ -622,6 +622,40 @@ async fn read_replies(
                         ));
                     }
                 };
+                if kind == proto::CHUNK_OFFSET_DATA && len > 8 {
+                    // Data goes straight into the request's buffer: no copy, no second buffer.
+                    let mut ob = [0u8; 8];
+                    rd.read_exact(&mut ob).await.map_err(|e| io_err(t, e))?;
+                    let offset = u64::from_be_bytes(ob);
+                    let dlen = (len - 8) as u64;
+                    if offset < req_off || offset + dlen > req_off + req_len as u64 {
+                        return Err(proto_err(
+                            t,
+                            ProtoError::Malformed("data chunk outside its request"),
+                        ));
+                    }
+                    let Some(mut p) = pending.lock().ok().and_then(|mut m| m.remove(&cookie))
+                    else {
+                        return Err(proto_err(
+                            t,
+                            ProtoError::Malformed("reply to an unknown request"),
+                        ));
+                    };
+                    if p.buf.is_empty() {
+                        p.buf = vec![0u8; p.len as usize];
+                    }
+                    let at = (offset - p.offset) as usize;
+                    rd.read_exact(&mut p.buf[at..at + dlen as usize])
+                        .await
+                        .map_err(|e| io_err(t, e))?;
+                    p.covered += dlen;
+                    if flags & proto::REPLY_FLAG_DONE != 0 {
+                        complete(p, t)?;
+                    } else if let Ok(mut m) = pending.lock() {
+                        m.insert(cookie, p);
+                    }
+                    continue;
+                }
                 let mut payload = vec![0u8; len as usize];
                 rd.read_exact(&mut payload)
                     .await
@@ -669,29 +703,35 @@ async fn read_replies(
                     }
                 }
                 if flags & proto::REPLY_FLAG_DONE != 0
-                    && let Some(mut p) = map.remove(&cookie)
+                    && let Some(p) = map.remove(&cookie)
                 {
                     drop(map);
-                    let r = match (p.error.take(), p.kind) {
-                        (Some(e), _) => Err(e),
-                        (None, Kind::Read) => {
-                            // Chunks must cover the request exactly: never fill gaps with guesses.
-                            if p.covered != p.len as u64 {
-                                return Err(proto_err(
-                                    t,
-                                    ProtoError::Malformed("read reply does not cover the request"),
-                                ));
-                            }
-                            if p.buf.is_empty() {
-                                p.buf = vec![0u8; p.len as usize];
-                            }
-                            Ok(Reply::Data(p.buf))
-                        }
-                        (None, Kind::Status) => Ok(Reply::Status(p.extents)),
-                    };
-                    let _ = p.reply.send(r);
+                    complete(p, t)?;
                 }
             }
         }
     }
+}
+
+/// A request's last chunk arrived: answer it.
+fn complete(mut p: Pending, t: &str) -> Result<(), NbdError> {
+    let r = match (p.error.take(), p.kind) {
+        (Some(e), _) => Err(e),
+        (None, Kind::Read) => {
+            // Chunks must cover the request exactly: never fill gaps with guesses.
+            if p.covered != p.len as u64 {
+                return Err(proto_err(
+                    t,
+                    ProtoError::Malformed("read reply does not cover the request"),
+                ));
+            }
+            if p.buf.is_empty() {
+                p.buf = vec![0u8; p.len as usize];
+            }
+            Ok(Reply::Data(p.buf))
+        }
+        (None, Kind::Status) => Ok(Reply::Status(p.extents)),
+    };
+    let _ = p.reply.send(r);
+    Ok(())
 }
