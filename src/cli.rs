@@ -76,6 +76,9 @@ enum Command {
         /// A CA bundle (PEM) that signed the server's certificate (nbds:// only).
         #[arg(long)]
         ca_cert: Option<PathBuf>,
+        /// Seconds an NBD read may take before it is retried on another connection.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
         /// File holding the base64 bitmap from VDI.list_changed_blocks (`-` reads standard
         /// input). Without it, the image starts a new set as its full base.
         #[arg(long)]
@@ -204,11 +207,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tls_cert,
             tls_subject,
             ca_cert,
+            timeout,
             bitmap,
             time,
             json,
         } => {
-            let source = import_source(raw, nbd, connections, tls_cert, tls_subject, ca_cert)?;
+            let mut source = import_source(raw, nbd, connections, tls_cert, tls_subject, ca_cert)?;
+            if let ImportSource::Nbd { options, .. } = &mut source {
+                options.timeout = std::time::Duration::from_secs(timeout.max(1));
+            }
             cmd_import(
                 &repo, vdi, name, vm_uuid, vm_name, source, bitmap, time, json,
             )?

@@ -777,3 +777,39 @@ fn xapi_like_server_export_name_tls12_and_connection_limit() {
     });
     assert_eq!(count_points(&repo), 2);
 }
+
+#[test]
+fn a_server_that_stops_answering_times_out_with_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let (img, _) = disk(dp, 10);
+    let sock = dp.join("slow.sock");
+    let _k = nbdkit(&sock, &img, &[], &["--filter=delay", "rdelay=30"]);
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let start = Instant::now();
+    let (_, m) = fails(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &vdi(48),
+        "--nbd",
+        &format!("nbd+unix:///?socket={}", s(&sock)),
+        "--timeout",
+        "1",
+        "--connections",
+        "2",
+        "--time",
+        &time(0),
+    ]);
+    assert!(
+        m.contains("no answer") && m.contains("within 1 s") && m.contains("offset"),
+        "{m}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(25),
+        "gave up too late: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(count_points(&repo), 0);
+}

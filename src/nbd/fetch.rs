@@ -146,7 +146,22 @@ impl Pool {
         let mut pos = 0u64;
         while pos < size {
             let len = (size - pos).min(1 << 30) as u32;
-            let extents = self.clients[0].block_status(pos, len).await?;
+            let extents = match tokio::time::timeout(
+                self.opts.timeout,
+                self.clients[0].block_status(pos, len),
+            )
+            .await
+            {
+                Ok(r) => r?,
+                Err(_) => {
+                    // No answer about allocation: read everything instead.
+                    tracing::warn!(
+                        offset = pos,
+                        "block status timed out; reading the whole export"
+                    );
+                    return Ok(None);
+                }
+            };
             if extents.is_empty() {
                 return Ok(None);
             }
