@@ -734,8 +734,15 @@ fn mount_t_cbtfs_and_fstab_through_the_helper() {
     }
     let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helper/mount.cbtfs");
     let installed = Path::new("/sbin/mount.cbtfs");
-    if !installed.exists() {
-        std::os::unix::fs::symlink(&helper, installed).unwrap();
+    // A symlink from an earlier checkout may dangle: point it at this one. A helper installed by
+    // scripts/install.sh (a regular file) is left alone.
+    match std::fs::symlink_metadata(installed) {
+        Ok(md) if md.file_type().is_symlink() => {
+            std::fs::remove_file(installed).unwrap();
+            std::os::unix::fs::symlink(&helper, installed).unwrap();
+        }
+        Ok(_) => {}
+        Err(_) => std::os::unix::fs::symlink(&helper, installed).unwrap(),
     }
     let d = tempfile::tempdir().unwrap();
     let dp = d.path();
