@@ -40,15 +40,21 @@ pub struct Target {
 impl Target {
     /// How errors name the export: never with the session id xapi puts in export names.
     pub fn describe(&self) -> String {
-        let export = match self.export.find("session_id=") {
-            Some(i) => format!("{}session_id=<redacted>", &self.export[..i]),
-            None => self.export.clone(),
-        };
+        let export = redact_session(&self.export);
         let scheme = if self.trust.is_some() { "nbds" } else { "nbd" };
         match &self.address {
             Address::Tcp { host, port } => format!("{scheme}://{host}:{port}/{export}"),
             Address::Unix(p) => format!("{scheme}+unix:///{export}?socket={}", p.display()),
         }
+    }
+}
+
+/// `text` with everything from a session id on replaced: xapi's export names carry the API
+/// session, a secret that must not reach errors, logs or manifests (plain or %-encoded).
+pub fn redact_session(text: &str) -> String {
+    match text.find("session_id") {
+        Some(i) => format!("{}session_id=<redacted>", &text[..i]),
+        None => text.to_string(),
     }
 }
 

@@ -33,9 +33,10 @@ fn percent_decode(s: &str) -> Result<String, String> {
 }
 
 pub fn parse(uri: &str) -> Result<NbdUri, String> {
+    let shown = super::client::redact_session(uri);
     let bad = |why: &str| {
         format!(
-            "{uri:?} is not an NBD URI ({why}); use nbd://HOST[:PORT]/EXPORT, nbds://… for TLS, or nbd+unix:///EXPORT?socket=PATH"
+            "{shown:?} is not an NBD URI ({why}); use nbd://HOST[:PORT]/EXPORT, nbds://… for TLS, or nbd+unix:///EXPORT?socket=PATH"
         )
     };
     let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad("no scheme"))?;
@@ -129,5 +130,7 @@ mod tests {
         assert!(parse("http://x/y").is_err());
         assert!(parse("nbd+unix:///e").is_err());
         assert!(parse("nbd://h:port/").is_err());
+        let e = parse("nbd://h:x/%2Fvdi%3Fsession_id%3DOpaqueRef%3Asecret").unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
     }
 }
