@@ -335,6 +335,9 @@ fn cmd_import(
         source,
         bitmap,
         time,
+        snapshot: None,
+        vm_metadata: None,
+        source_label: None,
     };
     let progress = Progress::new("import", 0);
     let report = import::import_raw(&repository, &req, |done, total| {

@@ -136,6 +136,9 @@ pub fn run_demo(dir: &Path) -> Result<()> {
                 source: crate::import::ImportSource::Raw(image.clone()),
                 bitmap: bitmap.map(|b| (b, "demo".into())),
                 time: start + day * 86400,
+                snapshot: None,
+                vm_metadata: None,
+                source_label: None,
             },
             |_, _| {},
         )?;

@@ -597,6 +597,9 @@ mod tests {
                 source: crate::import::ImportSource::Raw(img),
                 bitmap: None,
                 time: 1_800_000_000,
+                snapshot: None,
+                vm_metadata: None,
+                source_label: None,
             },
             |_, _| {},
         )

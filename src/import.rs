@@ -68,6 +68,12 @@ pub struct ImportRequest {
     /// The base64 bitmap text and where it came from (for messages).
     pub bitmap: Option<(String, String)>,
     pub time: i64,
+    /// The host snapshot the bytes come from (backup).
+    pub snapshot: Option<String>,
+    /// VM metadata to keep with the point (backup).
+    pub vm_metadata: Option<Vec<u8>>,
+    /// Overrides the point's recorded source (`backup:HOST`).
+    pub source_label: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,20 +96,27 @@ pub fn import_raw(
     progress: impl FnMut(u64, u64),
 ) -> Result<ImportReport, ImportError> {
     match &req.source {
-        ImportSource::Raw(path) => import_file(repo, req, path, progress),
+        ImportSource::Raw(path) => {
+            let lock = repo.lock(&format!("cbtfs import {}", req.vdi))?;
+            import_file(repo, &lock, req, path, progress)
+        }
         ImportSource::Nbd { target, options } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .map_err(|e| ImportError::Runtime(e.to_string()))?;
-            rt.block_on(import_nbd(repo, req, target, *options, progress))
+            rt.block_on(async {
+                let pool = crate::nbd::Pool::open(target.clone(), *options).await?;
+                let lock = repo.lock(&format!("cbtfs import {}", req.vdi))?;
+                import_nbd(repo, &lock, req, pool, progress).await
+            })
         }
     }
 }
 
 /// The parsed bitmap, if any, for a disk of `blocks` blocks.
-fn marked_blocks(req: &ImportRequest, blocks: u64) -> Result<Option<RoaringBitmap>, ImportError> {
+pub(crate) fn marked_blocks(req: &ImportRequest, blocks: u64) -> Result<Option<RoaringBitmap>, ImportError> {
     match &req.bitmap {
         Some((text, from)) => Ok(Some(bitmap::decode_base64(text, blocks).map_err(
             |source| ImportError::Bitmap {
@@ -116,7 +129,7 @@ fn marked_blocks(req: &ImportRequest, blocks: u64) -> Result<Option<RoaringBitma
 }
 
 /// Start the point: the lock, names carried over from the disk's newest point, set and seq.
-fn begin<'l>(
+pub(crate) fn begin<'l>(
     repo: &Repository,
     lock: &'l crate::repo::WriteLock,
     req: &ImportRequest,
@@ -148,15 +161,17 @@ fn begin<'l>(
             vm_name,
             time: req.time,
             virtual_size: size,
-            source,
+            source: req.source_label.clone().unwrap_or(source),
             new_set,
+            snapshot: req.snapshot.clone(),
+            vm_metadata: req.vm_metadata.clone(),
         },
     )?)
 }
 
 /// Which blocks to read, and whether zero blocks among them must be recorded (an incremental
 /// point records them: they hide older data; a base skips them).
-fn plan(
+pub(crate) fn plan(
     marked: Option<&RoaringBitmap>,
     previous: Option<&PointManifest>,
     size: u64,
@@ -184,6 +199,7 @@ fn plan(
 
 fn import_file(
     repo: &Repository,
+    lock: &crate::repo::WriteLock,
     req: &ImportRequest,
     path: &Path,
     mut progress: impl FnMut(u64, u64),
@@ -195,10 +211,9 @@ fn import_file(
     let mut img = File::open(path).map_err(img_err)?;
     let size = image_size(&mut img).map_err(img_err)?;
     let marked = marked_blocks(req, blocks_for(size))?;
-    let lock = repo.lock(&format!("cbtfs import {}", req.vdi))?;
     let mut w = begin(
         repo,
-        &lock,
+        lock,
         req,
         size,
         format!("import:{}", display_name(path)),
@@ -238,16 +253,17 @@ fn import_file(
     })
 }
 
-/// Fetch a point over NBD: the bitmap's blocks, or a whole base (skipping what block status
-/// reports as holes). Nothing is committed unless every block arrived.
-async fn import_nbd(
+/// Fetch a point over NBD through `pool` (closed before returning): the bitmap's blocks, or a
+/// whole base (skipping what block status reports as holes). Nothing is committed unless every
+/// block arrived.
+pub async fn import_nbd(
     repo: &Repository,
+    lock: &crate::repo::WriteLock,
     req: &ImportRequest,
-    target: &crate::nbd::Target,
-    options: crate::nbd::FetchOptions,
+    mut pool: crate::nbd::Pool,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<ImportReport, ImportError> {
-    let mut pool = crate::nbd::Pool::open(target.clone(), options).await?;
+    let target = pool.target().clone();
     let size = pool.info.size;
     let marked = marked_blocks(req, blocks_for(size))?;
     let allocated = if marked.is_none() {
@@ -255,10 +271,9 @@ async fn import_nbd(
     } else {
         None
     };
-    let lock = repo.lock(&format!("cbtfs import {}", req.vdi))?;
     let mut w = begin(
         repo,
-        &lock,
+        lock,
         req,
         size,
         format!("nbd:{}", target.describe()),

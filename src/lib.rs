@@ -4,7 +4,8 @@
 //! Layers, each depending only on those below it:
 //! `cli` → `import`/`export`/`verify` → `read` (positional reads of a point) → `chain` (block →
 //! owning point) and `repo` (the on-disk format). `naming` turns repository identities into the
-//! names users type; `bitmap` decodes CBT bitmaps as the host sends them.
+//! names users type; `bitmap` decodes CBT bitmaps as the host sends them. `backup` drives the
+//! host through `xapi` (management API) and `nbd` (data); `sim` stands in for the host in tests.
 
 pub mod bitmap;
 pub mod chain;
@@ -20,8 +21,10 @@ pub mod nbd;
 pub mod read;
 pub mod repo;
 pub mod sim;
+pub mod tar;
 pub mod timefmt;
 pub mod verify;
+pub mod xapi;
 
 /// CBT tracks 64 KiB blocks (the guide: "Blocks of 64 kB within the VDI are tracked").
 pub const BLOCK_SHIFT: u32 = 16;

@@ -54,6 +54,9 @@ fn run_life(dir: &Path, steps: &[Step], seed: u64) {
                 source: cbtfs::import::ImportSource::Raw(img.clone()),
                 bitmap,
                 time: cbtfs::timefmt::parse(&time(i as u64)).unwrap(),
+                snapshot: None,
+                vm_metadata: None,
+                source_label: None,
             },
             |_, _| {},
         )

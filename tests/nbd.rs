@@ -647,7 +647,11 @@ fn xapi_like_server_export_name_tls12_and_connection_limit() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (port, accepted) = rt
         .block_on(start(ServerConfig {
-            exports: [(export.to_string(), img.clone())].into_iter().collect(),
+            exports: std::sync::Arc::new(
+                [(export.to_string(), img.clone())]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
             tls: Some((
                 std::fs::read_to_string(&cert).unwrap(),
                 std::fs::read_to_string(&key).unwrap(),

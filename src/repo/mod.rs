@@ -117,6 +117,12 @@ pub struct PointManifest {
     pub data: FileRef,
     /// Where the point came from (`import:FILE`, `backup:HOST`).
     pub source: String,
+    /// The host snapshot (VDI uuid) this point was read from: the next backup's diff origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// The VM metadata export (`/export_metadata`, a tar holding ova.xml) saved with the point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_metadata: Option<FileRef>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -175,6 +181,10 @@ pub struct NewPoint {
     pub source: String,
     /// Start a new set (a full base) instead of extending the newest one.
     pub new_set: bool,
+    /// The host snapshot the point is read from.
+    pub snapshot: Option<String>,
+    /// VM metadata to keep with the point.
+    pub vm_metadata: Option<Vec<u8>>,
 }
 
 /// An opened point: its manifest, checked index and data file.
@@ -621,6 +631,9 @@ impl Repository {
                     Some(m) => {
                         referenced.insert(m.index.name);
                         referenced.insert(m.data.name);
+                        if let Some(v) = m.vm_metadata {
+                            referenced.insert(v.name);
+                        }
                     }
                     None => {
                         referenced.insert(format!("{prefix}-*"));
@@ -628,7 +641,7 @@ impl Repository {
                 }
             }
             for n in &names {
-                let orphan_obj = (n.ends_with(".data") || n.ends_with(".idx"))
+                let orphan_obj = (n.ends_with(".data") || n.ends_with(".idx") || n.ends_with(".vm.tar"))
                     && !referenced.contains(n)
                     && !n
                         .split_once('-')
@@ -745,6 +758,7 @@ impl Repository {
             data_len: 0,
             next_block: 0,
             committed: false,
+            extra: None,
         };
         let iw = w
             .store
@@ -795,6 +809,8 @@ pub struct PointWriter<'l> {
     data_len: u64,
     next_block: u64,
     committed: bool,
+    /// The VM metadata object, once written.
+    extra: Option<String>,
 }
 
 impl PointWriter<'_> {
@@ -880,7 +896,7 @@ impl PointWriter<'_> {
         let index_len = index
             .finish(self.spec.virtual_size, &self.changed, &self.stored)
             .map_err(|e| RepoError::io("write", &iloc, e))?;
-        let m = PointManifest {
+        let mut m = PointManifest {
             format: POINT_FORMAT.into(),
             version: POINT_VERSION,
             vdi: self.spec.vdi.clone(),
@@ -902,7 +918,25 @@ impl PointWriter<'_> {
                 len: data_len,
             },
             source: self.spec.source.clone(),
+            snapshot: self.spec.snapshot.clone(),
+            vm_metadata: None,
         };
+        let vm_metadata = match &self.spec.vm_metadata {
+            Some(bytes) => {
+                let name = self.data_name.replace(".data", ".vm.tar");
+                let k = format!("{}/{}", self.set_key, name);
+                self.store
+                    .put_new(&k, bytes)
+                    .map_err(|e| RepoError::io("write", self.store.describe(&k), e))?;
+                self.extra = Some(name.clone());
+                Some(FileRef {
+                    name,
+                    len: bytes.len() as u64,
+                })
+            }
+            None => None,
+        };
+        m.vm_metadata = vm_metadata;
         let mk = format!("{}/{:06}.point", self.set_key, self.seq);
         self.store
             .put_new(&mk, &manifest::encode(&m))
@@ -920,7 +954,10 @@ impl Drop for PointWriter<'_> {
         }
         self.data.take();
         self.index.take();
-        for name in [&self.data_name, &self.index_name] {
+        for name in [Some(&self.data_name), Some(&self.index_name), self.extra.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             let _ = self.store.delete(&format!("{}/{}", self.set_key, name));
         }
         if self.seq == 0 {

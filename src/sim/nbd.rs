@@ -22,9 +22,45 @@ use crate::nbd::proto;
 /// Connections a host serves at once.
 pub const MAX_CONNECTIONS: usize = 16;
 
+/// An export's bytes while a client has it open; dropped when the connection ends (the
+/// simulated host then unplugs its VBD).
+pub trait ExportData: Send + Sync {
+    fn size(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()>;
+}
+
+/// Resolves export names at connect time.
+pub trait Exports: Send + Sync {
+    /// None closes the connection (xapi-nbd has no error reply for EXPORT_NAME).
+    fn open(&self, name: &str) -> Option<Box<dyn ExportData>>;
+    /// Requests a connection serves before it is dropped (fault injection); None: no limit.
+    fn drop_after(&self) -> Option<u64> {
+        None
+    }
+}
+
+struct FileExport(std::fs::File, u64);
+
+impl ExportData for FileExport {
+    fn size(&self) -> u64 {
+        self.1
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.0.read_exact_at(buf, off)
+    }
+}
+
+impl Exports for HashMap<String, PathBuf> {
+    fn open(&self, name: &str) -> Option<Box<dyn ExportData>> {
+        let f = std::fs::File::open(self.get(name)?).ok()?;
+        let size = f.metadata().ok()?.len();
+        Some(Box::new(FileExport(f, size)))
+    }
+}
+
 pub struct ServerConfig {
-    /// Export name → raw image.
-    pub exports: HashMap<String, PathBuf>,
+    /// Export name → contents.
+    pub exports: Arc<dyn Exports>,
     /// TLS certificate and key (PEM); None serves plain NBD (an `insecure_nbd` network).
     pub tls: Option<(String, String)>,
 }
@@ -32,7 +68,7 @@ pub struct ServerConfig {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+pub(crate) fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
@@ -57,15 +93,18 @@ fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>
 /// Start serving on 127.0.0.1 (an ephemeral port) in the current tokio runtime; returns the
 /// port and a counter of connections accepted.
 pub async fn start(config: ServerConfig) -> Result<(u16, Arc<AtomicUsize>), String> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
+    start_on("127.0.0.1:0", config).await
+}
+
+/// Start serving on `addr`.
+pub async fn start_on(addr: &str, config: ServerConfig) -> Result<(u16, Arc<AtomicUsize>), String> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let tls = match &config.tls {
         Some((c, k)) => Some(tokio_rustls::TlsAcceptor::from(tls_config(c, k)?)),
         None => None,
     };
-    let exports = Arc::new(config.exports);
+    let exports = config.exports;
     let active = Arc::new(AtomicUsize::new(0));
     let accepted = Arc::new(AtomicUsize::new(0));
     let counter = accepted.clone();
@@ -109,7 +148,7 @@ async fn reply<S: Stream + ?Sized>(
 
 async fn session(
     mut s: Box<dyn Stream>,
-    exports: &HashMap<String, PathBuf>,
+    exports: &Arc<dyn Exports>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let mut g = Vec::new();
@@ -147,17 +186,16 @@ async fn session(
             _ if !secure => reply(&mut *s, opt, proto::REP_ERR_TLS_REQD, &[]).await?,
             proto::OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(path) = exports.get(&name) else {
+                let Some(export) = exports.open(&name) else {
                     return Ok(()); // xapi-nbd closes: EXPORT_NAME has no error reply
                 };
-                let file = std::fs::File::open(path)?;
-                let size = file.metadata()?.len();
+                let size = export.size();
                 let mut b = Vec::new();
                 b.extend_from_slice(&size.to_be_bytes());
                 b.extend_from_slice(&(proto::TFLAG_HAS_FLAGS | proto::TFLAG_READ_ONLY).to_be_bytes());
                 b.extend_from_slice(&[0u8; 124]);
                 s.write_all(&b).await?;
-                return transmission(s, file, size).await;
+                return transmission(s, export, size, exports.drop_after()).await;
             }
             3 /* LIST */ => reply(&mut *s, opt, proto::REP_ACK, &[]).await?,
             _ => reply(&mut *s, opt, proto::REP_ERR_UNSUP, &[]).await?,
@@ -183,10 +221,16 @@ async fn simple_reply<S: Stream + ?Sized>(
 /// Requests one at a time; any error reply ends the connection.
 async fn transmission(
     mut s: Box<dyn Stream>,
-    file: std::fs::File,
+    export: Box<dyn ExportData>,
     size: u64,
+    drop_after: Option<u64>,
 ) -> std::io::Result<()> {
+    let mut served = 0u64;
     loop {
+        if drop_after.is_some_and(|n| served >= n) {
+            return Ok(()); // injected fault: the connection drops
+        }
+        served += 1;
         let mut r = [0u8; 28];
         s.read_exact(&mut r).await?;
         let magic = u32::from_be_bytes([r[0], r[1], r[2], r[3]]);
@@ -208,7 +252,7 @@ async fn transmission(
                     && offset.checked_add(len).is_some_and(|e| e <= size) =>
             {
                 let mut buf = vec![0u8; len as usize];
-                file.read_exact_at(&mut buf, offset)?;
+                export.read_at(&mut buf, offset)?;
                 simple_reply(&mut *s, 0, &cookie, &buf).await?;
             }
             _ => {

@@ -257,6 +257,9 @@ pub fn import_life(dir: &Path, repo: &Path, steps: &[Step], seed: u64) -> String
                 source: cbtfs::import::ImportSource::Raw(img.clone()),
                 bitmap,
                 time: cbtfs::timefmt::parse(&time(i as u64)).unwrap(),
+                snapshot: None,
+                vm_metadata: None,
+                source_label: None,
             },
             |_, _| {},
         )

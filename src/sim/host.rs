@@ -1,0 +1,675 @@
+//! The simulated host's state and its management API: VMs, VDIs, VBDs and one SR, sessions,
+//! CBT as the storage manager keeps it, and the calls backup and restore make, answering with
+//! xen-api's error codes and parameters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use roaring::RoaringBitmap;
+use serde_json::{Value, json};
+
+use super::disk::Image;
+use crate::blocks_for;
+
+/// An API failure: `ErrorDescription` (code first).
+pub type Failure = Vec<String>;
+
+fn fail(code: &str, params: &[&str]) -> Failure {
+    std::iter::once(code.to_string())
+        .chain(params.iter().map(|s| s.to_string()))
+        .collect()
+}
+
+pub fn new_uuid() -> String {
+    let mut b = [0u8; 16];
+    let _ = getrandom::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn new_ref() -> String {
+    format!("OpaqueRef:{}", new_uuid())
+}
+
+/// CBT state of a VDI: which set (chain) it belongs to and its place in it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cbt {
+    pub chain: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug)]
+pub struct Vdi {
+    pub uuid: String,
+    pub name_label: String,
+    /// `user`, `system`, `ephemeral`, ..., `cbt_metadata` after data_destroy.
+    pub kind: String,
+    pub on_boot: String,
+    pub virtual_size: u64,
+    pub is_a_snapshot: bool,
+    pub snapshot_of: String,
+    pub snapshot_time: i64,
+    /// None once the data is destroyed.
+    pub image: Option<Image>,
+    pub cbt: Option<Cbt>,
+    /// Live disks: blocks written since their last snapshot.
+    pub dirty: RoaringBitmap,
+    pub other_config: BTreeMap<String, String>,
+    pub vbds: Vec<String>,
+    /// Open NBD connections and HTTP transfers (each plugs a VBD in dom0).
+    pub users: usize,
+    /// The VBDs of closed connections are still unplugging until then.
+    pub busy_until: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct Vbd {
+    pub vm: String,
+    pub vdi: String,
+    pub attached: bool,
+}
+
+#[derive(Debug)]
+pub struct Vm {
+    pub uuid: String,
+    pub name_label: String,
+    pub vbds: Vec<String>,
+    pub power_state: String,
+}
+
+/// Faults and host states tests switch on.
+#[derive(Debug, Default, Clone)]
+pub struct Faults {
+    /// No Enterprise licence: enabling CBT fails.
+    pub no_licence: bool,
+    /// The SR is detached.
+    pub sr_detached: bool,
+    /// NBD connections drop after this many requests.
+    pub nbd_drop_after: Option<u64>,
+    /// `/export_raw_vdi` answers 200 with an error page.
+    pub export_error_page: bool,
+    /// `/export_raw_vdi` first answers 302 to another path.
+    pub export_redirect: bool,
+    /// Extra blocks list_changed_blocks reports (CBT may over-report).
+    pub overreport: Vec<u32>,
+    /// How long a VDI stays "in use" after its last NBD connection closed.
+    pub unplug_delay: Duration,
+    /// The SR has this many bytes free (VDI.create, import_raw_vdi).
+    pub sr_free: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct State {
+    pub dir: PathBuf,
+    pub user: String,
+    pub password: String,
+    /// Some(master address): this host is a pool member.
+    pub slave_of: Option<String>,
+    pub sessions: HashMap<String, String>,
+    pub vdis: BTreeMap<String, Vdi>,
+    pub vbds: BTreeMap<String, Vbd>,
+    pub vms: BTreeMap<String, Vm>,
+    pub tasks: BTreeMap<String, (String, String)>,
+    pub sr_ref: String,
+    pub sr_uuid: String,
+    /// Changed blocks of every snapshot of every CBT chain, by position: kept when snapshots are
+    /// destroyed (their bitmaps merge forward).
+    pub cbt_history: HashMap<u64, BTreeMap<u64, RoaringBitmap>>,
+    pub next_chain: u64,
+    pub faults: Faults,
+    /// NBD: (port, certificate PEM, subject); None when no network has the nbd purpose.
+    pub nbd: Option<(u16, String, String)>,
+    /// Methods called, in order (tests check the procedure).
+    pub calls: Vec<String>,
+    pub clock: i64,
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+impl State {
+    pub fn new(dir: PathBuf, user: &str, password: &str) -> State {
+        State {
+            dir,
+            user: user.into(),
+            password: password.into(),
+            slave_of: None,
+            sessions: HashMap::new(),
+            vdis: BTreeMap::new(),
+            vbds: BTreeMap::new(),
+            vms: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            sr_ref: new_ref(),
+            sr_uuid: new_uuid(),
+            cbt_history: HashMap::new(),
+            next_chain: 1,
+            faults: Faults {
+                unplug_delay: Duration::from_millis(300),
+                ..Faults::default()
+            },
+            nbd: None,
+            calls: Vec::new(),
+            clock: 0,
+        }
+    }
+
+    /// Add a VM with one disk per image; returns (vm uuid, vdi uuids).
+    pub fn add_vm(&mut self, name: &str, disks: Vec<(String, Image)>) -> (String, Vec<String>) {
+        let vm_ref = new_ref();
+        let vm_uuid = new_uuid();
+        let mut vbds = Vec::new();
+        let mut uuids = Vec::new();
+        for (label, image) in disks {
+            let vdi_ref = self.add_vdi(&label, image);
+            let vbd = new_ref();
+            self.vbds.insert(
+                vbd.clone(),
+                Vbd {
+                    vm: vm_ref.clone(),
+                    vdi: vdi_ref.clone(),
+                    attached: true,
+                },
+            );
+            if let Some(v) = self.vdis.get_mut(&vdi_ref) {
+                v.vbds.push(vbd.clone());
+                uuids.push(v.uuid.clone());
+            }
+            vbds.push(vbd);
+        }
+        self.vms.insert(
+            vm_ref,
+            Vm {
+                uuid: vm_uuid.clone(),
+                name_label: name.into(),
+                vbds,
+                power_state: "Running".into(),
+            },
+        );
+        (vm_uuid, uuids)
+    }
+
+    pub fn add_vdi(&mut self, label: &str, image: Image) -> String {
+        let r = new_ref();
+        self.vdis.insert(
+            r.clone(),
+            Vdi {
+                uuid: new_uuid(),
+                name_label: label.into(),
+                kind: "user".into(),
+                on_boot: "persist".into(),
+                virtual_size: image.size(),
+                is_a_snapshot: false,
+                snapshot_of: crate::xapi::NULL_REF.into(),
+                snapshot_time: 0,
+                image: Some(image),
+                cbt: None,
+                dirty: RoaringBitmap::new(),
+                other_config: BTreeMap::new(),
+                vbds: Vec::new(),
+                users: 0,
+                busy_until: None,
+            },
+        );
+        r
+    }
+
+    pub fn vdi_ref(&self, uuid_or_ref: &str) -> Option<String> {
+        if self.vdis.contains_key(uuid_or_ref) {
+            return Some(uuid_or_ref.to_string());
+        }
+        self.vdis
+            .iter()
+            .find(|(_, v)| v.uuid == uuid_or_ref)
+            .map(|(r, _)| r.clone())
+    }
+
+    /// A guest write to a live VDI: CBT marks the blocks.
+    pub fn guest_write(&mut self, vdi: &str, off: u64, data: &[u8]) -> Result<(), String> {
+        let r = self.vdi_ref(vdi).ok_or("no such VDI")?;
+        let v = self.vdis.get_mut(&r).ok_or("no such VDI")?;
+        let img = v.image.as_mut().ok_or("the VDI has no data")?;
+        let touched = img.write_at(data, off).map_err(|e| e.to_string())?;
+        v.dirty.extend(touched);
+        Ok(())
+    }
+
+    /// A host or SR crash: CBT is disabled on every VDI.
+    pub fn crash(&mut self) {
+        for v in self.vdis.values_mut() {
+            if !v.is_a_snapshot {
+                v.cbt = None;
+            }
+        }
+    }
+
+    fn vdi(&self, r: &str) -> Result<&Vdi, Failure> {
+        self.vdis.get(r).ok_or_else(|| fail("HANDLE_INVALID", &["VDI", r]))
+    }
+
+    fn vdi_mut(&mut self, r: &str) -> Result<&mut Vdi, Failure> {
+        self.vdis
+            .get_mut(r)
+            .ok_or_else(|| fail("HANDLE_INVALID", &["VDI", r]))
+    }
+
+    fn in_use(&self, r: &str) -> bool {
+        let Some(v) = self.vdis.get(r) else {
+            return false;
+        };
+        v.users > 0
+            || v.busy_until.is_some_and(|t| Instant::now() < t)
+            || v.vbds
+                .iter()
+                .any(|b| self.vbds.get(b).is_some_and(|b| b.attached))
+    }
+
+    fn vdi_record(&self, r: &str) -> Result<Value, Failure> {
+        let v = self.vdi(r)?;
+        let snapshots: Vec<&String> = self
+            .vdis
+            .iter()
+            .filter(|(_, x)| x.snapshot_of == r)
+            .map(|(k, _)| k)
+            .collect();
+        Ok(json!({
+            "uuid": v.uuid,
+            "name_label": v.name_label,
+            "name_description": "",
+            "virtual_size": v.virtual_size.to_string(),
+            "physical_utilisation": "0",
+            "type": v.kind,
+            "on_boot": v.on_boot,
+            "cbt_enabled": v.cbt.is_some(),
+            "is_a_snapshot": v.is_a_snapshot,
+            "snapshot_of": v.snapshot_of,
+            "snapshots": snapshots,
+            "snapshot_time": crate::timefmt::basic(v.snapshot_time),
+            "VBDs": v.vbds,
+            "SR": self.sr_ref,
+            "sharable": false,
+            "read_only": false,
+            "managed": true,
+            "other_config": v.other_config,
+            "sm_config": {},
+            "xenstore_data": {},
+            "tags": [],
+        }))
+    }
+
+    /// A session's user; checks the session.
+    fn session(&self, sref: &str) -> Result<(), Failure> {
+        if self.sessions.contains_key(sref) {
+            Ok(())
+        } else {
+            Err(fail("SESSION_INVALID", &[sref]))
+        }
+    }
+
+    /// Answer one API call.
+    pub fn dispatch(&mut self, method: &str, params: &[Value]) -> Result<Value, Failure> {
+        self.calls.push(method.to_string());
+        let count = |n: usize| -> Result<(), Failure> {
+            if params.len() == n {
+                Ok(())
+            } else {
+                Err(fail(
+                    "MESSAGE_PARAMETER_COUNT_MISMATCH",
+                    &[method, &n.to_string(), &params.len().to_string()],
+                ))
+            }
+        };
+        match method {
+            "session.login_with_password" => {
+                if params.len() < 2 {
+                    return Err(fail("MESSAGE_PARAMETER_COUNT_MISMATCH", &[method, "4", &params.len().to_string()]));
+                }
+                if let Some(m) = &self.slave_of {
+                    return Err(fail("HOST_IS_SLAVE", &[m]));
+                }
+                if s(&params[0]) != self.user || s(&params[1]) != self.password {
+                    return Err(fail(
+                        "SESSION_AUTHENTICATION_FAILED",
+                        &[s(&params[0]), "Authentication failure"],
+                    ));
+                }
+                let r = new_ref();
+                self.sessions.insert(r.clone(), s(&params[0]).to_string());
+                return Ok(json!(r));
+            }
+            "session.logout" => {
+                count(1)?;
+                self.sessions.remove(s(&params[0]));
+                return Ok(json!(""));
+            }
+            _ => {}
+        }
+        let Some(sref) = params.first() else {
+            return Err(fail("MESSAGE_PARAMETER_COUNT_MISMATCH", &[method, "1", "0"]));
+        };
+        self.session(s(sref))?;
+        let a = &params[1..];
+        let argc = |n: usize| count(n + 1);
+        let arg = |i: usize| a.get(i).map(s).unwrap_or("");
+        match method {
+            "VDI.get_by_uuid" => {
+                argc(1)?;
+                self.vdis
+                    .iter()
+                    .find(|(_, v)| v.uuid == arg(0))
+                    .map(|(r, _)| json!(r))
+                    .ok_or_else(|| fail("UUID_INVALID", &["VDI", arg(0)]))
+            }
+            "VDI.get_record" => {
+                argc(1)?;
+                self.vdi_record(arg(0))
+            }
+            "VDI.get_uuid" => {
+                argc(1)?;
+                Ok(json!(self.vdi(arg(0))?.uuid))
+            }
+            "VDI.get_cbt_enabled" => {
+                argc(1)?;
+                Ok(json!(self.vdi(arg(0))?.cbt.is_some()))
+            }
+            "VDI.get_type" => {
+                argc(1)?;
+                Ok(json!(self.vdi(arg(0))?.kind))
+            }
+            "VDI.enable_cbt" => {
+                argc(1)?;
+                let r = arg(0).to_string();
+                let v = self.vdi(&r)?;
+                if v.cbt.is_some() {
+                    return Ok(json!(""));
+                }
+                if self.faults.no_licence {
+                    return Err(fail("LICENCE_RESTRICTION", &["CBT"]));
+                }
+                if v.kind != "user" && v.kind != "system" {
+                    return Err(fail("VDI_INCOMPATIBLE_TYPE", &[&r, &v.kind]));
+                }
+                if v.on_boot == "reset" {
+                    return Err(fail("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION", &[]));
+                }
+                if self.faults.sr_detached {
+                    return Err(fail("SR_HAS_NO_PBDS", &[&self.sr_ref.clone()]));
+                }
+                let chain = self.next_chain;
+                self.next_chain += 1;
+                self.cbt_history.insert(chain, BTreeMap::new());
+                let v = self.vdi_mut(&r)?;
+                v.cbt = Some(Cbt { chain, seq: 0 });
+                v.dirty = RoaringBitmap::new();
+                Ok(json!(""))
+            }
+            "VDI.disable_cbt" => {
+                argc(1)?;
+                self.vdi_mut(arg(0))?.cbt = None;
+                Ok(json!(""))
+            }
+            "VDI.snapshot" => {
+                if a.is_empty() || a.len() > 2 {
+                    return Err(fail("MESSAGE_PARAMETER_COUNT_MISMATCH", &[method, "3", &params.len().to_string()]));
+                }
+                if self.faults.sr_detached {
+                    return Err(fail("SR_NOT_ATTACHED", &[&self.sr_ref.clone()]));
+                }
+                let r = arg(0).to_string();
+                self.clock += 1;
+                let now = self.clock;
+                let v = self.vdi_mut(&r)?;
+                if v.is_a_snapshot {
+                    return Err(fail("OPERATION_NOT_ALLOWED", &["cannot snapshot a snapshot"]));
+                }
+                let image = v
+                    .image
+                    .as_mut()
+                    .ok_or_else(|| fail("VDI_INCOMPATIBLE_TYPE", &[&r, "cbt_metadata"]))?
+                    .freeze()
+                    .map_err(|e| fail("SR_BACKEND_FAILURE_44", &["", &e.to_string(), ""]))?;
+                let cbt = v.cbt.map(|c| Cbt {
+                    chain: c.chain,
+                    seq: c.seq + 1,
+                });
+                let changed = std::mem::take(&mut v.dirty);
+                if let Some(c) = cbt {
+                    v.cbt = Some(c);
+                }
+                let (label, kind, on_boot, size) =
+                    (v.name_label.clone(), v.kind.clone(), v.on_boot.clone(), v.virtual_size);
+                if let Some(c) = cbt {
+                    self.cbt_history.entry(c.chain).or_default().insert(c.seq, changed);
+                }
+                let sr = new_ref();
+                self.vdis.insert(
+                    sr.clone(),
+                    Vdi {
+                        uuid: new_uuid(),
+                        name_label: label,
+                        kind,
+                        on_boot,
+                        virtual_size: size,
+                        is_a_snapshot: true,
+                        snapshot_of: r,
+                        snapshot_time: now,
+                        image: Some(image),
+                        cbt,
+                        dirty: RoaringBitmap::new(),
+                        other_config: BTreeMap::new(),
+                        vbds: Vec::new(),
+                        users: 0,
+                        busy_until: None,
+                    },
+                );
+                Ok(json!(sr))
+            }
+            "VDI.list_changed_blocks" => {
+                argc(2)?;
+                let (from, to) = (self.vdi(arg(0))?, self.vdi(arg(1))?);
+                let Some(fc) = from.cbt else {
+                    return Err(fail("VDI_NO_CBT_METADATA", &[arg(0)]));
+                };
+                let Some(tc) = to.cbt else {
+                    return Err(fail("VDI_NO_CBT_METADATA", &[arg(1)]));
+                };
+                if self.in_use(arg(1)) && to.vbds.iter().any(|b| self.vbds.get(b).is_some_and(|b| b.attached)) {
+                    return Err(fail("VDI_IN_USE", &[arg(1), "list_changed_blocks"]));
+                }
+                if fc.chain != tc.chain {
+                    return Err(fail(
+                        "SR_BACKEND_FAILURE_460",
+                        &[
+                            "",
+                            "Failed to calculate changed blocks for given VDIs. [opterr=Source and target VDI are unrelated]",
+                            "",
+                        ],
+                    ));
+                }
+                let blocks = blocks_for(to.virtual_size);
+                let mut changed = RoaringBitmap::new();
+                if let Some(h) = self.cbt_history.get(&fc.chain) {
+                    for (_, b) in h.range(fc.seq + 1..=tc.seq) {
+                        changed |= b;
+                    }
+                }
+                changed.extend(self.faults.overreport.iter().copied());
+                let mut bytes = vec![0u8; blocks.div_ceil(8) as usize];
+                for b in changed.iter().filter(|&b| (b as u64) < blocks) {
+                    bytes[(b >> 3) as usize] |= 0x80 >> (b & 7);
+                }
+                Ok(json!(base64::engine::general_purpose::STANDARD.encode(bytes)))
+            }
+            "VDI.get_nbd_info" => {
+                argc(1)?;
+                let r = arg(0).to_string();
+                let v = self.vdi(&r)?;
+                if v.image.is_none() {
+                    return Err(fail("VDI_INCOMPATIBLE_TYPE", &[&r, "cbt_metadata"]));
+                }
+                let Some((port, cert, subject)) = &self.nbd else {
+                    return Ok(json!([]));
+                };
+                Ok(json!([{
+                    "exportname": format!("/{}?session_id={}", v.uuid, s(sref)),
+                    "address": "127.0.0.1",
+                    "port": port,
+                    "cert": cert,
+                    "subject": subject,
+                }]))
+            }
+            "VDI.data_destroy" => {
+                argc(1)?;
+                let r = arg(0).to_string();
+                let v = self.vdi(&r)?;
+                if v.cbt.is_none() {
+                    return Err(fail("VDI_NO_CBT_METADATA", &[&r]));
+                }
+                if self.in_use(&r) {
+                    return Err(fail("VDI_IN_USE", &[&r, "data_destroy"]));
+                }
+                let v = self.vdi_mut(&r)?;
+                v.image = None;
+                v.kind = "cbt_metadata".into();
+                Ok(json!(""))
+            }
+            "VDI.destroy" => {
+                argc(1)?;
+                let r = arg(0).to_string();
+                self.vdi(&r)?;
+                if self.in_use(&r) {
+                    return Err(fail("VDI_IN_USE", &[&r, "destroy"]));
+                }
+                self.vdis.remove(&r);
+                Ok(json!(""))
+            }
+            "VDI.add_to_other_config" => {
+                argc(3)?;
+                let (k, val) = (arg(1).to_string(), arg(2).to_string());
+                let v = self.vdi_mut(arg(0))?;
+                if v.other_config.contains_key(&k) {
+                    return Err(fail("MAP_DUPLICATE_KEY", &["VDI", "other_config", arg(0), &k]));
+                }
+                v.other_config.insert(k, val);
+                Ok(json!(""))
+            }
+            "VDI.create" => {
+                argc(1)?;
+                let rec = &a[0];
+                let size = match rec.get("virtual_size") {
+                    Some(Value::String(x)) => x.parse::<u64>().ok(),
+                    Some(Value::Number(n)) => n.as_u64(),
+                    _ => None,
+                }
+                .ok_or_else(|| fail("FIELD_TYPE_ERROR", &["virtual_size"]))?;
+                if s(rec.get("SR").unwrap_or(&Value::Null)) != self.sr_ref {
+                    return Err(fail("HANDLE_INVALID", &["SR", s(rec.get("SR").unwrap_or(&Value::Null))]));
+                }
+                if self.faults.sr_detached {
+                    return Err(fail("SR_NOT_ATTACHED", &[&self.sr_ref.clone()]));
+                }
+                if self.faults.sr_free.is_some_and(|f| f < size) {
+                    return Err(fail("SR_FULL", &[&size.to_string(), &self.faults.sr_free.unwrap_or(0).to_string()]));
+                }
+                let image = Image::empty(&self.dir, size)
+                    .map_err(|e| fail("SR_BACKEND_FAILURE_44", &["", &e.to_string(), ""]))?;
+                let label = s(rec.get("name_label").unwrap_or(&Value::Null)).to_string();
+                Ok(json!(self.add_vdi(&label, image)))
+            }
+            "VBD.get_record" => {
+                argc(1)?;
+                let b = self
+                    .vbds
+                    .get(arg(0))
+                    .ok_or_else(|| fail("HANDLE_INVALID", &["VBD", arg(0)]))?;
+                Ok(json!({"VM": b.vm, "VDI": b.vdi, "currently_attached": b.attached, "type": "Disk", "mode": "RW"}))
+            }
+            "VM.get_by_uuid" => {
+                argc(1)?;
+                self.vms
+                    .iter()
+                    .find(|(_, v)| v.uuid == arg(0))
+                    .map(|(r, _)| json!(r))
+                    .ok_or_else(|| fail("UUID_INVALID", &["VM", arg(0)]))
+            }
+            "VM.get_by_name_label" => {
+                argc(1)?;
+                Ok(json!(
+                    self.vms
+                        .iter()
+                        .filter(|(_, v)| v.name_label == arg(0))
+                        .map(|(r, _)| r.clone())
+                        .collect::<Vec<_>>()
+                ))
+            }
+            "VM.get_record" => {
+                argc(1)?;
+                let v = self
+                    .vms
+                    .get(arg(0))
+                    .ok_or_else(|| fail("HANDLE_INVALID", &["VM", arg(0)]))?;
+                Ok(json!({
+                    "uuid": v.uuid, "name_label": v.name_label, "VBDs": v.vbds,
+                    "is_a_snapshot": false, "is_a_template": false, "is_control_domain": false,
+                    "power_state": v.power_state,
+                }))
+            }
+            "SR.get_name_label" => {
+                argc(1)?;
+                if arg(0) != self.sr_ref {
+                    return Err(fail("HANDLE_INVALID", &["SR", arg(0)]));
+                }
+                Ok(json!("Local storage"))
+            }
+            "SR.get_uuid" => {
+                argc(1)?;
+                Ok(json!(self.sr_uuid))
+            }
+            "task.create" => {
+                argc(2)?;
+                let r = new_ref();
+                self.tasks.insert(r.clone(), ("pending".into(), String::new()));
+                Ok(json!(r))
+            }
+            "task.get_record" => {
+                argc(1)?;
+                let t = self
+                    .tasks
+                    .get(arg(0))
+                    .ok_or_else(|| fail("HANDLE_INVALID", &["task", arg(0)]))?;
+                Ok(json!({"status": t.0, "result": t.1, "error_info": []}))
+            }
+            "task.destroy" => {
+                argc(1)?;
+                self.tasks.remove(arg(0));
+                Ok(json!(""))
+            }
+            _ => Err(fail("MESSAGE_METHOD_UNKNOWN", &[method])),
+        }
+    }
+
+    /// The VM metadata export of `vm_uuid`: a tar holding `ova.xml`.
+    pub fn export_metadata(&self, vm_uuid: &str) -> Option<Vec<u8>> {
+        let (vm_ref, vm) = self.vms.iter().find(|(_, v)| v.uuid == vm_uuid)?;
+        let disks: Vec<Value> = vm
+            .vbds
+            .iter()
+            .filter_map(|b| self.vbds.get(b))
+            .filter_map(|b| self.vdis.get(&b.vdi).map(|d| json!({"uuid": d.uuid, "name_label": d.name_label, "virtual_size": d.virtual_size.to_string()})))
+            .collect();
+        let value = json!({"version": {"xapi_major": "25"}, "objects": [{"class": "VM", "id": vm_ref, "snapshot": {"uuid": vm.uuid, "name_label": vm.name_label}}], "disks": disks});
+        let xml = crate::xapi::xmlrpc::encode_response(&value);
+        Some(crate::tar::build(&[("ova.xml", xml.as_bytes())]))
+    }
+}

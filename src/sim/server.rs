@@ -1,0 +1,558 @@
+//! The simulated host on the wire: the management API over HTTPS (JSON-RPC at `/jsonrpc`,
+//! XML-RPC at `/`), the HTTP handlers (`/export_raw_vdi`, `/import_raw_vdi`,
+//! `/export_metadata`), an xapi-nbd-like NBD server for snapshots, and a control surface for
+//! tests (in process through `Sim::with`, or `/sim/...` with the control token).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::disk::Image;
+use super::host::State;
+use super::nbd::{ExportData, Exports, ServerConfig};
+
+/// How the host offers NBD (the purpose of its networks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NbdMode {
+    /// An `nbd` network: TLS required.
+    Tls,
+    /// An `insecure_nbd` network: plain.
+    Plain,
+    /// No NBD network: `get_nbd_info` returns an empty list.
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Where disk layers and the certificate live.
+    pub dir: PathBuf,
+    pub user: String,
+    pub password: String,
+    pub nbd: NbdMode,
+    /// An older host: no `/jsonrpc`, XML-RPC only.
+    pub xmlrpc_only: bool,
+    /// Listen address (default 127.0.0.1, an ephemeral port).
+    pub bind: String,
+}
+
+impl SimConfig {
+    pub fn new(dir: &Path) -> SimConfig {
+        SimConfig {
+            dir: dir.to_path_buf(),
+            user: "root".into(),
+            password: super::host::new_uuid(),
+            nbd: NbdMode::Tls,
+            xmlrpc_only: false,
+            bind: "127.0.0.1:0".into(),
+        }
+    }
+}
+
+/// A running simulated host.
+pub struct Sim {
+    state: Arc<Mutex<State>>,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    pub port: u16,
+    /// The host's certificate (API and NBD), PEM.
+    pub cert_pem: String,
+    /// Token for `/sim/...` control requests (header `x-sim-token`).
+    pub control_token: String,
+    pub config: SimConfig,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A self-signed RSA certificate with only a subjectAltName, as xen-api's gencert makes.
+pub fn self_signed(dir: &Path, name: &str) -> Result<(String, String), String> {
+    let cnf = dir.join("cert.cnf");
+    let (cert, key) = (dir.join("host-cert.pem"), dir.join("host-key.pem"));
+    std::fs::write(
+        &cnf,
+        format!(
+            "[req]\ndistinguished_name=dn\nx509_extensions=ext\nprompt=no\n[dn]\nCN={name}\n[ext]\nsubjectAltName=DNS:{name},IP:127.0.0.1,IP:127.0.0.2\n"
+        ),
+    )
+    .map_err(|e| format!("{}: {e}", cnf.display()))?;
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-config"])
+        .arg(&cnf)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .map_err(|e| format!("cannot run openssl (install it: apt-get install openssl): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "openssl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    Ok((read(&cert)?, read(&key)?))
+}
+
+impl Sim {
+    /// Start a host; its certificate is generated (or reused from `dir`).
+    pub fn start(config: SimConfig) -> Result<Sim, String> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| e.to_string())?;
+        let (cert_pem, key_pem) = match (
+            std::fs::read_to_string(config.dir.join("host-cert.pem")),
+            std::fs::read_to_string(config.dir.join("host-key.pem")),
+        ) {
+            (Ok(c), Ok(k)) => (c, k),
+            _ => self_signed(&config.dir, "xenserver-sim")?,
+        };
+        Sim::start_with_cert(config, cert_pem, key_pem)
+    }
+
+    pub fn start_with_cert(
+        config: SimConfig,
+        cert_pem: String,
+        key_pem: String,
+    ) -> Result<Sim, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sim")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let layers = config.dir.join("layers");
+        std::fs::create_dir_all(&layers).map_err(|e| e.to_string())?;
+        let state = Arc::new(Mutex::new(State::new(layers, &config.user, &config.password)));
+        let tls = super::nbd::tls_config(&cert_pem, &key_pem)?;
+        let listener = runtime
+            .block_on(TcpListener::bind(&config.bind))
+            .map_err(|e| format!("bind {}: {e}", config.bind))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let control_token = super::host::new_uuid();
+        let ctx = Arc::new(Ctx {
+            state: state.clone(),
+            xmlrpc_only: config.xmlrpc_only,
+            token: control_token.clone(),
+        });
+        runtime.spawn(serve_https(listener, tokio_rustls::TlsAcceptor::from(tls), ctx));
+        if config.nbd != NbdMode::None {
+            let exports: Arc<dyn Exports> = Arc::new(HostExports(state.clone()));
+            let nbd_cfg = ServerConfig {
+                exports,
+                tls: (config.nbd == NbdMode::Tls).then(|| (cert_pem.clone(), key_pem.clone())),
+            };
+            let bind = format!("{}:0", addr.ip());
+            let (nbd_port, _) = runtime.block_on(super::nbd::start_on(&bind, nbd_cfg))?;
+            let cert = if config.nbd == NbdMode::Tls {
+                cert_pem.clone()
+            } else {
+                String::new()
+            };
+            lock(&state).nbd = Some((nbd_port, cert, "xenserver-sim".into()));
+        }
+        Ok(Sim {
+            state,
+            url: format!("https://{addr}"),
+            port: addr.port(),
+            cert_pem,
+            control_token,
+            config,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Run `f` on the host's state (the test control surface).
+    pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut lock(&self.state))
+    }
+
+    /// Add a VM whose disks start as these raw images; returns (vm uuid, vdi uuids).
+    pub fn add_vm(&self, name: &str, disks: &[(&str, &Path)]) -> Result<(String, Vec<String>), String> {
+        let mut st = lock(&self.state);
+        let mut images = Vec::new();
+        for (label, path) in disks {
+            let img = Image::from_raw(&st.dir, path).map_err(|e| format!("{}: {e}", path.display()))?;
+            images.push((label.to_string(), img));
+        }
+        Ok(st.add_vm(name, images))
+    }
+
+    /// The bytes of a VDI (by uuid), as a guest would read them.
+    pub fn read_vdi(&self, vdi: &str) -> Result<Vec<u8>, String> {
+        let st = lock(&self.state);
+        let r = st.vdi_ref(vdi).ok_or("no such VDI")?;
+        let img = st.vdis[&r].image.as_ref().ok_or("no data")?;
+        let mut buf = vec![0u8; img.size() as usize];
+        img.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
+        Ok(buf)
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct HostExports(Arc<Mutex<State>>);
+
+struct VdiExport {
+    image: Image,
+    state: Arc<Mutex<State>>,
+    vdi: String,
+}
+
+impl ExportData for VdiExport {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.image.read_at(buf, off)
+    }
+}
+
+impl Drop for VdiExport {
+    fn drop(&mut self) {
+        let mut st = lock(&self.state);
+        let delay = st.faults.unplug_delay;
+        if let Some(v) = st.vdis.get_mut(&self.vdi) {
+            v.users = v.users.saturating_sub(1);
+            v.busy_until = Some(Instant::now() + delay);
+        }
+    }
+}
+
+/// Plug a VBD for `vdi` (by uuid) on behalf of `session`: the export's bytes while in use.
+fn plug(state: &Arc<Mutex<State>>, vdi: &str, session: &str) -> Option<VdiExport> {
+    let mut st = lock(state);
+    if !st.sessions.contains_key(session) {
+        return None;
+    }
+    let r = st.vdi_ref(vdi)?;
+    let v = st.vdis.get_mut(&r)?;
+    let image = v.image.clone()?;
+    v.users += 1;
+    Some(VdiExport {
+        image,
+        state: state.clone(),
+        vdi: r,
+    })
+}
+
+impl Exports for HostExports {
+    fn open(&self, name: &str) -> Option<Box<dyn ExportData>> {
+        // `/VDI_UUID?session_id=OpaqueRef:...`
+        let (path, query) = name.split_once('?')?;
+        let session = query.strip_prefix("session_id=")?;
+        let e = plug(&self.0, path.trim_start_matches('/'), session)?;
+        Some(Box::new(e))
+    }
+    fn drop_after(&self) -> Option<u64> {
+        lock(&self.0).faults.nbd_drop_after
+    }
+}
+
+struct Ctx {
+    state: Arc<Mutex<State>>,
+    xmlrpc_only: bool,
+    token: String,
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> BoxBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<BoxBody> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    if let Ok(v) = ctype.parse() {
+        r.headers_mut().insert("content-type", v);
+    }
+    r
+}
+
+fn error_page(status: StatusCode, text: &str) -> Response<BoxBody> {
+    reply(
+        status,
+        "text/html",
+        format!("<html><body><h1>HTTP {status}</h1>{text}</body></html>"),
+    )
+}
+
+/// A body fed by a channel, with its exact length announced (Content-Length, not chunked).
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    len: u64,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len)
+    }
+}
+
+async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, ctx: Arc<Ctx>) {
+    while let Ok((sock, _)) = listener.accept().await {
+        let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(sock).await else {
+                return;
+            };
+            let io = hyper_util::rt::TokioIo::new(tls);
+            let svc = hyper::service::service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+fn query(req: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn body_bytes(req: Request<hyper::body::Incoming>, limit: usize) -> Option<Bytes> {
+    let limited = http_body_util::Limited::new(req.into_body(), limit);
+    limited.collect().await.ok().map(|c| c.to_bytes())
+}
+
+async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
+    let path = req.uri().path().to_string();
+    match (req.method().clone(), path.as_str()) {
+        (Method::POST, "/jsonrpc") if !ctx.xmlrpc_only => {
+            let Some(body) = body_bytes(req, 16 << 20).await else {
+                return error_page(StatusCode::BAD_REQUEST, "bad request");
+            };
+            let Ok(call) = serde_json::from_slice::<Value>(&body) else {
+                return error_page(StatusCode::BAD_REQUEST, "not JSON");
+            };
+            let v2 = call.get("jsonrpc").and_then(|v| v.as_str()) == Some("2.0");
+            let id = call.get("id").cloned().unwrap_or(Value::Null);
+            let method = call.get("method").and_then(|m| m.as_str()).unwrap_or("");
+            let params = match call.get("params") {
+                Some(Value::Array(a)) => a.clone(),
+                _ => Vec::new(),
+            };
+            let result = lock(&ctx.state).dispatch(method, &params);
+            let out = match (result, v2) {
+                (Ok(r), true) => json!({"jsonrpc": "2.0", "result": r, "id": id}),
+                (Ok(r), false) => json!({"result": r, "error": null, "id": id}),
+                (Err(e), true) => json!({"jsonrpc": "2.0", "error": {"code": 1, "message": e[0], "data": e[1..]}, "id": id}),
+                (Err(e), false) => json!({"result": null, "error": e, "id": id}),
+            };
+            reply(StatusCode::OK, "application/json", out.to_string())
+        }
+        (Method::POST, "/") | (Method::POST, "/RPC2") => {
+            let Some(body) = body_bytes(req, 16 << 20).await else {
+                return error_page(StatusCode::BAD_REQUEST, "bad request");
+            };
+            let text = String::from_utf8_lossy(&body);
+            let out = match super::super::xapi::xmlrpc::decode_call(&text) {
+                Ok((method, params)) => match lock(&ctx.state).dispatch(&method, &params) {
+                    Ok(v) => json!({"Status": "Success", "Value": v}),
+                    Err(e) => json!({"Status": "Failure", "ErrorDescription": e}),
+                },
+                Err(e) => json!({"Status": "Failure", "ErrorDescription": ["XMLRPC_UNMARSHAL_FAILURE", e]}),
+            };
+            reply(
+                StatusCode::OK,
+                "text/xml",
+                crate::xapi::xmlrpc::encode_response(&out),
+            )
+        }
+        (Method::GET, "/export_raw_vdi") | (Method::GET, "/export_raw_vdi_redirected") => {
+            let q = query(&req);
+            let redirect = lock(&ctx.state).faults.export_redirect;
+            if redirect && path == "/export_raw_vdi" {
+                let mut r = reply(StatusCode::FOUND, "text/plain", "");
+                let loc = format!("/export_raw_vdi_redirected?{}", req.uri().query().unwrap_or(""));
+                if let Ok(v) = loc.parse() {
+                    r.headers_mut().insert("location", v);
+                }
+                return r;
+            }
+            if lock(&ctx.state).faults.export_error_page {
+                return error_page(
+                    StatusCode::OK,
+                    "An unexpected error occurred; please wait a while and try again.",
+                );
+            }
+            let session = q.get("session_id").cloned().unwrap_or_default();
+            let vdi = q.get("vdi").cloned().unwrap_or_default();
+            let Some(export) = plug(&ctx.state, &vdi, &session) else {
+                return error_page(StatusCode::FORBIDDEN, "VDI or session not valid, or VDI has no data");
+            };
+            let len = export.size();
+            let (tx, rx) = mpsc::channel(4);
+            tokio::task::spawn_blocking(move || {
+                let mut off = 0u64;
+                while off < len {
+                    let n = (len - off).min(1 << 20) as usize;
+                    let mut buf = vec![0u8; n];
+                    let r = export.read_at(&mut buf, off).map(|_| Bytes::from(buf));
+                    let failed = r.is_err();
+                    if tx.blocking_send(r).is_err() || failed {
+                        return;
+                    }
+                    off += n as u64;
+                }
+            });
+            let mut r = Response::new(ChannelBody { rx, len }.boxed());
+            if let Ok(v) = "application/octet-stream".parse() {
+                r.headers_mut().insert("content-type", v);
+            }
+            r
+        }
+        (Method::PUT, "/import_raw_vdi") => import_raw(ctx, req).await,
+        (Method::GET, "/export_metadata") => {
+            let q = query(&req);
+            let st = lock(&ctx.state);
+            if !st.sessions.contains_key(q.get("session_id").map(String::as_str).unwrap_or("")) {
+                return error_page(StatusCode::FORBIDDEN, "session not valid");
+            }
+            match st.export_metadata(q.get("uuid").map(String::as_str).unwrap_or("")) {
+                Some(tar) => reply(StatusCode::OK, "application/x-tar", tar),
+                None => error_page(StatusCode::NOT_FOUND, "VM not found"),
+            }
+        }
+        (_, p) if p.starts_with("/sim/") => control(ctx, req).await,
+        _ => error_page(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+async fn import_raw(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
+    if req
+        .headers()
+        .get("transfer-encoding")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"))
+    {
+        return error_page(StatusCode::BAD_REQUEST, "chunked encoding not supported");
+    }
+    let len: Option<u64> = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let q = query(&req);
+    let vdi = q.get("vdi").cloned().unwrap_or_default();
+    let r = {
+        let st = lock(&ctx.state);
+        if !st.sessions.contains_key(q.get("session_id").map(String::as_str).unwrap_or("")) {
+            return error_page(StatusCode::FORBIDDEN, "session not valid");
+        }
+        st.vdi_ref(&vdi)
+    };
+    let Some(r) = r else {
+        return error_page(StatusCode::NOT_FOUND, "VDI not found");
+    };
+    let mut body = req.into_body();
+    let mut off = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return error_page(StatusCode::BAD_REQUEST, "upload interrupted");
+        };
+        if let Ok(data) = frame.into_data() {
+            let mut st = lock(&ctx.state);
+            let Some(img) = st.vdis.get_mut(&r).and_then(|v| v.image.as_mut()) else {
+                return error_page(StatusCode::INTERNAL_SERVER_ERROR, "VDI has no data");
+            };
+            if img.write_at(&data, off).is_err() {
+                return error_page(StatusCode::INTERNAL_SERVER_ERROR, "write past the end of the VDI");
+            }
+            off += data.len() as u64;
+        }
+    }
+    if len.is_some_and(|l| l != off) {
+        return error_page(StatusCode::BAD_REQUEST, "short upload");
+    }
+    reply(StatusCode::OK, "text/plain", "")
+}
+
+/// `/sim/...`: writes, crash, licence, for a host run with `cbtfs sim`.
+async fn control(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
+    if req.headers().get("x-sim-token").and_then(|v| v.to_str().ok()) != Some(ctx.token.as_str()) {
+        return error_page(StatusCode::FORBIDDEN, "control token required (x-sim-token)");
+    }
+    let q = query(&req);
+    let path = req.uri().path().to_string();
+    let body = body_bytes(req, 256 << 20).await.unwrap_or_default();
+    let mut st = lock(&ctx.state);
+    let r: Result<Value, String> = match path.as_str() {
+        "/sim/write" => {
+            let off = q.get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+            st.guest_write(q.get("vdi").map(String::as_str).unwrap_or(""), off, &body)
+                .map(|_| json!("ok"))
+        }
+        "/sim/crash" => {
+            st.crash();
+            Ok(json!("ok"))
+        }
+        "/sim/licence" => {
+            st.faults.no_licence = q.get("enabled").map(String::as_str) == Some("0");
+            Ok(json!("ok"))
+        }
+        "/sim/state" => Ok(json!(st.vdis.values().map(|v| json!({
+            "uuid": v.uuid, "name": v.name_label, "type": v.kind, "snapshot": v.is_a_snapshot,
+            "cbt": v.cbt.is_some(), "other_config": v.other_config})).collect::<Vec<_>>())),
+        _ => Err("unknown control".into()),
+    };
+    match r {
+        Ok(v) => reply(StatusCode::OK, "application/json", v.to_string()),
+        Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", e),
+    }
+}

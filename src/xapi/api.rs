@@ -1,0 +1,286 @@
+//! Typed calls and records for what backup and restore use. Records come as JSON objects (or
+//! XML-RPC structs mapped onto them); xapi sends 64-bit integers as strings in XML-RPC and
+//! sometimes booleans as strings, so fields are read tolerantly.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use super::client::Xapi;
+use super::error::XapiError;
+
+fn field_str(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn field_u64(v: &Value, k: &str) -> Option<u64> {
+    match v.get(k)? {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn field_bool(v: &Value, k: &str) -> bool {
+    match v.get(k) {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s == "true",
+        _ => false,
+    }
+}
+
+fn field_refs(v: &Value, k: &str) -> Vec<String> {
+    match v.get(k) {
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn field_map(v: &Value, k: &str) -> BTreeMap<String, String> {
+    match v.get(k) {
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())))
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// A reference that names nothing.
+pub const NULL_REF: &str = "OpaqueRef:NULL";
+
+#[derive(Debug, Clone)]
+pub struct VdiRecord {
+    pub uuid: String,
+    pub name_label: String,
+    pub virtual_size: u64,
+    pub kind: String,
+    pub on_boot: String,
+    pub cbt_enabled: bool,
+    pub is_a_snapshot: bool,
+    pub snapshot_of: String,
+    pub snapshots: Vec<String>,
+    pub vbds: Vec<String>,
+    pub sr: String,
+    pub other_config: BTreeMap<String, String>,
+}
+
+impl VdiRecord {
+    fn from_value(v: &Value) -> Result<VdiRecord, String> {
+        Ok(VdiRecord {
+            uuid: field_str(v, "uuid"),
+            name_label: field_str(v, "name_label"),
+            virtual_size: field_u64(v, "virtual_size").ok_or("VDI record without virtual_size")?,
+            kind: field_str(v, "type"),
+            on_boot: field_str(v, "on_boot"),
+            cbt_enabled: field_bool(v, "cbt_enabled"),
+            is_a_snapshot: field_bool(v, "is_a_snapshot"),
+            snapshot_of: field_str(v, "snapshot_of"),
+            snapshots: field_refs(v, "snapshots"),
+            vbds: field_refs(v, "VBDs"),
+            sr: field_str(v, "SR"),
+            other_config: field_map(v, "other_config"),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VbdRecord {
+    pub vm: String,
+    pub vdi: String,
+    pub currently_attached: bool,
+    pub kind: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmRecord {
+    pub uuid: String,
+    pub name_label: String,
+    pub vbds: Vec<String>,
+    pub is_a_snapshot: bool,
+    pub is_a_template: bool,
+    pub is_control_domain: bool,
+    pub power_state: String,
+}
+
+/// One entry of `VDI.get_nbd_info`.
+#[derive(Debug, Clone)]
+pub struct NbdInfo {
+    pub address: String,
+    pub port: u16,
+    pub exportname: String,
+    /// PEM; empty on an `insecure_nbd` network.
+    pub cert: String,
+    pub subject: String,
+}
+
+impl Xapi {
+    fn bad(&self, call: &str, detail: String) -> XapiError {
+        XapiError::Protocol {
+            host: self.host().to_string(),
+            call: call.into(),
+            detail,
+        }
+    }
+
+    pub async fn vdi_by_uuid(&self, uuid: &str) -> Result<String, XapiError> {
+        self.call_str("VDI.get_by_uuid", vec![json!(uuid)]).await
+    }
+
+    pub async fn vdi_record(&self, vdi: &str) -> Result<VdiRecord, XapiError> {
+        let v = self.call("VDI.get_record", vec![json!(vdi)]).await?;
+        VdiRecord::from_value(&v).map_err(|e| self.bad("VDI.get_record", e))
+    }
+
+    pub async fn vbd_record(&self, vbd: &str) -> Result<VbdRecord, XapiError> {
+        let v = self.call("VBD.get_record", vec![json!(vbd)]).await?;
+        Ok(VbdRecord {
+            vm: field_str(&v, "VM"),
+            vdi: field_str(&v, "VDI"),
+            currently_attached: field_bool(&v, "currently_attached"),
+            kind: field_str(&v, "type"),
+        })
+    }
+
+    pub async fn vm_record(&self, vm: &str) -> Result<VmRecord, XapiError> {
+        let v = self.call("VM.get_record", vec![json!(vm)]).await?;
+        Ok(VmRecord {
+            uuid: field_str(&v, "uuid"),
+            name_label: field_str(&v, "name_label"),
+            vbds: field_refs(&v, "VBDs"),
+            is_a_snapshot: field_bool(&v, "is_a_snapshot"),
+            is_a_template: field_bool(&v, "is_a_template"),
+            is_control_domain: field_bool(&v, "is_control_domain"),
+            power_state: field_str(&v, "power_state"),
+        })
+    }
+
+    pub async fn vm_by_uuid(&self, uuid: &str) -> Result<String, XapiError> {
+        self.call_str("VM.get_by_uuid", vec![json!(uuid)]).await
+    }
+
+    pub async fn vm_by_name(&self, name: &str) -> Result<Vec<String>, XapiError> {
+        let v = self.call("VM.get_by_name_label", vec![json!(name)]).await?;
+        Ok(match v {
+            Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    pub async fn sr_name(&self, sr: &str) -> Result<String, XapiError> {
+        self.call_str("SR.get_name_label", vec![json!(sr)]).await
+    }
+
+    pub async fn enable_cbt(&self, vdi: &str) -> Result<(), XapiError> {
+        self.call("VDI.enable_cbt", vec![json!(vdi)]).await.map(|_| ())
+    }
+
+    pub async fn disable_cbt(&self, vdi: &str) -> Result<(), XapiError> {
+        self.call("VDI.disable_cbt", vec![json!(vdi)]).await.map(|_| ())
+    }
+
+    pub async fn cbt_enabled(&self, vdi: &str) -> Result<bool, XapiError> {
+        let v = self.call("VDI.get_cbt_enabled", vec![json!(vdi)]).await?;
+        Ok(matches!(v, Value::Bool(true)) || v.as_str() == Some("true"))
+    }
+
+    /// `VDI.snapshot`, returning the snapshot's reference.
+    pub async fn snapshot(&self, vdi: &str) -> Result<String, XapiError> {
+        self.call_str("VDI.snapshot", vec![json!(vdi), json!({})]).await
+    }
+
+    pub async fn add_to_other_config(
+        &self,
+        vdi: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), XapiError> {
+        self.call(
+            "VDI.add_to_other_config",
+            vec![json!(vdi), json!(key), json!(value)],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The base64 bitmap of blocks changed from `from` to `to`.
+    pub async fn list_changed_blocks(&self, from: &str, to: &str) -> Result<String, XapiError> {
+        self.call_str("VDI.list_changed_blocks", vec![json!(from), json!(to)])
+            .await
+    }
+
+    pub async fn nbd_info(&self, vdi: &str) -> Result<Vec<NbdInfo>, XapiError> {
+        let v = self.call("VDI.get_nbd_info", vec![json!(vdi)]).await?;
+        let Value::Array(list) = v else {
+            return Err(self.bad("VDI.get_nbd_info", "not a list".into()));
+        };
+        list.iter()
+            .map(|e| {
+                let port = field_u64(e, "port")
+                    .and_then(|p| u16::try_from(p).ok())
+                    .ok_or_else(|| self.bad("VDI.get_nbd_info", "entry without a port".into()))?;
+                Ok(NbdInfo {
+                    address: field_str(e, "address"),
+                    port,
+                    exportname: field_str(e, "exportname"),
+                    cert: field_str(e, "cert"),
+                    subject: field_str(e, "subject"),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn data_destroy(&self, vdi: &str) -> Result<(), XapiError> {
+        self.call("VDI.data_destroy", vec![json!(vdi)]).await.map(|_| ())
+    }
+
+    pub async fn vdi_destroy(&self, vdi: &str) -> Result<(), XapiError> {
+        self.call("VDI.destroy", vec![json!(vdi)]).await.map(|_| ())
+    }
+
+    /// `VDI.create` of a user VDI; returns its reference.
+    pub async fn vdi_create(
+        &self,
+        sr: &str,
+        name: &str,
+        virtual_size: u64,
+    ) -> Result<String, XapiError> {
+        let rec = json!({
+            "SR": sr,
+            "virtual_size": virtual_size.to_string(),
+            "type": "user",
+            "sharable": false,
+            "read_only": false,
+            "other_config": {},
+            "name_label": name,
+            "name_description": "restored by cbtfs",
+            "xenstore_data": {},
+            "sm_config": {},
+            "tags": [],
+        });
+        self.call_str("VDI.create", vec![rec]).await
+    }
+
+    pub async fn task_create(&self, label: &str) -> Result<String, XapiError> {
+        self.call_str("task.create", vec![json!(label), json!("cbtfs")])
+            .await
+    }
+
+    /// A task's (status, result, error_info).
+    pub async fn task_status(&self, task: &str) -> Result<(String, String, Vec<String>), XapiError> {
+        let v = self.call("task.get_record", vec![json!(task)]).await?;
+        Ok((
+            field_str(&v, "status"),
+            field_str(&v, "result"),
+            field_refs(&v, "error_info"),
+        ))
+    }
+
+    pub async fn task_destroy(&self, task: &str) -> Result<(), XapiError> {
+        self.call("task.destroy", vec![json!(task)]).await.map(|_| ())
+    }
+}
