@@ -244,7 +244,9 @@ mod tests {
         let v = json!({"Status": "Success", "Value": {"a": ["x<&>", true, 5, 1.5, null], "b": {}}});
         let xml = encode_response(&v);
         assert!(xml.contains("<value>Success</value>"), "{xml}");
-        assert_eq!(decode_response(&xml).unwrap(), v);
+        // Integers come back as strings, as xapi sends its 64-bit ints.
+        let back = json!({"Status": "Success", "Value": {"a": ["x<&>", true, "5", 1.5, null], "b": {}}});
+        assert_eq!(decode_response(&xml).unwrap(), back);
         let call = encode_call("VDI.get_record", &[json!("OpaqueRef:1"), json!("x")]);
         let (m, p) = decode_call(&call).unwrap();
         assert_eq!(m, "VDI.get_record");
