@@ -122,6 +122,67 @@ enum Command {
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
     },
+    /// Back up disks from a XenServer/XCP-ng host with changed block tracking: a full base the
+    /// first time (or when CBT was reset), afterwards only the changed blocks.
+    Backup {
+        #[arg(long)]
+        repo: PathBuf,
+        /// The host (pool master): https://HOST[:PORT].
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "root")]
+        user: String,
+        /// File holding the password (else the CBTFS_PASSWORD environment variable).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Back up this VDI (uuid).
+        #[arg(long, required_unless_present = "vm", conflicts_with = "vm")]
+        vdi: Option<String>,
+        /// Back up every disk of this VM (uuid or name).
+        #[arg(long)]
+        vm: Option<String>,
+        /// CA bundle (PEM) that signed the host's certificate (default: pin the host's own
+        /// certificate on first use).
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// Do not check the host's certificate at all.
+        #[arg(long, conflicts_with = "ca_cert")]
+        insecure_tls: bool,
+        /// Keep the snapshot's data on the host (default: data_destroy, keeping CBT metadata).
+        #[arg(long)]
+        keep_snapshot_data: bool,
+        /// Accept NBD without TLS from a host whose NBD network is insecure_nbd.
+        #[arg(long)]
+        allow_plain_nbd: bool,
+        /// NBD connections in parallel (XenServer allows 16 per host).
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Seconds an NBD read may take before it is retried.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a simulated XenServer host (management API, NBD, CBT) for trying cbtfs out.
+    Sim {
+        /// Working directory (certificate, disk layers, password file).
+        #[arg(long)]
+        dir: PathBuf,
+        /// A disk of the VM: NAME=RAW_IMAGE (repeatable).
+        #[arg(long = "disk", value_name = "NAME=IMAGE")]
+        disks: Vec<String>,
+        #[arg(long, default_value = "sim-vm")]
+        vm_name: String,
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        bind: String,
+        /// NBD network: nbd (TLS), insecure (plain) or none.
+        #[arg(long, default_value = "nbd")]
+        nbd: String,
+        /// Answer XML-RPC only (an older host).
+        #[arg(long)]
+        xmlrpc_only: bool,
+    },
     /// Run the whole job on a built-in example: a guest filesystem, daily backups, exports.
     Demo {
         /// Working directory (recreated; default: $TMPDIR/cbtfs-demo).
@@ -237,11 +298,216 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = crate::mount::parse_options(&options)?;
             crate::mount::mount(&repo, &mountpoint, foreground, opts)?
         }
+        Command::Backup {
+            repo,
+            host,
+            user,
+            password_file,
+            vdi,
+            vm,
+            ca_cert,
+            insecure_tls,
+            keep_snapshot_data,
+            allow_plain_nbd,
+            connections,
+            timeout,
+            json,
+        } => {
+            let password = read_password(password_file.as_deref())?;
+            let ca_pem = match ca_cert {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading the CA file {}", p.display()))?,
+                ),
+                None => None,
+            };
+            if insecure_tls {
+                eprintln!(
+                    "cbtfs: warning: --insecure-tls: the host's certificate is not checked; anyone on the path can read the password and the disks"
+                );
+            }
+            let selection = match (vdi, vm) {
+                (Some(v), _) => crate::backup::Selection::Vdi(v),
+                (None, Some(v)) => crate::backup::Selection::Vm(v),
+                (None, None) => bail!("give --vdi UUID or --vm UUID_OR_NAME"),
+            };
+            let fetch = crate::nbd::FetchOptions {
+                connections: connections.clamp(1, crate::nbd::fetch::MAX_CONNECTIONS),
+                timeout: Duration::from_secs(timeout.max(1)),
+                ..Default::default()
+            };
+            let opts = crate::backup::BackupOptions {
+                host: crate::backup::HostAccess {
+                    url: host,
+                    user,
+                    password,
+                    ca_pem,
+                    insecure_tls,
+                },
+                selection,
+                keep_snapshot_data,
+                allow_plain_nbd,
+                fetch,
+            };
+            return cmd_backup(&repo, &opts, json);
+        }
+        Command::Sim {
+            dir,
+            disks,
+            vm_name,
+            bind,
+            nbd,
+            xmlrpc_only,
+        } => cmd_sim(&dir, &disks, &vm_name, &bind, &nbd, xmlrpc_only)?,
         Command::Demo { dir } => {
             crate::demo::run_demo(&dir.unwrap_or_else(crate::demo::default_dir))?
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The host password: from a file (first line) or CBTFS_PASSWORD; never from argv.
+fn read_password(file: Option<&Path>) -> Result<String> {
+    let p = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the password file {}", f.display()))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        None => std::env::var("CBTFS_PASSWORD").map_err(|_| {
+            anyhow::anyhow!("no password: give --password-file FILE or set CBTFS_PASSWORD")
+        })?,
+    };
+    if p.is_empty() {
+        bail!("the password is empty (check the password file or CBTFS_PASSWORD)");
+    }
+    Ok(p)
+}
+
+fn cmd_backup(repo: &Path, opts: &crate::backup::BackupOptions, json: bool) -> Result<ExitCode> {
+    use crate::backup::Event;
+    let repo = open(repo)?;
+    let progress: Mutex<Option<(String, Progress)>> = Mutex::new(None);
+    let say = |e: Event| match e {
+        Event::Info(m) => eprintln!("cbtfs: {m}"),
+        Event::Warning(m) => eprintln!("cbtfs: warning: {m}"),
+        Event::Blocks(vdi, done, total) => {
+            if let Ok(mut p) = progress.lock() {
+                if p.as_ref().is_none_or(|(v, _)| v != vdi) {
+                    *p = Some((vdi.to_string(), Progress::new("backup", 0)));
+                }
+                if let Some((_, pr)) = p.as_ref() {
+                    pr.update_total(done * BLOCK_SIZE, total * BLOCK_SIZE);
+                    if done == total {
+                        pr.finish();
+                    }
+                }
+            }
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = rt
+        .block_on(crate::backup::run(&repo, opts, &say))
+        .with_context(|| format!("backup from {}", opts.host.url))?;
+    if let Ok(p) = progress.lock()
+        && let Some((_, pr)) = p.as_ref()
+    {
+        pr.finish();
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for d in &report.disks {
+            let what = match (&d.new_set_reason, d.kind) {
+                (Some(r), _) => format!("full base, new set ({r})"),
+                (None, k) => k.to_string(),
+            };
+            println!(
+                "{}/{}: {what}: {} of {} blocks changed ({:.1}%), {} read over {} in {:.1} s -> point {} (set {}, #{})",
+                d.vm.as_deref().unwrap_or("no-vm"),
+                d.disk,
+                d.changed_blocks,
+                blocks_for(d.virtual_size),
+                d.changed_percent,
+                human(d.fetched_bytes),
+                d.via,
+                d.seconds,
+                d.point,
+                d.set,
+                d.seq
+            );
+        }
+        for (vdi, e) in &report.failures {
+            eprintln!("cbtfs: error: VDI {vdi}: {e}");
+        }
+    }
+    if report.failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn cmd_sim(
+    dir: &Path,
+    disks: &[String],
+    vm_name: &str,
+    bind: &str,
+    nbd: &str,
+    xmlrpc_only: bool,
+) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut cfg = crate::sim::SimConfig::new(dir);
+    cfg.bind = bind.to_string();
+    cfg.xmlrpc_only = xmlrpc_only;
+    cfg.nbd = match nbd {
+        "nbd" => crate::sim::NbdMode::Tls,
+        "insecure" => crate::sim::NbdMode::Plain,
+        "none" => crate::sim::NbdMode::None,
+        other => bail!("--nbd {other:?}: use nbd, insecure or none"),
+    };
+    let sim = crate::sim::Sim::start(cfg.clone()).map_err(|e| anyhow::anyhow!(e))?;
+    let mut list = Vec::new();
+    for d in disks {
+        let (name, path) = d
+            .split_once('=')
+            .with_context(|| format!("--disk {d:?}: use NAME=RAW_IMAGE"))?;
+        list.push((name, Path::new(path)));
+    }
+    let (vm, vdis) = sim.add_vm(vm_name, &list).map_err(|e| anyhow::anyhow!(e))?;
+    let pw_file = dir.join("password");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&pw_file)
+        .with_context(|| format!("writing {}", pw_file.display()))?;
+    writeln!(f, "{}", cfg.password)?;
+    println!("simulated host: {}", sim.url);
+    println!("user root, password in {}", pw_file.display());
+    println!("VM {vm_name} ({vm}), disks: {}", vdis.join(" "));
+    println!(
+        "control: curl -k -H 'x-sim-token: {}' -X POST '{}/sim/write?vdi=UUID&offset=N' --data-binary @FILE  (also /sim/crash, /sim/licence?enabled=0, /sim/state)",
+        sim.control_token, sim.url
+    );
+    println!("Ctrl-C stops it.");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    })?;
+    drop(sim);
+    Ok(())
 }
 
 fn open(repo: &Path) -> Result<Repository> {

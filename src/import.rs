@@ -116,7 +116,10 @@ pub fn import_raw(
 }
 
 /// The parsed bitmap, if any, for a disk of `blocks` blocks.
-pub(crate) fn marked_blocks(req: &ImportRequest, blocks: u64) -> Result<Option<RoaringBitmap>, ImportError> {
+pub(crate) fn marked_blocks(
+    req: &ImportRequest,
+    blocks: u64,
+) -> Result<Option<RoaringBitmap>, ImportError> {
     match &req.bitmap {
         Some((text, from)) => Ok(Some(bitmap::decode_base64(text, blocks).map_err(
             |source| ImportError::Bitmap {

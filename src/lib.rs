@@ -7,6 +7,7 @@
 //! names users type; `bitmap` decodes CBT bitmaps as the host sends them. `backup` drives the
 //! host through `xapi` (management API) and `nbd` (data); `sim` stands in for the host in tests.
 
+pub mod backup;
 pub mod bitmap;
 pub mod chain;
 pub mod cli;

@@ -15,6 +15,18 @@ pub fn basic(unix: i64) -> String {
         .unwrap_or_else(|| format!("@{unix}"))
 }
 
+/// xapi's dateTime form (`20261121T02:00:00Z`).
+const XAPI: &[time::format_description::BorrowedFormatItem<'static>] =
+    format_description!("[year][month][day]T[hour]:[minute]:[second]Z");
+
+/// Unix seconds → `20261121T02:00:00Z`, as xapi writes dateTime values.
+pub fn xapi(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(XAPI).ok())
+        .unwrap_or_else(|| format!("@{unix}"))
+}
+
 /// Unix seconds → `2026-11-21T02:00:00Z`.
 pub fn rfc3339(unix: i64) -> String {
     OffsetDateTime::from_unix_timestamp(unix)
@@ -28,8 +40,10 @@ pub fn parse(s: &str) -> Result<i64, String> {
     if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
         return Ok(t.unix_timestamp());
     }
-    if let Ok(t) = PrimitiveDateTime::parse(s, BASIC) {
-        return Ok(t.assume_offset(UtcOffset::UTC).unix_timestamp());
+    for form in [BASIC, XAPI] {
+        if let Ok(t) = PrimitiveDateTime::parse(s, form) {
+            return Ok(t.assume_offset(UtcOffset::UTC).unix_timestamp());
+        }
     }
     Err(format!(
         "{s:?} is not a time: use RFC 3339 like 2026-11-21T02:00:00Z (or 20261121T020000Z)"

@@ -641,11 +641,12 @@ impl Repository {
                 }
             }
             for n in &names {
-                let orphan_obj = (n.ends_with(".data") || n.ends_with(".idx") || n.ends_with(".vm.tar"))
-                    && !referenced.contains(n)
-                    && !n
-                        .split_once('-')
-                        .is_some_and(|(p, _)| referenced.contains(&format!("{p}-*")));
+                let orphan_obj =
+                    (n.ends_with(".data") || n.ends_with(".idx") || n.ends_with(".vm.tar"))
+                        && !referenced.contains(n)
+                        && !n
+                            .split_once('-')
+                            .is_some_and(|(p, _)| referenced.contains(&format!("{p}-*")));
                 let tmp = n.starts_with('.') && n.ends_with(".tmp");
                 if orphan_obj || tmp {
                     let k = format!("{key}/{n}");
@@ -954,9 +955,13 @@ impl Drop for PointWriter<'_> {
         }
         self.data.take();
         self.index.take();
-        for name in [Some(&self.data_name), Some(&self.index_name), self.extra.as_ref()]
-            .into_iter()
-            .flatten()
+        for name in [
+            Some(&self.data_name),
+            Some(&self.index_name),
+            self.extra.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let _ = self.store.delete(&format!("{}/{}", self.set_key, name));
         }

@@ -255,7 +255,9 @@ impl State {
     }
 
     fn vdi(&self, r: &str) -> Result<&Vdi, Failure> {
-        self.vdis.get(r).ok_or_else(|| fail("HANDLE_INVALID", &["VDI", r]))
+        self.vdis
+            .get(r)
+            .ok_or_else(|| fail("HANDLE_INVALID", &["VDI", r]))
     }
 
     fn vdi_mut(&mut self, r: &str) -> Result<&mut Vdi, Failure> {
@@ -295,7 +297,7 @@ impl State {
             "is_a_snapshot": v.is_a_snapshot,
             "snapshot_of": v.snapshot_of,
             "snapshots": snapshots,
-            "snapshot_time": crate::timefmt::basic(v.snapshot_time),
+            "snapshot_time": crate::timefmt::xapi(v.snapshot_time),
             "VBDs": v.vbds,
             "SR": self.sr_ref,
             "sharable": false,
@@ -333,7 +335,10 @@ impl State {
         match method {
             "session.login_with_password" => {
                 if params.len() < 2 {
-                    return Err(fail("MESSAGE_PARAMETER_COUNT_MISMATCH", &[method, "4", &params.len().to_string()]));
+                    return Err(fail(
+                        "MESSAGE_PARAMETER_COUNT_MISMATCH",
+                        &[method, "4", &params.len().to_string()],
+                    ));
                 }
                 if let Some(m) = &self.slave_of {
                     return Err(fail("HOST_IS_SLAVE", &[m]));
@@ -356,7 +361,10 @@ impl State {
             _ => {}
         }
         let Some(sref) = params.first() else {
-            return Err(fail("MESSAGE_PARAMETER_COUNT_MISMATCH", &[method, "1", "0"]));
+            return Err(fail(
+                "MESSAGE_PARAMETER_COUNT_MISMATCH",
+                &[method, "1", "0"],
+            ));
         };
         self.session(s(sref))?;
         let a = &params[1..];
@@ -421,17 +429,24 @@ impl State {
             }
             "VDI.snapshot" => {
                 if a.is_empty() || a.len() > 2 {
-                    return Err(fail("MESSAGE_PARAMETER_COUNT_MISMATCH", &[method, "3", &params.len().to_string()]));
+                    return Err(fail(
+                        "MESSAGE_PARAMETER_COUNT_MISMATCH",
+                        &[method, "3", &params.len().to_string()],
+                    ));
                 }
                 if self.faults.sr_detached {
                     return Err(fail("SR_NOT_ATTACHED", &[&self.sr_ref.clone()]));
                 }
                 let r = arg(0).to_string();
-                self.clock += 1;
+                // Snapshot times are wall-clock seconds, never repeating.
+                self.clock = crate::timefmt::now().max(self.clock + 1);
                 let now = self.clock;
                 let v = self.vdi_mut(&r)?;
                 if v.is_a_snapshot {
-                    return Err(fail("OPERATION_NOT_ALLOWED", &["cannot snapshot a snapshot"]));
+                    return Err(fail(
+                        "OPERATION_NOT_ALLOWED",
+                        &["cannot snapshot a snapshot"],
+                    ));
                 }
                 let image = v
                     .image
@@ -447,10 +462,17 @@ impl State {
                 if let Some(c) = cbt {
                     v.cbt = Some(c);
                 }
-                let (label, kind, on_boot, size) =
-                    (v.name_label.clone(), v.kind.clone(), v.on_boot.clone(), v.virtual_size);
+                let (label, kind, on_boot, size) = (
+                    v.name_label.clone(),
+                    v.kind.clone(),
+                    v.on_boot.clone(),
+                    v.virtual_size,
+                );
                 if let Some(c) = cbt {
-                    self.cbt_history.entry(c.chain).or_default().insert(c.seq, changed);
+                    self.cbt_history
+                        .entry(c.chain)
+                        .or_default()
+                        .insert(c.seq, changed);
                 }
                 let sr = new_ref();
                 self.vdis.insert(
@@ -484,7 +506,11 @@ impl State {
                 let Some(tc) = to.cbt else {
                     return Err(fail("VDI_NO_CBT_METADATA", &[arg(1)]));
                 };
-                if self.in_use(arg(1)) && to.vbds.iter().any(|b| self.vbds.get(b).is_some_and(|b| b.attached)) {
+                if to
+                    .vbds
+                    .iter()
+                    .any(|b| self.vbds.get(b).is_some_and(|b| b.attached))
+                {
                     return Err(fail("VDI_IN_USE", &[arg(1), "list_changed_blocks"]));
                 }
                 if fc.chain != tc.chain {
@@ -509,7 +535,9 @@ impl State {
                 for b in changed.iter().filter(|&b| (b as u64) < blocks) {
                     bytes[(b >> 3) as usize] |= 0x80 >> (b & 7);
                 }
-                Ok(json!(base64::engine::general_purpose::STANDARD.encode(bytes)))
+                Ok(json!(
+                    base64::engine::general_purpose::STANDARD.encode(bytes)
+                ))
             }
             "VDI.get_nbd_info" => {
                 argc(1)?;
@@ -559,7 +587,10 @@ impl State {
                 let (k, val) = (arg(1).to_string(), arg(2).to_string());
                 let v = self.vdi_mut(arg(0))?;
                 if v.other_config.contains_key(&k) {
-                    return Err(fail("MAP_DUPLICATE_KEY", &["VDI", "other_config", arg(0), &k]));
+                    return Err(fail(
+                        "MAP_DUPLICATE_KEY",
+                        &["VDI", "other_config", arg(0), &k],
+                    ));
                 }
                 v.other_config.insert(k, val);
                 Ok(json!(""))
@@ -574,13 +605,22 @@ impl State {
                 }
                 .ok_or_else(|| fail("FIELD_TYPE_ERROR", &["virtual_size"]))?;
                 if s(rec.get("SR").unwrap_or(&Value::Null)) != self.sr_ref {
-                    return Err(fail("HANDLE_INVALID", &["SR", s(rec.get("SR").unwrap_or(&Value::Null))]));
+                    return Err(fail(
+                        "HANDLE_INVALID",
+                        &["SR", s(rec.get("SR").unwrap_or(&Value::Null))],
+                    ));
                 }
                 if self.faults.sr_detached {
                     return Err(fail("SR_NOT_ATTACHED", &[&self.sr_ref.clone()]));
                 }
                 if self.faults.sr_free.is_some_and(|f| f < size) {
-                    return Err(fail("SR_FULL", &[&size.to_string(), &self.faults.sr_free.unwrap_or(0).to_string()]));
+                    return Err(fail(
+                        "SR_FULL",
+                        &[
+                            &size.to_string(),
+                            &self.faults.sr_free.unwrap_or(0).to_string(),
+                        ],
+                    ));
                 }
                 let image = Image::empty(&self.dir, size)
                     .map_err(|e| fail("SR_BACKEND_FAILURE_44", &["", &e.to_string(), ""]))?;
@@ -593,7 +633,9 @@ impl State {
                     .vbds
                     .get(arg(0))
                     .ok_or_else(|| fail("HANDLE_INVALID", &["VBD", arg(0)]))?;
-                Ok(json!({"VM": b.vm, "VDI": b.vdi, "currently_attached": b.attached, "type": "Disk", "mode": "RW"}))
+                Ok(
+                    json!({"VM": b.vm, "VDI": b.vdi, "currently_attached": b.attached, "type": "Disk", "mode": "RW"}),
+                )
             }
             "VM.get_by_uuid" => {
                 argc(1)?;
@@ -639,7 +681,8 @@ impl State {
             "task.create" => {
                 argc(2)?;
                 let r = new_ref();
-                self.tasks.insert(r.clone(), ("pending".into(), String::new()));
+                self.tasks
+                    .insert(r.clone(), ("pending".into(), String::new()));
                 Ok(json!(r))
             }
             "task.get_record" => {

@@ -94,7 +94,9 @@ pub fn self_signed(dir: &Path, name: &str) -> Result<(String, String), String> {
     )
     .map_err(|e| format!("{}: {e}", cnf.display()))?;
     let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-config"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-config",
+        ])
         .arg(&cnf)
         .arg("-keyout")
         .arg(&key)
@@ -139,7 +141,11 @@ impl Sim {
             .map_err(|e| e.to_string())?;
         let layers = config.dir.join("layers");
         std::fs::create_dir_all(&layers).map_err(|e| e.to_string())?;
-        let state = Arc::new(Mutex::new(State::new(layers, &config.user, &config.password)));
+        let state = Arc::new(Mutex::new(State::new(
+            layers,
+            &config.user,
+            &config.password,
+        )));
         let tls = super::nbd::tls_config(&cert_pem, &key_pem)?;
         let listener = runtime
             .block_on(TcpListener::bind(&config.bind))
@@ -151,7 +157,11 @@ impl Sim {
             xmlrpc_only: config.xmlrpc_only,
             token: control_token.clone(),
         });
-        runtime.spawn(serve_https(listener, tokio_rustls::TlsAcceptor::from(tls), ctx));
+        runtime.spawn(serve_https(
+            listener,
+            tokio_rustls::TlsAcceptor::from(tls),
+            ctx,
+        ));
         if config.nbd != NbdMode::None {
             let exports: Arc<dyn Exports> = Arc::new(HostExports(state.clone()));
             let nbd_cfg = ServerConfig {
@@ -184,11 +194,16 @@ impl Sim {
     }
 
     /// Add a VM whose disks start as these raw images; returns (vm uuid, vdi uuids).
-    pub fn add_vm(&self, name: &str, disks: &[(&str, &Path)]) -> Result<(String, Vec<String>), String> {
+    pub fn add_vm(
+        &self,
+        name: &str,
+        disks: &[(&str, &Path)],
+    ) -> Result<(String, Vec<String>), String> {
         let mut st = lock(&self.state);
         let mut images = Vec::new();
         for (label, path) in disks {
-            let img = Image::from_raw(&st.dir, path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let img =
+                Image::from_raw(&st.dir, path).map_err(|e| format!("{}: {e}", path.display()))?;
             images.push((label.to_string(), img));
         }
         Ok(st.add_vm(name, images))
@@ -354,7 +369,8 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'%'
             && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
         {
             out.push(v);
             i += 3;
@@ -392,7 +408,9 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
             let out = match (result, v2) {
                 (Ok(r), true) => json!({"jsonrpc": "2.0", "result": r, "id": id}),
                 (Ok(r), false) => json!({"result": r, "error": null, "id": id}),
-                (Err(e), true) => json!({"jsonrpc": "2.0", "error": {"code": 1, "message": e[0], "data": e[1..]}, "id": id}),
+                (Err(e), true) => {
+                    json!({"jsonrpc": "2.0", "error": {"code": 1, "message": e[0], "data": e[1..]}, "id": id})
+                }
                 (Err(e), false) => json!({"result": null, "error": e, "id": id}),
             };
             reply(StatusCode::OK, "application/json", out.to_string())
@@ -407,7 +425,9 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
                     Ok(v) => json!({"Status": "Success", "Value": v}),
                     Err(e) => json!({"Status": "Failure", "ErrorDescription": e}),
                 },
-                Err(e) => json!({"Status": "Failure", "ErrorDescription": ["XMLRPC_UNMARSHAL_FAILURE", e]}),
+                Err(e) => {
+                    json!({"Status": "Failure", "ErrorDescription": ["XMLRPC_UNMARSHAL_FAILURE", e]})
+                }
             };
             reply(
                 StatusCode::OK,
@@ -420,7 +440,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
             let redirect = lock(&ctx.state).faults.export_redirect;
             if redirect && path == "/export_raw_vdi" {
                 let mut r = reply(StatusCode::FOUND, "text/plain", "");
-                let loc = format!("/export_raw_vdi_redirected?{}", req.uri().query().unwrap_or(""));
+                let loc = format!(
+                    "/export_raw_vdi_redirected?{}",
+                    req.uri().query().unwrap_or("")
+                );
                 if let Ok(v) = loc.parse() {
                     r.headers_mut().insert("location", v);
                 }
@@ -435,7 +458,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
             let session = q.get("session_id").cloned().unwrap_or_default();
             let vdi = q.get("vdi").cloned().unwrap_or_default();
             let Some(export) = plug(&ctx.state, &vdi, &session) else {
-                return error_page(StatusCode::FORBIDDEN, "VDI or session not valid, or VDI has no data");
+                return error_page(
+                    StatusCode::FORBIDDEN,
+                    "VDI or session not valid, or VDI has no data",
+                );
             };
             let len = export.size();
             let (tx, rx) = mpsc::channel(4);
@@ -462,7 +488,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
         (Method::GET, "/export_metadata") => {
             let q = query(&req);
             let st = lock(&ctx.state);
-            if !st.sessions.contains_key(q.get("session_id").map(String::as_str).unwrap_or("")) {
+            if !st
+                .sessions
+                .contains_key(q.get("session_id").map(String::as_str).unwrap_or(""))
+            {
                 return error_page(StatusCode::FORBIDDEN, "session not valid");
             }
             match st.export_metadata(q.get("uuid").map(String::as_str).unwrap_or("")) {
@@ -492,7 +521,10 @@ async fn import_raw(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Respo
     let vdi = q.get("vdi").cloned().unwrap_or_default();
     let r = {
         let st = lock(&ctx.state);
-        if !st.sessions.contains_key(q.get("session_id").map(String::as_str).unwrap_or("")) {
+        if !st
+            .sessions
+            .contains_key(q.get("session_id").map(String::as_str).unwrap_or(""))
+        {
             return error_page(StatusCode::FORBIDDEN, "session not valid");
         }
         st.vdi_ref(&vdi)
@@ -512,7 +544,10 @@ async fn import_raw(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Respo
                 return error_page(StatusCode::INTERNAL_SERVER_ERROR, "VDI has no data");
             };
             if img.write_at(&data, off).is_err() {
-                return error_page(StatusCode::INTERNAL_SERVER_ERROR, "write past the end of the VDI");
+                return error_page(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "write past the end of the VDI",
+                );
             }
             off += data.len() as u64;
         }
@@ -525,8 +560,16 @@ async fn import_raw(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Respo
 
 /// `/sim/...`: writes, crash, licence, for a host run with `cbtfs sim`.
 async fn control(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
-    if req.headers().get("x-sim-token").and_then(|v| v.to_str().ok()) != Some(ctx.token.as_str()) {
-        return error_page(StatusCode::FORBIDDEN, "control token required (x-sim-token)");
+    if req
+        .headers()
+        .get("x-sim-token")
+        .and_then(|v| v.to_str().ok())
+        != Some(ctx.token.as_str())
+    {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "control token required (x-sim-token)",
+        );
     }
     let q = query(&req);
     let path = req.uri().path().to_string();
@@ -546,9 +589,14 @@ async fn control(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response
             st.faults.no_licence = q.get("enabled").map(String::as_str) == Some("0");
             Ok(json!("ok"))
         }
-        "/sim/state" => Ok(json!(st.vdis.values().map(|v| json!({
+        "/sim/state" => Ok(json!(
+            st.vdis
+                .values()
+                .map(|v| json!({
             "uuid": v.uuid, "name": v.name_label, "type": v.kind, "snapshot": v.is_a_snapshot,
-            "cbt": v.cbt.is_some(), "other_config": v.other_config})).collect::<Vec<_>>())),
+            "cbt": v.cbt.is_some(), "other_config": v.other_config}))
+                .collect::<Vec<_>>()
+        )),
         _ => Err("unknown control".into()),
     };
     match r {

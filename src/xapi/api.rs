@@ -35,7 +35,10 @@ fn field_bool(v: &Value, k: &str) -> bool {
 
 fn field_refs(v: &Value, k: &str) -> Vec<String> {
     match v.get(k) {
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -44,7 +47,14 @@ fn field_map(v: &Value, k: &str) -> BTreeMap<String, String> {
     match v.get(k) {
         Some(Value::Object(m)) => m
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| v.to_string()),
+                )
+            })
             .collect(),
         _ => BTreeMap::new(),
     }
@@ -63,6 +73,8 @@ pub struct VdiRecord {
     pub cbt_enabled: bool,
     pub is_a_snapshot: bool,
     pub snapshot_of: String,
+    /// Unix seconds (snapshots only).
+    pub snapshot_time: Option<i64>,
     pub snapshots: Vec<String>,
     pub vbds: Vec<String>,
     pub sr: String,
@@ -80,6 +92,9 @@ impl VdiRecord {
             cbt_enabled: field_bool(v, "cbt_enabled"),
             is_a_snapshot: field_bool(v, "is_a_snapshot"),
             snapshot_of: field_str(v, "snapshot_of"),
+            snapshot_time: crate::timefmt::parse(&field_str(v, "snapshot_time"))
+                .ok()
+                .filter(|&t| t > 0),
             snapshots: field_refs(v, "snapshots"),
             vbds: field_refs(v, "VBDs"),
             sr: field_str(v, "SR"),
@@ -166,7 +181,10 @@ impl Xapi {
     pub async fn vm_by_name(&self, name: &str) -> Result<Vec<String>, XapiError> {
         let v = self.call("VM.get_by_name_label", vec![json!(name)]).await?;
         Ok(match v {
-            Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
             _ => Vec::new(),
         })
     }
@@ -176,11 +194,15 @@ impl Xapi {
     }
 
     pub async fn enable_cbt(&self, vdi: &str) -> Result<(), XapiError> {
-        self.call("VDI.enable_cbt", vec![json!(vdi)]).await.map(|_| ())
+        self.call("VDI.enable_cbt", vec![json!(vdi)])
+            .await
+            .map(|_| ())
     }
 
     pub async fn disable_cbt(&self, vdi: &str) -> Result<(), XapiError> {
-        self.call("VDI.disable_cbt", vec![json!(vdi)]).await.map(|_| ())
+        self.call("VDI.disable_cbt", vec![json!(vdi)])
+            .await
+            .map(|_| ())
     }
 
     pub async fn cbt_enabled(&self, vdi: &str) -> Result<bool, XapiError> {
@@ -190,7 +212,8 @@ impl Xapi {
 
     /// `VDI.snapshot`, returning the snapshot's reference.
     pub async fn snapshot(&self, vdi: &str) -> Result<String, XapiError> {
-        self.call_str("VDI.snapshot", vec![json!(vdi), json!({})]).await
+        self.call_str("VDI.snapshot", vec![json!(vdi), json!({})])
+            .await
     }
 
     pub async fn add_to_other_config(
@@ -235,7 +258,9 @@ impl Xapi {
     }
 
     pub async fn data_destroy(&self, vdi: &str) -> Result<(), XapiError> {
-        self.call("VDI.data_destroy", vec![json!(vdi)]).await.map(|_| ())
+        self.call("VDI.data_destroy", vec![json!(vdi)])
+            .await
+            .map(|_| ())
     }
 
     pub async fn vdi_destroy(&self, vdi: &str) -> Result<(), XapiError> {
@@ -271,7 +296,10 @@ impl Xapi {
     }
 
     /// A task's (status, result, error_info).
-    pub async fn task_status(&self, task: &str) -> Result<(String, String, Vec<String>), XapiError> {
+    pub async fn task_status(
+        &self,
+        task: &str,
+    ) -> Result<(String, String, Vec<String>), XapiError> {
         let v = self.call("task.get_record", vec![json!(task)]).await?;
         Ok((
             field_str(&v, "status"),
@@ -281,6 +309,8 @@ impl Xapi {
     }
 
     pub async fn task_destroy(&self, task: &str) -> Result<(), XapiError> {
-        self.call("task.destroy", vec![json!(task)]).await.map(|_| ())
+        self.call("task.destroy", vec![json!(task)])
+            .await
+            .map(|_| ())
     }
 }

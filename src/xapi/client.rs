@@ -64,7 +64,10 @@ pub fn parse_url(url: &str) -> Result<(String, String), XapiError> {
         }
         _ => hostport,
     };
-    Ok((format!("https://{hostport}"), host.trim_matches(['[', ']']).to_string()))
+    Ok((
+        format!("https://{hostport}"),
+        host.trim_matches(['[', ']']).to_string(),
+    ))
 }
 
 fn text_of(v: &Value) -> String {
@@ -133,7 +136,10 @@ impl Xapi {
 
     /// Call `method` with exactly `params` (no session prepended).
     pub async fn raw_call(&self, method: &str, params: Vec<Value>) -> Result<Value, XapiError> {
-        let rpc = *self.rpc.lock().map_err(|_| XapiError::Config("poisoned".into()))?;
+        let rpc = *self
+            .rpc
+            .lock()
+            .map_err(|_| XapiError::Config("poisoned".into()))?;
         if rpc != Rpc::Xml {
             match self.json_call(method, &params).await {
                 Ok(Some(v)) => {
@@ -260,7 +266,12 @@ impl Xapi {
         let r = self
             .raw_call(
                 "session.login_with_password",
-                vec![json!(user), json!(password), json!(API_VERSION), json!(ORIGINATOR)],
+                vec![
+                    json!(user),
+                    json!(password),
+                    json!(API_VERSION),
+                    json!(ORIGINATOR),
+                ],
             )
             .await?;
         match r {

@@ -50,7 +50,9 @@ impl ApiFailure {
             "UUID_INVALID" => Failure::UuidInvalid,
             "SESSION_AUTHENTICATION_FAILED" => Failure::AuthenticationFailed,
             "SESSION_INVALID" => Failure::SessionInvalid,
-            "HOST_IS_SLAVE" => Failure::HostIsSlave(self.params.first().cloned().unwrap_or_default()),
+            "HOST_IS_SLAVE" => {
+                Failure::HostIsSlave(self.params.first().cloned().unwrap_or_default())
+            }
             "SR_FULL" => Failure::SrFull,
             c if c.starts_with("SR_BACKEND_FAILURE")
                 && self.params.iter().any(|p| p.contains("unrelated")) =>
@@ -64,9 +66,7 @@ impl ApiFailure {
     /// What to do about it, in the admin's terms.
     fn advice(&self) -> &'static str {
         match self.kind() {
-            Failure::VdiMissing => {
-                "check the VDI's uuid (xe vdi-list) and that it still exists"
-            }
+            Failure::VdiMissing => "check the VDI's uuid (xe vdi-list) and that it still exists",
             Failure::VdiInUse => {
                 "another operation or a VM uses the VDI; the newer snapshot of a diff must not be attached to a VM (xe vbd-list vdi-uuid=...)"
             }
@@ -178,11 +178,18 @@ mod tests {
     fn codes_map_to_kinds_with_advice() {
         let u = f(
             "SR_BACKEND_FAILURE_460",
-            &["", "Failed to calculate changed blocks for given VDIs. [opterr=Source and target VDI are unrelated]", ""],
+            &[
+                "",
+                "Failed to calculate changed blocks for given VDIs. [opterr=Source and target VDI are unrelated]",
+                "",
+            ],
         );
         assert_eq!(u.kind(), Failure::Unrelated);
         assert!(u.to_string().contains("new set"), "{u}");
-        assert_eq!(f("SR_BACKEND_FAILURE_460", &["other"]).kind(), Failure::Other);
+        assert_eq!(
+            f("SR_BACKEND_FAILURE_460", &["other"]).kind(),
+            Failure::Other
+        );
         assert_eq!(
             f("HOST_IS_SLAVE", &["10.0.0.1"]).kind(),
             Failure::HostIsSlave("10.0.0.1".into())

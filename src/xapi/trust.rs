@@ -41,7 +41,7 @@ struct Verifier {
     ca: Option<Arc<dyn ServerCertVerifier>>,
     expected: Option<String>,
     check: bool,
-    seen: Arc<Mutex<Option<String>>>,
+    seen: SeenCertificate,
     provider: Arc<CryptoProvider>,
 }
 
@@ -104,11 +104,12 @@ impl ServerCertVerifier for Verifier {
     }
 }
 
+/// Where the verifier records the fingerprint of the certificate the host presented.
+pub type SeenCertificate = Arc<Mutex<Option<String>>>;
+
 /// A TLS client config for `trust`, and where the fingerprint of the certificate the host
 /// presented is recorded.
-pub fn client_config(
-    trust: &HostTrust,
-) -> Result<(ClientConfig, Arc<Mutex<Option<String>>>), String> {
+pub fn client_config(trust: &HostTrust) -> Result<(ClientConfig, SeenCertificate), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let seen = Arc::new(Mutex::new(None));
     let ca: Option<Arc<dyn ServerCertVerifier>> = match trust {

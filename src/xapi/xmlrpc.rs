@@ -30,7 +30,10 @@ fn parse(xml: &str) -> Result<Node, String> {
     let mut reader = quick_xml::Reader::from_str(xml);
     let mut stack: Vec<Node> = vec![Node::default()];
     loop {
-        match reader.read_event().map_err(|e| format!("malformed XML: {e}"))? {
+        match reader
+            .read_event()
+            .map_err(|e| format!("malformed XML: {e}"))?
+        {
             Event::Start(e) => {
                 if stack.len() > MAX_DEPTH {
                     return Err("XML nested too deeply".into());
@@ -245,7 +248,8 @@ mod tests {
         let xml = encode_response(&v);
         assert!(xml.contains("<value>Success</value>"), "{xml}");
         // Integers come back as strings, as xapi sends its 64-bit ints.
-        let back = json!({"Status": "Success", "Value": {"a": ["x<&>", true, "5", 1.5, null], "b": {}}});
+        let back =
+            json!({"Status": "Success", "Value": {"a": ["x<&>", true, "5", 1.5, null], "b": {}}});
         assert_eq!(decode_response(&xml).unwrap(), back);
         let call = encode_call("VDI.get_record", &[json!("OpaqueRef:1"), json!("x")]);
         let (m, p) = decode_call(&call).unwrap();
@@ -272,6 +276,9 @@ mod tests {
         assert!(decode_response("not xml at all").is_err());
         let deep = "<value><array><data>".repeat(200);
         assert!(decode_response(&format!("<methodResponse><params><param>{deep}")).is_err());
-        assert!(decode_response("<methodResponse><fault><value>x</value></fault></methodResponse>").is_err());
+        assert!(
+            decode_response("<methodResponse><fault><value>x</value></fault></methodResponse>")
+                .is_err()
+        );
     }
 }

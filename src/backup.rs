@@ -1,0 +1,781 @@
+//! `cbtfs backup`: the CBT guide's procedure against a host, for each disk of a VM (or one VDI).
+//!
+//! Per disk: check CBT (enable it and start a new set with a full base when it is off or the
+//! set is broken), snapshot, `list_changed_blocks` against the snapshot the previous point was
+//! read from, `get_nbd_info`, fetch the changed blocks over NBD (or `/export_raw_vdi` when the
+//! host has no NBD network), commit the point, close every NBD connection, `data_destroy` the
+//! snapshot so only its CBT metadata stays (the next diff's origin), and destroy the snapshots
+//! this repository made that no longer serve as an origin.
+//!
+//! Snapshots the repository made are tagged `other_config:cbtfs-repository=<repository id>`:
+//! that is how a run that was killed half-way is cleaned up by the next one, and how two
+//! repositories backing up the same disk leave each other's snapshots alone.
+//!
+//! Crash safety follows from the order: the previous origin is destroyed only after the new
+//! point is committed, so at any moment the repository's newest point names a snapshot that
+//! still exists on the host.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::import::{self, ImportError, ImportRequest};
+use crate::nbd::{Address, FetchOptions, Pool, Target, Trust};
+use crate::repo::{RepoError, Repository, WriteLock};
+use crate::xapi::{Failure, HostConfig, HostTrust, NbdInfo, VdiRecord, Xapi, XapiError};
+use crate::{BLOCK_SIZE, blocks_for, timefmt};
+
+/// The other_config key that marks snapshots this repository made.
+pub const TAG: &str = "cbtfs-repository";
+
+/// How long `data_destroy`/`destroy` retry while the host still unplugs VBDs.
+const IN_USE_WAIT: Duration = Duration::from_secs(60);
+
+/// How to reach the host. The password is never printed.
+#[derive(Clone)]
+pub struct HostAccess {
+    /// `https://HOST[:PORT]`.
+    pub url: String,
+    pub user: String,
+    pub password: String,
+    /// A CA bundle (PEM) that signed the host's certificate.
+    pub ca_pem: Option<String>,
+    /// No certificate check at all.
+    pub insecure_tls: bool,
+}
+
+impl std::fmt::Debug for HostAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostAccess")
+            .field("url", &self.url)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Selection {
+    Vdi(String),
+    /// A VM's uuid or name.
+    Vm(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub host: HostAccess,
+    pub selection: Selection,
+    /// Keep the snapshot's data on the host (skip `data_destroy`).
+    pub keep_snapshot_data: bool,
+    /// Accept plain NBD from a host whose NBD network is `insecure_nbd`.
+    pub allow_plain_nbd: bool,
+    pub fetch: FetchOptions,
+}
+
+/// What happened to one disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    pub vdi: String,
+    pub disk: String,
+    pub vm: Option<String>,
+    /// `VDI@TIME`.
+    pub point: String,
+    pub set: String,
+    pub seq: u32,
+    /// `base` or `incremental`.
+    pub kind: &'static str,
+    /// Why a new set was started, if one was.
+    pub new_set_reason: Option<String>,
+    /// `nbd` or `export_raw_vdi`.
+    pub via: &'static str,
+    pub virtual_size: u64,
+    /// Blocks the host reported changed (a base: every block).
+    pub changed_blocks: u64,
+    pub changed_percent: f64,
+    /// Blocks read from the host.
+    pub fetched_blocks: u64,
+    pub fetched_bytes: u64,
+    pub seconds: f64,
+    /// The host snapshot the point was read from (the next backup's origin).
+    pub snapshot: String,
+    pub vm_metadata_saved: bool,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub host: String,
+    /// Set when this run pinned the host's certificate (first use).
+    pub pinned_certificate: Option<String>,
+    pub xmlrpc: bool,
+    pub disks: Vec<DiskReport>,
+    /// (VDI uuid, error) for disks that failed.
+    pub failures: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Xapi(#[from] XapiError),
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Progress and warnings as the run goes.
+pub enum Event<'a> {
+    Info(&'a str),
+    Warning(&'a str),
+    /// (vdi, blocks done, blocks total)
+    Blocks(&'a str, u64, u64),
+}
+
+fn pin_key(host: &str) -> String {
+    let safe: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("hosts/{safe}.pin")
+}
+
+fn read_pin(repo: &Repository, host: &str) -> Option<String> {
+    std::fs::read_to_string(repo.store().path(&pin_key(host)))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn write_pin(repo: &Repository, host: &str, fp: &str) -> Result<(), RepoError> {
+    use crate::repo::store::Store;
+    let store = repo.store();
+    store
+        .make_dir("hosts")
+        .map_err(|e| RepoError::io("create", store.describe("hosts"), e))?;
+    let key = pin_key(host);
+    store
+        .put_new(&key, format!("{fp}\n").as_bytes())
+        .map_err(|e| RepoError::io("write", store.describe(&key), e))
+}
+
+/// Connect and log in, following HOST_IS_SLAVE to the pool master; pins the certificate on
+/// first use. Returns the session and the fingerprint pinned now, if any.
+async fn connect(
+    repo: &Repository,
+    access: &HostAccess,
+    say: &dyn Fn(Event),
+) -> Result<(Xapi, Option<String>), BackupError> {
+    let mut url = access.url.clone();
+    for _ in 0..3 {
+        let (_, host) = crate::xapi::client::parse_url(&url)?;
+        let pinned = read_pin(repo, &host);
+        let trust = if let Some(ca) = &access.ca_pem {
+            HostTrust::Ca(ca.clone())
+        } else if access.insecure_tls {
+            HostTrust::Insecure
+        } else {
+            HostTrust::Pinned(pinned.clone())
+        };
+        let mut xapi = Xapi::connect(&HostConfig {
+            url: url.clone(),
+            trust: trust.clone(),
+            timeout: Duration::from_secs(120),
+        })?;
+        match xapi.login(&access.user, &access.password).await {
+            Ok(()) => {
+                let mut newly = None;
+                if let (HostTrust::Pinned(None), Some(seen)) = (&trust, xapi.seen_certificate()) {
+                    write_pin(repo, &host, &seen)?;
+                    say(Event::Info(&format!(
+                        "pinned the TLS certificate of {host} on first use: {seen} (compare it with `openssl x509 -noout -fingerprint -sha256 -in /etc/xensource/xapi-ssl.pem` on the host)"
+                    )));
+                    newly = Some(seen);
+                }
+                return Ok((xapi, newly));
+            }
+            Err(XapiError::Api(f)) if matches!(f.kind(), Failure::HostIsSlave(_)) => {
+                let Failure::HostIsSlave(master) = f.kind() else {
+                    unreachable!("matched above")
+                };
+                let port = url
+                    .trim_start_matches("https://")
+                    .rsplit_once(':')
+                    .map(|(_, p)| format!(":{p}"))
+                    .unwrap_or_default();
+                say(Event::Info(&format!(
+                    "{host} is a pool member; connecting to the pool master {master}"
+                )));
+                url = format!("https://{master}{port}");
+            }
+            Err(e @ XapiError::Transport { .. }) => {
+                if let (Some(p), Some(seen)) = (&pinned, xapi.seen_certificate())
+                    && access.ca_pem.is_none()
+                    && !access.insecure_tls
+                    && *p != seen
+                {
+                    return Err(XapiError::CertificateChanged {
+                        host: host.clone(),
+                        pinned: p.clone(),
+                        seen,
+                        pin_file: repo.store().path(&pin_key(&host)).display().to_string(),
+                    }
+                    .into());
+                }
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(BackupError::Refused(format!(
+        "{}: too many HOST_IS_SLAVE redirections; give the pool master's address",
+        access.url
+    )))
+}
+
+/// Run a backup. The repository lock is held for the whole run.
+pub async fn run(
+    repo: &Repository,
+    opts: &BackupOptions,
+    say: &dyn Fn(Event),
+) -> Result<RunReport, BackupError> {
+    let lock = repo.lock(&format!("cbtfs backup from {}", opts.host.url))?;
+    let (mut xapi, pinned) = connect(repo, &opts.host, say).await?;
+    let result = run_logged_in(repo, &lock, &xapi, opts, say).await;
+    // Always log out: sessions are limited per user.
+    xapi.logout().await;
+    let (disks, failures) = result?;
+    Ok(RunReport {
+        host: xapi.host().to_string(),
+        pinned_certificate: pinned,
+        xmlrpc: xapi.uses_xmlrpc(),
+        disks,
+        failures,
+    })
+}
+
+/// A disk to back up and what names it.
+struct DiskTarget {
+    vdi_ref: String,
+    vm: Option<(String, String)>,
+}
+
+async fn select(xapi: &Xapi, sel: &Selection) -> Result<Vec<DiskTarget>, BackupError> {
+    match sel {
+        Selection::Vdi(uuid) => {
+            let vdi_ref = xapi.vdi_by_uuid(uuid).await?;
+            let rec = xapi.vdi_record(&vdi_ref).await?;
+            let mut vm = None;
+            for vbd in &rec.vbds {
+                let b = xapi.vbd_record(vbd).await?;
+                let v = xapi.vm_record(&b.vm).await?;
+                if !v.is_control_domain {
+                    vm = Some((v.uuid, v.name_label));
+                    break;
+                }
+            }
+            Ok(vec![DiskTarget { vdi_ref, vm }])
+        }
+        Selection::Vm(key) => {
+            let vm_ref = if crate::repo::valid_uuid(key) {
+                xapi.vm_by_uuid(key).await?
+            } else {
+                let found = xapi.vm_by_name(key).await?;
+                match found.as_slice() {
+                    [one] => one.clone(),
+                    [] => {
+                        return Err(BackupError::Refused(format!(
+                            "no VM is named {key:?} on the host (xe vm-list)"
+                        )));
+                    }
+                    many => {
+                        let mut uuids = Vec::new();
+                        for r in many {
+                            uuids.push(xapi.vm_record(r).await?.uuid);
+                        }
+                        return Err(BackupError::Refused(format!(
+                            "{} VMs are named {key:?} ({}); give --vm UUID",
+                            many.len(),
+                            uuids.join(", ")
+                        )));
+                    }
+                }
+            };
+            let vm = xapi.vm_record(&vm_ref).await?;
+            let mut out = Vec::new();
+            for vbd in &vm.vbds {
+                let b = xapi.vbd_record(vbd).await?;
+                if b.kind.eq_ignore_ascii_case("disk") && b.vdi != crate::xapi::NULL_REF {
+                    out.push(DiskTarget {
+                        vdi_ref: b.vdi,
+                        vm: Some((vm.uuid.clone(), vm.name_label.clone())),
+                    });
+                }
+            }
+            if out.is_empty() {
+                return Err(BackupError::Refused(format!(
+                    "VM {} ({}) has no disks to back up",
+                    vm.name_label, vm.uuid
+                )));
+            }
+            Ok(out)
+        }
+    }
+}
+
+type Outcome = (Vec<DiskReport>, Vec<(String, String)>);
+
+async fn run_logged_in(
+    repo: &Repository,
+    lock: &WriteLock,
+    xapi: &Xapi,
+    opts: &BackupOptions,
+    say: &dyn Fn(Event),
+) -> Result<Outcome, BackupError> {
+    let targets = select(xapi, &opts.selection).await?;
+    // The VM metadata, once per VM, saved with each of its disks' points.
+    let mut metadata: std::collections::HashMap<String, Option<Vec<u8>>> = Default::default();
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for t in &targets {
+        let meta = match &t.vm {
+            Some((uuid, _)) => {
+                if !metadata.contains_key(uuid) {
+                    let m = match xapi.export_metadata(uuid).await {
+                        Ok(m) => Some(m),
+                        Err(e) => {
+                            say(Event::Warning(&format!(
+                                "VM metadata of {uuid} not saved ({e}); restoring to a new VM will need it"
+                            )));
+                            None
+                        }
+                    };
+                    metadata.insert(uuid.clone(), m);
+                }
+                metadata.get(uuid).cloned().flatten()
+            }
+            None => None,
+        };
+        match backup_disk(repo, lock, xapi, opts, t, meta, say).await {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                let uuid = xapi
+                    .vdi_record(&t.vdi_ref)
+                    .await
+                    .map(|r| r.uuid)
+                    .unwrap_or_else(|_| t.vdi_ref.clone());
+                failures.push((uuid, e.to_string()));
+            }
+        }
+    }
+    Ok((reports, failures))
+}
+
+/// Retry `f` while the host answers VDI_IN_USE (VBDs of closed NBD connections unplug for a
+/// few seconds).
+async fn while_in_use<F, Fut>(mut f: F) -> Result<(), XapiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), XapiError>>,
+{
+    let deadline = Instant::now() + IN_USE_WAIT;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Err(e) if e.failure() == Some(Failure::VdiInUse) && Instant::now() < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Destroy this repository's snapshots of `vdi_ref` except `keep` (whose data is destroyed
+/// unless asked to keep it). Returns warnings for what could not be removed.
+async fn tidy_snapshots(
+    xapi: &Xapi,
+    vdi_ref: &str,
+    repo_id: &str,
+    keep: Option<&str>,
+    keep_data: bool,
+) -> Result<Vec<String>, XapiError> {
+    let rec = xapi.vdi_record(vdi_ref).await?;
+    let mut warnings = Vec::new();
+    for s in &rec.snapshots {
+        let Ok(snap) = xapi.vdi_record(s).await else {
+            continue; // destroyed meanwhile
+        };
+        if snap.other_config.get(TAG).map(String::as_str) != Some(repo_id) {
+            continue; // not ours
+        }
+        let r = if Some(snap.uuid.as_str()) == keep {
+            if keep_data || snap.kind == "cbt_metadata" {
+                continue;
+            }
+            while_in_use(|| xapi.data_destroy(s)).await
+        } else {
+            while_in_use(|| xapi.vdi_destroy(s)).await
+        };
+        if let Err(e) = r {
+            warnings.push(format!(
+                "could not remove snapshot {} of VDI {}: {e}; the next backup tries again",
+                snap.uuid, rec.uuid
+            ));
+        }
+    }
+    Ok(warnings)
+}
+
+async fn backup_disk(
+    repo: &Repository,
+    lock: &WriteLock,
+    xapi: &Xapi,
+    opts: &BackupOptions,
+    t: &DiskTarget,
+    vm_metadata: Option<Vec<u8>>,
+    say: &dyn Fn(Event),
+) -> Result<DiskReport, BackupError> {
+    let started = Instant::now();
+    let repo_id = repo.header.id.clone();
+    let rec = xapi.vdi_record(&t.vdi_ref).await?;
+    if rec.is_a_snapshot {
+        return Err(BackupError::Refused(format!(
+            "VDI {} is a snapshot; back up the disk it is a snapshot of",
+            rec.uuid
+        )));
+    }
+    let mut warnings = Vec::new();
+    let warn = |w: String, warnings: &mut Vec<String>| {
+        say(Event::Warning(&w));
+        warnings.push(w);
+    };
+    let history = repo.disk(&rec.uuid)?;
+    let last_set = history.sets.last();
+    let last = last_set.and_then(|s| s.points.last());
+    let origin = last_set
+        .filter(|s| s.problems.is_empty())
+        .and_then(|s| s.points.last())
+        .and_then(|p| p.snapshot.clone());
+
+    let mut reason: Option<String> = None;
+    if !rec.cbt_enabled {
+        if last.is_some() {
+            reason = Some(format!(
+                "changed block tracking was disabled on VDI {} since the last backup (a host or SR crash, a user, or a storage migration)",
+                rec.uuid
+            ));
+        }
+        xapi.enable_cbt(&t.vdi_ref).await?;
+    }
+    if last.is_none() {
+        reason.get_or_insert_with(|| "first backup of this disk".into());
+    } else if origin.is_none() {
+        reason.get_or_insert_with(|| {
+            "the newest point was not taken from a host snapshot (imported) or its set is damaged"
+                .into()
+        });
+    }
+
+    // Snapshots an interrupted run left behind go first; the origin stays.
+    for w in tidy_snapshots(xapi, &t.vdi_ref, &repo_id, origin.as_deref(), true).await? {
+        warn(w, &mut warnings);
+    }
+
+    let snap_ref = xapi.snapshot(&t.vdi_ref).await?;
+    let outcome = async {
+        xapi.add_to_other_config(&snap_ref, TAG, &repo_id).await?;
+        let snap = xapi.vdi_record(&snap_ref).await?;
+        let mut bitmap = None;
+        if reason.is_none()
+            && let Some(o) = &origin
+        {
+            match changed_blocks(xapi, o, &snap_ref).await? {
+                Ok(b) => bitmap = Some(b),
+                Err(why) => reason = Some(why),
+            }
+        }
+        if let Some(r) = &reason
+            && last.is_some()
+        {
+            warn(
+                format!("starting a new set for VDI {}: {r}", rec.uuid),
+                &mut warnings,
+            );
+        }
+        let time = snap
+            .snapshot_time
+            .unwrap_or_else(timefmt::now)
+            .max(history.newest().map(|p| p.time + 1).unwrap_or(i64::MIN));
+        let req = ImportRequest {
+            vdi: rec.uuid.clone(),
+            disk_name: Some(if rec.name_label.is_empty() {
+                format!("disk-{}", &rec.uuid[..8])
+            } else {
+                rec.name_label.clone()
+            }),
+            vm_uuid: t.vm.as_ref().map(|v| v.0.clone()),
+            vm_name: t.vm.as_ref().map(|v| v.1.clone()),
+            source: import::ImportSource::Raw(Default::default()),
+            bitmap: bitmap.map(|b| (b, format!("VDI.list_changed_blocks of {}", rec.uuid))),
+            time,
+            snapshot: Some(snap.uuid.clone()),
+            vm_metadata: vm_metadata.clone(),
+            source_label: Some(format!("backup:{}", xapi.host())),
+        };
+        let (report, via) = fetch(
+            repo,
+            lock,
+            xapi,
+            opts,
+            &snap,
+            &snap_ref,
+            &req,
+            say,
+            &mut warnings,
+        )
+        .await?;
+        Ok::<_, BackupError>((report, via, snap, req.bitmap.is_some()))
+    }
+    .await;
+    let (report, via, snap, incremental) = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            // The new snapshot serves as nobody's origin: remove it (the old origin stays).
+            if let Err(d) = while_in_use(|| xapi.vdi_destroy(&snap_ref)).await {
+                tracing::warn!(error = %d, "could not destroy the unused snapshot; the next backup removes it");
+            }
+            return Err(e);
+        }
+    };
+    // The point is committed: the new snapshot is the origin from now on.
+    for w in tidy_snapshots(
+        xapi,
+        &t.vdi_ref,
+        &repo_id,
+        Some(&snap.uuid),
+        opts.keep_snapshot_data,
+    )
+    .await?
+    {
+        warn(w, &mut warnings);
+    }
+    let m = &report.manifest;
+    let blocks = blocks_for(m.virtual_size);
+    let changed = if incremental {
+        m.changed_blocks
+    } else {
+        blocks
+    };
+    Ok(DiskReport {
+        vdi: rec.uuid.clone(),
+        disk: m.disk_name.clone(),
+        vm: m.vm_name.clone(),
+        point: m.label(),
+        set: m.set.clone(),
+        seq: m.seq,
+        kind: if incremental { "incremental" } else { "base" },
+        new_set_reason: if incremental { None } else { reason },
+        via,
+        virtual_size: m.virtual_size,
+        changed_blocks: changed,
+        changed_percent: if blocks == 0 {
+            0.0
+        } else {
+            changed as f64 * 100.0 / blocks as f64
+        },
+        fetched_blocks: report.blocks_read,
+        fetched_bytes: report.blocks_read * BLOCK_SIZE,
+        seconds: started.elapsed().as_secs_f64(),
+        snapshot: snap.uuid,
+        vm_metadata_saved: m.vm_metadata.is_some(),
+        warnings,
+    })
+}
+
+/// The bitmap from `origin` (uuid) to `snap_ref`, or why the set cannot continue.
+async fn changed_blocks(
+    xapi: &Xapi,
+    origin: &str,
+    snap_ref: &str,
+) -> Result<Result<String, String>, BackupError> {
+    let origin_ref = match xapi.vdi_by_uuid(origin).await {
+        Ok(r) => r,
+        Err(e)
+            if matches!(
+                e.failure(),
+                Some(Failure::UuidInvalid | Failure::HandleInvalid)
+            ) =>
+        {
+            return Ok(Err(format!(
+                "the host no longer has snapshot {origin} that the last point was taken from"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match xapi.list_changed_blocks(&origin_ref, snap_ref).await {
+        Ok(b) => Ok(Ok(b)),
+        Err(e)
+            if matches!(
+                e.failure(),
+                Some(Failure::Unrelated | Failure::VdiNoCbtMetadata | Failure::HandleInvalid)
+            ) =>
+        {
+            Ok(Err(format!(
+                "the host cannot diff against snapshot {origin}: {e}"
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn nbd_target(info: &NbdInfo, allow_plain: bool) -> Result<Target, BackupError> {
+    let trust = if info.cert.trim().is_empty() {
+        if !allow_plain {
+            return Err(BackupError::Refused(format!(
+                "the host offers NBD without TLS at {}:{} (an insecure_nbd network); pass --allow-plain-nbd to accept unencrypted transfers, or set the network's purpose to nbd",
+                info.address, info.port
+            )));
+        }
+        None
+    } else {
+        Some(Trust::Pinned {
+            cert_pem: info.cert.clone(),
+            subject: info.subject.clone(),
+        })
+    };
+    Ok(Target {
+        address: Address::Tcp {
+            host: info.address.clone(),
+            port: info.port,
+        },
+        export: info.exportname.clone(),
+        trust,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch(
+    repo: &Repository,
+    lock: &WriteLock,
+    xapi: &Xapi,
+    opts: &BackupOptions,
+    snap: &VdiRecord,
+    snap_ref: &str,
+    req: &ImportRequest,
+    say: &dyn Fn(Event),
+    warnings: &mut Vec<String>,
+) -> Result<(import::ImportReport, &'static str), BackupError> {
+    let infos = xapi.nbd_info(snap_ref).await?;
+    let progress = |d: u64, t: u64| say(Event::Blocks(&req.vdi, d, t));
+    if infos.is_empty() {
+        let w = format!(
+            "the host has no NBD network, so VDI {} is read through /export_raw_vdi (slower, one stream); enable NBD: xe network-param-set uuid=<network> purpose=nbd",
+            req.vdi
+        );
+        say(Event::Warning(&w));
+        warnings.push(w);
+        let r = import_http(repo, lock, xapi, snap, req, progress).await?;
+        return Ok((r, "export_raw_vdi"));
+    }
+    if infos.iter().any(|i| i.cert.trim().is_empty()) && opts.allow_plain_nbd {
+        let w = "NBD without TLS (the host's network is insecure_nbd): disk data crosses the network unencrypted".to_string();
+        say(Event::Warning(&w));
+        warnings.push(w);
+    }
+    // The first connection the host lists that answers; each is usable many times.
+    let mut last_err = None;
+    for info in &infos {
+        let target = nbd_target(info, opts.allow_plain_nbd)?;
+        match Pool::open(target, opts.fetch).await {
+            Ok(pool) => {
+                let r = import::import_nbd(repo, lock, req, pool, progress).await?;
+                return Ok((r, "nbd"));
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(ImportError::Nbd(
+        last_err
+            .ok_or_else(|| BackupError::Refused("get_nbd_info returned no connection".into()))?,
+    )
+    .into())
+}
+
+/// Read the snapshot through `/export_raw_vdi`; an increment keeps only the bitmap's blocks.
+async fn import_http(
+    repo: &Repository,
+    lock: &WriteLock,
+    xapi: &Xapi,
+    snap: &VdiRecord,
+    req: &ImportRequest,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<import::ImportReport, BackupError> {
+    let size = snap.virtual_size;
+    let marked = import::marked_blocks(req, blocks_for(size))?;
+    let mut resp = xapi.export_raw_vdi(&snap.uuid, size).await?;
+    let mut w = import::begin(
+        repo,
+        lock,
+        req,
+        size,
+        "export_raw_vdi".into(),
+        marked.is_none(),
+    )?;
+    let (take, record_zeros) = import::plan(marked.as_ref(), w.previous(), size);
+    let total = blocks_for(size);
+    let mut block = Vec::with_capacity(BLOCK_SIZE as usize);
+    let mut b = 0u64;
+    let mut received = 0u64;
+    let short = |received: u64| {
+        BackupError::Xapi(XapiError::Http {
+            what: format!("export_raw_vdi of VDI {}", snap.uuid),
+            status: 200,
+            body: format!("the transfer ended after {received} of {size} bytes"),
+        })
+    };
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(_) => return Err(short(received)),
+        };
+        let mut data = &chunk[..];
+        while !data.is_empty() {
+            let want = (BLOCK_SIZE.min(size - b * BLOCK_SIZE) as usize) - block.len();
+            let n = want.min(data.len());
+            block.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            received += n as u64;
+            if received > size {
+                return Err(short(received));
+            }
+            if block.len() as u64 == BLOCK_SIZE.min(size - b * BLOCK_SIZE) {
+                if take.contains(b as u32) && (record_zeros || !crate::is_zero(&block)) {
+                    w.add_block(b, &block)?;
+                }
+                block.clear();
+                b += 1;
+                if b.is_multiple_of(64) {
+                    progress(b, total);
+                }
+            }
+        }
+    }
+    if received != size {
+        return Err(short(received));
+    }
+    progress(total, total);
+    let manifest = w.commit()?;
+    Ok(import::ImportReport {
+        manifest,
+        // The whole disk crossed the network.
+        blocks_read: total,
+    })
+}
