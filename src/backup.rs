@@ -397,6 +397,24 @@ where
     }
 }
 
+/// True when a VM has `vdi_ref` plugged: VDI_IN_USE will not clear by waiting.
+async fn attached_to_vm(xapi: &Xapi, vdi_ref: &str) -> bool {
+    let Ok(rec) = xapi.vdi_record(vdi_ref).await else {
+        return false;
+    };
+    for vbd in &rec.vbds {
+        if xapi
+            .vbd_record(vbd)
+            .await
+            .map(|b| b.currently_attached)
+            .unwrap_or(false)
+        {
+            return true;
+        }
+    }
+    false
+}
+
 /// Destroy this repository's snapshots of `vdi_ref` except `keep` (whose data is destroyed
 /// unless asked to keep it). Returns warnings for what could not be removed.
 async fn tidy_snapshots(
@@ -414,6 +432,13 @@ async fn tidy_snapshots(
         };
         if snap.other_config.get(TAG).map(String::as_str) != Some(repo_id) {
             continue; // not ours
+        }
+        if attached_to_vm(xapi, s).await {
+            warnings.push(format!(
+                "snapshot {} of VDI {} is attached to a VM; detach it (xe vbd-unplug, xe vbd-destroy) and the next backup removes it",
+                snap.uuid, rec.uuid
+            ));
+            continue;
         }
         let r = if Some(snap.uuid.as_str()) == keep {
             if keep_data || snap.kind == "cbt_metadata" {
@@ -548,7 +573,11 @@ async fn backup_disk(
         Ok(o) => o,
         Err(e) => {
             // The new snapshot serves as nobody's origin: remove it (the old origin stays).
-            if let Err(d) = while_in_use(|| xapi.vdi_destroy(&snap_ref)).await {
+            if attached_to_vm(xapi, &snap_ref).await {
+                say(Event::Warning(
+                    "the new snapshot is attached to a VM, so it stays on the host; detach it and the next backup removes it",
+                ));
+            } else if let Err(d) = while_in_use(|| xapi.vdi_destroy(&snap_ref)).await {
                 tracing::warn!(error = %d, "could not destroy the unused snapshot; the next backup removes it");
             }
             return Err(e);

@@ -107,6 +107,8 @@ pub struct Faults {
     pub unplug_delay: Duration,
     /// The SR has this many bytes free (VDI.create, import_raw_vdi).
     pub sr_free: Option<u64>,
+    /// New snapshots come attached to the VM (as if someone plugged them).
+    pub attach_snapshots: bool,
 }
 
 #[derive(Debug)]
@@ -132,6 +134,8 @@ pub struct State {
     pub nbd: Option<(u16, String, String)>,
     /// Methods called, in order (tests check the procedure).
     pub calls: Vec<String>,
+    /// Bytes served over NBD and /export_raw_vdi.
+    pub served_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub clock: i64,
 }
 
@@ -161,6 +165,7 @@ impl State {
             },
             nbd: None,
             calls: Vec::new(),
+            served_bytes: Default::default(),
             clock: 0,
         }
     }
@@ -475,6 +480,25 @@ impl State {
                         .insert(c.seq, changed);
                 }
                 let sr = new_ref();
+                let mut snap_vbds = Vec::new();
+                if self.faults.attach_snapshots {
+                    let vm = self
+                        .vbds
+                        .values()
+                        .find(|b| b.vdi == r)
+                        .map(|b| b.vm.clone())
+                        .unwrap_or_else(|| crate::xapi::NULL_REF.into());
+                    let vbd = new_ref();
+                    self.vbds.insert(
+                        vbd.clone(),
+                        Vbd {
+                            vm,
+                            vdi: sr.clone(),
+                            attached: true,
+                        },
+                    );
+                    snap_vbds.push(vbd);
+                }
                 self.vdis.insert(
                     sr.clone(),
                     Vdi {
@@ -490,7 +514,7 @@ impl State {
                         cbt,
                         dirty: RoaringBitmap::new(),
                         other_config: BTreeMap::new(),
-                        vbds: Vec::new(),
+                        vbds: snap_vbds,
                         users: 0,
                         busy_until: None,
                     },

@@ -228,6 +228,7 @@ struct HostExports(Arc<Mutex<State>>);
 
 struct VdiExport {
     image: Image,
+    served: Arc<std::sync::atomic::AtomicU64>,
     state: Arc<Mutex<State>>,
     vdi: String,
 }
@@ -237,6 +238,8 @@ impl ExportData for VdiExport {
         self.image.size()
     }
     fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.served
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.image.read_at(buf, off)
     }
 }
@@ -264,6 +267,7 @@ fn plug(state: &Arc<Mutex<State>>, vdi: &str, session: &str) -> Option<VdiExport
     v.users += 1;
     Some(VdiExport {
         image,
+        served: st.served_bytes.clone(),
         state: state.clone(),
         vdi: r,
     })

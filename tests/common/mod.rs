@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub const BS: usize = 65536;
 
@@ -267,4 +269,117 @@ pub fn import_life(dir: &Path, repo: &Path, steps: &[Step], seed: u64) -> String
     }
     std::fs::remove_file(&img).unwrap();
     v
+}
+
+pub fn can_mount() -> bool {
+    if !is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipped: needs root and /dev/fuse");
+        return false;
+    }
+    true
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `cbtfs mount -f`, unmounted (SIGTERM) when dropped.
+pub struct Mounted {
+    pub mp: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mounted {
+    pub fn new(repo: &Path, mp: &Path, extra: &[&str]) -> Mounted {
+        std::fs::create_dir_all(mp).unwrap();
+        let mp = std::fs::canonicalize(mp).unwrap();
+        let log = mp.with_extension("log");
+        let mut child = Command::new(bin())
+            .args(["mount", "-f", s(repo), s(&mp)])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while cbtfs::mount::mounted_fstype(&mp).is_none() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "cbtfs mount exited ({st}): {}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "mount not ready");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Mounted {
+            mp,
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill with a valid pid of our child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("cbtfs mount did not exit on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        if cbtfs::mount::mounted_fstype(&self.mp).is_some() {
+            let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
+        }
+    }
+}
+
+/// Every point's path in the mount, in order (from `cbtfs ls --json`).
+pub fn point_paths(repo: &Path) -> Vec<String> {
+    let j: serde_json::Value = serde_json::from_str(&ok(&["ls", s(repo), "--json"])).unwrap();
+    let mut out = Vec::new();
+    for vm in j["vms"].as_array().unwrap() {
+        for d in vm["disks"].as_array().unwrap() {
+            for set in d["sets"].as_array().unwrap() {
+                for p in set["points"].as_array().unwrap() {
+                    out.push(format!("{}.raw", p["path"].as_str().unwrap()));
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }

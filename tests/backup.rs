@@ -1,0 +1,563 @@
+//! `cbtfs backup` end to end against the simulated host: the guide's procedure, every point
+//! equal to the disk at its snapshot, and each failure path the guide and xen-api name.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use cbtfs::sim::{NbdMode, Sim, SimConfig};
+use common::*;
+use serde_json::Value;
+
+const DISK_MB: u64 = 16;
+
+struct Host {
+    sim: Sim,
+    dir: tempfile::TempDir,
+    pw: PathBuf,
+    vdi: String,
+}
+
+fn start(cfg: impl FnOnce(&mut SimConfig)) -> Host {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = SimConfig::new(&dir.path().join("sim"));
+    cfg(&mut c);
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, format!("{}\n", c.password)).unwrap();
+    let sim = Sim::start(c).unwrap();
+    // A disk that starts with data in a third of its blocks.
+    let img = dir.path().join("disk.img");
+    let mut data = vec![0u8; (DISK_MB << 20) as usize];
+    let mut rng = TestRng::new(7);
+    for b in 0..data.len() / BS {
+        if rng.below(3) == 0 {
+            for x in &mut data[b * BS..b * BS + 4096] {
+                *x = rng.next() as u8;
+            }
+        }
+    }
+    std::fs::write(&img, &data).unwrap();
+    let (_, vdis) = sim.add_vm("vm1", &[("root", &img)]).unwrap();
+    Host {
+        sim,
+        dir,
+        pw,
+        vdi: vdis[0].clone(),
+    }
+}
+
+impl Host {
+    fn repo(&self) -> PathBuf {
+        let r = self.dir.path().join("repo");
+        if !r.exists() {
+            ok(&["init", s(&r)]);
+        }
+        r
+    }
+
+    fn backup(&self, extra: &[&str]) -> Output {
+        let repo = self.repo();
+        Command::new(bin())
+            .args(["backup", "--repo", s(&repo), "--host", &self.sim.url])
+            .args(["--password-file", s(&self.pw), "--json"])
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    fn backup_vdi(&self) -> Value {
+        let o = self.backup(&["--vdi", &self.vdi]);
+        assert!(
+            o.status.success(),
+            "backup failed: {}{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["disks"][0].clone()
+    }
+
+    fn backup_fails(&self, extra: &[&str]) -> String {
+        let o = self.backup(extra);
+        assert!(!o.status.success(), "backup unexpectedly succeeded");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        )
+    }
+
+    /// Random guest writes; returns the blocks they touched.
+    fn guest_writes(&self, rng: &mut TestRng, n: u64) -> BTreeSet<u64> {
+        let size = DISK_MB << 20;
+        let mut touched = BTreeSet::new();
+        for _ in 0..n {
+            let len = 1 + rng.below(3 * BS as u64);
+            let off = rng.below(size - len);
+            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            self.sim
+                .with(|st| st.guest_write(&self.vdi, off, &data))
+                .unwrap();
+            touched.extend(off / BS as u64..=(off + len - 1) / BS as u64);
+        }
+        touched
+    }
+
+    fn disk_now(&self) -> Vec<u8> {
+        self.sim.read_vdi(&self.vdi).unwrap()
+    }
+
+    /// (uuid, type) of the snapshots of the disk on the host.
+    fn snapshots(&self) -> Vec<(String, String, bool)> {
+        self.sim.with(|st| {
+            let r = st.vdi_ref(&self.vdi).unwrap();
+            st.vdis
+                .values()
+                .filter(|v| v.snapshot_of == r)
+                .map(|v| {
+                    (
+                        v.uuid.clone(),
+                        v.kind.clone(),
+                        v.other_config.contains_key("cbtfs-repository"),
+                    )
+                })
+                .collect()
+        })
+    }
+
+    fn export(&self, point: &str) -> Vec<u8> {
+        let out = self.dir.path().join("export.raw");
+        ok(&["export", s(&self.repo()), point, s(&out), "--force"]);
+        std::fs::read(&out).unwrap()
+    }
+}
+
+fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    if got != want {
+        let b = got
+            .chunks(BS)
+            .zip(want.chunks(BS))
+            .position(|(a, b)| a != b)
+            .unwrap();
+        panic!("{what}: block {b} differs");
+    }
+}
+
+#[test]
+fn ten_backups_read_back_exactly_through_the_mount_and_fetch_only_changed_blocks() {
+    let h = start(|_| {});
+    let mut rng = TestRng::new(11);
+    let mut expected = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..10 {
+        let touched = if i > 0 {
+            let n = 1 + rng.below(12);
+            h.guest_writes(&mut rng, n)
+        } else {
+            BTreeSet::new()
+        };
+        expected.push(h.disk_now());
+        let before = h
+            .sim
+            .with(|st| st.served_bytes.load(std::sync::atomic::Ordering::Relaxed));
+        let d = h.backup_vdi();
+        let served = h
+            .sim
+            .with(|st| st.served_bytes.load(std::sync::atomic::Ordering::Relaxed))
+            - before;
+        assert_eq!(d["seq"], i, "{d}");
+        assert_eq!(d["via"], "nbd");
+        if i == 0 {
+            assert_eq!(d["kind"], "base");
+            assert_eq!(served, DISK_MB << 20);
+        } else {
+            assert_eq!(d["kind"], "incremental", "{d}");
+            // Exactly the blocks CBT reported, nothing re-read.
+            assert_eq!(d["changed_blocks"], touched.len() as u64, "{d}");
+            assert_eq!(d["fetched_blocks"], touched.len() as u64, "{d}");
+            assert_eq!(served, touched.len() as u64 * BS as u64, "{d}");
+        }
+        assert_eq!(d["vm_metadata_saved"], true);
+        labels.push(d["point"].as_str().unwrap().to_string());
+        // Only the newest snapshot stays on the host, as CBT metadata.
+        let snaps = h.snapshots();
+        assert_eq!(snaps.len(), 1, "{snaps:?}");
+        assert_eq!(snaps[0].1, "cbt_metadata");
+        assert_eq!(snaps[0].0, d["snapshot"].as_str().unwrap());
+    }
+    ok(&["verify", s(&h.repo())]);
+    // The guide's order: snapshot, diff, NBD info, data_destroy after the fetch.
+    let calls = h.sim.with(|st| st.calls.clone());
+    let pos = |m: &str| calls.iter().rposition(|c| c == m).unwrap();
+    assert!(pos("VDI.snapshot") < pos("VDI.list_changed_blocks"));
+    assert!(pos("VDI.list_changed_blocks") < pos("VDI.get_nbd_info"));
+    assert!(pos("VDI.get_nbd_info") < pos("VDI.data_destroy"));
+    assert_eq!(calls.last().map(String::as_str), Some("session.logout"));
+
+    if can_mount() {
+        let mp = h.dir.path().join("mnt");
+        let _m = Mounted::new(&h.repo(), &mp, &[]);
+        let paths = point_paths(&h.repo());
+        assert_eq!(paths.len(), 10);
+        for (i, p) in paths.iter().enumerate() {
+            let got = std::fs::read(mp.join(p)).unwrap();
+            assert_same(
+                &format!("point {i} ({p}) through the mount"),
+                &got,
+                &expected[i],
+            );
+        }
+    } else {
+        for (i, l) in labels.iter().enumerate() {
+            assert_same(&format!("point {i}"), &h.export(l), &expected[i]);
+        }
+    }
+}
+
+#[test]
+fn cbt_disabled_or_unrelated_or_missing_origin_starts_a_new_set_and_old_sets_stay() {
+    let h = start(|_| {});
+    let mut rng = TestRng::new(5);
+    let mut points = Vec::new();
+    let mut record = |h: &Host, d: &Value| {
+        points.push((d["point"].as_str().unwrap().to_string(), h.disk_now()));
+    };
+    let d = h.backup_vdi();
+    record(&h, &d);
+    h.guest_writes(&mut rng, 5);
+    let d = h.backup_vdi();
+    record(&h, &d);
+    let first_set = d["set"].as_str().unwrap().to_string();
+
+    // A host crash disables CBT: new set, with a warning that says why.
+    h.guest_writes(&mut rng, 5);
+    h.sim.with(|st| st.crash());
+    let o = h.backup(&["--vdi", &h.vdi]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("changed block tracking was disabled"), "{err}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let d = &v["disks"][0];
+    assert_eq!(d["kind"], "base");
+    assert_ne!(d["set"], first_set.as_str());
+    record(&h, d);
+
+    // CBT disabled and re-enabled behind our back: the origin is in another CBT chain.
+    h.sim.with(|st| {
+        let r = st.vdi_ref(&h.vdi).unwrap();
+        let sref = st.sessions.keys().next().cloned();
+        let sess = match sref {
+            Some(s) => s,
+            None => {
+                st.sessions.insert("OpaqueRef:test".into(), "root".into());
+                "OpaqueRef:test".into()
+            }
+        };
+        for m in ["VDI.disable_cbt", "VDI.enable_cbt"] {
+            st.dispatch(m, &[sess.clone().into(), r.clone().into()])
+                .unwrap();
+        }
+    });
+    h.guest_writes(&mut rng, 3);
+    let o = h.backup(&["--vdi", &h.vdi]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("unrelated"), "{err}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["disks"][0]["kind"], "base");
+    record(&h, &v["disks"][0]);
+
+    // The origin snapshot was deleted on the host.
+    h.sim.with(|st| {
+        let r = st.vdi_ref(&h.vdi).unwrap();
+        st.vdis.retain(|_, v| v.snapshot_of != r);
+    });
+    h.guest_writes(&mut rng, 3);
+    let o = h.backup(&["--vdi", &h.vdi]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no longer has snapshot"), "{err}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["disks"][0]["kind"], "base");
+    record(&h, &v["disks"][0]);
+
+    // Every point of every set reads back.
+    for (label, want) in &points {
+        assert_same(label, &h.export(label), want);
+    }
+    let ls: Value = serde_json::from_str(&ok(&["ls", s(&h.repo()), "--json"])).unwrap();
+    let sets = ls["vms"][0]["disks"][0]["sets"].as_array().unwrap().len();
+    assert_eq!(sets, 4);
+}
+
+#[test]
+fn refusals_say_what_to_do_and_leave_nothing_behind() {
+    // Wrong password: named, never echoed.
+    let h = start(|_| {});
+    let bad = h.dir.path().join("bad");
+    std::fs::write(&bad, "not-the-password-xyz\n").unwrap();
+    let repo = h.repo();
+    let o = Command::new(bin())
+        .args(["backup", "--repo", s(&repo), "--host", &h.sim.url])
+        .args(["--password-file", s(&bad), "--vdi", &h.vdi])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("SESSION_AUTHENTICATION_FAILED"), "{err}");
+    assert!(err.contains("wrong user or password"), "{err}");
+    assert!(!err.contains("not-the-password-xyz"), "{err}");
+
+    // No licence: enabling CBT is refused with the reason.
+    h.sim.with(|st| st.faults.no_licence = true);
+    let err = h.backup_fails(&["--vdi", &h.vdi]);
+    assert!(err.contains("LICENCE_RESTRICTION"), "{err}");
+    assert!(err.contains("Enterprise"), "{err}");
+    // ... but a disk that already has CBT goes on without it.
+    h.sim.with(|st| st.faults.no_licence = false);
+    h.backup_vdi();
+    h.sim.with(|st| st.faults.no_licence = true);
+    let d = h.backup_vdi();
+    assert_eq!(d["kind"], "incremental");
+    h.sim.with(|st| st.faults.no_licence = false);
+
+    // The newer snapshot attached to a VM: VDI_IN_USE with advice; after detaching, the next
+    // run succeeds and tidies up.
+    h.sim.with(|st| st.faults.attach_snapshots = true);
+    let err = h.backup_fails(&["--vdi", &h.vdi]);
+    assert!(err.contains("VDI_IN_USE"), "{err}");
+    assert!(err.contains("must not be attached"), "{err}");
+    h.sim.with(|st| {
+        st.faults.attach_snapshots = false;
+        for b in st.vbds.values_mut() {
+            if st.vdis.get(&b.vdi).is_some_and(|v| v.is_a_snapshot) {
+                b.attached = false;
+            }
+        }
+    });
+    h.backup_vdi();
+    let snaps = h.snapshots();
+    assert_eq!(snaps.iter().filter(|s| s.2).count(), 1, "{snaps:?}");
+
+    // on_boot=reset and the wrong VDI type cannot have CBT.
+    let h2 = start(|_| {});
+    h2.sim.with(|st| {
+        let r = st.vdi_ref(&h2.vdi).unwrap();
+        st.vdis.get_mut(&r).unwrap().on_boot = "reset".into();
+    });
+    let err = h2.backup_fails(&["--vdi", &h2.vdi]);
+    assert!(
+        err.contains("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION"),
+        "{err}"
+    );
+    assert!(err.contains("on-boot=persist"), "{err}");
+    assert!(h2.snapshots().is_empty());
+    // A VDI uuid the host does not know.
+    let err = h2.backup_fails(&["--vdi", "00000000-0000-4000-8000-000000000000"]);
+    assert!(err.contains("UUID_INVALID"), "{err}");
+    // No password at all.
+    let o = Command::new(bin())
+        .args([
+            "backup",
+            "--repo",
+            s(&h2.repo()),
+            "--host",
+            &h2.sim.url,
+            "--vdi",
+            &h2.vdi,
+        ])
+        .env_remove("CBTFS_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--password-file"));
+    // Nothing was committed by the failures.
+    let ls: Value = serde_json::from_str(&ok(&["ls", s(&h2.repo()), "--json"])).unwrap();
+    assert!(ls["vms"].as_array().unwrap().is_empty(), "{ls}");
+}
+
+#[test]
+fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
+    let h = start(|_| {});
+    let o = h.backup(&["--vdi", &h.vdi]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pinned the TLS certificate"));
+    // The same host again: no new pin message.
+    let o = h.backup(&["--vdi", &h.vdi]);
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("pinned"));
+
+    // Another host on the same address with another certificate.
+    let other = start(|_| {});
+    let o = Command::new(bin())
+        .args(["backup", "--repo", s(&h.repo()), "--host", &other.sim.url])
+        .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("certificate of 127.0.0.1 changed"), "{err}");
+    assert!(err.contains("hosts/127.0.0.1.pin"), "{err}");
+
+    // A CA that did not sign it: refused. Its own certificate as the CA: accepted.
+    let ca = h.dir.path().join("wrong-ca.pem");
+    std::fs::write(&ca, &h.sim.cert_pem).unwrap();
+    let o = Command::new(bin())
+        .args(["backup", "--repo", s(&h.repo()), "--host", &other.sim.url])
+        .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
+        .args(["--ca-cert", s(&ca)])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("certificate"));
+    // --insecure-tls works and says so.
+    let o = Command::new(bin())
+        .args(["backup", "--repo", s(&h.repo()), "--host", &other.sim.url])
+        .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
+        .arg("--insecure-tls")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not checked"));
+}
+
+#[test]
+fn xmlrpc_only_host_pool_member_and_vm_selection() {
+    let h = start(|c| c.xmlrpc_only = true);
+    let o = h.backup(&["--vm", "vm1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["xmlrpc"], true);
+    assert_eq!(v["disks"][0]["vm"], "vm1");
+    let want = h.disk_now();
+    assert_same(
+        "xml-rpc base",
+        &h.export(v["disks"][0]["point"].as_str().unwrap()),
+        &want,
+    );
+
+    let j = start(|_| {});
+    let o = j.backup(&["--vdi", &j.vdi]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["xmlrpc"], false);
+
+    // A pool member answers HOST_IS_SLAVE: the backup follows it to the master.
+    let port = j.sim.port;
+    let sdir = tempfile::tempdir().unwrap();
+    let mut c = SimConfig::new(sdir.path());
+    c.bind = format!("127.0.0.2:{port}");
+    let member = match Sim::start(c) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("skipped the pool member part: {e}");
+            return;
+        }
+    };
+    member.with(|st| st.slave_of = Some("127.0.0.1".into()));
+    let o = Command::new(bin())
+        .args(["backup", "--repo", s(&j.repo()), "--host", &member.url])
+        .args(["--password-file", s(&j.pw), "--vdi", &j.vdi, "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("pool master 127.0.0.1"), "{err}");
+}
+
+#[test]
+fn without_nbd_network_reads_export_raw_vdi_and_keeps_only_changed_blocks() {
+    let h = start(|c| c.nbd = NbdMode::None);
+    let mut rng = TestRng::new(3);
+    let want0 = h.disk_now();
+    let o = h.backup(&["--vdi", &h.vdi]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("purpose=nbd"));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["disks"][0]["via"], "export_raw_vdi");
+    let p0 = v["disks"][0]["point"].as_str().unwrap().to_string();
+    let touched = h.guest_writes(&mut rng, 4);
+    let want1 = h.disk_now();
+    let d = h.backup_vdi();
+    assert_eq!(d["kind"], "incremental");
+    assert_eq!(d["changed_blocks"], touched.len() as u64);
+    assert_same("base", &h.export(&p0), &want0);
+    assert_same("increment", &h.export(d["point"].as_str().unwrap()), &want1);
+    let ls: Value = serde_json::from_str(&ok(&["ls", s(&h.repo()), "--json"])).unwrap();
+    let pts = &ls["vms"][0]["disks"][0]["sets"][0]["points"];
+    assert_eq!(pts[1]["changed_blocks"], touched.len() as u64, "{ls}");
+
+    // A 302 is followed; an error page inside a 200 is an error, and nothing is committed.
+    h.sim.with(|st| st.faults.export_redirect = true);
+    h.guest_writes(&mut rng, 2);
+    let d = h.backup_vdi();
+    assert_eq!(d["kind"], "incremental");
+    h.sim.with(|st| st.faults.export_error_page = true);
+    let err = h.backup_fails(&["--vdi", &h.vdi]);
+    assert!(err.contains("export_raw_vdi of VDI"), "{err}");
+    assert!(err.contains("unexpected error"), "{err}");
+    assert_eq!(h.snapshots().iter().filter(|s| s.2).count(), 1);
+}
+
+#[test]
+fn plain_nbd_only_when_asked_and_dropped_connections_are_retried() {
+    let h = start(|c| c.nbd = NbdMode::Plain);
+    let err = h.backup_fails(&["--vdi", &h.vdi]);
+    assert!(err.contains("--allow-plain-nbd"), "{err}");
+    // The failed run leaves no snapshot of its own behind.
+    assert!(h.snapshots().iter().all(|s| !s.2), "{:?}", h.snapshots());
+    let o = h.backup(&["--vdi", &h.vdi, "--allow-plain-nbd"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unencrypted"));
+
+    let t = start(|_| {});
+    let mut rng = TestRng::new(9);
+    t.sim.with(|st| st.faults.nbd_drop_after = Some(3));
+    let want = t.disk_now();
+    let d = t.backup_vdi();
+    assert_same(
+        "base over dropping connections",
+        &t.export(d["point"].as_str().unwrap()),
+        &want,
+    );
+    t.guest_writes(&mut rng, 20);
+    let want = t.disk_now();
+    let d = t.backup_vdi();
+    assert_same(
+        "increment over dropping connections",
+        &t.export(d["point"].as_str().unwrap()),
+        &want,
+    );
+}
+
+#[test]
+fn kill_9_at_random_moments_then_the_next_backup_is_right() {
+    let h = start(|c| c.nbd = NbdMode::Tls);
+    let mut rng = TestRng::new(42);
+    h.backup_vdi();
+    for trial in 0..12 {
+        h.guest_writes(&mut rng, 20);
+        let mut child = Command::new(bin())
+            .args(["backup", "--repo", s(&h.repo()), "--host", &h.sim.url])
+            .args(["--password-file", s(&h.pw), "--vdi", &h.vdi])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.below(700)));
+        let _ = child.kill();
+        let _ = child.wait();
+        // The repository is consistent whatever the moment.
+        ok(&["verify", s(&h.repo())]);
+        let want = h.disk_now();
+        let d = h.backup_vdi();
+        assert_same(
+            &format!("trial {trial}"),
+            &h.export(d["point"].as_str().unwrap()),
+            &want,
+        );
+        let ours: Vec<_> = h.snapshots().into_iter().filter(|s| s.2).collect();
+        assert_eq!(ours.len(), 1, "trial {trial}: {ours:?}");
+        assert_eq!(ours[0].1, "cbt_metadata");
+    }
+}
