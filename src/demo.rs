@@ -1,10 +1,10 @@
 //! `cbtfs demo`: the whole job on an embedded default, with nothing to set up.
 //!
-//! Builds a real guest filesystem (ext4, `mkfs.ext4 -d`), changes files in it day by day
-//! (`debugfs -w`, no root needed), takes each day's changed 64 KiB blocks as the host's CBT
-//! would report them, imports every day as a restore point, then verifies, exports each point and
-//! reads a file from inside it to show each point holds the guest as it was that day.
-//! (The simulated XenServer host and the mount join this demo as they land.)
+//! Builds a real guest filesystem (ext4, `mkfs.ext4 -d`), starts a simulated XenServer host
+//! with a VM on that disk, and runs `cbtfs backup` against it: a full base, then a day of guest
+//! changes (files added, edited, deleted with `debugfs -w`, written to the host as guest writes
+//! that its CBT tracks) and an incremental backup, four times. Then it verifies, reads a file
+//! from inside every point, mounts the history and loop-mounts one day's disk.
 
 use std::fs;
 use std::io::Write;
@@ -14,15 +14,12 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use roaring::RoaringBitmap;
 
-use crate::import::{ImportRequest, import_raw};
 use crate::naming::Tree;
 use crate::read::PointReader;
 use crate::repo::Repository;
-use crate::{BLOCK_SIZE, bitmap, timefmt};
+use crate::BLOCK_SIZE;
 
 const DISK_SIZE: &str = "256M";
-const VDI: &str = "6f3d2a10-4b8e-4c1a-9d2f-0a1b2c3d4e5f";
-const VM: &str = "0c9e7b42-1f3a-4d5e-8b6c-7d8e9f0a1b2c";
 const MARKER: &str = ".cbtfs-demo";
 
 fn run(cmd: &str, args: &[&str]) -> Result<String> {
@@ -124,36 +121,62 @@ pub fn run_demo(dir: &Path) -> Result<()> {
 
     let repo = Repository::init(&repo_path)?;
     println!("== repository {}", repo_path.display());
-    let start = timefmt::parse("2026-11-16T02:00:00Z").map_err(anyhow::Error::msg)?;
-    let import = |bitmap: Option<String>, day: i64| -> Result<()> {
-        let r = import_raw(
-            &repo,
-            &ImportRequest {
-                vdi: VDI.into(),
-                disk_name: Some("root".into()),
-                vm_uuid: Some(VM.into()),
-                vm_name: Some("demo-vm".into()),
-                source: crate::import::ImportSource::Raw(image.clone()),
-                bitmap: bitmap.map(|b| (b, "demo".into())),
-                time: start + day * 86400,
-                snapshot: None,
-                vm_metadata: None,
-                source_label: None,
-            },
-            |_, _| {},
-        )?;
-        let m = r.manifest;
-        println!(
-            "   day {day}: {} point {}, {} blocks changed, {} stored",
-            if m.seq == 0 { "base" } else { "incremental" },
-            timefmt::basic(m.time),
-            m.changed_blocks,
-            m.data_blocks
-        );
+    println!("== a simulated XenServer host (management API over HTTPS, NBD over TLS, CBT)");
+    let mut cfg = crate::sim::SimConfig::new(&dir.join("host"));
+    cfg.user = "root".into();
+    let sim = crate::sim::Sim::start(cfg.clone()).map_err(anyhow::Error::msg)?;
+    let (vm, vdis) = sim
+        .add_vm("demo-vm", &[("root", image.as_path())])
+        .map_err(anyhow::Error::msg)?;
+    let vdi = vdis.first().cloned().context("the simulated VM has no disk")?;
+    println!("   {} : VM demo-vm ({vm}), disk root (VDI {vdi})", sim.url);
+    let options = crate::backup::BackupOptions {
+        host: crate::backup::HostAccess {
+            url: sim.url.clone(),
+            user: cfg.user.clone(),
+            password: cfg.password.clone(),
+            ca_pem: None,
+            insecure_tls: false,
+        },
+        selection: crate::backup::Selection::Vm("demo-vm".into()),
+        keep_snapshot_data: false,
+        allow_plain_nbd: false,
+        fetch: crate::nbd::FetchOptions::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let backup = |day: usize| -> Result<()> {
+        let say = |e: crate::backup::Event| match e {
+            crate::backup::Event::Info(m) => println!("   {m}"),
+            crate::backup::Event::Warning(m) => println!("   warning: {m}"),
+            crate::backup::Event::Blocks(..) => {}
+        };
+        let r = rt.block_on(crate::backup::run(&repo, &options, &say))?;
+        if let Some((v, e)) = r.failures.first() {
+            bail!("backup of VDI {v} failed: {e}");
+        }
+        for d in &r.disks {
+            println!(
+                "   day {day}: {} point {}: {} of {} blocks changed, {} KiB read over {} in {:.2} s",
+                d.kind,
+                d.point,
+                d.changed_blocks,
+                crate::blocks_for(d.virtual_size),
+                d.fetched_bytes >> 10,
+                d.via,
+                d.seconds
+            );
+        }
         Ok(())
     };
-    println!("== backups: a full base, then one incremental point a day");
-    import(None, 0)?;
+    println!("== backups: a full base, then one incremental point a day (cbtfs backup --vm demo-vm)");
+    backup(0)?;
+    // The guest's disk as the guest sees it; edits go to the host as guest writes.
+    let work = dir.join("guest-disk.work");
+    fs::copy(&image, &work)?;
+    let wimg = work.display().to_string();
     let edits: [&[(&str, &str)]; 4] = [
         &[
             ("home/alice/notes.txt", "day 1: wrote the report\n"),
@@ -170,7 +193,7 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         ],
     ];
     for (i, edit) in edits.iter().enumerate() {
-        fs::copy(&image, &prev)?;
+        fs::copy(&work, &prev)?;
         let mut cmds = String::new();
         for (k, (path, text)) in edit.iter().enumerate() {
             if let Some(p) = path.strip_prefix('-') {
@@ -185,14 +208,35 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         fs::File::create(&script)?.write_all(cmds.as_bytes())?;
         run(
             "debugfs",
-            &["-w", "-f", &script.display().to_string(), &img],
+            &["-w", "-f", &script.display().to_string(), &wimg],
         )?;
-        let changed = changed_blocks(&prev, &image)?;
-        let size = fs::metadata(&image)?.len();
-        let b64 = bitmap::encode_base64(&changed, crate::blocks_for(size));
-        import(Some(b64), i as i64 + 1)?;
+        // The guest writes what it changed; the host's CBT marks those blocks.
+        use std::os::unix::fs::FileExt;
+        let w = fs::File::open(&work)?;
+        let size = w.metadata()?.len();
+        for b in changed_blocks(&prev, &work)? {
+            let off = b as u64 * BLOCK_SIZE;
+            let mut buf = vec![0u8; (size - off).min(BLOCK_SIZE) as usize];
+            w.read_exact_at(&mut buf, off)?;
+            sim.with(|st| st.guest_write(&vdi, off, &buf))
+                .map_err(anyhow::Error::msg)?;
+        }
+        backup(i + 1)?;
     }
     let _ = fs::remove_file(&prev);
+    let _ = fs::remove_file(&work);
+    let snaps = sim.with(|st| {
+        st.vdis
+            .values()
+            .filter(|v| v.is_a_snapshot)
+            .map(|v| format!("{} ({})", v.uuid, v.kind))
+            .collect::<Vec<_>>()
+    });
+    println!(
+        "   snapshots left on the host: {} (only CBT metadata: the next backup's origin)",
+        snaps.join(", ")
+    );
+    drop(sim);
 
     println!("== cbtfs ls {}", repo_path.display());
     let out = Command::new(std::env::current_exe()?)
@@ -213,13 +257,17 @@ pub fn run_demo(dir: &Path) -> Result<()> {
 
     println!("== each point, exported, holds the guest as it was that day");
     let catalog = Tree::build(repo.catalog()?);
-    let Some((_, disk)) = catalog.disk_by_uuid(VDI) else {
+    let Some((_, disk)) = catalog.disk_by_uuid(&vdi) else {
         bail!("the demo disk is missing from the repository");
     };
     let out_img = dir.join("export.raw");
+    let mut day3_path = String::from("demo-vm/root/latest.raw");
     for set in &disk.history.sets {
         for p in &set.points {
             let reader = PointReader::open(&repo, set, p.seq)?;
+            if p.seq == 3 {
+                day3_path = format!("{}.raw", catalog.path_of(p).unwrap_or_default());
+            }
             let _ = fs::remove_file(&out_img);
             crate::export::export_to_path(&reader, &out_img, true, &|_| {})?;
             let notes = debugfs_cat(&out_img, "/home/alice/notes.txt")?;
@@ -253,7 +301,7 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         for e in walk(&mnt, 0)? {
             println!("   {e}");
         }
-        let day3 = mnt.join("demo-vm/root/20261116T020000Z/20261119T020000Z.raw");
+        let day3 = mnt.join(&day3_path);
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             let guest = dir.join("guest");
@@ -288,7 +336,7 @@ pub fn run_demo(dir: &Path) -> Result<()> {
             mnt.display()
         );
         println!(
-            "== done. Explore it:\n   cbtfs ls {repo}\n   cbtfs export {repo} {VDI}@2026-11-19T02:00:00Z /tmp/day3.raw\n   cbtfs verify {repo}",
+            "== done. Explore it:\n   cbtfs ls {repo}\n   cbtfs export {repo} {vdi}@latest /tmp/latest.raw\n   cbtfs verify {repo}",
             repo = repo_path.display()
         );
     }
