@@ -132,6 +132,9 @@ pub struct State {
     pub faults: Faults,
     /// NBD: (port, certificate PEM, subject); None when no network has the nbd purpose.
     pub nbd: Option<(u16, String, String)>,
+    /// Benchmarks: get_nbd_info names this server instead (address, port, export, cert,
+    /// subject), e.g. a qemu-nbd serving the same bytes.
+    pub nbd_override: Option<(String, u16, String, String, String)>,
     /// Methods called, in order (tests check the procedure).
     pub calls: Vec<String>,
     /// Bytes served over NBD and /export_raw_vdi.
@@ -164,6 +167,7 @@ impl State {
                 ..Faults::default()
             },
             nbd: None,
+            nbd_override: None,
             calls: Vec::new(),
             served_bytes: Default::default(),
             clock: 0,
@@ -248,6 +252,32 @@ impl State {
         let touched = img.write_at(data, off).map_err(|e| e.to_string())?;
         v.dirty.extend(touched);
         Ok(())
+    }
+
+    /// The guest writes every non-zero 64 KiB block of the file at `path` (same offsets):
+    /// a benchmark's way to change a chosen set of blocks at once. Returns blocks written.
+    pub fn guest_write_file(&mut self, vdi: &str, path: &std::path::Path) -> Result<u64, String> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut buf = vec![0u8; crate::BLOCK_SIZE as usize];
+        let (mut off, mut n) = (0u64, 0u64);
+        loop {
+            let mut got = 0;
+            while got < buf.len() {
+                match f.read(&mut buf[got..]).map_err(|e| e.to_string())? {
+                    0 => break,
+                    k => got += k,
+                }
+            }
+            if got == 0 {
+                return Ok(n);
+            }
+            if !crate::is_zero(&buf[..got]) {
+                self.guest_write(vdi, off, &buf[..got])?;
+                n += 1;
+            }
+            off += got as u64;
+        }
     }
 
     /// A host or SR crash: CBT is disabled on every VDI.
@@ -569,6 +599,12 @@ impl State {
                 let v = self.vdi(&r)?;
                 if v.image.is_none() {
                     return Err(fail("VDI_INCOMPATIBLE_TYPE", &[&r, "cbt_metadata"]));
+                }
+                if let Some((address, port, export, cert, subject)) = &self.nbd_override {
+                    return Ok(json!([{
+                        "exportname": export, "address": address, "port": port,
+                        "cert": cert, "subject": subject,
+                    }]));
                 }
                 let Some((port, cert, subject)) = &self.nbd else {
                     return Ok(json!([]));

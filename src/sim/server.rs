@@ -585,6 +585,31 @@ async fn control(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response
             st.guest_write(q.get("vdi").map(String::as_str).unwrap_or(""), off, &body)
                 .map(|_| json!("ok"))
         }
+        "/sim/write_file" => st
+            .guest_write_file(
+                q.get("vdi").map(String::as_str).unwrap_or(""),
+                Path::new(q.get("path").map(String::as_str).unwrap_or("")),
+            )
+            .map(|n| json!({ "blocks": n })),
+        "/sim/nbd" => {
+            st.nbd_override = match (q.get("address"), q.get("port").and_then(|p| p.parse().ok())) {
+                (Some(a), Some(p)) => Some((
+                    a.clone(),
+                    p,
+                    q.get("export").cloned().unwrap_or_default(),
+                    String::from_utf8_lossy(&body).into_owned(),
+                    q.get("subject").cloned().unwrap_or_default(),
+                )),
+                _ => None,
+            };
+            Ok(json!("ok"))
+        }
+        "/sim/faults" => {
+            if let Some(ms) = q.get("unplug_ms").and_then(|m| m.parse().ok()) {
+                st.faults.unplug_delay = std::time::Duration::from_millis(ms);
+            }
+            Ok(json!("ok"))
+        }
         "/sim/crash" => {
             st.crash();
             Ok(json!("ok"))
