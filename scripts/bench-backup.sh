@@ -14,7 +14,9 @@
 #     connection, VBD unplug delay 300 ms before data_destroy succeeds) with 1, 4 and 16
 #     connections. No peer can read that server with a block list, so these rows stand alone.
 #   * cbtfs times are whole `cbtfs backup` runs (login, snapshot, list_changed_blocks,
-#     get_nbd_info, fetch, commit with fsync, data_destroy, logout); best of RUNS each.
+#     get_nbd_info, fetch, commit with fsync, data_destroy, logout); best of RUNS each. The
+#     repository is on /dev/shm; the peer doing the same job is nbdcopy into a file there
+#     (`nbdcopy -> file`); `nbdcopy -> null:` (reading only, storing nothing) is the floor.
 # Usage: scripts/bench-backup.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,16 +90,24 @@ run_pair() { # connections base_server delta_server
   done
   echo "$(min "${bt[@]}") $(min "${it[@]}")"
 }
-nbdcopy_best() { local t=(); for ((r = 0; r < RUNS; r++)); do t+=("$(secs nbdcopy --connections=4 "$1" null:)"); done; min "${t[@]}"; }
+nbdcopy_best() { # source destination
+  local t=()
+  for ((r = 0; r < RUNS; r++)); do rm -f "$SHM/copy.raw"; t+=("$(secs nbdcopy --connections=4 "$1" "$2")"); done
+  rm -f "$SHM/copy.raw"; min "${t[@]}"
+}
 
 echo "disk ${SIZE_MB} MiB, increment 5% = $((blocks / 20)) blocks; best of $RUNS"
 printf "%-28s %10s %10s %12s %12s\n" server "base s" "base MB/s" "5% incr s" "incr MB/s"
 read -r b i < <(run_pair 4 "use_qemu 10811" "use_qemu 10812")
-nb=$(nbdcopy_best "nbds://localhost:10811/disk?tls-certificates=$WORK/pki")
-ni=$(nbdcopy_best "nbds://localhost:10812/disk?tls-certificates=$WORK/pki")
+BASE_URI="nbds://localhost:10811/disk?tls-certificates=$WORK/pki"
+DELTA_URI="nbds://localhost:10812/disk?tls-certificates=$WORK/pki"
+nb=$(nbdcopy_best "$BASE_URI" "$SHM/copy.raw"); ni=$(nbdcopy_best "$DELTA_URI" "$SHM/copy.raw")
+nb0=$(nbdcopy_best "$BASE_URI" null:); ni0=$(nbdcopy_best "$DELTA_URI" null:)
 printf "%-28s %10.2f %10s %12.2f %12s\n" "cbtfs backup, qemu-nbd, 4c" "$b" "$(mbps $bytes "$b")" "$i" "$(mbps $delta_bytes "$i")"
-printf "%-28s %10.2f %10s %12.2f %12s\n" "nbdcopy, qemu-nbd, 4c" "$nb" "$(mbps $bytes "$nb")" "$ni" "$(mbps $delta_bytes "$ni")"
-echo "ratios: base throughput cbtfs/nbdcopy = $(python3 -c "print('%.2f' % ($nb / $b))"), increment time cbtfs/nbdcopy = $(python3 -c "print('%.2f' % ($i / $ni))")"
+printf "%-28s %10.2f %10s %12.2f %12s\n" "nbdcopy -> file, 4c" "$nb" "$(mbps $bytes "$nb")" "$ni" "$(mbps $delta_bytes "$ni")"
+printf "%-28s %10.2f %10s %12.2f %12s\n" "nbdcopy -> null:, 4c" "$nb0" "$(mbps $bytes "$nb0")" "$ni0" "$(mbps $delta_bytes "$ni0")"
+echo "ratios vs nbdcopy -> file: base throughput cbtfs/nbdcopy = $(python3 -c "print('%.2f' % ($nb / $b))"), increment time cbtfs/nbdcopy = $(python3 -c "print('%.2f' % ($i / $ni))")"
+echo "ratios vs nbdcopy -> null: base throughput = $(python3 -c "print('%.2f' % ($nb0 / $b))"), increment time = $(python3 -c "print('%.2f' % ($i / $ni0))")"
 for c in 1 4 16; do
   read -r b i < <(run_pair "$c" use_sim use_sim)
   printf "%-28s %10.2f %10s %12.2f %12s\n" "cbtfs backup, xapi-nbd, ${c}c" "$b" "$(mbps $bytes "$b")" "$i" "$(mbps $delta_bytes "$i")"

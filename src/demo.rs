@@ -14,10 +14,10 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use roaring::RoaringBitmap;
 
+use crate::BLOCK_SIZE;
 use crate::naming::Tree;
 use crate::read::PointReader;
 use crate::repo::Repository;
-use crate::BLOCK_SIZE;
 
 const DISK_SIZE: &str = "256M";
 const MARKER: &str = ".cbtfs-demo";
@@ -128,7 +128,10 @@ pub fn run_demo(dir: &Path) -> Result<()> {
     let (vm, vdis) = sim
         .add_vm("demo-vm", &[("root", image.as_path())])
         .map_err(anyhow::Error::msg)?;
-    let vdi = vdis.first().cloned().context("the simulated VM has no disk")?;
+    let vdi = vdis
+        .first()
+        .cloned()
+        .context("the simulated VM has no disk")?;
     println!("   {} : VM demo-vm ({vm}), disk root (VDI {vdi})", sim.url);
     let options = crate::backup::BackupOptions {
         host: crate::backup::HostAccess {
@@ -171,7 +174,9 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         }
         Ok(())
     };
-    println!("== backups: a full base, then one incremental point a day (cbtfs backup --vm demo-vm)");
+    println!(
+        "== backups: a full base, then one incremental point a day (cbtfs backup --vm demo-vm)"
+    );
     backup(0)?;
     // The guest's disk as the guest sees it; edits go to the host as guest writes.
     let work = dir.join("guest-disk.work");

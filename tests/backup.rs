@@ -561,3 +561,34 @@ fn kill_9_at_random_moments_then_the_next_backup_is_right() {
         assert_eq!(ours[0].1, "cbt_metadata");
     }
 }
+
+#[test]
+fn demo_backs_up_a_real_guest_filesystem_and_shows_each_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("demo");
+    let out = ok(&["demo", s(&d)]);
+    let mnt = d.join("mnt");
+    if cbtfs::mount::mounted_fstype(&mnt).is_some() {
+        let _ = Command::new("umount").arg(&mnt).status();
+    }
+    for want in [
+        "day 0: base point",
+        "day 4: incremental point",
+        "notes.txt = \"day 0: started the project\", report.txt = \"(no such file)\"",
+        "report.txt = \"Quarterly report, draft 1\"",
+        "report.txt = \"Quarterly report, final\"",
+        "notes.txt = \"day 4: oops, deleted the report\", report.txt = \"(no such file)\"",
+        "ok: 5 points",
+    ] {
+        assert!(out.contains(want), "demo output lacks {want:?}:\n{out}");
+    }
+    assert_eq!(out.matches("(cbt_metadata)").count(), 1, "{out}");
+    if can_mount() {
+        assert!(
+            out.contains(
+                "loop-mounted from the mount: home/alice/report.txt = \"Quarterly report, final\""
+            ),
+            "{out}"
+        );
+    }
+}

@@ -77,6 +77,30 @@ fn text_of(v: &Value) -> String {
     }
 }
 
+/// A JSON-RPC reply: its result (None if it has neither result nor error), or the failure's
+/// code and parameters, in either of xapi's shapes: v2 `{"code":..,"message":CODE,"data":[..]}`
+/// or v1 `[CODE, params...]`.
+fn interpret_json(v: Value) -> Result<Option<Value>, (String, Vec<String>)> {
+    match v.get("error") {
+        None | Some(Value::Null) => Ok(v.get("result").cloned()),
+        Some(Value::Object(e)) => {
+            let code = e.get("message").map(text_of).unwrap_or_default();
+            let params = match e.get("data") {
+                Some(Value::Array(a)) => a.iter().map(text_of).collect(),
+                Some(Value::Null) | None => Vec::new(),
+                Some(other) => vec![text_of(other)],
+            };
+            Err((code, params))
+        }
+        Some(Value::Array(a)) => {
+            let mut it = a.iter().map(text_of);
+            let code = it.next().unwrap_or_default();
+            Err((code, it.collect()))
+        }
+        Some(other) => Err((text_of(other), Vec::new())),
+    }
+}
+
 fn redact(s: &str) -> String {
     crate::nbd::client::redact_session(s)
 }
@@ -194,29 +218,10 @@ impl Xapi {
         if !status.is_success() && v.get("error").is_none() {
             return Err(self.protocol(method, format!("HTTP {status}")));
         }
-        match v.get("error") {
-            None | Some(Value::Null) => v
-                .get("result")
-                .cloned()
-                .map(Some)
-                .ok_or_else(|| self.protocol(method, "neither result nor error")),
-            // JSON-RPC v2: {"code":..,"message":CODE,"data":[params]}
-            Some(Value::Object(e)) => {
-                let code = e.get("message").map(text_of).unwrap_or_default();
-                let params = match e.get("data") {
-                    Some(Value::Array(a)) => a.iter().map(text_of).collect(),
-                    Some(Value::Null) | None => Vec::new(),
-                    Some(other) => vec![text_of(other)],
-                };
-                Err(self.failure(method, code, params))
-            }
-            // JSON-RPC v1: [CODE, params...]
-            Some(Value::Array(a)) => {
-                let mut it = a.iter().map(text_of);
-                let code = it.next().unwrap_or_default();
-                Err(self.failure(method, code, it.collect()))
-            }
-            Some(other) => Err(self.failure(method, text_of(other), Vec::new())),
+        match interpret_json(v) {
+            Ok(Some(r)) => Ok(Some(r)),
+            Ok(None) => Err(self.protocol(method, "neither result nor error")),
+            Err((code, params)) => Err(self.failure(method, code, params)),
         }
     }
 
@@ -422,5 +427,50 @@ impl Xapi {
             return Err(self.handler_error(&what, resp).await);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_rpc_replies_in_both_versions() {
+        assert_eq!(
+            interpret_json(json!({"jsonrpc": "2.0", "result": "OpaqueRef:1", "id": 1})),
+            Ok(Some(json!("OpaqueRef:1")))
+        );
+        assert_eq!(
+            interpret_json(
+                json!({"jsonrpc": "2.0", "error": {"code": 1, "message": "VDI_IN_USE", "data": ["OpaqueRef:2", "data_destroy"]}, "id": 1})
+            ),
+            Err((
+                "VDI_IN_USE".into(),
+                vec!["OpaqueRef:2".into(), "data_destroy".into()]
+            ))
+        );
+        assert_eq!(
+            interpret_json(
+                json!({"result": null, "error": ["SESSION_INVALID", "OpaqueRef:3"], "id": 1})
+            ),
+            Err(("SESSION_INVALID".into(), vec!["OpaqueRef:3".into()]))
+        );
+        assert_eq!(
+            interpret_json(json!({"result": true, "error": null, "id": 1})),
+            Ok(Some(json!(true)))
+        );
+        assert_eq!(interpret_json(json!({"id": 1})), Ok(None));
+    }
+
+    #[test]
+    fn host_urls() {
+        assert_eq!(
+            parse_url("https://xs1.example").unwrap(),
+            ("https://xs1.example".into(), "xs1.example".into())
+        );
+        assert_eq!(parse_url("https://10.0.0.1:8443/").unwrap().1, "10.0.0.1");
+        assert!(parse_url("http://xs1").is_err());
+        assert!(parse_url("https://user:pw@xs1").is_err());
+        assert!(parse_url("https://xs1/path").is_err());
     }
 }
