@@ -90,19 +90,25 @@ run_pair() { # connections base_server delta_server
   done
   echo "$(min "${bt[@]}") $(min "${it[@]}")"
 }
-nbdcopy_best() { # source destination
-  local t=()
-  for ((r = 0; r < RUNS; r++)); do rm -f "$SHM/copy.raw"; t+=("$(secs nbdcopy --connections=4 "$1" "$2")"); done
-  rm -f "$SHM/copy.raw"; min "${t[@]}"
-}
 
 echo "disk ${SIZE_MB} MiB, increment 5% = $((blocks / 20)) blocks; best of $RUNS"
-printf "%-28s %10s %10s %12s %12s\n" server "base s" "base MB/s" "5% incr s" "incr MB/s"
-read -r b i < <(run_pair 4 "use_qemu 10811" "use_qemu 10812")
+# qemu-nbd rows: each repetition runs cbtfs and nbdcopy back to back, so both see the same
+# machine state (page cache, memory in /dev/shm).
 BASE_URI="nbds://localhost:10811/disk?tls-certificates=$WORK/pki"
 DELTA_URI="nbds://localhost:10812/disk?tls-certificates=$WORK/pki"
-nb=$(nbdcopy_best "$BASE_URI" "$SHM/copy.raw"); ni=$(nbdcopy_best "$DELTA_URI" "$SHM/copy.raw")
-nb0=$(nbdcopy_best "$BASE_URI" null:); ni0=$(nbdcopy_best "$DELTA_URI" null:)
+cb=(); ci=(); nb=(); ni=(); nb0=(); ni0=()
+ncopy() { rm -f "$SHM/copy.raw"; secs nbdcopy --connections=4 "$1" "$2"; }
+for ((r = 0; r < RUNS; r++)); do
+  fresh
+  use_qemu 10811; cb+=("$(secs backup 4)")
+  nb+=("$(ncopy "$BASE_URI" "$SHM/copy.raw")"); nb0+=("$(ncopy "$BASE_URI" null:)")
+  ctl "write_file?vdi=$VDI&path=$WORK/delta.raw"
+  use_qemu 10812; ci+=("$(secs backup 4)")
+  ni+=("$(ncopy "$DELTA_URI" "$SHM/copy.raw")"); ni0+=("$(ncopy "$DELTA_URI" null:)")
+done
+rm -f "$SHM/copy.raw"
+b=$(min "${cb[@]}"); i=$(min "${ci[@]}"); nb=$(min "${nb[@]}"); ni=$(min "${ni[@]}"); nb0=$(min "${nb0[@]}"); ni0=$(min "${ni0[@]}")
+printf "%-28s %10s %10s %12s %12s\n" server "base s" "base MB/s" "5% incr s" "incr MB/s"
 printf "%-28s %10.2f %10s %12.2f %12s\n" "cbtfs backup, qemu-nbd, 4c" "$b" "$(mbps $bytes "$b")" "$i" "$(mbps $delta_bytes "$i")"
 printf "%-28s %10.2f %10s %12.2f %12s\n" "nbdcopy -> file, 4c" "$nb" "$(mbps $bytes "$nb")" "$ni" "$(mbps $delta_bytes "$ni")"
 printf "%-28s %10.2f %10s %12.2f %12s\n" "nbdcopy -> null:, 4c" "$nb0" "$(mbps $bytes "$nb0")" "$ni0" "$(mbps $delta_bytes "$ni0")"

@@ -592,3 +592,162 @@ fn demo_backs_up_a_real_guest_filesystem_and_shows_each_day() {
         );
     }
 }
+
+#[test]
+fn a_grown_disk_and_bitmap_lengths() {
+    let h = start(|_| {});
+    let mut rng = TestRng::new(21);
+    h.backup_vdi();
+    // Growth: the new end is read whether or not CBT marks it.
+    let grown = (DISK_MB << 20) + 3 * BS as u64 + 512;
+    h.sim.with(|st| {
+        st.sessions.insert("OpaqueRef:t".into(), "root".into());
+        let r = st.vdi_ref(&h.vdi).unwrap();
+        st.dispatch(
+            "VDI.resize",
+            &["OpaqueRef:t".into(), r.into(), grown.to_string().into()],
+        )
+        .unwrap();
+        st.guest_write(&h.vdi, grown - 700, &[0x5a; 700]).unwrap();
+    });
+    h.guest_writes(&mut rng, 3);
+    let want = h.disk_now();
+    assert_eq!(want.len() as u64, grown);
+    let d = h.backup_vdi();
+    assert_eq!(d["kind"], "incremental");
+    assert_same("grown", &h.export(d["point"].as_str().unwrap()), &want);
+
+    // A bitmap longer than the disk is tolerated ...
+    h.sim.with(|st| st.faults.bitmap_len_delta = 5);
+    h.guest_writes(&mut rng, 3);
+    let want = h.disk_now();
+    let d = h.backup_vdi();
+    assert_same(
+        "long bitmap",
+        &h.export(d["point"].as_str().unwrap()),
+        &want,
+    );
+    // ... a shorter one is refused, and nothing is committed or left on the host.
+    h.sim.with(|st| st.faults.bitmap_len_delta = -1);
+    h.guest_writes(&mut rng, 3);
+    let err = h.backup_fails(&["--vdi", &h.vdi]);
+    assert!(err.contains("cut short"), "{err}");
+    let ours: Vec<_> = h.snapshots().into_iter().filter(|s| s.2).collect();
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    assert_eq!(ours[0].0, d["snapshot"].as_str().unwrap());
+    // The next run with a sane host goes on from the last point.
+    h.sim.with(|st| st.faults.bitmap_len_delta = 0);
+    let want = h.disk_now();
+    let d2 = h.backup_vdi();
+    assert_eq!(d2["kind"], "incremental");
+    assert_eq!(d2["seq"], d["seq"].as_u64().unwrap() + 1);
+    assert_same(
+        "after refusal",
+        &h.export(d2["point"].as_str().unwrap()),
+        &want,
+    );
+}
+
+fn openssl(args: &[&str]) {
+    let o = Command::new("openssl").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=pool CA",
+        "-keyout",
+        &p("ca-key.pem"),
+        "-out",
+        &p("ca.pem"),
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &p("key.pem"),
+        "-out",
+        &p("host.csr"),
+    ]);
+    std::fs::write(
+        p("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("host.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca-key.pem"),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        &p("ext.cnf"),
+        "-out",
+        &p("cert.pem"),
+    ]);
+    let mut cfg = SimConfig::new(&dir.path().join("sim"));
+    cfg.subject = "127.0.0.1".into();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, &cfg.password).unwrap();
+    let sim = Sim::start_with_cert(
+        cfg,
+        std::fs::read_to_string(p("cert.pem")).unwrap(),
+        std::fs::read_to_string(p("key.pem")).unwrap(),
+    )
+    .unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![7u8; 2 << 20]).unwrap();
+    let (_, vdis) = sim.add_vm("ca-vm", &[("root", &img)]).unwrap();
+    let repo = dir.path().join("repo");
+    ok(&["init", s(&repo)]);
+    let o = Command::new(bin())
+        .args([
+            "backup",
+            "--repo",
+            s(&repo),
+            "--host",
+            &sim.url,
+            "--password-file",
+            s(&pw),
+        ])
+        .args(["--vdi", &vdis[0], "--ca-cert", &p("ca.pem")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("pinned"), "{err}");
+    // The same host reached by a name its certificate does not carry is refused.
+    let o = Command::new(bin())
+        .args(["backup", "--repo", s(&repo), "--password-file", s(&pw)])
+        .args(["--host", &sim.url.replace("127.0.0.1", "localhost")])
+        .args(["--vdi", &vdis[0], "--ca-cert", &p("ca.pem")])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("certificate"));
+}

@@ -165,6 +165,13 @@ impl Image {
         Ok(frozen)
     }
 
+    /// Grow the disk to `size` bytes; the new bytes read as zero.
+    pub fn grow(&mut self, size: u64) {
+        if size > self.size {
+            self.size = size;
+        }
+    }
+
     /// A new empty top layer over exactly this image (for a restored copy to be written).
     pub fn replace_all(&mut self, size: u64) -> io::Result<()> {
         self.size = size;

@@ -109,6 +109,8 @@ pub struct Faults {
     pub sr_free: Option<u64>,
     /// New snapshots come attached to the VM (as if someone plugged them).
     pub attach_snapshots: bool,
+    /// Bytes added to (or, negative, cut from) every list_changed_blocks bitmap.
+    pub bitmap_len_delta: i64,
 }
 
 #[derive(Debug)]
@@ -585,8 +587,12 @@ impl State {
                     }
                 }
                 changed.extend(self.faults.overreport.iter().copied());
-                let mut bytes = vec![0u8; blocks.div_ceil(8) as usize];
-                for b in changed.iter().filter(|&b| (b as u64) < blocks) {
+                let len = (blocks.div_ceil(8) as i64 + self.faults.bitmap_len_delta).max(0);
+                let mut bytes = vec![0u8; len as usize];
+                for b in changed
+                    .iter()
+                    .filter(|&b| ((b >> 3) as usize) < len as usize)
+                {
                     bytes[(b >> 3) as usize] |= 0x80 >> (b & 7);
                 }
                 Ok(json!(
@@ -640,6 +646,27 @@ impl State {
                     return Err(fail("VDI_IN_USE", &[&r, "destroy"]));
                 }
                 self.vdis.remove(&r);
+                Ok(json!(""))
+            }
+            "VDI.resize" => {
+                argc(2)?;
+                let size = match &a[1] {
+                    Value::String(x) => x.parse::<u64>().ok(),
+                    Value::Number(n) => n.as_u64(),
+                    _ => None,
+                }
+                .ok_or_else(|| fail("FIELD_TYPE_ERROR", &["size"]))?;
+                let r = arg(0).to_string();
+                let v = self.vdi_mut(&r)?;
+                if size < v.virtual_size {
+                    return Err(fail("VDI_TOO_SMALL", &[&r, &v.virtual_size.to_string()]));
+                }
+                let img = v
+                    .image
+                    .as_mut()
+                    .ok_or_else(|| fail("VDI_INCOMPATIBLE_TYPE", &[&r, "cbt_metadata"]))?;
+                img.grow(size);
+                v.virtual_size = size;
                 Ok(json!(""))
             }
             "VDI.add_to_other_config" => {

@@ -45,6 +45,8 @@ pub struct SimConfig {
     pub xmlrpc_only: bool,
     /// Listen address (default 127.0.0.1, an ephemeral port).
     pub bind: String,
+    /// The name the host's certificate is issued for (get_nbd_info's `subject`).
+    pub subject: String,
 }
 
 impl SimConfig {
@@ -56,6 +58,7 @@ impl SimConfig {
             nbd: NbdMode::Tls,
             xmlrpc_only: false,
             bind: "127.0.0.1:0".into(),
+            subject: "xenserver-sim".into(),
         }
     }
 }
@@ -123,7 +126,7 @@ impl Sim {
             std::fs::read_to_string(config.dir.join("host-key.pem")),
         ) {
             (Ok(c), Ok(k)) => (c, k),
-            _ => self_signed(&config.dir, "xenserver-sim")?,
+            _ => self_signed(&config.dir, &config.subject)?,
         };
         Sim::start_with_cert(config, cert_pem, key_pem)
     }
@@ -175,7 +178,7 @@ impl Sim {
             } else {
                 String::new()
             };
-            lock(&state).nbd = Some((nbd_port, cert, "xenserver-sim".into()));
+            lock(&state).nbd = Some((nbd_port, cert, config.subject.clone()));
         }
         Ok(Sim {
             state,
