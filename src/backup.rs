@@ -167,7 +167,7 @@ fn write_pin(repo: &Repository, host: &str, fp: &str) -> Result<(), RepoError> {
 
 /// Connect and log in, following HOST_IS_SLAVE to the pool master; pins the certificate on
 /// first use. Returns the session and the fingerprint pinned now, if any.
-async fn connect(
+pub(crate) async fn connect(
     repo: &Repository,
     access: &HostAccess,
     say: &dyn Fn(Event),

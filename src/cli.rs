@@ -163,6 +163,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Put a restore point back into a host: over an existing VDI or into a new one (and
+    /// optionally a new VM from the VM metadata saved with the point).
+    Restore {
+        repo: PathBuf,
+        /// VM/DISK/SET/POINT as `cbtfs ls` shows it, VDI_UUID@latest or VDI_UUID@TIME.
+        point: String,
+        /// The host (pool master): https://HOST[:PORT].
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "root")]
+        user: String,
+        /// File holding the password (else the CBTFS_PASSWORD environment variable).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Overwrite this VDI (uuid); it must have the point's size and not be attached.
+        #[arg(long, required_unless_present = "new_vdi", conflicts_with = "new_vdi")]
+        to_vdi: Option<String>,
+        /// Create a new VDI (in --sr) with the point's size.
+        #[arg(long, requires = "sr")]
+        new_vdi: bool,
+        /// The SR (uuid) for --new-vdi.
+        #[arg(long)]
+        sr: Option<String>,
+        /// Name of the new VDI (default: the disk's name and the point's time).
+        #[arg(long)]
+        name: Option<String>,
+        /// Also create a VM from the point's saved VM metadata, using the new VDI.
+        #[arg(long, requires = "new_vdi")]
+        new_vm: bool,
+        /// CA bundle (PEM) that signed the host's certificate.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// Do not check the host's certificate at all.
+        #[arg(long, conflicts_with = "ca_cert")]
+        insecure_tls: bool,
+        /// Skip reading a sample of the restored VDI back.
+        #[arg(long)]
+        no_verify: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a simulated XenServer host (management API, NBD, CBT) for trying cbtfs out.
     Sim {
         /// Working directory (certificate, disk layers, password file).
@@ -313,19 +354,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
             json,
         } => {
-            let password = read_password(password_file.as_deref())?;
-            let ca_pem = match ca_cert {
-                Some(p) => Some(
-                    std::fs::read_to_string(&p)
-                        .with_context(|| format!("reading the CA file {}", p.display()))?,
-                ),
-                None => None,
-            };
-            if insecure_tls {
-                eprintln!(
-                    "cbtfs: warning: --insecure-tls: the host's certificate is not checked; anyone on the path can read the password and the disks"
-                );
-            }
+            let access = host_access(host, user, password_file, ca_cert, insecure_tls)?;
             let selection = match (vdi, vm) {
                 (Some(v), _) => crate::backup::Selection::Vdi(v),
                 (None, Some(v)) => crate::backup::Selection::Vm(v),
@@ -337,19 +366,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ..Default::default()
             };
             let opts = crate::backup::BackupOptions {
-                host: crate::backup::HostAccess {
-                    url: host,
-                    user,
-                    password,
-                    ca_pem,
-                    insecure_tls,
-                },
+                host: access,
                 selection,
                 keep_snapshot_data,
                 allow_plain_nbd,
                 fetch,
             };
             return cmd_backup(&repo, &opts, json);
+        }
+        Command::Restore {
+            repo,
+            point,
+            host,
+            user,
+            password_file,
+            to_vdi,
+            new_vdi: _,
+            sr,
+            name,
+            new_vm,
+            ca_cert,
+            insecure_tls,
+            no_verify,
+            json,
+        } => {
+            let access = host_access(host, user, password_file, ca_cert, insecure_tls)?;
+            let target = match (to_vdi, sr) {
+                (Some(v), _) => crate::restore::RestoreTarget::Existing(v),
+                (None, Some(sr)) => crate::restore::RestoreTarget::New { sr, name },
+                (None, None) => bail!("give --to-vdi UUID or --new-vdi --sr UUID"),
+            };
+            let opts = crate::restore::RestoreOptions {
+                host: access,
+                target,
+                new_vm,
+                no_verify,
+            };
+            cmd_restore(&repo, &point, &opts, json)?
         }
         Command::Sim {
             dir,
@@ -450,6 +503,88 @@ fn cmd_backup(repo: &Path, opts: &crate::backup::BackupOptions, json: bool) -> R
     } else {
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// How to reach a host: its URL, the user, the password (file or CBTFS_PASSWORD) and trust.
+fn host_access(
+    url: String,
+    user: String,
+    password_file: Option<PathBuf>,
+    ca_cert: Option<PathBuf>,
+    insecure_tls: bool,
+) -> Result<crate::backup::HostAccess> {
+    let password = read_password(password_file.as_deref())?;
+    let ca_pem = match ca_cert {
+        Some(p) => Some(
+            std::fs::read_to_string(&p)
+                .with_context(|| format!("reading the CA file {}", p.display()))?,
+        ),
+        None => None,
+    };
+    if insecure_tls {
+        eprintln!(
+            "cbtfs: warning: --insecure-tls: the host's certificate is not checked; anyone on the path can read the password and the disks"
+        );
+    }
+    Ok(crate::backup::HostAccess {
+        url,
+        user,
+        password,
+        ca_pem,
+        insecure_tls,
+    })
+}
+
+fn cmd_restore(
+    repo: &Path,
+    spec: &str,
+    opts: &crate::restore::RestoreOptions,
+    json: bool,
+) -> Result<()> {
+    use crate::backup::Event;
+    let repository = open(repo)?;
+    let (_, set, seq) = resolve(&repository, spec)?;
+    let progress = Progress::new("restore", 0);
+    let say = |e: Event| match e {
+        Event::Info(m) => eprintln!("cbtfs: {m}"),
+        Event::Warning(m) => eprintln!("cbtfs: warning: {m}"),
+        Event::Blocks(_, done, total) => {
+            progress.update_total(done * BLOCK_SIZE, total * BLOCK_SIZE)
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let r = rt.block_on(crate::restore::run(&repository, &set, seq, opts, &say));
+    progress.finish();
+    let report = r.with_context(|| format!("restore of {spec} to {}", opts.host.url))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "restored {} into {}VDI {} ({} in {:.1} s, {:.0} MB/s)",
+        report.point,
+        if report.created_vdi { "new " } else { "" },
+        report.vdi,
+        human(report.bytes),
+        report.seconds,
+        report.bytes as f64 / report.seconds.max(1e-9) / 1e6
+    );
+    if report.verified_blocks > 0 {
+        println!(
+            "read back {} sample blocks from the host: identical to the point",
+            report.verified_blocks
+        );
+    }
+    if let Some(vm) = &report.vm {
+        println!(
+            "created VM {vm} from the saved VM metadata, using VDI {}",
+            report.vdi
+        );
+    }
+    Ok(())
 }
 
 fn cmd_sim(

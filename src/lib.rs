@@ -21,6 +21,7 @@ pub mod naming;
 pub mod nbd;
 pub mod read;
 pub mod repo;
+pub mod restore;
 pub mod sim;
 pub mod tar;
 pub mod timefmt;

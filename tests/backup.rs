@@ -751,3 +751,140 @@ fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("certificate"));
 }
+
+/// Back up three times with guest writes between; returns the points' labels and images.
+fn three_points(h: &Host) -> Vec<(String, Vec<u8>)> {
+    let mut rng = TestRng::new(77);
+    let mut out = Vec::new();
+    for i in 0..3 {
+        if i > 0 {
+            h.guest_writes(&mut rng, 10);
+        }
+        let want = h.disk_now();
+        let d = h.backup_vdi();
+        out.push((d["point"].as_str().unwrap().to_string(), want));
+    }
+    h.guest_writes(&mut rng, 10);
+    out
+}
+
+fn restore(h: &Host, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(["restore", s(&h.repo())])
+        .args(args)
+        .args(["--host", &h.sim.url, "--password-file", s(&h.pw)])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn restore_a_point_over_its_disk_and_into_a_new_vdi_and_vm() {
+    let h = start(|_| {});
+    let points = three_points(&h);
+    let (label, want) = &points[1];
+    // The disk is in use by its running VM: refused, nothing written.
+    let before = h.disk_now();
+    let o = restore(&h, &[label, "--to-vdi", &h.vdi]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("attached to VM vm1"), "{err}");
+    assert_eq!(h.disk_now(), before);
+    // VM shut down: the disk becomes the point, byte for byte.
+    h.sim
+        .with(|st| st.vbds.values_mut().for_each(|b| b.attached = false));
+    let o = restore(&h, &[label, "--to-vdi", &h.vdi, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["verified_blocks"].as_u64().unwrap() > 10, "{r}");
+    assert_same("restored over the disk", &h.disk_now(), want);
+
+    // Into a new VDI, with a new VM from the saved metadata.
+    let sr = h.sim.with(|st| st.sr_uuid.clone());
+    let (label0, want0) = &points[0];
+    let o = restore(
+        &h,
+        &[label0, "--new-vdi", "--sr", &sr, "--new-vm", "--json"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let new_vdi = r["vdi"].as_str().unwrap();
+    assert_ne!(new_vdi, h.vdi);
+    assert_eq!(r["created_vdi"], true);
+    assert_same("new VDI", &h.sim.read_vdi(new_vdi).unwrap(), want0);
+    let vm = r["vm"].as_str().unwrap();
+    h.sim.with(|st| {
+        let (_, v) = st
+            .vms
+            .iter()
+            .find(|(_, v)| v.uuid == vm)
+            .expect("the new VM exists");
+        assert_eq!(v.name_label, "vm1");
+        let disks: Vec<String> = v
+            .vbds
+            .iter()
+            .map(|b| st.vdis[&st.vbds[b].vdi].uuid.clone())
+            .collect();
+        assert_eq!(disks, vec![new_vdi.to_string()]);
+    });
+}
+
+#[test]
+fn restore_refusals_and_an_interrupted_upload() {
+    let h = start(|_| {});
+    let points = three_points(&h);
+    let (label, want) = &points[2];
+    h.sim
+        .with(|st| st.vbds.values_mut().for_each(|b| b.attached = false));
+    let sr = h.sim.with(|st| st.sr_uuid.clone());
+    // A point that does not exist.
+    let o = restore(
+        &h,
+        &[
+            &format!("{}@2001-01-01T00:00:00Z", h.vdi),
+            "--to-vdi",
+            &h.vdi,
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("2001"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A target of another size.
+    let other = h.sim.with(|st| {
+        let img = cbtfs::sim::disk::Image::empty(&st.dir, 1 << 20).unwrap();
+        let r = st.add_vdi("small", img);
+        st.vdis[&r].uuid.clone()
+    });
+    let o = restore(&h, &[label, "--to-vdi", &other]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("xe vdi-resize"), "{err}");
+    // A full SR, a detached SR.
+    h.sim.with(|st| st.faults.sr_free = Some(1 << 20));
+    let o = restore(&h, &[label, "--new-vdi", "--sr", &sr]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("SR_FULL") && err.contains("no space"), "{err}");
+    h.sim.with(|st| {
+        st.faults.sr_free = None;
+        st.faults.sr_detached = true;
+    });
+    let o = restore(&h, &[label, "--new-vdi", "--sr", &sr]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("SR_NOT_ATTACHED"), "{err}");
+    h.sim.with(|st| st.faults.sr_detached = false);
+    // The connection drops half-way: a clear error naming the VDI's state; a rerun completes.
+    h.sim.with(|st| st.faults.import_drop_after = Some(5 << 20));
+    let o = restore(&h, &[label, "--to-vdi", &h.vdi]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("must not be used") && err.contains(&h.vdi),
+        "{err}"
+    );
+    h.sim.with(|st| st.faults.import_drop_after = None);
+    let o = restore(&h, &[label, "--to-vdi", &h.vdi]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same("after the rerun", &h.disk_now(), want);
+}

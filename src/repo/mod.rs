@@ -501,6 +501,27 @@ impl Repository {
         })
     }
 
+    /// The VM metadata export saved with a point, if any (its length checked).
+    pub fn read_vm_metadata(&self, m: &PointManifest) -> Result<Option<Vec<u8>>> {
+        let Some(f) = &m.vm_metadata else {
+            return Ok(None);
+        };
+        let key = format!("{}/{}", set_key(&m.vdi, &m.set), f.name);
+        let bytes = std::fs::read(self.store.path(&key))
+            .map_err(|e| RepoError::io("read", self.store.describe(&key), e))?;
+        if bytes.len() as u64 != f.len {
+            return Err(RepoError::Corrupt {
+                location: self.store.describe(&key),
+                detail: format!(
+                    "the VM metadata is {} bytes, its manifest says {}",
+                    bytes.len(),
+                    f.len
+                ),
+            });
+        }
+        Ok(Some(bytes))
+    }
+
     /// Open one point's index and data.
     pub fn open_point(&self, m: &PointManifest) -> Result<StoredPoint> {
         let key = set_key(&m.vdi, &m.set);

@@ -111,6 +111,8 @@ pub struct Faults {
     pub attach_snapshots: bool,
     /// Bytes added to (or, negative, cut from) every list_changed_blocks bitmap.
     pub bitmap_len_delta: i64,
+    /// `/import_raw_vdi` drops the connection after this many bytes.
+    pub import_drop_after: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -761,6 +763,14 @@ impl State {
                 }
                 Ok(json!("Local storage"))
             }
+            "SR.get_by_uuid" => {
+                argc(1)?;
+                if arg(0) == self.sr_uuid {
+                    Ok(json!(self.sr_ref))
+                } else {
+                    Err(fail("UUID_INVALID", &["SR", arg(0)]))
+                }
+            }
             "SR.get_uuid" => {
                 argc(1)?;
                 Ok(json!(self.sr_uuid))
@@ -787,6 +797,66 @@ impl State {
             }
             _ => Err(fail("MESSAGE_METHOD_UNKNOWN", &[method])),
         }
+    }
+
+    /// `/import_metadata`: a new VM from a metadata export, disks mapped by `vdi_map` (original
+    /// uuid → new uuid). Returns the new VM's reference.
+    pub fn import_metadata(
+        &mut self,
+        tar: &[u8],
+        vdi_map: &[(String, String)],
+    ) -> Result<String, Failure> {
+        let members =
+            crate::tar::members(tar).ok_or_else(|| fail("IMPORT_ERROR", &["not a tar"]))?;
+        let (_, ova) = members
+            .iter()
+            .find(|(n, _)| n == "ova.xml")
+            .ok_or_else(|| fail("IMPORT_ERROR", &["no ova.xml"]))?;
+        let v = crate::xapi::xmlrpc::decode_response(&String::from_utf8_lossy(ova))
+            .map_err(|e| fail("IMPORT_ERROR", &[&e]))?;
+        let name = v["objects"][0]["snapshot"]["name_label"]
+            .as_str()
+            .unwrap_or("imported")
+            .to_string();
+        let vm_ref = new_ref();
+        let mut vbds = Vec::new();
+        for (_, to) in vdi_map {
+            let vdi = self
+                .vdi_ref(to)
+                .ok_or_else(|| fail("UUID_INVALID", &["VDI", to]))?;
+            let vbd = new_ref();
+            self.vbds.insert(
+                vbd.clone(),
+                Vbd {
+                    vm: vm_ref.clone(),
+                    vdi: vdi.clone(),
+                    attached: false,
+                },
+            );
+            if let Some(v) = self.vdis.get_mut(&vdi) {
+                v.vbds.push(vbd.clone());
+            }
+            vbds.push(vbd);
+        }
+        self.vms.insert(
+            vm_ref.clone(),
+            Vm {
+                uuid: new_uuid(),
+                name_label: name,
+                vbds,
+                power_state: "Halted".into(),
+            },
+        );
+        Ok(vm_ref)
+    }
+
+    /// True when a VM has the VDI plugged.
+    pub fn attached(&self, vdi_ref: &str) -> bool {
+        self.vdis.get(vdi_ref).is_some_and(|v| {
+            v.vbds
+                .iter()
+                .any(|b| self.vbds.get(b).is_some_and(|b| b.attached))
+        })
     }
 
     /// The VM metadata export of `vm_uuid`: a tar holding `ova.xml`.

@@ -363,7 +363,7 @@ fn query(req: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
         .map(|q| {
             q.split('&')
                 .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                .map(|(k, v)| (percent_decode(k), percent_decode(v)))
                 .collect()
         })
         .unwrap_or_default()
@@ -492,6 +492,36 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
             r
         }
         (Method::PUT, "/import_raw_vdi") => import_raw(ctx, req).await,
+        (Method::PUT, "/import_metadata") => {
+            let q = query(&req);
+            let map: Vec<(String, String)> = q
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix("vdi:").map(|f| (f.to_string(), v.clone())))
+                .collect();
+            let session = q.get("session_id").cloned().unwrap_or_default();
+            let task = q.get("task_id").cloned();
+            let Some(body) = body_bytes(req, 64 << 20).await else {
+                return error_page(StatusCode::BAD_REQUEST, "bad upload");
+            };
+            let mut st = lock(&ctx.state);
+            if !st.sessions.contains_key(&session) {
+                return error_page(StatusCode::FORBIDDEN, "session not valid");
+            }
+            let r = st.import_metadata(&body, &map);
+            if let Some(t) = task.and_then(|t| st.tasks.get_mut(&t)) {
+                *t = match &r {
+                    Ok(vm) => (
+                        "success".into(),
+                        crate::xapi::xmlrpc::encode_value_fragment(&json!([vm])),
+                    ),
+                    Err(e) => ("failure".into(), e.join(" ")),
+                };
+            }
+            match r {
+                Ok(_) => reply(StatusCode::OK, "text/plain", ""),
+                Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, &e.join(" ")),
+            }
+        }
         (Method::GET, "/export_metadata") => {
             let q = query(&req);
             let st = lock(&ctx.state);
@@ -539,12 +569,26 @@ async fn import_raw(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Respo
     let Some(r) = r else {
         return error_page(StatusCode::NOT_FOUND, "VDI not found");
     };
+    let (drop_after, attached) = {
+        let st = lock(&ctx.state);
+        (st.faults.import_drop_after, st.attached(&r))
+    };
+    if attached {
+        return error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("VDI_IN_USE {r}"),
+        );
+    }
     let mut body = req.into_body();
     let mut off = 0u64;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return error_page(StatusCode::BAD_REQUEST, "upload interrupted");
         };
+        if drop_after.is_some_and(|d| off >= d) {
+            // Injected fault: the host goes away mid-upload.
+            return error_page(StatusCode::INTERNAL_SERVER_ERROR, "connection lost");
+        }
         if let Ok(data) = frame.into_data() {
             let mut st = lock(&ctx.state);
             let Some(img) = st.vdis.get_mut(&r).and_then(|v| v.image.as_mut()) else {

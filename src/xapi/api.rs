@@ -189,6 +189,10 @@ impl Xapi {
         })
     }
 
+    pub async fn sr_by_uuid(&self, uuid: &str) -> Result<String, XapiError> {
+        self.call_str("SR.get_by_uuid", vec![json!(uuid)]).await
+    }
+
     pub async fn sr_name(&self, sr: &str) -> Result<String, XapiError> {
         self.call_str("SR.get_name_label", vec![json!(sr)]).await
     }

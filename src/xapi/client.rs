@@ -405,6 +405,38 @@ impl Xapi {
         Ok(body.to_vec())
     }
 
+    /// `PUT /import_metadata`: a VM from a metadata export, its disks mapped (original VDI uuid
+    /// → new VDI uuid). The outcome is in `task`.
+    pub async fn import_metadata(
+        &self,
+        task: &str,
+        vdi_map: &[(&str, &str)],
+        tar: Vec<u8>,
+    ) -> Result<(), XapiError> {
+        let what = "import_metadata".to_string();
+        let maps: Vec<(String, &str)> = vdi_map
+            .iter()
+            .map(|(from, to)| (format!("vdi:{from}"), *to))
+            .collect();
+        let mut q: Vec<(&str, &str)> = vec![("task_id", task)];
+        q.extend(maps.iter().map(|(k, v)| (k.as_str(), *v)));
+        let url = self.handler_url("/import_metadata", &q)?;
+        let len = tar.len() as u64;
+        let resp = self
+            .http
+            .put(url)
+            .timeout(self.timeout)
+            .header("content-length", len)
+            .body(tar)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        if !resp.status().is_success() {
+            return Err(self.handler_error(&what, resp).await);
+        }
+        Ok(())
+    }
+
     /// `PUT /import_raw_vdi`: exactly `len` bytes from `body` (Content-Length, never chunked:
     /// the host refuses chunked uploads).
     pub async fn import_raw_vdi(

@@ -215,6 +215,22 @@ pub fn decode_call(xml: &str) -> Result<(String, Vec<Value>), String> {
     Ok((method, params))
 }
 
+/// A bare `<value>` (what a task's `result` field holds).
+pub fn decode_value(xml: &str) -> Result<Value, String> {
+    let root = parse(xml)?;
+    if root.name != "value" {
+        return Err(format!("expected <value>, got <{}>", root.name));
+    }
+    value(&root)
+}
+
+/// A bare `<value>` for `v`.
+pub fn encode_value_fragment(v: &Value) -> String {
+    let mut out = String::new();
+    encode_value(v, &mut out);
+    out
+}
+
 /// `<methodResponse>` holding one value.
 pub fn encode_response(v: &Value) -> String {
     let mut out = String::from("<?xml version=\"1.0\"?><methodResponse><params><param>");
