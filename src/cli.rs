@@ -204,6 +204,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove old restore points by retention policy, merging what they hold into the next
+    /// kept point so every kept point stays byte-identical. Space is reclaimed.
+    Prune {
+        repo: PathBuf,
+        /// Keep the newest N points of each disk.
+        #[arg(long, default_value_t = 0)]
+        keep_last: usize,
+        /// Keep the newest point of each of the newest N days.
+        #[arg(long, default_value_t = 0)]
+        keep_daily: usize,
+        /// Keep the newest point of each of the newest N ISO weeks.
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: usize,
+        /// Keep the newest point of each of the newest N months.
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: usize,
+        /// Only this disk (VDI uuid).
+        #[arg(long)]
+        vdi: Option<String>,
+        /// Show what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a simulated XenServer host (management API, NBD, CBT) for trying cbtfs out.
     Sim {
         /// Working directory (certificate, disk layers, password file).
@@ -403,6 +428,68 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 no_verify,
             };
             cmd_restore(&repo, &point, &opts, json)?
+        }
+        Command::Prune {
+            repo,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            vdi,
+            dry_run,
+            json,
+        } => {
+            let policy = crate::prune::Policy {
+                last: keep_last,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+            };
+            let repository = open(&repo)?;
+            let r = crate::prune::prune(&repository, policy, vdi.as_deref(), dry_run)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for d in &r.disks {
+                    println!(
+                        "{}/{}: {} {} of {} points{}{}",
+                        d.vm.as_deref().unwrap_or("no-vm"),
+                        d.disk,
+                        if r.dry_run { "would remove" } else { "removed" },
+                        d.removed,
+                        d.removed + d.kept,
+                        if d.sets_removed > 0 {
+                            format!(" ({} whole sets)", d.sets_removed)
+                        } else {
+                            String::new()
+                        },
+                        if d.rewritten > 0 {
+                            format!(", {} kept points rewritten to absorb them", d.rewritten)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    if r.dry_run {
+                        for p in &d.removed_points {
+                            println!("  remove {p}");
+                        }
+                    }
+                    for s in &d.skipped_sets {
+                        eprintln!(
+                            "cbtfs: warning: set {s} of disk {} is damaged and was left alone (cbtfs verify tells more)",
+                            d.vdi
+                        );
+                    }
+                }
+                if !r.dry_run {
+                    println!(
+                        "repository objects: {} -> {} ({} reclaimed)",
+                        human(r.bytes_before),
+                        human(r.bytes_after),
+                        human(r.bytes_before.saturating_sub(r.bytes_after))
+                    );
+                }
+            }
         }
         Command::Sim {
             dir,

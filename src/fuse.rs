@@ -94,7 +94,9 @@ impl Filesystem for FuseAdapter {
             return reply.error(Errno::ENOENT);
         };
         match self.fs.lookup(parent.0, name) {
-            Ok(a) => reply.entry_with_ttls(&TTL_CHANGING, &ttl(&a), &self.attr(&a), Generation(0)),
+            // Attributes of a point never change (long TTL); names come and go (short TTL).
+            // fuser's order is (attribute TTL, entry TTL).
+            Ok(a) => reply.entry_with_ttls(&ttl(&a), &TTL_CHANGING, &self.attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }

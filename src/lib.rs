@@ -19,6 +19,7 @@ pub mod import;
 pub mod mount;
 pub mod naming;
 pub mod nbd;
+pub mod prune;
 pub mod read;
 pub mod repo;
 pub mod restore;

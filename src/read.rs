@@ -118,6 +118,14 @@ impl PointReader {
             })
             .collect();
         let map = ChainMap::build(&views);
+        // Open every layer's data now (shared through the cache): a prune or a removed set
+        // must not pull files from under a reader that already has the point open. A file
+        // that cannot be opened fails only its ranges, when they are read.
+        for p in &layers {
+            if !p.index.data.is_empty() {
+                let _ = p.data();
+            }
+        }
         Ok(PointReader {
             manifest,
             layers,

@@ -79,6 +79,8 @@ pub const POINT_FORMAT: &str = "cbtfs-point";
 pub const POINT_VERSION: u64 = 1;
 const DISKS: &str = "disks";
 const LOCK_FILE: &str = "lock";
+/// Directories a prune works in, beside the set they replace.
+pub(crate) const PRUNE_PREFIX: &str = ".prune-";
 /// How long a writer waits for the lock before saying who holds it.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest disk a point can describe: block numbers are u32 (roaring bitmaps).
@@ -242,13 +244,13 @@ pub fn valid_uuid(s: &str) -> bool {
         })
 }
 
-fn random_hex(bytes: usize) -> Result<String> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String> {
     let mut b = vec![0u8; bytes];
     getrandom::fill(&mut b).map_err(|e| RepoError::Invalid(format!("no randomness: {e}")))?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn set_key(vdi: &str, set: &str) -> String {
+pub(crate) fn set_key(vdi: &str, set: &str) -> String {
     format!("{DISKS}/{vdi}/{set}")
 }
 
@@ -501,6 +503,89 @@ impl Repository {
         })
     }
 
+    /// Write a point's manifest into directory `dir` (a prune's rebuilt set).
+    pub(crate) fn put_manifest(&self, dir: &str, m: &PointManifest) -> Result<()> {
+        let k = format!("{dir}/{:06}.point", m.seq);
+        self.store
+            .put_new(&k, &manifest::encode(m))
+            .map_err(|e| RepoError::io("commit", self.store.describe(&k), e))
+    }
+
+    /// Make an empty work directory for a prune of `vdi`'s set `set`; returns its key.
+    pub(crate) fn prune_dir(&self, _lock: &WriteLock, vdi: &str, set: &str) -> Result<String> {
+        let key = set_key(vdi, &format!("{PRUNE_PREFIX}{set}-{}", random_hex(4)?));
+        self.store
+            .make_dir(&key)
+            .map_err(|e| RepoError::io("create", self.store.describe(&key), e))?;
+        Ok(key)
+    }
+
+    /// Hard-link object `name` of set directory `from` into directory `to` (an unchanged point
+    /// a prune keeps costs no copy).
+    pub(crate) fn link_object(&self, from: &str, to: &str, name: &str) -> Result<()> {
+        let (a, b) = (format!("{from}/{name}"), format!("{to}/{name}"));
+        std::fs::hard_link(self.store.path(&a), self.store.path(&b))
+            .map_err(|e| RepoError::io("link", self.store.describe(&b), e))
+    }
+
+    /// Atomically swap the set directory `vdi/set` with the directory `other` (a prune's
+    /// result): readers see the old set or the new one, never a mix of files. Afterwards
+    /// `other` holds the old set.
+    pub(crate) fn exchange_set(
+        &self,
+        _lock: &WriteLock,
+        vdi: &str,
+        set: &str,
+        other: &str,
+    ) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let a = self.store.path(&set_key(vdi, set));
+        let b = self.store.path(other);
+        store::sync_dir(&b).map_err(|e| RepoError::io("sync", self.store.describe(other), e))?;
+        let ca = std::ffi::CString::new(a.as_os_str().as_bytes())
+            .map_err(|_| RepoError::Invalid("path with a NUL byte".into()))?;
+        let cb = std::ffi::CString::new(b.as_os_str().as_bytes())
+            .map_err(|_| RepoError::Invalid("path with a NUL byte".into()))?;
+        // SAFETY: two valid NUL-terminated paths; renameat2 only reads them.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if rc != 0 {
+            return Err(RepoError::io(
+                "swap",
+                self.store.describe(&set_key(vdi, set)),
+                io::Error::last_os_error(),
+            ));
+        }
+        let parent = self.store.path(&format!("{DISKS}/{vdi}"));
+        store::sync_dir(&parent).map_err(|e| RepoError::io("sync", parent.display().to_string(), e))
+    }
+
+    /// Move set `vdi/set` aside into a prune directory (removing a whole set atomically);
+    /// returns the key it now has.
+    pub(crate) fn retire_set(&self, _lock: &WriteLock, vdi: &str, set: &str) -> Result<String> {
+        let to = set_key(vdi, &format!("{PRUNE_PREFIX}{set}-{}", random_hex(4)?));
+        let from = set_key(vdi, set);
+        std::fs::rename(self.store.path(&from), self.store.path(&to))
+            .map_err(|e| RepoError::io("move", self.store.describe(&from), e))?;
+        let parent = self.store.path(&format!("{DISKS}/{vdi}"));
+        store::sync_dir(&parent)
+            .map_err(|e| RepoError::io("sync", parent.display().to_string(), e))?;
+        Ok(to)
+    }
+
+    /// Delete a prune directory and everything in it.
+    pub(crate) fn remove_tree(&self, key: &str) -> Result<()> {
+        std::fs::remove_dir_all(self.store.path(key))
+            .map_err(|e| RepoError::io("delete", self.store.describe(key), e))
+    }
+
     /// The VM metadata export saved with a point, if any (its length checked).
     pub fn read_vm_metadata(&self, m: &PointManifest) -> Result<Option<Vec<u8>>> {
         let Some(f) = &m.vm_metadata else {
@@ -626,6 +711,15 @@ impl Repository {
             Err(e) => return Err(RepoError::io("list", self.store.describe(&dkey), e)),
         };
         for set in sets {
+            if set.starts_with(PRUNE_PREFIX) {
+                // A prune's work directory (the set it was building, or the old set it had
+                // swapped out): the prune died before removing it.
+                let k = set_key(vdi, &set);
+                std::fs::remove_dir_all(self.store.path(&k))
+                    .map_err(|e| RepoError::io("delete", self.store.describe(&k), e))?;
+                removed.push(self.store.describe(&k));
+                continue;
+            }
             let key = set_key(vdi, &set);
             let names = self
                 .store
@@ -754,6 +848,20 @@ impl Repository {
             .make_dir(&dkey)
             .and_then(|_| self.store.make_dir(&key))
             .map_err(|e| RepoError::io("create", self.store.describe(&key), e))?;
+        self.writer_at(lock, key, set, seq, previous, spec)
+    }
+
+    /// A writer for point `seq` of set `set` whose files go in the directory `key` (the set's
+    /// own, or a directory a prune builds before swapping it in).
+    pub(crate) fn writer_at<'l>(
+        &self,
+        lock: &'l WriteLock,
+        key: String,
+        set: String,
+        seq: u32,
+        previous: Option<PointManifest>,
+        spec: NewPoint,
+    ) -> Result<PointWriter<'l>> {
         let nonce = random_hex(8)?;
         let data_name = format!("{seq:06}-{nonce}.data");
         let index_name = format!("{seq:06}-{nonce}.idx");

@@ -240,6 +240,17 @@ pub fn life(seed: u64, depth: usize) -> Vec<Step> {
 
 /// Import a life into a new repository at `repo` (library calls: fast). Returns the vdi.
 pub fn import_life(dir: &Path, repo: &Path, steps: &[Step], seed: u64) -> String {
+    import_life_spaced(dir, repo, steps, seed, 1)
+}
+
+/// `import_life` with points `hours` apart.
+pub fn import_life_spaced(
+    dir: &Path,
+    repo: &Path,
+    steps: &[Step],
+    seed: u64,
+    hours: u64,
+) -> String {
     let r = cbtfs::repo::Repository::init(repo).unwrap();
     let v = vdi(seed as u32);
     let img = dir.join("life.img");
@@ -258,7 +269,7 @@ pub fn import_life(dir: &Path, repo: &Path, steps: &[Step], seed: u64) -> String
                 vm_name: None,
                 source: cbtfs::import::ImportSource::Raw(img.clone()),
                 bitmap,
-                time: cbtfs::timefmt::parse(&time(i as u64)).unwrap(),
+                time: cbtfs::timefmt::parse(&time(i as u64 * hours)).unwrap(),
                 snapshot: None,
                 vm_metadata: None,
                 source_label: None,
