@@ -541,7 +541,7 @@ async fn backup_disk(
         let req = ImportRequest {
             vdi: rec.uuid.clone(),
             disk_name: Some(if rec.name_label.is_empty() {
-                format!("disk-{}", &rec.uuid[..8])
+                format!("disk-{}", rec.uuid.get(..8).unwrap_or(&rec.uuid))
             } else {
                 rec.name_label.clone()
             }),
