@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
-pkgs=(e2fsprogs fuse3 util-linux kmod fio nbdkit libnbd-bin openssl)
+pkgs=(e2fsprogs fuse3 util-linux fdisk lvm2 kmod fio nbdkit libnbd-bin openssl curl)
 sudo=""
 if [ "$(id -u)" != 0 ]; then
   if command -v sudo >/dev/null; then sudo="sudo"; else

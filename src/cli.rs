@@ -91,9 +91,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List disks, sets and restore points.
+    /// List disks, sets and restore points (or, with --volumes POINT, the partitions and LVM
+    /// volumes inside a point).
     Ls {
         repo: PathBuf,
+        /// List the volumes inside this point: MBR/GPT partitions, LVM2 logical volumes, and
+        /// what cannot be read as a plain volume, with the reason.
+        #[arg(long, value_name = "POINT")]
+        volumes: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -347,7 +352,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &repo, vdi, name, vm_uuid, vm_name, source, bitmap, time, json,
             )?
         }
-        Command::Ls { repo, json } => cmd_ls(&repo, json)?,
+        Command::Ls {
+            repo,
+            volumes: Some(point),
+            json,
+        } => cmd_volumes(&repo, &point, json)?,
+        Command::Ls { repo, json, .. } => cmd_ls(&repo, json)?,
         Command::Export {
             repo,
             point,
@@ -670,6 +680,48 @@ fn cmd_restore(
             "created VM {vm} from the saved VM metadata, using VDI {}",
             report.vdi
         );
+    }
+    Ok(())
+}
+
+fn cmd_volumes(repo: &Path, spec: &str, json: bool) -> Result<()> {
+    let repository = open(repo)?;
+    let (_, set, seq) = resolve(&repository, spec)?;
+    let reader = PointReader::open(&repository, &set, seq)
+        .with_context(|| format!("opening point {spec}"))?;
+    let layout = crate::volumes::discover(&reader)
+        .with_context(|| format!("reading the partition table of {spec}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&layout)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {}",
+        reader.manifest.label(),
+        match layout.scheme.as_str() {
+            "none" => format!(
+                "no partition table ({})",
+                layout.content.as_deref().unwrap_or("content unknown")
+            ),
+            s => format!("{s} partition table"),
+        }
+    );
+    for v in &layout.volumes {
+        println!(
+            "  {:<20} {:<9} {:>10}  {}{}",
+            v.name,
+            v.content.as_deref().unwrap_or("-"),
+            human(v.size),
+            v.what,
+            if v.extents.len() > 1 {
+                format!(" ({} pieces)", v.extents.len())
+            } else {
+                String::new()
+            }
+        );
+    }
+    for u in &layout.unreadable {
+        println!("  {:<20} not readable: {} ({})", u.name, u.reason, u.what);
     }
     Ok(())
 }

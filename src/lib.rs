@@ -27,6 +27,7 @@ pub mod sim;
 pub mod tar;
 pub mod timefmt;
 pub mod verify;
+pub mod volumes;
 pub mod xapi;
 
 /// CBT tracks 64 KiB blocks (the guide: "Blocks of 64 kB within the VDI are tracked").

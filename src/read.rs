@@ -79,6 +79,18 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; BLOCK_SIZE as usize]);
 }
 
+impl crate::volumes::DiskRead for PointReader {
+    fn size(&self) -> u64 {
+        PointReader::size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        buf.fill(0);
+        PointReader::read_at(self, buf, offset)
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
 impl PointReader {
     /// Open point `seq` of `set`: opens it and every point below it.
     pub fn open(repo: &Repository, set: &SetHistory, seq: u32) -> Result<PointReader, RepoError> {

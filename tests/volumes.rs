@@ -1,0 +1,303 @@
+//! Volumes inside a point: MBR (with logical partitions), GPT, and LVM2 LVs (linear in two
+//! non-contiguous pieces, striped over two PVs) mapped without device-mapper. Disks are built
+//! with sfdisk and the real LVM tools (metadata only: activation off); where each LV's bytes
+//! lie is taken from `lvs --segments`, independently of cbtfs's parser.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use cbtfs::read::PointReader;
+use cbtfs::repo::Repository;
+use cbtfs::volumes::{Layout, discover};
+use common::*;
+use serde_json::Value;
+
+const LVM_CONF: &str = "global { activation=0 } devices { obtain_device_list_from_udev=0 }";
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn sh(cmd: &str) -> String {
+    let o = Command::new("sh")
+        .args(["-c", cmd])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Import `img` as a base point and discover its volumes through the repository.
+fn layout_of(dir: &Path, img: &Path) -> (Repository, PointReader, Layout) {
+    let repo = dir.join("repo");
+    ok(&["init", s(&repo)]);
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &vdi(1),
+        "--raw",
+        s(img),
+        "--time",
+        &time(0),
+    ]);
+    let r = Repository::open(&repo).unwrap();
+    let d = r.disk(&vdi(1)).unwrap();
+    let reader = PointReader::open(&r, &d.sets[0], 0).unwrap();
+    let layout = discover(&reader).unwrap();
+    (r, reader, layout)
+}
+
+fn read_volume(reader: &PointReader, layout: &Layout, name: &str) -> Vec<u8> {
+    let v = layout
+        .volumes
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume {name} in {layout:?}"));
+    let mut out = vec![0u8; v.size as usize];
+    let mut at = 0usize;
+    for (o, l) in v.map(0, v.size) {
+        reader.read_at(&mut out[at..at + l as usize], o).unwrap();
+        at += l as usize;
+    }
+    out
+}
+
+#[test]
+fn mbr_with_logical_partitions_and_gpt() {
+    if !have("sfdisk") || !have("mkfs.ext4") {
+        eprintln!(
+            "skipped: needs sfdisk and mkfs.ext4 (scripts/setup.sh installs fdisk, e2fsprogs)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("mbr.img");
+    sh(&format!("truncate -s 64M {}", s(&img)));
+    sh(&format!(
+        "printf 'label: dos\\nstart=2048, size=20480, type=83\\nstart=22528, size=90112, type=5\\nstart=24576, size=8192, type=83\\nstart=34816, size=16384, type=82\\nstart=112640, type=83\\n' | sfdisk -q {}",
+        s(&img)
+    ));
+    // A filesystem in p1, built apart and placed at its offset.
+    let fs = dir.path().join("p1.fs");
+    sh(&format!(
+        "truncate -s 10M {0} && mkfs.ext4 -q -F {0} && dd if={0} of={1} bs=512 seek=2048 conv=notrunc status=none",
+        s(&fs),
+        s(&img)
+    ));
+    let want: Value = serde_json::from_str(&sh(&format!("sfdisk --json {}", s(&img)))).unwrap();
+    let (_, reader, layout) = layout_of(dir.path(), &img);
+    assert_eq!(layout.scheme, "mbr");
+    let names: Vec<&str> = layout.volumes.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["p1", "p3", "p5", "p6"], "{layout:?}");
+    for p in want["partitiontable"]["partitions"].as_array().unwrap() {
+        let node = p["node"].as_str().unwrap();
+        let n: usize = node
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if p["type"] == "5" {
+            continue;
+        }
+        let v = layout
+            .volumes
+            .iter()
+            .find(|v| v.name == format!("p{n}"))
+            .unwrap();
+        assert_eq!(
+            v.extents[0].disk_offset,
+            p["start"].as_u64().unwrap() * 512,
+            "{node}"
+        );
+        assert_eq!(v.size, p["size"].as_u64().unwrap() * 512, "{node}");
+    }
+    assert_eq!(layout.volumes[0].content.as_deref(), Some("ext4"));
+    assert_eq!(
+        read_volume(&reader, &layout, "p1"),
+        std::fs::read(&fs).unwrap()
+    );
+
+    let gimg = dir.path().join("gpt.img");
+    sh(&format!("truncate -s 32M {}", s(&gimg)));
+    sh(&format!(
+        "printf 'label: gpt\\nstart=2048, size=8192, name=efi\\nstart=10240, size=20480, name=root\\n' | sfdisk -q {}",
+        s(&gimg)
+    ));
+    let g = tempfile::tempdir().unwrap();
+    let (_, _, layout) = layout_of(g.path(), &gimg);
+    assert_eq!(layout.scheme, "gpt");
+    assert_eq!(layout.volumes.len(), 2);
+    assert_eq!(layout.volumes[1].name, "p2");
+    assert!(layout.volumes[1].what.contains("\"root\""), "{layout:?}");
+    assert_eq!(layout.volumes[1].extents[0].disk_offset, 10240 * 512);
+
+    // A bare filesystem, and the CLI's listing.
+    let b = tempfile::tempdir().unwrap();
+    let (_, _, layout) = layout_of(b.path(), &fs);
+    assert_eq!(layout.scheme, "none");
+    assert_eq!(layout.content.as_deref(), Some("ext4"));
+    let out = ok(&[
+        "ls",
+        s(&dir.path().join("repo")),
+        "--volumes",
+        &format!("{}@latest", vdi(1)),
+    ]);
+    assert!(
+        out.contains("p5") && out.contains("mbr logical partition"),
+        "{out}"
+    );
+}
+
+#[test]
+fn lvm_linear_in_two_pieces_and_striped_over_two_pvs() {
+    if !is_root() || !have("pvcreate") || !have("sfdisk") || !have("losetup") {
+        eprintln!("skipped: needs root, sfdisk, losetup and lvm2 (scripts/setup.sh installs them)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("lvm.img");
+    sh(&format!("truncate -s 96M {}", s(&img)));
+    sh(&format!(
+        "printf 'label: dos\\nstart=2048, size=81920, type=8e\\nstart=83968, size=100352, type=8e\\n' | sfdisk -q {}",
+        s(&img)
+    ));
+    let loop_at = |start: u64, size: u64| {
+        sh(&format!(
+            "losetup -f --show -o {} --sizelimit {} {}",
+            start * 512,
+            size * 512,
+            s(&img)
+        ))
+        .trim()
+        .to_string()
+    };
+    let (a, b) = (loop_at(2048, 81920), loop_at(83968, 100352));
+    let c = format!("--config '{LVM_CONF}'");
+    let run = || -> Value {
+        sh(&format!("pvcreate -q {c} {a} {b}"));
+        sh(&format!("vgcreate -q {c} -s 1M vgt {a} {b}"));
+        sh(&format!("lvcreate -q {c} -an -Zn -L 3M -n root vgt {a}"));
+        sh(&format!("lvcreate -q {c} -an -Zn -L 2M -n gap vgt {a}"));
+        sh(&format!("lvextend -q {c} -L 6M vgt/root {a}"));
+        sh(&format!(
+            "lvcreate -q {c} -an -Zn -i2 -I64k -L 8M -n data vgt"
+        ));
+        let segs = sh(&format!(
+            "lvs {c} --reportformat json --units b --nosuffix --segments -o lv_name,seg_start,seg_size,seg_pe_ranges,stripes,stripe_size vgt"
+        ));
+        let pvs = sh(&format!(
+            "pvs {c} --reportformat json --units b --nosuffix -o pv_name,pe_start {a} {b}"
+        ));
+        let ext = sh(&format!(
+            "vgs {c} --reportformat json --units b --nosuffix -o vg_extent_size vgt"
+        ));
+        serde_json::json!({"segs": serde_json::from_str::<Value>(&segs).unwrap(), "pvs": serde_json::from_str::<Value>(&pvs).unwrap(), "ext": serde_json::from_str::<Value>(&ext).unwrap()})
+    };
+    let info = std::panic::catch_unwind(run);
+    let _ = Command::new("vgchange")
+        .args(["--config", LVM_CONF, "-an", "vgt"])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output();
+    for l in [&a, &b] {
+        let _ = Command::new("losetup").args(["-d", l]).status();
+    }
+    let info = info.unwrap();
+    let extent: u64 = info["ext"]["report"][0]["vg"][0]["vg_extent_size"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pv_start = |dev: &str| -> u64 {
+        let part = if dev == a { 2048 * 512 } else { 83968 * 512 };
+        let pe: u64 = info["pvs"]["report"][0]["pv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pv_name"] == dev)
+            .unwrap()["pe_start"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        part + pe
+    };
+    // Where each LV byte lies, from lvs: write a pattern there that names the LV and offset.
+    let mut disk = std::fs::read(&img).unwrap();
+    let mut expect: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    for seg in info["segs"]["report"][0]["seg"].as_array().unwrap() {
+        let lv = seg["lv_name"].as_str().unwrap().to_string();
+        let start: u64 = seg["seg_start"].as_str().unwrap().parse().unwrap();
+        let size: u64 = seg["seg_size"].as_str().unwrap().parse().unwrap();
+        let stripes: u64 = seg["stripes"].as_str().unwrap().parse().unwrap();
+        let chunk: u64 = seg["stripe_size"].as_str().unwrap().parse().unwrap();
+        // "/dev/loop0:0-2 /dev/loop1:0-2" (one range per stripe)
+        let ranges: Vec<(String, u64)> = seg["seg_pe_ranges"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .map(|r| {
+                let (dev, pes) = r.rsplit_once(':').unwrap();
+                (
+                    dev.to_string(),
+                    pes.split('-').next().unwrap().parse().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(ranges.len() as u64, stripes);
+        let buf = expect.entry(lv.clone()).or_default();
+        buf.resize((start + size) as usize, 0);
+        let mut rng = TestRng::new(start ^ lv.len() as u64);
+        for x in (0..size).step_by(4096) {
+            let (dev, pe, off) = if stripes == 1 {
+                (&ranges[0].0, ranges[0].1, x)
+            } else {
+                let ch = x / chunk;
+                let (st, row) = (ch % stripes, ch / stripes);
+                (
+                    &ranges[st as usize].0,
+                    ranges[st as usize].1,
+                    row * chunk + x % chunk,
+                )
+            };
+            let at = (pv_start(dev) + pe * extent + off) as usize;
+            let mut block = [0u8; 4096];
+            rng.fill(&mut block);
+            disk[at..at + 4096].copy_from_slice(&block);
+            buf[(start + x) as usize..(start + x + 4096) as usize].copy_from_slice(&block);
+        }
+    }
+    std::fs::write(&img, &disk).unwrap();
+    let (_, reader, layout) = layout_of(dir.path(), &img);
+    for (lv, want) in &expect {
+        let got = read_volume(&reader, &layout, &format!("vgt-{lv}"));
+        assert!(
+            got == *want,
+            "LV {lv} reads differently through cbtfs's mapping"
+        );
+    }
+    let root = layout
+        .volumes
+        .iter()
+        .find(|v| v.name == "vgt-root")
+        .unwrap();
+    assert_eq!(root.extents.len(), 2, "root lies in two pieces: {root:?}");
+    let data = layout
+        .volumes
+        .iter()
+        .find(|v| v.name == "vgt-data")
+        .unwrap();
+    assert!(data.extents.len() > 2, "striped: {data:?}");
+}
