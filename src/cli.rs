@@ -695,34 +695,7 @@ fn cmd_volumes(repo: &Path, spec: &str, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&layout)?);
         return Ok(());
     }
-    println!(
-        "{}: {}",
-        reader.manifest.label(),
-        match layout.scheme.as_str() {
-            "none" => format!(
-                "no partition table ({})",
-                layout.content.as_deref().unwrap_or("content unknown")
-            ),
-            s => format!("{s} partition table"),
-        }
-    );
-    for v in &layout.volumes {
-        println!(
-            "  {:<20} {:<9} {:>10}  {}{}",
-            v.name,
-            v.content.as_deref().unwrap_or("-"),
-            human(v.size),
-            v.what,
-            if v.extents.len() > 1 {
-                format!(" ({} pieces)", v.extents.len())
-            } else {
-                String::new()
-            }
-        );
-    }
-    for u in &layout.unreadable {
-        println!("  {:<20} not readable: {} ({})", u.name, u.reason, u.what);
-    }
+    print!("{}: {}", reader.manifest.label(), layout.to_text());
     Ok(())
 }
 

@@ -6,6 +6,9 @@
 //! /VM/DISK/SET/latest.raw       -> the set's newest point
 //! /VM/DISK/latest.raw           -> SET/POINT.raw, the disk's newest point
 //! /by-uuid/VDI_UUID             -> ../VM/DISK (stable paths for scripts)
+//! /VM/DISK/SET/POINT.parts/      the volumes inside the point, found when first listed:
+//!     p1.raw, p5.raw, VG-LV.raw  partitions and LVM volumes as raw files (`mount -o loop`)
+//!     volumes.txt                everything found, with what cannot be read and why
 //! ```
 //!
 //! Inode numbers are hashes of each object's identity (disk uuid, set, point number), so they
@@ -34,6 +37,9 @@ const FRESH: Duration = Duration::from_millis(200);
 const READER_CACHE: usize = 64;
 pub const POINT_SUFFIX: &str = ".raw";
 pub const LATEST: &str = "latest.raw";
+/// Beside `POINT.raw`: the directory of the volumes inside it.
+pub const PARTS_SUFFIX: &str = ".parts";
+pub const VOLUMES_TXT: &str = "volumes.txt";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -109,8 +115,39 @@ impl FsError {
 
 enum NodeData {
     Dir(BTreeMap<String, u64>),
-    Point { set: Arc<SetHistory>, seq: u32 },
+    Point {
+        set: Arc<SetHistory>,
+        seq: u32,
+    },
     Link(String),
+    /// `POINT.parts/`: its entries come from reading the point (`point` is its inode).
+    Parts {
+        point: u64,
+    },
+}
+
+/// A file inside a `POINT.parts/` directory.
+#[derive(Clone)]
+enum VolData {
+    Volume(Arc<crate::volumes::Volume>),
+    Text(Arc<Vec<u8>>),
+}
+
+#[derive(Clone)]
+struct VolNode {
+    parent: u64,
+    point: u64,
+    mtime: i64,
+    data: VolData,
+}
+
+impl VolNode {
+    fn size(&self) -> u64 {
+        match &self.data {
+            VolData::Volume(v) => v.size,
+            VolData::Text(t) => t.len() as u64,
+        }
+    }
 }
 
 struct Node {
@@ -123,7 +160,7 @@ struct Node {
 impl Node {
     fn kind(&self) -> Kind {
         match self.data {
-            NodeData::Dir(_) => Kind::Dir,
+            NodeData::Dir(_) | NodeData::Parts { .. } => Kind::Dir,
             NodeData::Point { .. } => Kind::File,
             NodeData::Link(_) => Kind::Symlink,
         }
@@ -186,6 +223,17 @@ impl Snapshot {
                             },
                         );
                         set_children.insert(name.clone(), ino);
+                        let parts = s.unique(ino_of(&format!("parts:{vdi}/{}/{}", set.id, p.seq)));
+                        s.nodes.insert(
+                            parts,
+                            Node {
+                                parent: set_ino,
+                                mtime: p.time,
+                                size: 0,
+                                data: NodeData::Parts { point: ino },
+                            },
+                        );
+                        set_children.insert(format!("{}{PARTS_SUFFIX}", point_name(p)), parts);
                         newest = Some((p.time, name, p.virtual_size));
                     }
                     if let Some((t, name, size)) = newest {
@@ -258,7 +306,15 @@ impl Snapshot {
 }
 
 enum Handle {
-    File { ino: u64, reader: Arc<PointReader> },
+    File {
+        ino: u64,
+        reader: Arc<PointReader>,
+    },
+    Volume {
+        reader: Arc<PointReader>,
+        volume: Arc<crate::volumes::Volume>,
+    },
+    Text(Arc<Vec<u8>>),
     Dir(Arc<Vec<DirEntry>>),
 }
 
@@ -273,6 +329,9 @@ pub struct CbtFs {
     blocks: Mutex<HashMap<u64, u64>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// The entries of each `POINT.parts/` listed so far (by its inode), and their files.
+    parts: Mutex<HashMap<u64, Arc<BTreeMap<String, u64>>>>,
+    vol_nodes: Mutex<HashMap<u64, VolNode>>,
 }
 
 fn repo_err(e: impl std::fmt::Display) -> FsError {
@@ -292,6 +351,8 @@ impl CbtFs {
             blocks: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            parts: Mutex::new(HashMap::new()),
+            vol_nodes: Mutex::new(HashMap::new()),
         };
         fs.rescan()?;
         Ok(fs)
@@ -337,6 +398,7 @@ impl CbtFs {
     fn attr_of(&self, ino: u64, node: &Node) -> Attr {
         let (perm, nlink, blocks) = match &node.data {
             NodeData::Dir(c) => (0o555, 2 + c.len() as u32, 0),
+            NodeData::Parts { .. } => (0o555, 2, 0),
             NodeData::Link(_) => (0o777, 1, 0),
             NodeData::Point { .. } => (0o444, 1, self.point_blocks(ino, node)),
         };
@@ -390,8 +452,95 @@ impl CbtFs {
         Ok(r)
     }
 
+    /// The entries of `POINT.parts/` (inode `parts`), reading the point's tables the first
+    /// time. A point whose tables cannot be read gets a `volumes.txt` saying why.
+    fn parts_of(
+        &self,
+        parts: u64,
+        point: u64,
+        snap: &Snapshot,
+    ) -> Result<Arc<BTreeMap<String, u64>>, FsError> {
+        if let Some(p) = self.parts.lock().ok().and_then(|m| m.get(&parts).cloned()) {
+            return Ok(p);
+        }
+        let node = snap.nodes.get(&point).ok_or(FsError::NotFound)?;
+        let reader = self.reader(point, node)?;
+        let mut files: Vec<(String, VolData)> = Vec::new();
+        let text = match crate::volumes::discover(&*reader) {
+            Ok(layout) => {
+                for v in &layout.volumes {
+                    files.push((
+                        format!("{}{POINT_SUFFIX}", v.name),
+                        VolData::Volume(Arc::new(v.clone())),
+                    ));
+                }
+                layout.to_text()
+            }
+            Err(e) => format!("the partition tables of this point cannot be read: {e}\n"),
+        };
+        files.push((
+            VOLUMES_TXT.into(),
+            VolData::Text(Arc::new(text.into_bytes())),
+        ));
+        let mut children = BTreeMap::new();
+        let mut nodes = self.vol_nodes.lock().map_err(|_| FsError::Invalid)?;
+        for (name, data) in files {
+            let mut ino = ino_of(&format!("vol:{parts}/{name}"));
+            while ino <= ROOT_INO
+                || snap.nodes.contains_key(&ino)
+                || nodes.get(&ino).is_some_and(|n| n.parent != parts)
+            {
+                ino = ino.wrapping_add(1);
+            }
+            nodes.insert(
+                ino,
+                VolNode {
+                    parent: parts,
+                    point,
+                    mtime: node.mtime,
+                    data,
+                },
+            );
+            children.insert(name, ino);
+        }
+        let children = Arc::new(children);
+        if let Ok(mut m) = self.parts.lock() {
+            m.insert(parts, children.clone());
+        }
+        Ok(children)
+    }
+
+    fn vol_attr(ino: u64, n: &VolNode) -> Attr {
+        Attr {
+            ino,
+            kind: Kind::File,
+            size: n.size(),
+            blocks: n.size().div_ceil(512),
+            mtime: n.mtime,
+            perm: 0o444,
+            nlink: 1,
+            immutable: true,
+        }
+    }
+
+    fn vol_node(&self, ino: u64) -> Option<VolNode> {
+        self.vol_nodes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&ino).cloned())
+    }
+
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
         self.refresh(Duration::from_secs(1));
+        {
+            let snap = self.snap();
+            if let Some(NodeData::Parts { point }) = snap.nodes.get(&parent).map(|n| &n.data) {
+                let children = self.parts_of(parent, *point, &snap)?;
+                let ino = *children.get(name).ok_or(FsError::NotFound)?;
+                let n = self.vol_node(ino).ok_or(FsError::NotFound)?;
+                return Ok(Self::vol_attr(ino, &n));
+            }
+        }
         let find = |snap: &Snapshot| -> Result<Option<u64>, FsError> {
             match snap.nodes.get(&parent).map(|n| &n.data) {
                 Some(NodeData::Dir(c)) => Ok(c.get(name).copied()),
@@ -416,6 +565,10 @@ impl CbtFs {
         let snap = self.snap();
         match snap.nodes.get(&ino) {
             Some(node) => Ok(self.attr_of(ino, node)),
+            None if self.vol_node(ino).is_some() => {
+                let n = self.vol_node(ino).ok_or(FsError::NotFound)?;
+                Ok(Self::vol_attr(ino, &n))
+            }
             None => {
                 // An open file of a point no longer listed still has attributes.
                 if let Ok(h) = self.handles.lock() {
@@ -463,8 +616,14 @@ impl CbtFs {
         self.refresh(FRESH);
         let snap = self.snap();
         let node = snap.nodes.get(&ino).ok_or(FsError::NotFound)?;
-        let NodeData::Dir(children) = &node.data else {
-            return Err(FsError::NotDir);
+        let parts_children;
+        let children = match &node.data {
+            NodeData::Dir(c) => c,
+            NodeData::Parts { point } => {
+                parts_children = self.parts_of(ino, *point, &snap)?;
+                &*parts_children
+            }
+            _ => return Err(FsError::NotDir),
         };
         let mut entries = vec![
             DirEntry {
@@ -481,15 +640,18 @@ impl CbtFs {
             },
         ];
         for (name, &child) in children {
-            if let Some(c) = snap.nodes.get(&child) {
-                let next_offset = entries.len() as u64 + 1;
-                entries.push(DirEntry {
-                    ino: child,
-                    kind: c.kind(),
-                    name: name.clone(),
-                    next_offset,
-                });
-            }
+            let kind = match snap.nodes.get(&child) {
+                Some(c) => c.kind(),
+                None if self.vol_node(child).is_some() => Kind::File,
+                None => continue,
+            };
+            let next_offset = entries.len() as u64 + 1;
+            entries.push(DirEntry {
+                ino: child,
+                kind,
+                name: name.clone(),
+                next_offset,
+            });
         }
         Ok(self.new_handle(Handle::Dir(Arc::new(entries))))
     }
@@ -515,9 +677,27 @@ impl CbtFs {
     /// Open a restore point for reading. `write` is whether write access was asked for.
     pub fn open(&self, ino: u64, write: bool) -> Result<u64, FsError> {
         let snap = self.snap();
+        if !snap.nodes.contains_key(&ino)
+            && let Some(v) = self.vol_node(ino)
+        {
+            if write {
+                return Err(FsError::ReadOnly);
+            }
+            let h = match v.data {
+                VolData::Text(t) => Handle::Text(t),
+                VolData::Volume(volume) => {
+                    let node = snap.nodes.get(&v.point).ok_or(FsError::NotFound)?;
+                    Handle::Volume {
+                        reader: self.reader(v.point, node)?,
+                        volume,
+                    }
+                }
+            };
+            return Ok(self.new_handle(h));
+        }
         let node = snap.nodes.get(&ino).ok_or(FsError::NotFound)?;
         match node.data {
-            NodeData::Dir(_) => return Err(FsError::IsDir),
+            NodeData::Dir(_) | NodeData::Parts { .. } => return Err(FsError::IsDir),
             NodeData::Link(_) => return Err(FsError::Invalid),
             NodeData::Point { .. } => {}
         }
@@ -538,10 +718,56 @@ impl CbtFs {
         }
     }
 
+    /// A volume or text handle, if `fh` is one.
+    fn part_handle(&self, fh: u64) -> Option<(Option<Arc<PointReader>>, VolData)> {
+        self.handles.lock().ok().and_then(|m| match m.get(&fh) {
+            Some(Handle::Volume { reader, volume }) => {
+                Some((Some(reader.clone()), VolData::Volume(volume.clone())))
+            }
+            Some(Handle::Text(t)) => Some((None, VolData::Text(t.clone()))),
+            _ => None,
+        })
+    }
+
+    /// Read a volume through its extents: each piece is a read of the point at that offset.
+    fn read_part(
+        reader: Option<&PointReader>,
+        data: &VolData,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, FsError> {
+        match (data, reader) {
+            (VolData::Text(t), _) => {
+                let start = (offset as usize).min(t.len());
+                let n = buf.len().min(t.len() - start);
+                buf[..n].copy_from_slice(&t[start..start + n]);
+                Ok(n)
+            }
+            (VolData::Volume(v), Some(r)) => {
+                let mut at = 0usize;
+                for (o, l) in v.map(offset, buf.len() as u64) {
+                    let piece = &mut buf[at..at + l as usize];
+                    let got = r.read_at(piece, o).map_err(|e| {
+                        tracing::error!(point = %e.point, owner = %e.owner, block = e.block, file = %e.location, problem = %e.problem, volume = %v.name, "damaged block: read fails with EIO");
+                        FsError::Damaged(e.to_string())
+                    })?;
+                    // A volume reaching past the disk's end (a damaged table) reads zeros there.
+                    piece[got..].fill(0);
+                    at += l as usize;
+                }
+                Ok(at)
+            }
+            (VolData::Volume(_), None) => Err(FsError::BadHandle),
+        }
+    }
+
     /// Read into `buf` at `offset`; returns the bytes read (fewer only at the end of the disk).
     /// Damage anywhere in the range fails the whole request: the kernel then retries smaller
     /// pieces, so exactly the damaged range ends up failing for the reader.
     pub fn read(&self, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
+        if let Some((reader, data)) = self.part_handle(fh) {
+            return Self::read_part(reader.as_deref(), &data, offset, buf);
+        }
         let r = self.file(fh)?;
         r.read_at(buf, offset).map_err(|e| {
             tracing::error!(point = %e.point, owner = %e.owner, block = e.block, file = %e.location, problem = %e.problem, "damaged block: read fails with EIO");
@@ -551,6 +777,19 @@ impl CbtFs {
 
     /// `lseek` with SEEK_DATA (3) or SEEK_HOLE (4).
     pub fn seek(&self, fh: u64, offset: u64, whence: i32) -> Result<u64, FsError> {
+        if let Some((_, data)) = self.part_handle(fh) {
+            // Volumes report no holes: all data up to the end.
+            let size = match &data {
+                VolData::Volume(v) => v.size,
+                VolData::Text(t) => t.len() as u64,
+            };
+            return match whence {
+                libc::SEEK_DATA if offset < size => Ok(offset),
+                libc::SEEK_HOLE if offset < size => Ok(size),
+                libc::SEEK_DATA | libc::SEEK_HOLE => Err(FsError::NoDataAfter),
+                _ => Err(FsError::Invalid),
+            };
+        }
         let r = self.file(fh)?;
         match whence {
             libc::SEEK_DATA => r.map().next_data(offset).ok_or(FsError::NoDataAfter),

@@ -61,6 +61,40 @@ pub struct Layout {
     pub unreadable: Vec<Unreadable>,
 }
 
+impl Layout {
+    /// What `volumes.txt` and `cbtfs ls --volumes` show.
+    pub fn to_text(&self) -> String {
+        let mut out = match self.scheme.as_str() {
+            "none" => format!(
+                "no partition table ({})\n",
+                self.content.as_deref().unwrap_or("content unknown")
+            ),
+            s => format!("{s} partition table\n"),
+        };
+        for v in &self.volumes {
+            out.push_str(&format!(
+                "{:<20} {:<9} {:>14} bytes  {}{}\n",
+                format!("{}.raw", v.name),
+                v.content.as_deref().unwrap_or("-"),
+                v.size,
+                v.what,
+                if v.extents.len() > 1 {
+                    format!(" ({} pieces)", v.extents.len())
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        for u in &self.unreadable {
+            out.push_str(&format!(
+                "{:<20} not readable: {} ({})\n",
+                u.name, u.reason, u.what
+            ));
+        }
+        out
+    }
+}
+
 impl Volume {
     /// Map `[offset, offset+len)` of the volume onto disk ranges, in order.
     pub fn map(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {

@@ -301,3 +301,77 @@ fn lvm_linear_in_two_pieces_and_striped_over_two_pvs() {
         .unwrap();
     assert!(data.extents.len() > 2, "striped: {data:?}");
 }
+
+#[test]
+fn partition_files_in_the_mount_loop_mount_without_offsets() {
+    if !can_mount() || !have("sfdisk") || !have("mkfs.ext4") {
+        eprintln!("skipped: needs root, /dev/fuse, sfdisk and mkfs.ext4");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    sh(&format!("truncate -s 48M {}", s(&img)));
+    sh(&format!(
+        "printf 'label: dos\\nstart=2048, size=4096, type=83\\nstart=8192, size=32768, type=5\\nstart=10240, size=24576, type=83\\n' | sfdisk -q {}",
+        s(&img)
+    ));
+    // An ext4 with a known file inside logical partition p5.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/hostname"), "guest-in-p5\n").unwrap();
+    let fs = dir.path().join("p5.fs");
+    sh(&format!(
+        "truncate -s 12M {0} && mkfs.ext4 -q -F -d {1} {0} && dd if={0} of={2} bs=512 seek=10240 conv=notrunc status=none",
+        s(&fs),
+        s(&tree),
+        s(&img)
+    ));
+    let repo = dir.path().join("repo");
+    ok(&["init", s(&repo)]);
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &vdi(2),
+        "--name",
+        "root",
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    let mp = dir.path().join("mnt");
+    let m = Mounted::new(&repo, &mp, &[]);
+    let point = &point_paths(&repo)[0];
+    let parts = m.mp.join(point.replace(".raw", ".parts"));
+    let mut names: Vec<String> = std::fs::read_dir(&parts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["p1.raw", "p5.raw", "volumes.txt"]);
+    let txt = std::fs::read_to_string(parts.join("volumes.txt")).unwrap();
+    assert!(txt.contains("p5.raw") && txt.contains("ext4"), "{txt}");
+    // The partition file is the filesystem, byte for byte (24576 sectors; the fs image is 12 MiB).
+    let p5 = std::fs::read(parts.join("p5.raw")).unwrap();
+    assert_eq!(p5.len(), 24576 * 512);
+    assert!(p5[..12 << 20] == std::fs::read(&fs).unwrap()[..]);
+    // Writes are refused; a loop mount needs no offset.
+    assert!(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(parts.join("p5.raw"))
+            .is_err()
+    );
+    let guest = dir.path().join("guest");
+    std::fs::create_dir_all(&guest).unwrap();
+    sh(&format!(
+        "mount -o loop,ro,noload {} {}",
+        s(&parts.join("p5.raw")),
+        s(&guest)
+    ));
+    let host = std::fs::read_to_string(guest.join("etc/hostname"));
+    sh(&format!("umount {}", s(&guest)));
+    assert_eq!(host.unwrap(), "guest-in-p5\n");
+    drop(m);
+}
