@@ -664,7 +664,7 @@ async fn changed_blocks(
     }
 }
 
-fn nbd_target(info: &NbdInfo, allow_plain: bool) -> Result<Target, BackupError> {
+pub(crate) fn nbd_target(info: &NbdInfo, allow_plain: bool) -> Result<Target, BackupError> {
     let trust = if info.cert.trim().is_empty() {
         if !allow_plain {
             return Err(BackupError::Refused(format!(

@@ -180,6 +180,11 @@ async fn restore_logged_in(
     let mut verified = 0;
     if !opts.no_verify {
         match xapi.nbd_info(&vdi_ref).await {
+            Ok(infos) if infos.first().is_some_and(|i| i.cert.trim().is_empty()) => {
+                let w = "the host offers NBD only without TLS: the restored data was not read back (only its size was checked)".to_string();
+                say(Event::Warning(&w));
+                warnings.push(w);
+            }
             Ok(infos) if !infos.is_empty() => {
                 verified = read_back(&infos, reader, &vdi, opts).await?;
             }
@@ -280,19 +285,9 @@ async fn read_back(
     vdi: &str,
     _opts: &RestoreOptions,
 ) -> Result<u64, RestoreError> {
-    let info = &infos[0];
-    let trust = (!info.cert.trim().is_empty()).then(|| crate::nbd::Trust::Pinned {
-        cert_pem: info.cert.clone(),
-        subject: info.subject.clone(),
-    });
-    let target = crate::nbd::Target {
-        address: crate::nbd::Address::Tcp {
-            host: info.address.clone(),
-            port: info.port,
-        },
-        export: info.exportname.clone(),
-        trust,
-    };
+    // Plain NBD is not used for the check either: without TLS the read-back is skipped.
+    let target = crate::backup::nbd_target(&infos[0], false)
+        .map_err(|e| RestoreError::Refused(format!("reading VDI {vdi} back: {e}")))?;
     let opts = crate::nbd::FetchOptions {
         connections: 1,
         ..Default::default()

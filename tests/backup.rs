@@ -648,15 +648,6 @@ fn a_grown_disk_and_bitmap_lengths() {
     );
 }
 
-fn openssl(args: &[&str]) {
-    let o = Command::new("openssl").args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 #[test]
 fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
     let dir = tempfile::tempdir().unwrap();

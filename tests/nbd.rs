@@ -78,18 +78,6 @@ fn nbdkit(sock: &Path, image: &Path, extra: &[&str], filters_and_params: &[&str]
     spawn("nbdkit", &args, sock)
 }
 
-fn openssl(args: &[&str]) {
-    let o = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl is installed");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// A self-signed certificate with only a subjectAltName, no basicConstraints: what xen-api's
 /// gencert makes. Written as a GnuTLS/qemu credentials directory.
 fn self_signed(dir: &Path, name: &str) -> PathBuf {

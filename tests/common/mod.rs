@@ -394,3 +394,16 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// Run openssl with `args`; fails the test with its message if it fails.
+pub fn openssl(args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
