@@ -360,6 +360,13 @@ fn walk(dir: &Path, depth: usize) -> Result<Vec<String>> {
         if ft.is_symlink() {
             let t = fs::read_link(e.path())?;
             out.push(format!("{pad}{name} -> {}", t.display()));
+        } else if ft.is_dir() && name.ends_with(crate::fs::PARTS_SUFFIX) {
+            // The volumes inside the point: say what volumes.txt says, in one line.
+            let summary = fs::read_to_string(e.path().join(crate::fs::VOLUMES_TXT))
+                .ok()
+                .and_then(|t| t.lines().next().map(String::from))
+                .unwrap_or_default();
+            out.push(format!("{pad}{name}/  ({summary})"));
         } else if ft.is_dir() {
             out.push(format!("{pad}{name}/"));
             out.extend(walk(&e.path(), depth + 1)?);
