@@ -552,6 +552,7 @@ async fn backup_disk(
             time,
             snapshot: Some(snap.uuid.clone()),
             vm_metadata: vm_metadata.clone(),
+            vdi_type: Some(rec.kind.clone()),
             source_label: Some(format!("backup:{}", xapi.host())),
         };
         let (report, via) = fetch(

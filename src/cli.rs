@@ -850,6 +850,7 @@ fn cmd_import(
         time,
         snapshot: None,
         vm_metadata: None,
+        vdi_type: None,
         source_label: None,
     };
     let progress = Progress::new("import", 0);

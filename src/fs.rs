@@ -838,6 +838,7 @@ mod tests {
                 time: 1_800_000_000,
                 snapshot: None,
                 vm_metadata: None,
+                vdi_type: None,
                 source_label: None,
             },
             |_, _| {},

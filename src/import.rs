@@ -72,6 +72,8 @@ pub struct ImportRequest {
     pub snapshot: Option<String>,
     /// VM metadata to keep with the point (backup).
     pub vm_metadata: Option<Vec<u8>>,
+    /// The VDI's type on the host (`user`, `system`), for a restore into a new VDI.
+    pub vdi_type: Option<String>,
     /// Overrides the point's recorded source (`backup:HOST`).
     pub source_label: Option<String>,
 }
@@ -168,6 +170,10 @@ pub(crate) fn begin<'l>(
             new_set,
             snapshot: req.snapshot.clone(),
             vm_metadata: req.vm_metadata.clone(),
+            vdi_type: req
+                .vdi_type
+                .clone()
+                .or_else(|| newest.and_then(|p| p.vdi_type.clone())),
         },
     )?)
 }

@@ -354,6 +354,7 @@ fn rewrite(
             new_set: base,
             snapshot: m.snapshot.clone(),
             vm_metadata: repo.read_vm_metadata(m)?,
+            vdi_type: m.vdi_type.clone(),
         },
     )?;
     let mut buf = vec![0u8; (READ_BLOCKS * BLOCK_SIZE) as usize];

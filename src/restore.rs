@@ -159,7 +159,9 @@ async fn restore_logged_in(
                     crate::timefmt::rfc3339(m.time)
                 )
             });
-            let r = xapi.vdi_create(&sr_ref, &label, size).await?;
+            // The original's type (backups record it); `user` for imported points.
+            let kind = m.vdi_type.as_deref().unwrap_or("user");
+            let r = xapi.vdi_create(&sr_ref, &label, size, kind).await?;
             (r, true)
         }
     };

@@ -771,6 +771,11 @@ fn restore(h: &Host, args: &[&str]) -> Output {
 #[test]
 fn restore_a_point_over_its_disk_and_into_a_new_vdi_and_vm() {
     let h = start(|_| {});
+    // A system disk: a restore into a new VDI creates the same type.
+    h.sim.with(|st| {
+        let r = st.vdi_ref(&h.vdi).unwrap();
+        st.vdis.get_mut(&r).unwrap().kind = "system".into();
+    });
     let points = three_points(&h);
     let (label, want) = &points[1];
     // The disk is in use by its running VM: refused, nothing written.
@@ -802,6 +807,10 @@ fn restore_a_point_over_its_disk_and_into_a_new_vdi_and_vm() {
     assert_ne!(new_vdi, h.vdi);
     assert_eq!(r["created_vdi"], true);
     assert_same("new VDI", &h.sim.read_vdi(new_vdi).unwrap(), want0);
+    h.sim.with(|st| {
+        let r = st.vdi_ref(new_vdi).unwrap();
+        assert_eq!(st.vdis[&r].kind, "system");
+    });
     let vm = r["vm"].as_str().unwrap();
     h.sim.with(|st| {
         let (_, v) = st

@@ -56,6 +56,7 @@ fn run_life(dir: &Path, steps: &[Step], seed: u64) {
                 time: cbtfs::timefmt::parse(&time(i as u64)).unwrap(),
                 snapshot: None,
                 vm_metadata: None,
+                vdi_type: None,
                 source_label: None,
             },
             |_, _| {},

@@ -125,6 +125,9 @@ pub struct PointManifest {
     /// The VM metadata export (`/export_metadata`, a tar holding ova.xml) saved with the point.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_metadata: Option<FileRef>,
+    /// The VDI's type on the host (`user`, `system`): a restore creates the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vdi_type: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -187,6 +190,7 @@ pub struct NewPoint {
     pub snapshot: Option<String>,
     /// VM metadata to keep with the point.
     pub vm_metadata: Option<Vec<u8>>,
+    pub vdi_type: Option<String>,
 }
 
 /// An opened point: its manifest, checked index and data file.
@@ -1050,6 +1054,7 @@ impl PointWriter<'_> {
             source: self.spec.source.clone(),
             snapshot: self.spec.snapshot.clone(),
             vm_metadata: None,
+            vdi_type: self.spec.vdi_type.clone(),
         };
         let vm_metadata = match &self.spec.vm_metadata {
             Some(bytes) => {

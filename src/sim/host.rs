@@ -714,7 +714,18 @@ impl State {
                 let image = Image::empty(&self.dir, size)
                     .map_err(|e| fail("SR_BACKEND_FAILURE_44", &["", &e.to_string(), ""]))?;
                 let label = s(rec.get("name_label").unwrap_or(&Value::Null)).to_string();
-                Ok(json!(self.add_vdi(&label, image)))
+                let kind = s(rec.get("type").unwrap_or(&Value::Null)).to_string();
+                if !matches!(
+                    kind.as_str(),
+                    "user" | "system" | "ephemeral" | "suspend" | "crashdump"
+                ) {
+                    return Err(fail("FIELD_TYPE_ERROR", &["type"]));
+                }
+                let r = self.add_vdi(&label, image);
+                if let Some(v) = self.vdis.get_mut(&r) {
+                    v.kind = kind;
+                }
+                Ok(json!(r))
             }
             "VBD.get_record" => {
                 argc(1)?;

@@ -271,17 +271,18 @@ impl Xapi {
         self.call("VDI.destroy", vec![json!(vdi)]).await.map(|_| ())
     }
 
-    /// `VDI.create` of a user VDI; returns its reference.
+    /// `VDI.create` of a VDI of type `kind` (`user`, `system`); returns its reference.
     pub async fn vdi_create(
         &self,
         sr: &str,
         name: &str,
         virtual_size: u64,
+        kind: &str,
     ) -> Result<String, XapiError> {
         let rec = json!({
             "SR": sr,
             "virtual_size": virtual_size.to_string(),
-            "type": "user",
+            "type": kind,
             "sharable": false,
             "read_only": false,
             "other_config": {},

@@ -272,6 +272,7 @@ pub fn import_life_spaced(
                 time: cbtfs::timefmt::parse(&time(i as u64 * hours)).unwrap(),
                 snapshot: None,
                 vm_metadata: None,
+                vdi_type: None,
                 source_label: None,
             },
             |_, _| {},
