@@ -357,36 +357,11 @@ async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
     }
 }
 
+/// The query parameters, %-decoded (keys too: `vdi%3AUUID` is `vdi:UUID`).
 fn query(req: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
-    req.uri()
-        .query()
-        .map(|q| {
-            q.split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (percent_decode(k), percent_decode(v)))
-                .collect()
-        })
+    reqwest::Url::parse(&format!("https://host{}", req.uri()))
+        .map(|u| u.query_pairs().into_owned().collect())
         .unwrap_or_default()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-        {
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(if b[i] == b'+' { b' ' } else { b[i] });
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn body_bytes(req: Request<hyper::body::Incoming>, limit: usize) -> Option<Bytes> {
