@@ -200,10 +200,8 @@ pub(crate) async fn connect(
                 }
                 return Ok((xapi, newly));
             }
-            Err(XapiError::Api(f)) if matches!(f.kind(), Failure::HostIsSlave(_)) => {
-                let Failure::HostIsSlave(master) = f.kind() else {
-                    unreachable!("matched above")
-                };
+            Err(XapiError::Api(f)) if f.master().is_some() => {
+                let master = f.master().unwrap_or_default();
                 let port = url
                     .trim_start_matches("https://")
                     .rsplit_once(':')

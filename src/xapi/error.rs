@@ -63,6 +63,14 @@ impl ApiFailure {
         }
     }
 
+    /// The pool master a `HOST_IS_SLAVE` names.
+    pub fn master(&self) -> Option<String> {
+        match self.kind() {
+            Failure::HostIsSlave(m) if !m.is_empty() => Some(m),
+            _ => None,
+        }
+    }
+
     /// What to do about it, in the admin's terms.
     fn advice(&self) -> &'static str {
         match self.kind() {
