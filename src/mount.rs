@@ -488,7 +488,7 @@ fn serve(repo: Repository, mp: &Path, opts: &MountOptions, ready: &dyn Fn()) -> 
     loop {
         if session.guard.is_finished() {
             tracing::info!(mountpoint = %mp.display(), "unmounted from outside; exiting");
-            return session.join().context("the filesystem thread failed");
+            return finish(session);
         }
         // SAFETY: waits for one of the blocked signals, with a valid set and timeout.
         let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
@@ -504,7 +504,16 @@ fn serve(repo: Repository, mp: &Path, opts: &MountOptions, ready: &dyn Fn()) -> 
     while !session.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
     }
-    session.join().context("the filesystem thread failed")
+    finish(session)
+}
+
+/// End a session whose thread has finished (the mount is gone). Not joined: dropping fuser's
+/// session unmounts its mount point *by path* if the kernel has not yet marked the connection
+/// dead, and by then the path may hold a new mount (`umount` then `cbtfs mount` at once): that
+/// unmounted the new one.
+fn finish(session: fuser::BackgroundSession) -> Result<()> {
+    std::mem::forget(session);
+    Ok(())
 }
 
 /// Unmount; if busy, detach lazily so the name disappears now and the last user ends it.

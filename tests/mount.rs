@@ -708,3 +708,27 @@ fn mount_t_cbtfs_and_fstab_through_the_helper() {
     );
     assert!(!said.contains("noauto") && !said.contains("rw,"), "{said}");
 }
+
+#[test]
+fn a_new_mount_right_after_an_outside_umount_survives_the_old_process() {
+    if !can_mount() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    import_life(dir.path(), &repo, &life(5, 3), 5);
+    let mp = dir.path().join("mnt");
+    for round in 0..5 {
+        let mut old = Mounted::new(&repo, &mp, &[]);
+        run("umount", &[s(&old.mp)]);
+        // At once, a new mount on the same directory; then the old process ends.
+        let new = Mounted::new(&repo, &mp, &[]);
+        assert!(old.wait_exit().success(), "round {round}: {}", old.log());
+        assert!(
+            cbtfs::mount::mounted_fstype(&new.mp).is_some(),
+            "round {round}: the old process unmounted the new mount"
+        );
+        assert_eq!(point_paths(&repo).len(), 3);
+        drop(new);
+    }
+}
