@@ -188,7 +188,7 @@ async fn restore_logged_in(
                 warnings.push(w);
             }
             Ok(infos) if !infos.is_empty() => {
-                verified = read_back(&infos, reader, &vdi, opts).await?;
+                verified = read_back(&infos, reader, &vdi).await?;
             }
             Ok(_) => {
                 let w = "the host has no NBD network: the restored data was not read back (only its size was checked)".to_string();
@@ -285,7 +285,6 @@ async fn read_back(
     infos: &[NbdInfo],
     reader: &Arc<PointReader>,
     vdi: &str,
-    _opts: &RestoreOptions,
 ) -> Result<u64, RestoreError> {
     // Plain NBD is not used for the check either: without TLS the read-back is skipped.
     let target = crate::backup::nbd_target(&infos[0], false)
