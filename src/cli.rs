@@ -127,6 +127,40 @@ enum Command {
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
     },
+    /// Mount every filesystem inside a point under DIR, read-only (one folder per partition or
+    /// LVM volume, named like the files in POINT.parts/). `cbtfs browse --unmount DIR` ends it.
+    #[command(
+        override_usage = "cbtfs browse [OPTIONS] REPO POINT DIR\n       cbtfs browse --unmount DIR"
+    )]
+    Browse {
+        /// REPO POINT DIR; with --unmount, DIR only.
+        #[arg(num_args = 1..=3, required = true, value_name = "ARGS")]
+        args: Vec<PathBuf>,
+        /// End the browse of DIR (a live one, or one whose process died): unmounts everything
+        /// and removes its loop devices, overlay and temporary files.
+        #[arg(long)]
+        unmount: bool,
+        /// Stay in the foreground until Ctrl-C (default: a background process).
+        #[arg(short, long)]
+        foreground: bool,
+        /// Only FUSE drivers (fuse2fs, ntfs-3g, fusefat): no kernel code parses the guest's
+        /// filesystems. Slower, and XFS/Btrfs cannot be browsed this way.
+        #[arg(long)]
+        userspace: bool,
+    },
+    /// List files added, removed and changed between two points of the same disk, per volume.
+    Diff {
+        repo: PathBuf,
+        point_a: String,
+        point_b: String,
+        /// Only under this path: VOLUME/PATH (e.g. p1/etc), or a path within every volume.
+        path: Option<String>,
+        /// Only FUSE drivers to read the filesystems (see `browse --userspace`).
+        #[arg(long)]
+        userspace: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Back up disks from a XenServer/XCP-ng host with changed block tracking: a full base the
     /// first time (or when CBT was reset), afterwards only the changed blocks.
     Backup {
@@ -286,7 +320,7 @@ pub fn main() -> ExitCode {
     // Reading a deep chain may open one data file per point.
     crate::raise_fd_limit();
     // The mount sets up its own logging (a daemon logs to syslog or a file).
-    if !matches!(cli.command, Command::Mount { .. }) {
+    if !matches!(cli.command, Command::Mount { .. } | Command::Browse { .. }) {
         let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
         tracing_subscriber::fmt()
@@ -365,6 +399,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
         } => cmd_export(&repo, &point, &out, force)?,
         Command::Verify { repo, point, json } => return cmd_verify(&repo, point, json),
+        Command::Browse {
+            args,
+            unmount,
+            foreground,
+            userspace,
+        } => {
+            let opts = crate::browse::BrowseOptions { userspace };
+            match (unmount, args.as_slice()) {
+                (true, [dir]) => crate::browse::unmount_dir(dir)?,
+                (true, _) => {
+                    bail!("--unmount takes only the directory: cbtfs browse --unmount DIR")
+                }
+                (false, [repo, point, dir]) => {
+                    let point = point.to_str().context("the point name is not UTF-8")?;
+                    crate::browse::browse(repo, point, dir, foreground, &opts)?
+                }
+                (false, _) => {
+                    bail!("usage: cbtfs browse REPO POINT DIR (or cbtfs browse --unmount DIR)")
+                }
+            }
+        }
+        Command::Diff {
+            repo,
+            point_a,
+            point_b,
+            path,
+            userspace,
+            json,
+        } => {
+            let opts = crate::browse::BrowseOptions { userspace };
+            let repository = open(&repo)?;
+            let report =
+                crate::diff::diff(&repository, &point_a, &point_b, path.as_deref(), &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+                eprint!("{}", report.summary());
+            }
+            if !report.errors.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Mount {
             repo,
             mountpoint,

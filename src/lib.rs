@@ -9,9 +9,11 @@
 
 pub mod backup;
 pub mod bitmap;
+pub mod browse;
 pub mod chain;
 pub mod cli;
 pub mod demo;
+pub mod diff;
 pub mod export;
 pub mod fs;
 pub mod fuse;
@@ -19,6 +21,7 @@ pub mod import;
 pub mod mount;
 pub mod naming;
 pub mod nbd;
+pub mod overlay;
 pub mod prune;
 pub mod read;
 pub mod repo;

@@ -154,7 +154,7 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 /// Detach a mount lazily (root: umount2; others: fusermount3 -uz).
-fn detach(path: &Path) -> Result<()> {
+pub(crate) fn detach(path: &Path) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         let c = CString::new(path.as_os_str().as_bytes())?;
@@ -176,7 +176,7 @@ fn detach(path: &Path) -> Result<()> {
 }
 
 /// What a FUSE mount whose daemon died answers: "not connected" or "connection aborted".
-fn is_dead_mount_error(e: &std::io::Error) -> bool {
+pub(crate) fn is_dead_mount_error(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
@@ -257,13 +257,13 @@ fn raise_readahead(mp: &Path) {
 }
 
 /// Where logs go.
-enum LogTarget {
+pub(crate) enum LogTarget {
     Stderr,
     File(PathBuf),
     Syslog,
 }
 
-fn init_logging(target: LogTarget) -> Result<()> {
+pub(crate) fn init_logging(target: LogTarget) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let b = tracing_subscriber::fmt()
@@ -362,7 +362,21 @@ pub fn mount(repo: &Path, mountpoint: &Path, foreground: bool, opts: MountOption
         return serve(repository, &mp, &opts, &|| {});
     }
     let log_file = opts.log_file.as_ref().map(|p| absolute(p)).transpose()?;
+    daemonize(log_file, |ready| {
+        serve(repository, &mp, &opts, &|| ready(""))
+    })
+    .map(|_| ())
+}
 
+/// Run `work` in a detached child process (its own session, `/` as working directory, standard
+/// streams on /dev/null, logs to syslog or `log_file`). Returns in the parent once the child
+/// calls `ready(message)` (the message is returned), or with the child's error.
+///
+/// Must be called before any thread exists: the child continues with one thread.
+pub(crate) fn daemonize(
+    log_file: Option<PathBuf>,
+    work: impl FnOnce(&dyn Fn(&str)) -> Result<()>,
+) -> Result<String> {
     let mut fds = [0; 2];
     // SAFETY: pipe writes two descriptors into a valid array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -370,8 +384,8 @@ pub fn mount(repo: &Path, mountpoint: &Path, foreground: bool, opts: MountOption
     }
     // SAFETY: both descriptors were just created by pipe2 and are owned here only.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: no thread has been started yet (the mount's threads start in the child), so fork
-    // is safe; the child continues with a single thread.
+    // SAFETY: the caller guarantees no thread has been started yet, so fork is safe; the child
+    // continues with a single thread.
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()).context("fork"),
         0 => {
@@ -386,16 +400,17 @@ pub fn mount(repo: &Path, mountpoint: &Path, foreground: bool, opts: MountOption
                 Some(p) => LogTarget::File(p),
                 None => LogTarget::Syslog,
             };
-            // Written once: "ok" when mounted (then closed, so the parent sees EOF), or the error.
+            // Written once: "ok" and the message when ready (then closed, so the parent sees
+            // EOF), or the error.
             let report = std::cell::RefCell::new(Some(std::fs::File::from(wr)));
-            let ready = || {
+            let ready = |msg: &str| {
                 if let Some(mut f) = report.borrow_mut().take() {
-                    let _ = f.write_all(b"ok");
+                    let _ = write!(f, "ok{msg}");
                 }
             };
             let code = match init_logging(target)
                 .and_then(|_| redirect_stdio())
-                .and_then(|_| serve(repository, &mp, &opts, &ready))
+                .and_then(|_| work(&ready))
             {
                 Ok(()) => 0,
                 Err(e) => {
@@ -412,12 +427,12 @@ pub fn mount(repo: &Path, mountpoint: &Path, foreground: bool, opts: MountOption
             drop(wr);
             let mut msg = String::new();
             let _ = std::fs::File::from(rd).read_to_string(&mut msg);
-            if msg.starts_with("ok") {
-                Ok(())
+            if let Some(m) = msg.strip_prefix("ok") {
+                Ok(m.to_string())
             } else if let Some(e) = msg.strip_prefix("error: ") {
                 bail!("{e}")
             } else {
-                bail!("the cbtfs daemon exited before the mount was ready; see the system log")
+                bail!("the cbtfs daemon exited before it was ready; see the system log")
             }
         }
     }
@@ -436,7 +451,7 @@ fn redirect_stdio() -> Result<()> {
     Ok(())
 }
 
-fn signal_set() -> libc::sigset_t {
+pub(crate) fn signal_set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialize and fill a sigset_t we own.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

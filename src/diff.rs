@@ -1,0 +1,586 @@
+//! `cbtfs diff`: files added, removed and changed between two points of one disk, per volume.
+//!
+//! Both points are browsed (read-only, journals replayed into private overlays) and their trees
+//! walked side by side. Metadata (type, mode, owner, size, symlink target) is always compared.
+//! File contents are compared only where they can differ: between points of one set, the
+//! changed-block bitmaps of the points in between say which disk blocks were written; a file
+//! whose data extents (FIEMAP, mapped through the partition/LV layout) are identical in both
+//! points and touch none of those blocks — nor anything journal replay wrote — has the same
+//! bytes. Everything else is read and compared. Between sets there is no bitmap chain, so every
+//! file is compared, and the report says so.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::{File, Metadata};
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use roaring::RoaringBitmap;
+use serde::Serialize;
+
+use crate::browse::{BrowseOptions, Session};
+use crate::naming::Tree;
+use crate::repo::Repository;
+use crate::volumes::Volume;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Change {
+    /// `VOLUME/path/in/it`.
+    pub path: String,
+    /// `A` added, `D` removed, `M` modified.
+    pub status: &'static str,
+    /// For `M`: what differs (`type`, `mode`, `owner`, `size`, `content`, `target`, `device`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub what: Vec<&'static str>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct DiffReport {
+    pub a: String,
+    pub b: String,
+    /// Why contents were compared in full rather than through the changed-block map.
+    pub full_compare: Option<String>,
+    pub changes: Vec<Change>,
+    /// Volumes not compared, and why.
+    pub notes: Vec<String>,
+    pub files: u64,
+    /// Files whose contents were read on both sides.
+    pub compared_by_content: u64,
+    /// Files the changed-block map proved unchanged without reading them.
+    pub unchanged_by_map: u64,
+    /// Unreadable files (I/O errors): their state is unknown.
+    pub errors: Vec<String>,
+    pub seconds: f64,
+}
+
+impl DiffReport {
+    /// `git diff --name-status` style lines.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for c in &self.changes {
+            if c.what.is_empty() {
+                out.push_str(&format!("{}\t{}\n", c.status, c.path));
+            } else {
+                out.push_str(&format!("{}\t{}\t{}\n", c.status, c.path, c.what.join(",")));
+            }
+        }
+        out
+    }
+
+    /// What goes to standard error.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        for n in &self.notes {
+            out.push_str(&format!("note: {n}\n"));
+        }
+        for e in &self.errors {
+            out.push_str(&format!("error: {e}\n"));
+        }
+        if let Some(why) = &self.full_compare {
+            out.push_str(&format!("note: {why}: every file compared by content\n"));
+        }
+        out.push_str(&format!(
+            "{} → {}: {} changes; {} files, {} proved unchanged by the changed-block map, {} compared by content ({:.2} s)\n",
+            self.a,
+            self.b,
+            self.changes.len(),
+            self.files,
+            self.unchanged_by_map,
+            self.compared_by_content,
+            self.seconds
+        ));
+        out
+    }
+}
+
+/// What can make a volume's bytes differ between the points.
+struct Dirty<'a> {
+    volume: &'a Volume,
+    /// Disk blocks written between the points; `None`: unknown (compare everything).
+    changed: Option<&'a RoaringBitmap>,
+    /// Volume ranges journal replay wrote in either overlay.
+    replayed: Vec<(u64, u64)>,
+    /// Whether FIEMAP's physical offsets are offsets in the volume (not Btrfs's logical
+    /// addresses, not a FUSE driver's).
+    fiemap_usable: bool,
+}
+
+impl Dirty<'_> {
+    fn touches(&self, offset: u64, len: u64) -> bool {
+        let Some(changed) = self.changed else {
+            return true;
+        };
+        if self
+            .replayed
+            .iter()
+            .any(|&(o, l)| o < offset.saturating_add(len) && offset < o + l)
+        {
+            return true;
+        }
+        let mapped = self.volume.map(offset, len);
+        if mapped.iter().map(|m| m.1).sum::<u64>() != len {
+            return true; // beyond the volume: cannot reason about it
+        }
+        mapped.iter().any(|&(d, l)| {
+            let first = d >> crate::BLOCK_SHIFT;
+            let last = (d + l - 1) >> crate::BLOCK_SHIFT;
+            match (u32::try_from(first), u32::try_from(last)) {
+                (Ok(f), Ok(t)) => changed.range_cardinality(f..=t) > 0,
+                _ => true,
+            }
+        })
+    }
+}
+
+/// Per-extent flags after which the physical offset does not say where the bytes are.
+const FIEMAP_OPAQUE: u32 = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400;
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
+const FIEMAP_EXTENT_MERGED: u32 = 0x1000;
+/// FS_IOC_FIEMAP = _IOWR('f', 11, struct fiemap).
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FiemapExtent {
+    logical: u64,
+    physical: u64,
+    length: u64,
+    reserved64: [u64; 2],
+    flags: u32,
+    reserved: [u32; 3],
+}
+
+#[repr(C)]
+struct Fiemap {
+    start: u64,
+    length: u64,
+    flags: u32,
+    mapped_extents: u32,
+    extent_count: u32,
+    reserved: u32,
+    extents: [FiemapExtent; 64],
+}
+
+/// A file's extents: (logical, physical, length, flags).
+fn fiemap(f: &File) -> io::Result<Vec<(u64, u64, u64, u32)>> {
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    loop {
+        let mut m = Fiemap {
+            start,
+            length: u64::MAX - start,
+            flags: 0,
+            mapped_extents: 0,
+            extent_count: 64,
+            reserved: 0,
+            extents: [FiemapExtent::default(); 64],
+        };
+        // SAFETY: FS_IOC_FIEMAP reads the header and writes at most extent_count (64) extents
+        // into the array that follows it, all inside `m`.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP, &mut m as *mut Fiemap) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = (m.mapped_extents as usize).min(64);
+        if n == 0 {
+            return Ok(out);
+        }
+        for e in &m.extents[..n] {
+            out.push((
+                e.logical,
+                e.physical,
+                e.length,
+                e.flags & !FIEMAP_EXTENT_MERGED,
+            ));
+        }
+        let last = m.extents[n - 1];
+        if last.flags & FIEMAP_EXTENT_LAST != 0 {
+            return Ok(out);
+        }
+        start = last.logical.saturating_add(last.length);
+        if out.len() > 1_000_000 {
+            return Err(io::Error::other("too many extents"));
+        }
+    }
+}
+
+struct Walker<'a> {
+    report: &'a mut DiffReport,
+    dirty: Dirty<'a>,
+    buf_a: Vec<u8>,
+    buf_b: Vec<u8>,
+}
+
+fn sorted_entries(dir: &Path) -> io::Result<BTreeMap<OsString, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        out.insert(e.file_name(), e.path());
+    }
+    Ok(out)
+}
+
+fn join(rel: &str, name: &std::ffi::OsStr) -> String {
+    format!("{rel}/{}", name.to_string_lossy())
+}
+
+impl Walker<'_> {
+    fn error(&mut self, path: &str, e: impl std::fmt::Display) {
+        self.report.errors.push(format!("{path}: {e}"));
+    }
+
+    /// Every entry under `dir` (which itself was added or removed).
+    fn all_under(&mut self, dir: &Path, rel: &str, status: &'static str) {
+        let entries = match sorted_entries(dir) {
+            Ok(e) => e,
+            Err(e) => return self.error(rel, e),
+        };
+        for (name, p) in entries {
+            let r = join(rel, &name);
+            self.report.files += 1;
+            self.report.changes.push(Change {
+                path: r.clone(),
+                status,
+                what: Vec::new(),
+            });
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+                self.all_under(&p, &r, status);
+            }
+        }
+    }
+
+    fn dirs(&mut self, a: &Path, b: &Path, rel: &str) {
+        let (ea, eb) = match (sorted_entries(a), sorted_entries(b)) {
+            (Ok(x), Ok(y)) => (x, y),
+            (Err(e), _) | (_, Err(e)) => return self.error(rel, e),
+        };
+        let mut names: Vec<&OsString> = ea.keys().chain(eb.keys()).collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let r = join(rel, name);
+            match (ea.get(name), eb.get(name)) {
+                (Some(pa), Some(pb)) => self.entry(pa, pb, &r),
+                (Some(pa), None) => self.one_side(pa, &r, "D"),
+                (None, Some(pb)) => self.one_side(pb, &r, "A"),
+                (None, None) => {}
+            }
+        }
+    }
+
+    fn one_side(&mut self, p: &Path, rel: &str, status: &'static str) {
+        self.report.files += 1;
+        self.report.changes.push(Change {
+            path: rel.to_string(),
+            status,
+            what: Vec::new(),
+        });
+        if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
+            self.all_under(p, rel, status);
+        }
+    }
+
+    fn entry(&mut self, a: &Path, b: &Path, rel: &str) {
+        self.report.files += 1;
+        let (ma, mb) = match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+            (Ok(x), Ok(y)) => (x, y),
+            (Err(e), _) | (_, Err(e)) => return self.error(rel, e),
+        };
+        let (ta, tb) = (ma.file_type(), mb.file_type());
+        if ma.mode() & libc::S_IFMT != mb.mode() & libc::S_IFMT {
+            self.report.changes.push(Change {
+                path: rel.to_string(),
+                status: "M",
+                what: vec!["type"],
+            });
+            if ta.is_dir() {
+                self.all_under(a, rel, "D");
+            }
+            if tb.is_dir() {
+                self.all_under(b, rel, "A");
+            }
+            return;
+        }
+        let mut what = Vec::new();
+        if ma.mode() & 0o7777 != mb.mode() & 0o7777 {
+            what.push("mode");
+        }
+        if ma.uid() != mb.uid() || ma.gid() != mb.gid() {
+            what.push("owner");
+        }
+        if ta.is_symlink() {
+            match (std::fs::read_link(a), std::fs::read_link(b)) {
+                (Ok(x), Ok(y)) if x != y => what.push("target"),
+                (Ok(_), Ok(_)) => {}
+                (Err(e), _) | (_, Err(e)) => return self.error(rel, e),
+            }
+        } else if ta.is_file() {
+            if ma.len() != mb.len() {
+                what.push("size");
+                what.push("content");
+            } else {
+                match self.same_content(a, b, &ma, &mb) {
+                    Ok(true) => {}
+                    Ok(false) => what.push("content"),
+                    Err(e) => return self.error(rel, e),
+                }
+            }
+        } else if (ta.is_block_device() || ta.is_char_device()) && ma.rdev() != mb.rdev() {
+            what.push("device");
+        }
+        if !what.is_empty() {
+            self.report.changes.push(Change {
+                path: rel.to_string(),
+                status: "M",
+                what,
+            });
+        }
+        if ta.is_dir() {
+            self.dirs(a, b, rel);
+        }
+    }
+
+    fn same_content(
+        &mut self,
+        a: &Path,
+        b: &Path,
+        ma: &Metadata,
+        _mb: &Metadata,
+    ) -> io::Result<bool> {
+        let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
+        if ma.len() == 0 {
+            return Ok(true);
+        }
+        if self.dirty.fiemap_usable
+            && self.dirty.changed.is_some()
+            && let (Ok(xa), Ok(xb)) = (fiemap(&fa), fiemap(&fb))
+            && xa == xb
+            && !xa.is_empty()
+            && xa.iter().all(|e| e.3 & FIEMAP_OPAQUE == 0)
+            && !xa.iter().any(|e| self.dirty.touches(e.1, e.2))
+        {
+            self.report.unchanged_by_map += 1;
+            return Ok(true);
+        }
+        self.report.compared_by_content += 1;
+        loop {
+            let n = read_full(&mut fa, &mut self.buf_a)?;
+            let m = read_full(&mut fb, &mut self.buf_b)?;
+            if n != m || self.buf_a[..n] != self.buf_b[..m] {
+                return Ok(false);
+            }
+            if n == 0 {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut at = 0;
+    while at < buf.len() {
+        match f.read(&mut buf[at..])? {
+            0 => break,
+            n => at += n,
+        }
+    }
+    Ok(at)
+}
+
+/// Compare point `spec_a` with `spec_b` (same disk), optionally only under `path`.
+pub fn diff(
+    repo: &Repository,
+    spec_a: &str,
+    spec_b: &str,
+    path: Option<&str>,
+    opts: &BrowseOptions,
+) -> Result<DiffReport> {
+    let started = Instant::now();
+    let tree = Tree::build(repo.catalog()?);
+    let (set_a, seq_a) = tree
+        .resolve(spec_a)
+        .map_err(|e| anyhow::anyhow!("point {spec_a:?}: {e}"))?;
+    let (set_b, seq_b) = tree
+        .resolve(spec_b)
+        .map_err(|e| anyhow::anyhow!("point {spec_b:?}: {e}"))?;
+    if set_a.vdi != set_b.vdi {
+        bail!(
+            "{spec_a} and {spec_b} are points of different disks ({} and {}); diff compares two points of one disk",
+            set_a.vdi,
+            set_b.vdi
+        );
+    }
+    let mut report = DiffReport::default();
+    // The blocks written between the two points: the union of the bitmaps of the points
+    // after the older one, up to the newer one.
+    let changed = if set_a.id == set_b.id {
+        let (lo, hi) = (seq_a.min(seq_b), seq_a.max(seq_b));
+        let mut u = RoaringBitmap::new();
+        for m in &set_a.points[lo as usize + 1..=hi as usize] {
+            let p = repo
+                .open_point(m)
+                .with_context(|| format!("reading the changed blocks of {}", m.label()))?;
+            u |= &p.index.changed;
+        }
+        Some(u)
+    } else {
+        report.full_compare = Some(format!(
+            "the points are in different sets ({} and {}), with no changed-block chain between them",
+            set_a.id, set_b.id
+        ));
+        None
+    };
+
+    let work = tempdir()?;
+    let sessions = (|| -> Result<(Session, Session)> {
+        let a = Session::start(repo, spec_a, &work.0.join("a"), opts)?;
+        match Session::start(repo, spec_b, &work.0.join("b"), opts) {
+            Ok(b) => Ok((a, b)),
+            Err(e) => {
+                let mut a = a;
+                let _ = a.end();
+                Err(e)
+            }
+        }
+    })();
+    let (mut sa, mut sb) = sessions?;
+    report.a = sa.label.clone();
+    report.b = sb.label.clone();
+    let result = compare_sessions(&sa, &sb, changed.as_ref(), path, &mut report);
+    let ends = (sa.end(), sb.end());
+    result?;
+    ends.0?;
+    ends.1?;
+    report.changes.sort();
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn compare_sessions(
+    sa: &Session,
+    sb: &Session,
+    changed: Option<&RoaringBitmap>,
+    path: Option<&str>,
+    report: &mut DiffReport,
+) -> Result<()> {
+    let mounted = |s: &Session, name: &str| {
+        s.outcomes
+            .iter()
+            .find(|o| o.name == name)
+            .and_then(|o| o.mounted.clone().map(|m| (m, o.detail.clone())))
+    };
+    let mut names: Vec<&str> = sa
+        .volumes
+        .iter()
+        .chain(sb.volumes.iter())
+        .map(|v| v.name.as_str())
+        .collect();
+    names.sort();
+    names.dedup();
+    // PATH: `VOLUME/sub/path` names one volume; anything else applies inside every volume.
+    let (only, sub) = match path.map(|p| p.trim_matches('/')) {
+        Some(p) if !p.is_empty() => {
+            let (first, rest) = p.split_once('/').unwrap_or((p, ""));
+            if names.contains(&first) {
+                (Some(first.to_string()), rest.to_string())
+            } else {
+                (None, p.to_string())
+            }
+        }
+        _ => (None, String::new()),
+    };
+    for name in names {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
+        let (va, vb) = (
+            sa.volumes.iter().find(|v| v.name == name),
+            sb.volumes.iter().find(|v| v.name == name),
+        );
+        let (ma, mb) = (mounted(sa, name), mounted(sb, name));
+        let (Some(va), Some(vb), Some((ra, da)), Some((rb, _))) = (va, vb, ma, mb) else {
+            let why = match (va.is_some(), vb.is_some()) {
+                (true, false) => format!("volume {name} exists only in {}", sa.label),
+                (false, true) => format!("volume {name} exists only in {}", sb.label),
+                _ => format!("volume {name} could not be mounted in both points"),
+            };
+            report.notes.push(why);
+            continue;
+        };
+        let (ra, rb) = if sub.is_empty() {
+            (ra, rb)
+        } else {
+            (ra.join(&sub), rb.join(&sub))
+        };
+        let same_layout = va.extents == vb.extents;
+        if !same_layout {
+            report.notes.push(format!(
+                "volume {name} moved or changed size between the points: its files are compared by content"
+            ));
+        }
+        let idx_a = sa.volumes.iter().position(|v| v.name == name);
+        let idx_b = sb.volumes.iter().position(|v| v.name == name);
+        let mut replayed = Vec::new();
+        if let (Some(i), Some(j)) = (idx_a, idx_b) {
+            replayed.extend(sa.files[i].written_ranges());
+            replayed.extend(sb.files[j].written_ranges());
+        }
+        let kernel_fs = da.starts_with("kernel ") && !da.starts_with("kernel btrfs");
+        let dirty = Dirty {
+            volume: va,
+            changed: if same_layout { changed } else { None },
+            replayed,
+            fiemap_usable: kernel_fs,
+        };
+        let mut w = Walker {
+            report,
+            dirty,
+            buf_a: vec![0u8; 1 << 20],
+            buf_b: vec![0u8; 1 << 20],
+        };
+        let rel = if sub.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}/{sub}")
+        };
+        match (ra.exists(), rb.exists()) {
+            (true, true) => w.entry(&ra, &rb, &rel),
+            (true, false) => w.one_side(&ra, &rel, "D"),
+            (false, true) => w.one_side(&rb, &rel, "A"),
+            (false, false) => {}
+        }
+    }
+    Ok(())
+}
+
+/// A private working directory, removed on drop.
+struct TempDir(PathBuf);
+
+fn tempdir() -> Result<TempDir> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+    let p = std::env::temp_dir().join(format!(
+        "cbtfs-diff-{}-{:016x}",
+        std::process::id(),
+        u64::from_le_bytes(nonce)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&p)
+        .with_context(|| format!("creating {}", p.display()))?;
+    Ok(TempDir(p))
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Not recursive: never walk into a filesystem a failed unmount left behind.
+        let _ = std::fs::remove_dir(self.0.join("a"));
+        let _ = std::fs::remove_dir(self.0.join("b"));
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

@@ -1,0 +1,861 @@
+//! File-level recovery: `cbtfs browse` and `cbtfs diff` on guest disks built with the real tools
+//! (sgdisk/sfdisk, mkfs.ext4/xfs/btrfs/vfat/ntfs, LVM metadata-only), imported as several
+//! points. The reference for what a point must show is the guest filesystem itself, read
+//! through its own rw mount just before the snapshot; the reference for `diff` is a full
+//! comparison of the two browsed trees (and `diff -rq`).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+const LVM_CONF: &str = "global { activation=0 } devices { obtain_device_list_from_udev=0 }";
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn sh(cmd: &str) -> String {
+    let o = Command::new("sh")
+        .args(["-c", cmd])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Skip (printing why) unless every tool is here and we are root with FUSE.
+fn needs(tools: &[&str]) -> bool {
+    if !can_mount() {
+        return false;
+    }
+    let missing: Vec<&&str> = tools.iter().filter(|t| !have(t)).collect();
+    if !missing.is_empty() {
+        eprintln!("skipped: missing {missing:?} (scripts/setup.sh installs them)");
+        return false;
+    }
+    true
+}
+
+/// Run `f` with a loop device over sectors [start, start+len) of `img`.
+fn with_loop<T>(img: &Path, start: u64, len: u64, f: impl FnOnce(&str) -> T) -> T {
+    let dev = sh(&format!(
+        "losetup -f --show -o {} --sizelimit {} {}",
+        start * 512,
+        len * 512,
+        s(img)
+    ))
+    .trim()
+    .to_string();
+    let r = catch_unwind(AssertUnwindSafe(|| f(&dev)));
+    sh(&format!("losetup -d {dev}"));
+    r.unwrap_or_else(|p| resume_unwind(p))
+}
+
+/// What a tree holds: files with their bytes, symlinks with their targets, directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    Dir,
+    File(Vec<u8>),
+    Link(String),
+}
+
+/// Names filesystems keep for themselves, not the guest's files.
+fn system_name(n: &str) -> bool {
+    n == "lost+found" || n.starts_with('$') || n == "System Volume Information"
+}
+
+fn tree(root: &Path) -> BTreeMap<String, Node> {
+    fn walk(dir: &Path, rel: &str, out: &mut BTreeMap<String, Node>) {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap())
+            .collect();
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if rel.is_empty() && system_name(&name) {
+                continue;
+            }
+            let r = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let md = std::fs::symlink_metadata(e.path()).unwrap();
+            if md.is_dir() {
+                out.insert(r.clone(), Node::Dir);
+                walk(&e.path(), &r, out);
+            } else if md.file_type().is_symlink() {
+                let t = std::fs::read_link(e.path()).unwrap();
+                out.insert(r, Node::Link(t.to_string_lossy().into_owned()));
+            } else {
+                let b = std::fs::read(e.path())
+                    .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+                out.insert(r, Node::File(b));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, "", &mut out);
+    out
+}
+
+/// Mount a volume rw the way the guest would, change it with `f`, and return its tree.
+fn edit(dev: &str, kind: &str, f: impl FnOnce(&Path)) -> BTreeMap<String, Node> {
+    let mp = tempfile::tempdir().unwrap();
+    let m = s(mp.path());
+    match kind {
+        "ntfs" => sh(&format!("ntfs-3g {dev} {m}")),
+        "vfat" => sh(&format!("fusefat -o rw+ {dev} {m}")),
+        _ => sh(&format!("mount -t {kind} {dev} {m}")),
+    };
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        f(mp.path());
+        tree(mp.path())
+    }));
+    sh(&format!("umount {m}"));
+    r.unwrap_or_else(|p| resume_unwind(p))
+}
+
+fn write(p: &Path, bytes: &[u8]) {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(p, bytes).unwrap();
+}
+
+fn random(rng: &mut TestRng, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    rng.fill(&mut b);
+    b
+}
+
+/// Overwrite bytes inside a file without changing its size or (on extent filesystems) where
+/// its blocks lie: a change only the changed-block map can reveal.
+fn overwrite_in_place(p: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// A disk image whose snapshots are imported as points (increments carry the blocks that
+/// differ from the previous snapshot, as CBT would report them).
+struct History {
+    dir: PathBuf,
+    repo: PathBuf,
+    img: PathBuf,
+    prev: PathBuf,
+    vdi: String,
+    step: u64,
+}
+
+impl History {
+    fn new(dir: &Path, img: &Path) -> History {
+        let repo = dir.join("repo");
+        ok(&["init", s(&repo)]);
+        History {
+            dir: dir.to_path_buf(),
+            repo,
+            img: img.to_path_buf(),
+            prev: dir.join("prev.img"),
+            vdi: vdi(7),
+            step: 0,
+        }
+    }
+
+    /// Import the image as it is now; returns the point's name.
+    fn commit(&mut self, new_set: bool) -> String {
+        let time = time(self.step);
+        if new_set || self.step == 0 {
+            ok(&[
+                "import",
+                s(&self.repo),
+                "--vdi",
+                &self.vdi,
+                "--raw",
+                s(&self.img),
+                "--time",
+                &time,
+            ]);
+        } else {
+            let blocks = changed_blocks(&self.prev, &self.img);
+            let n = std::fs::metadata(&self.img)
+                .unwrap()
+                .len()
+                .div_ceil(BS as u64);
+            let bm = write_bitmap(&self.dir, &format!("bm{}", self.step), &blocks, n);
+            ok(&[
+                "import",
+                s(&self.repo),
+                "--vdi",
+                &self.vdi,
+                "--raw",
+                s(&self.img),
+                "--bitmap",
+                s(&bm),
+                "--time",
+                &time,
+            ]);
+        }
+        sh(&format!(
+            "cp --sparse=always {} {}",
+            s(&self.img),
+            s(&self.prev)
+        ));
+        self.step += 1;
+        point_paths(&self.repo).pop().unwrap()
+    }
+}
+
+/// The 64 KiB blocks that differ between two images.
+fn changed_blocks(a: &Path, b: &Path) -> Vec<u64> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut ba, mut bb) = (vec![0u8; BS], vec![0u8; BS]);
+    let mut out = Vec::new();
+    for i in 0.. {
+        let na = fa.read(&mut ba).unwrap();
+        let nb = fb.read(&mut bb).unwrap();
+        if na == 0 && nb == 0 {
+            break;
+        }
+        // Reads of regular files return whole blocks until the end.
+        if na != nb || ba[..na] != bb[..nb] {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// Every file of the repository, for "nothing was written" checks.
+fn snapshot_files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn losetup_list() -> String {
+    let mut l: Vec<String> = sh("losetup -a").lines().map(String::from).collect();
+    l.sort();
+    l.join("\n")
+}
+
+/// Mounts at or under `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let d = s(dir);
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| *m == d || m.starts_with(&format!("{d}/")))
+        .map(String::from)
+        .collect()
+}
+
+/// The mount options of the mount at `mp` (per-mount and superblock options).
+fn mount_options(mp: &Path) -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find(|l| l.split(' ').nth(4) == Some(s(mp)))
+        .map(|l| l.split(' ').nth(5).unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// `cbtfs browse` in the background; `--unmount` on drop if the test did not.
+struct Browse {
+    dir: PathBuf,
+    report: String,
+    done: bool,
+}
+
+impl Browse {
+    fn new(repo: &Path, point: &str, dir: &Path, extra: &[&str]) -> Browse {
+        let mut args = vec!["browse", s(repo), point, s(dir)];
+        args.extend_from_slice(extra);
+        let report = ok(&args);
+        Browse {
+            dir: std::fs::canonicalize(dir).unwrap(),
+            report,
+            done: false,
+        }
+    }
+
+    fn unmount(&mut self) -> String {
+        self.done = true;
+        ok(&["browse", "--unmount", s(&self.dir)])
+    }
+
+    fn mounted(&self, vol: &str) -> bool {
+        self.report
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("mounted  {vol} ")))
+    }
+}
+
+impl Drop for Browse {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = cbtfs(&["browse", "--unmount", s(&self.dir)]);
+        }
+    }
+}
+
+/// The state file of the browse of `dir`.
+fn browse_state(dir: &Path) -> Option<Value> {
+    for e in std::fs::read_dir("/run/cbtfs/browse").ok()? {
+        let p = e.ok()?.path();
+        if p.extension().is_some_and(|x| x == "json")
+            && let Ok(v) = serde_json::from_slice::<Value>(&std::fs::read(&p).ok()?)
+            && v["dir"].as_str() == Some(s(dir))
+        {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The full comparison `diff` must equal: (status, path, what) for every difference in type,
+/// mode, owner, size, content or symlink target between two browsed trees.
+fn full_compare(a: &Path, b: &Path, vols: &[&str]) -> BTreeSet<(String, String)> {
+    fn all(root: &Path, rel: &str, status: &str, out: &mut BTreeSet<(String, String)>) {
+        for e in std::fs::read_dir(root).unwrap() {
+            let e = e.unwrap();
+            let r = format!("{rel}/{}", e.file_name().to_string_lossy());
+            out.insert((status.into(), r.clone()));
+            if e.file_type().unwrap().is_dir() {
+                all(&e.path(), &r, status, out);
+            }
+        }
+    }
+    fn cmp(a: &Path, b: &Path, rel: &str, out: &mut BTreeSet<(String, String)>) {
+        let (ma, mb) = (
+            std::fs::symlink_metadata(a).unwrap(),
+            std::fs::symlink_metadata(b).unwrap(),
+        );
+        let differs = ma.mode() != mb.mode()
+            || ma.uid() != mb.uid()
+            || ma.gid() != mb.gid()
+            || (ma.is_file()
+                && (ma.len() != mb.len()
+                    || std::fs::read(a).unwrap() != std::fs::read(b).unwrap()))
+            || (ma.file_type().is_symlink()
+                && std::fs::read_link(a).unwrap() != std::fs::read_link(b).unwrap());
+        if differs {
+            out.insert(("M".into(), rel.to_string()));
+        }
+        if ma.mode() & libc::S_IFMT != mb.mode() & libc::S_IFMT {
+            if ma.is_dir() {
+                all(a, rel, "D", out);
+            }
+            if mb.is_dir() {
+                all(b, rel, "A", out);
+            }
+            return;
+        }
+        if ma.is_dir() {
+            let names = |d: &Path| -> BTreeSet<String> {
+                std::fs::read_dir(d)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            };
+            let (na, nb) = (names(a), names(b));
+            for n in na.union(&nb) {
+                let r = format!("{rel}/{n}");
+                match (na.contains(n), nb.contains(n)) {
+                    (true, true) => cmp(&a.join(n), &b.join(n), &r, out),
+                    (true, false) => {
+                        out.insert(("D".into(), r.clone()));
+                        if std::fs::symlink_metadata(a.join(n)).unwrap().is_dir() {
+                            all(&a.join(n), &r, "D", out);
+                        }
+                    }
+                    _ => {
+                        out.insert(("A".into(), r.clone()));
+                        if std::fs::symlink_metadata(b.join(n)).unwrap().is_dir() {
+                            all(&b.join(n), &r, "A", out);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    for v in vols {
+        cmp(&a.join(v), &b.join(v), v, &mut out);
+    }
+    out
+}
+
+fn cbtfs_diff(repo: &Path, a: &str, b: &str) -> (BTreeSet<(String, String)>, String) {
+    let o = cbtfs(&["diff", s(repo), a, b, "--json"]);
+    assert!(
+        o.status.success(),
+        "diff: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let set = j["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap().to_string(),
+                c["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    (set, String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// Every difference `diff -rq` names appears in cbtfs's list.
+fn check_against_diff_r(a: &Path, b: &Path, ours: &BTreeSet<(String, String)>) {
+    let o = Command::new("diff")
+        .args(["-rq", "--no-dereference", s(a), s(b)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let (pa, pb) = (format!("{}/", s(a)), format!("{}/", s(b)));
+    for line in text.lines() {
+        let (status, path) = if let Some(rest) = line.strip_prefix("Only in ") {
+            let (dir, name) = rest.split_once(": ").unwrap();
+            if let Some(d) = format!("{dir}/").strip_prefix(&pa) {
+                ("D", format!("{d}{name}"))
+            } else {
+                (
+                    "A",
+                    format!("{}{name}", format!("{dir}/").strip_prefix(&pb).unwrap()),
+                )
+            }
+        } else if let Some(rest) = line.strip_prefix("Files ") {
+            let first = rest.split(" and ").next().unwrap();
+            ("M", first.strip_prefix(&pa).unwrap().to_string())
+        } else if line.starts_with("File ") || line.starts_with("Symbolic links ") {
+            // type changes and symlinks diff -r reports in prose
+            continue;
+        } else {
+            panic!("unexpected diff -r line: {line}");
+        };
+        assert!(
+            ours.contains(&(status.to_string(), path.clone())),
+            "diff -r says {status} {path}; cbtfs diff does not: {ours:?}"
+        );
+    }
+}
+
+const GPT_PARTS: [(u64, u64, &str); 5] = [
+    (2048, 409_600, "ext4"),       // p1 200 MiB
+    (411_648, 655_360, "xfs"),     // p2 320 MiB (mkfs.xfs wants ≥ 300 MB)
+    (1_067_008, 262_144, "btrfs"), // p3 128 MiB
+    (1_329_152, 131_072, "vfat"),  // p4 64 MiB
+    (1_460_224, 204_800, "ntfs"),  // p5 100 MiB
+];
+
+fn fill_v0(rng: &mut TestRng, m: &Path, kind: &str) {
+    write(
+        &m.join("readme.txt"),
+        format!("{kind} at point 0\n").as_bytes(),
+    );
+    write(&m.join("docs/big.bin"), &random(rng, 700_000));
+    write(&m.join("docs/same.bin"), &random(rng, 300_000));
+    write(&m.join("docs/gone.txt"), b"removed at point 1\n");
+    for i in 0..40 {
+        write(&m.join(format!("many/f{i:03}")), &random(rng, 100 + i * 97));
+    }
+    if kind != "vfat" {
+        std::os::unix::fs::symlink("readme.txt", m.join("link")).unwrap();
+    }
+}
+
+fn change_v1(rng: &mut TestRng, m: &Path, kind: &str) {
+    overwrite_in_place(&m.join("docs/big.bin"), 123_456, &random(rng, 5000));
+    write(
+        &m.join("readme.txt"),
+        format!("{kind} at point 1, longer now\n").as_bytes(),
+    );
+    std::fs::remove_file(m.join("docs/gone.txt")).unwrap();
+    write(&m.join("new/dir/added.txt"), b"added at point 1\n");
+    overwrite_in_place(&m.join("many/f007"), 0, b"X");
+    if kind != "vfat" && kind != "ntfs" {
+        std::fs::set_permissions(
+            m.join("many/f010"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        std::os::unix::fs::chown(m.join("many/f011"), Some(1234), Some(55)).unwrap();
+    }
+    if kind != "vfat" {
+        std::fs::remove_file(m.join("link")).unwrap();
+        std::os::unix::fs::symlink("docs/big.bin", m.join("link")).unwrap();
+    }
+}
+
+#[test]
+fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
+    if !needs(&[
+        "sgdisk",
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "mkfs.btrfs",
+        "mkfs.vfat",
+        "mkfs.ntfs",
+        "ntfs-3g",
+        "fusefat",
+        "losetup",
+    ]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    sh(&format!("truncate -s 850M {}", s(&img)));
+    let mut cmd = String::from("sgdisk -a 2048");
+    for (i, (start, len, _)) in GPT_PARTS.iter().enumerate() {
+        cmd.push_str(&format!(" -n{}:{}:{}", i + 1, start, start + len - 1));
+    }
+    sh(&format!("{cmd} {}", s(&img)));
+    let mut rng = TestRng::new(90);
+    let mut expect: Vec<BTreeMap<String, BTreeMap<String, Node>>> =
+        vec![BTreeMap::new(), BTreeMap::new()];
+    for (i, (start, len, kind)) in GPT_PARTS.iter().enumerate() {
+        with_loop(&img, *start, *len, |dev| {
+            match *kind {
+                "ntfs" => sh(&format!("mkfs.ntfs -q -F -f {dev}")),
+                "vfat" => sh(&format!("mkfs.vfat {dev}")),
+                "btrfs" | "xfs" => sh(&format!("mkfs.{kind} -q -f {dev}")),
+                k => sh(&format!("mkfs.{k} -q {dev}")),
+            };
+            expect[0].insert(
+                format!("p{}", i + 1),
+                edit(dev, kind, |m| fill_v0(&mut rng, m, kind)),
+            );
+        });
+    }
+    let mut h = History::new(dir.path(), &img);
+    let p0 = h.commit(false);
+    for (i, (start, len, kind)) in GPT_PARTS.iter().enumerate() {
+        with_loop(&img, *start, *len, |dev| {
+            expect[1].insert(
+                format!("p{}", i + 1),
+                edit(dev, kind, |m| change_v1(&mut rng, m, kind)),
+            );
+        });
+    }
+    let p1 = h.commit(false);
+    let vols = ["p1", "p2", "p3", "p4", "p5"];
+
+    let repo_before = snapshot_files(&h.repo);
+    let loops_before = losetup_list();
+    // Both points at once (same filesystem UUIDs twice: XFS and Btrfs must cope).
+    let (d0, d1) = (dir.path().join("b0"), dir.path().join("b1"));
+    let mut b0 = Browse::new(&h.repo, &p0, &d0, &[]);
+    let mut b1 = Browse::new(&h.repo, &p1, &d1, &[]);
+    for (b, want) in [(&b0, &expect[0]), (&b1, &expect[1])] {
+        for v in vols {
+            assert!(b.mounted(v), "{v} not mounted:\n{}", b.report);
+            let mp = b.dir.join(v);
+            assert_eq!(&tree(&mp), &want[v], "{v} of {}", b.dir.display());
+            let e = std::fs::write(mp.join("touch"), b"x").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{v}: {e}");
+            let opts = mount_options(&mp);
+            for o in ["ro", "nodev", "nosuid", "noexec"] {
+                assert!(opts.split(',').any(|x| x == o), "{v}: {opts} lacks {o}");
+            }
+        }
+    }
+    // A file changed in place (same size, same blocks) shows its new bytes.
+    assert_ne!(
+        std::fs::read(d0.join("p1/docs/big.bin")).unwrap(),
+        std::fs::read(d1.join("p1/docs/big.bin")).unwrap()
+    );
+
+    // diff equals a full comparison of the two trees, and everything diff -r sees.
+    let want = full_compare(&b0.dir, &b1.dir, &vols);
+    check_against_diff_r(&b0.dir, &b1.dir, &want);
+    let (got, err) = cbtfs_diff(&h.repo, &p0, &p1);
+    assert_eq!(got, want, "cbtfs diff vs full comparison; stderr: {err}");
+    // The map spared reads: files untouched between the points were not compared by content.
+    let j: Value = serde_json::from_str(&ok(&["diff", s(&h.repo), &p0, &p1, "--json"])).unwrap();
+    assert!(j["unchanged_by_map"].as_u64().unwrap() >= 20, "{j}");
+    assert!(j["full_compare"].is_null());
+    // PATH limits it.
+    let sub = ok(&["diff", s(&h.repo), &p0, &p1, "p1/docs"]);
+    assert_eq!(sub.lines().count(), 2, "{sub}");
+    assert!(
+        sub.contains("M\tp1/docs/big.bin\tcontent") && sub.contains("D\tp1/docs/gone.txt"),
+        "{sub}"
+    );
+
+    // Browsing a point already browsed is refused clearly; a non-empty DIR too.
+    let (_, m) = fails(&["browse", s(&h.repo), &p0, s(&d0)]);
+    assert!(m.contains("already being browsed"), "{m}");
+
+    b0.unmount();
+    b1.unmount();
+    assert!(mounts_under(&d0).is_empty() && mounts_under(&d1).is_empty());
+    assert!(!d0.exists() && !d1.exists(), "browse folders removed");
+    assert_eq!(losetup_list(), loops_before, "loop devices left behind");
+    assert!(
+        snapshot_files(&h.repo) == repo_before,
+        "the repository changed"
+    );
+    assert!(browse_state(&d0).is_none());
+
+    // A point in a new set: diff compares fully and says so.
+    with_loop(&img, GPT_PARTS[0].0, GPT_PARTS[0].1, |dev| {
+        edit(dev, "ext4", |m| write(&m.join("third.txt"), b"set 2\n"));
+    });
+    let p2 = h.commit(true);
+    let (got, _) = cbtfs_diff(&h.repo, &p1, &p2);
+    let o = cbtfs(&["diff", s(&h.repo), &p1, &p2]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("different sets") && err.contains("every file compared by content"),
+        "{err}"
+    );
+    let mut b1 = Browse::new(&h.repo, &p1, &d1, &[]);
+    let b2 = Browse::new(&h.repo, &p2, &dir.path().join("b2"), &[]);
+    assert_eq!(got, full_compare(&b1.dir, &b2.dir, &vols));
+    assert!(
+        got.contains(&("A".to_string(), "p1/third.txt".to_string())),
+        "{got:?}"
+    );
+    b1.unmount();
+    drop(b2);
+
+    // A missing FUSE driver is named with its package; the rest is still browsed.
+    let bin_dir = dir.path().join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    for t in ["losetup", "fusefat", "modprobe", "fusermount3"] {
+        let p = sh(&format!("command -v {t}"));
+        std::os::unix::fs::symlink(p.trim(), bin_dir.join(t)).unwrap();
+    }
+    let o = Command::new(bin())
+        .args(["browse", s(&h.repo), &p1, s(&d1)])
+        .env("PATH", &bin_dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        text.contains("ntfs-3g is not installed: install the `ntfs-3g` package"),
+        "{text}"
+    );
+    assert!(text.contains("mounted  p1 "), "{text}");
+    ok(&["browse", "--unmount", s(&d1)]);
+    assert_eq!(losetup_list(), loops_before);
+}
+
+/// Where an LV's bytes lie on its PV, from `lvs --segments`: (LV offset, length, PV offset).
+fn lv_segments(pv: &str, vg: &str, lv: &str) -> Vec<(u64, u64, u64)> {
+    let c = format!("--config '{LVM_CONF}'");
+    let j = |cmd: String| -> Value { serde_json::from_str(&sh(&cmd)).unwrap() };
+    let segs = j(format!(
+        "lvs {c} --reportformat json --units b --nosuffix --segments -o lv_name,seg_start,seg_size,seg_pe_ranges {vg}"
+    ));
+    let pe_start: u64 = j(format!(
+        "pvs {c} --reportformat json --units b --nosuffix -o pe_start {pv}"
+    ))["report"][0]["pv"][0]["pe_start"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let extent: u64 = j(format!(
+        "vgs {c} --reportformat json --units b --nosuffix -o vg_extent_size {vg}"
+    ))["report"][0]["vg"][0]["vg_extent_size"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let num = |v: &Value| -> u64 { v.as_str().unwrap().parse().unwrap() };
+    segs["report"][0]["seg"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["lv_name"] == lv)
+        .map(|s| {
+            let ranges = s["seg_pe_ranges"].as_str().unwrap();
+            let first: u64 = ranges
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .split('-')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            (
+                num(&s["seg_start"]),
+                num(&s["seg_size"]),
+                pe_start + first * extent,
+            )
+        })
+        .collect()
+}
+
+/// Copy an LV's filesystem image into its segments on the disk.
+fn place_lv(disk: &Path, pv_offset: u64, lv_img: &Path, segs: &[(u64, u64, u64)]) {
+    use std::os::unix::fs::FileExt;
+    let lv = std::fs::read(lv_img).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    for &(at, len, pv_at) in segs {
+        f.write_all_at(&lv[at as usize..(at + len) as usize], pv_offset + pv_at)
+            .unwrap();
+    }
+}
+
+#[test]
+fn mbr_logical_partitions_and_an_lvm_volume_in_two_pieces() {
+    if !needs(&["sfdisk", "mkfs.ext4", "pvcreate", "losetup"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    sh(&format!("truncate -s 160M {}", s(&img)));
+    sh(&format!(
+        "printf 'label: dos\\nsize=20MiB, type=83\\ntype=5\\nsize=10MiB, type=83\\ntype=8e\\n' | sfdisk -q {}",
+        s(&img)
+    ));
+    let parts: Value = serde_json::from_str(&sh(&format!("sfdisk -J {}", s(&img)))).unwrap();
+    let part = |n: u32| -> (u64, u64) {
+        let p = parts["partitiontable"]["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node"].as_str().unwrap().ends_with(&n.to_string()))
+            .unwrap();
+        (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap())
+    };
+    let (p1, p5, p6) = (part(1), part(5), part(6));
+
+    // vg0/root: 8 MiB, then a 4 MiB LV in the way, then 16 MiB more: two pieces.
+    let c = format!("--config '{LVM_CONF}'");
+    let segs = with_loop(&img, p6.0, p6.1, |pv| {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            sh(&format!("pvcreate -q {c} {pv}"));
+            sh(&format!("vgcreate -q {c} -s 1M vg0 {pv}"));
+            sh(&format!("lvcreate -q {c} -an -Zn -L 8M -n root vg0"));
+            sh(&format!("lvcreate -q {c} -an -Zn -L 4M -n gap vg0"));
+            sh(&format!("lvextend -q {c} -L 24M vg0/root"));
+            lv_segments(pv, "vg0", "root")
+        }));
+        let _ = Command::new("vgchange")
+            .args(["--config", LVM_CONF, "-an", "vg0"])
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .output();
+        r.unwrap_or_else(|p| resume_unwind(p))
+    });
+    assert_eq!(segs.len(), 2, "root must lie in two pieces: {segs:?}");
+    let lv_img = dir.path().join("lv.img");
+    sh(&format!(
+        "truncate -s 24M {} && mkfs.ext4 -q {}",
+        s(&lv_img),
+        s(&lv_img)
+    ));
+
+    let mut rng = TestRng::new(91);
+    let mut expect: Vec<BTreeMap<&str, BTreeMap<String, Node>>> =
+        vec![BTreeMap::new(), BTreeMap::new()];
+    let mut h = History::new(dir.path(), &img);
+    let mut points = Vec::new();
+    for step in 0..2 {
+        for (name, (start, len), kind) in [("p1", p1, "ext4"), ("p5", p5, "ext2")] {
+            if step == 0 {
+                with_loop(&img, start, len, |dev| sh(&format!("mkfs.{kind} -q {dev}")));
+            }
+            let t = with_loop(&img, start, len, |dev| {
+                edit(dev, kind, |m| {
+                    if step == 0 {
+                        fill_v0(&mut rng, m, kind)
+                    } else {
+                        change_v1(&mut rng, m, kind)
+                    }
+                })
+            });
+            expect[step].insert(name, t);
+        }
+        let sectors = std::fs::metadata(&lv_img).unwrap().len() / 512;
+        let t = with_loop(&lv_img, 0, sectors, |dev| {
+            edit(dev, "ext4", |m| {
+                // Enough data to reach the LV's second piece.
+                write(
+                    &m.join(format!("fill{step}.bin")),
+                    &random(&mut rng, 9 << 20),
+                );
+                if step == 0 {
+                    fill_v0(&mut rng, m, "ext4")
+                } else {
+                    change_v1(&mut rng, m, "ext4")
+                }
+            })
+        });
+        expect[step].insert("vg0-root", t);
+        place_lv(&img, p6.0 * 512, &lv_img, &segs);
+        points.push(h.commit(false));
+    }
+    let loops_before = losetup_list();
+    let repo_before = snapshot_files(&h.repo);
+    for (step, point) in points.iter().enumerate() {
+        let d = dir.path().join(format!("b{step}"));
+        let mut b = Browse::new(&h.repo, point, &d, &[]);
+        for (name, want) in &expect[step] {
+            assert!(b.mounted(name), "{name} not mounted:\n{}", b.report);
+            assert_eq!(&tree(&b.dir.join(name)), want, "{name} at point {step}");
+        }
+        // The PV is listed with what it is, not hidden.
+        assert!(
+            b.report.contains("skipped  p6") && b.report.contains("LVM physical volume"),
+            "{}",
+            b.report
+        );
+        b.unmount();
+        assert!(!d.exists());
+    }
+    let (got, _) = cbtfs_diff(&h.repo, &points[0], &points[1]);
+    assert!(
+        got.contains(&("M".to_string(), "vg0-root/docs/big.bin".to_string())),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&("A".to_string(), "vg0-root/fill1.bin".to_string())),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&("D".to_string(), "p5/docs/gone.txt".to_string())),
+        "{got:?}"
+    );
+    assert_eq!(losetup_list(), loops_before);
+    assert!(
+        snapshot_files(&h.repo) == repo_before,
+        "the repository changed"
+    );
+}
