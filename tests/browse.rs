@@ -787,7 +787,7 @@ fn mbr_logical_partitions_and_an_lvm_volume_in_two_pieces() {
         vec![BTreeMap::new(), BTreeMap::new()];
     let mut h = History::new(dir.path(), &img);
     let mut points = Vec::new();
-    for step in 0..2 {
+    for (step, expect) in expect.iter_mut().enumerate() {
         for (name, (start, len), kind) in [("p1", p1, "ext4"), ("p5", p5, "ext2")] {
             if step == 0 {
                 with_loop(&img, start, len, |dev| sh(&format!("mkfs.{kind} -q {dev}")));
@@ -801,7 +801,7 @@ fn mbr_logical_partitions_and_an_lvm_volume_in_two_pieces() {
                     }
                 })
             });
-            expect[step].insert(name, t);
+            expect.insert(name, t);
         }
         let sectors = std::fs::metadata(&lv_img).unwrap().len() / 512;
         let t = with_loop(&lv_img, 0, sectors, |dev| {
@@ -818,7 +818,7 @@ fn mbr_logical_partitions_and_an_lvm_volume_in_two_pieces() {
                 }
             })
         });
-        expect[step].insert("vg0-root", t);
+        expect.insert("vg0-root", t);
         place_lv(&img, p6.0 * 512, &lv_img, &segs);
         points.push(h.commit(false));
     }
