@@ -100,11 +100,17 @@ fn key_of(dir: &Path) -> String {
     d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The start time of a running process (`None` if it is gone or a zombie).
 fn process_start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22, counted after the command name (which may hold spaces) in parentheses.
+    // Fields after the command name (which may hold spaces) in parentheses: state is the
+    // first, start time the 20th.
     let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
+    let mut fields = rest.split(' ');
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 fn alive(st: &State) -> bool {
@@ -760,6 +766,8 @@ pub fn browse(
     } else {
         std::env::current_dir()?.join(dir)
     };
+    // Here, not only in the background process: what it cleans is said on this terminal.
+    clean_stale(&state_root()?);
     if foreground {
         crate::mount::init_logging(crate::mount::LogTarget::Stderr)?;
         return serve(&repository, spec, &dir, opts, &|report| {

@@ -859,3 +859,148 @@ fn mbr_logical_partitions_and_an_lvm_volume_in_two_pieces() {
         "the repository changed"
     );
 }
+
+fn kill9_browse(dir: &Path) {
+    let st = browse_state(dir).expect("browse state");
+    let pid = st["pid"].as_u64().unwrap() as i32;
+    // SAFETY: kill with the pid of the browse process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for(
+        "the browse process to die",
+        std::time::Duration::from_secs(10),
+        || {
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        },
+    );
+}
+
+#[test]
+fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage() {
+    if !needs(&["mkfs.ext4", "dumpe2fs", "losetup", "fuse2fs", "e2fsck"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("live.img");
+    let snap = dir.path().join("snap.img");
+    sh(&format!(
+        "truncate -s 64M {} && mkfs.ext4 -q -b 4096 {}",
+        s(&img),
+        s(&img)
+    ));
+    let mut rng = TestRng::new(92);
+    // A crash-consistent snapshot: the image copied while the guest has it mounted, right
+    // after it wrote (and synced) its files; then the guest goes on writing.
+    let sectors = 64 * 2048;
+    let want = with_loop(&img, 0, sectors, |dev| {
+        let mp = tempfile::tempdir().unwrap();
+        sh(&format!("mount -t ext4 {dev} {}", s(mp.path())));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            fill_v0(&mut rng, mp.path(), "ext4");
+            let mut big = Vec::with_capacity(1 << 20);
+            for page in 0..256 {
+                let mut p = format!("BIGFILE-PAGE-{page:06}").into_bytes();
+                p.resize(4096, 0);
+                rng.fill(&mut p[32..]);
+                big.extend_from_slice(&p);
+            }
+            write(&mp.path().join("big-pattern.bin"), &big);
+            write(&mp.path().join("small.txt"), b"small file\n");
+            sh("sync");
+            let t = tree(mp.path());
+            sh(&format!("cp --sparse=always {} {}", s(&img), s(&snap)));
+            write(&mp.path().join("after-snapshot.txt"), b"not in the point\n");
+            t
+        }));
+        sh(&format!("umount {}", s(mp.path())));
+        r.unwrap_or_else(|p| resume_unwind(p))
+    });
+    let features = sh(&format!("dumpe2fs -h {} 2>/dev/null", s(&snap)));
+    assert!(
+        features.contains("needs_recovery"),
+        "the snapshot must need journal recovery: {features}"
+    );
+
+    let mut h = History::new(dir.path(), &snap);
+    let point = h.commit(false);
+    let loops_before = losetup_list();
+    let repo_before = snapshot_files(&h.repo);
+    let d = dir.path().join("b");
+
+    // Kernel driver: the journal is replayed into the overlay; the files are as last written.
+    let mut b = Browse::new(&h.repo, &point, &d, &[]);
+    assert!(b.mounted("disk"), "{}", b.report);
+    assert!(b.report.contains("journal replay"), "{}", b.report);
+    assert_eq!(tree(&b.dir.join("disk")), want);
+    b.unmount();
+
+    // Userspace: e2fsck replays into the overlay, fuse2fs serves it.
+    let mut b = Browse::new(&h.repo, &point, &d, &["--userspace"]);
+    assert!(b.report.contains("fuse2fs"), "{}", b.report);
+    assert_eq!(tree(&b.dir.join("disk")), want);
+    let e = std::fs::write(b.dir.join("disk/touch"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    assert!(mount_options(&b.dir.join("disk")).contains("nosuid"));
+    b.unmount();
+    assert_eq!(losetup_list(), loops_before);
+
+    // A browse killed with SIGKILL: --unmount cleans up after it.
+    let b = Browse::new(&h.repo, &point, &d, &[]);
+    let dd = b.dir.clone();
+    kill9_browse(&dd);
+    std::mem::forget(b);
+    let out = ok(&["browse", "--unmount", s(&dd)]);
+    assert!(out.contains("unmounted"), "{out}");
+    assert!(mounts_under(&dd).is_empty(), "{:?}", mounts_under(&dd));
+    assert!(!dd.exists());
+    assert_eq!(losetup_list(), loops_before);
+    // ... and so does the next browse of the same folder.
+    let b = Browse::new(&h.repo, &point, &d, &[]);
+    kill9_browse(&dd);
+    std::mem::forget(b);
+    let o = cbtfs(&["browse", s(&h.repo), &point, s(&d)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cleaning up after a browse"));
+    assert_eq!(tree(&dd.join("disk")), want);
+    ok(&["browse", "--unmount", s(&dd)]);
+    assert_eq!(losetup_list(), loops_before);
+    assert!(
+        snapshot_files(&h.repo) == repo_before,
+        "the repository changed"
+    );
+
+    // Damaged data: the file over the damaged block reads EIO, the rest still reads.
+    let image = std::fs::read(&snap).unwrap();
+    let block = image
+        .chunks(BS)
+        .position(|c| c.starts_with(b"BIGFILE-PAGE-"))
+        .expect("the big file fills a whole 64 KiB block");
+    let rank = image[..block * BS]
+        .chunks(BS)
+        .filter(|c| c.iter().any(|&x| x != 0))
+        .count();
+    let set = std::fs::read_dir(h.repo.join("disks").join(&h.vdi))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let data = std::fs::read_dir(&set)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".data"))
+        .unwrap();
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[rank * BS + 100] ^= 0x10;
+    std::fs::write(&data, bytes).unwrap();
+    let b = Browse::new(&h.repo, &point, &d, &[]);
+    let e = std::fs::read(b.dir.join("disk/big-pattern.bin")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(
+        std::fs::read(b.dir.join("disk/small.txt")).unwrap(),
+        b"small file\n"
+    );
+    drop(b);
+    assert_eq!(losetup_list(), loops_before);
+}
