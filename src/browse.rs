@@ -471,6 +471,19 @@ impl Session {
                 dir.display()
             );
         }
+        // The guest's file modes and owners apply as they are to this host's users: only the
+        // browsing user may enter.
+        let mode = std::fs::metadata(&dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("making {} private (0700)", dir.display()))?;
+            if !made_dir {
+                eprintln!(
+                    "cbtfs: {} made private (0700): the guest's file permissions would otherwise apply to this host's users",
+                    dir.display()
+                );
+            }
+        }
         let pid = std::process::id();
         let state = State {
             pid,
@@ -545,6 +558,7 @@ impl Session {
                 format!("mounting the overlay on {}", self.state.overlay.display())
             })?,
         );
+        crate::mount::raise_readahead(&self.state.overlay);
 
         for i in 0..self.volumes.len() {
             let v = self.volumes[i].clone();
@@ -679,6 +693,10 @@ fn mount_one(driver: &Driver, file: &Path, mp: &Path) -> Result<String, String> 
                 ));
             }
             let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            // Large reads down the stack (the default 128 KiB makes FUSE requests small).
+            if let Some(name) = dev.strip_prefix("/dev/") {
+                let _ = std::fs::write(format!("/sys/block/{name}/queue/read_ahead_kb"), "4096");
+            }
             // Two points of one disk hold filesystems with the same UUID: XFS refuses the
             // second unless told.
             let data = if *fstype == "xfs" { "nouuid" } else { "" };

@@ -433,9 +433,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report =
                 crate::diff::diff(&repository, &point_a, &point_b, path.as_deref(), &opts)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
-                print!("{}", report.to_text());
+                emit(&report.to_text())?;
                 eprint!("{}", report.summary());
             }
             if !report.errors.is_empty() {
@@ -1166,6 +1166,15 @@ fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Write to standard output; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn resolve(repository: &Repository, spec: &str) -> Result<(Tree, crate::repo::SetHistory, u32)> {

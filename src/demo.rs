@@ -4,7 +4,7 @@
 //! with a VM on that disk, and runs `cbtfs backup` against it: a full base, then a day of guest
 //! changes (files added, edited, deleted with `debugfs -w`, written to the host as guest writes
 //! that its CBT tracks) and an incremental backup, four times. Then it verifies, reads a file
-//! from inside every point, mounts the history and loop-mounts one day's disk.
+//! from inside every point, mounts the history, diffs the first and third day, and browses day 3's files.
 
 use std::fs;
 use std::io::Write;
@@ -67,6 +67,11 @@ fn debugfs_cat(image: &Path, file: &str) -> Result<String> {
 
 pub fn run_demo(dir: &Path) -> Result<()> {
     let mnt = dir.join("mnt");
+    let files = dir.join("files");
+    if files.exists() {
+        // A previous demo's browse: end it before clearing the directory.
+        let _ = crate::browse::unmount_dir(&files);
+    }
     if crate::mount::mounted_fstype(&mnt).is_some() {
         // A previous demo's mount: take it down before clearing the directory.
         let _ = Command::new("umount").arg(&mnt).status();
@@ -267,9 +272,13 @@ pub fn run_demo(dir: &Path) -> Result<()> {
     };
     let out_img = dir.join("export.raw");
     let mut day3_path = String::from("demo-vm/root/latest.raw");
+    let mut first_path = String::new();
     for set in &disk.history.sets {
         for p in &set.points {
             let reader = PointReader::open(&repo, set, p.seq)?;
+            if first_path.is_empty() {
+                first_path = catalog.path_of(p).unwrap_or_default();
+            }
             if p.seq == 3 {
                 day3_path = format!("{}.raw", catalog.path_of(p).unwrap_or_default());
             }
@@ -307,30 +316,47 @@ pub fn run_demo(dir: &Path) -> Result<()> {
             println!("   {e}");
         }
         let day3 = mnt.join(&day3_path);
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            let guest = dir.join("guest");
-            fs::create_dir_all(&guest)?;
-            let ok = Command::new("mount")
-                .args(["-o", "loop,ro,noload"])
-                .arg(&day3)
-                .arg(&guest)
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                let text = fs::read_to_string(guest.join("home/alice/report.txt"))
-                    .unwrap_or_else(|e| format!("({e})"));
-                println!(
-                    "== day 3's disk, loop-mounted from the mount: home/alice/report.txt = {:?}",
-                    text.trim_end()
-                );
-                let _ = Command::new("umount").arg(&guest).status();
+        let day3_point = day3_path.trim_end_matches(".raw").to_string();
+        let repo_arg = repo_path.display().to_string();
+        println!("== what changed in the guest from the first backup to day 3 (cbtfs diff)");
+        if let Ok(o) = Command::new(&exe)
+            .args(["diff", &repo_arg, &first_path, &day3_point])
+            .output()
+        {
+            for l in String::from_utf8_lossy(&o.stdout).lines() {
+                println!("   {l}");
+            }
+            for l in String::from_utf8_lossy(&o.stderr).lines() {
+                println!("   {l}");
             }
         }
+        println!("== day 3's files, browsed (cbtfs browse): the guest's filesystem, read-only");
+        // SAFETY: geteuid has no preconditions.
+        let userspace = unsafe { libc::geteuid() } != 0;
+        let mut browse = Command::new(&exe);
+        browse.arg("browse");
+        if userspace {
+            browse.arg("--userspace");
+        }
+        let browsed = browse
+            .args([&repo_arg, &day3_point, &files.display().to_string()])
+            .output();
+        if let Ok(o) = &browsed {
+            for l in String::from_utf8_lossy(&o.stdout).lines() {
+                println!("   {l}");
+            }
+            if !o.status.success() {
+                println!("   {}", String::from_utf8_lossy(&o.stderr).trim());
+            }
+        }
+        let report = files.join("disk/home/alice/report.txt");
+        if let Ok(text) = fs::read_to_string(&report) {
+            println!("   {} = {:?}", report.display(), text.trim_end());
+        }
         println!(
-            "== done. Explore it:\n   ls -l {m}/demo-vm/root/*/\n   sudo mount -o loop,ro,noload {day3} /mnt\n   qemu-img info {m}/demo-vm/root/latest.raw\n   cbtfs ls {repo}; cbtfs verify {repo}\n   umount {m}    # when done",
+            "== done. Explore it:\n   ls -l {m}/demo-vm/root/*/\n   ls -R {f}/disk/home\n   qemu-img info {m}/demo-vm/root/latest.raw\n   cbtfs ls {repo}; cbtfs verify {repo}\n   sudo mount -o loop,ro,noload {day3} /mnt   # the raw way\n   cbtfs browse --unmount {f}; umount {m}    # when done",
             m = mnt.display(),
+            f = files.display(),
             day3 = day3.display(),
             repo = repo_path.display()
         );

@@ -240,7 +240,7 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 
 /// Ask for 4 MiB readahead on the mount's backing device info, so sequential readers get
 /// 1 MiB requests (fuser cannot raise it; the kernel default gives 128 KiB).
-fn raise_readahead(mp: &Path) {
+pub(crate) fn raise_readahead(mp: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(md) = std::fs::metadata(mp) else {
         return;

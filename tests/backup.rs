@@ -568,6 +568,7 @@ fn demo_backs_up_a_real_guest_filesystem_and_shows_each_day() {
     let d = dir.path().join("demo");
     let out = ok(&["demo", s(&d)]);
     let mnt = d.join("mnt");
+    let _ = cbtfs(&["browse", "--unmount", s(&d.join("files"))]);
     if cbtfs::mount::mounted_fstype(&mnt).is_some() {
         let _ = Command::new("umount").arg(&mnt).status();
     }
@@ -585,11 +586,16 @@ fn demo_backs_up_a_real_guest_filesystem_and_shows_each_day() {
     assert_eq!(out.matches("(cbt_metadata)").count(), 1, "{out}");
     if can_mount() {
         assert!(
-            out.contains(
-                "loop-mounted from the mount: home/alice/report.txt = \"Quarterly report, final\""
-            ),
+            out.contains("files/disk/home/alice/report.txt = \"Quarterly report, final\""),
             "{out}"
         );
+        // The diff from day 0 to day 3 names what the guest changed.
+        for want in [
+            "A\tdisk/home/alice/report.txt",
+            "M\tdisk/home/alice/notes.txt\tsize,content",
+        ] {
+            assert!(out.contains(want), "demo output lacks {want:?}:\n{out}");
+        }
     }
 }
 

@@ -39,6 +39,13 @@ fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// These tests compare the host's loop devices and mounts before and after: one at a time.
+static HOST_STATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    HOST_STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Skip (printing why) unless every tool is here and we are root with FUSE.
 fn needs(tools: &[&str]) -> bool {
     if !can_mount() {
@@ -522,6 +529,7 @@ fn change_v1(rng: &mut TestRng, m: &Path, kind: &str) {
 
 #[test]
 fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
+    let _serial = serial();
     if !needs(&[
         "sgdisk",
         "mkfs.ext4",
@@ -580,6 +588,8 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
     let mut b0 = Browse::new(&h.repo, &p0, &d0, &[]);
     let mut b1 = Browse::new(&h.repo, &p1, &d1, &[]);
     for (b, want) in [(&b0, &expect[0]), (&b1, &expect[1])] {
+        // Guest permissions apply to host users: only the browsing user may enter.
+        assert_eq!(std::fs::metadata(&b.dir).unwrap().mode() & 0o777, 0o700);
         for v in vols {
             assert!(b.mounted(v), "{v} not mounted:\n{}", b.report);
             let mp = b.dir.join(v);
@@ -735,6 +745,7 @@ fn place_lv(disk: &Path, pv_offset: u64, lv_img: &Path, segs: &[(u64, u64, u64)]
 
 #[test]
 fn mbr_logical_partitions_and_an_lvm_volume_in_two_pieces() {
+    let _serial = serial();
     if !needs(&["sfdisk", "mkfs.ext4", "pvcreate", "losetup"]) {
         return;
     }
@@ -878,6 +889,7 @@ fn kill9_browse(dir: &Path) {
 
 #[test]
 fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage() {
+    let _serial = serial();
     if !needs(&["mkfs.ext4", "dumpe2fs", "losetup", "fuse2fs", "e2fsck"]) {
         return;
     }
@@ -929,11 +941,34 @@ fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage()
     let d = dir.path().join("b");
 
     // Kernel driver: the journal is replayed into the overlay; the files are as last written.
-    let mut b = Browse::new(&h.repo, &point, &d, &[]);
+    // The overlay's store is unlinked from birth: nothing appears in TMPDIR, even meanwhile.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let o = Command::new(bin())
+        .args(["browse", s(&h.repo), &point, s(&d)])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut b = Browse {
+        dir: std::fs::canonicalize(&d).unwrap(),
+        report: String::from_utf8_lossy(&o.stdout).into_owned(),
+        done: false,
+    };
     assert!(b.mounted("disk"), "{}", b.report);
     assert!(b.report.contains("journal replay"), "{}", b.report);
     assert_eq!(tree(&b.dir.join("disk")), want);
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "files left in TMPDIR"
+    );
     b.unmount();
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "files left in TMPDIR"
+    );
 
     // Userspace: e2fsck replays into the overlay, fuse2fs serves it.
     let mut b = Browse::new(&h.repo, &point, &d, &["--userspace"]);
