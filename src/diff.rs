@@ -16,6 +16,7 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -208,9 +209,73 @@ fn fiemap(f: &File) -> io::Result<Vec<(u64, u64, u64, u32)>> {
     }
 }
 
+/// Threads walking the trees: the work is waiting on reads through two FUSE overlays and loop
+/// devices, so a few walkers overlap those waits.
+const WALKERS: usize = 4;
+
+type Job = (PathBuf, PathBuf, String);
+
+/// Directory pairs waiting to be compared, shared by the walkers.
+struct Queue {
+    /// Jobs, and how many walkers are busy with one (and may add more).
+    state: Mutex<(Vec<Job>, usize)>,
+    cv: Condvar,
+}
+
+impl Queue {
+    fn new() -> Queue {
+        Queue {
+            state: Mutex::new((Vec::new(), 0)),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Job>, usize)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, job: Job) {
+        self.lock().0.push(job);
+        self.cv.notify_one();
+    }
+
+    /// The next job, or `None` once no job is left and no walker can add one.
+    fn next(&self) -> Option<Job> {
+        let mut st = self.lock();
+        loop {
+            if let Some(j) = st.0.pop() {
+                st.1 += 1;
+                return Some(j);
+            }
+            if st.1 == 0 {
+                self.cv.notify_all();
+                return None;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn done(&self) {
+        let mut st = self.lock();
+        st.1 -= 1;
+        if st.1 == 0 && st.0.is_empty() {
+            self.cv.notify_all();
+        }
+    }
+}
+
+struct Busy<'q>(&'q Queue);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.done();
+    }
+}
+
 struct Walker<'a> {
-    report: &'a mut DiffReport,
-    dirty: Dirty<'a>,
+    report: DiffReport,
+    dirty: &'a Dirty<'a>,
+    queue: &'a Queue,
     buf_a: Vec<u8>,
     buf_b: Vec<u8>,
 }
@@ -228,7 +293,17 @@ fn join(rel: &str, name: &std::ffi::OsStr) -> String {
     format!("{rel}/{}", name.to_string_lossy())
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
+    fn new(dirty: &'a Dirty<'a>, queue: &'a Queue) -> Walker<'a> {
+        Walker {
+            report: DiffReport::default(),
+            dirty,
+            queue,
+            buf_a: vec![0u8; 1 << 20],
+            buf_b: vec![0u8; 1 << 20],
+        }
+    }
+
     fn error(&mut self, path: &str, e: impl std::fmt::Display) {
         self.report.errors.push(format!("{path}: {e}"));
     }
@@ -340,7 +415,8 @@ impl Walker<'_> {
             });
         }
         if ta.is_dir() {
-            self.dirs(a, b, rel);
+            self.queue
+                .push((a.to_path_buf(), b.to_path_buf(), rel.to_string()));
         }
     }
 
@@ -536,22 +612,48 @@ fn compare_sessions(
             replayed,
             fiemap_usable: kernel_fs,
         };
-        let mut w = Walker {
-            report,
-            dirty,
-            buf_a: vec![0u8; 1 << 20],
-            buf_b: vec![0u8; 1 << 20],
-        };
         let rel = if sub.is_empty() {
             name.to_string()
         } else {
             format!("{name}/{sub}")
         };
+        let queue = Queue::new();
+        let mut root = Walker::new(&dirty, &queue);
         match (ra.exists(), rb.exists()) {
-            (true, true) => w.entry(&ra, &rb, &rel),
-            (true, false) => w.one_side(&ra, &rel, "D"),
-            (false, true) => w.one_side(&rb, &rel, "A"),
+            (true, true) => root.entry(&ra, &rb, &rel),
+            (true, false) => root.one_side(&ra, &rel, "D"),
+            (false, true) => root.one_side(&rb, &rel, "A"),
             (false, false) => {}
+        }
+        let mut parts = vec![root.report];
+        std::thread::scope(|scope| {
+            let walkers: Vec<_> = (0..WALKERS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut w = Walker::new(&dirty, &queue);
+                        while let Some((a, b, rel)) = queue.next() {
+                            // Marks the job done even if the walk panics, so no walker waits
+                            // forever for it.
+                            let _busy = Busy(&queue);
+                            w.dirs(&a, &b, &rel);
+                        }
+                        w.report
+                    })
+                })
+                .collect();
+            for h in walkers {
+                parts.push(h.join().unwrap_or_else(|_| DiffReport {
+                    errors: vec![format!("{name}: internal error: a walker thread failed")],
+                    ..DiffReport::default()
+                }));
+            }
+        });
+        for p in parts {
+            report.changes.extend(p.changes);
+            report.errors.extend(p.errors);
+            report.files += p.files;
+            report.compared_by_content += p.compared_by_content;
+            report.unchanged_by_map += p.unchanged_by_map;
         }
     }
     Ok(())
