@@ -980,6 +980,31 @@ fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage()
     b.unmount();
     assert_eq!(losetup_list(), loops_before);
 
+    // Foreground: Ctrl-C (SIGINT) and SIGTERM end it and clean up.
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let mut child = Command::new(bin())
+            .args(["browse", "-f", s(&h.repo), &point, s(&d)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(
+            "the foreground browse",
+            std::time::Duration::from_secs(20),
+            || {
+                d.exists()
+                    && !mounts_under(&std::fs::canonicalize(&d).unwrap()).is_empty()
+                    && std::fs::read(d.join("disk/small.txt")).is_ok()
+            },
+        );
+        // SAFETY: kill with the pid of our child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let st = child.wait().unwrap();
+        assert!(st.success(), "signal {sig}: {st}");
+        assert!(!d.exists(), "signal {sig}: folder left");
+        assert_eq!(losetup_list(), loops_before, "signal {sig}");
+    }
+
     // A browse killed with SIGKILL: --unmount cleans up after it.
     let b = Browse::new(&h.repo, &point, &d, &[]);
     let dd = b.dir.clone();
