@@ -311,16 +311,12 @@ pub async fn import_nbd(
     let mut failure = None;
     let fetched = pool
         .fetch(&extents, |off, data| {
-            for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
-                if (record_zeros || !crate::is_zero(block))
-                    && let Err(e) = w.add_block(off / BLOCK_SIZE + i as u64, block)
-                {
-                    let msg = e.to_string();
-                    failure = Some(e);
-                    return Err(msg);
-                }
-                done += 1;
+            if let Err(e) = w.add_run(off / BLOCK_SIZE, data, record_zeros) {
+                let msg = e.to_string();
+                failure = Some(e);
+                return Err(msg);
             }
+            done += blocks_for(data.len() as u64);
             progress(done, total);
             Ok(())
         })

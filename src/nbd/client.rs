@@ -141,6 +141,9 @@ struct Pending {
     buf: Vec<u8>,
     /// Bytes of a structured read covered by data and hole chunks so far.
     covered: u64,
+    /// The ranges covered (request-relative), so overlapping chunks cannot fake full coverage
+    /// and leave stale or unset bytes in a gap.
+    ranges: Vec<(u64, u64)>,
     extents: Vec<(u32, u32)>,
     error: Option<NbdError>,
     reply: oneshot::Sender<Result<Reply, NbdError>>,
@@ -504,6 +507,7 @@ async fn writer(
                 Pending {
                     buf: Vec::new(),
                     covered: 0,
+                    ranges: Vec::new(),
                     extents: Vec::new(),
                     error: None,
                     kind: job.kind,
@@ -591,7 +595,7 @@ async fn read_replies(
                 }
                 match p.kind {
                     Kind::Read => {
-                        let mut buf = vec![0u8; p.len as usize];
+                        let mut buf = super::buffers::take(p.len as usize);
                         rd.read_exact(&mut buf).await.map_err(|e| io_err(t, e))?;
                         let _ = p.reply.send(Ok(Reply::Data(buf)));
                     }
@@ -648,13 +652,13 @@ async fn read_replies(
                         ));
                     };
                     if p.buf.is_empty() {
-                        p.buf = vec![0u8; p.len as usize];
+                        p.buf = super::buffers::take(p.len as usize);
                     }
                     let at = (offset - p.offset) as usize;
+                    p.cover(at as u64, dlen, t)?;
                     rd.read_exact(&mut p.buf[at..at + dlen as usize])
                         .await
                         .map_err(|e| io_err(t, e))?;
-                    p.covered += dlen;
                     if flags & proto::REPLY_FLAG_DONE != 0 {
                         complete(p, t)?;
                     } else if let Ok(mut m) = pending.lock() {
@@ -681,17 +685,20 @@ async fn read_replies(
                     proto::Chunk::None => {}
                     proto::Chunk::Data { offset, data } => {
                         if p.buf.is_empty() {
-                            p.buf = vec![0u8; p.len as usize];
+                            p.buf = super::buffers::take(p.len as usize);
                         }
                         let at = (offset - p.offset) as usize;
+                        p.cover(at as u64, data.len() as u64, t)?;
                         p.buf[at..at + data.len()].copy_from_slice(data);
-                        p.covered += data.len() as u64;
                     }
-                    proto::Chunk::Hole { len, .. } => {
+                    proto::Chunk::Hole { offset, len } => {
                         if p.buf.is_empty() {
-                            p.buf = vec![0u8; p.len as usize];
+                            p.buf = super::buffers::take(p.len as usize);
                         }
-                        p.covered += len as u64;
+                        let at = (offset - p.offset) as usize;
+                        p.cover(at as u64, len as u64, t)?;
+                        // Reused buffers hold stale bytes: a hole is written as zeros.
+                        p.buf[at..at + len as usize].fill(0);
                     }
                     proto::Chunk::Status { extents, .. } => p.extents.extend(extents),
                     proto::Chunk::Error { error, message } => {
@@ -716,6 +723,26 @@ async fn read_replies(
                 }
             }
         }
+    }
+}
+
+impl Pending {
+    /// Record that `[at, at+len)` of the request arrived; overlapping chunks are a protocol
+    /// error (a server may not send a range twice, and a gap must never pass as covered).
+    fn cover(&mut self, at: u64, len: u64, t: &str) -> Result<(), NbdError> {
+        if self.ranges.iter().any(|&(s, l)| at < s + l && s < at + len) {
+            return Err(proto_err(
+                t,
+                ProtoError::Malformed("overlapping chunks in a read reply"),
+            ));
+        }
+        // In-order chunks (the usual case) extend the last range: the list stays short.
+        match self.ranges.last_mut() {
+            Some((s, l)) if *s + *l == at => *l += len,
+            _ => self.ranges.push((at, len)),
+        }
+        self.covered += len;
+        Ok(())
     }
 }
 

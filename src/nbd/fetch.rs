@@ -229,7 +229,9 @@ impl Pool {
             };
             match result {
                 Ok(Reply::Data(d)) if d.len() == len as usize => {
-                    sink(off, &d).map_err(FetchError::Sink)?;
+                    let r = sink(off, &d).map_err(FetchError::Sink);
+                    super::buffers::give(d);
+                    r?;
                 }
                 Ok(_) => {
                     return Err(FetchError::Nbd(NbdError::Proto {

@@ -4,6 +4,7 @@
 //! `proto` is the codec (pure, fuzzed by proptest); `client` one connection; `fetch` many;
 //! `tls` the trust rules; `uri` NBD URIs. Read-only: no write command is ever sent.
 
+mod buffers;
 pub mod client;
 pub mod fetch;
 pub mod proto;

@@ -43,7 +43,19 @@ pub enum TlsSetupError {
 }
 
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first (TLS 1.3 and 1.2): as sound for this traffic as AES-256, and about a
+    // third less CPU per byte on both ends: the host's dom0 encrypts every block we read.
+    p.cipher_suites.sort_by_key(|s| {
+        use rustls::CipherSuite::*;
+        match s.suite() {
+            TLS13_AES_128_GCM_SHA256
+            | TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+            | TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => 0,
+            _ => 1,
+        }
+    });
+    Arc::new(p)
 }
 
 #[derive(Debug)]
