@@ -805,3 +805,113 @@ fn a_server_that_stops_answering_times_out_with_a_clear_error() {
     );
     assert_eq!(count_points(&repo), 0);
 }
+
+/// nbd-server (the reference server from the NBD project) as a daemon on a free TCP port.
+struct NbdServer {
+    pid_file: PathBuf,
+    port: u16,
+}
+
+impl NbdServer {
+    fn start(dir: &Path, image: &Path) -> Option<NbdServer> {
+        if Command::new("sh")
+            .args(["-c", "command -v nbd-server"])
+            .output()
+            .is_ok_and(|o| !o.status.success())
+        {
+            eprintln!("skipped: nbd-server is not installed (scripts/setup.sh installs it)");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.join("nbd-server.conf");
+        let pid_file = dir.join("nbd-server.pid");
+        std::fs::write(
+            &conf,
+            format!(
+                "[generic]\n    listenaddr = 127.0.0.1\n    port = {port}\n    user = root\n    group = root\n[disk]\n    exportname = {}\n    readonly = true\n",
+                s(image)
+            ),
+        )
+        .unwrap();
+        run("nbd-server", &["-C", s(&conf), "-p", s(&pid_file)]);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nbd-server not listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(NbdServer { pid_file, port })
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.pid_file)
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            // SAFETY: kill with the pid nbd-server wrote for the daemon this test started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+}
+
+#[test]
+fn nbd_server_base_and_incremental_over_tcp() {
+    if !is_root() {
+        eprintln!("skipped: nbd-server's configuration here runs as root");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let (img, mut data) = disk(dp, 9);
+    let Some(server) = NbdServer::start(dp, &img) else {
+        return;
+    };
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let v = vdi(49);
+    let uri = format!("nbd://127.0.0.1:{}/disk", server.port);
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--nbd",
+        &uri,
+        "--connections",
+        "4",
+        "--time",
+        &time(0),
+    ]);
+    assert!(latest(&repo, &v) == data);
+    // nbd-server reads the file per request: change it in place, fetch the marked blocks.
+    let mut rng = TestRng::new(10);
+    for b in [0usize, 7, 199] {
+        rng.fill(&mut data[b * BS..(b + 1) * BS]);
+    }
+    data[20 * BS..21 * BS].fill(0);
+    std::fs::write(&img, &data).unwrap();
+    let bm = write_bitmap(dp, "bm", &[0, 7, 20, 199], 256);
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--nbd",
+        &uri,
+        "--bitmap",
+        s(&bm),
+        "--connections",
+        "2",
+        "--time",
+        &time(1),
+    ]);
+    assert!(latest(&repo, &v) == data);
+    ok(&["verify", s(&repo)]);
+}

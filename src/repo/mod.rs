@@ -1154,3 +1154,83 @@ impl Drop for PointWriter<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point_with(blocks: &[(u64, Vec<u8>)], size: u64, by_run: bool) -> (Vec<u8>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("r")).unwrap();
+        let lock = repo.lock("test").unwrap();
+        let mut w = repo
+            .begin_point(
+                &lock,
+                NewPoint {
+                    vdi: "00000000-0000-4000-8000-000000000001".into(),
+                    disk_name: "d".into(),
+                    vm_uuid: None,
+                    vm_name: None,
+                    time: 1_700_000_000,
+                    virtual_size: size,
+                    source: "test".into(),
+                    new_set: true,
+                    snapshot: None,
+                    vm_metadata: None,
+                    vdi_type: None,
+                },
+            )
+            .unwrap();
+        if by_run {
+            // Consecutive blocks in one call, the rest alone.
+            let mut i = 0;
+            while i < blocks.len() {
+                let mut j = i + 1;
+                while j < blocks.len() && blocks[j].0 == blocks[j - 1].0 + 1 {
+                    j += 1;
+                }
+                let bytes: Vec<u8> = blocks[i..j].iter().flat_map(|b| b.1.clone()).collect();
+                w.add_run(blocks[i].0, &bytes, true).unwrap();
+                i = j;
+            }
+        } else {
+            for (b, bytes) in blocks {
+                w.add_block(*b, bytes).unwrap();
+            }
+        }
+        let m = w.commit().unwrap();
+        let p = repo.open_point(&m).unwrap();
+        let obj = p.data().unwrap();
+        let mut data = vec![0u8; obj.len() as usize];
+        obj.read_exact_at(&mut data, 0).unwrap();
+        let mut index: Vec<u8> = (0..p.index.entry_count())
+            .flat_map(|i| p.index.entry(i).unwrap().encode())
+            .collect();
+        let bits = |b: &RoaringBitmap| b.iter().collect::<Vec<u32>>();
+        index
+            .extend(format!("{:?} {:?}", bits(&p.index.changed), bits(&p.index.data)).into_bytes());
+        (data, index)
+    }
+
+    #[test]
+    fn add_run_stores_what_add_block_stores() {
+        let bs = BLOCK_SIZE as usize;
+        let size = 9 * BLOCK_SIZE + 1000; // a short last block
+        let block = |fill: u8| vec![fill; bs];
+        let blocks = vec![
+            (0, block(1)),
+            (1, block(0)), // zero inside a run: recorded, not stored
+            (2, block(2)),
+            (3, block(3)),
+            (5, block(5)),
+            (6, block(0)),
+            (7, block(0)),
+            (8, block(8)),
+            (9, vec![9u8; 1000]),
+        ];
+        assert_eq!(
+            point_with(&blocks, size, true),
+            point_with(&blocks, size, false)
+        );
+    }
+}
