@@ -148,7 +148,8 @@ enum Command {
         #[arg(long)]
         userspace: bool,
     },
-    /// List files added, removed and changed between two points of the same disk, per volume.
+    /// List files added (A), removed (D) and modified (M) between two points of the same disk,
+    /// per volume; reads only what the changed-block bitmaps say may differ.
     Diff {
         repo: PathBuf,
         point_a: String,
@@ -158,6 +159,7 @@ enum Command {
         /// Only FUSE drivers to read the filesystems (see `browse --userspace`).
         #[arg(long)]
         userspace: bool,
+        /// The changes and counters as JSON (no summary on standard error).
         #[arg(long)]
         json: bool,
     },
