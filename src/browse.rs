@@ -475,14 +475,9 @@ impl Session {
         // browsing user may enter.
         let mode = std::fs::metadata(&dir)?.permissions().mode();
         if mode & 0o077 != 0 {
+            // `browse` says so on the terminal (this may run in the background).
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("making {} private (0700)", dir.display()))?;
-            if !made_dir {
-                eprintln!(
-                    "cbtfs: {} made private (0700): the guest's file permissions would otherwise apply to this host's users",
-                    dir.display()
-                );
-            }
         }
         let pid = std::process::id();
         let state = State {
@@ -786,6 +781,15 @@ pub fn browse(
     };
     // Here, not only in the background process: what it cleans is said on this terminal.
     clean_stale(&state_root()?);
+    if let Ok(md) = std::fs::metadata(&dir)
+        && md.permissions().mode() & 0o077 != 0
+        && std::fs::read_dir(&dir).is_ok_and(|mut r| r.next().is_none())
+    {
+        eprintln!(
+            "cbtfs: {} will be made private (0700): the guest's file owners and modes would otherwise apply to this host's users",
+            dir.display()
+        );
+    }
     if foreground {
         crate::mount::init_logging(crate::mount::LogTarget::Stderr)?;
         return serve(&repository, spec, &dir, opts, &|report| {

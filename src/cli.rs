@@ -432,6 +432,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let opts = crate::browse::BrowseOptions { userspace };
             let repository = open(&repo)?;
+            crate::diff::stop_on_signals();
             let report =
                 crate::diff::diff(&repository, &point_a, &point_b, path.as_deref(), &opts)?;
             if json {

@@ -662,6 +662,44 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
     b1.unmount();
     drop(b2);
 
+    // Ctrl-C during a diff: it stops, and both of its browses are unmounted. The process is
+    // stopped as soon as its first browse is mounted, so the signal lands before the walk.
+    let child = Command::new(bin())
+        .args(["diff", s(&h.repo), &p0, &p1])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let tag = format!("cbtfs-diff-{pid}-");
+    let ours = |tag: &str| -> Vec<String> {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(String::from))
+            .filter(|m| m.contains(tag))
+            .collect()
+    };
+    wait_for(
+        "the diff's first browse",
+        std::time::Duration::from_secs(20),
+        || !ours(&tag).is_empty(),
+    );
+    // SAFETY: signals to our child.
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+        libc::kill(pid, libc::SIGINT);
+        libc::kill(pid, libc::SIGCONT);
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("interrupted"),
+        "{err}"
+    );
+    assert!(ours(&tag).is_empty(), "mounts left: {:?}", ours(&tag));
+    assert_eq!(losetup_list(), loops_before);
+
     // A missing FUSE driver is named with its package; the rest is still browsed.
     let bin_dir = dir.path().join("bin");
     std::fs::create_dir(&bin_dir).unwrap();
