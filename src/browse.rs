@@ -847,7 +847,12 @@ fn serve(
 
 /// `cbtfs browse --unmount DIR`: end the browse of DIR, live or crashed.
 pub fn unmount_dir(dir: &Path) -> Result<()> {
-    let abs = std::fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+    // The folder may be gone (removed by hand after a crash): its path still names the state.
+    let abs = match std::fs::canonicalize(dir) {
+        Ok(p) => p,
+        Err(_) if dir.is_absolute() => dir.to_path_buf(),
+        Err(_) => std::env::current_dir()?.join(dir),
+    };
     let states = state_root()?;
     let path = states.join(format!("{}.json", key_of(&abs)));
     if !path.exists() {

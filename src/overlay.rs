@@ -203,6 +203,11 @@ impl CowFile {
     }
 }
 
+thread_local! {
+    /// One read buffer per serving thread, reused: reads are up to 1 MiB each.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The FUSE filesystem: one flat directory of copy-on-write files.
 pub struct OverlayFs {
     files: Vec<Arc<CowFile>>,
@@ -341,11 +346,16 @@ impl Filesystem for OverlayFs {
         let Some(f) = self.file(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let mut buf = vec![0u8; size as usize];
-        match f.read_at(&mut buf, offset) {
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(io_errno(&e)),
-        }
+        READ_BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
+            }
+            match f.read_at(&mut buf[..size as usize], offset) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(io_errno(&e)),
+            }
+        })
     }
 
     fn write(
