@@ -545,12 +545,28 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
-    sh(&format!("truncate -s 850M {}", s(&img)));
+    sh(&format!("truncate -s 870M {}", s(&img)));
     let mut cmd = String::from("sgdisk -a 2048");
     for (i, (start, len, _)) in GPT_PARTS.iter().enumerate() {
         cmd.push_str(&format!(" -n{}:{}:{}", i + 1, start, start + len - 1));
     }
+    // p6: a damaged filesystem (an ext superblock magic over garbage); p7: a LUKS header.
+    let (p6, p7) = (1_665_024u64, 1_681_408u64);
+    cmd.push_str(&format!(
+        " -n6:{p6}:{} -n7:{p7}:{}",
+        p6 + 16_383,
+        p7 + 16_383
+    ));
     sh(&format!("{cmd} {}", s(&img)));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        let mut garbage = vec![0u8; 8 << 20];
+        TestRng::new(89).fill(&mut garbage);
+        garbage[1024 + 56..1024 + 58].copy_from_slice(&0xEF53u16.to_le_bytes());
+        f.write_all_at(&garbage, p6 * 512).unwrap();
+        f.write_all_at(b"LUKS\xba\xbe\x00\x02", p7 * 512).unwrap();
+    }
     let mut rng = TestRng::new(90);
     let mut expect: Vec<BTreeMap<String, BTreeMap<String, Node>>> =
         vec![BTreeMap::new(), BTreeMap::new()];
@@ -588,6 +604,17 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
     let mut b0 = Browse::new(&h.repo, &p0, &d0, &[]);
     let mut b1 = Browse::new(&h.repo, &p1, &d1, &[]);
     for (b, want) in [(&b0, &expect[0]), (&b1, &expect[1])] {
+        // What cannot be mounted is listed with the reason; the rest is browsed.
+        assert!(
+            b.report.contains("skipped  p6") && b.report.contains("the kernel refused to mount it"),
+            "{}",
+            b.report
+        );
+        assert!(
+            b.report.contains("skipped  p7") && b.report.contains("LUKS-encrypted"),
+            "{}",
+            b.report
+        );
         // Guest permissions apply to host users: only the browsing user may enter.
         assert_eq!(std::fs::metadata(&b.dir).unwrap().mode() & 0o777, 0o700);
         for v in vols {
