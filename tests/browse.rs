@@ -17,28 +17,6 @@ use serde_json::Value;
 
 const LVM_CONF: &str = "global { activation=0 } devices { obtain_device_list_from_udev=0 }";
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn sh(cmd: &str) -> String {
-    let o = Command::new("sh")
-        .args(["-c", cmd])
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd}: {}{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// These tests compare the host's loop devices and mounts before and after: one at a time.
 static HOST_STATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

@@ -16,28 +16,6 @@ use serde_json::Value;
 
 const LVM_CONF: &str = "global { activation=0 } devices { obtain_device_list_from_udev=0 }";
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn sh(cmd: &str) -> String {
-    let o = Command::new("sh")
-        .args(["-c", cmd])
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd}: {}{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// Import `img` as a base point and discover its volumes through the repository.
 fn layout_of(dir: &Path, img: &Path) -> (Repository, PointReader, Layout) {
     let repo = dir.join("repo");

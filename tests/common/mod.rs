@@ -424,3 +424,27 @@ pub fn openssl(args: &[&str]) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Whether a program is on PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Run a shell command (LVM's descriptor warnings silenced); fails the test with its output.
+pub fn sh(cmd: &str) -> String {
+    let o = Command::new("sh")
+        .args(["-c", cmd])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
