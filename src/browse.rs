@@ -13,7 +13,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -82,7 +82,6 @@ fn state_root() -> Result<PathBuf> {
         .create(&root)
         .with_context(|| format!("creating {}", root.display()))?;
     let md = std::fs::symlink_metadata(&base)?;
-    use std::os::unix::fs::MetadataExt;
     if md.uid() != uid || md.permissions().mode() & 0o077 != 0 {
         bail!(
             "{} is not private to this user (owner {}, mode {:o}); remove it",
@@ -299,7 +298,6 @@ fn have_program(name: &str) -> bool {
         })
     })
 }
-use std::os::unix::fs::MetadataExt;
 
 /// The driver for `content`, or why it cannot be browsed.
 fn driver_for(content: Option<&str>, userspace: bool) -> Result<Driver, String> {
