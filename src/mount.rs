@@ -176,7 +176,7 @@ pub(crate) fn detach(path: &Path) -> Result<()> {
 }
 
 /// What a FUSE mount whose daemon died answers: "not connected" or "connection aborted".
-pub(crate) fn is_dead_mount_error(e: &std::io::Error) -> bool {
+fn is_dead_mount_error(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
