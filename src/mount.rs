@@ -23,8 +23,9 @@ use crate::fuse::{FuseAdapter, MAX_READ};
 use crate::repo::Repository;
 
 /// Threads serving requests by default: the kernel's readahead keeps several requests in
-/// flight, and cold reads wait on the disk, so more threads than cores pay off.
-pub const DEFAULT_THREADS: usize = 2;
+/// flight, and cold reads wait on the disk (direct reads, no readahead of their own), so more
+/// threads than cores keep the disk busy.
+pub const DEFAULT_THREADS: usize = 4;
 
 /// What `-o` may say.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -354,7 +355,7 @@ impl Drop for SyslogLine {
 pub fn mount(repo: &Path, mountpoint: &Path, foreground: bool, opts: MountOptions) -> Result<()> {
     let repo_path =
         std::fs::canonicalize(repo).with_context(|| format!("repository {}", repo.display()))?;
-    let repository = Repository::open(&repo_path)?;
+    let repository = Repository::open(&repo_path)?.with_direct_reads();
     let mp = prepare_mountpoint(mountpoint)?;
     crate::raise_fd_limit();
     if foreground {

@@ -251,13 +251,13 @@ impl PointReader {
                 }
                 let bytes = (n * BLOCK_SIZE) as usize;
                 let out = &mut dst[at..at + bytes];
-                if let Err(e) = p.data().and_then(|d| d.read_exact_at(out, first.offset)) {
+                if let Err(e) = p.data().and_then(|d| d.read_blocks_at(out, first.offset)) {
                     if n == 1 {
                         return Err(self.fail(p, block, pos, io_problem(&e)));
                     }
                     // Find exactly which block fails: read them one by one.
                     let one = &mut out[..BLOCK_SIZE as usize];
-                    if let Err(e) = p.data().and_then(|d| d.read_exact_at(one, first.offset)) {
+                    if let Err(e) = p.data().and_then(|d| d.read_blocks_at(one, first.offset)) {
                         return Err(self.fail(p, block, pos, io_problem(&e)));
                     }
                     if crc32c::crc32c(one) != first.crc {

@@ -20,6 +20,9 @@ use super::tls::{self, Trust};
 /// Connecting and negotiating must finish within this time.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Ciphertext read from the socket per system call, at most.
+const TLS_READ_BUFFER: usize = 256 << 10;
+
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
@@ -363,8 +366,11 @@ impl Client {
                     detail: e.to_string(),
                 })?;
                 let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+                // rustls reads the socket a record (≤ 16 KiB) at a time; a buffer below it
+                // turns that into one system call per 256 KiB.
+                let buffered = tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, s);
                 let tls = connector
-                    .connect(name, s)
+                    .connect(name, buffered)
                     .await
                     .map_err(|e| NbdError::Tls {
                         target: t.clone(),

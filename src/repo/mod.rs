@@ -331,6 +331,12 @@ impl Repository {
         })
     }
 
+    /// Read block runs past the page cache from now on (see `LocalStore::with_direct_reads`).
+    pub fn with_direct_reads(mut self) -> Self {
+        self.store = Arc::new((*self.store).clone().with_direct_reads());
+        self
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
