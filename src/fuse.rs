@@ -81,17 +81,6 @@ thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `len` bytes of `v` starting at an address direct reads accept (requests start on a page,
-/// blocks on 64 KiB, so every block run in the request stays aligned too).
-fn aligned(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    let align = crate::repo::store::DIRECT_ALIGN;
-    if v.len() < len + align {
-        v.resize(len + align, 0);
-    }
-    let start = v.as_ptr().align_offset(align).min(align);
-    &mut v[start..start + len]
-}
-
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Ask for the largest reads and readahead the kernel allows; it caps what it cannot do.
@@ -149,7 +138,9 @@ impl Filesystem for FuseAdapter {
         let _span = tracing::trace_span!("read", ino = ino.0, fh = fh.0, offset, size).entered();
         READ_BUF.with(|b| {
             let mut b = b.borrow_mut();
-            let buf = aligned(&mut b, size as usize);
+            // Requests start on a page and blocks on 64 KiB, so with the buffer aligned every
+            // block run in the request can be read directly.
+            let buf = crate::repo::store::aligned_slice(&mut b, size as usize);
             match self.fs.read(fh.0, offset, buf) {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(errno(&e)),

@@ -91,6 +91,15 @@ pub struct LocalStore {
 /// every logical block size in use; a read that is not aligned goes through the page cache.
 pub const DIRECT_ALIGN: usize = 4096;
 
+/// `len` bytes of `v`, grown as needed, starting at an address direct reads accept.
+pub fn aligned_slice(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if v.len() < len + DIRECT_ALIGN {
+        v.resize(len + DIRECT_ALIGN, 0);
+    }
+    let start = v.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    &mut v[start..start + len]
+}
+
 impl LocalStore {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         LocalStore {
@@ -158,26 +167,6 @@ struct LocalFile {
     direct_refused: std::sync::atomic::AtomicBool,
 }
 
-impl LocalFile {
-    fn direct_read(&self, d: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match d.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "file ends before the data it should hold",
-                    ));
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-}
-
 impl Object for LocalFile {
     fn len(&self) -> u64 {
         self.len
@@ -191,7 +180,7 @@ impl Object for LocalFile {
             (buf.as_ptr() as usize | offset as usize | buf.len()).is_multiple_of(DIRECT_ALIGN);
         match &self.direct {
             Some(d) if aligned && !self.direct_refused.load(Relaxed) => {
-                match self.direct_read(d, buf, offset) {
+                match FileExt::read_exact_at(d, buf, offset) {
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                         tracing::debug!(error = %e, "direct read refused; using the page cache");
                         self.direct_refused.store(true, Relaxed);
@@ -330,12 +319,6 @@ impl Store for LocalStore {
 mod tests {
     use super::*;
 
-    fn aligned_buf(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
-        v.resize(len + DIRECT_ALIGN + 1, 0);
-        let start = v.as_ptr().align_offset(DIRECT_ALIGN);
-        &mut v[start..start + len]
-    }
-
     #[test]
     fn block_reads_are_the_same_direct_or_not_and_fail_past_the_end() {
         let dir = tempfile::tempdir().unwrap();
@@ -359,7 +342,7 @@ mod tests {
             (4096, 8192, 1),
             (100, 4000, 0),
         ] {
-            let buf = &mut aligned_buf(&mut v, len + 1)[shift..shift + len];
+            let buf = &mut aligned_slice(&mut v, len + 1)[shift..shift + len];
             obj.read_blocks_at(buf, offset as u64).unwrap();
             assert_eq!(
                 buf,
@@ -369,7 +352,7 @@ mod tests {
         }
         let local = store.open_local("x.data").unwrap();
         local
-            .read_blocks_at(aligned_buf(&mut v, 65536), 65536)
+            .read_blocks_at(aligned_slice(&mut v, 65536), 65536)
             .unwrap();
         assert!(
             !local
@@ -377,12 +360,12 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed)
         );
         // A run the file does not hold in full is an error, never a short read passed on.
-        let buf = aligned_buf(&mut v, 131072);
+        let buf = aligned_slice(&mut v, 131072);
         let e = obj.read_blocks_at(buf, 196608).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         // Without direct reads asked for, the same bytes come through the page cache.
         let plain = LocalStore::new(dir.path()).open("x.data").unwrap();
-        let buf = aligned_buf(&mut v, 65536);
+        let buf = aligned_slice(&mut v, 65536);
         plain.read_blocks_at(buf, 131072).unwrap();
         assert_eq!(buf, &bytes[131072..196608]);
     }
