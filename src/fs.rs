@@ -332,6 +332,8 @@ pub struct CbtFs {
     /// The entries of each `POINT.parts/` listed so far (by its inode), and their files.
     parts: Mutex<HashMap<u64, Arc<BTreeMap<String, u64>>>>,
     vol_nodes: Mutex<HashMap<u64, VolNode>>,
+    /// Read-ahead for sequential readers of points (the mount turns it on).
+    prefetch: Option<crate::prefetch::Prefetcher>,
 }
 
 fn repo_err(e: impl std::fmt::Display) -> FsError {
@@ -353,6 +355,7 @@ impl CbtFs {
             next_fh: AtomicU64::new(1),
             parts: Mutex::new(HashMap::new()),
             vol_nodes: Mutex::new(HashMap::new()),
+            prefetch: None,
         };
         fs.rescan()?;
         Ok(fs)
@@ -708,9 +711,15 @@ impl CbtFs {
         Ok(self.new_handle(Handle::File { ino, reader }))
     }
 
-    fn file(&self, fh: u64) -> Result<Arc<PointReader>, FsError> {
+    /// Read `window` bytes ahead of sequential readers of points, with `threads` fetching.
+    pub fn with_prefetch(mut self, window: u64, threads: usize) -> Self {
+        self.prefetch = (window > 0).then(|| crate::prefetch::Prefetcher::new(window, threads));
+        self
+    }
+
+    fn file(&self, fh: u64) -> Result<(u64, Arc<PointReader>), FsError> {
         match self.handles.lock().ok().and_then(|m| match m.get(&fh) {
-            Some(Handle::File { reader, .. }) => Some(reader.clone()),
+            Some(Handle::File { ino, reader }) => Some((*ino, reader.clone())),
             _ => None,
         }) {
             Some(r) => Ok(r),
@@ -768,8 +777,12 @@ impl CbtFs {
         if let Some((reader, data)) = self.part_handle(fh) {
             return Self::read_part(reader.as_deref(), &data, offset, buf);
         }
-        let r = self.file(fh)?;
-        r.read_at(buf, offset).map_err(|e| {
+        let (ino, r) = self.file(fh)?;
+        match &self.prefetch {
+            Some(p) => p.read(ino, &r, offset, buf),
+            None => r.read_at(buf, offset),
+        }
+        .map_err(|e| {
             tracing::error!(point = %e.point, owner = %e.owner, block = e.block, file = %e.location, problem = %e.problem, "damaged block: read fails with EIO");
             FsError::Damaged(e.to_string())
         })
@@ -790,7 +803,7 @@ impl CbtFs {
                 _ => Err(FsError::Invalid),
             };
         }
-        let r = self.file(fh)?;
+        let (_, r) = self.file(fh)?;
         match whence {
             libc::SEEK_DATA => r.map().next_data(offset).ok_or(FsError::NoDataAfter),
             libc::SEEK_HOLE => r.map().next_hole(offset).ok_or(FsError::NoDataAfter),

@@ -22,6 +22,7 @@ pub mod mount;
 pub mod naming;
 pub mod nbd;
 pub mod overlay;
+pub mod prefetch;
 pub mod prune;
 pub mod read;
 pub mod repo;

@@ -26,6 +26,11 @@ use crate::repo::Repository;
 /// flight, and cold reads wait on the disk (direct reads, no readahead of their own), so more
 /// threads than cores keep the disk busy.
 pub const DEFAULT_THREADS: usize = 4;
+/// Read-ahead of each sequential reader, in MiB (`prefetch=N`, 0 turns it off): twice the raw
+/// disk's own readahead here, so the disk always has a queue to work on.
+pub const DEFAULT_PREFETCH_MIB: u64 = 16;
+/// Threads fetching ahead: enough to keep a deep point's scattered reads queued on the disk.
+const PREFETCH_THREADS: usize = 8;
 
 /// What `-o` may say.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,6 +40,8 @@ pub struct MountOptions {
     pub log_file: Option<PathBuf>,
     /// Threads serving the kernel's requests (`threads=N`).
     pub threads: Option<usize>,
+    /// Read-ahead window in MiB (`prefetch=N`; 0 = off).
+    pub prefetch_mib: Option<u64>,
     /// Kernel mount flags passed through (nodev, nosuid, noexec, noatime, ...).
     pub flags: Vec<String>,
 }
@@ -80,6 +87,16 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
                     None => bail!("threads= takes a number of threads from 1 to 64"),
                 }
             }
+            "prefetch" => {
+                let n = value
+                    .as_deref()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .filter(|n| *n <= 1024);
+                match n {
+                    Some(n) => m.prefetch_mib = Some(n),
+                    None => bail!("prefetch= takes a read-ahead size in MiB from 0 (off) to 1024"),
+                }
+            }
             "rw" => bail!("cbtfs mounts are read-only: remove `rw` from the options"),
             // Always so: restore points are read-only.
             "ro" | "default_permissions" => {}
@@ -92,7 +109,7 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
             | "nofail" | "defaults" | "comment" | "loop" => {}
             k if k.starts_with("x-") => {}
             k => bail!(
-                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, log_file=FILE, threads=N, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
+                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, log_file=FILE, threads=N, prefetch=MiB, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
             ),
         }
     }
@@ -472,7 +489,10 @@ fn serve(repo: Repository, mp: &Path, opts: &MountOptions, ready: &dyn Fn()) -> 
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 
     let started = std::time::Instant::now();
-    let fs = CbtFs::new(repo.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let prefetch = opts.prefetch_mib.unwrap_or(DEFAULT_PREFETCH_MIB) << 20;
+    let fs = CbtFs::new(repo.clone())
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_prefetch(prefetch, PREFETCH_THREADS);
     let mut options = vec![
         MountOption::FSName(repo.root().display().to_string()),
         MountOption::Subtype("cbtfs".into()),
