@@ -22,14 +22,20 @@ pub const CHUNK: u64 = 1 << 20;
 /// Sequential streams followed at once (e.g. several `cp` or `qemu-img` jobs); the least
 /// recently used is forgotten, with its chunks.
 const MAX_STREAMS: usize = 8;
-/// A request this far before or after where a stream stands still continues it: the kernel
-/// sends its readahead requests to several threads, which answer in any order.
+/// A request this far before or after where a stream stands (at most; less for small windows)
+/// still continues it: the kernel sends its readahead requests to several threads, which
+/// answer in any order.
 const SLACK: u64 = 8 << 20;
+
+/// Requests in order before read-ahead starts. A random reader's request lands near the one
+/// before it now and then; twice in a row, almost never.
+const START_AFTER: u32 = 3;
 
 /// The read-ahead of one mount.
 pub struct Prefetcher {
     shared: Arc<Shared>,
     window: u64,
+    slack: u64,
     threads: Vec<std::thread::JoinHandle<()>>,
     /// Requests answered from read-ahead (for tests and logs).
     hits: std::sync::atomic::AtomicU64,
@@ -54,7 +60,7 @@ struct Stream {
     key: u64,
     /// Furthest end read so far.
     pos: u64,
-    /// Requests seen in order; read-ahead starts at the second.
+    /// Requests seen in order.
     hits: u32,
     /// Chunks fetched or being fetched, by start offset.
     chunks: BTreeMap<u64, Arc<Chunk>>,
@@ -164,6 +170,7 @@ impl Prefetcher {
         Prefetcher {
             shared,
             window,
+            slack: SLACK.min(window),
             threads,
             hits: Default::default(),
         }
@@ -180,7 +187,8 @@ impl Prefetcher {
         buf: &mut [u8],
     ) -> Result<usize, Box<ReadError>> {
         let size = reader.size();
-        if offset >= size || buf.is_empty() {
+        // No fetch threads (none could start): never wait for a chunk nobody fetches.
+        if offset >= size || buf.is_empty() || self.threads.is_empty() {
             return reader.read_at(buf, offset);
         }
         let end = (offset + buf.len() as u64).min(size);
@@ -213,7 +221,9 @@ impl Prefetcher {
         let mut streams = lock(&self.shared.streams);
         let tick = streams.iter().map(|s| s.last_used).max().unwrap_or(0) + 1;
         let found = streams.iter().position(|s| {
-            s.key == key && offset + SLACK >= s.pos && offset <= s.pos.max(s.ahead) + SLACK
+            s.key == key
+                && offset + self.slack >= s.pos
+                && offset <= s.pos.max(s.ahead) + self.slack
         });
         let Some(i) = found else {
             if streams.len() >= MAX_STREAMS
@@ -236,7 +246,7 @@ impl Prefetcher {
         s.hits += 1;
         s.pos = s.pos.max(end);
         // Chunks well behind the reader will not be asked for again (the kernel caches them).
-        let behind = s.pos.saturating_sub(SLACK);
+        let behind = s.pos.saturating_sub(self.slack);
         s.chunks.retain(|&o, c| o + c.len as u64 > behind);
         let first = offset - offset % CHUNK;
         let mut covering = Vec::new();
@@ -249,6 +259,9 @@ impl Prefetcher {
             at += CHUNK;
         }
         let covered = at >= end;
+        if s.hits < START_AFTER {
+            return None;
+        }
         // Queue chunks from the end of this request to a window past it. A request not covered
         // is read directly, so nothing before its end is queued.
         let from = s.ahead.max(end.div_ceil(CHUNK) * CHUNK);
@@ -358,7 +371,8 @@ mod tests {
     }
 
     /// A two-point chain whose top point takes scattered blocks from each layer, of a size that
-    /// ends inside a block and inside a chunk; and the top point's bytes.
+    /// ends inside a block and inside a chunk, mostly zeros after its first 5 MiB; and the top
+    /// point's bytes.
     fn chain() -> (tempfile::TempDir, Arc<PointReader>, Vec<u8>) {
         let d = tempfile::tempdir().unwrap();
         let repo = Repository::init(&d.path().join("repo"))
@@ -367,6 +381,9 @@ mod tests {
         let img = d.path().join("img");
         let size = 5 * CHUNK as usize + 3 * BLOCK_SIZE as usize + 4096;
         let mut data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 65536) as u8).collect();
+        // Then zeros, so the disk is larger than the distance that still counts as in order.
+        data.resize(size + 3 * SLACK as usize, 0);
+        let size = data.len();
         std::fs::write(&img, &data).unwrap();
         import(&repo, &img, 1_800_000_000, None);
         let blocks = (size as u64).div_ceil(BLOCK_SIZE);
@@ -415,6 +432,24 @@ mod tests {
             p.hits() > in_order,
             "out-of-order requests use read-ahead too"
         );
+    }
+
+    #[test]
+    fn random_requests_fetch_nothing_ahead() {
+        let (_d, reader, data) = chain();
+        let p = Prefetcher::new(2 * CHUNK, 2);
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        // Each request far from the one before (7 MiB on, wrapping around).
+        for i in 0..20u64 {
+            let at = (i * 7 * CHUNK + i * 4096) % (data.len() as u64 - BLOCK_SIZE);
+            let n = p.read(9, &reader, at, &mut buf).unwrap();
+            assert_eq!(&buf[..n], &data[at as usize..at as usize + n]);
+        }
+        assert_eq!(p.hits(), 0);
+        // Near each other but only twice in a row: still nothing queued.
+        p.read(10, &reader, 0, &mut buf).unwrap();
+        p.read(10, &reader, BLOCK_SIZE, &mut buf).unwrap();
+        assert!(lock(&p.shared.streams).iter().all(|s| s.chunks.is_empty()));
     }
 
     #[test]
