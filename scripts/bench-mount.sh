@@ -13,7 +13,8 @@
 #     seconds, cold start.
 #   * This VM's disk drifts by 2x between minutes, so cold reads are measured again at the end
 #     in COLD_ROUNDS rounds, each reading the raw file, the first and the deepest point in turn:
-#     medians of the per-round ratios.
+#     medians of the per-round ratios. The two points are also read on a second mount without
+#     the daemon's read-ahead (-o prefetch=0), to show what it gains.
 #   * Also: how long `cbtfs mount` of the whole repository takes to be ready, and the warm read
 #     of the raw image copied to tmpfs, whose page cache, like any FUSE file's on this kernel, is
 #     made of 4 KiB pages, where ext4 caches the raw file in large folios.
@@ -31,6 +32,7 @@ cd "$WORK"
 mkdir -p mnt peer
 cleanup() {
   umount mnt 2>/dev/null || true
+  umount mnt0 2>/dev/null || true
   fusermount3 -u peer 2>/dev/null || umount -l peer 2>/dev/null || true
   pkill -f "qemu-nbd.*$WORK/nbd.sock" 2>/dev/null || true
 }
@@ -99,15 +101,22 @@ rm -f result.*
 echo
 last=$(echo $DEPTHS | awk '{print $NF}')
 first=$(echo $DEPTHS | awk '{print $1}')
-echo "cold, interleaved ($COLD_ROUNDS rounds): raw, depth $first, depth $last (MB/s)"
+echo "cold, interleaved ($COLD_ROUNDS rounds): raw, depth $first, depth $last; then the same two points on a mount without read-ahead (-o prefetch=0) (MB/s)"
+mkdir -p mnt0
+"$CBTFS" mount repo mnt0 -o prefetch=0
 rounds=()
 for ((r = 1; r <= COLD_ROUNDS; r++)); do
   drop; a=$(seq_mbps raw.img); drop; b=$(seq_mbps "mnt/${P[$((first - 1))]}.raw"); drop; c=$(seq_mbps "mnt/${P[$((last - 1))]}.raw")
-  echo "  round $r: $a $b $c"
-  rounds+=("$a,$b,$c")
+  drop; b0=$(seq_mbps "mnt0/${P[$((first - 1))]}.raw"); drop; c0=$(seq_mbps "mnt0/${P[$((last - 1))]}.raw")
+  echo "  round $r: $a $b $c | $b0 $c0"
+  rounds+=("$a,$b,$c,$b0,$c0")
 done
+umount mnt0
 python3 -c "
 import statistics as st
 r = [tuple(map(float, x.split(','))) for x in '${rounds[*]}'.split()]
 print('median: depth $first/raw %.2f, depth $last/raw %.2f, depth $last/depth $first %.2f' % (
-    st.median(b / a for a, b, c in r), st.median(c / a for a, b, c in r), st.median(c / b for a, b, c in r)))"
+    st.median(b / a for a, b, c, _, _ in r), st.median(c / a for a, b, c, _, _ in r), st.median(c / b for a, b, c, _, _ in r)))
+print('without read-ahead: depth $first/raw %.2f, depth $last/depth $first %.2f; read-ahead gains depth $first %.2fx, depth $last %.2fx' % (
+    st.median(b0 / a for a, _, _, b0, _ in r), st.median(c0 / b0 for _, _, _, b0, c0 in r),
+    st.median(b / b0 for _, b, _, b0, _ in r), st.median(c / c0 for _, _, c, _, c0 in r)))"

@@ -717,6 +717,13 @@ impl CbtFs {
         self
     }
 
+    /// Log what the read-ahead did (at unmount).
+    pub fn log_stats(&self) {
+        if let Some(p) = &self.prefetch {
+            p.log_stats();
+        }
+    }
+
     fn file(&self, fh: u64) -> Result<(u64, Arc<PointReader>), FsError> {
         match self.handles.lock().ok().and_then(|m| match m.get(&fh) {
             Some(Handle::File { ino, reader }) => Some((*ino, reader.clone())),

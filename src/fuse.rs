@@ -148,6 +148,22 @@ impl Filesystem for FuseAdapter {
         })
     }
 
+    /// Nothing to flush on a read-only filesystem (and fuser's default logs a warning).
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn destroy(&mut self) {
+        self.fs.log_stats();
+    }
+
     fn release(
         &self,
         _req: &Request,

@@ -12,6 +12,7 @@
 //! also reports damage precisely.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::read::{PointReader, ReadError};
@@ -38,7 +39,11 @@ pub struct Prefetcher {
     slack: u64,
     threads: Vec<std::thread::JoinHandle<()>>,
     /// Requests answered from read-ahead (for tests and logs).
-    hits: std::sync::atomic::AtomicU64,
+    hits: AtomicU64,
+    /// Of those, the ones that had to wait for their chunk's fetch.
+    waited: AtomicU64,
+    /// Every request seen.
+    requests: AtomicU64,
 }
 
 struct Shared {
@@ -172,7 +177,9 @@ impl Prefetcher {
             window,
             slack: SLACK.min(window),
             threads,
-            hits: Default::default(),
+            hits: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
         }
     }
 
@@ -191,21 +198,32 @@ impl Prefetcher {
         if offset >= size || buf.is_empty() || self.threads.is_empty() {
             return reader.read_at(buf, offset);
         }
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let end = (offset + buf.len() as u64).min(size);
         let covering = self.follow(key, reader, offset, end, size);
         if let Some(chunks) = covering
             && self.copy_out(&chunks, offset, &mut buf[..(end - offset) as usize])
         {
             self.forget_taken(key, &chunks);
-            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok((end - offset) as usize);
         }
         reader.read_at(buf, offset)
     }
 
+    /// Log how many requests read-ahead answered.
+    pub fn log_stats(&self) {
+        tracing::info!(
+            requests = self.requests.load(Ordering::Relaxed),
+            from_read_ahead = self.hits.load(Ordering::Relaxed),
+            waited_for_disk = self.waited.load(Ordering::Relaxed),
+            "read-ahead"
+        );
+    }
+
     /// How many requests were answered from read-ahead.
     pub fn hits(&self) -> u64 {
-        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+        self.hits.load(Ordering::Relaxed)
     }
 
     /// Update the stream this request belongs to, queue what lies ahead of it, and return the
@@ -295,6 +313,9 @@ impl Prefetcher {
         let end = offset + out.len() as u64;
         for c in chunks {
             let mut slot = lock(&c.slot);
+            if matches!(*slot, Slot::Pending) {
+                self.waited.fetch_add(1, Ordering::Relaxed);
+            }
             while matches!(*slot, Slot::Pending) {
                 slot = c.done.wait(slot).unwrap_or_else(|e| e.into_inner());
             }
