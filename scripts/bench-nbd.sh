@@ -9,7 +9,8 @@
 #   * Scattered read: 5% of the 64 KiB blocks at random, as an incremental point (its base is
 #     imported first, untimed). nbdcopy has no way to read a block list, so that row has no peer.
 #   * Page cache warm on the server side (the image was read once); cbtfs and nbdcopy runs
-#     interleaved, each figure the best of RUNS (default 5).
+#     interleaved, each figure the best of RUNS (default 5); the ratio of each round (cbtfs run,
+#     then nbdcopy run) and their median are printed too, since this VM's speed drifts.
 # Usage: scripts/bench-nbd.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,14 +77,17 @@ for mode in ${MODES:-plain tls}; do
   fi
   for c in 4 8; do
     # Interleaved, best of RUNS each: this machine's speed drifts between runs.
-    t_c=999999; t_n=999999
+    t_c=999999; t_n=999999; ratios=()
     for ((r = 0; r < RUNS; r++)); do
       x=$(once "$CBTFS" import $SHM/repo --vdi $V --nbd "$uri" "${tlsargs[@]}" --connections $c --time 2026-01-01T00:00:00Z)
       t_c=$(python3 -c "print(min($t_c, $x))")
-      x=$(once nbdcopy --connections=$c "$curi" $SHM/copy.raw)
-      t_n=$(python3 -c "print(min($t_n, $x))")
+      y=$(once nbdcopy --connections=$c "$curi" $SHM/copy.raw)
+      t_n=$(python3 -c "print(min($t_n, $y))")
+      ratios+=("$(python3 -c "print('%.2f' % ($y / $x))")")
     done
-    printf "%-6s %-4s %12s %12s %8s\n" $mode $c "$(mbps $bytes $t_c)" "$(mbps $bytes $t_n)" "$(python3 -c "print('%.2f' % ($t_n / $t_c))")"
+    printf "%-6s %-4s %12s %12s %8s   (per round: %s; median %s)\n" $mode $c "$(mbps $bytes $t_c)" "$(mbps $bytes $t_n)" \
+      "$(python3 -c "print('%.2f' % ($t_n / $t_c))")" "${ratios[*]}" \
+      "$(python3 -c "import statistics; print('%.2f' % statistics.median([$(IFS=,; echo "${ratios[*]}")]))")"
   done
   PRE="'$CBTFS' import $SHM/repo --vdi $V --raw $WORK/src.img --time 2026-01-01T00:00:00Z"
   t_s=$(PRE="$PRE" best "$CBTFS" import $SHM/repo --vdi $V --nbd "$uri" "${tlsargs[@]}" --connections 8 --bitmap bitmap5 --time 2026-01-02T00:00:00Z)
