@@ -915,3 +915,67 @@ fn nbd_server_base_and_incremental_over_tcp() {
     assert!(latest(&repo, &v) == data);
     ok(&["verify", s(&repo)]);
 }
+
+/// A full disk mid-fetch fails cleanly: it names the cause, commits nothing, leaves no file
+/// behind, and every connection is closed.
+#[test]
+fn full_disk_during_nbd_import_commits_nothing() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let small = dp.join("small");
+    std::fs::create_dir(&small).unwrap();
+    run(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=6m", "tmpfs", s(&small)],
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(small.clone());
+    let repo = small.join("repo");
+    ok(&["init", s(&repo)]);
+    let img = dp.join("img");
+    let mut data = vec![0u8; 16 << 20]; // 16 MiB of data: does not fit in 6 MiB
+    TestRng::new(41).fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let sock = dp.join("q.sock");
+    let _q = qemu_nbd(&sock, &img, &[]);
+    let uri = format!("nbd+unix:///disk?socket={}", s(&sock));
+    let (_, m) = fails(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &vdi(41),
+        "--nbd",
+        &uri,
+        "--connections",
+        "4",
+        "--time",
+        &time(0),
+    ]);
+    assert!(
+        m.contains("disk is full") && m.contains("nothing partial was committed"),
+        "{m}"
+    );
+    let left: Vec<String> = walk_files(&repo)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "data" || e == "idx"))
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(ok(&["ls", s(&repo)]).contains("holds no restore points"));
+}
+
+fn walk_files(p: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(p) {
+        Ok(rd) => rd.flat_map(|e| walk_files(&e.unwrap().path())).collect(),
+        Err(_) => vec![p.to_path_buf()],
+    }
+}
