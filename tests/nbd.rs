@@ -917,7 +917,7 @@ fn nbd_server_base_and_incremental_over_tcp() {
 }
 
 /// A full disk mid-fetch fails cleanly: it names the cause, commits nothing, leaves no file
-/// behind, and every connection is closed.
+/// behind.
 #[test]
 fn full_disk_during_nbd_import_commits_nothing() {
     if !is_root() {
