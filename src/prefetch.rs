@@ -477,17 +477,12 @@ mod tests {
     fn a_damaged_block_fails_only_the_requests_that_cover_it() {
         let (d, reader, data) = chain();
         // Flip a byte of the base's block 6 (not changed by the top point: 6 % 3 == 0).
-        let set = std::fs::read_dir(d.path().join("repo"))
-            .unwrap()
-            .flat_map(|e| walk(&e.unwrap().path()))
-            .find(|p| {
-                let n = p.file_name().unwrap().to_string_lossy().to_string();
-                n.starts_with("000000") && n.ends_with(".data")
-            })
-            .unwrap();
-        let mut bytes = std::fs::read(&set).unwrap();
+        let repo = Repository::open(&d.path().join("repo")).unwrap();
+        let base = &repo.disk(VDI).unwrap().sets[0].points[0];
+        let data_file = repo.open_point(base).unwrap().data_location;
+        let mut bytes = std::fs::read(&data_file).unwrap();
         bytes[6 * BLOCK_SIZE as usize + 99] ^= 1;
-        std::fs::write(&set, &bytes).unwrap();
+        std::fs::write(&data_file, &bytes).unwrap();
         let p = Prefetcher::new(4 * CHUNK, 2);
         let mut buf = vec![0u8; 128 * 1024];
         let mut at = 0;
@@ -503,16 +498,5 @@ mod tests {
         // the request was read again directly, which names the block).
         assert_eq!(failed, vec![(6 * BLOCK_SIZE, 6)]);
         assert!(p.hits() > 20, "the other requests came from read-ahead");
-    }
-
-    fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
-        if p.is_dir() {
-            std::fs::read_dir(p)
-                .unwrap()
-                .flat_map(|e| walk(&e.unwrap().path()))
-                .collect()
-        } else {
-            vec![p.to_path_buf()]
-        }
     }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -183,18 +183,6 @@ fn kill_9_during_import_never_leaves_a_partial_point() {
 }
 
 /// A mount made for a test, removed when dropped.
-struct MountGuard(PathBuf);
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let st = Command::new(cmd).args(args).status().unwrap();
-    assert!(st.success(), "{cmd} {args:?}");
-}
-
 #[test]
 fn full_disk_during_import_commits_nothing_and_keeps_earlier_points() {
     if !is_root() {
@@ -265,7 +253,7 @@ fn full_disk_during_import_commits_nothing_and_keeps_earlier_points() {
     ok(&["verify", s(&repo)]);
     assert!(export_bytes(&repo, &format!("{v}@latest")) == first);
     // The failed imports removed what they wrote: the space is free again.
-    let used: u64 = walk(&repo)
+    let used: u64 = files_under(&repo)
         .iter()
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum();
@@ -282,22 +270,6 @@ fn full_disk_during_import_commits_nothing_and_keeps_earlier_points() {
         "--time",
         &time(2),
     ]);
-}
-
-fn walk(p: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![p.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        for e in std::fs::read_dir(&p).unwrap() {
-            let e = e.unwrap().path();
-            if e.is_dir() {
-                stack.push(e);
-            } else {
-                out.push(e);
-            }
-        }
-    }
-    out
 }
 
 #[test]

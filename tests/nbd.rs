@@ -932,13 +932,7 @@ fn full_disk_during_nbd_import_commits_nothing() {
         "mount",
         &["-t", "tmpfs", "-o", "size=6m", "tmpfs", s(&small)],
     );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Unmount(small.clone());
+    let _u = MountGuard(small.clone());
     let repo = small.join("repo");
     ok(&["init", s(&repo)]);
     let img = dp.join("img");
@@ -964,18 +958,11 @@ fn full_disk_during_nbd_import_commits_nothing() {
         m.contains("disk is full") && m.contains("nothing partial was committed"),
         "{m}"
     );
-    let left: Vec<String> = walk_files(&repo)
+    let left: Vec<String> = files_under(&repo)
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "data" || e == "idx"))
         .map(|p| p.display().to_string())
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     assert!(ok(&["ls", s(&repo)]).contains("holds no restore points"));
-}
-
-fn walk_files(p: &Path) -> Vec<PathBuf> {
-    match std::fs::read_dir(p) {
-        Ok(rd) => rd.flat_map(|e| walk_files(&e.unwrap().path())).collect(),
-        Err(_) => vec![p.to_path_buf()],
-    }
 }

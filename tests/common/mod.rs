@@ -448,3 +448,28 @@ pub fn sh(cmd: &str) -> String {
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// Every file below `p` (directories walked, not listed).
+pub fn files_under(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).unwrap() {
+            let e = e.unwrap().path();
+            if e.is_dir() {
+                stack.push(e);
+            } else {
+                out.push(e);
+            }
+        }
+    }
+    out
+}
+
+/// Unmounts (lazily) a filesystem the test mounted, however the test ends.
+pub struct MountGuard(pub PathBuf);
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
