@@ -26,8 +26,8 @@ use crate::repo::Repository;
 /// flight, and cold reads wait on the disk (direct reads, no readahead of their own), so more
 /// threads than cores keep the disk busy.
 pub const DEFAULT_THREADS: usize = 4;
-/// Read-ahead of each sequential reader, in MiB (`prefetch=N`, 0 turns it off): twice the raw
-/// disk's own readahead here, so the disk always has a queue to work on.
+/// Read-ahead of each sequential reader, in MiB (`prefetch=N`, 0 turns it off): about twice a
+/// block device's own readahead, so the disk always has a queue to work on.
 pub const DEFAULT_PREFETCH_MIB: u64 = 16;
 /// Threads fetching ahead: enough to keep a deep point's scattered reads queued on the disk.
 const PREFETCH_THREADS: usize = 8;
@@ -600,6 +600,15 @@ mod tests {
             Some(4)
         );
         assert!(parse_options(&["threads=0".into()]).is_err());
+        let o = parse_options(&["prefetch=0".into(), "prefetch=64".into()]).unwrap();
+        assert_eq!(o.prefetch_mib, Some(64));
+        assert_eq!(
+            parse_options(&["prefetch=0".into()]).unwrap().prefetch_mib,
+            Some(0)
+        );
+        for bad in ["prefetch", "prefetch=x", "prefetch=2048", "prefetch=-1"] {
+            assert!(parse_options(&[bad.into()]).is_err(), "{bad}");
+        }
         let o = parse_options(&["log_file=/tmp/a\\,b.log".into()]).unwrap();
         assert_eq!(o.log_file, Some(PathBuf::from("/tmp/a,b.log")));
     }
