@@ -450,7 +450,7 @@ fn xmlrpc_only_host_pool_member_and_vm_selection() {
     let member = match Sim::start(c) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("skipped the pool member part: {e}");
+            skip(&format!("the pool member part: {e}"));
             return;
         }
     };

@@ -31,7 +31,7 @@ fn needs(tools: &[&str]) -> bool {
     }
     let missing: Vec<&&str> = tools.iter().filter(|t| !have(t)).collect();
     if !missing.is_empty() {
-        eprintln!("skipped: missing {missing:?} (scripts/setup.sh installs them)");
+        skip("missing {missing:?} (scripts/setup.sh installs them)");
         return false;
     }
     true

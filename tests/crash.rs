@@ -186,7 +186,7 @@ fn kill_9_during_import_never_leaves_a_partial_point() {
 #[test]
 fn full_disk_during_import_commits_nothing_and_keeps_earlier_points() {
     if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+        skip("mounting a small tmpfs needs root");
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -275,7 +275,7 @@ fn full_disk_during_import_commits_nothing_and_keeps_earlier_points() {
 #[test]
 fn read_only_repository_reads_but_refuses_to_write() {
     if !is_root() {
-        eprintln!("skipped: a read-only bind mount needs root");
+        skip("a read-only bind mount needs root");
         return;
     }
     let d = tempfile::tempdir().unwrap();

@@ -819,7 +819,7 @@ impl NbdServer {
             .output()
             .is_ok_and(|o| !o.status.success())
         {
-            eprintln!("skipped: nbd-server is not installed (scripts/setup.sh installs it)");
+            skip("nbd-server is not installed (scripts/setup.sh installs it)");
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -864,7 +864,7 @@ impl Drop for NbdServer {
 #[test]
 fn nbd_server_base_and_incremental_over_tcp() {
     if !is_root() {
-        eprintln!("skipped: nbd-server's configuration here runs as root");
+        skip("nbd-server's configuration here runs as root");
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -921,7 +921,7 @@ fn nbd_server_base_and_incremental_over_tcp() {
 #[test]
 fn full_disk_during_nbd_import_commits_nothing() {
     if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+        skip("mounting a small tmpfs needs root");
         return;
     }
     let d = tempfile::tempdir().unwrap();

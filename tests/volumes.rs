@@ -55,9 +55,7 @@ fn read_volume(reader: &PointReader, layout: &Layout, name: &str) -> Vec<u8> {
 #[test]
 fn mbr_with_logical_partitions_and_gpt() {
     if !have("sfdisk") || !have("mkfs.ext4") {
-        eprintln!(
-            "skipped: needs sfdisk and mkfs.ext4 (scripts/setup.sh installs fdisk, e2fsprogs)"
-        );
+        skip("needs sfdisk and mkfs.ext4 (scripts/setup.sh installs fdisk, e2fsprogs)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -142,7 +140,7 @@ fn mbr_with_logical_partitions_and_gpt() {
 #[test]
 fn lvm_linear_in_two_pieces_and_striped_over_two_pvs() {
     if !is_root() || !have("pvcreate") || !have("sfdisk") || !have("losetup") {
-        eprintln!("skipped: needs root, sfdisk, losetup and lvm2 (scripts/setup.sh installs them)");
+        skip("needs root, sfdisk, losetup and lvm2 (scripts/setup.sh installs them)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -283,7 +281,7 @@ fn lvm_linear_in_two_pieces_and_striped_over_two_pvs() {
 #[test]
 fn partition_files_in_the_mount_loop_mount_without_offsets() {
     if !can_mount() || !have("sfdisk") || !have("mkfs.ext4") {
-        eprintln!("skipped: needs root, /dev/fuse, sfdisk and mkfs.ext4");
+        skip("needs root, /dev/fuse, sfdisk and mkfs.ext4");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
