@@ -11,15 +11,36 @@
 //!     volumes.txt                everything found, with what cannot be read and why
 //! ```
 //!
-//! Inode numbers are hashes of each object's identity (disk uuid, set, point number), so they
-//! stay the same across rescans and remounts. The tree is an immutable snapshot rebuilt from the
-//! repository's manifests when it may be stale: a lookup that misses, an `opendir` or `readlink`
-//! more than `FRESH` after the last scan. Restore points never change, so their files may be
-//! cached by the kernel for long; directories and `latest.raw` links get short TTLs.
-//! An open file holds its own reader: a point removed from the repository while open keeps
-//! reading what it can (or fails with EIO), never another point's bytes.
+//! # Identity
+//!
+//! A name in the mount never comes to mean other bytes, and neither does an inode number. A
+//! point's inode is a hash of its disk and its own id (`PointManifest::point_id`: random, fixed
+//! when the point is made, kept by prune), never of its position: a prune renumbers the points
+//! of a set (and may rewrite their objects) but a point's bytes, and so its id, stay the same.
+//! `POINT.parts/` and the volume files in it derive from the point's inode. Every number given
+//! out is remembered with a check hash of the identity it was given to (`Inodes`), so even a
+//! hash collision cannot hand one number to two objects while the mount lives. This matters
+//! because the kernel keeps a point's pages and attributes per inode number: point files are
+//! opened with keep-cache and long attribute TTLs, and nothing ever needs invalidating. (The
+//! bodies of `latest.raw` links are not cached by the kernel, FUSE_CACHE_SYMLINKS is not asked
+//! for, and directory listings are not cached either, no FOPEN_CACHE_DIR: both are read from
+//! the current view each time; their entries and attributes get short TTLs.)
+//!
+//! Readers are cached by the identity of the whole chain they read (the manifests of points
+//! 0..=K of the set), checked on every hit: a rewrite below a point gives it a new reader. Each
+//! rescan drops the cached readers, block counts and `POINT.parts/` listings that the new view
+//! no longer has. An open file holds its own reader: a point removed from the repository while
+//! open keeps reading its own bytes (every layer's data file is opened when the point is), or
+//! fails with EIO, never another point's bytes.
+//!
+//! # Freshness
+//!
+//! The tree is an immutable snapshot rebuilt from the repository's manifests when it may be
+//! stale: a lookup that misses (at once), any lookup more than a second after the last scan,
+//! and an `opendir` or `readlink` more than `FRESH` after it. So a change in the repository
+//! shows in a directory listing taken `FRESH` after the change, at the latest.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -118,6 +139,8 @@ enum NodeData {
     Point {
         set: Arc<SetHistory>,
         seq: u32,
+        /// Hash of the chain the point reads (see `chain_step`): the reader cache's key.
+        chain: u64,
     },
     Link(String),
     /// `POINT.parts/`: its entries come from reading the point (`point` is its inode).
@@ -173,30 +196,79 @@ struct Snapshot {
     nodes: HashMap<u64, Node>,
 }
 
-/// FNV-1a of an identity: stable inode numbers (never 0 or the root's 1).
-fn ino_of(identity: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in identity.bytes() {
+/// FNV-1a offset basis: inode numbers.
+const INO_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+/// Another basis: the check hash `Inodes` keeps beside each number (an independent hash, so a
+/// collision of inode numbers is told apart).
+const CHECK_BASIS: u64 = 0x6c62_272e_07bb_0142;
+/// Chain hashes start from this basis.
+const CHAIN_BASIS: u64 = 0x8422_2325_cbf2_9ce4;
+
+/// FNV-1a of `bytes` continuing from `h`.
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
         h ^= b as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    h.max(2)
+    h
+}
+
+/// The stable inode number of an identity (before `Inodes` settles collisions).
+fn ino_of(identity: &str) -> u64 {
+    fnv(INO_BASIS, identity.as_bytes()).max(2)
+}
+
+/// The chain hash of a point, from the hash of the chain below it (its objects' names carry
+/// random nonces; `PointReader::reads_chain` checks a cache hit exactly anyway).
+fn chain_step(below: u64, m: &crate::repo::PointManifest) -> u64 {
+    let h = fnv(below, m.index.name.as_bytes());
+    let h = fnv(h, b"/");
+    let h = fnv(h, m.data.name.as_bytes());
+    fnv(h, &m.seq.to_le_bytes())
+}
+
+/// Every inode number this mount has given out, with a check hash of the identity it went to.
+/// A number is never given to another identity while the mount lives: on a collision the next
+/// free number is taken (the same one every time, since the first owner keeps its number).
+#[derive(Default)]
+struct Inodes(HashMap<u64, u64>);
+
+impl Inodes {
+    /// The number of `identity`, never one `taken` says is in use by something else now.
+    fn assign(&mut self, identity: &str, taken: impl Fn(u64) -> bool) -> u64 {
+        let check = fnv(CHECK_BASIS, identity.as_bytes());
+        let mut ino = ino_of(identity);
+        // Ends: the map is finite, and every number it lacks is free.
+        loop {
+            if ino > ROOT_INO && !taken(ino) {
+                match self.0.get(&ino) {
+                    None => {
+                        self.0.insert(ino, check);
+                        return ino;
+                    }
+                    Some(&c) if c == check => return ino,
+                    Some(_) => {}
+                }
+            }
+            ino = ino.wrapping_add(1);
+        }
+    }
 }
 
 impl Snapshot {
-    fn build(tree: &Tree) -> Snapshot {
+    fn build(tree: &Tree, inodes: &mut Inodes) -> Snapshot {
         let mut s = Snapshot::default();
         let mut root = BTreeMap::new();
         let mut by_uuid = BTreeMap::new();
-        let by_uuid_ino = s.unique(ino_of("by-uuid"));
+        let by_uuid_ino = s.unique(inodes, "by-uuid");
         let mut newest_all = 0;
         for vm in &tree.vms {
-            let vm_ino = s.unique(ino_of(&format!("vm:{}", vm.uuid.as_deref().unwrap_or("-"))));
+            let vm_ino = s.unique(inodes, &format!("vm:{}", vm.uuid.as_deref().unwrap_or("-")));
             let mut vm_children = BTreeMap::new();
             let mut vm_newest = 0;
             for disk in &vm.disks {
                 let vdi = disk.vdi();
-                let disk_ino = s.unique(ino_of(&format!("disk:{vdi}")));
+                let disk_ino = s.unique(inodes, &format!("disk:{vdi}"));
                 let mut disk_children = BTreeMap::new();
                 let mut disk_newest: Option<(i64, String, u64)> = None;
                 for set in &disk.history.sets {
@@ -204,12 +276,22 @@ impl Snapshot {
                         continue;
                     }
                     let shared = Arc::new(set.clone());
-                    let set_ino = s.unique(ino_of(&format!("set:{vdi}/{}", set.id)));
+                    let set_ino = s.unique(inodes, &format!("set:{vdi}/{}", set.id));
                     let mut set_children = BTreeMap::new();
                     let mut newest: Option<(i64, String, u64)> = None;
+                    let mut chain = fnv(CHAIN_BASIS, format!("{vdi}/{}", set.id).as_bytes());
+                    let mut ids = HashSet::new();
                     for p in &set.points {
                         let name = format!("{}{POINT_SUFFIX}", point_name(p));
-                        let ino = s.unique(ino_of(&format!("point:{vdi}/{}/{}", set.id, p.seq)));
+                        chain = chain_step(chain, p);
+                        // Identity: the point's own id, never its position. Two points of a set
+                        // with one id cannot come from cbtfs (a copied manifest): tell them
+                        // apart by their objects' names.
+                        let mut id = format!("{vdi}/{}/{}", set.id, p.point_id());
+                        if !ids.insert(id.clone()) {
+                            id = format!("{id}/{}", p.index.name);
+                        }
+                        let ino = s.unique(inodes, &format!("point:{id}"));
                         s.nodes.insert(
                             ino,
                             Node {
@@ -219,11 +301,12 @@ impl Snapshot {
                                 data: NodeData::Point {
                                     set: shared.clone(),
                                     seq: p.seq,
+                                    chain,
                                 },
                             },
                         );
                         set_children.insert(name.clone(), ino);
-                        let parts = s.unique(ino_of(&format!("parts:{vdi}/{}/{}", set.id, p.seq)));
+                        let parts = s.unique(inodes, &format!("parts:{id}"));
                         s.nodes.insert(
                             parts,
                             Node {
@@ -237,7 +320,7 @@ impl Snapshot {
                         newest = Some((p.time, name, p.virtual_size));
                     }
                     if let Some((t, name, size)) = newest {
-                        let link = s.unique(ino_of(&format!("latest:{vdi}/{}", set.id)));
+                        let link = s.unique(inodes, &format!("latest:{vdi}/{}", set.id));
                         s.link(link, set_ino, t, name.clone());
                         set_children.insert(LATEST.into(), link);
                         if disk_newest.as_ref().is_none_or(|(dt, _, _)| t > *dt) {
@@ -250,12 +333,12 @@ impl Snapshot {
                 let Some((t, target, _)) = disk_newest else {
                     continue;
                 };
-                let link = s.unique(ino_of(&format!("latest:{vdi}")));
+                let link = s.unique(inodes, &format!("latest:{vdi}"));
                 s.link(link, disk_ino, t, target);
                 disk_children.insert(LATEST.into(), link);
                 s.dir(disk_ino, vm_ino, t, disk_children);
                 vm_children.insert(disk.name.clone(), disk_ino);
-                let b = s.unique(ino_of(&format!("by-uuid:{vdi}")));
+                let b = s.unique(inodes, &format!("by-uuid:{vdi}"));
                 s.link(b, by_uuid_ino, t, format!("../{}/{}", vm.name, disk.name));
                 by_uuid.insert(vdi.to_string(), b);
                 vm_newest = vm_newest.max(t);
@@ -272,12 +355,9 @@ impl Snapshot {
         s
     }
 
-    /// Inode numbers are hashes; on the (astronomically rare) collision, probe onwards.
-    fn unique(&self, mut ino: u64) -> u64 {
-        while ino <= ROOT_INO || self.nodes.contains_key(&ino) {
-            ino = ino.wrapping_add(1);
-        }
-        ino
+    /// The inode number of `identity` (see `Inodes`), never one this snapshot already uses.
+    fn unique(&self, inodes: &mut Inodes, identity: &str) -> u64 {
+        inodes.assign(identity, |ino| self.nodes.contains_key(&ino))
     }
 
     fn dir(&mut self, ino: u64, parent: u64, mtime: i64, children: BTreeMap<String, u64>) {
@@ -323,9 +403,14 @@ pub struct CbtFs {
     repo: Repository,
     snapshot: RwLock<Arc<Snapshot>>,
     scanned: Mutex<Instant>,
+    /// One rescan at a time (a slower older scan must not replace a newer view).
+    scanning: Mutex<()>,
+    /// Every inode number given out (see `Inodes`).
+    inodes: Mutex<Inodes>,
     layers: LayerCache,
+    /// Open point readers by chain hash (checked exactly on a hit).
     readers: Mutex<lru::LruCache<u64, Arc<PointReader>>>,
-    /// st_blocks per point inode, once known (computing it needs the chain).
+    /// st_blocks per chain hash, once known (computing it needs the chain).
     blocks: Mutex<HashMap<u64, u64>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
@@ -346,6 +431,8 @@ impl CbtFs {
             repo,
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             scanned: Mutex::new(Instant::now()),
+            scanning: Mutex::new(()),
+            inodes: Mutex::new(Inodes::default()),
             layers: LayerCache::default(),
             readers: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(READER_CACHE).unwrap_or(NonZeroUsize::MIN),
@@ -365,14 +452,59 @@ impl CbtFs {
         &self.repo
     }
 
-    /// Rebuild the tree from the repository now.
+    /// Rebuild the tree from the repository now, and forget what the new view no longer has.
     pub fn rescan(&self) -> Result<(), FsError> {
+        let _one = self.scanning.lock().unwrap_or_else(|p| p.into_inner());
         let catalog = self.repo.catalog().map_err(repo_err)?;
-        let snap = Arc::new(Snapshot::build(&Tree::build(catalog)));
-        if let Ok(mut s) = self.snapshot.write() {
-            *s = snap;
+        let tree = Tree::build(catalog);
+        let snap = {
+            let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::new(Snapshot::build(&tree, &mut inodes))
+        };
+        match self.snapshot.write() {
+            Ok(mut s) => *s = snap.clone(),
+            Err(p) => *p.into_inner() = snap.clone(),
         }
+        self.forget_stale(&snap);
         Ok(())
+    }
+
+    /// Drop cached readers, block counts and `POINT.parts/` listings of chains and points that
+    /// `snap` does not have (open handles keep their own).
+    fn forget_stale(&self, snap: &Snapshot) {
+        let mut chains = HashSet::new();
+        let mut parts = HashSet::new();
+        for (&ino, n) in &snap.nodes {
+            match &n.data {
+                NodeData::Point { chain, .. } => {
+                    chains.insert(*chain);
+                }
+                NodeData::Parts { .. } => {
+                    parts.insert(ino);
+                }
+                NodeData::Dir(_) | NodeData::Link(_) => {}
+            }
+        }
+        if let Ok(mut r) = self.readers.lock() {
+            let stale: Vec<u64> = r
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| !chains.contains(k))
+                .collect();
+            for k in stale {
+                r.pop(&k);
+            }
+        }
+        if let Ok(mut b) = self.blocks.lock() {
+            b.retain(|k, _| chains.contains(k));
+        }
+        if let Ok(mut p) = self.parts.lock() {
+            p.retain(|k, _| parts.contains(k));
+        }
+        if let Ok(mut v) = self.vol_nodes.lock() {
+            v.retain(|_, n| parts.contains(&n.parent));
+        }
+        self.layers.forget_unused();
     }
 
     /// Rescan if the snapshot is older than `max_age`; one scan at a time, others use the old.
@@ -419,7 +551,9 @@ impl CbtFs {
 
     /// Honest st_blocks: the blocks that read from stored data.
     fn point_blocks(&self, ino: u64, node: &Node) -> u64 {
-        if let Some(b) = self.blocks.lock().ok().and_then(|m| m.get(&ino).copied()) {
+        if let NodeData::Point { chain, .. } = &node.data
+            && let Some(b) = self.blocks.lock().ok().and_then(|m| m.get(chain).copied())
+        {
             return b;
         }
         match self.reader(ino, node) {
@@ -430,14 +564,18 @@ impl CbtFs {
     }
 
     fn reader(&self, ino: u64, node: &Node) -> Result<Arc<PointReader>, FsError> {
-        let NodeData::Point { set, seq } = &node.data else {
+        let NodeData::Point { set, seq, chain } = &node.data else {
             return Err(FsError::IsDir);
         };
+        let points = set.points.get(..=*seq as usize).ok_or_else(|| {
+            FsError::Repository(format!("internal: no point {seq} in set {}", set.id))
+        })?;
         if let Some(r) = self
             .readers
             .lock()
             .ok()
-            .and_then(|mut c| c.get(&ino).cloned())
+            .and_then(|mut c| c.get(chain).cloned())
+            .filter(|r| r.reads_chain(points))
         {
             return Ok(r);
         }
@@ -446,11 +584,12 @@ impl CbtFs {
             FsError::Damaged(e.to_string())
         })?;
         let r = Arc::new(r);
+        tracing::debug!(ino, point = %r.manifest.label(), depth = r.depth(), "opened restore point");
         if let Ok(mut c) = self.readers.lock() {
-            c.put(ino, r.clone());
+            c.put(*chain, r.clone());
         }
         if let Ok(mut b) = self.blocks.lock() {
-            b.insert(ino, r.map().stored_blocks() * (BLOCK_SIZE / 512));
+            b.insert(*chain, r.map().stored_blocks() * (BLOCK_SIZE / 512));
         }
         Ok(r)
     }
@@ -487,14 +626,12 @@ impl CbtFs {
         ));
         let mut children = BTreeMap::new();
         let mut nodes = self.vol_nodes.lock().map_err(|_| FsError::Invalid)?;
+        let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
         for (name, data) in files {
-            let mut ino = ino_of(&format!("vol:{parts}/{name}"));
-            while ino <= ROOT_INO
-                || snap.nodes.contains_key(&ino)
-                || nodes.get(&ino).is_some_and(|n| n.parent != parts)
-            {
-                ino = ino.wrapping_add(1);
-            }
+            // `parts` derives from the point's own id: the same volume, the same number.
+            let ino = inodes.assign(&format!("vol:{parts}/{name}"), |ino| {
+                snap.nodes.contains_key(&ino) || nodes.get(&ino).is_some_and(|n| n.parent != parts)
+            });
             nodes.insert(
                 ino,
                 VolNode {
@@ -784,9 +921,10 @@ impl CbtFs {
         if let Some((reader, data)) = self.part_handle(fh) {
             return Self::read_part(reader.as_deref(), &data, offset, buf);
         }
-        let (ino, r) = self.file(fh)?;
+        let (_, r) = self.file(fh)?;
         match &self.prefetch {
-            Some(p) => p.read(ino, &r, offset, buf),
+            // Streams are per handle: their chunks come from this handle's own reader.
+            Some(p) => p.read(fh, &r, offset, buf),
             None => r.read_at(buf, offset),
         }
         .map_err(|e| {
@@ -929,6 +1067,191 @@ mod tests {
             Err(FsError::NotFound)
         ));
         assert!(matches!(fs.lookup(f.ino, "x"), Err(FsError::NotDir)));
+    }
+
+    /// Points A, B, C of random bytes in one set (each rewrites every block); their bytes.
+    fn three_points(repo: &Repository, dir: &std::path::Path) -> Vec<Vec<u8>> {
+        let blocks = 16u64;
+        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut out = Vec::new();
+        for i in 0..3i64 {
+            let mut data = vec![0u8; (blocks * BLOCK_SIZE) as usize];
+            for c in data.chunks_mut(8) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                c.copy_from_slice(&rng.to_le_bytes()[..c.len()]);
+            }
+            let img = dir.join("img");
+            std::fs::write(&img, &data).unwrap();
+            let all: roaring::RoaringBitmap = (0..blocks as u32).collect();
+            import_raw(
+                repo,
+                &ImportRequest {
+                    vdi: "11111111-2222-4333-8444-555555555555".into(),
+                    disk_name: Some("root".into()),
+                    vm_uuid: None,
+                    vm_name: None,
+                    source: crate::import::ImportSource::Raw(img),
+                    bitmap: (i > 0)
+                        .then(|| (crate::bitmap::encode_base64(&all, blocks), "all".into())),
+                    time: 1_800_000_000 + i * 3600,
+                    snapshot: None,
+                    vm_metadata: None,
+                    vdi_type: None,
+                    source_label: None,
+                },
+                |_, _| {},
+            )
+            .unwrap();
+            out.push(data);
+        }
+        out
+    }
+
+    fn read_all(fs: &CbtFs, fh: u64, size: usize) -> Result<Vec<u8>, FsError> {
+        let mut buf = vec![0u8; size];
+        let n = fs.read(fh, 0, &mut buf)?;
+        assert_eq!(n, size);
+        Ok(buf)
+    }
+
+    /// Issue #16, defect 1: after a prune renumbered C to seq 0, the reader cached for A (seq 0)
+    /// was served for C.
+    #[test]
+    fn a_prune_never_makes_a_name_or_an_inode_read_another_point() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&d.path().join("repo")).unwrap();
+        let data = three_points(&repo, d.path());
+        let fs = CbtFs::new(Repository::open(&d.path().join("repo")).unwrap()).unwrap();
+        let set = "no-vm/root/20270115T080000Z";
+        let names = [
+            "20270115T080000Z.raw",
+            "20270115T090000Z.raw",
+            "20270115T100000Z.raw",
+        ];
+        let inos: Vec<u64> = names
+            .iter()
+            .map(|n| walk(&fs, &format!("{set}/{n}")).ino)
+            .collect();
+        // Open and close A without reading: its reader stays cached.
+        let a = fs.open(inos[0], false).unwrap();
+        fs.release(a);
+        // B stays open across the prune.
+        let b = fs.open(inos[1], false).unwrap();
+        // C's volumes listed (its `.parts/` cached too).
+        let parts = walk(&fs, &format!("{set}/20270115T100000Z.parts"));
+        fs.release(fs.opendir(parts.ino).unwrap());
+
+        let policy = crate::prune::Policy {
+            last: 1,
+            ..Default::default()
+        };
+        let report = crate::prune::prune(&repo, policy, None, false).unwrap();
+        assert_eq!(report.disks[0].removed, 2);
+        fs.rescan().unwrap();
+
+        let c = walk(&fs, &format!("{set}/{}", names[2]));
+        assert_eq!(c.ino, inos[2], "the kept point keeps its inode");
+        assert!(
+            !inos[..2].contains(&c.ino),
+            "a removed point's inode is not reused"
+        );
+        for n in &names[..2] {
+            assert!(matches!(
+                fs.lookup(walk(&fs, set).ino, n),
+                Err(FsError::NotFound)
+            ));
+        }
+        assert!(matches!(fs.open(inos[0], false), Err(FsError::NotFound)));
+        let fh = fs.open(c.ino, false).unwrap();
+        assert!(
+            read_all(&fs, fh, data[2].len()).unwrap() == data[2],
+            "the kept point reads its own bytes"
+        );
+        fs.release(fh);
+        let latest = walk(&fs, "no-vm/root/latest.raw");
+        assert_eq!(
+            fs.readlink(latest.ino).unwrap(),
+            format!("20270115T080000Z/{}", names[2])
+        );
+        // B was open: its old bytes (or EIO), never another point's.
+        match read_all(&fs, b, data[1].len()) {
+            Ok(got) => assert!(got == data[1], "an open removed point changed its bytes"),
+            Err(e) => assert_eq!(e.errno(), libc::EIO),
+        }
+        assert_eq!(fs.getattr(inos[1]).unwrap().size, data[1].len() as u64);
+        fs.release(b);
+        // Caches of removed points are gone; C's `.parts/` keeps its inode.
+        let parts_after = walk(&fs, &format!("{set}/20270115T100000Z.parts"));
+        assert_eq!(parts_after.ino, parts.ino);
+        assert_eq!(fs.readers.lock().unwrap().len(), 1);
+        assert_eq!(fs.parts.lock().unwrap().len(), 1);
+        assert!(matches!(
+            fs.lookup(walk(&fs, set).ino, "20270115T080000Z.parts"),
+            Err(FsError::NotFound)
+        ));
+    }
+
+    /// A point id survives prune's hard links and rewrites; a manifest without one (older
+    /// cbtfs) gets one from its data object and keeps it through a rewrite.
+    #[test]
+    fn point_ids_are_kept_by_prune_and_derived_for_old_manifests() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&d.path().join("repo")).unwrap();
+        three_points(&repo, d.path());
+        let vdi = "11111111-2222-4333-8444-555555555555";
+        let before = repo.disk(vdi).unwrap().sets[0].points.clone();
+        assert!(
+            before
+                .iter()
+                .all(|p| p.id.as_ref().is_some_and(|i| i.len() == 32))
+        );
+        // Make the newest point an old-style manifest (no id).
+        let mut old = before[2].clone();
+        old.id = None;
+        let key = crate::repo::set_key(vdi, &old.set);
+        std::fs::remove_file(repo.store().path(&format!("{key}/000002.point"))).unwrap();
+        repo.put_manifest(&key, &old).unwrap();
+        let derived = format!("data:{}", old.data.name);
+        assert_eq!(
+            repo.disk(vdi).unwrap().sets[0].points[2].point_id(),
+            derived
+        );
+        // Keep B and C: B is rewritten as the new base, C hard-linked.
+        let keep = |last| crate::prune::Policy {
+            last,
+            ..Default::default()
+        };
+        crate::prune::prune(&repo, keep(2), None, false).unwrap();
+        let after = repo.disk(vdi).unwrap().sets[0].points.clone();
+        assert_eq!(after.len(), 2);
+        assert_eq!(after[0].id, before[1].id, "a rewritten point keeps its id");
+        assert_ne!(after[0].data.name, before[1].data.name, "B was rewritten");
+        assert_eq!(after[1].data.name, old.data.name, "C was hard-linked");
+        assert_eq!(after[1].id.as_deref(), Some(derived.as_str()));
+        // Keep C alone: rewritten as the base, still the same point.
+        crate::prune::prune(&repo, keep(1), None, false).unwrap();
+        let after = repo.disk(vdi).unwrap().sets[0].points.clone();
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].seq, 0);
+        assert_eq!(after[0].id.as_deref(), Some(derived.as_str()));
+        assert_ne!(after[0].data.name, old.data.name, "C was rewritten");
+    }
+
+    #[test]
+    fn an_inode_number_never_goes_to_two_identities() {
+        let mut inodes = Inodes::default();
+        // Pretend "x"'s number already went to something else.
+        inodes.0.insert(ino_of("x"), 12345);
+        let x = inodes.assign("x", |_| false);
+        assert_ne!(x, ino_of("x"));
+        assert_eq!(inodes.assign("x", |_| false), x, "stable");
+        assert_eq!(inodes.assign("y", |_| false), ino_of("y"));
+        // A number in use in this view is skipped.
+        let z = inodes.assign("z", |i| i == ino_of("z"));
+        assert_ne!(z, ino_of("z"));
+        assert!(z > ROOT_INO);
     }
 
     #[test]

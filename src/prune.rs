@@ -287,6 +287,8 @@ fn fill(
             }
             let mut nm = m.clone();
             nm.seq = new_seq;
+            // Same bytes, same identity (the mount's inodes and caches follow it).
+            nm.id = Some(m.point_id());
             repo.put_manifest(work, &nm)?;
         } else {
             let from = previous_kept.map_or(0, |p| p + 1);
@@ -357,6 +359,8 @@ fn rewrite(
             vdi_type: m.vdi_type.clone(),
         },
     )?;
+    // The rewritten point holds the same bytes: it keeps its identity.
+    w.keep_id(m.point_id());
     let mut buf = vec![0u8; (READ_BLOCKS * BLOCK_SIZE) as usize];
     let mut it = take.iter();
     while let Some(run) = it.next_range() {

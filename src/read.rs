@@ -41,10 +41,13 @@ pub struct LayerCache {
 
 impl LayerCache {
     pub fn get(&self, repo: &Repository, m: &PointManifest) -> Result<Arc<StoredPoint>, RepoError> {
-        // The index name carries a random nonce: it identifies this exact point.
+        // The index name carries a random nonce: it identifies this exact point's objects. The
+        // whole manifest must match too: a prune hard-links a point's objects under a new `seq`,
+        // and a layer must describe the chain it is read in, not an older one.
         let key = format!("{}/{}/{}", m.vdi, m.set, m.index.name);
         if let Ok(map) = self.map.lock()
             && let Some(p) = map.get(&key).and_then(Weak::upgrade)
+            && p.manifest == *m
         {
             return Ok(p);
         }
@@ -56,6 +59,13 @@ impl LayerCache {
             map.insert(key, Arc::downgrade(&p));
         }
         Ok(p)
+    }
+
+    /// Forget the entries of points no reader uses any more (after a rescan).
+    pub fn forget_unused(&self) {
+        if let Ok(mut map) = self.map.lock() {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
     }
 }
 
@@ -155,6 +165,17 @@ impl PointReader {
 
     pub fn depth(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Whether this reader reads exactly the chain `points` (base first): the same manifests,
+    /// so the same objects in the same order. A cached reader is reused only then.
+    pub fn reads_chain(&self, points: &[PointManifest]) -> bool {
+        self.layers.len() == points.len()
+            && self
+                .layers
+                .iter()
+                .zip(points)
+                .all(|(l, m)| l.manifest == *m)
     }
 
     /// Read at `offset` into `buf`; returns the bytes read (short only at the end of the disk).

@@ -128,6 +128,11 @@ pub struct PointManifest {
     /// The VDI's type on the host (`user`, `system`): a restore creates the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vdi_type: Option<String>,
+    /// The point's own identity: random, fixed when the point is made and kept by prune, which
+    /// renumbers `seq` and may rewrite a point's objects but never changes its bytes. The mount
+    /// derives inode numbers and cache keys from it. Absent in older manifests: see `point_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -137,6 +142,16 @@ pub struct FileRef {
 }
 
 impl PointManifest {
+    /// The point's identity (`id`), or for a manifest written before ids existed, one derived
+    /// from its data object's name (which carries a random nonce and is kept by prune's hard
+    /// links; a rewrite records the derived id explicitly).
+    pub fn point_id(&self) -> String {
+        match &self.id {
+            Some(id) => id.clone(),
+            None => format!("data:{}", self.data.name),
+        }
+    }
+
     /// `VDI@TIME`, how errors and logs name a point.
     pub fn label(&self) -> String {
         format!("{}@{}", self.vdi, timefmt::basic(self.time))
@@ -899,6 +914,7 @@ impl Repository {
             next_block: 0,
             committed: false,
             extra: None,
+            id: None,
         };
         let iw = w
             .store
@@ -951,6 +967,8 @@ pub struct PointWriter<'l> {
     committed: bool,
     /// The VM metadata object, once written.
     extra: Option<String>,
+    /// The identity to record (prune keeps a rewritten point's); None: a new random one.
+    id: Option<String>,
 }
 
 impl PointWriter<'_> {
@@ -965,6 +983,11 @@ impl PointWriter<'_> {
 
     pub fn seq(&self) -> u32 {
         self.seq
+    }
+
+    /// Record `id` as the point's identity instead of a new one (prune rewriting a point).
+    pub(crate) fn keep_id(&mut self, id: String) {
+        self.id = Some(id);
     }
 
     fn data_loc(&self) -> String {
@@ -1111,6 +1134,10 @@ impl PointWriter<'_> {
             snapshot: self.spec.snapshot.clone(),
             vm_metadata: None,
             vdi_type: self.spec.vdi_type.clone(),
+            id: Some(match self.id.take() {
+                Some(id) => id,
+                None => random_hex(16)?,
+            }),
         };
         let vm_metadata = match &self.spec.vm_metadata {
             Some(bytes) => {
