@@ -844,7 +844,20 @@ impl CbtFs {
         if write {
             return Err(FsError::ReadOnly);
         }
-        let reader = self.reader(ino, node)?;
+        let reader = match self.reader(ino, node) {
+            Ok(r) => r,
+            Err(e) => {
+                // The view may predate a prune that rewrote the chain (its old objects are
+                // gone): look again, and open the point as the repository has it now.
+                self.refresh(Duration::ZERO);
+                let fresh = self.snap();
+                match fresh.nodes.get(&ino) {
+                    Some(n) if !Arc::ptr_eq(&fresh, &snap) => self.reader(ino, n)?,
+                    Some(_) => return Err(e),
+                    None => return Err(FsError::NotFound),
+                }
+            }
+        };
         Ok(self.new_handle(Handle::File { ino, reader }))
     }
 
@@ -1149,6 +1162,13 @@ mod tests {
         };
         let report = crate::prune::prune(&repo, policy, None, false).unwrap();
         assert_eq!(report.disks[0].removed, 2);
+        // The view still predates the prune: opening C finds its old chain gone and looks again.
+        let fh = fs.open(inos[2], false).unwrap();
+        assert!(
+            read_all(&fs, fh, data[2].len()).unwrap() == data[2],
+            "the kept point reads its own bytes"
+        );
+        fs.release(fh);
         fs.rescan().unwrap();
 
         let c = walk(&fs, &format!("{set}/{}", names[2]));
