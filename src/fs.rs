@@ -1259,6 +1259,60 @@ mod tests {
         assert_ne!(after[0].data.name, old.data.name, "C was rewritten");
     }
 
+    /// A prune deletes manifests and the next imports create new ones at the same paths: the
+    /// mount's view must show the new points, whatever inode numbers the filesystem reuses.
+    #[test]
+    fn points_made_after_a_prune_show_as_themselves() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&d.path().join("repo")).unwrap();
+        three_points(&repo, d.path());
+        let fs = CbtFs::new(Repository::open(&d.path().join("repo")).unwrap()).unwrap();
+        let policy = crate::prune::Policy {
+            last: 1,
+            ..Default::default()
+        };
+        crate::prune::prune(&repo, policy, None, false).unwrap();
+        fs.rescan().unwrap();
+        // Two more points: manifests 000001 and 000002 again, as B's and C's were.
+        let img = d.path().join("img");
+        let mut want = Vec::new();
+        for i in 3..5i64 {
+            let data = vec![i as u8; 16 * BLOCK_SIZE as usize];
+            std::fs::write(&img, &data).unwrap();
+            let all: roaring::RoaringBitmap = (0..16u32).collect();
+            import_raw(
+                &repo,
+                &ImportRequest {
+                    vdi: "11111111-2222-4333-8444-555555555555".into(),
+                    disk_name: Some("root".into()),
+                    vm_uuid: None,
+                    vm_name: None,
+                    source: crate::import::ImportSource::Raw(img.clone()),
+                    bitmap: Some((crate::bitmap::encode_base64(&all, 16), "all".into())),
+                    time: 1_800_000_000 + i * 3600,
+                    snapshot: None,
+                    vm_metadata: None,
+                    vdi_type: None,
+                    source_label: None,
+                },
+                |_, _| {},
+            )
+            .unwrap();
+            want.push(data);
+        }
+        fs.rescan().unwrap();
+        let set = "no-vm/root/20270115T080000Z";
+        for (n, data) in ["20270115T110000Z.raw", "20270115T120000Z.raw"]
+            .iter()
+            .zip(&want)
+        {
+            let f = walk(&fs, &format!("{set}/{n}"));
+            let fh = fs.open(f.ino, false).unwrap();
+            assert!(read_all(&fs, fh, data.len()).unwrap() == *data, "{n}");
+            fs.release(fh);
+        }
+    }
+
     #[test]
     fn an_inode_number_never_goes_to_two_identities() {
         let mut inodes = Inodes::default();

@@ -240,8 +240,8 @@ impl std::fmt::Debug for StoredPoint {
     }
 }
 
-/// Parsed manifests by key, with the (inode, length) of the file they came from.
-type ManifestCache = HashMap<String, (u64, u64, PointManifest)>;
+/// Parsed manifests by key, with the bytes they were parsed from.
+type ManifestCache = HashMap<String, (Vec<u8>, PointManifest)>;
 
 /// An open repository.
 #[derive(Debug, Clone)]
@@ -249,8 +249,10 @@ pub struct Repository {
     root: PathBuf,
     store: Arc<LocalStore>,
     pub header: RepoHeader,
-    /// Parsed manifests by key, with the (inode, length) they were read from: manifests never
-    /// change once committed, so a mount rescanning the repository reads only new ones.
+    /// Parsed manifests by key, with the bytes they were parsed from: a mount rescanning the
+    /// repository parses only new ones. Keyed by content, not by file identity: a prune
+    /// deletes manifests and the next commit at the same path may get the freed inode number
+    /// (ext4 reuses them at once) and the same length, yet say something else.
     manifests: Arc<std::sync::Mutex<ManifestCache>>,
 }
 
@@ -422,48 +424,45 @@ impl Repository {
             };
             let k = format!("{key}/{name}");
             let loc = self.store.describe(&k);
-            let ident = std::fs::metadata(self.store.path(&k)).map(|md| {
-                use std::os::unix::fs::MetadataExt;
-                (md.ino(), md.len())
-            });
-            let cached = match (&ident, self.manifests.lock()) {
-                (Ok((ino, len)), Ok(cache)) => cache
-                    .get(&k)
-                    .filter(|(i, l, _)| i == ino && l == len)
-                    .map(|(_, _, m)| m.clone()),
-                _ => None,
+            let bytes = match std::fs::read(self.store.path(&k)) {
+                Ok(b) => b,
+                Err(e) => {
+                    found.push((seq, Err(RepoError::io("read", &loc, e)), loc));
+                    continue;
+                }
             };
+            let cached = self.manifests.lock().ok().and_then(|cache| {
+                cache
+                    .get(&k)
+                    .filter(|(raw, _)| *raw == bytes)
+                    .map(|(_, m)| m.clone())
+            });
             if let Some(m) = cached {
                 found.push((seq, Ok(m), loc));
                 continue;
             }
-            let parsed = std::fs::read(self.store.path(&k))
-                .map_err(|e| RepoError::io("read", &loc, e))
-                .and_then(|b| {
-                    manifest::decode::<PointManifest>(
-                        &b,
+            let parsed = manifest::decode::<PointManifest>(
+                &bytes,
+                &loc,
+                "point manifest",
+                POINT_FORMAT,
+                POINT_VERSION,
+            )
+            .and_then(|m| {
+                if m.seq != seq || m.vdi != vdi || m.set != set {
+                    Err(RepoError::corrupt(
                         &loc,
-                        "point manifest",
-                        POINT_FORMAT,
-                        POINT_VERSION,
-                    )
-                })
-                .and_then(|m| {
-                    if m.seq != seq || m.vdi != vdi || m.set != set {
-                        Err(RepoError::corrupt(
-                            &loc,
-                            format!(
-                                "manifest describes {}/{}/{} but is stored as {vdi}/{set}/{seq}",
-                                m.vdi, m.set, m.seq
-                            ),
-                        ))
-                    } else {
-                        Ok(m)
-                    }
-                });
-            if let (Ok(m), Ok((ino, len)), Ok(mut cache)) = (&parsed, ident, self.manifests.lock())
-            {
-                cache.insert(k.clone(), (ino, len, m.clone()));
+                        format!(
+                            "manifest describes {}/{}/{} but is stored as {vdi}/{set}/{seq}",
+                            m.vdi, m.set, m.seq
+                        ),
+                    ))
+                } else {
+                    Ok(m)
+                }
+            });
+            if let (Ok(m), Ok(mut cache)) = (&parsed, self.manifests.lock()) {
+                cache.insert(k.clone(), (bytes, m.clone()));
             }
             found.push((seq, parsed, loc));
         }
