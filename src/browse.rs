@@ -397,11 +397,7 @@ fn browsable(layout: &Layout, size: u64) -> Vec<Volume> {
             name: "disk".into(),
             what: "whole disk".into(),
             size,
-            extents: vec![Extent {
-                offset: 0,
-                disk_offset: 0,
-                len: size,
-            }],
+            extents: vec![Extent::linear(0, 0, size)],
             content: layout.content.clone(),
         }];
     }

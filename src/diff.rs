@@ -119,22 +119,26 @@ impl Dirty<'_> {
         if self
             .replayed
             .iter()
-            .any(|&(o, l)| o < offset.saturating_add(len) && offset < o + l)
+            .any(|&(o, l)| o < offset.saturating_add(len) && offset < o.saturating_add(l))
         {
             return true;
         }
-        let mapped = self.volume.map(offset, len);
-        if mapped.iter().map(|m| m.1).sum::<u64>() != len {
-            return true; // beyond the volume: cannot reason about it
-        }
-        mapped.iter().any(|&(d, l)| {
+        // One piece at a time: a long FIEMAP extent of a striped LV has many.
+        let mut mapped = 0u64;
+        for (d, l) in self.volume.pieces(offset, len) {
+            mapped = mapped.saturating_add(l);
             let first = d >> crate::BLOCK_SHIFT;
-            let last = (d + l - 1) >> crate::BLOCK_SHIFT;
+            let Some(last) = d.checked_add(l.saturating_sub(1)) else {
+                return true;
+            };
+            let last = last >> crate::BLOCK_SHIFT;
             match (u32::try_from(first), u32::try_from(last)) {
-                (Ok(f), Ok(t)) => changed.range_cardinality(f..=t) > 0,
-                _ => true,
+                (Ok(f), Ok(t)) if changed.range_cardinality(f..=t) == 0 => {}
+                _ => return true,
             }
-        })
+        }
+        // Not all of it maps (beyond the volume): cannot reason about it.
+        mapped != len
     }
 }
 

@@ -608,7 +608,21 @@ impl CbtFs {
         let node = snap.nodes.get(&point).ok_or(FsError::NotFound)?;
         let reader = self.reader(point, node)?;
         let mut files: Vec<(String, VolData)> = Vec::new();
-        let text = match crate::volumes::discover(&*reader) {
+        // Discovery never panics on any guest's bytes (it is fuzzed); should it all the same,
+        // this point's parts say so and the daemon serves on.
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::volumes::discover(&*reader)
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!(
+                point,
+                "volume discovery panicked: listing the point's parts as damaged"
+            );
+            Err(std::io::Error::other(
+                "internal error while reading them (a cbtfs bug: please report it)",
+            ))
+        });
+        let text = match found {
             Ok(layout) => {
                 for v in &layout.volumes {
                     files.push((
@@ -904,22 +918,46 @@ impl CbtFs {
     ) -> Result<usize, FsError> {
         match (data, reader) {
             (VolData::Text(t), _) => {
-                let start = (offset as usize).min(t.len());
-                let n = buf.len().min(t.len() - start);
-                buf[..n].copy_from_slice(&t[start..start + n]);
+                let rest = usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| t.get(o..))
+                    .unwrap_or_default();
+                let n = buf.len().min(rest.len());
+                buf[..n].copy_from_slice(&rest[..n]);
                 Ok(n)
             }
             (VolData::Volume(v), Some(r)) => {
                 let mut at = 0usize;
                 for (o, l) in v.map(offset, buf.len() as u64) {
-                    let piece = &mut buf[at..at + l as usize];
+                    // `map` never returns more than asked; should it, the read fails, never
+                    // the daemon.
+                    let end = usize::try_from(l).ok().and_then(|l| at.checked_add(l));
+                    let Some(piece) = end.and_then(|end| buf.get_mut(at..end)) else {
+                        return Err(FsError::Damaged(format!(
+                            "volume {}: its mapping does not fit the read",
+                            v.name
+                        )));
+                    };
                     let got = r.read_at(piece, o).map_err(|e| {
                         tracing::error!(point = %e.point, owner = %e.owner, block = e.block, file = %e.location, problem = %e.problem, volume = %v.name, "damaged block: read fails with EIO");
                         FsError::Damaged(e.to_string())
                     })?;
-                    // A volume reaching past the disk's end (a damaged table) reads zeros there.
-                    piece[got..].fill(0);
-                    at += l as usize;
+                    // Volumes lie inside the disk (checked when built); should one not, the
+                    // part past the disk's end reads as zeros.
+                    if let Some(tail) = piece.get_mut(got..) {
+                        tail.fill(0);
+                    }
+                    at = end.unwrap_or(at);
+                }
+                // Every byte up to the volume's end is mapped: a shorter mapping is damage,
+                // never a short read that would look like the end of the file.
+                let want = v.size.saturating_sub(offset).min(buf.len() as u64);
+                if (at as u64) < want {
+                    return Err(FsError::Damaged(format!(
+                        "volume {}: bytes from {} are not mapped",
+                        v.name,
+                        offset.saturating_add(at as u64)
+                    )));
                 }
                 Ok(at)
             }

@@ -50,15 +50,23 @@ impl Source for VolumeSource {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut at = 0usize;
         for (o, l) in self.volume.map(offset, buf.len() as u64) {
-            let part = &mut buf[at..at + l as usize];
+            // `map` never returns more than asked; should it, the read fails with EIO.
+            let end = usize::try_from(l).ok().and_then(|l| at.checked_add(l));
+            let Some(part) = end.and_then(|end| buf.get_mut(at..end)) else {
+                tracing::error!(volume = %self.volume.name, "volume mapping does not fit the read");
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            };
             part.fill(0);
             self.reader.read_at(part, o).map_err(|e| {
                 tracing::error!(volume = %self.volume.name, error = %e, "read failed");
                 io::Error::from_raw_os_error(libc::EIO)
             })?;
-            at += l as usize;
+            at = end.unwrap_or(at);
         }
-        buf[at..].fill(0);
+        // Past the volume's end: zeros (within it every byte is mapped).
+        if let Some(rest) = buf.get_mut(at..) {
+            rest.fill(0);
+        }
         Ok(())
     }
 }
