@@ -723,6 +723,16 @@ async fn fetch(
         let target = nbd_target(info, opts.allow_plain_nbd)?;
         match Pool::open(target, opts.fetch).await {
             Ok(pool) => {
+                // The export must be the snapshot, whole: a server stating another size (or
+                // none) must never make a short or empty point that then replaces the data.
+                if pool.info.size != snap.virtual_size {
+                    let (what, stated) = (pool.target().describe(), pool.info.size);
+                    pool.close().await;
+                    return Err(BackupError::Refused(format!(
+                        "the NBD export {what} is {stated} bytes but snapshot {} of VDI {} is {} bytes; nothing was committed (is the NBD server the host's?)",
+                        snap.uuid, req.vdi, snap.virtual_size
+                    )));
+                }
                 let r = import::import_nbd(repo, lock, req, pool, progress).await?;
                 return Ok((r, "nbd"));
             }

@@ -44,6 +44,10 @@ pub enum ImportError {
     Nbd(#[from] crate::nbd::NbdError),
     #[error("{0}")]
     Runtime(String),
+    #[error(
+        "{target} states an export size of {size} bytes, above the {max} bytes a point can hold; nothing was imported"
+    )]
+    ExportTooLarge { target: String, size: u64, max: u64 },
 }
 
 /// Where a point's bytes come from.
@@ -273,10 +277,26 @@ pub async fn import_nbd(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<ImportReport, ImportError> {
     let target = pool.target().clone();
+    // The client only gets here with a size the server stated (NBD_INFO_EXPORT, or the
+    // EXPORT_NAME reply); an absurd one is refused before anything is planned from it.
     let size = pool.info.size;
+    if size > crate::repo::MAX_VIRTUAL_SIZE {
+        pool.close().await;
+        return Err(ImportError::ExportTooLarge {
+            target: target.describe(),
+            size,
+            max: crate::repo::MAX_VIRTUAL_SIZE,
+        });
+    }
     let marked = marked_blocks(req, blocks_for(size))?;
     let allocated = if marked.is_none() {
-        pool.allocated().await?
+        match pool.allocated().await {
+            Ok(a) => a,
+            Err(e) => {
+                pool.close().await;
+                return Err(e.into());
+            }
+        }
     } else {
         None
     };

@@ -966,3 +966,569 @@ fn full_disk_during_nbd_import_commits_nothing() {
     assert!(left.is_empty(), "left behind: {left:?}");
     assert!(ok(&["ls", s(&repo)]).contains("holds no restore points"));
 }
+
+/// A hostile NBD server: fixed newstyle, written here from the NBD protocol document
+/// (doc/proto.md of the NBD project) and sharing nothing with the client's codec, that
+/// negotiates properly and then breaks the protocol in one chosen way.
+mod hostile {
+    use std::io::{self, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    // Magics as the document spells them ("NBDMAGIC", "IHAVEOPT" in ASCII).
+    const NBDMAGIC: &[u8; 8] = b"NBDMAGIC";
+    const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
+    const OPTION_REPLY_MAGIC: u64 = 0x3e889045565a9;
+    const REQUEST_MAGIC: u32 = 0x25609513;
+    const SIMPLE_REPLY_MAGIC: u32 = 0x67446698;
+    const STRUCTURED_REPLY_MAGIC: u32 = 0x668e33ef;
+    // Handshake flags: fixed newstyle, no zeroes.
+    const SERVER_FLAGS: u16 = 0b11;
+    // Options and their replies.
+    const OPT_ABORT: u32 = 2;
+    const OPT_GO: u32 = 7;
+    const OPT_STRUCTURED_REPLY: u32 = 8;
+    const OPT_SET_META_CONTEXT: u32 = 10;
+    const REP_ACK: u32 = 1;
+    const REP_INFO: u32 = 3;
+    const REP_META_CONTEXT: u32 = 4;
+    const REP_ERR_UNSUP: u32 = 0x8000_0001;
+    const INFO_EXPORT: u16 = 0;
+    // Transmission flags: has flags, read only.
+    const TRANSMISSION_FLAGS: u16 = 0b11;
+    // Commands, chunk types and flags.
+    const CMD_READ: u16 = 0;
+    const CMD_DISC: u16 = 2;
+    const CMD_BLOCK_STATUS: u16 = 7;
+    const CHUNK_NONE: u16 = 0;
+    const CHUNK_OFFSET_DATA: u16 = 1;
+    const CHUNK_BLOCK_STATUS: u16 = 5;
+    const FLAG_DONE: u16 = 1;
+    /// The id this server gives `base:allocation`.
+    const CONTEXT: u32 = 7;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Misbehave {
+        /// A data chunk whose offset plus length wraps past 2^64.
+        WrappedOffset,
+        /// A block status reply whose only extent is empty.
+        ZeroExtent,
+        /// Block status chunks without the DONE flag, without end.
+        StatusFlood,
+        /// NBD_OPT_GO acknowledged without NBD_INFO_EXPORT.
+        GoWithoutSize,
+        /// NBD_INFO_EXPORT states this size, whatever the export is.
+        WrongSize(u64),
+        /// A simple reply whose cookie names no request.
+        UnknownCookie,
+        /// A correct reply, then a further chunk for the same (finished) request.
+        ChunkAfterDone,
+        /// A reply right after the handshake, before any request.
+        ReplyNeverSent,
+        /// A data chunk carrying more bytes than the request asked for.
+        ChunkLongerThanRequest,
+        /// The reply's data stops halfway and the connection closes.
+        CutMidReply,
+    }
+
+    /// The export's byte at `offset` (when this server serves data correctly).
+    pub fn byte(offset: u64) -> u8 {
+        (offset.wrapping_mul(31) >> 9) as u8
+    }
+
+    /// Serve on an ephemeral port of 127.0.0.1 until the test process ends.
+    pub fn start(size: u64, how: Misbehave) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = serve(s, size, how);
+                });
+            }
+        });
+        port
+    }
+
+    fn opt_reply(s: &mut TcpStream, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+        let mut b = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        b.extend(opt.to_be_bytes());
+        b.extend(kind.to_be_bytes());
+        b.extend((data.len() as u32).to_be_bytes());
+        b.extend(data);
+        s.write_all(&b)
+    }
+
+    fn simple(s: &mut TcpStream, error: u32, cookie: u64, data: &[u8]) -> io::Result<()> {
+        let mut b = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        b.extend(error.to_be_bytes());
+        b.extend(cookie.to_be_bytes());
+        b.extend(data);
+        s.write_all(&b)
+    }
+
+    /// A structured reply chunk's header; `len` is the payload length it announces.
+    fn chunk_header(flags: u16, kind: u16, cookie: u64, len: u32) -> Vec<u8> {
+        let mut b = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        b.extend(flags.to_be_bytes());
+        b.extend(kind.to_be_bytes());
+        b.extend(cookie.to_be_bytes());
+        b.extend(len.to_be_bytes());
+        b
+    }
+
+    fn data(offset: u64, len: u64) -> Vec<u8> {
+        (offset..offset + len).map(byte).collect()
+    }
+
+    fn offers_status(how: Misbehave) -> bool {
+        matches!(how, Misbehave::ZeroExtent | Misbehave::StatusFlood)
+    }
+
+    fn serve(mut s: TcpStream, size: u64, how: Misbehave) -> io::Result<()> {
+        let mut g = NBDMAGIC.to_vec();
+        g.extend(IHAVEOPT);
+        g.extend(SERVER_FLAGS.to_be_bytes());
+        s.write_all(&g)?;
+        let mut client_flags = [0u8; 4];
+        s.read_exact(&mut client_flags)?;
+        loop {
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h)?;
+            let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            if &h[..8] != IHAVEOPT || len > 65536 {
+                return Ok(());
+            }
+            let mut body = vec![0u8; len as usize];
+            s.read_exact(&mut body)?;
+            match opt {
+                OPT_STRUCTURED_REPLY => opt_reply(&mut s, opt, REP_ACK, &[])?,
+                OPT_SET_META_CONTEXT => {
+                    if offers_status(how) {
+                        let mut c = CONTEXT.to_be_bytes().to_vec();
+                        c.extend(b"base:allocation");
+                        opt_reply(&mut s, opt, REP_META_CONTEXT, &c)?;
+                    }
+                    opt_reply(&mut s, opt, REP_ACK, &[])?;
+                }
+                OPT_GO => {
+                    let stated = match how {
+                        Misbehave::GoWithoutSize => None,
+                        Misbehave::WrongSize(n) => Some(n),
+                        _ => Some(size),
+                    };
+                    if let Some(n) = stated {
+                        let mut i = INFO_EXPORT.to_be_bytes().to_vec();
+                        i.extend(n.to_be_bytes());
+                        i.extend(TRANSMISSION_FLAGS.to_be_bytes());
+                        opt_reply(&mut s, opt, REP_INFO, &i)?;
+                    }
+                    opt_reply(&mut s, opt, REP_ACK, &[])?;
+                    break;
+                }
+                OPT_ABORT => {
+                    opt_reply(&mut s, opt, REP_ACK, &[])?;
+                    return Ok(());
+                }
+                _ => opt_reply(&mut s, opt, REP_ERR_UNSUP, &[])?,
+            }
+        }
+        if how == Misbehave::ReplyNeverSent {
+            simple(&mut s, 0, 0x5eed_0000_0000_0001, &data(0, 512))?;
+        }
+        let mut answered = 0u64;
+        loop {
+            let mut r = [0u8; 28];
+            s.read_exact(&mut r)?;
+            if u32::from_be_bytes(r[0..4].try_into().unwrap()) != REQUEST_MAGIC {
+                return Ok(());
+            }
+            let cmd = u16::from_be_bytes(r[6..8].try_into().unwrap());
+            let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
+            let offset = u64::from_be_bytes(r[16..24].try_into().unwrap());
+            let len = u32::from_be_bytes(r[24..28].try_into().unwrap());
+            match cmd {
+                CMD_DISC => return Ok(()),
+                CMD_BLOCK_STATUS if how == Misbehave::ZeroExtent => {
+                    let mut p = CONTEXT.to_be_bytes().to_vec();
+                    p.extend(0u32.to_be_bytes()); // length 0
+                    p.extend(0u32.to_be_bytes()); // flags: data
+                    let mut b = chunk_header(FLAG_DONE, CHUNK_BLOCK_STATUS, cookie, p.len() as u32);
+                    b.extend(p);
+                    s.write_all(&b)?;
+                }
+                CMD_BLOCK_STATUS if how == Misbehave::StatusFlood => {
+                    // 4096 extents of 512 bytes per chunk, chunk after chunk, never DONE.
+                    let mut p = CONTEXT.to_be_bytes().to_vec();
+                    for _ in 0..4096 {
+                        p.extend(512u32.to_be_bytes());
+                        p.extend(0u32.to_be_bytes());
+                    }
+                    let mut b = chunk_header(0, CHUNK_BLOCK_STATUS, cookie, p.len() as u32);
+                    b.extend(p);
+                    loop {
+                        s.write_all(&b)?; // until the client hangs up
+                    }
+                }
+                CMD_READ => match how {
+                    Misbehave::WrappedOffset => {
+                        let mut b = chunk_header(FLAG_DONE, CHUNK_OFFSET_DATA, cookie, 8 + len);
+                        b.extend((u64::MAX - 100).to_be_bytes());
+                        b.extend(data(0, len as u64));
+                        s.write_all(&b)?;
+                    }
+                    Misbehave::UnknownCookie => simple(
+                        &mut s,
+                        0,
+                        cookie ^ 0xffff_0000_0000_0000,
+                        &data(offset, len as u64),
+                    )?,
+                    Misbehave::ChunkAfterDone if answered == 0 => {
+                        let mut b = chunk_header(FLAG_DONE, CHUNK_OFFSET_DATA, cookie, 8 + len);
+                        b.extend(offset.to_be_bytes());
+                        b.extend(data(offset, len as u64));
+                        b.extend(chunk_header(FLAG_DONE, CHUNK_NONE, cookie, 0));
+                        s.write_all(&b)?;
+                    }
+                    Misbehave::ChunkLongerThanRequest => {
+                        let more = len as u64 + 65536;
+                        let mut b =
+                            chunk_header(FLAG_DONE, CHUNK_OFFSET_DATA, cookie, 8 + more as u32);
+                        b.extend(offset.to_be_bytes());
+                        b.extend(data(offset, more));
+                        s.write_all(&b)?;
+                    }
+                    Misbehave::CutMidReply => {
+                        let mut b = chunk_header(FLAG_DONE, CHUNK_OFFSET_DATA, cookie, 8 + len);
+                        b.extend(offset.to_be_bytes());
+                        b.extend(data(offset, len as u64 / 2));
+                        s.write_all(&b)?;
+                        return Ok(()); // closes mid-reply
+                    }
+                    _ => {
+                        let end = offset.saturating_add(len as u64).min(size);
+                        simple(&mut s, 0, cookie, &data(offset, end.saturating_sub(offset)))?
+                    }
+                },
+                _ => {
+                    simple(&mut s, 22, cookie, &[])?; // EINVAL
+                    return Ok(());
+                }
+            }
+            answered += 1;
+        }
+    }
+}
+
+/// How a child process ended: success, its output, how long it took, its peak RSS (bytes).
+struct Measured {
+    success: bool,
+    output: String,
+    elapsed: Duration,
+    peak_rss: u64,
+}
+
+/// Run cbtfs with `args`, measuring its peak RSS (wait4's rusage of that very child). A child
+/// still running after `limit` is killed, so a hang fails the test rather than stalling it.
+fn measured(args: &[&str], dir: &Path, limit: Duration) -> Measured {
+    let (out, err) = (dir.join("child.out"), dir.join("child.err"));
+    let start = Instant::now();
+    let child = Command::new(bin())
+        .args(args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(limit).is_err() {
+            // SAFETY: signals the child spawned above, which is not reaped yet (wait4 below
+            // has not returned, or this thread would have been told).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let mut status = 0;
+    // SAFETY: rusage is plain data; all-zero is a valid value for wait4 to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; status and ru are valid for writes.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let elapsed = start.elapsed();
+    let _ = done_tx.send(());
+    watchdog.join().unwrap();
+    assert_eq!(r, pid, "wait4");
+    drop(child);
+    Measured {
+        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        output: format!(
+            "{}{}",
+            std::fs::read_to_string(&err).unwrap_or_default(),
+            std::fs::read_to_string(&out).unwrap_or_default()
+        ),
+        elapsed,
+        peak_rss: ru.ru_maxrss as u64 * 1024,
+    }
+}
+
+/// Nothing of a failed run is in the repository: no point, no data or index file.
+fn assert_nothing_committed(repo: &Path) {
+    let left: Vec<String> = files_under(repo)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "data" || e == "idx"))
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(count_points(repo), 0);
+}
+
+/// Seconds an NBD read may take in the hostile tests; giving up must take well under
+/// attempts (5) × this.
+const HOSTILE_TIMEOUT: u64 = 10;
+/// Peak RSS a failed import may reach (the binary, the runtime, a window of requests).
+const HOSTILE_RSS: u64 = 200 << 20;
+
+/// Import from a server misbehaving as `how`; it must fail fast, saying `expect`, within
+/// bounded memory, committing nothing.
+fn hostile_import(how: hostile::Misbehave, expect: &[&str]) {
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let port = hostile::start(8 << 20, how);
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let uri = format!("nbd://127.0.0.1:{port}/disk");
+    let timeout = HOSTILE_TIMEOUT.to_string();
+    let m = measured(
+        &[
+            "import",
+            s(&repo),
+            "--vdi",
+            &vdi(60),
+            "--nbd",
+            &uri,
+            "--connections",
+            "2",
+            "--timeout",
+            &timeout,
+            "--time",
+            &time(0),
+        ],
+        dp,
+        Duration::from_secs(5 * HOSTILE_TIMEOUT + 30),
+    );
+    assert!(!m.success, "{how:?}: the import succeeded: {}", m.output);
+    for e in expect {
+        assert!(m.output.contains(e), "{how:?}: {e:?} not in: {}", m.output);
+    }
+    assert!(
+        m.elapsed < Duration::from_secs(HOSTILE_TIMEOUT),
+        "{how:?}: took {:?} to fail (timeout {HOSTILE_TIMEOUT} s): {}",
+        m.elapsed,
+        m.output
+    );
+    assert!(
+        m.peak_rss < HOSTILE_RSS,
+        "{how:?}: peak RSS {} MiB",
+        m.peak_rss >> 20
+    );
+    assert_nothing_committed(&repo);
+}
+
+#[test]
+fn hostile_wrapped_data_offset() {
+    hostile_import(
+        hostile::Misbehave::WrappedOffset,
+        &[
+            "127.0.0.1",
+            "protocol error",
+            "data chunk outside its request",
+        ],
+    );
+}
+
+#[test]
+fn hostile_zero_length_extent() {
+    hostile_import(
+        hostile::Misbehave::ZeroExtent,
+        &["protocol error", "zero-length extent"],
+    );
+}
+
+#[test]
+fn hostile_status_flood_without_done() {
+    hostile_import(
+        hostile::Misbehave::StatusFlood,
+        &[
+            "protocol error",
+            "a second block status chunk for one request",
+        ],
+    );
+}
+
+#[test]
+fn hostile_go_without_export_size() {
+    hostile_import(
+        hostile::Misbehave::GoWithoutSize,
+        &["without stating its size", "NBD_INFO_EXPORT"],
+    );
+}
+
+#[test]
+fn hostile_unknown_cookie() {
+    hostile_import(
+        hostile::Misbehave::UnknownCookie,
+        &["protocol error", "names no request in flight"],
+    );
+}
+
+#[test]
+fn hostile_chunk_after_done() {
+    hostile_import(
+        hostile::Misbehave::ChunkAfterDone,
+        &["protocol error", "names no request in flight"],
+    );
+}
+
+#[test]
+fn hostile_reply_to_a_request_never_sent() {
+    hostile_import(
+        hostile::Misbehave::ReplyNeverSent,
+        &["protocol error", "cookie 0x5eed000000000001", "never sent"],
+    );
+}
+
+#[test]
+fn hostile_chunk_longer_than_its_request() {
+    hostile_import(
+        hostile::Misbehave::ChunkLongerThanRequest,
+        &["protocol error", "bytes where at most"],
+    );
+}
+
+#[test]
+fn hostile_reply_cut_midway_is_retried_then_given_up() {
+    hostile_import(
+        hostile::Misbehave::CutMidReply,
+        &["failed 5 times", "connection"],
+    );
+}
+
+/// The hostile server's data, when it serves data correctly, arrives byte for byte (the
+/// scenarios above fail for what they break, not for the server itself).
+#[test]
+fn hostile_server_serves_correctly_when_it_behaves() {
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let size = 3 << 20;
+    let port = hostile::start(size, hostile::Misbehave::WrongSize(size));
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let v = vdi(61);
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--nbd",
+        &format!("nbd://127.0.0.1:{port}/disk"),
+        "--time",
+        &time(0),
+    ]);
+    let want: Vec<u8> = (0..size).map(hostile::byte).collect();
+    assert!(latest(&repo, &v) == want);
+}
+
+/// Defect 8 through `cbtfs backup`: the host's get_nbd_info names a server that states no
+/// size, or a size other than the snapshot's. The backup fails, commits nothing, and never
+/// data-destroys the snapshot.
+#[test]
+fn backup_refuses_an_export_of_unknown_or_wrong_size() {
+    use cbtfs::sim::{Sim, SimConfig};
+    let disk_size: u64 = 4 << 20;
+    for (how, expect) in [
+        (
+            hostile::Misbehave::GoWithoutSize,
+            "without stating its size",
+        ),
+        (hostile::Misbehave::WrongSize(0), "is 0 bytes but snapshot"),
+        (
+            hostile::Misbehave::WrongSize(disk_size / 2),
+            "is 2097152 bytes but snapshot",
+        ),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let dp = d.path();
+        let c = SimConfig::new(&dp.join("sim"));
+        let pw = dp.join("password");
+        std::fs::write(&pw, format!("{}\n", c.password)).unwrap();
+        let sim = Sim::start(c).unwrap();
+        let img = dp.join("disk.img");
+        let mut data = vec![0u8; disk_size as usize];
+        TestRng::new(62).fill(&mut data);
+        std::fs::write(&img, &data).unwrap();
+        let (_, vdis) = sim.add_vm("vm1", &[("root", &img)]).unwrap();
+        let port = hostile::start(disk_size, how);
+        sim.with(|st| {
+            st.nbd_override = Some((
+                "127.0.0.1".into(),
+                port,
+                "disk".into(),
+                String::new(), // no certificate: plain NBD
+                String::new(),
+            ))
+        });
+        let repo = dp.join("repo");
+        ok(&["init", s(&repo)]);
+        let m = measured(
+            &[
+                "backup",
+                "--repo",
+                s(&repo),
+                "--host",
+                &sim.url,
+                "--password-file",
+                s(&pw),
+                "--vdi",
+                &vdis[0],
+                "--allow-plain-nbd",
+                "--timeout",
+                &HOSTILE_TIMEOUT.to_string(),
+            ],
+            dp,
+            Duration::from_secs(5 * HOSTILE_TIMEOUT + 60),
+        );
+        assert!(!m.success, "{how:?}: the backup succeeded: {}", m.output);
+        assert!(m.output.contains(expect), "{how:?}: {}", m.output);
+        assert!(
+            m.elapsed < Duration::from_secs(HOSTILE_TIMEOUT),
+            "{how:?}: {:?}",
+            m.elapsed
+        );
+        assert!(
+            m.peak_rss < HOSTILE_RSS,
+            "{how:?}: {} MiB",
+            m.peak_rss >> 20
+        );
+        assert_nothing_committed(&repo);
+        let (calls, destroyed) = sim.with(|st| {
+            (
+                st.calls.clone(),
+                st.vdis
+                    .values()
+                    .filter(|v| v.kind == "cbt_metadata")
+                    .map(|v| v.uuid.clone())
+                    .collect::<Vec<_>>(),
+            )
+        });
+        assert!(calls.iter().any(|c| c == "VDI.get_nbd_info"), "{calls:?}");
+        assert!(
+            !calls.iter().any(|c| c == "VDI.data_destroy"),
+            "{how:?}: data_destroy was called: {calls:?}"
+        );
+        assert!(
+            destroyed.is_empty(),
+            "{how:?}: data-destroyed: {destroyed:?}"
+        );
+        // The disk itself is untouched.
+        assert!(sim.read_vdi(&vdis[0]).unwrap() == data);
+    }
+}

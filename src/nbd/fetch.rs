@@ -96,7 +96,21 @@ impl Pool {
             })??;
             clients.push(c);
         }
-        let info = clients[0].info;
+        let Some(info) = clients.first().map(|c| c.info) else {
+            return Err(NbdError::Closed {
+                target: target.describe(),
+            });
+        };
+        // Every connection serves the same export: a server that disagrees with itself
+        // about its size is not read from.
+        if clients.iter().any(|c| c.info.size != info.size) {
+            return Err(NbdError::Proto {
+                target: target.describe(),
+                source: proto::ProtoError::Malformed(
+                    "export size (connections to the same export disagree)",
+                ),
+            });
+        }
         let server_max = if info.max_block > 0 {
             info.max_block
         } else {
@@ -125,46 +139,78 @@ impl Pool {
         &self.target
     }
 
-    /// A live connection, reconnecting the next one in turn if it died.
+    /// A live connection, reconnecting the next one in turn if it died: a connection whose
+    /// reader stopped (an error, a timeout) is never given another request.
     async fn pick(&mut self) -> Result<usize, NbdError> {
         let i = self.next % self.clients.len();
         self.next += 1;
         if !self.clients[i].is_alive() {
             tracing::info!(target = %self.target.describe(), "reconnecting");
-            self.clients[i] = Client::connect(&self.target, self.opts.depth).await?;
+            let fresh = Client::connect(&self.target, self.opts.depth).await?;
+            if fresh.info.size != self.info.size {
+                return Err(NbdError::Proto {
+                    target: self.target.describe(),
+                    source: proto::ProtoError::Malformed(
+                        "export size (it changed on reconnecting)",
+                    ),
+                });
+            }
+            self.clients[i] = fresh;
         }
         Ok(i)
     }
 
+    /// Give up the connection `id` (if still in the pool): the next pick reconnects it.
+    fn kill(&self, id: u64) {
+        if let Some(c) = self.clients.iter().find(|c| c.id() == id) {
+            c.kill();
+        }
+    }
+
     /// Extents of the export that may hold data (`base:allocation`), if the server says.
+    /// None means "read everything": no block status, or a server whose answers are too
+    /// meagre to be worth following (every request must make progress, and all of them
+    /// together fit a budget by the export's size, so no server can keep this looping).
     pub async fn allocated(&mut self) -> Result<Option<Vec<(u64, u64)>>, NbdError> {
         if self.clients[0].status_context.is_none() {
             return Ok(None);
         }
         let size = self.info.size;
+        // One request per GiB, plus one per 4 MiB beyond the first thousand requests.
+        let budget = 1024 + size / (4 << 20) + size / (1 << 30);
+        let mut requests = 0u64;
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut pos = 0u64;
         while pos < size {
-            let len = (size - pos).min(1 << 30) as u32;
-            let extents = match tokio::time::timeout(
-                self.opts.timeout,
-                self.clients[0].block_status(pos, len),
-            )
-            .await
-            {
-                Ok(r) => r?,
-                Err(_) => {
-                    // No answer about allocation: read everything instead.
-                    tracing::warn!(
-                        offset = pos,
-                        "block status timed out; reading the whole export"
-                    );
-                    return Ok(None);
-                }
-            };
-            if extents.is_empty() {
+            requests += 1;
+            if requests > budget {
+                tracing::warn!(
+                    requests,
+                    offset = pos,
+                    "block status answers cover too little each; reading the whole export"
+                );
                 return Ok(None);
             }
+            let len = (size - pos).min(1 << 30) as u32;
+            let i = self.pick().await?;
+            let c = &self.clients[i];
+            if c.status_context.is_none() {
+                return Ok(None);
+            }
+            let extents =
+                match tokio::time::timeout(self.opts.timeout, c.block_status(pos, len)).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        c.kill();
+                        // No answer about allocation: read everything instead.
+                        tracing::warn!(
+                            offset = pos,
+                            "block status timed out; reading the whole export"
+                        );
+                        return Ok(None);
+                    }
+                };
+            let before = pos;
             for (l, flags) in extents {
                 let l = (l as u64).min(size - pos);
                 if flags & (proto::STATE_HOLE | proto::STATE_ZERO) == 0 && l > 0 {
@@ -174,9 +220,16 @@ impl Pool {
                     }
                 }
                 pos += l;
-                if l == 0 || pos >= size {
+                if pos >= size {
                     break;
                 }
+            }
+            if pos == before {
+                // The client refuses empty extents; this is the loop's own guarantee.
+                return Err(NbdError::Proto {
+                    target: self.target.describe(),
+                    source: proto::ProtoError::Malformed("block status reply that covers nothing"),
+                });
             }
         }
         Ok(Some(out))
@@ -193,7 +246,14 @@ impl Pool {
             (0..l.div_ceil(max)).map(move |i| (o + i * max, (l - i * max).min(max) as u32))
         });
         let window = self.clients.len() * self.opts.depth;
-        type Slot = (u64, u32, u32, oneshot::Receiver<Result<Reply, NbdError>>);
+        // (offset, length, attempt, connection id, answer)
+        type Slot = (
+            u64,
+            u32,
+            u32,
+            u64,
+            oneshot::Receiver<Result<Reply, NbdError>>,
+        );
         let mut q: VecDeque<Slot> = VecDeque::new();
         loop {
             while q.len() < window {
@@ -202,9 +262,9 @@ impl Pool {
                 };
                 let i = self.pick().await?;
                 let rx = self.clients[i].read(off, len).await;
-                q.push_back((off, len, 1, rx));
+                q.push_back((off, len, 1, self.clients[i].id(), rx));
             }
-            let Some((off, len, attempt, rx)) = q.pop_front() else {
+            let Some((off, len, attempt, id, rx)) = q.pop_front() else {
                 return Ok(());
             };
             let result = match tokio::time::timeout(self.opts.timeout, rx).await {
@@ -213,6 +273,9 @@ impl Pool {
                     target: self.target.describe(),
                 }),
                 Err(_) => {
+                    // Whatever holds it is stuck: that connection is never used again (every
+                    // request on it fails now and is retried on a fresh one).
+                    self.kill(id);
                     if attempt >= self.opts.attempts {
                         return Err(FetchError::Timeout {
                             target: self.target.describe(),
@@ -221,7 +284,6 @@ impl Pool {
                             secs: self.opts.timeout.as_secs(),
                         });
                     }
-                    // Whatever holds it is stuck: drop that connection's state by reconnecting.
                     Err(NbdError::Closed {
                         target: self.target.describe(),
                     })
@@ -263,7 +325,7 @@ impl Pool {
                         }
                     };
                     let rx = self.clients[i].read(off, len).await;
-                    q.push_front((off, len, attempt + 1, rx));
+                    q.push_front((off, len, attempt + 1, self.clients[i].id(), rx));
                 }
                 Err(e) if e.is_transient() => {
                     return Err(FetchError::GaveUp {

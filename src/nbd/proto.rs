@@ -60,6 +60,13 @@ pub const STATE_ZERO: u32 = 1 << 1;
 pub const MAX_OPTION_REPLY: u32 = 64 * 1024;
 /// Largest read the client ever asks for; replies longer than what was asked are refused.
 pub const MAX_REQUEST: u32 = 32 << 20;
+/// Most `base:allocation` extents accepted in one block status reply (qemu-nbd sends at most
+/// 128 Ki; 1 MiB of descriptors): a hostile server cannot make the client hold more.
+pub const MAX_EXTENTS: u32 = 1 << 17;
+/// Longest error message the protocol allows (its strings are at most 4096 bytes).
+pub const MAX_MESSAGE: usize = 4096;
+/// Error messages are shown up to this many characters.
+const SHOWN_MESSAGE: usize = 200;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ProtoError {
@@ -79,6 +86,16 @@ pub enum ProtoError {
     },
     #[error("malformed {0}")]
     Malformed(&'static str),
+    #[error(
+        "the server accepted the export without stating its size (no NBD_INFO_EXPORT before its NBD_REP_ACK to NBD_OPT_GO, which the NBD protocol requires)"
+    )]
+    NoExportSize,
+    #[error(
+        "reply for cookie {0:#x}, which names no request in flight (never sent, or already answered)"
+    )]
+    UnknownCookie(u64),
+    #[error("{kind} chunk of {len} bytes where at most {max} fit")]
+    ChunkTooLong { kind: u16, len: u32, max: u64 },
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -174,12 +191,13 @@ pub struct ExportInfo {
     pub max_block: u32,
 }
 
-/// Apply an NBD_REP_INFO payload to `info`.
-pub fn parse_info(payload: &[u8], info: &mut ExportInfo) -> Result<(), ProtoError> {
+/// Apply an NBD_REP_INFO payload to `info`; returns the information type it carried.
+pub fn parse_info(payload: &[u8], info: &mut ExportInfo) -> Result<u16, ProtoError> {
     if payload.len() < 2 {
         return Err(ProtoError::Malformed("info reply"));
     }
-    match be16(payload, 0) {
+    let kind = be16(payload, 0);
+    match kind {
         INFO_EXPORT if payload.len() == 12 => {
             info.size = be64(payload, 2);
             info.flags = be16(payload, 10);
@@ -191,7 +209,7 @@ pub fn parse_info(payload: &[u8], info: &mut ExportInfo) -> Result<(), ProtoErro
         INFO_EXPORT | INFO_BLOCK_SIZE => return Err(ProtoError::Malformed("info reply")),
         _ => {} // other information we did not ask for is ignored
     }
-    Ok(())
+    Ok(kind)
 }
 
 /// A request header (28 bytes).
@@ -262,6 +280,51 @@ pub fn parse_reply_header(magic: u32, rest: &[u8]) -> Result<ReplyHeader, ProtoE
     }
 }
 
+/// The most payload bytes a chunk of `kind` may carry in a reply to a request of `req_len`
+/// bytes (`read`: a read, else block status), checked before anything is allocated: what a
+/// chunk holds is bounded by what the request justifies, never by what the server claims.
+pub fn chunk_len_max(kind: u16, read: bool, req_len: u32) -> Result<u64, ProtoError> {
+    let max = match kind {
+        CHUNK_NONE => 0,
+        CHUNK_OFFSET_DATA if read => 8 + req_len as u64,
+        CHUNK_OFFSET_HOLE if read => 12,
+        CHUNK_BLOCK_STATUS if !read => 4 + 8 * MAX_EXTENTS as u64,
+        // errno, message length, message (and an offset for ERROR_OFFSET)
+        k if k & (1 << 15) != 0 => 6 + MAX_MESSAGE as u64 + 8,
+        CHUNK_OFFSET_DATA | CHUNK_OFFSET_HOLE => {
+            return Err(ProtoError::Malformed(
+                "data chunk in a reply to block status",
+            ));
+        }
+        CHUNK_BLOCK_STATUS => {
+            return Err(ProtoError::Malformed("status chunk in a reply to a read"));
+        }
+        _ => return Err(ProtoError::Malformed("unknown reply chunk type")),
+    };
+    Ok(max)
+}
+
+/// `text` shown safely in an error: at most a few hundred characters, control characters
+/// escaped (a server's message must not reach a terminal raw).
+pub fn shown_message(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out: String = text
+        .chars()
+        .take(SHOWN_MESSAGE)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if text.chars().count() > SHOWN_MESSAGE {
+        out.push('…');
+    }
+    out
+}
+
 /// A chunk's payload, checked against the request it answers (`req_off`, `req_len`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Chunk<'a> {
@@ -295,7 +358,12 @@ pub fn parse_chunk(
     req_len: u32,
 ) -> Result<Chunk<'_>, ProtoError> {
     let in_request = |offset: u64, len: u64| {
-        offset >= req_off && offset.saturating_add(len) <= req_off + req_len as u64
+        offset >= req_off
+            && offset.checked_add(len).is_some_and(|end| {
+                req_off
+                    .checked_add(req_len as u64)
+                    .is_some_and(|req_end| end <= req_end)
+            })
     };
     match kind {
         CHUNK_NONE if p.is_empty() => Ok(Chunk::None),
@@ -316,25 +384,40 @@ pub fn parse_chunk(
         }
         CHUNK_BLOCK_STATUS if p.len() >= 12 && (p.len() - 4).is_multiple_of(8) => {
             let context = be32(p, 0);
-            let extents = p[4..]
+            if (p.len() - 4) / 8 > MAX_EXTENTS as usize {
+                return Err(ProtoError::TooLong {
+                    what: "block status reply",
+                    len: ((p.len() - 4) / 8) as u64,
+                    max: MAX_EXTENTS as u64,
+                });
+            }
+            let extents: Vec<(u32, u32)> = p[4..]
                 .chunks_exact(8)
                 .map(|c| (be32(c, 0), be32(c, 4)))
                 .collect();
+            // An empty extent says nothing and would let a caller loop without progress.
+            if extents.iter().any(|&(len, _)| len == 0) {
+                return Err(ProtoError::Malformed(
+                    "block status reply with a zero-length extent",
+                ));
+            }
             Ok(Chunk::Status { context, extents })
         }
         CHUNK_ERROR | CHUNK_ERROR_OFFSET if p.len() >= 6 => {
             let error = be32(p, 0);
             let mlen = be16(p, 4) as usize;
-            let message = p
-                .get(6..6 + mlen)
-                .map(|m| String::from_utf8_lossy(m).into_owned())
-                .unwrap_or_default();
+            // The message, then (ERROR_OFFSET) an 8-byte offset: nothing else may follow.
+            let tail = if kind == CHUNK_ERROR_OFFSET { 8 } else { 0 };
+            if mlen > MAX_MESSAGE || p.len() != 6 + mlen + tail {
+                return Err(ProtoError::Malformed("error chunk (message length)"));
+            }
+            let message = p.get(6..6 + mlen).map(shown_message).unwrap_or_default();
             Ok(Chunk::Error { error, message })
         }
         CHUNK_NONE | CHUNK_OFFSET_DATA | CHUNK_OFFSET_HOLE | CHUNK_BLOCK_STATUS | CHUNK_ERROR
         | CHUNK_ERROR_OFFSET => Err(ProtoError::Malformed("reply chunk")),
         k if k & (1 << 15) != 0 => Ok(Chunk::Error {
-            error: 5,
+            error: if p.len() >= 4 { be32(p, 0) } else { 5 },
             message: format!("unknown error chunk type {k}"),
         }),
         _ => Err(ProtoError::Malformed("unknown reply chunk type")),
