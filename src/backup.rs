@@ -146,11 +146,9 @@ fn pin_key(host: &str) -> String {
     format!("hosts/{safe}.pin")
 }
 
-fn read_pin(repo: &Repository, host: &str) -> Option<String> {
-    std::fs::read_to_string(repo.store().path(&pin_key(host)))
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
+/// The pinned fingerprint; None on first use only (an empty or damaged pin is an error).
+fn read_pin(repo: &Repository, host: &str) -> Result<Option<String>, XapiError> {
+    crate::xapi::trust::read_pin(&repo.store().path(&pin_key(host)))
 }
 
 fn write_pin(repo: &Repository, host: &str, fp: &str) -> Result<(), RepoError> {
@@ -175,7 +173,10 @@ pub(crate) async fn connect(
     let mut url = access.url.clone();
     for _ in 0..3 {
         let (_, host) = crate::xapi::client::parse_url(&url)?;
-        let pinned = read_pin(repo, &host);
+        let pinned = match access.ca_pem.is_none() && !access.insecure_tls {
+            true => read_pin(repo, &host)?,
+            false => None,
+        };
         let trust = if let Some(ca) = &access.ca_pem {
             HostTrust::Ca(ca.clone())
         } else if access.insecure_tls {

@@ -14,7 +14,14 @@ pub enum BitmapError {
         "the changed-block bitmap covers {bits} blocks but the disk has {blocks} blocks of 64 KiB: it belongs to a smaller disk or was cut short; get it again with VDI.list_changed_blocks for this disk"
     )]
     TooShort { bits: u64, blocks: u64 },
+    #[error(
+        "the disk has {blocks} blocks of 64 KiB, more than cbtfs stores (block numbers are 32-bit: disks up to 256 TiB)"
+    )]
+    TooManyBlocks { blocks: u64 },
 }
+
+/// Most blocks a disk may have: block numbers are u32 (roaring bitmaps).
+const MAX_BLOCKS: u64 = u32::MAX as u64;
 
 /// Decode a base64 bitmap for a disk of `blocks` blocks. Bits past the disk's end (a bitmap from
 /// a longer CBT log, legal after a resize) are ignored; a shorter bitmap is an error.
@@ -28,21 +35,29 @@ pub fn decode_base64(text: &str, blocks: u64) -> Result<RoaringBitmap, BitmapErr
 
 /// Decode raw bitmap bytes (MSB first) for a disk of `blocks` blocks.
 pub fn from_bytes(bytes: &[u8], blocks: u64) -> Result<RoaringBitmap, BitmapError> {
-    let bits = bytes.len() as u64 * 8;
+    if blocks > MAX_BLOCKS {
+        return Err(BitmapError::TooManyBlocks { blocks });
+    }
+    let bits = (bytes.len() as u64).saturating_mul(8);
     if bits < blocks {
         return Err(BitmapError::TooShort { bits, blocks });
     }
     let mut set = RoaringBitmap::new();
-    for (i, &byte) in bytes.iter().enumerate() {
+    // Only the bytes that cover the disk: the excess of a longer CBT log is ignored.
+    let used = usize::try_from(blocks.div_ceil(8)).unwrap_or(usize::MAX);
+    for (i, &byte) in bytes.iter().take(used).enumerate() {
         if byte == 0 {
             continue;
         }
-        for bit in 0..8 {
-            if byte & (0x80 >> bit) != 0 {
-                let block = i as u64 * 8 + bit;
-                if block < blocks {
-                    set.insert(block as u32);
-                }
+        for bit in 0..8u32 {
+            if byte & (0x80 >> bit) != 0
+                && let Some(block) = u32::try_from(i)
+                    .ok()
+                    .and_then(|i| i.checked_mul(8))
+                    .and_then(|b| b.checked_add(bit))
+                && u64::from(block) < blocks
+            {
+                set.insert(block);
             }
         }
     }
@@ -87,6 +102,15 @@ mod tests {
             decode_base64("not base64!", 1),
             Err(BitmapError::NotBase64(_))
         ));
+    }
+
+    #[test]
+    fn block_counts_beyond_32_bits_are_refused_not_truncated() {
+        assert!(matches!(
+            from_bytes(&[0xff; 4], 1 << 32),
+            Err(BitmapError::TooManyBlocks { blocks: 4294967296 })
+        ));
+        assert_eq!(from_bytes(&[0xff; 4], 0).unwrap().len(), 0);
     }
 
     #[test]

@@ -33,12 +33,13 @@ pub fn build(files: &[(&str, &[u8])]) -> Vec<u8> {
 pub fn members(tar: &[u8]) -> Option<Vec<(String, &[u8])>> {
     let mut out = Vec::new();
     let mut off = 0usize;
-    while off + BLOCK <= tar.len() {
-        let h = &tar[off..off + BLOCK];
+    while let Some(h) = tar.get(off..off.saturating_add(BLOCK))
+        && h.len() == BLOCK
+    {
         if h.iter().all(|&b| b == 0) {
             return Some(out);
         }
-        let stored: u32 = parse_octal(&h[148..156])? as u32;
+        let stored = u32::try_from(parse_octal(&h[148..156])?).ok()?;
         let sum: u32 = h[..148].iter().map(|&b| b as u32).sum::<u32>()
             + 8 * b' ' as u32
             + h[156..].iter().map(|&b| b as u32).sum::<u32>();
@@ -53,8 +54,8 @@ pub fn members(tar: &[u8]) -> Option<Vec<(String, &[u8])>> {
         if end > tar.len() {
             return None;
         }
-        out.push((name, &tar[start..end]));
-        off = start + size.div_ceil(BLOCK) * BLOCK;
+        out.push((name, tar.get(start..end)?));
+        off = start.checked_add(size.div_ceil(BLOCK).checked_mul(BLOCK)?)?;
     }
     None
 }

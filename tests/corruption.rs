@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use cbtfs::naming::Tree;
 use cbtfs::read::PointReader;
-use cbtfs::repo::Repository;
+use cbtfs::repo::{POINT_FORMAT, POINT_VERSION, PointManifest, Repository, manifest};
 use common::*;
 
 /// A repository with one disk: base (blocks 0..16 data), point 1 changes block 3, point 2
@@ -351,4 +351,249 @@ fn random_damage_never_yields_wrong_bytes() {
             "trial {trial}: verify missed damage"
         );
     }
+}
+
+/// Point `seq`'s manifest, decoded as stored (no checks beyond its checksum).
+fn read_manifest(repo: &Path, v: &str, seq: u32) -> (PathBuf, PointManifest) {
+    let path = set_dir(repo, v).join(format!("{seq:06}.point"));
+    let m = manifest::decode(
+        &std::fs::read(&path).unwrap(),
+        "test",
+        "point manifest",
+        POINT_FORMAT,
+        POINT_VERSION,
+    )
+    .unwrap();
+    (path, m)
+}
+
+/// Replace a manifest as an attacker with write access could: any content, a valid checksum.
+fn write_manifest(path: &Path, m: &PointManifest) {
+    std::fs::write(path, manifest::encode(m)).unwrap();
+}
+
+#[test]
+fn a_manifest_naming_files_outside_the_repository_is_damaged_and_they_are_never_read() {
+    let (d, repo, v, images) = build();
+    let (path, good) = read_manifest(&repo, &v, 1);
+    // Copies of point 1's own objects outside the repository: were the names followed, the
+    // point would read and verify fine, so only the check can make these commands fail.
+    let set = set_dir(&repo, &v);
+    std::fs::copy(set.join(&good.index.name), d.path().join("outside.idx")).unwrap();
+    std::fs::copy(set.join(&good.data.name), d.path().join("outside.data")).unwrap();
+    let mut evil = good.clone();
+    evil.index.name = "../../../../outside.idx".into();
+    evil.data.name = "../../../../outside.data".into();
+    assert!(set.join(&evil.data.name).exists());
+    write_manifest(&path, &evil);
+
+    let out = verify_names(&repo, "000001.point");
+    assert!(
+        out.contains("index object name \"../../../../outside.idx\" is not a plain .idx file name"),
+        "{out}"
+    );
+    let m = export_fails(&repo, &v, 1);
+    assert!(
+        m.contains("000001.point") && m.contains("damaged") && m.contains("cbtfs verify"),
+        "{m}"
+    );
+    export_fails(&repo, &v, 2);
+    export_ok(&repo, &v, 0, &images[0]);
+    let ls = ok(&["ls", s(&repo)]);
+    assert!(
+        ls.contains("DAMAGED") && ls.contains("000001.point"),
+        "{ls}"
+    );
+
+    // The VM metadata name and the set name are held to the same rule.
+    let mut evil = good.clone();
+    evil.set = "../../../..".into();
+    write_manifest(&path, &evil);
+    verify_names(&repo, "not a set name");
+    write_manifest(&path, &good);
+    ok(&["verify", s(&repo)]);
+    export_ok(&repo, &v, 2, &images[2]);
+}
+
+#[test]
+fn a_manifest_beyond_the_format_limits_is_damaged_not_listed() {
+    let (_d, repo, v, images) = build();
+    let (path, good) = read_manifest(&repo, &v, 1);
+    type Edit = fn(&mut PointManifest);
+    let edits: [(Edit, &str); 3] = [
+        (|m| m.virtual_size = 1 << 62, "above the format's limit"),
+        (
+            |m| m.changed_blocks = 21,
+            "holds 21 blocks but its disk has only 20",
+        ),
+        (
+            |m| m.data_blocks = m.changed_blocks + 1,
+            "stores 2 blocks but holds only 1",
+        ),
+    ];
+    for (edit, says) in edits {
+        let mut m = good.clone();
+        edit(&mut m);
+        write_manifest(&path, &m);
+        let ls = ok(&["ls", s(&repo)]);
+        assert!(!ls.contains("PiB"), "{ls}");
+        assert!(ls.contains("DAMAGED"), "{ls}");
+        verify_names(&repo, says);
+        let m = export_fails(&repo, &v, 1);
+        assert!(m.contains("000001.point"), "{m}");
+        export_ok(&repo, &v, 0, &images[0]);
+    }
+}
+
+/// The paths each `fsync` in an strace log (`-f -e trace=openat,fsync`) was made on.
+fn fsynced_paths(log: &str) -> Vec<String> {
+    let mut open: std::collections::HashMap<(String, String), String> = Default::default();
+    let mut synced = Vec::new();
+    for line in log.lines() {
+        let (pid, call) = line.split_once(' ').unwrap_or(("", line));
+        let call = call.trim_start();
+        if let Some(rest) = call.strip_prefix("openat(AT_FDCWD, \"") {
+            let (path, tail) = rest.split_once('"').unwrap();
+            if let Some(fd) = tail.rsplit_once("= ").map(|(_, fd)| fd.trim())
+                && fd.parse::<u32>().is_ok()
+            {
+                open.insert((pid.to_string(), fd.to_string()), path.to_string());
+            }
+        } else if let Some(rest) = call.strip_prefix("fsync(") {
+            let fd = rest.split(')').next().unwrap();
+            if let Some(p) = open.get(&(pid.to_string(), fd.to_string())) {
+                synced.push(p.clone());
+            }
+        }
+    }
+    synced
+}
+
+fn strace_cbtfs(log: &Path, args: &[&str]) {
+    let o = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=openat,fsync", "-o", s(log), bin()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn the_repository_and_existing_directories_are_synced_into_their_parents() {
+    if !have("strace") {
+        return skip("needs strace to watch fsync calls");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let parent = d.path().join("parent");
+    std::fs::create_dir(&parent).unwrap();
+    let repo = parent.join("repo");
+    let log = d.path().join("log");
+    strace_cbtfs(&log, &["init", s(&repo)]);
+    let synced = fsynced_paths(&std::fs::read_to_string(&log).unwrap());
+    assert!(
+        synced.iter().any(|p| Path::new(p) == parent),
+        "init never synced {} (the directory holding the repository): {synced:?}",
+        parent.display()
+    );
+
+    // A second point in an existing set: the set's and the disk's directories already exist,
+    // and are synced into their parents all the same (a crashed run may have made them).
+    let v = vdi(4);
+    let img = d.path().join("img");
+    std::fs::write(&img, vec![7u8; 4 * BS]).unwrap();
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    let bm = write_bitmap(d.path(), "bm", &[1], 4);
+    let args = [
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--bitmap",
+        s(&bm),
+        "--time",
+        &time(1),
+    ];
+    strace_cbtfs(&log, &args);
+    let synced = fsynced_paths(&std::fs::read_to_string(&log).unwrap());
+    for dir in [repo.join("disks"), repo.join("disks").join(&v)] {
+        assert!(
+            synced.iter().any(|p| Path::new(p) == dir),
+            "{} was not synced: {synced:?}",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn an_empty_or_malformed_pin_file_is_an_error_and_no_password_is_sent() {
+    use cbtfs::sim::{Sim, SimConfig};
+    if !have("openssl") {
+        return skip("the simulated host needs openssl for its certificate");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let cfg = SimConfig::new(&d.path().join("sim"));
+    let pw = d.path().join("password");
+    std::fs::write(&pw, format!("{}\n", cfg.password)).unwrap();
+    let sim = Sim::start(cfg).unwrap();
+    let img = d.path().join("disk.img");
+    std::fs::write(&img, vec![1u8; 4 * BS]).unwrap();
+    let (_, vdis) = sim.add_vm("vm1", &[("root", &img)]).unwrap();
+    let repo = d.path().join("repo");
+    ok(&["init", s(&repo)]);
+    std::fs::create_dir(repo.join("hosts")).unwrap();
+    let pin = repo.join("hosts/127.0.0.1.pin");
+    for (content, says) in [
+        ("", "is empty"),
+        ("\n", "is empty"),
+        ("SHA256:00:11\n", "does not hold a SHA-256 fingerprint"),
+    ] {
+        std::fs::write(&pin, content).unwrap();
+        let (_, m) = fails(&[
+            "backup",
+            "--repo",
+            s(&repo),
+            "--host",
+            &sim.url,
+            "--password-file",
+            s(&pw),
+            "--vdi",
+            &vdis[0],
+        ]);
+        assert!(m.contains(s(&pin)) && m.contains(says), "{m}");
+        assert!(m.contains("delete it to pin"), "{m}");
+        assert_eq!(
+            std::fs::read_to_string(&pin).unwrap(),
+            content,
+            "the pin was changed"
+        );
+        let calls = sim.with(|st| st.calls.clone());
+        assert!(calls.is_empty(), "the host was called: {calls:?}");
+    }
+    // Deleted, it is pinned again on first use.
+    std::fs::remove_file(&pin).unwrap();
+    let o = cbtfs(&[
+        "backup",
+        "--repo",
+        s(&repo),
+        "--host",
+        &sim.url,
+        "--password-file",
+        s(&pw),
+        "--vdi",
+        &vdis[0],
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let fp = std::fs::read_to_string(&pin).unwrap();
+    assert!(fp.starts_with("SHA256:"), "{fp}");
 }

@@ -230,6 +230,12 @@ impl Index {
         if !data.is_subset(&changed) {
             return Err(bad("data blocks outside the changed blocks".into()));
         }
+        if virtual_size > super::MAX_VIRTUAL_SIZE {
+            return Err(bad(format!(
+                "virtual size {virtual_size} bytes is above the format's limit of {} bytes",
+                super::MAX_VIRTUAL_SIZE
+            )));
+        }
         let blocks = crate::blocks_for(virtual_size);
         if changed.max().is_some_and(|m| m as u64 >= blocks) {
             return Err(bad(format!(
@@ -250,19 +256,28 @@ impl Index {
         self.entry_count
     }
 
-    /// Entry `i`, if it exists.
+    /// Entry `i`, if it exists and lies inside the data file the index describes (`entry_count`
+    /// blocks of 64 KiB): a damaged entry pointing elsewhere is None, like a missing one, so
+    /// callers' offset arithmetic stays below 2^48.
     pub fn entry(&self, i: usize) -> Option<Entry> {
         if i >= self.entry_count {
             return None;
         }
-        let at = HEAD_LEN + i * ENTRY_LEN;
-        Some(Entry::decode(&self.map[at..at + ENTRY_LEN]))
+        let at = HEAD_LEN.checked_add(i.checked_mul(ENTRY_LEN)?)?;
+        let e = Entry::decode(self.map.get(at..at.checked_add(ENTRY_LEN)?)?);
+        let data_len = (self.entry_count as u64).checked_mul(crate::BLOCK_SIZE)?;
+        match e.offset.checked_add(u64::from(e.len)) {
+            Some(end) if end <= data_len => Some(e),
+            _ => None,
+        }
     }
 
     /// Do the entries match their checksum?
     pub fn check_entries(&self) -> bool {
         let end = HEAD_LEN + self.entry_count * ENTRY_LEN;
-        crc32c::crc32c(&self.map[HEAD_LEN..end]) == self.entries_crc
+        self.map
+            .get(HEAD_LEN..end)
+            .is_some_and(|b| crc32c::crc32c(b) == self.entries_crc)
     }
 }
 
@@ -334,6 +349,79 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A footer (with its checksum) claiming `entries` entries, bitmaps of the given lengths
+    /// and `size`, after a valid head and `body`.
+    fn forged(body: &[u8], size: u64, entries: u64, c: u64, d: u64) -> Vec<u8> {
+        let mut b = head().to_vec();
+        b.extend_from_slice(body);
+        let mut f = Vec::new();
+        for x in [size, entries, c, d] {
+            f.extend_from_slice(&x.to_le_bytes());
+        }
+        f.extend_from_slice(&0u32.to_le_bytes());
+        f.extend_from_slice(
+            &crc32c::crc32c(&body[body.len().min(16 * entries as usize)..]).to_le_bytes(),
+        );
+        let fcrc = crc32c::crc32c_append(crc32c::crc32c(&head()), &f);
+        f.extend_from_slice(&fcrc.to_le_bytes());
+        f.extend_from_slice(&END_MARK);
+        b.extend_from_slice(&f);
+        b
+    }
+
+    #[test]
+    fn counts_the_bytes_cannot_hold_are_refused_without_allocating() {
+        // 2^40 entries in a 100-byte file, and counts that overflow when added up.
+        for (entries, c, d) in [
+            (1u64 << 40, 0, 0),
+            (u64::MAX / 16, 8, 8),
+            (0, u64::MAX, 2),
+            (0, 20, u64::MAX - 10),
+        ] {
+            let b = forged(&[0u8; 36], 1 << 20, entries, c, d);
+            let e = Index::parse(Mapped::Owned(b), "x.idx")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("its footer describes"), "{e}");
+        }
+    }
+
+    #[test]
+    fn virtual_size_above_the_format_limit_is_refused() {
+        let empty = {
+            let mut v = Vec::new();
+            RoaringBitmap::new().serialize_into(&mut v).unwrap();
+            v
+        };
+        let body = [empty.clone(), empty].concat();
+        let n = (body.len() / 2) as u64;
+        let ok = forged(&body, super::super::MAX_VIRTUAL_SIZE, 0, n, n);
+        Index::parse(Mapped::Owned(ok), "x.idx").unwrap();
+        let b = forged(&body, 1 << 62, 0, n, n);
+        let e = Index::parse(Mapped::Owned(b), "x.idx")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("above the format's limit"), "{e}");
+    }
+
+    #[test]
+    fn an_entry_pointing_outside_the_data_file_is_none() {
+        let mut b = sample();
+        // Entry 1's offset: u64::MAX - 10, so offset + len overflows; entries' CRC stays wrong
+        // (entries protect themselves), the parse accepts it.
+        b[HEAD_LEN + ENTRY_LEN..HEAD_LEN + ENTRY_LEN + 8]
+            .copy_from_slice(&(u64::MAX - 10).to_le_bytes());
+        let idx = Index::parse(Mapped::Owned(b.clone()), "x").unwrap();
+        assert!(idx.entry(0).is_some());
+        assert_eq!(idx.entry(1), None);
+        // One block past the two-block data file.
+        b[HEAD_LEN + ENTRY_LEN..HEAD_LEN + ENTRY_LEN + 8]
+            .copy_from_slice(&(2u64 << 16).to_le_bytes());
+        let idx = Index::parse(Mapped::Owned(b), "x").unwrap();
+        assert_eq!(idx.entry(1), None);
+        assert_eq!(idx.entry(usize::MAX), None);
     }
 
     #[test]

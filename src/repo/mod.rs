@@ -156,6 +156,137 @@ impl PointManifest {
     pub fn label(&self) -> String {
         format!("{}@{}", self.vdi, timefmt::basic(self.time))
     }
+
+    /// Check what a manifest read from storage claims before anything trusts it: its names
+    /// stay inside its set directory (`valid_uuid`, `valid_set_name`, `valid_object_name`), its
+    /// size is one the format can describe, and its counts agree with each other. Returns what
+    /// is wrong, for a "damaged" report naming the manifest.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !valid_uuid(&self.vdi) {
+            return Err(format!("its disk {:?} is not a VDI uuid", self.vdi));
+        }
+        if !valid_set_name(&self.set) {
+            return Err(format!("its set name {:?} is not a set name", self.set));
+        }
+        let objects = [
+            ("index", Some(&self.index), ObjectKind::Index),
+            ("data", Some(&self.data), ObjectKind::Data),
+            (
+                "VM metadata",
+                self.vm_metadata.as_ref(),
+                ObjectKind::VmMetadata,
+            ),
+        ];
+        for (what, f, kind) in objects {
+            if let Some(f) = f
+                && !valid_object_name(&f.name, kind)
+            {
+                return Err(format!(
+                    "its {what} object name {:?} is not a plain {} file name of its set",
+                    f.name,
+                    kind.suffix()
+                ));
+            }
+        }
+        if self.virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(format!(
+                "its virtual size {} bytes is above the format's limit of {MAX_VIRTUAL_SIZE} bytes",
+                self.virtual_size
+            ));
+        }
+        let blocks = blocks_for(self.virtual_size);
+        if self.changed_blocks > blocks {
+            return Err(format!(
+                "it holds {} blocks but its disk has only {blocks}",
+                self.changed_blocks
+            ));
+        }
+        if self.data_blocks > self.changed_blocks {
+            return Err(format!(
+                "it stores {} blocks but holds only {}",
+                self.data_blocks, self.changed_blocks
+            ));
+        }
+        // Both products are below 2^48: blocks fit in u32 (checked above).
+        let data_len = self.data_blocks * BLOCK_SIZE;
+        if self.data.len != data_len {
+            return Err(format!(
+                "its data file length {} is not {} stored blocks of 64 KiB",
+                self.data.len, self.data_blocks
+            ));
+        }
+        let min_index = (index::HEAD_LEN + index::FOOTER_LEN) as u64
+            + self.data_blocks * index::ENTRY_LEN as u64;
+        if self.index.len < min_index {
+            return Err(format!(
+                "its index length {} is too short for {} entries",
+                self.index.len, self.data_blocks
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The objects a manifest names, each with its own file name suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    Index,
+    Data,
+    VmMetadata,
+}
+
+impl ObjectKind {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            ObjectKind::Index => ".idx",
+            ObjectKind::Data => ".data",
+            ObjectKind::VmMetadata => ".vm.tar",
+        }
+    }
+}
+
+/// Is `name` an object name as writers make them: `NNNNNN-<nonce>.<kind>` (6 to 10 decimal
+/// digits, a dash, 16 lowercase hex digits, the kind's suffix)? Anything else, and above all
+/// anything with `/`, `..` or NUL, would let a manifest name a file outside its set.
+pub fn valid_object_name(name: &str, kind: ObjectKind) -> bool {
+    let Some(stem) = name.strip_suffix(kind.suffix()) else {
+        return false;
+    };
+    let Some((seq, nonce)) = stem.split_once('-') else {
+        return false;
+    };
+    (6..=10).contains(&seq.len())
+        && seq.bytes().all(|c| c.is_ascii_digit())
+        && nonce.len() == 16
+        && nonce
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Is `name` a set directory name as writers make them (`20261121T020000Z`, maybe `-N`): plain
+/// characters only, no `/`, no leading `.`, no `..`, at most 64 bytes?
+pub fn valid_set_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'_' | b'@' | b'.'))
+}
+
+/// Decode a point manifest and check it (`PointManifest::check`): what every reader of a
+/// `*.point` file goes through. `location` names the file in errors.
+pub fn decode_point_manifest(bytes: &[u8], location: &str) -> Result<PointManifest> {
+    let m: PointManifest = manifest::decode(
+        bytes,
+        location,
+        "point manifest",
+        POINT_FORMAT,
+        POINT_VERSION,
+    )?;
+    m.check().map_err(|d| RepoError::corrupt(location, d))?;
+    Ok(m)
 }
 
 /// A problem found while listing a set (a damaged or missing manifest).
@@ -302,6 +433,9 @@ impl Repository {
         }
         // The repository directory itself is private: it holds whole disks.
         set_private(path).map_err(|e| RepoError::io("set permissions of", &loc, e))?;
+        // Its own entry must survive power loss, or the whole repository could vanish.
+        store::sync_parent(path)
+            .map_err(|e| RepoError::io("sync the directory holding", &loc, e))?;
         let store = LocalStore::new(path);
         store
             .make_dir(DISKS)
@@ -441,14 +575,7 @@ impl Repository {
                 found.push((seq, Ok(m), loc));
                 continue;
             }
-            let parsed = manifest::decode::<PointManifest>(
-                &bytes,
-                &loc,
-                "point manifest",
-                POINT_FORMAT,
-                POINT_VERSION,
-            )
-            .and_then(|m| {
+            let parsed = decode_point_manifest(&bytes, &loc).and_then(|m| {
                 if m.seq != seq || m.vdi != vdi || m.set != set {
                     Err(RepoError::corrupt(
                         &loc,
@@ -615,7 +742,7 @@ impl Repository {
         let Some(f) = &m.vm_metadata else {
             return Ok(None);
         };
-        let key = format!("{}/{}", set_key(&m.vdi, &m.set), f.name);
+        let key = self.object_key(m, f, ObjectKind::VmMetadata)?;
         let bytes = std::fs::read(self.store.path(&key))
             .map_err(|e| RepoError::io("read", self.store.describe(&key), e))?;
         if bytes.len() as u64 != f.len {
@@ -631,10 +758,31 @@ impl Repository {
         Ok(Some(bytes))
     }
 
+    /// The key of an object `m` names, refused (the manifest is damaged) unless the manifest
+    /// passes `PointManifest::check`: a name from storage never leads outside its set.
+    fn object_key(&self, m: &PointManifest, f: &FileRef, kind: ObjectKind) -> Result<String> {
+        let key = set_key(&m.vdi, &m.set);
+        if let Err(detail) = m.check() {
+            return Err(RepoError::corrupt(
+                self.store.describe(&format!("{key}/{:06}.point", m.seq)),
+                detail,
+            ));
+        }
+        if !valid_object_name(&f.name, kind) {
+            return Err(RepoError::corrupt(
+                self.store.describe(&format!("{key}/{:06}.point", m.seq)),
+                format!(
+                    "object name {:?} is not a plain file name of its set",
+                    f.name
+                ),
+            ));
+        }
+        Ok(format!("{key}/{}", f.name))
+    }
+
     /// Open one point's index and data.
     pub fn open_point(&self, m: &PointManifest) -> Result<StoredPoint> {
-        let key = set_key(&m.vdi, &m.set);
-        let ik = format!("{key}/{}", m.index.name);
+        let ik = self.object_key(m, &m.index, ObjectKind::Index)?;
         let iloc = self.store.describe(&ik);
         let map = self
             .store
@@ -660,7 +808,7 @@ impl Repository {
                 "index does not match its manifest (sizes or block counts differ)",
             ));
         }
-        let data_key = format!("{key}/{}", m.data.name);
+        let data_key = self.object_key(m, &m.data, ObjectKind::Data)?;
         // A short or missing data file is not fatal here: the blocks it lacks fail when read.
         Ok(StoredPoint {
             manifest: m.clone(),
@@ -1242,6 +1390,197 @@ mod tests {
         index
             .extend(format!("{:?} {:?}", bits(&p.index.changed), bits(&p.index.data)).into_bytes());
         (data, index)
+    }
+
+    const VDI: &str = "00000000-0000-4000-8000-000000000001";
+
+    /// A repository with one committed point (3 blocks stored of a 10-block disk, VM metadata).
+    fn one_point() -> (tempfile::TempDir, Repository, PointManifest) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("r")).unwrap();
+        let lock = repo.lock("test").unwrap();
+        let mut w = repo
+            .begin_point(
+                &lock,
+                NewPoint {
+                    vdi: VDI.into(),
+                    disk_name: "d".into(),
+                    vm_uuid: None,
+                    vm_name: None,
+                    time: 1_700_000_000,
+                    virtual_size: 10 * BLOCK_SIZE,
+                    source: "test".into(),
+                    new_set: true,
+                    snapshot: None,
+                    vm_metadata: Some(b"tar".to_vec()),
+                    vdi_type: None,
+                },
+            )
+            .unwrap();
+        for b in [1u64, 4, 7] {
+            w.add_block(b, &vec![b as u8; BLOCK_SIZE as usize]).unwrap();
+        }
+        w.add_block(8, &vec![0u8; BLOCK_SIZE as usize]).unwrap();
+        let m = w.commit().unwrap();
+        drop(lock);
+        (dir, repo, m)
+    }
+
+    #[test]
+    fn check_refuses_escaping_names_and_impossible_sizes() {
+        let (_d, _repo, good) = one_point();
+        assert_eq!(good.check(), Ok(()));
+        assert_eq!((good.changed_blocks, good.data_blocks), (4, 3));
+        type Edit = fn(&mut PointManifest);
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                |m| m.index.name = "../../outside".into(),
+                "index object name",
+            ),
+            (
+                |m| m.data.name = "../000000-0123456789abcdef.data".into(),
+                "data object name",
+            ),
+            (|m| m.data.name = "/etc/passwd".into(), "data object name"),
+            (
+                |m| m.data.name = "000000-0123456789abcdef.data\0".into(),
+                "data object name",
+            ),
+            (
+                |m| m.data.name = "000000-0123456789abcdef.idx".into(),
+                "data object name",
+            ),
+            (
+                |m| m.index.name = "x/000000-0123456789abcdef.idx".into(),
+                "index object name",
+            ),
+            (|m| m.index.name = String::new(), "index object name"),
+            (
+                |m| {
+                    m.vm_metadata = Some(FileRef {
+                        name: "../../../../etc/shadow".into(),
+                        len: 3,
+                    })
+                },
+                "VM metadata object name",
+            ),
+            (|m| m.set = "../other".into(), "set name"),
+            (|m| m.set = "..".into(), "set name"),
+            (|m| m.set = "a/b".into(), "set name"),
+            (|m| m.set = ".prune-x".into(), "set name"),
+            (|m| m.vdi = "../../etc".into(), "not a VDI uuid"),
+            (|m| m.virtual_size = 1 << 62, "above the format's limit"),
+            (
+                |m| m.virtual_size = MAX_VIRTUAL_SIZE + 1,
+                "above the format's limit",
+            ),
+            (
+                |m| m.changed_blocks = 11,
+                "holds 11 blocks but its disk has only 10",
+            ),
+            (|m| m.data_blocks = 5, "stores 5 blocks but holds only 4"),
+            (|m| m.data.len += 1, "data file length"),
+            (|m| m.index.len = 60, "index length"),
+        ];
+        for (edit, says) in cases {
+            let mut m = good.clone();
+            edit(&mut m);
+            let e = m.check().unwrap_err();
+            assert!(e.contains(says), "{e:?} should say {says:?}");
+        }
+        let mut m = good.clone();
+        m.virtual_size = MAX_VIRTUAL_SIZE;
+        assert_eq!(m.check(), Ok(()), "the limit itself is a valid size");
+        // Names as every writer makes them, prune's renumbered points included.
+        for n in [
+            "000000-0123456789abcdef.data",
+            "4294967295-ffffffffffffffff.data",
+        ] {
+            assert!(valid_object_name(n, ObjectKind::Data), "{n}");
+        }
+        for n in ["20261121T020000Z", "20261121T020000Z-2", "@-5"] {
+            assert!(valid_set_name(n), "{n}");
+        }
+    }
+
+    /// Rewrite a committed manifest as an attacker could: any fields, a valid checksum.
+    fn rewrite(repo: &Repository, m: &PointManifest) {
+        let path = repo
+            .store()
+            .path(&format!("{}/{:06}.point", set_key(&m.vdi, &m.set), m.seq));
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, manifest::encode(m)).unwrap();
+    }
+
+    #[test]
+    fn a_manifest_naming_a_file_outside_its_set_is_damaged_and_nothing_is_opened() {
+        let (d, repo, good) = one_point();
+        // Copies of the point's own objects outside the repository: were they followed, the
+        // point would read fine.
+        let set_dir = repo.store().path(&set_key(VDI, &good.set));
+        for (f, to) in [(&good.index, "outside.idx"), (&good.data, "outside.data")] {
+            std::fs::copy(set_dir.join(&f.name), d.path().join(to)).unwrap();
+        }
+        let mut evil = good.clone();
+        evil.index.name = "../../../../outside.idx".into();
+        evil.data.name = "../../../../outside.data".into();
+        assert!(
+            set_dir.join(&evil.index.name).exists(),
+            "the escape works on disk"
+        );
+        rewrite(&repo, &evil);
+        let disk = repo.disk(VDI).unwrap();
+        assert!(disk.sets[0].points.is_empty());
+        let p = &disk.sets[0].problems[0];
+        assert!(p.location.ends_with("/000000.point"), "{p:?}");
+        assert!(
+            p.message.contains("damaged") && p.message.contains("\"../../../../outside.idx\""),
+            "{p:?}"
+        );
+        // A manifest that reaches open_point some other way is refused there too.
+        let e = repo.open_point(&evil).unwrap_err().to_string();
+        assert!(
+            e.contains("000000.point is damaged") && e.contains("outside"),
+            "{e}"
+        );
+        let mut evil_vm = good.clone();
+        evil_vm.vm_metadata = Some(FileRef {
+            name: "../../../../outside.data".into(),
+            len: 3,
+        });
+        let e = repo.read_vm_metadata(&evil_vm).unwrap_err().to_string();
+        assert!(e.contains("VM metadata object name"), "{e}");
+        // The genuine manifest back: all is well again.
+        rewrite(&repo, &good);
+        assert_eq!(repo.disk(VDI).unwrap().sets[0].points, vec![good.clone()]);
+        assert_eq!(repo.read_vm_metadata(&good).unwrap().unwrap(), b"tar");
+    }
+
+    #[test]
+    fn a_manifest_beyond_the_format_limits_is_damaged() {
+        let (_d, repo, good) = one_point();
+        let mut huge = good.clone();
+        huge.virtual_size = 1 << 62;
+        rewrite(&repo, &huge);
+        let disk = repo.disk(VDI).unwrap();
+        assert!(disk.sets[0].points.is_empty());
+        let msg = &disk.sets[0].problems[0].message;
+        assert!(
+            msg.contains("virtual size 4611686018427387904 bytes is above the format's limit"),
+            "{msg}"
+        );
+        assert!(repo.open_point(&huge).is_err());
+    }
+
+    #[test]
+    fn make_dir_accepts_an_existing_directory_not_a_file() {
+        // Its parent is synced in both cases: tests/corruption.rs watches the fsyncs.
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store.make_dir("a").unwrap();
+        store.make_dir("a").unwrap();
+        std::fs::write(dir.path().join("f"), b"").unwrap();
+        assert!(store.make_dir("f").is_err());
     }
 
     #[test]

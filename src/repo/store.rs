@@ -158,6 +158,15 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// fsync the directory holding `path` (`.` for a bare relative name): makes `path`'s own entry
+/// durable.
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
+        _ => sync_dir(Path::new(".")),
+    }
+}
+
 struct LocalFile {
     file: File,
     len: u64,
@@ -300,10 +309,13 @@ impl Store for LocalStore {
     fn make_dir(&self, key: &str) -> io::Result<()> {
         let p = self.path(key);
         match fs::DirBuilder::new().mode(DIR_MODE).create(&p) {
-            Ok(()) => sync_dir(&self.parent_dir(key)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(e),
+            Ok(()) => {}
+            // Made by a run that may have crashed before its parent was synced: sync it now,
+            // or objects committed inside it could vanish with the directory on power loss.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => {}
+            Err(e) => return Err(e),
         }
+        sync_dir(&self.parent_dir(key))
     }
 
     fn remove_dir(&self, key: &str) -> io::Result<()> {

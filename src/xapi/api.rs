@@ -82,7 +82,8 @@ pub struct VdiRecord {
 }
 
 impl VdiRecord {
-    fn from_value(v: &Value) -> Result<VdiRecord, String> {
+    /// A VDI record from `VDI.get_record` (a JSON object or an XML-RPC struct mapped onto one).
+    pub fn from_value(v: &Value) -> Result<VdiRecord, String> {
         Ok(VdiRecord {
             uuid: field_str(v, "uuid"),
             name_label: field_str(v, "name_label"),

@@ -77,6 +77,34 @@ fn text_of(v: &Value) -> String {
     }
 }
 
+/// Largest API response body read (a record of every VM of a large pool is a few MiB): a host
+/// or proxy that sends more is refused instead of filling memory.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// What a `/jsonrpc` response body says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JsonReply {
+    /// Not JSON at all: a host without JSON-RPC (use XML-RPC).
+    NotJson,
+    /// JSON with neither a result nor an error.
+    Empty,
+    Result(Value),
+    /// The failure's code and parameters.
+    Failure(String, Vec<String>),
+}
+
+/// Decode a JSON-RPC response body (pure: the fuzz target drives it with arbitrary bytes).
+pub fn decode_json_reply(bytes: &[u8]) -> JsonReply {
+    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+        return JsonReply::NotJson;
+    };
+    match interpret_json(v) {
+        Ok(Some(r)) => JsonReply::Result(r),
+        Ok(None) => JsonReply::Empty,
+        Err((code, params)) => JsonReply::Failure(code, params),
+    }
+}
+
 /// A JSON-RPC reply: its result (None if it has neither result nor error), or the failure's
 /// code and parameters, in either of xapi's shapes: v2 `{"code":..,"message":CODE,"data":[..]}`
 /// or v1 `[CODE, params...]`.
@@ -105,6 +133,54 @@ fn redact(s: &str) -> String {
     crate::nbd::client::redact_session(s)
 }
 
+/// Redirects are followed (a handler may answer 302 to the host holding the disk) only to
+/// `https`: the URL carries the session id, which must never travel in plain text.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        if attempt.url().scheme() != "https" {
+            let to = format!(
+                "{}://{}",
+                attempt.url().scheme(),
+                attempt.url().host_str().unwrap_or("?")
+            );
+            attempt.error(format!(
+                "refused a redirect to {to}: only https is followed (the request carries the session)"
+            ))
+        } else if attempt.previous().len() >= 5 {
+            attempt.error("too many redirects (more than 5)")
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// Read a response body of at most `limit` bytes; a longer one is an error naming the limit.
+pub(crate) async fn read_body(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, BodyError> {
+    if let Some(n) = resp.content_length()
+        && n > limit as u64
+    {
+        return Err(BodyError::TooLarge(limit));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Transport)? {
+        if out.len().saturating_add(chunk.len()) > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Why a body could not be read.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    Transport(reqwest::Error),
+    TooLarge(usize),
+}
+
 impl Xapi {
     pub fn connect(cfg: &HostConfig) -> Result<Xapi, XapiError> {
         let (base, host) = parse_url(&cfg.url)?;
@@ -112,7 +188,7 @@ impl Xapi {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(Duration::from_secs(30))
-            .redirect(reqwest::redirect::Policy::limited(5))
+            .redirect(redirect_policy())
             .build()
             .map_err(|e| XapiError::Config(format!("HTTP client: {e}")))?;
         Ok(Xapi {
@@ -211,21 +287,43 @@ impl Xapi {
             .await
             .map_err(|e| self.transport(e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
-        let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
-            return Ok(None);
-        };
-        if !status.is_success() && v.get("error").is_none() {
-            return Err(self.protocol(method, format!("HTTP {status}")));
-        }
-        match interpret_json(v) {
-            Ok(Some(r)) => Ok(Some(r)),
-            Ok(None) => Err(self.protocol(method, "neither result nor error")),
-            Err((code, params)) => Err(self.failure(method, code, params)),
+        let bytes = self.body(method, resp).await?;
+        match decode_json_reply(&bytes) {
+            JsonReply::NotJson => Ok(None),
+            JsonReply::Failure(code, params) => Err(self.failure(method, code, params)),
+            _ if !status.is_success() => Err(self.protocol(method, format!("HTTP {status}"))),
+            JsonReply::Result(r) => Ok(Some(r)),
+            JsonReply::Empty => Err(self.protocol(method, "neither result nor error")),
         }
     }
 
+    /// An API response's body, bounded by `MAX_RESPONSE_BYTES`.
+    async fn body(&self, call: &str, resp: reqwest::Response) -> Result<Vec<u8>, XapiError> {
+        read_body(resp, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| match e {
+                BodyError::Transport(e) => self.transport(e),
+                BodyError::TooLarge(n) => self.protocol(
+                    call,
+                    format!(
+                        "the reply is larger than {} MiB, far more than any API reply; is --host a XenServer/XCP-ng host?",
+                        n >> 20
+                    ),
+                ),
+            })
+    }
+
     fn failure(&self, call: &str, code: String, params: Vec<String>) -> XapiError {
+        // The host may echo the session reference (SESSION_INVALID does): never keep it.
+        let params = params
+            .into_iter()
+            .map(|p| match &self.session {
+                Some(s) if !s.is_empty() && p.contains(s.as_str()) => {
+                    p.replace(s.as_str(), super::error::REDACTED_SESSION)
+                }
+                _ => p,
+            })
+            .collect();
         XapiError::Api(ApiFailure {
             call: call.to_string(),
             code,
@@ -244,7 +342,8 @@ impl Xapi {
             .await
             .map_err(|e| self.transport(e))?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| self.transport(e))?;
+        let body = self.body(method, resp).await?;
+        let text = String::from_utf8_lossy(&body);
         if !status.is_success() {
             return Err(self.protocol(method, format!("HTTP {status}")));
         }
@@ -335,7 +434,12 @@ impl Xapi {
     /// An error page in the body of a failed (or falsely successful) handler reply.
     async fn handler_error(&self, what: &str, resp: reqwest::Response) -> XapiError {
         let status = resp.status().as_u16();
-        let body = resp.text().await.unwrap_or_default();
+        // An excerpt is all an error shows: read no more than a small page.
+        let body = match read_body(resp, 64 << 10).await {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(BodyError::TooLarge(_)) => "(a page of more than 64 KiB)".into(),
+            Err(BodyError::Transport(_)) => String::new(),
+        };
         let mut excerpt: String = body.chars().take(300).collect();
         excerpt = excerpt.split_whitespace().collect::<Vec<_>>().join(" ");
         XapiError::Http {
@@ -393,7 +497,7 @@ impl Xapi {
         if !resp.status().is_success() {
             return Err(self.handler_error(&what, resp).await);
         }
-        let body = resp.bytes().await.map_err(|e| self.transport(e))?;
+        let body = self.body(&what, resp).await?;
         if !crate::tar::holds(&body, "ova.xml") {
             let excerpt: String = String::from_utf8_lossy(&body[..body.len().min(200)]).into();
             return Err(XapiError::Http {
@@ -402,7 +506,7 @@ impl Xapi {
                 body: format!("not a tar holding ova.xml: {}", redact(&excerpt)),
             });
         }
-        Ok(body.to_vec())
+        Ok(body)
     }
 
     /// `PUT /import_metadata`: a VM from a metadata export, its disks mapped (original VDI uuid
@@ -492,6 +596,141 @@ mod tests {
             Ok(Some(json!(true)))
         );
         assert_eq!(interpret_json(json!({"id": 1})), Ok(None));
+    }
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTPS server answering every request on its connection with `answer(request head)`
+    /// (written in pieces, as a real server streams), then closing.
+    async fn https_server(
+        answer: impl Fn(&str) -> Vec<Vec<u8>> + Send + Sync + 'static,
+    ) -> (String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = crate::sim::server::self_signed(dir.path(), "127.0.0.1").unwrap();
+        let tls = crate::sim::nbd::tls_config(&cert, &key).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let (acceptor, answer) = (acceptor.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    for piece in answer(&String::from_utf8_lossy(&head)) {
+                        if tls.write_all(&piece).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (url, dir)
+    }
+
+    fn client(url: &str) -> Xapi {
+        let mut x = Xapi::connect(&HostConfig {
+            url: url.into(),
+            trust: HostTrust::Insecure,
+            timeout: Duration::from_secs(30),
+        })
+        .unwrap();
+        x.session = Some("OpaqueRef:5ec2e7-session".into());
+        x
+    }
+
+    #[tokio::test]
+    async fn a_redirect_from_https_to_http_is_refused_and_nothing_reaches_the_plain_port() {
+        // Where the downgrade points: a plain listener that counts connections.
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain_addr = plain.local_addr().unwrap();
+        let reached = Arc::new(AtomicU64::new(0));
+        let r = reached.clone();
+        tokio::spawn(async move {
+            while plain.accept().await.is_ok() {
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let (url, _d) = https_server(move |head| {
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            vec![
+                format!(
+                    "HTTP/1.1 302 Found\r\nLocation: http://{plain_addr}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                .into_bytes(),
+            ]
+        })
+        .await;
+        let x = client(&url);
+        let e = x
+            .export_raw_vdi("3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b", 1 << 20)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(&format!("refused a redirect to http://{}", plain_addr.ip())),
+            "{e}"
+        );
+        assert!(
+            !e.contains("5ec2e7"),
+            "the session leaked into the error: {e}"
+        );
+        let e = x.export_metadata("vm").await.err().unwrap().to_string();
+        assert!(e.contains("refused a redirect"), "{e}");
+        let e = x
+            .call("VM.get_all", vec![])
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("refused a redirect"), "{e}");
+        assert_eq!(
+            reached.load(Ordering::SeqCst),
+            0,
+            "a request went out in plain text"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_api_reply_larger_than_the_bound_is_an_error() {
+        // One server announcing its length, one streaming without (Connection: close).
+        let over = MAX_RESPONSE_BYTES + 1;
+        let (announced, _d1) = https_server(move |_| {
+            vec![format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {over}\r\n\r\n"
+            )
+            .into_bytes()]
+        })
+        .await;
+        let (streamed, _d2) = https_server(move |_| {
+            let mut v = vec![
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n[\"".to_vec(),
+            ];
+            v.extend((0..=MAX_RESPONSE_BYTES >> 20).map(|_| vec![b'a'; 1 << 20]));
+            v
+        })
+        .await;
+        for url in [announced, streamed] {
+            let e = client(&url)
+                .call("VM.get_all", vec![])
+                .await
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("larger than 64 MiB"), "{url}: {e}");
+        }
     }
 
     #[test]

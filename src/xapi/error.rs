@@ -112,15 +112,24 @@ impl ApiFailure {
     }
 }
 
+/// What errors show instead of a session reference.
+pub const REDACTED_SESSION: &str = "<session redacted>";
+
 impl fmt::Display for ApiFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} failed: {}", self.call, self.code)?;
         // Parameters never include the session (a secret); refs and texts help the admin.
+        // SESSION_INVALID's parameter *is* the session reference (xen-api's
+        // `session_invalid` carries the ref): show none of it.
+        let session_invalid = self.kind() == Failure::SessionInvalid;
         let params: Vec<String> = self
             .params
             .iter()
-            .map(|p| crate::nbd::client::redact_session(p))
             .filter(|p| !p.is_empty())
+            .map(|p| match session_invalid {
+                true => REDACTED_SESSION.to_string(),
+                false => crate::nbd::client::redact_session(p),
+            })
             .collect();
         if !params.is_empty() {
             write!(f, " ({})", params.join(", "))?;
@@ -158,6 +167,10 @@ pub enum XapiError {
     },
     #[error("{0}")]
     Config(String),
+    #[error(
+        "the pinned certificate file {file} {problem}; delete it to pin the host's certificate again on the next run (first use), or write the host's fingerprint into it (`openssl x509 -noout -fingerprint -sha256 -in /etc/xensource/xapi-ssl.pem` on the host)"
+    )]
+    Pin { file: String, problem: String },
 }
 
 impl XapiError {
@@ -206,5 +219,23 @@ mod tests {
         assert!(t.contains("on-boot=persist"), "{t}");
         let s = f("SESSION_INVALID", &["/x?session_id=OpaqueRef:secret"]).to_string();
         assert!(!s.contains("secret"), "{s}");
+    }
+
+    #[test]
+    fn session_invalid_never_shows_the_session_reference() {
+        let s = f(
+            "SESSION_INVALID",
+            &["OpaqueRef:5e1a2f0c-1111-2222-3333-444455556666"],
+        )
+        .to_string();
+        assert_eq!(
+            s,
+            format!(
+                "VDI.list_changed_blocks failed: SESSION_INVALID ({REDACTED_SESSION}): the API session ended (host restarted or session limit reached); run again"
+            )
+        );
+        // Other failures keep their references: they name objects the admin can look up.
+        let h = f("HANDLE_INVALID", &["VDI", "OpaqueRef:abc"]).to_string();
+        assert!(h.contains("(VDI, OpaqueRef:abc)"), "{h}");
     }
 }

@@ -153,3 +153,95 @@ pub fn client_config(trust: &HostTrust) -> Result<(ClientConfig, SeenCertificate
         .with_no_client_auth();
     Ok((config, seen))
 }
+
+/// Is `s` a fingerprint as `fingerprint` writes it (`SHA256:` and 32 colon-separated
+/// uppercase hex pairs)?
+pub fn valid_fingerprint(s: &str) -> bool {
+    let Some(hex) = s.strip_prefix("SHA256:") else {
+        return false;
+    };
+    let pairs: Vec<&str> = hex.split(':').collect();
+    pairs.len() == 32
+        && pairs
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|c| matches!(c, b'0'..=b'9' | b'A'..=b'F')))
+}
+
+/// Longest pin file read: a fingerprint line is 103 bytes.
+const MAX_PIN_BYTES: u64 = 4096;
+
+/// The fingerprint pinned in `path`: `None` only when the file does not exist (first use). A
+/// pin file that is empty, unreadable or holds anything but one fingerprint is an error naming
+/// it: treating it as first use would send the password to a host nobody verified.
+pub fn read_pin(path: &std::path::Path) -> Result<Option<String>, super::XapiError> {
+    use std::io::Read;
+    let file = path.display().to_string();
+    let err = |problem: String| super::XapiError::Pin {
+        file: file.clone(),
+        problem,
+    };
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(format!("cannot be read ({e})"))),
+    };
+    let mut bytes = Vec::new();
+    f.take(MAX_PIN_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(format!("cannot be read ({e})")))?;
+    if bytes.len() as u64 > MAX_PIN_BYTES {
+        return Err(err("is far longer than a fingerprint".into()));
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let fp = text.trim();
+    if fp.is_empty() {
+        return Err(err(
+            "is empty (a run may have been interrupted while pinning)".into(),
+        ));
+    }
+    if !valid_fingerprint(fp) {
+        let shown: String = fp.chars().take(120).collect();
+        return Err(err(format!(
+            "does not hold a SHA-256 fingerprint like SHA256:AB:CD:... (it holds {shown:?})"
+        )));
+    }
+    Ok(Some(fp.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_files_missing_valid_empty_malformed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.pin");
+        assert_eq!(read_pin(&p).unwrap(), None);
+        let fp = fingerprint(b"a certificate");
+        std::fs::write(&p, format!("{fp}\n")).unwrap();
+        assert_eq!(read_pin(&p).unwrap(), Some(fp.clone()));
+        for (bytes, says) in [
+            (&b""[..], "is empty"),
+            (b" \n\n", "is empty"),
+            (b"SHA256:AB\n", "does not hold a SHA-256 fingerprint"),
+            (b"hello", "does not hold a SHA-256 fingerprint"),
+        ] {
+            std::fs::write(&p, bytes).unwrap();
+            let e = read_pin(&p).unwrap_err().to_string();
+            assert!(e.contains(&p.display().to_string()), "{e}");
+            assert!(e.contains(says), "{e}");
+            assert!(e.contains("delete it to pin"), "{e}");
+        }
+        std::fs::write(&p, vec![b'A'; 10_000]).unwrap();
+        assert!(read_pin(&p).unwrap_err().to_string().contains("longer"));
+        // A directory where the file should be: unreadable, not first use.
+        std::fs::remove_file(&p).unwrap();
+        std::fs::create_dir(&p).unwrap();
+        assert!(
+            read_pin(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot be read")
+        );
+    }
+}
