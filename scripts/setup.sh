@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
-pkgs=(e2fsprogs fuse3 util-linux fdisk gdisk lvm2 kmod fio nbdkit nbd-server libnbd-bin openssl curl
+pkgs=(e2fsprogs fuse3 util-linux fdisk gdisk lvm2 kmod fio nbdkit nbd-server libnbd-bin openssl curl strace
       xfsprogs btrfs-progs dosfstools ntfs-3g fusefat fuse2fs)
 sudo=""
 if [ "$(id -u)" != 0 ]; then
