@@ -11,7 +11,8 @@ seconds=${1:-60}
 jobs=${FUZZ_JOBS:-1}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 targets=${FUZZ_TARGETS:-$(cd fuzz && cargo +nightly fuzz list)}
-(cd fuzz && cargo +nightly fuzz build --debug-assertions $targets >/dev/null)
+# cargo-fuzz builds one target or all of them.
+for t in $targets; do (cd fuzz && cargo +nightly fuzz build --debug-assertions "$t" >/dev/null); done
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 touch "$logs/start"   # findings of this run are the artifacts newer than this

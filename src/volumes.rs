@@ -1349,7 +1349,8 @@ fn lv_extents(
         let kind = seg.str("type").unwrap_or("");
         if kind != "striped" {
             return Err(format!(
-                "a {kind} segment: cbtfs maps linear and striped LVs only"
+                "a {} segment: cbtfs maps linear and striped LVs only",
+                kind.escape_debug()
             ));
         }
         let (Some(first), Some(count)) =
@@ -1421,7 +1422,7 @@ fn lv_extents(
         let mut starts = Vec::with_capacity(stripes.len());
         for (p, pe) in stripes {
             let Some((base, pv_end)) = pv_at.get(p).copied().flatten() else {
-                return Err(format!("it uses {p}, a PV that is not on this disk"));
+                return Err(format!("it uses {p:?}, a PV that is not on this disk"));
             };
             let at = pe.checked_mul(extent).and_then(|o| base.checked_add(o));
             match at.and_then(|a| Some((a, a.checked_add(per)?))) {
@@ -1965,6 +1966,30 @@ mod hostile {
                 .contains("checksum of its LVM label"),
             "{l:?}"
         );
+    }
+
+    #[test]
+    fn guest_strings_cannot_break_volumes_txt_and_names_stay_unique() {
+        let lv = |vg: &str, lv: &str, kind: &str, pe: u32| {
+            format!(
+                "{vg} {{ extent_size = 8 physical_volumes {{ pv0 {{ id = \"{PV_ID}\" pe_start = 2048 }} }}\n\
+                 logical_volumes {{ {lv} {{ status = [\"VISIBLE\"] segment_count = 1 segment1 {{ start_extent = 0 extent_count = 1 type = \"{kind}\" stripes = [\"pv0\", {pe}] }} }} }} }}\n"
+            )
+        };
+        let text = [
+            lv("a-b", "c", "striped", 0),
+            lv("a", "b-c", "striped", 1),
+            lv("x", "y", "evil\\\"\ninjected line\u{1b}[2J", 2),
+        ]
+        .concat();
+        let l = discover(&Mem(lvm_disk(2 << 20, &text))).unwrap();
+        let names: Vec<&str> = l.volumes.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["a-b-c"], "{l:?}");
+        let same = unreadable(&l, "a-b-c");
+        assert_eq!(same.reason, "another volume has the same name");
+        let evil = unreadable(&l, "x-y");
+        assert!(!evil.reason.contains('\n') && !evil.reason.contains('\u{1b}'), "{evil:?}");
+        assert_eq!(l.to_text().lines().count(), 4, "{}", l.to_text());
     }
 
     #[test]

@@ -30,7 +30,14 @@
 //!    exactly, and leaves no leftovers of the crash (no `.tmp`, no `.prune-*`, no orphaned data
 //!    or index).
 //!
-//! The test prints `crash states: K states, L lost commits, W wrong bytes` and fails on any
+//! 5. A kill is not a power cut: a killed writer's unsynced directory changes stay visible, and
+//!    the next writer may build on them. `a_commit_after_a_killed_writer_survives_a_power_cut`
+//!    kills each import and the prune after every directory change or fsync (the volatile
+//!    state lives on), runs the next import on that state under strace too, and cuts the power
+//!    once it returned: its point and every earlier one must be there. `init_is_durable_once_
+//!    it_returns` records `cbtfs init` from the directory that holds the new repository.
+//!
+//! The tests print `crash states: K states, L lost commits, W wrong bytes` and fail on any
 //! violation.
 
 mod common;
@@ -116,6 +123,7 @@ struct Call {
 }
 
 /// An open file description (shared by `dup`ed descriptors).
+#[derive(Clone)]
 struct Ofd {
     ino: usize,
     pos: u64,
@@ -177,6 +185,7 @@ impl Snap {
 }
 
 /// The model file system and the replay of a trace on it.
+#[derive(Clone)]
 struct Replay {
     /// The repository root, canonical, as bytes.
     root: Vec<u8>,
@@ -303,6 +312,11 @@ impl Replay {
     }
 
     fn snapshot(&self, what: String, dirs_volatile: bool) -> Snap {
+        self.snap(what, dirs_volatile, false)
+    }
+
+    /// The tree with directories and file bytes from the volatile or the durable layer.
+    fn snap(&self, what: String, dirs_volatile: bool, files_volatile: bool) -> Snap {
         let mut entries = BTreeMap::new();
         let mut stack = vec![(Vec::new(), 0usize)];
         while let Some((path, ino)) = stack.pop() {
@@ -322,7 +336,11 @@ impl Replay {
                         stack.push((p, child));
                     }
                     Node::File(d) => {
-                        entries.insert(p, SnapEntry::File(child, d.clone()));
+                        let d = match (&self.vol[child], files_volatile) {
+                            (Node::File(v), true) => v.clone(),
+                            _ => d.clone(),
+                        };
+                        entries.insert(p, SnapEntry::File(child, d));
                     }
                 }
             }
@@ -858,8 +876,33 @@ fn parse_trace(text: &str) -> Vec<Call> {
     calls
 }
 
-/// Run cbtfs with `args` under strace; returns its output and the calls recorded.
-fn record(dir: &Path, args: &[String]) -> (std::process::Output, Vec<Call>) {
+/// Whether strace is here and may trace (ptrace can be forbidden in containers); says why not.
+fn can_trace() -> bool {
+    if !have("strace") {
+        skip("strace is not installed (scripts/setup.sh installs it)");
+        return false;
+    }
+    let o = Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "true"])
+        .output();
+    match o {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            skip(&format!(
+                "strace cannot trace here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+            false
+        }
+        Err(e) => {
+            skip(&format!("strace does not run: {e}"));
+            false
+        }
+    }
+}
+
+/// Run cbtfs with `args` under strace; returns the calls recorded, or how the command failed.
+fn record(dir: &Path, args: &[String]) -> Result<Vec<Call>, String> {
     let trace = dir.join("trace.txt");
     let list: Vec<String> = TRACED.iter().map(|n| format!("?{n}")).collect();
     let o = Command::new("strace")
@@ -874,16 +917,33 @@ fn record(dir: &Path, args: &[String]) -> (std::process::Output, Vec<Call>) {
         .args(args)
         .output()
         .expect("strace runs");
-    assert!(
-        o.status.success(),
-        "cbtfs {args:?} under strace failed: {}{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
     let text = std::fs::read_to_string(&trace).expect("strace wrote its trace");
-    let calls = parse_trace(&text);
     std::fs::remove_file(&trace).unwrap();
-    (o, calls)
+    if !o.status.success() {
+        return Err(format!(
+            "cbtfs {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        ));
+    }
+    Ok(parse_trace(&text))
+}
+
+/// The model must have seen exactly what the command did to the repository at `root`.
+fn check_model(label: &str, root: &Path, replay: &Replay) {
+    let real = real_tree(root);
+    let model = replay.volatile();
+    if real != model {
+        let diff: Vec<String> = real
+            .keys()
+            .chain(model.keys())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|k| real.get(*k) != model.get(*k))
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        panic!("{label}: the model of the trace differs from the repository at {diff:?}");
+    }
 }
 
 /// Every file and directory below `root`, as the model sees them.
@@ -952,6 +1012,12 @@ fn listing(repo: &Path) -> Result<Listing, String> {
 /// (vdi, time) → the image a point was made from.
 type Truth = HashMap<(String, String), Vec<u8>>;
 
+/// A writer run after a kill (the command, for a repository as listed) and the point it makes.
+struct NextWriter<'a> {
+    args: &'a dyn Fn(&Path, &Listing) -> Vec<String>,
+    point: ((String, String), Vec<u8>),
+}
+
 /// What the states of one recorded command are checked against.
 struct Expect<'a> {
     before: Listing,
@@ -975,6 +1041,7 @@ fn check_state(
     repo: &Path,
     ex: &Expect,
     returned: bool,
+    extra: Option<&(String, String)>,
     follow: &FollowUp,
     t: &mut Tally,
     what: &str,
@@ -998,6 +1065,22 @@ fn check_state(
     };
     if !l.problems.is_empty() {
         fail(t, format!("ls names problems: {:?}", l.problems));
+    }
+    let mut l = l;
+    if let Some((vdi, time)) = extra {
+        // The next writer's point: required, and not part of what the set rule compares.
+        let mut found = false;
+        for ((v, _), times) in l.sets.iter_mut() {
+            if v == vdi && times.last() == Some(time) {
+                times.pop();
+                found = true;
+            }
+        }
+        l.sets.retain(|_, times| !times.is_empty());
+        if !found {
+            t.lost += 1;
+            fail(t, format!("the next writer's point {vdi}@{time} is lost"));
+        }
     }
     let keys: BTreeSet<&(String, String)> = l
         .sets
@@ -1083,7 +1166,9 @@ fn no_leftovers(repo: &Path, vdi: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Record `args` on the repository at `repo`, then check every crash state.
+/// Record `args` on the repository at `repo`, then check every crash state (or, with `next`,
+/// every kill followed by the next writer and a power cut).
+#[allow(clippy::too_many_arguments)]
 fn crash_states(
     label: &str,
     dir: &Path,
@@ -1091,28 +1176,34 @@ fn crash_states(
     args: &[String],
     truth_for: &dyn Fn(&Listing) -> Truth,
     follow: &FollowUp,
+    next: Option<&NextWriter>,
     total: &mut Tally,
 ) {
     let before = listing(repo).unwrap();
     let mut replay = Replay::load(repo);
-    let (_, calls) = record(dir, args);
+    let initial = replay.snapshot("before the command".into(), false);
+    let calls = record(dir, args).unwrap_or_else(|e| panic!("{label}: {e}"));
+    // Where the process could be killed (the file system living on): after each call that
+    // changed a directory or made something durable.
+    let mut kills: Vec<(String, Replay)> = Vec::new();
+    let mut seen_kills = BTreeSet::new();
     for c in &calls {
+        let n = replay.states.len();
         replay.apply(c);
+        if replay.states.len() > n && next.is_some() {
+            let both = (
+                replay.snap(String::new(), true, true).digest(),
+                replay.snapshot(String::new(), false).digest(),
+            );
+            if seen_kills.insert(both) {
+                let mut k = replay.clone();
+                k.states.clear();
+                k.fds.clear();
+                kills.push((format!("killed at line {} ({})", c.line, c.name), k));
+            }
+        }
     }
-    // The model must have seen exactly what the command did.
-    let real = real_tree(repo);
-    let model = replay.volatile();
-    if real != model {
-        let diff: Vec<String> = real
-            .keys()
-            .chain(model.keys())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .filter(|k| real.get(*k) != model.get(*k))
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .collect();
-        panic!("{label}: the model of the trace differs from the repository at {diff:?}");
-    }
+    check_model(label, repo, &replay);
     let after = listing(repo).unwrap();
     assert_ne!(before, after, "{label}: the command changed nothing");
     let truth = truth_for(&after);
@@ -1121,13 +1212,20 @@ fn crash_states(
         after,
         truth: &truth,
     };
-    let generated = replay.states.len() + 1;
+    let generated = replay.states.len() + 2;
     let fsyncs = replay.fsyncs;
     let done = replay.snapshot("after the command returned".to_string(), false);
     let mut seen = BTreeSet::new();
     let mut t = Tally::default();
     // Checked first: the state that must hold the new points.
-    for (i, st) in std::iter::once(done).chain(replay.states).enumerate() {
+    // With a next writer, only the kills are checked (the power cuts alone are another test).
+    let alone = if next.is_some() { 0 } else { usize::MAX };
+    for (i, st) in std::iter::once(done)
+        .chain(std::iter::once(initial))
+        .chain(replay.states)
+        .enumerate()
+        .take(alone)
+    {
         if !seen.insert(st.digest()) && i > 0 {
             continue;
         }
@@ -1138,15 +1236,68 @@ fn crash_states(
             &r,
             &ex,
             i == 0,
+            None,
             follow,
             &mut t,
             &format!("{label}: {}", st.what),
         );
     }
+    let mut killed = 0;
+    if let Some(nw) = next {
+        // Killed, then the next writer ran and returned, then the power went: its point and
+        // every point committed before must be there.
+        let mut truth = truth.clone();
+        truth.insert(nw.point.0.clone(), nw.point.1.clone());
+        let ex = Expect {
+            truth: &truth,
+            ..ex
+        };
+        for (what, mut k) in kills {
+            let what = format!("{label}: {what}, the next writer returned, power cut");
+            let kdir = tempfile::tempdir_in(dir).unwrap();
+            let r = kdir.path().join("repo");
+            k.snap(String::new(), true, true).materialise(&r);
+            k.root = bytes(&r);
+            let l = match listing(&r) {
+                Ok(l) => l,
+                Err(e) => {
+                    t.failures.push(format!("{what}: {e}"));
+                    continue;
+                }
+            };
+            let calls = match record(kdir.path(), &(nw.args)(&r, &l)) {
+                Ok(c) => c,
+                Err(e) => {
+                    t.failures.push(format!("{what}: the next writer: {e}"));
+                    continue;
+                }
+            };
+            for c in &calls {
+                k.apply(c);
+            }
+            check_model(&what, &r, &k);
+            let st = k.snapshot(what.clone(), false);
+            let sr = kdir.path().join("power-cut");
+            st.materialise(&sr);
+            check_state(
+                &sr,
+                &ex,
+                false,
+                Some(&nw.point.0),
+                &|_, _| Ok(()),
+                &mut t,
+                &what,
+            );
+            killed += 1;
+        }
+    }
+    let checked = match next {
+        None => format!("{generated} crash states ({} distinct)", t.states),
+        Some(_) => format!("{killed} kills, each followed by the next writer and a power cut"),
+    };
     eprintln!(
-        "{label}: {} calls, {fsyncs} fsyncs, {generated} crash states ({} distinct), {} lost commits, {} wrong bytes",
+        "{label}: {} calls, {fsyncs} fsyncs, {checked}, {} lost commits, {} wrong bytes",
         calls.len(),
-        t.states,
         t.lost,
         t.wrong
     );
@@ -1215,13 +1366,38 @@ fn import(
 
 /// The next import after a crash: an increment holding every block (or a base when the disk
 /// has no point), which must read back exactly and leave no leftovers.
-fn next_import(repo: &Path, l: &Listing, dir: &Path) -> Result<(), String> {
+const NEXT_TIME: &str = "2026-06-01T00:00:00Z";
+
+/// The image the next writer imports.
+fn next_image() -> Vec<u8> {
     let mut data = image(&mut TestRng::new(999));
     data[..8].copy_from_slice(b"nextnext");
-    let time = "2026-06-01T00:00:00Z";
-    let has = l.sets.keys().any(|(v, _)| v == VDI);
+    data
+}
+
+/// The next import: an increment holding every block, or a base when the disk has no point.
+fn next_import_args(repo: &Path, l: &Listing, dir: &Path) -> Vec<String> {
+    let img = dir.join("next.img");
+    std::fs::write(&img, next_image()).unwrap();
     let all: Vec<u64> = (0..BLOCKS as u64).collect();
-    import(repo, dir, &data, time, has.then_some(&all[..]))?;
+    let has = l.sets.keys().any(|(v, _)| v == VDI);
+    let bm = has.then(|| write_bitmap(dir, "next.bm", &all, BLOCKS as u64));
+    import_args(repo, &img, NEXT_TIME, bm.as_deref())
+}
+
+/// The next writer after a crash: the next import, which must read back exactly and leave no
+/// leftovers.
+fn next_import(repo: &Path, l: &Listing, dir: &Path) -> Result<(), String> {
+    let data = next_image();
+    let a = next_import_args(repo, l, dir);
+    let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+    let o = cbtfs(&a);
+    if !o.status.success() {
+        return Err(format!(
+            "import failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
     if !cbtfs(&["verify", s(repo)]).status.success() {
         return Err("verify fails after the next import".into());
     }
@@ -1234,20 +1410,74 @@ fn next_import(repo: &Path, l: &Listing, dir: &Path) -> Result<(), String> {
 
 #[test]
 fn every_crash_state_of_import_prune_and_backup_commits_is_intact() {
-    if !have("strace") {
-        skip("strace is not installed (scripts/setup.sh installs it)");
+    if !can_trace() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
     let dir = std::fs::canonicalize(d.path()).unwrap();
     let mut total = Tally::default();
+    import_and_prune_states(&dir, false, &mut total);
+    backup_states(&dir, &mut total);
+    report(&total);
+    assert!(
+        total.states >= 50,
+        "too few crash states: the test proved little"
+    );
+}
+
+/// A writer killed (the machine living on), then the next writer runs and returns, then the
+/// power goes: the next writer's point must survive, so it must make durable whatever of the
+/// killed writer's directory changes it builds on.
+///
+/// Needs issue #16's defect 14 fixed (`LocalStore::make_dir` must fsync the parent also when
+/// the directory already exists): otherwise a base import killed after `mkdir disks/VDI`, and
+/// a prune killed after its `RENAME_EXCHANGE`, lose the next import's point.
+#[test]
+#[ignore = "fails until defect 14 (make_dir's parent fsync) is fixed; un-ignore with that fix"]
+fn a_commit_after_a_killed_writer_survives_a_power_cut() {
+    if !can_trace() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(d.path()).unwrap();
+    let mut total = Tally::default();
+    import_and_prune_states(&dir, true, &mut total);
+    report(&total);
+    assert!(
+        total.states >= 50,
+        "too few crash states: the test proved little"
+    );
+}
+
+fn report(total: &Tally) {
+    eprintln!(
+        "crash states: {} states, {} lost commits, {} wrong bytes",
+        total.states, total.lost, total.wrong
+    );
+    assert!(
+        total.failures.is_empty(),
+        "{} violations:\n{}",
+        total.failures.len(),
+        total.failures.join("\n")
+    );
+    assert_eq!((total.lost, total.wrong), (0, 0));
+}
+
+/// Imports (a disk's first base, an increment, a new set) and a prune, recorded; their crash
+/// states checked (or, with `kills`, their kills followed by the next import and a power cut).
+fn import_and_prune_states(dir: &Path, kills: bool, total: &mut Tally) {
     let mut rng = TestRng::new(16);
     let mut truth: HashMap<(String, String), Vec<u8>> = HashMap::new();
     let follow_dir = dir.join("follow");
     std::fs::create_dir(&follow_dir).unwrap();
     let follow = |r: &Path, l: &Listing| next_import(r, l, &follow_dir);
+    let next_args = |r: &Path, l: &Listing| next_import_args(r, l, &follow_dir);
+    let next = NextWriter {
+        args: &next_args,
+        point: ((VDI.into(), NEXT_TIME.into()), next_image()),
+    };
 
-    // Imports: a disk's first base, an increment, a new set.
+    let next = kills.then_some(&next);
     let repo = dir.join("repo");
     ok(&["init", s(&repo)]);
     let img = dir.join("img");
@@ -1258,12 +1488,13 @@ fn every_crash_state_of_import_prune_and_backup_commits_is_intact() {
     let a = import_args(&repo, &img, t0, None);
     crash_states(
         "import base",
-        &dir,
+        dir,
         &repo,
         &a,
         &|_| truth.clone(),
         &follow,
-        &mut total,
+        next,
+        total,
     );
 
     let t1 = "2026-01-02T02:00:00Z";
@@ -1274,16 +1505,17 @@ fn every_crash_state_of_import_prune_and_backup_commits_is_intact() {
     data[7 * BS..8 * BS].fill(0); // a block that became zero: recorded, not stored
     std::fs::write(&img, &data).unwrap();
     truth.insert((VDI.into(), t1.into()), data.clone());
-    let bm = write_bitmap(&dir, "bm", &changed, BLOCKS as u64);
+    let bm = write_bitmap(dir, "bm", &changed, BLOCKS as u64);
     let a = import_args(&repo, &img, t1, Some(&bm));
     crash_states(
         "import increment",
-        &dir,
+        dir,
         &repo,
         &a,
         &|_| truth.clone(),
         &follow,
-        &mut total,
+        next,
+        total,
     );
 
     let t2 = "2026-01-03T02:00:00Z";
@@ -1293,12 +1525,13 @@ fn every_crash_state_of_import_prune_and_backup_commits_is_intact() {
     let a = import_args(&repo, &img, t2, None);
     crash_states(
         "import new set",
-        &dir,
+        dir,
         &repo,
         &a,
         &|_| truth.clone(),
         &follow,
-        &mut total,
+        next,
+        total,
     );
 
     // Prune: three sets; keep the newest point of each of the three newest months. The October
@@ -1329,7 +1562,7 @@ fn every_crash_state_of_import_prune_and_backup_commits_is_intact() {
                 rng.fill(blk);
             }
         }
-        import(&prepo, &dir, &data, t, (!base).then_some(&changed[..])).unwrap();
+        import(&prepo, dir, &data, t, (!base).then_some(&changed[..])).unwrap();
         truth.insert((VDI.into(), t.to_string()), data.clone());
     }
     let a: Vec<String> = ["prune", s(&prepo), "--keep-monthly", "3"]
@@ -1338,30 +1571,13 @@ fn every_crash_state_of_import_prune_and_backup_commits_is_intact() {
         .collect();
     crash_states(
         "prune",
-        &dir,
+        dir,
         &prepo,
         &a,
         &|_| truth.clone(),
         &follow,
-        &mut total,
-    );
-
-    backup_states(&dir, &mut total);
-
-    eprintln!(
-        "crash states: {} states, {} lost commits, {} wrong bytes",
-        total.states, total.lost, total.wrong
-    );
-    assert!(
-        total.failures.is_empty(),
-        "{} violations:\n{}",
-        total.failures.len(),
-        total.failures.join("\n")
-    );
-    assert_eq!((total.lost, total.wrong), (0, 0));
-    assert!(
-        total.states >= 20,
-        "too few crash states: the test proved little"
+        next,
+        total,
     );
 }
 
@@ -1445,7 +1661,16 @@ fn backup_states(dir: &Path, total: &mut Tally) {
         no_leftovers(r, &vdi)
     };
     let a = args(&repo);
-    crash_states("backup base", dir, &repo, &a, &truth_for, &follow, total);
+    crash_states(
+        "backup base",
+        dir,
+        &repo,
+        &a,
+        &truth_for,
+        &follow,
+        None,
+        total,
+    );
     for _ in 0..5 {
         let off = rng.below((2 * BLOCKS * BS - 5000) as u64);
         let bytes: Vec<u8> = (0..5000).map(|_| rng.next() as u8).collect();
@@ -1458,6 +1683,88 @@ fn backup_states(dir: &Path, total: &mut Tally) {
         &a,
         &truth_for,
         &follow,
+        None,
         total,
     );
+}
+
+/// `cbtfs init`, recorded from the directory that will hold the repository: once it returned,
+/// a power cut must leave a repository; before, either none or one that works — and in every
+/// state the next step (init again, or a first import) goes on.
+///
+/// Needs issue #16's defect 14 fixed (the new repository's parent directory is never fsynced,
+/// so after `init` returned a power cut can lose the whole repository).
+#[test]
+#[ignore = "fails until defect 14 (init's parent fsync) is fixed; un-ignore with that fix"]
+fn init_is_durable_once_it_returns() {
+    if !can_trace() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(d.path()).unwrap();
+    let parent = dir.join("parent");
+    std::fs::create_dir(&parent).unwrap();
+    let repo = parent.join("repo");
+    let mut replay = Replay::load(&parent);
+    let calls = record(&dir, &["init".to_string(), s(&repo).to_string()]).unwrap();
+    for c in &calls {
+        replay.apply(c);
+    }
+    check_model("init", &parent, &replay);
+    let done = replay.snapshot("after init returned".into(), false);
+    let data = next_image();
+    let img = dir.join("img");
+    std::fs::write(&img, &data).unwrap();
+    let mut failures = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut states = 0;
+    for (i, st) in std::iter::once(done).chain(replay.states).enumerate() {
+        if !seen.insert(st.digest()) && i > 0 {
+            continue;
+        }
+        states += 1;
+        let sdir = tempfile::tempdir_in(&dir).unwrap();
+        let r = sdir.path().join("repo");
+        st.materialise(sdir.path());
+        let is_repo = cbtfs(&["ls", s(&r)]).status.success();
+        if i == 0 && !is_repo {
+            failures.push(format!("{}: no repository", st.what));
+            continue;
+        }
+        if !is_repo {
+            // None yet: init again. It refuses a directory an interrupted init left
+            // (`disks/`, a temporary header): that costs the user an `rm -r`, never data, so
+            // it is noted, not failed; then the directory is cleared as the user would.
+            let o = cbtfs(&["init", s(&r)]);
+            if !o.status.success() {
+                let m = String::from_utf8_lossy(&o.stderr);
+                assert!(
+                    m.contains("not empty") && !r.join("cbtfs.repo").exists(),
+                    "{}: {m}",
+                    st.what
+                );
+                eprintln!("note: {}: init again refuses the leftovers: {m}", st.what);
+                std::fs::remove_dir_all(&r).unwrap();
+                ok(&["init", s(&r)]);
+            }
+        }
+        let a = import_args(&r, &img, NEXT_TIME, None);
+        let a: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+        let o = cbtfs(&a);
+        let back = cbtfs(&["export", s(&r), &format!("{VDI}@latest"), "-"]);
+        if !o.status.success() || back.stdout != data {
+            failures.push(format!(
+                "{}: the first import fails or reads back wrong: {}",
+                st.what,
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+    }
+    eprintln!(
+        "init: {} calls, {} fsyncs, {states} distinct crash states",
+        calls.len(),
+        replay.fsyncs
+    );
+    assert!(states >= 3, "too few crash states: the test proved little");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
