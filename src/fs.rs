@@ -1186,18 +1186,19 @@ mod tests {
             "20270115T090000Z.raw",
             "20270115T100000Z.raw",
         ];
-        let inos: Vec<u64> = names
-            .iter()
-            .map(|n| walk(&fs, &format!("{set}/{n}")).ino)
-            .collect();
+        // C's inode from the view itself: a lookup would open (and cache) its reader.
+        let set_ino = walk(&fs, set).ino;
+        let inos: Vec<u64> = match &fs.snap().nodes[&set_ino].data {
+            NodeData::Dir(c) => names.iter().map(|n| c[*n]).collect(),
+            _ => panic!("a set is a directory"),
+        };
+        assert!(fs.readers.lock().unwrap().is_empty());
         // Open and close A without reading: its reader stays cached.
         let a = fs.open(inos[0], false).unwrap();
         fs.release(a);
         // B stays open across the prune.
         let b = fs.open(inos[1], false).unwrap();
-        // C's volumes listed (its `.parts/` cached too).
-        let parts = walk(&fs, &format!("{set}/20270115T100000Z.parts"));
-        fs.release(fs.opendir(parts.ino).unwrap());
+        let parts = fs.lookup(set_ino, "20270115T100000Z.parts").unwrap();
 
         let policy = crate::prune::Policy {
             last: 1,
@@ -1223,7 +1224,12 @@ mod tests {
             "the kept point reads its own bytes"
         );
         fs.release(fh);
-        fs.rescan().unwrap();
+        assert!(
+            matches!(fs.lookup(set_ino, names[0]), Err(FsError::NotFound)),
+            "the failed open rescanned"
+        );
+        // C's volumes listed (its `.parts/` cached).
+        fs.release(fs.opendir(parts.ino).unwrap());
 
         let c = walk(&fs, &format!("{set}/{}", names[2]));
         assert_eq!(c.ino, inos[2], "the kept point keeps its inode");
