@@ -54,6 +54,8 @@ use crate::repo::{Repository, SetHistory};
 pub const ROOT_INO: u64 = 1;
 /// Snapshots younger than this are not rescanned by `opendir`/`readlink`.
 const FRESH: Duration = Duration::from_millis(200);
+/// Reads of the catalog tried before a rescan gives up (each retry follows a prune's swap).
+const SCAN_TRIES: usize = 8;
 /// Open point readers kept after their last handle closes (a chain map and layer references each).
 const READER_CACHE: usize = 64;
 pub const POINT_SUFFIX: &str = ".raw";
@@ -452,10 +454,51 @@ impl CbtFs {
         &self.repo
     }
 
+    /// (device, inode) of every set directory, by `VDI/SET`. A prune swaps a set's directory
+    /// for a rebuilt one: a catalog read while that happened shows here as a change.
+    fn set_dirs(&self) -> BTreeMap<String, (u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = BTreeMap::new();
+        for vdi in self.repo.disk_ids().unwrap_or_default() {
+            let dir = self.repo.store().path(&crate::repo::set_key(&vdi, ""));
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // A prune's work directory (`.prune-*`) is no set.
+                if !name.starts_with('.')
+                    && let Ok(md) = e.metadata()
+                    && md.is_dir()
+                {
+                    out.insert(format!("{vdi}/{name}"), (md.dev(), md.ino()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The repository's catalog, read whole while no set directory was swapped: the manifests
+    /// of a set read across a prune's swap could mix the old set's points with the new one's
+    /// (an unchanged point's increment over a chain it does not belong to).
+    fn consistent_catalog(&self) -> Result<Vec<crate::repo::DiskHistory>, FsError> {
+        for _ in 0..SCAN_TRIES {
+            let before = self.set_dirs();
+            let catalog = self.repo.catalog().map_err(repo_err)?;
+            if self.set_dirs() == before {
+                return Ok(catalog);
+            }
+            tracing::debug!("the repository changed while it was read; reading it again");
+        }
+        Err(FsError::Repository(format!(
+            "the repository's sets changed during each of {SCAN_TRIES} reads of it; serving the previous view"
+        )))
+    }
+
     /// Rebuild the tree from the repository now, and forget what the new view no longer has.
     pub fn rescan(&self) -> Result<(), FsError> {
         let _one = self.scanning.lock().unwrap_or_else(|p| p.into_inner());
-        let catalog = self.repo.catalog().map_err(repo_err)?;
+        let catalog = self.consistent_catalog()?;
         let tree = Tree::build(catalog);
         let snap = {
             let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
@@ -1181,25 +1224,37 @@ mod tests {
             "20270115T090000Z.raw",
             "20270115T100000Z.raw",
         ];
-        let inos: Vec<u64> = names
-            .iter()
-            .map(|n| walk(&fs, &format!("{set}/{n}")).ino)
-            .collect();
+        // C's inode from the view itself: a lookup would open (and cache) its reader.
+        let set_ino = walk(&fs, set).ino;
+        let inos: Vec<u64> = match &fs.snap().nodes[&set_ino].data {
+            NodeData::Dir(c) => names.iter().map(|n| c[*n]).collect(),
+            _ => panic!("a set is a directory"),
+        };
+        assert!(fs.readers.lock().unwrap().is_empty());
         // Open and close A without reading: its reader stays cached.
         let a = fs.open(inos[0], false).unwrap();
         fs.release(a);
         // B stays open across the prune.
         let b = fs.open(inos[1], false).unwrap();
-        // C's volumes listed (its `.parts/` cached too).
-        let parts = walk(&fs, &format!("{set}/20270115T100000Z.parts"));
-        fs.release(fs.opendir(parts.ino).unwrap());
+        let parts = fs.lookup(set_ino, "20270115T100000Z.parts").unwrap();
 
         let policy = crate::prune::Policy {
             last: 1,
             ..Default::default()
         };
+        let dirs = fs.set_dirs();
+        assert_eq!(dirs.len(), 1);
         let report = crate::prune::prune(&repo, policy, None, false).unwrap();
         assert_eq!(report.disks[0].removed, 2);
+        let swapped = fs.set_dirs();
+        assert_eq!(
+            swapped.keys().collect::<Vec<_>>(),
+            dirs.keys().collect::<Vec<_>>()
+        );
+        assert_ne!(
+            swapped, dirs,
+            "a rescan tells a catalog read across the swap"
+        );
         // The view still predates the prune: opening C finds its old chain gone and looks again.
         let fh = fs.open(inos[2], false).unwrap();
         assert!(
@@ -1207,7 +1262,12 @@ mod tests {
             "the kept point reads its own bytes"
         );
         fs.release(fh);
-        fs.rescan().unwrap();
+        assert!(
+            matches!(fs.lookup(set_ino, names[0]), Err(FsError::NotFound)),
+            "the failed open rescanned"
+        );
+        // C's volumes listed (its `.parts/` cached).
+        fs.release(fs.opendir(parts.ino).unwrap());
 
         let c = walk(&fs, &format!("{set}/{}", names[2]));
         assert_eq!(c.ino, inos[2], "the kept point keeps its inode");
@@ -1349,6 +1409,98 @@ mod tests {
             assert!(read_all(&fs, fh, data.len()).unwrap() == *data, "{n}");
             fs.release(fh);
         }
+    }
+
+    /// Rescans racing with imports and prunes (each prune swaps the set's directory): every
+    /// point of every view reads its own bytes or fails, never another chain's bytes.
+    #[test]
+    fn rescans_during_prunes_never_read_a_torn_chain() {
+        use std::sync::atomic::AtomicBool;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("repo");
+        let repo = Repository::init(&root).unwrap();
+        let fs = CbtFs::new(Repository::open(&root).unwrap()).unwrap();
+        let expected: Mutex<HashMap<i64, Vec<u8>>> = Mutex::new(HashMap::new());
+        let done = AtomicBool::new(false);
+        let blocks = 4u64;
+        let (checked, problems) = std::thread::scope(|sc| {
+            let reader = sc.spawn(|| {
+                let (mut checked, mut problems) = (0usize, Vec::new());
+                while !done.load(Ordering::Relaxed) {
+                    if fs.rescan().is_err() {
+                        continue;
+                    }
+                    let points: Vec<(u64, i64)> = fs
+                        .snap()
+                        .nodes
+                        .iter()
+                        .filter(|(_, n)| matches!(n.data, NodeData::Point { .. }))
+                        .map(|(i, n)| (*i, n.mtime))
+                        .collect();
+                    for (ino, t) in points {
+                        let Ok(fh) = fs.open(ino, false) else {
+                            continue;
+                        };
+                        let want = expected.lock().unwrap().get(&t).cloned().unwrap();
+                        let mut buf = vec![0u8; want.len()];
+                        if let Ok(n) = fs.read(fh, 0, &mut buf) {
+                            checked += 1;
+                            if n != want.len() || buf != want {
+                                problems.push(t);
+                            }
+                        }
+                        fs.release(fh);
+                    }
+                }
+                (checked, problems)
+            });
+            let mut image = vec![0u8; (blocks * BLOCK_SIZE) as usize];
+            let img = d.path().join("img");
+            for i in 0..60i64 {
+                // Each point rewrites one block: a chain missing a point reads wrong.
+                let b = (i as u64) % blocks;
+                let at = (b * BLOCK_SIZE) as usize;
+                image[at..at + BLOCK_SIZE as usize].fill(i as u8 + 1);
+                std::fs::write(&img, &image).unwrap();
+                let t = 1_800_000_000 + i * 3600;
+                expected.lock().unwrap().insert(t, image.clone());
+                let bm: roaring::RoaringBitmap = [b as u32].into_iter().collect();
+                import_raw(
+                    &repo,
+                    &ImportRequest {
+                        vdi: "11111111-2222-4333-8444-555555555555".into(),
+                        disk_name: Some("root".into()),
+                        vm_uuid: None,
+                        vm_name: None,
+                        source: crate::import::ImportSource::Raw(img.clone()),
+                        bitmap: (i > 0)
+                            .then(|| (crate::bitmap::encode_base64(&bm, blocks), "bm".into())),
+                        time: t,
+                        snapshot: None,
+                        vm_metadata: None,
+                        vdi_type: None,
+                        source_label: None,
+                    },
+                    |_, _| {},
+                )
+                .unwrap();
+                if i % 2 == 1 {
+                    // Drops the oldest: the next point is rewritten, the newest hard-linked.
+                    let keep = crate::prune::Policy {
+                        last: 2,
+                        ..Default::default()
+                    };
+                    crate::prune::prune(&repo, keep, None, false).unwrap();
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+            reader.join().unwrap()
+        });
+        assert!(checked > 0);
+        assert!(
+            problems.is_empty(),
+            "points read wrong: {problems:?} ({checked} reads)"
+        );
     }
 
     #[test]

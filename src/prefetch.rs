@@ -183,7 +183,8 @@ impl Prefetcher {
         }
     }
 
-    /// Read `buf.len()` bytes at `offset` of the point `reader`, which is file `key` (its inode):
+    /// Read `buf.len()` bytes at `offset` of the point `reader`, read through `key` (the mount
+    /// passes the open file's handle, so a stream's chunks all come from that handle's reader):
     /// from fetched chunks when they cover the request, else directly. Returns the bytes read,
     /// fewer only at the end of the disk.
     pub fn read(
