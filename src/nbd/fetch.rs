@@ -341,3 +341,68 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::client::{Address, Negotiated};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A pool of one connection to a server answering every block status request with one
+    /// extent of `extent` bytes; returns what `allocated` says and how many requests it made.
+    async fn allocated_with(size: u64, extent: u32) -> (Option<Vec<(u64, u64)>>, u64) {
+        let (c, mut s) = tokio::io::duplex(1 << 20);
+        let n = Negotiated {
+            info: ExportInfo {
+                size,
+                ..ExportInfo::default()
+            },
+            structured: true,
+            status_context: Some(1),
+        };
+        let server = tokio::spawn(async move {
+            let mut served = 0u64;
+            let mut r = [0u8; 28];
+            while s.read_exact(&mut r).await.is_ok() && r[6..8] == [0, 7] {
+                served += 1;
+                let mut b = vec![0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 5];
+                b.extend_from_slice(&r[8..16]);
+                b.extend_from_slice(&12u32.to_be_bytes());
+                b.extend_from_slice(&1u32.to_be_bytes());
+                b.extend_from_slice(&extent.to_be_bytes());
+                b.extend_from_slice(&0u32.to_be_bytes());
+                if s.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+            served
+        });
+        let mut pool = Pool {
+            target: Target {
+                address: Address::Unix("/nonexistent".into()),
+                export: String::new(),
+                trust: None,
+            },
+            opts: FetchOptions::default(),
+            clients: vec![Client::over(c, n, 4, "test".into())],
+            info: n.info,
+            next: 0,
+        };
+        let r = pool.allocated().await.unwrap();
+        pool.close().await;
+        (r, server.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn block_status_follows_the_server_and_meagre_answers_are_cut_off() {
+        // 1 MiB extents over 8 MiB: eight requests, all data.
+        let (r, served) = allocated_with(8 << 20, 1 << 20).await;
+        assert_eq!(r, Some(vec![(0, 8 << 20)]));
+        assert_eq!(served, 8);
+        // 512-byte answers over 64 MiB would take 131072 requests: the budget (1024 + 16)
+        // ends it, and everything is read instead.
+        let (r, served) = allocated_with(64 << 20, 512).await;
+        assert_eq!(r, None);
+        assert_eq!(served, 1024 + 16);
+    }
+}

@@ -1,7 +1,8 @@
 //! The NBD client: fixed newstyle negotiation, TLS pinned to the host's certificate,
 //! structured replies and block status where the server has them, many pipelined connections.
 //!
-//! `proto` is the codec (pure, fuzzed by proptest); `client` one connection; `fetch` many;
+//! `proto` is the codec (pure, property-tested); `client` one connection (its handshake and
+//! reply reader are the `nbd_handshake` and `nbd_reply` fuzz targets); `fetch` many;
 //! `tls` the trust rules; `uri` NBD URIs. Read-only: no write command is ever sent.
 
 mod buffers;

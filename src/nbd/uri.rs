@@ -22,6 +22,10 @@ fn percent_decode(s: &str) -> Result<String, String> {
     while i < b.len() {
         if b[i] == b'%' {
             let hex = s.get(i + 1..i + 3).ok_or("a % escape is cut short")?;
+            // Two hex digits exactly (from_str_radix alone would take "+f").
+            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(format!("bad % escape %{hex}"));
+            }
             out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad % escape %{hex}"))?);
             i += 3;
         } else {
@@ -72,6 +76,9 @@ pub fn parse(uri: &str) -> Result<NbdUri, String> {
         }
         let (host, port) = if let Some(h) = authority.strip_prefix('[') {
             let (h, p) = h.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            if !p.is_empty() && !p.starts_with(':') {
+                return Err(bad("text after the ] of an IPv6 address"));
+            }
             (h.to_string(), p.strip_prefix(':'))
         } else {
             match authority.rsplit_once(':') {
@@ -79,6 +86,9 @@ pub fn parse(uri: &str) -> Result<NbdUri, String> {
                 None => (authority.to_string(), None),
             }
         };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
         let port = match port {
             Some(p) => p.parse().map_err(|_| bad("bad port"))?,
             None => PORT,
@@ -132,5 +142,16 @@ mod tests {
         assert!(parse("nbd://h:port/").is_err());
         let e = parse("nbd://h:x/%2Fvdi%3Fsession_id%3DOpaqueRef%3Asecret").unwrap_err();
         assert!(!e.contains("secret"), "{e}");
+        // Only two hex digits make an escape; a multi-byte character cut by one is an error.
+        assert!(
+            parse("nbd://h/%+f")
+                .unwrap_err()
+                .contains("bad % escape %+f")
+        );
+        assert!(parse("nbd://h/%é").is_err());
+        assert!(parse("nbd://h/%4").is_err());
+        assert!(parse("nbd://[::1]x/e").is_err());
+        assert!(parse("nbd://[]/e").unwrap_err().contains("no host"));
+        assert!(parse("nbd://:80/e").unwrap_err().contains("no host"));
     }
 }
