@@ -997,7 +997,15 @@ impl Repository {
                     timefmt::rfc3339(p.time)
                 )));
             }
-            (last_set.id.clone(), last_set.points.len() as u32, prev)
+            let seq = u32::try_from(last_set.points.len()).map_err(|_| {
+                RepoError::Invalid(format!(
+                    "set {} of disk {} is full ({} points); start a new set with a full image",
+                    last_set.id,
+                    spec.vdi,
+                    last_set.points.len()
+                ))
+            })?;
+            (last_set.id.clone(), seq, prev)
         };
         let key = set_key(&spec.vdi, &set);
         let dkey = format!("{DISKS}/{}", spec.vdi);
@@ -1127,8 +1135,13 @@ impl PointWriter<'_> {
                 "internal: block {block} out of order or outside the disk ({blocks} blocks)"
             )));
         }
+        let b32 = u32::try_from(block).map_err(|_| {
+            RepoError::Invalid(format!(
+                "internal: block {block} beyond the format's 32-bit block numbers"
+            ))
+        })?;
         self.next_block = block + 1;
-        self.changed.insert(block as u32);
+        self.changed.insert(b32);
         Ok(())
     }
 
@@ -1139,8 +1152,10 @@ impl PointWriter<'_> {
             len: BLOCK_SIZE as u32,
             crc,
         };
+        let b32 = u32::try_from(block)
+            .map_err(|_| RepoError::Invalid(format!("internal: block {block} beyond u32")))?;
         self.data_len += BLOCK_SIZE;
-        self.stored.insert(block as u32);
+        self.stored.insert(b32);
         let iloc = self
             .store
             .describe(&format!("{}/{}", self.set_key, self.index_name));
