@@ -14,11 +14,18 @@ fuzz_target!(|data: &[u8]| {
     n.copy_from_slice(head);
     // Mostly small counts (near the input's bit length), sometimes any u64.
     let raw = u64::from_le_bytes(n);
-    let blocks = if raw >> 63 == 1 { raw } else { raw % (rest.len() as u64 * 8 + 16) };
+    let blocks = if raw >> 63 == 1 {
+        raw
+    } else {
+        raw % (rest.len() as u64 * 8 + 16)
+    };
     if let Ok(set) = cbtfs::bitmap::from_bytes(rest, blocks) {
         assert!(set.max().is_none_or(|m| u64::from(m) < blocks));
         let enc = cbtfs::bitmap::encode_base64(&set, blocks);
-        assert_eq!(cbtfs::bitmap::decode_base64(&enc, blocks).expect("own encoding"), set);
+        assert_eq!(
+            cbtfs::bitmap::decode_base64(&enc, blocks).expect("own encoding"),
+            set
+        );
     }
     if let Ok(set) = cbtfs::bitmap::decode_base64(&String::from_utf8_lossy(rest), blocks) {
         assert!(set.max().is_none_or(|m| u64::from(m) < blocks));

@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
     let total: usize = members.iter().map(|(_, b)| b.len()).sum();
     assert!(total <= data.len());
     // Names of at most 100 bytes survive a rebuild (longer ones are cut by the format).
-    if members.iter().all(|(n, _)| n.len() <= 100 && !n.contains('\0')) {
+    if members
+        .iter()
+        .all(|(n, _)| n.len() <= 100 && !n.contains('\0'))
+    {
         let files: Vec<(&str, &[u8])> = members.iter().map(|(n, b)| (n.as_str(), *b)).collect();
         let rebuilt = cbtfs::tar::build(&files);
         let back = cbtfs::tar::members(&rebuilt).expect("a built tar reads back");
