@@ -39,7 +39,13 @@
 //!
 //! `cbtfs.repo` and `*.point` are JSON followed by a line `cbtfs-crc32c:XXXXXXXX` (see
 //! `manifest`). Each has `format` and `version`; a version newer than this build reads is refused
-//! with an "upgrade cbtfs" message, never guessed at.
+//! with an "upgrade cbtfs" message, never guessed at. A point manifest is then checked before
+//! any field is used (`PointManifest::check`): its `vdi` and `set` must be those of the directory
+//! it is in, its object names plain names of the writers' shape (`NNNNNN-<16 hex>.idx`, `.data`,
+//! `.vm.tar`: never a `/`, a `..` or a NUL, so nothing outside the set is ever opened), its
+//! virtual size within `MAX_VIRTUAL_SIZE`, and its counts consistent (data blocks ≤ changed
+//! blocks ≤ the disk's blocks, the data file exactly the stored blocks). Anything else makes
+//! the manifest damaged, named with the reason.
 //!
 //! # Integrity
 //!
