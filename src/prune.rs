@@ -319,10 +319,14 @@ fn rewrite(
     let reader = PointReader::open(repo, set, k as u32)?;
     let size = m.virtual_size;
     let blocks = blocks_for(size);
+    // Manifests are checked on read (sizes within the format), so this cannot fail; checked
+    // anyway rather than truncated.
+    let blocks32 = u32::try_from(blocks)
+        .map_err(|_| read_err(format!("{blocks} blocks is beyond the format's limit")))?;
     let base = new_seq == 0;
     let mut take = roaring::RoaringBitmap::new();
     if base {
-        take.insert_range(0..blocks as u32);
+        take.insert_range(0..blocks32);
     } else {
         for p in &set.points[from..=k] {
             let sp = repo.open_point(p)?;
@@ -334,10 +338,12 @@ fn rewrite(
             .map(|p| p.virtual_size)
             .min()
             .unwrap_or(size);
-        if (min_size / BLOCK_SIZE) < blocks {
-            take.insert_range((min_size / BLOCK_SIZE) as u32..blocks as u32);
+        if let Ok(kept) = u32::try_from(min_size / BLOCK_SIZE)
+            && kept < blocks32
+        {
+            take.insert_range(kept..blocks32);
         }
-        take.remove_range(blocks as u32..);
+        take.remove_range(blocks32..);
     }
     let mut w = repo.writer_at(
         lock,

@@ -85,6 +85,32 @@ fn head() -> [u8; HEAD_LEN] {
     h
 }
 
+/// Does a serialized roaring bitmap's header claim no more containers than its bytes can hold?
+/// The decoder sizes its buffers from that count before reading them: checked first, what it
+/// allocates stays bounded by the bytes there are (roaring's portable format: cookie 12346 and
+/// a u32 count, 8 bytes per container; or cookie 12347 with the count - 1 in its high half,
+/// a run bitmap and at least 4 bytes per container).
+fn roaring_header_fits(b: &[u8]) -> bool {
+    let Some(cookie) = b.get(0..4).map(|c| u32_at(c, 0)) else {
+        return false;
+    };
+    let (header, per_container, count) = match cookie {
+        12346 => match b.get(4..8) {
+            Some(n) => (8u64, 8u64, u64::from(u32_at(n, 0))),
+            None => return false,
+        },
+        c if c & 0xffff == 12347 => {
+            let n = u64::from(c >> 16) + 1;
+            (4 + n.div_ceil(8), 4, n)
+        }
+        _ => return true, // not a roaring header: the decoder refuses it without allocating
+    };
+    count
+        .checked_mul(per_container)
+        .and_then(|x| x.checked_add(header))
+        .is_some_and(|need| need <= b.len() as u64)
+}
+
 /// Streams an index: entries as blocks arrive, bitmaps and footer at the end.
 pub struct IndexWriter {
     out: Box<dyn ObjectWriter>,
@@ -217,6 +243,14 @@ impl Index {
             return Err(bad("index bitmaps checksum mismatch".into()));
         }
         let (cb, db) = bitmaps.split_at(changed_len as usize);
+        for (what, b) in [("changed-block", cb), ("data-block", db)] {
+            if !roaring_header_fits(b) {
+                return Err(bad(format!(
+                    "{what} bitmap claims more containers than its {} bytes hold",
+                    b.len()
+                )));
+            }
+        }
         let changed = RoaringBitmap::deserialize_from(cb)
             .map_err(|e| bad(format!("changed-block bitmap unreadable: {e}")))?;
         let data = RoaringBitmap::deserialize_from(db)
@@ -385,6 +419,38 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("its footer describes"), "{e}");
+        }
+    }
+
+    #[test]
+    fn bitmaps_claiming_more_containers_than_their_bytes_are_refused() {
+        // 2^32 - 1 containers in 8 bytes (no-run cookie), 65536 in 8 (run cookie).
+        for bitmap in [
+            [0x3a, 0x30, 0, 0, 0xff, 0xff, 0xff, 0xff],
+            [0x3b, 0x30, 0xff, 0xff, 0, 0, 0, 0],
+        ] {
+            let body = [bitmap.to_vec(), bitmap.to_vec()].concat();
+            let b = forged(&body, 1 << 20, 0, 8, 8);
+            let e = Index::parse(Mapped::Owned(b), "x.idx")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("claims more containers than its 8 bytes hold"),
+                "{e}"
+            );
+        }
+        // Real bitmaps of both serial forms fit, whatever their containers.
+        let mut runs = RoaringBitmap::new();
+        runs.insert_range(0..1_000_000);
+        runs.insert_range(2_000_000..2_000_010);
+        let sparse: RoaringBitmap = (0..300_000u32).step_by(3).collect();
+        let mut mixed = sparse.clone();
+        mixed.insert_range(5_000_000..6_000_000);
+        for r in [RoaringBitmap::new(), runs, sparse, mixed] {
+            let mut v = Vec::new();
+            r.serialize_into(&mut v).unwrap();
+            assert!(roaring_header_fits(&v), "{r:?}");
+            assert!(!roaring_header_fits(&v[..v.len().min(7)]) || r.is_empty());
         }
     }
 

@@ -39,7 +39,13 @@
 //!
 //! `cbtfs.repo` and `*.point` are JSON followed by a line `cbtfs-crc32c:XXXXXXXX` (see
 //! `manifest`). Each has `format` and `version`; a version newer than this build reads is refused
-//! with an "upgrade cbtfs" message, never guessed at.
+//! with an "upgrade cbtfs" message, never guessed at. A point manifest is then checked before
+//! any field is used (`PointManifest::check`): its `vdi` and `set` must be those of the directory
+//! it is in, its object names plain names of the writers' shape (`NNNNNN-<16 hex>.idx`, `.data`,
+//! `.vm.tar`: never a `/`, a `..` or a NUL, so nothing outside the set is ever opened), its
+//! virtual size within `MAX_VIRTUAL_SIZE`, and its counts consistent (data blocks ≤ changed
+//! blocks ≤ the disk's blocks, the data file exactly the stored blocks). Anything else makes
+//! the manifest damaged, named with the reason.
 //!
 //! # Integrity
 //!
@@ -1012,7 +1018,15 @@ impl Repository {
                     timefmt::rfc3339(p.time)
                 )));
             }
-            (last_set.id.clone(), last_set.points.len() as u32, prev)
+            let seq = u32::try_from(last_set.points.len()).map_err(|_| {
+                RepoError::Invalid(format!(
+                    "set {} of disk {} is full ({} points); start a new set with a full image",
+                    last_set.id,
+                    spec.vdi,
+                    last_set.points.len()
+                ))
+            })?;
+            (last_set.id.clone(), seq, prev)
         };
         let key = set_key(&spec.vdi, &set);
         let dkey = format!("{DISKS}/{}", spec.vdi);
@@ -1150,8 +1164,13 @@ impl PointWriter<'_> {
                 "internal: block {block} out of order or outside the disk ({blocks} blocks)"
             )));
         }
+        let b32 = u32::try_from(block).map_err(|_| {
+            RepoError::Invalid(format!(
+                "internal: block {block} beyond the format's 32-bit block numbers"
+            ))
+        })?;
         self.next_block = block + 1;
-        self.changed.insert(block as u32);
+        self.changed.insert(b32);
         Ok(())
     }
 
@@ -1162,8 +1181,10 @@ impl PointWriter<'_> {
             len: BLOCK_SIZE as u32,
             crc,
         };
+        let b32 = u32::try_from(block)
+            .map_err(|_| RepoError::Invalid(format!("internal: block {block} beyond u32")))?;
         self.data_len += BLOCK_SIZE;
-        self.stored.insert(block as u32);
+        self.stored.insert(b32);
         let iloc = self
             .store
             .describe(&format!("{}/{}", self.set_key, self.index_name));

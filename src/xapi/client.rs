@@ -734,6 +734,39 @@ mod tests {
     }
 
     #[test]
+    fn failures_never_carry_the_session_reference() {
+        let x = client("https://127.0.0.1:1");
+        let e = x
+            .failure(
+                "VDI.get_record",
+                "HANDLE_INVALID".into(),
+                vec!["session".into(), "OpaqueRef:5ec2e7-session".into()],
+            )
+            .to_string();
+        assert!(!e.contains("5ec2e7"), "{e}");
+        assert!(e.contains("(session, <session redacted>)"), "{e}");
+    }
+
+    #[test]
+    fn json_reply_bodies() {
+        assert_eq!(decode_json_reply(b"<html>"), JsonReply::NotJson);
+        assert_eq!(decode_json_reply(b""), JsonReply::NotJson);
+        assert_eq!(decode_json_reply(b"{\"id\":1}"), JsonReply::Empty);
+        assert_eq!(decode_json_reply(b"[1,2]"), JsonReply::Empty);
+        assert_eq!(
+            decode_json_reply(b"{\"result\":\"OpaqueRef:1\",\"id\":1}"),
+            JsonReply::Result(json!("OpaqueRef:1"))
+        );
+        assert_eq!(
+            decode_json_reply(b"{\"error\":[\"SESSION_INVALID\",\"OpaqueRef:s\"]}"),
+            JsonReply::Failure("SESSION_INVALID".into(), vec!["OpaqueRef:s".into()])
+        );
+        // Nesting past serde_json's limit is "not JSON", not a stack overflow.
+        let deep = "[".repeat(100_000);
+        assert_eq!(decode_json_reply(deep.as_bytes()), JsonReply::NotJson);
+    }
+
+    #[test]
     fn host_urls() {
         assert_eq!(
             parse_url("https://xs1.example").unwrap(),
