@@ -787,15 +787,21 @@ async fn import_http(
         };
         let mut data = &chunk[..];
         while !data.is_empty() {
-            let want = (BLOCK_SIZE.min(size - b * BLOCK_SIZE) as usize) - block.len();
-            let n = want.min(data.len());
+            if b >= total {
+                // A host sending more than the VDI holds is not trusted with any of it.
+                return Err(BackupError::Xapi(XapiError::Http {
+                    what: format!("export_raw_vdi of VDI {}", snap.uuid),
+                    status: 200,
+                    body: format!("the host sent more than the VDI's {size} bytes"),
+                }));
+            }
+            // b < total, so b * BLOCK_SIZE < size: neither operation can wrap.
+            let block_len = BLOCK_SIZE.min(size - b * BLOCK_SIZE) as usize;
+            let n = (block_len - block.len()).min(data.len());
             block.extend_from_slice(&data[..n]);
             data = &data[n..];
             received += n as u64;
-            if received > size {
-                return Err(short(received));
-            }
-            if block.len() as u64 == BLOCK_SIZE.min(size - b * BLOCK_SIZE) {
+            if block.len() == block_len {
                 if take.contains(b as u32) && (record_zeros || !crate::is_zero(&block)) {
                     w.add_block(b, &block)?;
                 }

@@ -1988,7 +1988,10 @@ mod hostile {
         let same = unreadable(&l, "a-b-c");
         assert_eq!(same.reason, "another volume has the same name");
         let evil = unreadable(&l, "x-y");
-        assert!(!evil.reason.contains('\n') && !evil.reason.contains('\u{1b}'), "{evil:?}");
+        assert!(
+            !evil.reason.contains('\n') && !evil.reason.contains('\u{1b}'),
+            "{evil:?}"
+        );
         assert_eq!(l.to_text().lines().count(), 4, "{}", l.to_text());
     }
 

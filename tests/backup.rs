@@ -497,6 +497,15 @@ fn without_nbd_network_reads_export_raw_vdi_and_keeps_only_changed_blocks() {
     assert!(err.contains("export_raw_vdi of VDI"), "{err}");
     assert!(err.contains("unexpected error"), "{err}");
     assert_eq!(h.snapshots().iter().filter(|s| s.2).count(), 1);
+
+    // A host that sends more bytes than the VDI holds is refused (it once made the loop spin).
+    h.sim.with(|st| {
+        st.faults.export_error_page = false;
+        st.faults.export_extra_bytes = 3 * 65536;
+    });
+    let err = h.backup_fails(&["--vdi", &h.vdi]);
+    assert!(err.contains("more than the VDI's"), "{err}");
+    assert_eq!(h.snapshots().iter().filter(|s| s.2).count(), 1);
 }
 
 #[test]

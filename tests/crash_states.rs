@@ -1433,7 +1433,6 @@ fn every_crash_state_of_import_prune_and_backup_commits_is_intact() {
 /// the directory already exists): otherwise a base import killed after `mkdir disks/VDI`, and
 /// a prune killed after its `RENAME_EXCHANGE`, lose the next import's point.
 #[test]
-#[ignore = "fails until defect 14 (make_dir's parent fsync) is fixed; un-ignore with that fix"]
 fn a_commit_after_a_killed_writer_survives_a_power_cut() {
     if !can_trace() {
         return;
@@ -1695,7 +1694,6 @@ fn backup_states(dir: &Path, total: &mut Tally) {
 /// Needs issue #16's defect 14 fixed (the new repository's parent directory is never fsynced,
 /// so after `init` returned a power cut can lose the whole repository).
 #[test]
-#[ignore = "fails until defect 14 (init's parent fsync) is fixed; un-ignore with that fix"]
 fn init_is_durable_once_it_returns() {
     if !can_trace() {
         return;

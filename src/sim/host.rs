@@ -101,6 +101,8 @@ pub struct Faults {
     pub export_error_page: bool,
     /// `/export_raw_vdi` first answers 302 to another path.
     pub export_redirect: bool,
+    /// `/export_raw_vdi` sends this many bytes more than the VDI holds (a hostile host).
+    pub export_extra_bytes: u64,
     /// Extra blocks list_changed_blocks reports (CBT may over-report).
     pub overreport: Vec<u32>,
     /// How long a VDI stays "in use" after its last NBD connection closed.

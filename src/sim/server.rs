@@ -445,14 +445,22 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
                     "VDI or session not valid, or VDI has no data",
                 );
             };
-            let len = export.size();
+            let len = export
+                .size()
+                .saturating_add(lock(&ctx.state).faults.export_extra_bytes);
             let (tx, rx) = mpsc::channel(4);
             tokio::task::spawn_blocking(move || {
                 let mut off = 0u64;
                 while off < len {
                     let n = (len - off).min(1 << 20) as usize;
                     let mut buf = vec![0u8; n];
-                    let r = export.read_at(&mut buf, off).map(|_| Bytes::from(buf));
+                    // Past the VDI's end (the extra-bytes fault) the body is zeros.
+                    let r = if off >= export.size() {
+                        Ok(Bytes::from(buf))
+                    } else {
+                        let n = (export.size() - off).min(n as u64) as usize;
+                        export.read_at(&mut buf[..n], off).map(|_| Bytes::from(buf))
+                    };
                     let failed = r.is_err();
                     if tx.blocking_send(r).is_err() || failed {
                         return;
