@@ -321,7 +321,8 @@ fn error_page(status: StatusCode, text: &str) -> Response<BoxBody> {
 /// A body fed by a channel, with its exact length announced (Content-Length, not chunked).
 struct ChannelBody {
     rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
-    len: u64,
+    /// None: no Content-Length (hyper sends it chunked).
+    len: Option<u64>,
 }
 
 impl Body for ChannelBody {
@@ -334,7 +335,10 @@ impl Body for ChannelBody {
         self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
     }
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.len)
+        match self.len {
+            Some(len) => SizeHint::with_exact(len),
+            None => SizeHint::default(),
+        }
     }
 }
 
@@ -445,9 +449,8 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
                     "VDI or session not valid, or VDI has no data",
                 );
             };
-            let len = export
-                .size()
-                .saturating_add(lock(&ctx.state).faults.export_extra_bytes);
+            let extra = lock(&ctx.state).faults.export_extra_bytes;
+            let len = export.size().saturating_add(extra);
             let (tx, rx) = mpsc::channel(4);
             tokio::task::spawn_blocking(move || {
                 let mut off = 0u64;
@@ -468,7 +471,9 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
                     off += n as u64;
                 }
             });
-            let mut r = Response::new(ChannelBody { rx, len }.boxed());
+            // Extra bytes come without a length, as a host that streams would send them.
+            let announced = (extra == 0).then_some(len);
+            let mut r = Response::new(ChannelBody { rx, len: announced }.boxed());
             if let Ok(v) = "application/octet-stream".parse() {
                 r.headers_mut().insert("content-type", v);
             }

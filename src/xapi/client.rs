@@ -475,7 +475,11 @@ impl Xapi {
         if let Some(len) = resp.content_length()
             && len != expected
         {
-            return Err(self.handler_error(&what, resp).await);
+            return Err(XapiError::Http {
+                what,
+                status: resp.status().as_u16(),
+                body: format!("the host announces {len} bytes where the VDI holds {expected}"),
+            });
         }
         Ok(resp)
     }
