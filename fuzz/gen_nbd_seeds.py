@@ -53,6 +53,8 @@ seeds['nbd_uri'] = {n: u.encode() for n,u in {
  'bad_escape': 'nbd://h/%zz%',
  'no_scheme': 'host/disk',
 }.items()}
+here = os.path.dirname(os.path.abspath(__file__))
 for target, d in seeds.items():
+    os.makedirs(os.path.join(here, 'seeds', target), exist_ok=True)
     for name, b in d.items():
-        open(os.path.join(target, name), 'wb').write(b)
+        open(os.path.join(here, 'seeds', target, name), 'wb').write(b)
