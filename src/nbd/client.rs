@@ -472,19 +472,20 @@ impl Client {
         let (tx, rx) = mpsc::channel::<Job>(depth.max(1) * 2);
         let pending: PendingMap = Arc::new(Mutex::new(HashMap::new()));
         let alive = Arc::new(AtomicBool::new(true));
+        let death: Death = Arc::new(Mutex::new(None));
         let sem = Arc::new(Semaphore::new(depth.max(1)));
         let writer = tokio::spawn(writer(
             wr,
             rx,
             pending.clone(),
             sem,
-            alive.clone(),
+            (alive.clone(), death.clone()),
             t.clone(),
         ));
         let reader = tokio::spawn(reader(
             rd,
             pending,
-            alive.clone(),
+            (alive.clone(), death),
             ReplyRules {
                 structured: n.structured,
                 status_context: n.status_context,
@@ -587,6 +588,22 @@ fn fail_all(pending: &PendingMap, t: &str, why: &NbdError) {
     }
 }
 
+/// Why the reader ended, kept for requests that reach the connection after it did (a server
+/// that breaks the protocol before a request is even sent must still read as a protocol error,
+/// not as a lost connection worth retrying).
+type Death = Arc<Mutex<Option<NbdError>>>;
+
+/// The error a request gets on a connection that is already dead.
+fn dead_error(death: &Death, t: &str) -> NbdError {
+    match death.lock() {
+        Ok(d) => match d.as_ref() {
+            Some(why) => copy_error(t, why),
+            None => NbdError::Closed { target: t.into() },
+        },
+        Err(_) => NbdError::Closed { target: t.into() },
+    }
+}
+
 /// The error every request in flight gets when the connection ends: a protocol error stays
 /// one (not worth retrying), anything else reads as a lost connection.
 fn copy_error(t: &str, why: &NbdError) -> NbdError {
@@ -607,7 +624,7 @@ async fn writer<W: AsyncWrite>(
     mut rx: mpsc::Receiver<Job>,
     pending: PendingMap,
     sem: Arc<Semaphore>,
-    alive: Arc<AtomicBool>,
+    (alive, death): (Arc<AtomicBool>, Death),
     t: String,
 ) {
     let mut cookie: u64 = 0;
@@ -616,7 +633,7 @@ async fn writer<W: AsyncWrite>(
             break;
         };
         if !alive.load(Ordering::SeqCst) {
-            let _ = job.reply.send(Err(NbdError::Closed { target: t.clone() }));
+            let _ = job.reply.send(Err(dead_error(&death, &t)));
             continue;
         }
         // Cookies are never reused (DISC's u64::MAX is out of reach).
@@ -648,7 +665,7 @@ async fn writer<W: AsyncWrite>(
         // The reader may have ended between the check above and the insert: it marks the
         // connection dead before failing what is pending, so this request is failed here.
         if !alive.load(Ordering::SeqCst) {
-            fail_all(&pending, &t, &NbdError::Closed { target: t.clone() });
+            fail_all(&pending, &t, &dead_error(&death, &t));
             continue;
         }
         if let Err(e) = wr.write_all(&header).await {
@@ -683,17 +700,22 @@ struct ReplyRules {
 struct ReaderEnd {
     pending: PendingMap,
     alive: Arc<AtomicBool>,
+    death: Death,
     t: String,
     why: Option<NbdError>,
 }
 
 impl Drop for ReaderEnd {
     fn drop(&mut self) {
-        self.alive.store(false, Ordering::SeqCst);
         let why = self.why.take().unwrap_or_else(|| NbdError::Io {
             target: self.t.clone(),
             source: io::Error::other("the connection was given up"),
         });
+        // The reason first: whoever sees the connection dead finds it.
+        if let Ok(mut d) = self.death.lock() {
+            *d = Some(copy_error(&self.t, &why));
+        }
+        self.alive.store(false, Ordering::SeqCst);
         fail_all(&self.pending, &self.t, &why);
     }
 }
@@ -701,13 +723,14 @@ impl Drop for ReaderEnd {
 async fn reader<R: AsyncRead>(
     mut rd: ReadHalf<R>,
     pending: PendingMap,
-    alive: Arc<AtomicBool>,
+    (alive, death): (Arc<AtomicBool>, Death),
     rules: ReplyRules,
     t: String,
 ) {
     let mut end = ReaderEnd {
         pending: pending.clone(),
         alive,
+        death,
         t: t.clone(),
         why: None,
     };
@@ -1132,9 +1155,14 @@ mod tests {
         let e = proto_text(rx.await.unwrap());
         assert!(e.contains("data chunk outside its request"), "{e}");
         assert!(!c.is_alive());
-        // A request on the dead connection fails at once, never waits for a timeout.
+        // A request on the dead connection fails at once with the same reason, never waits
+        // for a timeout.
         let e = read_result(&c, 0, 512).await.unwrap_err();
-        assert!(matches!(e, NbdError::Closed { .. }), "{e}");
+        assert!(matches!(e, NbdError::Proto { .. }), "{e}");
+        assert!(
+            e.to_string().contains("data chunk outside its request"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
@@ -1278,6 +1306,22 @@ mod tests {
         let e = proto_text(rx.await.unwrap());
         assert!(e.contains(&format!("cookie {cookie:#x}")), "{e}");
         assert!(!c.is_alive());
+    }
+
+    /// A reply before any request kills the connection; a request made afterwards must fail
+    /// with that protocol error (not retried), not as a lost connection (retried 5 times).
+    #[tokio::test]
+    async fn a_request_after_the_reader_died_of_a_protocol_error_gets_that_error() {
+        let (c, mut s) = pair(false);
+        let mut b = vec![0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0];
+        b.extend(999u64.to_be_bytes());
+        s.write_all(&b).await.unwrap();
+        while c.is_alive() {
+            tokio::task::yield_now().await;
+        }
+        let e = c.read(0, 512).await.await.unwrap().unwrap_err();
+        assert!(!e.is_transient(), "{e}");
+        assert!(e.to_string().contains("names no request in flight"), "{e}");
     }
 
     #[tokio::test]
