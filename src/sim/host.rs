@@ -11,6 +11,7 @@ use roaring::RoaringBitmap;
 use serde_json::{Value, json};
 
 use super::disk::Image;
+use super::network::Net;
 use crate::blocks_for;
 
 /// An API failure: `ErrorDescription` (code first).
@@ -20,6 +21,18 @@ fn fail(code: &str, params: &[&str]) -> Failure {
     std::iter::once(code.to_string())
         .chain(params.iter().map(|s| s.to_string()))
         .collect()
+}
+
+/// xapi's null reference.
+pub const NULL_REF: &str = "OpaqueRef:NULL";
+
+/// Unix seconds as xapi's XML-RPC `dateTime.iso8601` text (`20261123T10:00:00Z`).
+fn xapi_time(unix: i64) -> String {
+    let f = time::macros::format_description!("[year][month][day]T[hour]:[minute]:[second]Z");
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(f).ok())
+        .unwrap_or_else(|| "19700101T00:00:00Z".into())
 }
 
 pub fn new_uuid() -> String {
@@ -115,6 +128,12 @@ pub struct Faults {
     pub bitmap_len_delta: i64,
     /// `/import_raw_vdi` drops the connection after this many bytes.
     pub import_drop_after: Option<u64>,
+    /// `/export_raw_vdi` closes the connection after this many bytes of the body (a short
+    /// close-delimited body).
+    pub export_close_after: Option<u64>,
+    /// network, PIF and host calls answer `RBAC_PERMISSION_DENIED` (a user whose role may not
+    /// read them): a client cannot learn the NBD network's purpose.
+    pub networks_denied: bool,
 }
 
 #[derive(Debug)]
@@ -136,8 +155,11 @@ pub struct State {
     pub cbt_history: HashMap<u64, BTreeMap<u64, RoaringBitmap>>,
     pub next_chain: u64,
     pub faults: Faults,
-    /// NBD: (port, certificate PEM, subject); None when no network has the nbd purpose.
+    /// The NBD server: (port, certificate PEM, subject); None when the host runs none.
     pub nbd: Option<(u16, String, String)>,
+    /// Networks, PIFs and the host record; `get_nbd_info` lists the addresses of PIFs on
+    /// networks whose purpose is `nbd` or `insecure_nbd`.
+    pub net: Net,
     /// Benchmarks: get_nbd_info names this server instead (address, port, export, cert,
     /// subject), e.g. a qemu-nbd serving the same bytes.
     pub nbd_override: Option<(String, u16, String, String, String)>,
@@ -173,6 +195,7 @@ impl State {
                 ..Faults::default()
             },
             nbd: None,
+            net: Net::new("127.0.0.1", "xenserver-sim", "", &[]),
             nbd_override: None,
             calls: Vec::new(),
             served_bytes: Default::default(),
@@ -226,7 +249,7 @@ impl State {
                 on_boot: "persist".into(),
                 virtual_size: image.size(),
                 is_a_snapshot: false,
-                snapshot_of: crate::xapi::NULL_REF.into(),
+                snapshot_of: NULL_REF.into(),
                 snapshot_time: 0,
                 image: Some(image),
                 cbt: None,
@@ -338,7 +361,7 @@ impl State {
             "is_a_snapshot": v.is_a_snapshot,
             "snapshot_of": v.snapshot_of,
             "snapshots": snapshots,
-            "snapshot_time": crate::timefmt::xapi(v.snapshot_time),
+            "snapshot_time": xapi_time(v.snapshot_time),
             "VBDs": v.vbds,
             "SR": self.sr_ref,
             "sharable": false,
@@ -523,7 +546,7 @@ impl State {
                         .values()
                         .find(|b| b.vdi == r)
                         .map(|b| b.vm.clone())
-                        .unwrap_or_else(|| crate::xapi::NULL_REF.into());
+                        .unwrap_or_else(|| NULL_REF.into());
                     let vbd = new_ref();
                     self.vbds.insert(
                         vbd.clone(),
@@ -616,16 +639,24 @@ impl State {
                         "cert": cert, "subject": subject,
                     }]));
                 }
-                let Some((port, cert, subject)) = &self.nbd else {
+                // As `_get_nbd_info`: one record per address on an NBD network, each with the
+                // host's certificate whatever the network's purpose.
+                let Some((port, _, subject)) = &self.nbd else {
                     return Ok(json!([]));
                 };
-                Ok(json!([{
-                    "exportname": format!("/{}?session_id={}", v.uuid, s(sref)),
-                    "address": "127.0.0.1",
-                    "port": port,
-                    "cert": cert,
-                    "subject": subject,
-                }]))
+                let export = format!("/{}?session_id={}", v.uuid, s(sref));
+                Ok(Value::Array(
+                    self.net
+                        .nbd_addresses()
+                        .into_iter()
+                        .map(|address| {
+                            json!({
+                                "exportname": export, "address": address, "port": port,
+                                "cert": self.net.cert_pem, "subject": subject,
+                            })
+                        })
+                        .collect(),
+                ))
             }
             "VDI.data_destroy" => {
                 argc(1)?;
@@ -808,7 +839,10 @@ impl State {
                 self.tasks.remove(arg(0));
                 Ok(json!(""))
             }
-            _ => Err(fail("MESSAGE_METHOD_UNKNOWN", &[method])),
+            _ => self
+                .net
+                .call(method, a, self.faults.networks_denied)
+                .unwrap_or_else(|| Err(fail("MESSAGE_METHOD_UNKNOWN", &[method]))),
         }
     }
 
@@ -819,13 +853,13 @@ impl State {
         tar: &[u8],
         vdi_map: &[(String, String)],
     ) -> Result<String, Failure> {
-        let members =
-            crate::tar::members(tar).ok_or_else(|| fail("IMPORT_ERROR", &["not a tar"]))?;
+        let members = super::tar::read(tar)
+            .map_err(|e| fail("IMPORT_ERROR", &[&format!("not a tar: {e}")]))?;
         let (_, ova) = members
             .iter()
             .find(|(n, _)| n == "ova.xml")
             .ok_or_else(|| fail("IMPORT_ERROR", &["no ova.xml"]))?;
-        let v = crate::xapi::xmlrpc::decode_response(&String::from_utf8_lossy(ova))
+        let v = super::xmlrpc::decode_value(&String::from_utf8_lossy(ova))
             .map_err(|e| fail("IMPORT_ERROR", &[&e]))?;
         let name = v["objects"][0]["snapshot"]["name_label"]
             .as_str()
@@ -882,7 +916,8 @@ impl State {
             .filter_map(|b| self.vdis.get(&b.vdi).map(|d| json!({"uuid": d.uuid, "name_label": d.name_label, "virtual_size": d.virtual_size.to_string()})))
             .collect();
         let value = json!({"version": {"xapi_major": "25"}, "objects": [{"class": "VM", "id": vm_ref, "snapshot": {"uuid": vm.uuid, "name_label": vm.name_label}}], "disks": disks});
-        let xml = crate::xapi::xmlrpc::encode_response(&value);
-        Some(crate::tar::build(&[("ova.xml", xml.as_bytes())]))
+        // ova.xml is one XML-RPC value, as xapi's export writes it.
+        let xml = super::xmlrpc::encode_value(&value);
+        Some(super::tar::write(&[("ova.xml", xml.as_bytes())]))
     }
 }

@@ -17,7 +17,39 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::nbd::proto;
+/// The protocol's numbers, written for the simulated server from the NBD protocol document
+/// (NetworkBlockDevice/nbd `doc/proto.md`), not taken from the client's codec.
+mod proto {
+    /// "NBDMAGIC": the first 8 bytes the server sends.
+    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+    /// "IHAVEOPT": newstyle negotiation, and the magic of every option the client sends.
+    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    /// Starts every option reply.
+    pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    /// Starts every transmission request.
+    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+    /// Starts every simple reply.
+    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    /// Handshake flag bit 0: fixed newstyle.
+    pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
+    /// Options.
+    pub const OPT_EXPORT_NAME: u32 = 1;
+    pub const OPT_ABORT: u32 = 2;
+    pub const OPT_LIST: u32 = 3;
+    pub const OPT_STARTTLS: u32 = 5;
+    /// Option reply types; errors have bit 31 set.
+    pub const REP_ACK: u32 = 1;
+    pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+    pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+    /// Transmission flags: bit 0 "flags are valid", bit 1 read-only.
+    pub const TFLAG_HAS_FLAGS: u16 = 1;
+    pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+    /// Commands.
+    pub const CMD_READ: u16 = 0;
+    pub const CMD_DISC: u16 = 2;
+    /// Error values are errno numbers as Linux has them.
+    pub const EINVAL: u32 = 22;
+}
 
 /// Connections a host serves at once.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -195,12 +227,14 @@ async fn session(
                 let size = export.size();
                 let mut b = Vec::new();
                 b.extend_from_slice(&size.to_be_bytes());
-                b.extend_from_slice(&(proto::TFLAG_HAS_FLAGS | proto::TFLAG_READ_ONLY).to_be_bytes());
+                b.extend_from_slice(
+                    &(proto::TFLAG_HAS_FLAGS | proto::TFLAG_READ_ONLY).to_be_bytes(),
+                );
                 b.extend_from_slice(&[0u8; 124]);
                 s.write_all(&b).await?;
                 return transmission(s, export, size, exports.drop_after()).await;
             }
-            3 /* LIST */ => reply(&mut *s, opt, proto::REP_ACK, &[]).await?,
+            proto::OPT_LIST => reply(&mut *s, opt, proto::REP_ACK, &[]).await?,
             _ => reply(&mut *s, opt, proto::REP_ERR_UNSUP, &[]).await?,
         }
     }
@@ -259,7 +293,7 @@ async fn transmission(
                 simple_reply(&mut *s, 0, &cookie, &buf).await?;
             }
             _ => {
-                simple_reply(&mut *s, 22 /* EINVAL */, &cookie, &[]).await?;
+                simple_reply(&mut *s, proto::EINVAL, &cookie, &[]).await?;
                 return Ok(());
             }
         }

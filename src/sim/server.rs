@@ -3,24 +3,18 @@
 //! `/export_metadata`), an xapi-nbd-like NBD server for snapshots, and a control surface for
 //! tests (in process through `Sim::with`, or `/sim/...` with the control token).
 
-use std::collections::HashMap;
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::disk::Image;
 use super::host::State;
+use super::http::{Conn, Head, Reply};
 use super::nbd::{ExportData, Exports, ServerConfig};
 
 /// How the host offers NBD (the purpose of its networks).
@@ -28,7 +22,8 @@ use super::nbd::{ExportData, Exports, ServerConfig};
 pub enum NbdMode {
     /// An `nbd` network: TLS required.
     Tls,
-    /// An `insecure_nbd` network: plain.
+    /// An `insecure_nbd` network: the NBD server speaks plain (no STARTTLS), while
+    /// `get_nbd_info` still carries the host's certificate, as xapi's does.
     Plain,
     /// No NBD network: `get_nbd_info` returns an empty list.
     None,
@@ -173,13 +168,20 @@ impl Sim {
             };
             let bind = format!("{}:0", addr.ip());
             let (nbd_port, _) = runtime.block_on(super::nbd::start_on(&bind, nbd_cfg))?;
-            let cert = if config.nbd == NbdMode::Tls {
-                cert_pem.clone()
-            } else {
-                String::new()
-            };
-            lock(&state).nbd = Some((nbd_port, cert, config.subject.clone()));
+            // Like xapi: the record carries the certificate whatever the network's purpose.
+            lock(&state).nbd = Some((nbd_port, cert_pem.clone(), config.subject.clone()));
         }
+        let purpose: &[&str] = match config.nbd {
+            NbdMode::Tls => &["nbd"],
+            NbdMode::Plain => &["insecure_nbd"],
+            NbdMode::None => &[],
+        };
+        // The PIF's address: the one clients reach the host at.
+        let ip = match addr.ip() {
+            ip if ip.is_unspecified() => "127.0.0.1".to_string(),
+            ip => ip.to_string(),
+        };
+        lock(&state).net = super::network::Net::new(&ip, &config.subject, &cert_pem, purpose);
         Ok(Sim {
             state,
             url: format!("https://{addr}"),
@@ -295,52 +297,7 @@ struct Ctx {
     token: String,
 }
 
-type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
-
-fn full(b: impl Into<Bytes>) -> BoxBody {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
-}
-
-fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<BoxBody> {
-    let mut r = Response::new(full(body));
-    *r.status_mut() = status;
-    if let Ok(v) = ctype.parse() {
-        r.headers_mut().insert("content-type", v);
-    }
-    r
-}
-
-fn error_page(status: StatusCode, text: &str) -> Response<BoxBody> {
-    reply(
-        status,
-        "text/html",
-        format!("<html><body><h1>HTTP {status}</h1>{text}</body></html>"),
-    )
-}
-
-/// A body fed by a channel, with its exact length announced (Content-Length, not chunked).
-struct ChannelBody {
-    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
-    /// None: no Content-Length (hyper sends it chunked).
-    len: Option<u64>,
-}
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
-    }
-    fn size_hint(&self) -> SizeHint {
-        match self.len {
-            Some(len) => SizeHint::with_exact(len),
-            None => SizeHint::default(),
-        }
-    }
-}
+type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
 async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, ctx: Arc<Ctx>) {
     while let Ok((sock, _)) = listener.accept().await {
@@ -349,39 +306,100 @@ async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
             let Ok(tls) = acceptor.accept(sock).await else {
                 return;
             };
-            let io = hyper_util::rt::TokioIo::new(tls);
-            let svc = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(ctx, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
+            serve_connection(&ctx, tls).await;
         });
     }
 }
 
-/// The query parameters, %-decoded (keys too: `vdi%3AUUID` is `vdi:UUID`).
-fn query(req: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
-    reqwest::Url::parse(&format!("https://host{}", req.uri()))
-        .map(|u| u.query_pairs().into_owned().collect())
-        .unwrap_or_default()
+/// Requests on one connection until either side closes it. It ends as xapi's connections
+/// do: the TCP socket under TLS is shut down without a TLS `close_notify`.
+async fn serve_connection(ctx: &Arc<Ctx>, tls: TlsConn) {
+    let mut conn = Conn::new(tls);
+    loop {
+        let head = match conn.next_head().await {
+            Ok(Some(Ok(head))) => head,
+            Ok(Some(Err(e))) => {
+                let _ = send(&mut conn, Reply::error_page(400, &e.to_string()), true).await;
+                break;
+            }
+            Ok(None) | Err(_) => break,
+        };
+        let (reply, reusable) = route(ctx, &head, &mut conn).await;
+        let close =
+            !reusable || !head.keep_alive() || matches!(reply, Reply::CloseDelimited { .. });
+        if send(&mut conn, reply, close).await.is_err() || close {
+            break;
+        }
+    }
+    let (mut tcp, _) = conn.into_inner().into_inner();
+    let _ = tcp.shutdown().await;
 }
 
-async fn body_bytes(req: Request<hyper::body::Incoming>, limit: usize) -> Option<Bytes> {
-    let limited = http_body_util::Limited::new(req.into_body(), limit);
-    limited.collect().await.ok().map(|c| c.to_bytes())
+async fn send(conn: &mut Conn<TlsConn>, reply: Reply, close: bool) -> std::io::Result<()> {
+    match reply {
+        Reply::Full {
+            status,
+            content_type,
+            headers,
+            body,
+        } => {
+            conn.send_full(status, content_type, &headers, &body, close)
+                .await
+        }
+        Reply::CloseDelimited { content_type, body } => {
+            conn.send_close_delimited(content_type, body).await
+        }
+    }
 }
 
-async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
-    let path = req.uri().path().to_string();
-    match (req.method().clone(), path.as_str()) {
-        (Method::POST, "/jsonrpc") if !ctx.xmlrpc_only => {
-            let Some(body) = body_bytes(req, 16 << 20).await else {
-                return error_page(StatusCode::BAD_REQUEST, "bad request");
-            };
-            let Ok(call) = serde_json::from_slice::<Value>(&body) else {
-                return error_page(StatusCode::BAD_REQUEST, "not JSON");
+/// Read the request's body and answer it. The flag: the connection can serve another request
+/// (its body was read whole).
+async fn route(ctx: &Arc<Ctx>, head: &Head, conn: &mut Conn<TlsConn>) -> (Reply, bool) {
+    // xapi's handlers take no chunked uploads (/import_raw_vdi answers this way).
+    if head.has_transfer_encoding() {
+        return (
+            Reply::error_page(400, "chunked encoding not supported"),
+            false,
+        );
+    }
+    let len = match head.content_length() {
+        Ok(len) => len,
+        Err(e) => return (Reply::error_page(400, &e.to_string()), false),
+    };
+    if head.method == "PUT" && head.path() == "/import_raw_vdi" {
+        if head.header("content-length").is_none() {
+            return (Reply::error_page(411, "Content-Length required"), false);
+        }
+        return import_raw(ctx, head, len, conn).await;
+    }
+    let limit = match head.path() {
+        "/import_metadata" => 64 << 20,
+        p if p.starts_with("/sim/") => 256 << 20,
+        _ => 16 << 20,
+    };
+    match conn.body(len, limit).await {
+        Ok(Some(body)) => (handle(ctx, head, &body), true),
+        Ok(None) => (
+            Reply::error_page(413, &format!("a body of {len} bytes; at most {limit}")),
+            false,
+        ),
+        Err(_) => (
+            Reply::error_page(400, "the request body was cut short"),
+            false,
+        ),
+    }
+}
+
+fn json_reply(v: &Value) -> Reply {
+    Reply::full(200, "application/json", v.to_string())
+}
+
+fn handle(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
+    let path = head.path();
+    match (head.method.as_str(), path) {
+        ("POST", "/jsonrpc") if !ctx.xmlrpc_only => {
+            let Ok(call) = serde_json::from_slice::<Value>(body) else {
+                return Reply::error_page(400, "not JSON");
             };
             let v2 = call.get("jsonrpc").and_then(|v| v.as_str()) == Some("2.0");
             let id = call.get("id").cloned().unwrap_or(Value::Null);
@@ -399,14 +417,11 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
                 }
                 (Err(e), false) => json!({"result": null, "error": e, "id": id}),
             };
-            reply(StatusCode::OK, "application/json", out.to_string())
+            json_reply(&out)
         }
-        (Method::POST, "/") | (Method::POST, "/RPC2") => {
-            let Some(body) = body_bytes(req, 16 << 20).await else {
-                return error_page(StatusCode::BAD_REQUEST, "bad request");
-            };
-            let text = String::from_utf8_lossy(&body);
-            let out = match super::super::xapi::xmlrpc::decode_call(&text) {
+        ("POST", "/") | ("POST", "/RPC2") => {
+            let text = String::from_utf8_lossy(body);
+            let out = match super::xmlrpc::decode_call(&text) {
                 Ok((method, params)) => match lock(&ctx.state).dispatch(&method, &params) {
                     Ok(v) => json!({"Status": "Success", "Value": v}),
                     Err(e) => json!({"Status": "Failure", "ErrorDescription": e}),
@@ -415,134 +430,128 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
                     json!({"Status": "Failure", "ErrorDescription": ["XMLRPC_UNMARSHAL_FAILURE", e]})
                 }
             };
-            reply(
-                StatusCode::OK,
-                "text/xml",
-                crate::xapi::xmlrpc::encode_response(&out),
-            )
+            Reply::full(200, "text/xml", super::xmlrpc::encode_response(&out))
         }
-        (Method::GET, "/export_raw_vdi") | (Method::GET, "/export_raw_vdi_redirected") => {
-            let q = query(&req);
-            let redirect = lock(&ctx.state).faults.export_redirect;
-            if redirect && path == "/export_raw_vdi" {
-                let mut r = reply(StatusCode::FOUND, "text/plain", "");
-                let loc = format!(
-                    "/export_raw_vdi_redirected?{}",
-                    req.uri().query().unwrap_or("")
-                );
-                if let Ok(v) = loc.parse() {
-                    r.headers_mut().insert("location", v);
-                }
-                return r;
-            }
-            if lock(&ctx.state).faults.export_error_page {
-                return error_page(
-                    StatusCode::OK,
-                    "An unexpected error occurred; please wait a while and try again.",
-                );
-            }
-            let session = q.get("session_id").cloned().unwrap_or_default();
-            let vdi = q.get("vdi").cloned().unwrap_or_default();
-            let Some(export) = plug(&ctx.state, &vdi, &session) else {
-                return error_page(
-                    StatusCode::FORBIDDEN,
-                    "VDI or session not valid, or VDI has no data",
-                );
-            };
-            let extra = lock(&ctx.state).faults.export_extra_bytes;
-            let len = export.size().saturating_add(extra);
-            let (tx, rx) = mpsc::channel(4);
-            tokio::task::spawn_blocking(move || {
-                let mut off = 0u64;
-                while off < len {
-                    let n = (len - off).min(1 << 20) as usize;
-                    let mut buf = vec![0u8; n];
-                    // Past the VDI's end (the extra-bytes fault) the body is zeros.
-                    let r = if off >= export.size() {
-                        Ok(Bytes::from(buf))
-                    } else {
-                        let n = (export.size() - off).min(n as u64) as usize;
-                        export.read_at(&mut buf[..n], off).map(|_| Bytes::from(buf))
-                    };
-                    let failed = r.is_err();
-                    if tx.blocking_send(r).is_err() || failed {
-                        return;
-                    }
-                    off += n as u64;
-                }
-            });
-            // Extra bytes come without a length, as a host that streams would send them.
-            let announced = (extra == 0).then_some(len);
-            let mut r = Response::new(ChannelBody { rx, len: announced }.boxed());
-            if let Ok(v) = "application/octet-stream".parse() {
-                r.headers_mut().insert("content-type", v);
-            }
-            r
-        }
-        (Method::PUT, "/import_raw_vdi") => import_raw(ctx, req).await,
-        (Method::PUT, "/import_metadata") => {
-            let q = query(&req);
+        ("GET", "/export_raw_vdi") | ("GET", "/export_raw_vdi_redirected") => export_raw(ctx, head),
+        ("PUT", "/import_metadata") => {
+            let q = head.query();
             let map: Vec<(String, String)> = q
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix("vdi:").map(|f| (f.to_string(), v.clone())))
                 .collect();
             let session = q.get("session_id").cloned().unwrap_or_default();
             let task = q.get("task_id").cloned();
-            let Some(body) = body_bytes(req, 64 << 20).await else {
-                return error_page(StatusCode::BAD_REQUEST, "bad upload");
-            };
             let mut st = lock(&ctx.state);
             if !st.sessions.contains_key(&session) {
-                return error_page(StatusCode::FORBIDDEN, "session not valid");
+                return Reply::error_page(403, "session not valid");
             }
-            let r = st.import_metadata(&body, &map);
+            let r = st.import_metadata(body, &map);
             if let Some(t) = task.and_then(|t| st.tasks.get_mut(&t)) {
                 *t = match &r {
-                    Ok(vm) => (
-                        "success".into(),
-                        crate::xapi::xmlrpc::encode_value_fragment(&json!([vm])),
-                    ),
+                    Ok(vm) => ("success".into(), super::xmlrpc::encode_value(&json!([vm]))),
                     Err(e) => ("failure".into(), e.join(" ")),
                 };
             }
             match r {
-                Ok(_) => reply(StatusCode::OK, "text/plain", ""),
-                Err(e) => error_page(StatusCode::INTERNAL_SERVER_ERROR, &e.join(" ")),
+                Ok(_) => Reply::full(200, "text/plain", ""),
+                Err(e) => Reply::error_page(500, &e.join(" ")),
             }
         }
-        (Method::GET, "/export_metadata") => {
-            let q = query(&req);
+        ("GET", "/export_metadata") => {
+            let q = head.query();
             let st = lock(&ctx.state);
             if !st
                 .sessions
                 .contains_key(q.get("session_id").map(String::as_str).unwrap_or(""))
             {
-                return error_page(StatusCode::FORBIDDEN, "session not valid");
+                return Reply::error_page(403, "session not valid");
             }
             match st.export_metadata(q.get("uuid").map(String::as_str).unwrap_or("")) {
-                Some(tar) => reply(StatusCode::OK, "application/x-tar", tar),
-                None => error_page(StatusCode::NOT_FOUND, "VM not found"),
+                Some(tar) => close_delimited("application/x-tar", vec![tar]),
+                None => Reply::error_page(404, "VM not found"),
             }
         }
-        (_, p) if p.starts_with("/sim/") => control(ctx, req).await,
-        _ => error_page(StatusCode::NOT_FOUND, "not found"),
+        (_, p) if p.starts_with("/sim/") => control(ctx, head, body),
+        _ => Reply::error_page(404, "not found"),
     }
 }
 
-async fn import_raw(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
-    if req
-        .headers()
-        .get("transfer-encoding")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"))
-    {
-        return error_page(StatusCode::BAD_REQUEST, "chunked encoding not supported");
+/// A close-delimited reply of these chunks.
+fn close_delimited(content_type: &'static str, chunks: Vec<Vec<u8>>) -> Reply {
+    let (tx, rx) = mpsc::channel(chunks.len().max(1));
+    for c in chunks {
+        let _ = tx.try_send(Ok(c));
     }
-    let len: Option<u64> = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    let q = query(&req);
+    Reply::CloseDelimited {
+        content_type,
+        body: rx,
+    }
+}
+
+/// `/export_raw_vdi`: the VDI's bytes, close-delimited as xapi sends them.
+fn export_raw(ctx: &Arc<Ctx>, head: &Head) -> Reply {
+    let q = head.query();
+    let faults = lock(&ctx.state).faults.clone();
+    if faults.export_redirect && head.path() == "/export_raw_vdi" {
+        return Reply::Full {
+            status: 302,
+            content_type: "text/plain",
+            headers: vec![(
+                "Location",
+                format!("/export_raw_vdi_redirected?{}", head.raw_query()),
+            )],
+            body: Vec::new(),
+        };
+    }
+    if faults.export_error_page {
+        return Reply::error_page(
+            200,
+            "An unexpected error occurred; please wait a while and try again.",
+        );
+    }
+    let session = q.get("session_id").cloned().unwrap_or_default();
+    let vdi = q.get("vdi").cloned().unwrap_or_default();
+    let Some(export) = plug(&ctx.state, &vdi, &session) else {
+        return Reply::error_page(403, "VDI or session not valid, or VDI has no data");
+    };
+    // Past the VDI's end (the extra-bytes fault) the body is zeros; the close-after fault
+    // ends the body early.
+    let mut len = export.size().saturating_add(faults.export_extra_bytes);
+    if let Some(n) = faults.export_close_after {
+        len = len.min(n);
+    }
+    let (tx, rx) = mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(1 << 20) as usize;
+            let mut buf = vec![0u8; n];
+            let r = if off >= export.size() {
+                Ok(buf)
+            } else {
+                let k = (export.size() - off).min(n as u64) as usize;
+                export.read_at(&mut buf[..k], off).map(|_| buf)
+            };
+            let failed = r.is_err();
+            if tx.blocking_send(r).is_err() || failed {
+                return;
+            }
+            off += n as u64;
+        }
+    });
+    Reply::CloseDelimited {
+        content_type: "application/octet-stream",
+        body: rx,
+    }
+}
+
+async fn import_raw(
+    ctx: &Arc<Ctx>,
+    head: &Head,
+    len: u64,
+    conn: &mut Conn<TlsConn>,
+) -> (Reply, bool) {
+    let q = head.query();
     let vdi = q.get("vdi").cloned().unwrap_or_default();
     let r = {
         let st = lock(&ctx.state);
@@ -550,74 +559,56 @@ async fn import_raw(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Respo
             .sessions
             .contains_key(q.get("session_id").map(String::as_str).unwrap_or(""))
         {
-            return error_page(StatusCode::FORBIDDEN, "session not valid");
+            return (Reply::error_page(403, "session not valid"), false);
         }
         st.vdi_ref(&vdi)
     };
     let Some(r) = r else {
-        return error_page(StatusCode::NOT_FOUND, "VDI not found");
+        return (Reply::error_page(404, "VDI not found"), false);
     };
     let (drop_after, attached) = {
         let st = lock(&ctx.state);
         (st.faults.import_drop_after, st.attached(&r))
     };
     if attached {
-        return error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("VDI_IN_USE {r}"),
-        );
+        return (Reply::error_page(500, &format!("VDI_IN_USE {r}")), false);
     }
-    let mut body = req.into_body();
+    let mut remaining = len;
     let mut off = 0u64;
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
-            return error_page(StatusCode::BAD_REQUEST, "upload interrupted");
+    while remaining > 0 {
+        let Ok(data) = conn.body_chunk(&mut remaining, 1 << 20).await else {
+            return (Reply::error_page(400, "upload interrupted"), false);
         };
         if drop_after.is_some_and(|d| off >= d) {
             // Injected fault: the host goes away mid-upload.
-            return error_page(StatusCode::INTERNAL_SERVER_ERROR, "connection lost");
+            return (Reply::error_page(500, "connection lost"), false);
         }
-        if let Ok(data) = frame.into_data() {
-            let mut st = lock(&ctx.state);
-            let Some(img) = st.vdis.get_mut(&r).and_then(|v| v.image.as_mut()) else {
-                return error_page(StatusCode::INTERNAL_SERVER_ERROR, "VDI has no data");
-            };
-            if img.write_at(&data, off).is_err() {
-                return error_page(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "write past the end of the VDI",
-                );
-            }
-            off += data.len() as u64;
+        let mut st = lock(&ctx.state);
+        let Some(img) = st.vdis.get_mut(&r).and_then(|v| v.image.as_mut()) else {
+            return (Reply::error_page(500, "VDI has no data"), false);
+        };
+        if img.write_at(&data, off).is_err() {
+            return (
+                Reply::error_page(500, "write past the end of the VDI"),
+                false,
+            );
         }
+        off += data.len() as u64;
     }
-    if len.is_some_and(|l| l != off) {
-        return error_page(StatusCode::BAD_REQUEST, "short upload");
-    }
-    reply(StatusCode::OK, "text/plain", "")
+    (Reply::full(200, "text/plain", ""), true)
 }
 
 /// `/sim/...`: writes, crash, licence, for a host run with `cbtfs sim`.
-async fn control(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
-    if req
-        .headers()
-        .get("x-sim-token")
-        .and_then(|v| v.to_str().ok())
-        != Some(ctx.token.as_str())
-    {
-        return error_page(
-            StatusCode::FORBIDDEN,
-            "control token required (x-sim-token)",
-        );
+fn control(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
+    if head.header("x-sim-token") != Some(ctx.token.as_str()) {
+        return Reply::error_page(403, "control token required (x-sim-token)");
     }
-    let q = query(&req);
-    let path = req.uri().path().to_string();
-    let body = body_bytes(req, 256 << 20).await.unwrap_or_default();
+    let q = head.query();
     let mut st = lock(&ctx.state);
-    let r: Result<Value, String> = match path.as_str() {
+    let r: Result<Value, String> = match head.path() {
         "/sim/write" => {
             let off = q.get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
-            st.guest_write(q.get("vdi").map(String::as_str).unwrap_or(""), off, &body)
+            st.guest_write(q.get("vdi").map(String::as_str).unwrap_or(""), off, body)
                 .map(|_| json!("ok"))
         }
         "/sim/write_file" => st
@@ -632,7 +623,7 @@ async fn control(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response
                     a.clone(),
                     p,
                     q.get("export").cloned().unwrap_or_default(),
-                    String::from_utf8_lossy(&body).into_owned(),
+                    String::from_utf8_lossy(body).into_owned(),
                     q.get("subject").cloned().unwrap_or_default(),
                 )),
                 _ => None,
@@ -664,7 +655,7 @@ async fn control(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response
         _ => Err("unknown control".into()),
     };
     match r {
-        Ok(v) => reply(StatusCode::OK, "application/json", v.to_string()),
-        Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", e),
+        Ok(v) => json_reply(&v),
+        Err(e) => Reply::full(400, "text/plain", e),
     }
 }
