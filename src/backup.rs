@@ -664,20 +664,89 @@ async fn changed_blocks(
     }
 }
 
-pub(crate) fn nbd_target(info: &NbdInfo, allow_plain: bool) -> Result<Target, BackupError> {
-    let trust = if info.cert.trim().is_empty() {
-        if !allow_plain {
-            return Err(BackupError::Refused(format!(
-                "the host offers NBD without TLS at {}:{} (an insecure_nbd network); pass --allow-plain-nbd to accept unencrypted transfers, or set the network's purpose to nbd",
-                info.address, info.port
-            )));
-        }
-        None
-    } else {
-        Some(Trust::Pinned {
+/// What the host says about the network an NBD address is on (xen-api's `network.purpose`).
+/// `get_nbd_info` carries the host's certificate on every NBD network, so its `cert` cannot
+/// tell an `nbd` network from an `insecure_nbd` one: the purpose does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NbdPurpose {
+    /// `nbd`: the server requires TLS; always TLS, pinned to the record's certificate.
+    Nbd,
+    /// `insecure_nbd`: the server speaks plain text. The network's uuid, when known, for
+    /// the advice to switch it.
+    Insecure { network: Option<String> },
+    /// The host did not say (no attached PIF holds the address, or the calls were refused, as
+    /// for a role that may not read networks): the server's own answer decides.
+    Unknown,
+}
+
+/// How one record's NBD server is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NbdSecurity {
+    Tls,
+    Plain,
+}
+
+/// The decision for one record, from its network's purpose, `--allow-plain-nbd`, whether the
+/// record has a certificate to pin, and whether a TLS attempt found a server that does not
+/// offer STARTTLS. An error is the refusal to show the user. `place`: `ADDRESS:PORT`.
+pub(crate) fn nbd_security(
+    purpose: &NbdPurpose,
+    allow_plain: bool,
+    has_cert: bool,
+    server_refused_tls: bool,
+    place: &str,
+) -> Result<NbdSecurity, String> {
+    let switch = |network: Option<&str>| {
+        format!(
+            "or make the network encrypt NBD: xe network-param-set uuid={} purpose=nbd{}",
+            network.unwrap_or("<network-uuid>"),
+            if network.is_none() {
+                " (xe network-list shows the networks and their purpose)"
+            } else {
+                ""
+            }
+        )
+    };
+    match purpose {
+        NbdPurpose::Nbd if server_refused_tls => Err(format!(
+            "the NBD server at {place} does not offer TLS although its network's purpose is nbd; refusing to send data in plain text (is something other than the host's NBD server listening there?)"
+        )),
+        NbdPurpose::Nbd if !has_cert => Err(format!(
+            "the host gave no certificate for the NBD server at {place} (an nbd network requires TLS), so it cannot be verified"
+        )),
+        NbdPurpose::Nbd => Ok(NbdSecurity::Tls),
+        NbdPurpose::Insecure { .. } if allow_plain => Ok(NbdSecurity::Plain),
+        NbdPurpose::Insecure { network } => Err(format!(
+            "the host offers NBD at {place} on an insecure_nbd network, without TLS; pass --allow-plain-nbd to accept unencrypted transfers, {}",
+            switch(network.as_deref())
+        )),
+        NbdPurpose::Unknown if has_cert && !server_refused_tls => Ok(NbdSecurity::Tls),
+        NbdPurpose::Unknown if allow_plain => Ok(NbdSecurity::Plain),
+        NbdPurpose::Unknown => Err(format!(
+            "the NBD server at {place} does not offer TLS (its network is insecure_nbd); pass --allow-plain-nbd to accept unencrypted transfers, {}",
+            switch(None)
+        )),
+    }
+}
+
+/// How one `get_nbd_info` record becomes a target. `server_refused_tls`: a TLS attempt at it
+/// found a server without STARTTLS.
+pub(crate) fn nbd_target(
+    info: &NbdInfo,
+    purpose: &NbdPurpose,
+    allow_plain: bool,
+    server_refused_tls: bool,
+) -> Result<Target, BackupError> {
+    let place = format!("{}:{}", info.address, info.port);
+    let has_cert = !info.cert.trim().is_empty();
+    let security = nbd_security(purpose, allow_plain, has_cert, server_refused_tls, &place)
+        .map_err(BackupError::Refused)?;
+    let trust = match security {
+        NbdSecurity::Plain => None,
+        NbdSecurity::Tls => Some(Trust::Pinned {
             cert_pem: info.cert.clone(),
             subject: info.subject.clone(),
-        })
+        }),
     };
     Ok(Target {
         address: Address::Tcp {
@@ -687,6 +756,111 @@ pub(crate) fn nbd_target(info: &NbdInfo, allow_plain: bool) -> Result<Target, Ba
         export: info.exportname.clone(),
         trust,
     })
+}
+
+/// Open connections to one record as its network's purpose (or, when unknown, the server's
+/// answer to STARTTLS) allows. The outer error is a refusal (no other record will do better);
+/// the inner one a failure to connect.
+pub(crate) async fn open_nbd(
+    info: &NbdInfo,
+    purpose: &NbdPurpose,
+    allow_plain: bool,
+    fetch: FetchOptions,
+) -> Result<Result<Pool, crate::nbd::NbdError>, BackupError> {
+    let target = nbd_target(info, purpose, allow_plain, false)?;
+    let tried_tls = target.trust.is_some();
+    match Pool::open(target, fetch).await {
+        Err(crate::nbd::NbdError::NoTls { .. }) if tried_tls => {
+            let plain = nbd_target(info, purpose, allow_plain, true)?;
+            Ok(Pool::open(plain, fetch).await)
+        }
+        r => Ok(r),
+    }
+}
+
+/// The address as an IP, for comparing the forms a host may write (`fd00::1`, `[fd00::1]`,
+/// `fd00::1/64`).
+fn ip_of(text: &str) -> Option<std::net::IpAddr> {
+    let t = text.split('/').next().unwrap_or(text);
+    t.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+/// The network of the attached PIF that holds `address` (its `IP`, or one of its `IPv6`
+/// entries), from a `PIF.get_all_records` answer.
+pub(crate) fn network_of_address(pifs: &serde_json::Value, address: &str) -> Option<String> {
+    let want = ip_of(address);
+    let same = |a: &str| match (want, ip_of(a)) {
+        (Some(w), Some(x)) => w == x,
+        _ => a == address,
+    };
+    pifs.as_object()?.values().find_map(|p| {
+        let attached = p.get("currently_attached").and_then(|a| a.as_bool()) != Some(false);
+        let v4 = p.get("IP").and_then(|v| v.as_str()).is_some_and(&same);
+        let v6 = p
+            .get("IPv6")
+            .and_then(|v| v.as_array())
+            .is_some_and(|l| l.iter().filter_map(|a| a.as_str()).any(&same));
+        (attached && (v4 || v6))
+            .then(|| p.get("network")?.as_str().map(str::to_string))
+            .flatten()
+    })
+}
+
+/// The purpose of a network from its record (`purpose`: a list of names) and its uuid.
+pub(crate) fn purpose_of(network: &serde_json::Value) -> NbdPurpose {
+    let has = |name: &str| {
+        network
+            .get("purpose")
+            .and_then(|p| p.as_array())
+            .is_some_and(|l| l.iter().any(|x| x.as_str() == Some(name)))
+    };
+    if has("nbd") {
+        NbdPurpose::Nbd
+    } else if has("insecure_nbd") {
+        NbdPurpose::Insecure {
+            network: network
+                .get("uuid")
+                .and_then(|u| u.as_str())
+                .map(str::to_string),
+        }
+    } else {
+        NbdPurpose::Unknown
+    }
+}
+
+/// For each record, the purpose of the network whose PIF holds its address. Calls the host
+/// refuses (or a host without these classes) leave it unknown.
+pub(crate) async fn nbd_purposes(xapi: &Xapi, infos: &[NbdInfo]) -> Vec<NbdPurpose> {
+    let pifs = match xapi.call("PIF.get_all_records", vec![]).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(error = %e, "cannot read the host's PIFs; the NBD servers' answers will tell whether they offer TLS");
+            return vec![NbdPurpose::Unknown; infos.len()];
+        }
+    };
+    let mut known: std::collections::HashMap<String, NbdPurpose> = Default::default();
+    let mut out = Vec::with_capacity(infos.len());
+    for info in infos {
+        let Some(net) = network_of_address(&pifs, &info.address) else {
+            out.push(NbdPurpose::Unknown);
+            continue;
+        };
+        if !known.contains_key(&net) {
+            let p = match xapi
+                .call("network.get_record", vec![serde_json::json!(net)])
+                .await
+            {
+                Ok(rec) => purpose_of(&rec),
+                Err(e) => {
+                    tracing::info!(error = %e, network = %net, "cannot read the network's purpose");
+                    NbdPurpose::Unknown
+                }
+            };
+            known.insert(net.clone(), p);
+        }
+        out.push(known.get(&net).cloned().unwrap_or(NbdPurpose::Unknown));
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -713,17 +887,20 @@ async fn fetch(
         let r = import_http(repo, lock, xapi, snap, req, progress).await?;
         return Ok((r, "export_raw_vdi"));
     }
-    if infos.iter().any(|i| i.cert.trim().is_empty()) && opts.allow_plain_nbd {
-        let w = "NBD without TLS (the host's network is insecure_nbd): disk data crosses the network unencrypted".to_string();
-        say(Event::Warning(&w));
-        warnings.push(w);
-    }
+    let purposes = nbd_purposes(xapi, &infos).await;
     // The first connection the host lists that answers; each is usable many times.
     let mut last_err = None;
-    for info in &infos {
-        let target = nbd_target(info, opts.allow_plain_nbd)?;
-        match Pool::open(target, opts.fetch).await {
+    for (info, purpose) in infos.iter().zip(&purposes) {
+        match open_nbd(info, purpose, opts.allow_plain_nbd, opts.fetch).await? {
             Ok(pool) => {
+                if pool.target().trust.is_none() {
+                    let w = format!(
+                        "NBD without TLS at {}:{} (the host's network is insecure_nbd): disk data crosses the network unencrypted",
+                        info.address, info.port
+                    );
+                    say(Event::Warning(&w));
+                    warnings.push(w);
+                }
                 // The export must be the snapshot, whole: a server stating another size (or
                 // none) must never make a short or empty point that then replaces the data.
                 if pool.info.size != snap.virtual_size {
@@ -772,18 +949,26 @@ async fn import_http(
     let mut block = Vec::with_capacity(BLOCK_SIZE as usize);
     let mut b = 0u64;
     let mut received = 0u64;
-    let short = |received: u64| {
+    let short = |received: u64, why: String| {
         BackupError::Xapi(XapiError::Http {
             what: format!("export_raw_vdi of VDI {}", snap.uuid),
             status: 200,
-            body: format!("the transfer ended after {received} of {size} bytes"),
+            body: format!(
+                "the transfer ended after {received} of {size} bytes ({why}); nothing was committed"
+            ),
         })
     };
     loop {
         let chunk = match resp.chunk().await {
             Ok(Some(c)) => c,
             Ok(None) => break,
-            Err(_) => return Err(short(received)),
+            // xapi's body is close-delimited and its TLS stream may end without a
+            // close_notify: once every byte of the VDI arrived, that error is the end.
+            Err(e) if received == size => {
+                tracing::debug!(error = %crate::xapi::client::error_chain(e), "export_raw_vdi: every byte arrived; the connection ended without close_notify");
+                break;
+            }
+            Err(e) => return Err(short(received, crate::xapi::client::error_chain(e))),
         };
         let mut data = &chunk[..];
         while !data.is_empty() {
@@ -814,7 +999,7 @@ async fn import_http(
         }
     }
     if received != size {
-        return Err(short(received));
+        return Err(short(received, "the host closed the connection".into()));
     }
     progress(total, total);
     let manifest = w.commit()?;
@@ -823,4 +1008,110 @@ async fn import_http(
         // The whole disk crossed the network.
         blocks_read: total,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const P: &str = "10.0.0.5:10809";
+
+    #[test]
+    fn nbd_security_follows_the_purpose_then_the_server() {
+        use NbdPurpose::*;
+        use NbdSecurity::*;
+        let insecure = Insecure {
+            network: Some("net-uuid".into()),
+        };
+        // (purpose, --allow-plain-nbd, cert present, server refused STARTTLS) → decision.
+        let ok = [
+            (Nbd, false, true, false, Tls),
+            (Nbd, true, true, false, Tls),
+            (insecure.clone(), true, true, false, Plain),
+            (insecure.clone(), true, false, false, Plain),
+            (Unknown, false, true, false, Tls),
+            (Unknown, true, true, false, Tls),
+            (Unknown, true, true, true, Plain),
+            (Unknown, true, false, false, Plain),
+        ];
+        for (purpose, allow, cert, refused, want) in ok {
+            assert_eq!(
+                nbd_security(&purpose, allow, cert, refused, P),
+                Ok(want),
+                "{purpose:?} allow={allow} cert={cert} refused={refused}"
+            );
+        }
+        let refusals = [
+            (Nbd, true, true, true, "purpose is nbd"),
+            (Nbd, false, false, false, "no certificate"),
+            (insecure.clone(), false, true, false, "--allow-plain-nbd"),
+            (Unknown, false, true, true, "--allow-plain-nbd"),
+            (Unknown, false, false, false, "--allow-plain-nbd"),
+        ];
+        for (purpose, allow, cert, refused, says) in refusals {
+            let e = nbd_security(&purpose, allow, cert, refused, P).unwrap_err();
+            assert!(e.contains(says), "{purpose:?}: {e}");
+            assert!(e.contains(P), "{e}");
+        }
+        let e = nbd_security(&insecure, false, true, false, P).unwrap_err();
+        assert!(
+            e.contains("xe network-param-set uuid=net-uuid purpose=nbd"),
+            "{e}"
+        );
+        let e = nbd_security(&Unknown, false, true, true, P).unwrap_err();
+        assert!(
+            e.contains("uuid=<network-uuid>") && e.contains("xe network-list"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_record_becomes_a_pinned_or_plain_target() {
+        let info = NbdInfo {
+            address: "10.0.0.5".into(),
+            port: 10809,
+            exportname: "/vdi?session_id=OpaqueRef:s".into(),
+            cert: "-----BEGIN CERTIFICATE-----".into(),
+            subject: "host".into(),
+        };
+        let t = nbd_target(&info, &NbdPurpose::Nbd, false, false).unwrap();
+        assert!(matches!(t.trust, Some(Trust::Pinned { .. })));
+        let t = nbd_target(&info, &NbdPurpose::Insecure { network: None }, true, false).unwrap();
+        assert!(t.trust.is_none());
+        assert!(nbd_target(&info, &NbdPurpose::Insecure { network: None }, false, false).is_err());
+    }
+
+    #[test]
+    fn the_pif_holding_an_address_names_the_network() {
+        let pifs = json!({
+            "OpaqueRef:p1": {"IP": "10.0.0.5", "IPv6": [], "network": "OpaqueRef:n1", "currently_attached": true},
+            "OpaqueRef:p2": {"IP": "", "IPv6": ["fd00::7/64", ""], "network": "OpaqueRef:n2", "currently_attached": true},
+            "OpaqueRef:p3": {"IP": "10.0.0.9", "IPv6": [], "network": "OpaqueRef:n3", "currently_attached": false},
+        });
+        assert_eq!(
+            network_of_address(&pifs, "10.0.0.5").as_deref(),
+            Some("OpaqueRef:n1")
+        );
+        assert_eq!(
+            network_of_address(&pifs, "fd00::7").as_deref(),
+            Some("OpaqueRef:n2")
+        );
+        assert_eq!(
+            network_of_address(&pifs, "[fd00:0::7]").as_deref(),
+            Some("OpaqueRef:n2")
+        );
+        assert_eq!(network_of_address(&pifs, "10.0.0.9"), None, "not attached");
+        assert_eq!(network_of_address(&pifs, "10.0.0.6"), None);
+        assert_eq!(network_of_address(&json!("junk"), "10.0.0.5"), None);
+        assert_eq!(purpose_of(&json!({"purpose": ["nbd"]})), NbdPurpose::Nbd);
+        assert_eq!(
+            purpose_of(&json!({"purpose": ["insecure_nbd"], "uuid": "u"})),
+            NbdPurpose::Insecure {
+                network: Some("u".into())
+            }
+        );
+        assert_eq!(purpose_of(&json!({"purpose": []})), NbdPurpose::Unknown);
+        assert_eq!(purpose_of(&json!({})), NbdPurpose::Unknown);
+    }
 }

@@ -182,13 +182,19 @@ async fn restore_logged_in(
     let mut verified = 0;
     if !opts.no_verify {
         match xapi.nbd_info(&vdi_ref).await {
-            Ok(infos) if infos.first().is_some_and(|i| i.cert.trim().is_empty()) => {
-                let w = "the host offers NBD only without TLS: the restored data was not read back (only its size was checked)".to_string();
-                say(Event::Warning(&w));
-                warnings.push(w);
-            }
             Ok(infos) if !infos.is_empty() => {
-                verified = read_back(&infos, reader, &vdi).await?;
+                let purpose = crate::backup::nbd_purposes(xapi, &infos[..1])
+                    .await
+                    .pop()
+                    .unwrap_or(crate::backup::NbdPurpose::Unknown);
+                match read_back(&infos[0], &purpose, reader, &vdi).await? {
+                    Some(n) => verified = n,
+                    None => {
+                        let w = "the host offers NBD only without TLS: the restored data was not read back (only its size was checked)".to_string();
+                        say(Event::Warning(&w));
+                        warnings.push(w);
+                    }
+                }
             }
             Ok(_) => {
                 let w = "the host has no NBD network: the restored data was not read back (only its size was checked)".to_string();
@@ -280,22 +286,33 @@ async fn upload(
     })
 }
 
-/// Read a sample of the restored VDI over NBD and compare it with the point.
+/// Read a sample of the restored VDI over NBD and compare it with the point: the number of
+/// blocks checked, or None when the server speaks only plain text (an `insecure_nbd`
+/// network, or a server that does not offer TLS): plain NBD is not used for the check.
 async fn read_back(
-    infos: &[NbdInfo],
+    info: &NbdInfo,
+    purpose: &crate::backup::NbdPurpose,
     reader: &Arc<PointReader>,
     vdi: &str,
-) -> Result<u64, RestoreError> {
-    // Plain NBD is not used for the check either: without TLS the read-back is skipped.
-    let target = crate::backup::nbd_target(&infos[0], false)
-        .map_err(|e| RestoreError::Refused(format!("reading VDI {vdi} back: {e}")))?;
+) -> Result<Option<u64>, RestoreError> {
+    use crate::backup::NbdPurpose;
+    let refused = |e: String| RestoreError::Refused(format!("reading VDI {vdi} back: {e}"));
+    let target = match crate::backup::nbd_target(info, purpose, false, false) {
+        Ok(t) => t,
+        Err(e) if *purpose == NbdPurpose::Nbd => return Err(refused(e.to_string())),
+        Err(_) => return Ok(None),
+    };
     let opts = crate::nbd::FetchOptions {
         connections: 1,
         ..Default::default()
     };
-    let mut pool = crate::nbd::Pool::open(target, opts)
-        .await
-        .map_err(|e| RestoreError::Refused(format!("reading VDI {vdi} back: {e}")))?;
+    let mut pool = match crate::nbd::Pool::open(target, opts).await {
+        Ok(p) => p,
+        Err(crate::nbd::NbdError::NoTls { .. }) if *purpose == NbdPurpose::Unknown => {
+            return Ok(None);
+        }
+        Err(e) => return Err(refused(e.to_string())),
+    };
     let size = reader.size();
     let blocks = blocks_for(size);
     let mut sample: Vec<u64> = vec![0, blocks.saturating_sub(1)];
@@ -342,7 +359,7 @@ async fn read_back(
         });
     }
     fetched.map_err(|e| RestoreError::Refused(format!("reading VDI {vdi} back: {e}")))?;
-    Ok(checked)
+    Ok(Some(checked))
 }
 
 /// Create a VM from the point's saved metadata, its disk mapped to `vdi`.

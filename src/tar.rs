@@ -31,13 +31,32 @@ pub fn build(files: &[(&str, &[u8])]) -> Vec<u8> {
 
 /// The members of a tar: (name, contents). None if it is not a well-formed tar.
 pub fn members(tar: &[u8]) -> Option<Vec<(String, &[u8])>> {
+    walk(tar).map(|(m, _)| m)
+}
+
+/// True if `tar` parses member by member to its end-of-archive marker: two blocks of zeros.
+/// A close-delimited `/export_metadata` body that is complete this way is the whole archive,
+/// however the connection ended afterwards.
+pub fn complete(tar: &[u8]) -> bool {
+    walk(tar).is_some_and(|(_, end)| {
+        end.checked_add(2 * BLOCK)
+            .and_then(|e| tar.get(end..e))
+            .is_some_and(|z| z.iter().all(|&b| b == 0))
+    })
+}
+
+/// A tar's members: (name, contents).
+type Members<'a> = Vec<(String, &'a [u8])>;
+
+/// The members, and the offset of the first zero block that ends them.
+fn walk(tar: &[u8]) -> Option<(Members<'_>, usize)> {
     let mut out = Vec::new();
     let mut off = 0usize;
     while let Some(h) = tar.get(off..off.saturating_add(BLOCK))
         && h.len() == BLOCK
     {
         if h.iter().all(|&b| b == 0) {
-            return Some(out);
+            return Some((out, off));
         }
         let stored = u32::try_from(parse_octal(&h[148..156])?).ok()?;
         let sum: u32 = h[..148].iter().map(|&b| b as u32).sum::<u32>()
@@ -87,5 +106,23 @@ mod tests {
         bad[0] ^= 1;
         assert!(members(&bad).is_none());
         assert!(members(&t[..600]).is_none());
+    }
+
+    #[test]
+    fn complete_needs_both_end_blocks() {
+        let t = build(&[("ova.xml", b"<value/>")]);
+        assert!(complete(&t));
+        // Cut anywhere before the second end block: not complete.
+        for cut in [0, 511, 512, 1024, 1536, t.len() - 1] {
+            assert!(!complete(&t[..cut]), "cut at {cut}");
+        }
+        // Bytes after the end blocks (padding to a record) do not matter.
+        let mut padded = t.clone();
+        padded.resize(10240, 0);
+        assert!(complete(&padded));
+        assert!(!complete(b"<html>error</html>"));
+        let mut bad = t.clone();
+        bad[0] ^= 1;
+        assert!(!complete(&bad));
     }
 }

@@ -1468,11 +1468,13 @@ fn backup_refuses_an_export_of_unknown_or_wrong_size() {
         let (_, vdis) = sim.add_vm("vm1", &[("root", &img)]).unwrap();
         let port = hostile::start(disk_size, how);
         sim.with(|st| {
+            // An insecure_nbd network: its server speaks plain NBD.
+            st.net.set_purpose(&["insecure_nbd"]);
             st.nbd_override = Some((
                 "127.0.0.1".into(),
                 port,
                 "disk".into(),
-                String::new(), // no certificate: plain NBD
+                String::new(),
                 String::new(),
             ))
         });

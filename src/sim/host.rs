@@ -131,6 +131,8 @@ pub struct Faults {
     /// `/export_raw_vdi` closes the connection after this many bytes of the body (a short
     /// close-delimited body).
     pub export_close_after: Option<u64>,
+    /// `/export_metadata` closes the connection after this many bytes of the archive.
+    pub metadata_close_after: Option<u64>,
     /// network, PIF and host calls answer `RBAC_PERMISSION_DENIED` (a user whose role may not
     /// read them): a client cannot learn the NBD network's purpose.
     pub networks_denied: bool,

@@ -384,6 +384,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(Some(out))
     }
 
+    /// `100 Continue`: the client may send the body it announced.
+    pub async fn send_continue(&mut self) -> io::Result<()> {
+        self.stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await?;
+        self.stream.flush().await
+    }
+
     /// Send a complete reply; `close` adds `Connection: close`.
     pub async fn send_full(
         &mut self,

@@ -366,6 +366,15 @@ async fn route(ctx: &Arc<Ctx>, head: &Head, conn: &mut Conn<TlsConn>) -> (Reply,
         Ok(len) => len,
         Err(e) => return (Reply::error_page(400, &e.to_string()), false),
     };
+    // A client waiting to be told to send its body (curl does for large ones).
+    if head
+        .header("expect")
+        .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
+        && len > 0
+        && conn.send_continue().await.is_err()
+    {
+        return (Reply::error_page(400, "the connection failed"), false);
+    }
     if head.method == "PUT" && head.path() == "/import_raw_vdi" {
         if head.header("content-length").is_none() {
             return (Reply::error_page(411, "Content-Length required"), false);
@@ -467,7 +476,12 @@ fn handle(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
                 return Reply::error_page(403, "session not valid");
             }
             match st.export_metadata(q.get("uuid").map(String::as_str).unwrap_or("")) {
-                Some(tar) => close_delimited("application/x-tar", vec![tar]),
+                Some(mut tar) => {
+                    if let Some(n) = st.faults.metadata_close_after {
+                        tar.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+                    }
+                    close_delimited("application/x-tar", vec![tar])
+                }
                 None => Reply::error_page(404, "VM not found"),
             }
         }

@@ -174,6 +174,22 @@ pub(crate) async fn read_body(
     Ok(out)
 }
 
+/// An HTTP error with its causes (`error reading a body: peer closed connection without
+/// sending TLS close_notify`), URL and session removed.
+pub(crate) fn error_chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut detail = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !detail.contains(&t) {
+            detail = format!("{detail}: {t}");
+        }
+        src = s.source();
+    }
+    redact(&detail)
+}
+
 /// Why a body could not be read.
 #[derive(Debug)]
 pub(crate) enum BodyError {
@@ -218,19 +234,9 @@ impl Xapi {
     }
 
     fn transport(&self, e: reqwest::Error) -> XapiError {
-        let e = e.without_url();
-        let mut detail = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            let t = s.to_string();
-            if !detail.contains(&t) {
-                detail = format!("{detail}: {t}");
-            }
-            src = s.source();
-        }
         XapiError::Transport {
             host: self.host.clone(),
-            detail: redact(&detail),
+            detail: error_chain(e),
         }
     }
 
@@ -501,7 +507,7 @@ impl Xapi {
         if !resp.status().is_success() {
             return Err(self.handler_error(&what, resp).await);
         }
-        let body = self.body(&what, resp).await?;
+        let body = self.metadata_body(&what, resp).await?;
         if !crate::tar::holds(&body, "ova.xml") {
             let excerpt: String = String::from_utf8_lossy(&body[..body.len().min(200)]).into();
             return Err(XapiError::Http {
@@ -511,6 +517,59 @@ impl Xapi {
             });
         }
         Ok(body)
+    }
+
+    /// The body of `/export_metadata`. xapi sends it close-delimited and may end the TLS stream
+    /// without a `close_notify`: an error after the bytes form a tar read to its end blocks is
+    /// the end of a complete body; before that, the message says how far it got.
+    async fn metadata_body(
+        &self,
+        what: &str,
+        mut resp: reqwest::Response,
+    ) -> Result<Vec<u8>, XapiError> {
+        let mut out = Vec::new();
+        let cut = |out: &Vec<u8>, how: String| XapiError::Http {
+            what: what.to_string(),
+            status: 200,
+            body: format!(
+                "{how} after {} bytes, before the end of the archive",
+                out.len()
+            ),
+        };
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    if out.len().saturating_add(c.len()) > MAX_RESPONSE_BYTES {
+                        return Err(self.protocol(
+                            what,
+                            format!(
+                                "the metadata export is larger than {} MiB",
+                                MAX_RESPONSE_BYTES >> 20
+                            ),
+                        ));
+                    }
+                    out.extend_from_slice(&c);
+                }
+                // A clean end: what arrived is checked as a tar by the caller.
+                Ok(None) => return Ok(out),
+                Err(e) if crate::tar::complete(&out) => {
+                    tracing::debug!(error = %error_chain(e), "export_metadata: the archive is complete; the connection ended without close_notify");
+                    return Ok(out);
+                }
+                Err(e) if e.is_timeout() => {
+                    return Err(cut(
+                        &out,
+                        format!("the host sent nothing for {} s", self.timeout.as_secs()),
+                    ));
+                }
+                Err(e) => {
+                    return Err(cut(
+                        &out,
+                        format!("the connection ended ({})", error_chain(e)),
+                    ));
+                }
+            }
+        }
     }
 
     /// `PUT /import_metadata`: a VM from a metadata export, its disks mapped (original VDI uuid
