@@ -192,7 +192,8 @@ enum Command {
         /// Keep the snapshot's data on the host (default: data_destroy, keeping CBT metadata).
         #[arg(long)]
         keep_snapshot_data: bool,
-        /// Accept NBD without TLS from a host whose NBD network is insecure_nbd.
+        /// Accept plain NBD (no TLS) from a host whose NBD network is insecure_nbd (or whose NBD
+        /// server does not offer TLS when the network's purpose cannot be read).
         #[arg(long)]
         allow_plain_nbd: bool,
         /// NBD connections in parallel (XenServer allows 16 per host).

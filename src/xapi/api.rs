@@ -129,7 +129,8 @@ pub struct NbdInfo {
     pub address: String,
     pub port: u16,
     pub exportname: String,
-    /// PEM; empty on an `insecure_nbd` network.
+    /// PEM: the host's certificate, on `nbd` and `insecure_nbd` networks alike (xapi fills it
+    /// whatever the purpose), so it never says whether the server offers TLS.
     pub cert: String,
     pub subject: String,
 }
