@@ -931,6 +931,7 @@ fn cmd_import(
         snapshot: None,
         vm_metadata: None,
         vdi_type: None,
+        vm_run: None,
         source_label: None,
     };
     let progress = Progress::new("import", 0);

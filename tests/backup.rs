@@ -903,3 +903,94 @@ fn restore_refusals_and_an_interrupted_upload() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_same("after the rerun", &h.disk_now(), want);
 }
+
+/// Start a backup of the disk and kill it (SIGKILL) once the host has seen `call`.
+fn backup_killed_at(h: &Host, call: &str) {
+    let seen = h
+        .sim
+        .with(|st| st.calls.iter().filter(|c| *c == call).count());
+    let mut child = Command::new(bin())
+        .args(["backup", "--repo", s(&h.repo()), "--host", &h.sim.url])
+        .args(["--password-file", s(&h.pw), "--vdi", &h.vdi])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(call, Duration::from_secs(60), || {
+        h.sim
+            .with(|st| st.calls.iter().filter(|c| *c == call).count())
+            > seen
+    });
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the backup finished before the kill");
+}
+
+#[test]
+fn a_backup_killed_between_snapshot_and_tag_leaves_nothing_after_the_next_run() {
+    let h = start(|c| c.nbd = NbdMode::Tls);
+    let mut rng = TestRng::new(5);
+    let mut points = vec![(h.backup_vdi(), h.disk_now())];
+    // Another tool's snapshot, untagged, made before the killed run: it must survive.
+    let foreign = h.sim.with(|st| {
+        let r = st.snapshot(&h.vdi).unwrap();
+        st.vdis[&r].uuid.clone()
+    });
+    let foreign_bytes = h.sim.read_vdi(&foreign).unwrap();
+    for (fault, call) in [
+        // The kill comes while VDI.snapshot's answer is awaited: the journal has no uuid.
+        ("withhold", "VDI.snapshot"),
+        // The kill comes after the answer, before the tag: the journal names the snapshot.
+        ("hang", "VDI.add_to_other_config"),
+    ] {
+        h.guest_writes(&mut rng, 10);
+        h.sim.with(|st| match fault {
+            "withhold" => st.faults.withhold_snapshot_reply = true,
+            _ => st.faults.hang_after_snapshot = true,
+        });
+        let before = h.snapshots().len();
+        backup_killed_at(&h, call);
+        // The killed run's snapshot is on the host, untagged.
+        let left = h.snapshots();
+        assert_eq!(left.len(), before + 1, "{fault}: {left:?}");
+        let killed: Vec<_> = left
+            .iter()
+            .filter(|x| !x.2 && x.0 != foreign)
+            .map(|x| x.0.clone())
+            .collect();
+        assert_eq!(killed.len(), 1, "{fault}: {left:?}");
+        h.guest_writes(&mut rng, 10);
+        let want = h.disk_now();
+        let d = h.backup_vdi();
+        let warnings = d["warnings"].to_string();
+        assert!(
+            warnings.contains(&killed[0]) && warnings.contains("interrupted backup"),
+            "{fault}: {warnings}"
+        );
+        // Only the origin (ours) and the other tool's snapshot remain.
+        let mut snaps = h.snapshots();
+        snaps.sort();
+        let mut expect = vec![
+            (
+                d["snapshot"].as_str().unwrap().to_string(),
+                "cbt_metadata".to_string(),
+                true,
+            ),
+            (foreign.clone(), "user".to_string(), false),
+        ];
+        expect.sort();
+        assert_eq!(snaps, expect, "{fault}");
+        points.push((d, want));
+    }
+    assert_eq!(h.sim.read_vdi(&foreign).unwrap(), foreign_bytes);
+    let journal = h.repo().join("journal");
+    assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
+    ok(&["verify", s(&h.repo())]);
+    for (i, (d, want)) in points.iter().enumerate() {
+        assert_same(
+            &format!("point {i}"),
+            &h.export(d["point"].as_str().unwrap()),
+            want,
+        );
+    }
+}

@@ -390,7 +390,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
                 Some(Value::Array(a)) => a.clone(),
                 _ => Vec::new(),
             };
-            let result = lock(&ctx.state).dispatch(method, &params);
+            let result = super::host::answer(&ctx.state, method, &params).await;
             let out = match (result, v2) {
                 (Ok(r), true) => json!({"jsonrpc": "2.0", "result": r, "id": id}),
                 (Ok(r), false) => json!({"result": r, "error": null, "id": id}),
@@ -407,10 +407,12 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
             };
             let text = String::from_utf8_lossy(&body);
             let out = match super::super::xapi::xmlrpc::decode_call(&text) {
-                Ok((method, params)) => match lock(&ctx.state).dispatch(&method, &params) {
-                    Ok(v) => json!({"Status": "Success", "Value": v}),
-                    Err(e) => json!({"Status": "Failure", "ErrorDescription": e}),
-                },
+                Ok((method, params)) => {
+                    match super::host::answer(&ctx.state, &method, &params).await {
+                        Ok(v) => json!({"Status": "Success", "Value": v}),
+                        Err(e) => json!({"Status": "Failure", "ErrorDescription": e}),
+                    }
+                }
                 Err(e) => {
                     json!({"Status": "Failure", "ErrorDescription": ["XMLRPC_UNMARSHAL_FAILURE", e]})
                 }
