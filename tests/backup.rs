@@ -994,3 +994,221 @@ fn a_backup_killed_between_snapshot_and_tag_leaves_nothing_after_the_next_run() 
         );
     }
 }
+
+/// A raw image of `mb` MiB with data in some blocks.
+fn image(h: &Host, name: &str, mb: u64, seed: u64) -> PathBuf {
+    let p = h.dir.path().join(name);
+    let mut data = vec![0u8; (mb << 20) as usize];
+    let mut rng = TestRng::new(seed);
+    for b in 0..data.len() / BS {
+        if rng.below(2) == 0 {
+            for x in &mut data[b * BS..b * BS + 512] {
+                *x = rng.next() as u8;
+            }
+        }
+    }
+    std::fs::write(&p, &data).unwrap();
+    p
+}
+
+/// A VM in the sim by uuid: (power state, [(userdevice, VDI uuid)] in VBD order).
+fn vm_disks(h: &Host, vm: &str) -> (String, Vec<(String, String)>) {
+    h.sim.with(|st| {
+        let v = st
+            .vms
+            .values()
+            .find(|v| v.uuid == vm)
+            .expect("the VM exists");
+        let disks = v
+            .vbds
+            .iter()
+            .map(|b| {
+                let b = &st.vbds[b];
+                (b.userdevice.clone(), st.vdis[&b.vdi].uuid.clone())
+            })
+            .collect();
+        (v.power_state.clone(), disks)
+    })
+}
+
+fn halt(h: &Host, vm: &str) {
+    h.sim.with(|st| {
+        let (r, v) = st.vms.iter_mut().find(|(_, v)| v.uuid == vm).unwrap();
+        v.power_state = "Halted".into();
+        let r = r.clone();
+        st.vbds
+            .values_mut()
+            .filter(|b| b.vm == r)
+            .for_each(|b| b.attached = false);
+    });
+}
+
+fn backup_vm(h: &Host, vm: &str) -> Vec<Value> {
+    let o = h.backup(&["--vm", vm]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["disks"].as_array().unwrap().clone()
+}
+
+/// The point of `vdi` in a backup report.
+fn point_of(disks: &[Value], vdi: &str) -> String {
+    disks
+        .iter()
+        .find(|d| d["vdi"] == vdi)
+        .and_then(|d| d["point"].as_str())
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_vm_with_two_disks_comes_back_whole_into_a_new_vm_and_over_a_halted_vm() {
+    let h = start(|_| {});
+    let (a_img, b_img) = (image(&h, "a.img", 8, 1), image(&h, "b.img", 4, 2));
+    let (vm, vdis) = h
+        .sim
+        .add_vm("two", &[("sys", &a_img), ("data", &b_img)])
+        .unwrap();
+    let sr = h.sim.with(|st| st.sr_uuid.clone());
+    let now = || -> Vec<Vec<u8>> { vdis.iter().map(|v| h.sim.read_vdi(v).unwrap()).collect() };
+    let mut rng = TestRng::new(3);
+    let write = |rng: &mut TestRng| {
+        for v in &vdis {
+            for _ in 0..8 {
+                let size = h.sim.read_vdi(v).unwrap().len() as u64;
+                let off = rng.below(size - 3 * BS as u64);
+                let data: Vec<u8> = (0..2 * BS).map(|_| rng.next() as u8).collect();
+                h.sim.with(|st| st.guest_write(v, off, &data)).unwrap();
+            }
+        }
+    };
+    let run1 = backup_vm(&h, &vm);
+    let imgs1 = now();
+    write(&mut rng);
+    let run2 = backup_vm(&h, &vm);
+    let imgs2 = now();
+    assert_ne!(imgs1, imgs2);
+    write(&mut rng);
+    let current = now();
+
+    // The second disk's point of the first run brings back the whole VM as it was then.
+    let o = restore(
+        &h,
+        &[
+            &point_of(&run1, &vdis[1]),
+            "--new-vdi",
+            "--sr",
+            &sr,
+            "--new-vm",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["disks"].as_array().unwrap().len(), 2, "{r}");
+    let (state, disks) = vm_disks(&h, r["vm"].as_str().unwrap());
+    assert_eq!(state, "Halted");
+    let mut devs: Vec<&str> = disks.iter().map(|d| d.0.as_str()).collect();
+    devs.sort();
+    assert_eq!(devs, ["0", "1"], "{disks:?}");
+    for (dev, vdi) in &disks {
+        let i: usize = dev.parse().unwrap();
+        assert!(!vdis.contains(vdi), "the new VM uses an original disk");
+        assert_same(
+            &format!("new VM, userdevice {dev}"),
+            &h.sim.read_vdi(vdi).unwrap(),
+            &imgs1[i],
+        );
+    }
+    assert_eq!(now(), current, "the original disks were touched");
+
+    // Over the original VM: refused while it runs, nothing written.
+    let p2 = point_of(&run2, &vdis[0]);
+    let o = restore(&h, &[&p2, "--to-vm", &vm]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("xe vm-shutdown"), "{err}");
+    assert_eq!(now(), current);
+    halt(&h, &vm);
+    let o = restore(&h, &[&p2, "--to-vm", &vm, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["disks"].as_array().unwrap().len(), 2, "{r}");
+    for (i, v) in vdis.iter().enumerate() {
+        assert_same(
+            &format!("disk {i} over the VM"),
+            &h.sim.read_vdi(v).unwrap(),
+            &imgs2[i],
+        );
+    }
+
+    // Another halted VM with disks of the same sizes: matched by position.
+    let blank = |n: &str, mb: u64| {
+        let p = h.dir.path().join(n);
+        std::fs::write(&p, vec![0u8; (mb << 20) as usize]).unwrap();
+        p
+    };
+    let (x, y) = (blank("x.img", 8), blank("y.img", 4));
+    let (other, other_vdis) = h.sim.add_vm("other", &[("x", &x), ("y", &y)]).unwrap();
+    halt(&h, &other);
+    let p1 = point_of(&run1, &vdis[0]);
+    let o = restore(&h, &[&p1, "--to-vm", &other]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (i, v) in other_vdis.iter().enumerate() {
+        assert_same(
+            &format!("disk {i} of the other VM"),
+            &h.sim.read_vdi(v).unwrap(),
+            &imgs1[i],
+        );
+    }
+    // Disks that do not match: refused before anything is written.
+    let (one, one_vdis) = h.sim.add_vm("one", &[("x", &x)]).unwrap();
+    halt(&h, &one);
+    let o = restore(&h, &[&p1, "--to-vm", &one]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("has 1 disks") && err.contains("holds 2"),
+        "{err}"
+    );
+    let (swapped, swapped_vdis) = h.sim.add_vm("swapped", &[("y", &y), ("x", &x)]).unwrap();
+    halt(&h, &swapped);
+    let o = restore(&h, &[&p1, "--to-vm", &swapped]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("xe vdi-resize"), "{err}");
+    for v in one_vdis.iter().chain(&swapped_vdis) {
+        assert!(h.sim.read_vdi(v).unwrap().iter().all(|&b| b == 0));
+    }
+
+    // A run that backed up one disk only cannot make the VM whole: refused, naming the other.
+    let d = h.backup(&["--vdi", &vdis[0]]);
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    let d: Value = serde_json::from_slice(&d.stdout).unwrap();
+    let lone = d["disks"][0]["point"].as_str().unwrap().to_string();
+    let vms_before = h.sim.with(|st| st.vms.len());
+    let vdis_before = h.sim.with(|st| st.vdis.len());
+    for args in [
+        vec![lone.as_str(), "--new-vdi", "--sr", &sr, "--new-vm"],
+        vec![lone.as_str(), "--to-vm", &vm],
+    ] {
+        let o = restore(&h, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            err.contains(&vdis[1]) && err.contains("no point of disk"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(h.sim.with(|st| st.vms.len()), vms_before);
+    assert_eq!(h.sim.with(|st| st.vdis.len()), vdis_before);
+    for (i, v) in vdis.iter().enumerate() {
+        assert_same(
+            &format!("disk {i} untouched"),
+            &h.sim.read_vdi(v).unwrap(),
+            &imgs2[i],
+        );
+    }
+    // The disk alone still restores.
+    let o = restore(&h, &[&lone, "--to-vdi", &vdis[0]]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
