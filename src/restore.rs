@@ -755,3 +755,75 @@ impl RestoreError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::{NewPoint, VmRun};
+
+    const A: &str = "00000000-0000-4000-8000-00000000000a";
+    const B: &str = "00000000-0000-4000-8000-00000000000b";
+
+    fn point(repo: &Repository, vdi: &str, time: i64, run: Option<(&str, &str)>) {
+        let lock = repo.lock("test").unwrap();
+        let w = repo
+            .begin_point(
+                &lock,
+                NewPoint {
+                    vdi: vdi.into(),
+                    disk_name: format!("disk-{}", &vdi[35..]),
+                    vm_uuid: None,
+                    vm_name: Some("vm".into()),
+                    time,
+                    virtual_size: BLOCK_SIZE,
+                    source: "test".into(),
+                    new_set: time == 100,
+                    snapshot: None,
+                    vm_metadata: None,
+                    vdi_type: None,
+                    vm_run: run.map(|(id, dev)| VmRun {
+                        run: id.into(),
+                        userdevice: Some(dev.into()),
+                        vm_disks: vec![B.into(), A.into()],
+                    }),
+                },
+            )
+            .unwrap();
+        w.commit().unwrap();
+    }
+
+    fn disks_of(got: &[(SetHistory, u32)]) -> Vec<(String, i64)> {
+        got.iter()
+            .map(|(s, q)| {
+                let p = &s.points[*q as usize];
+                (p.vdi.clone(), p.time)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn run_points_take_every_disk_of_the_run_in_vm_order_or_name_the_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("r")).unwrap();
+        // Run 1 took both disks (B at userdevice 0), run 2 only A, run 3 both again; an older
+        // point without a run stands alone.
+        point(&repo, A, 100, Some(("01", "1")));
+        point(&repo, B, 100, Some(("01", "0")));
+        point(&repo, A, 200, Some(("02", "1")));
+        point(&repo, A, 300, Some(("03", "1")));
+        point(&repo, B, 300, Some(("03", "0")));
+        point(&repo, A, 400, None);
+        let a = repo.disk(A).unwrap().sets[0].clone();
+        let b = repo.disk(B).unwrap().sets[0].clone();
+        let got = run_points(&repo, &a, 0).unwrap();
+        assert_eq!(disks_of(&got), [(B.to_string(), 100), (A.to_string(), 100)]);
+        let got = run_points(&repo, &b, 1).unwrap();
+        assert_eq!(disks_of(&got), [(B.to_string(), 300), (A.to_string(), 300)]);
+        let e = run_points(&repo, &a, 1).unwrap_err().to_string();
+        assert!(e.contains(&format!("no point of disk {B} (disk-b)")), "{e}");
+        assert!(e.contains("19700101T000500Z"), "suggests run 3: {e}");
+        let got = run_points(&repo, &a, 3).unwrap();
+        assert_eq!(disks_of(&got), [(A.to_string(), 400)]);
+        assert!(run_points(&repo, &a, 9).is_err());
+    }
+}

@@ -1558,6 +1558,19 @@ mod tests {
             (|m| m.data_blocks = 5, "stores 5 blocks but holds only 4"),
             (|m| m.data.len += 1, "data file length"),
             (|m| m.index.len = 60, "index length"),
+            (
+                |m| m.vm_run = Some(run("../x", Some("0"), &[VDI])),
+                "backup run id",
+            ),
+            (|m| m.vm_run = Some(run("", None, &[])), "backup run id"),
+            (
+                |m| m.vm_run = Some(run("ab", Some("0/1"), &[VDI])),
+                "userdevice",
+            ),
+            (
+                |m| m.vm_run = Some(run("ab", Some("0"), &["../../etc"])),
+                "VM's disk",
+            ),
         ];
         for (edit, says) in cases {
             let mut m = good.clone();
@@ -1568,6 +1581,8 @@ mod tests {
         let mut m = good.clone();
         m.virtual_size = MAX_VIRTUAL_SIZE;
         assert_eq!(m.check(), Ok(()), "the limit itself is a valid size");
+        m.vm_run = Some(run("0123456789abcdef", Some("3"), &[VDI]));
+        assert_eq!(m.check(), Ok(()));
         // Names as every writer makes them, prune's renumbered points included.
         for n in [
             "000000-0123456789abcdef.data",
@@ -1578,6 +1593,33 @@ mod tests {
         for n in ["20261121T020000Z", "20261121T020000Z-2", "@-5"] {
             assert!(valid_set_name(n), "{n}");
         }
+    }
+
+    fn run(id: &str, dev: Option<&str>, disks: &[&str]) -> VmRun {
+        VmRun {
+            run: id.into(),
+            userdevice: dev.map(String::from),
+            vm_disks: disks.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn vm_run_round_trips_and_older_manifests_without_it_still_load() {
+        let (_d, _repo, good) = one_point();
+        assert_eq!(good.vm_run, None);
+        let bytes = manifest::encode(&good);
+        assert!(!String::from_utf8_lossy(&bytes).contains("vm_run"));
+        assert_eq!(decode_point_manifest(&bytes, "old").unwrap(), good);
+        let mut m = good.clone();
+        m.vm_run = Some(run("00ff", Some("1"), &[VDI]));
+        let back = decode_point_manifest(&manifest::encode(&m), "new").unwrap();
+        assert_eq!(back.vm_run, m.vm_run);
+        // A hostile vm_run makes the manifest damaged, named.
+        m.vm_run = Some(run("00ff", None, &["/etc"]));
+        let e = decode_point_manifest(&manifest::encode(&m), "bad")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad") && e.contains("VM's disk"), "{e}");
     }
 
     /// Rewrite a committed manifest as an attacker could: any fields, a valid checksum.
