@@ -133,7 +133,22 @@ impl Repository {
         // Stage 2 first: a crash in between leaves stage 1 alone, which names only snapshots
         // that are untagged, and this one is tagged or destroyed by now.
         self.delete_journal_stage(vdi, 2)?;
-        self.delete_journal_stage(vdi, 1)
+        self.delete_journal_stage(vdi, 1)?;
+        // The temporary file of a put that a crash interrupted (never read).
+        let names = match self.store.list(JOURNAL_DIR) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(RepoError::io("list", self.store.describe(JOURNAL_DIR), e)),
+        };
+        for n in names {
+            if n.starts_with(&format!(".{vdi}.")) && n.ends_with(".tmp") {
+                let k = format!("{JOURNAL_DIR}/{n}");
+                self.store
+                    .delete(&k)
+                    .map_err(|e| RepoError::io("delete", self.store.describe(&k), e))?;
+            }
+        }
+        Ok(())
     }
 
     fn delete_journal_stage(&self, vdi: &str, stage: u8) -> Result<()> {
@@ -165,8 +180,14 @@ mod tests {
         repo.put_snapshot_journal(&lock, &j).unwrap();
         assert_eq!(repo.snapshot_journal(VDI).unwrap(), Some(j.clone()));
         assert!(!repo.store.path(&key(VDI, 1)).exists());
+        // A crash inside a put leaves its temporary file: cleared too.
+        let tmp = repo
+            .store
+            .path(&format!("{JOURNAL_DIR}/.{VDI}.1.snap.0123456789abcdef.tmp"));
+        std::fs::write(&tmp, b"").unwrap();
         repo.clear_snapshot_journal(&lock, VDI).unwrap();
         assert_eq!(repo.snapshot_journal(VDI).unwrap(), None);
+        assert!(!tmp.exists());
         // Clearing twice is harmless; other disks' records are not touched.
         repo.clear_snapshot_journal(&lock, VDI).unwrap();
         // A damaged record is named, never trusted.
