@@ -9,7 +9,10 @@
 //!
 //! Snapshots the repository made are tagged `other_config:cbtfs-repository=<repository id>`:
 //! that is how a run that was killed half-way is cleaned up by the next one, and how two
-//! repositories backing up the same disk leave each other's snapshots alone.
+//! repositories backing up the same disk leave each other's snapshots alone. A snapshot is
+//! untagged for the moment between `VDI.snapshot` and `VDI.add_to_other_config`; a journal in the
+//! repository (`repo::journal`), written before the call, covers that moment: the next run
+//! removes what a run killed there made, and never a snapshot someone else made.
 //!
 //! Crash safety follows from the order: the previous origin is destroyed only after the new
 //! point is committed, so at any moment the repository's newest point names a snapshot that

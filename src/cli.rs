@@ -236,7 +236,8 @@ enum Command {
         /// The SR (uuid) for --new-vdi.
         #[arg(long)]
         sr: Option<String>,
-        /// Name of the new VDI (default: the disk's name and the point's time).
+        /// Name of the new VDI (default: the disk's name and the point's time); with --new-vm,
+        /// the name of the point's own disk (the others get the default).
         #[arg(long)]
         name: Option<String>,
         /// Also create a VM from the point's saved VM metadata: every disk of the point's backup
