@@ -930,13 +930,23 @@ fn backup_killed_at(h: &Host, call: &str) {
 fn a_backup_killed_between_snapshot_and_tag_leaves_nothing_after_the_next_run() {
     let h = start(|c| c.nbd = NbdMode::Tls);
     let mut rng = TestRng::new(5);
+    // Killed during the very first run (the disk had no snapshot): the first complete run
+    // leaves only its own.
+    h.sim.with(|st| st.faults.withhold_snapshot_reply = true);
+    backup_killed_at(&h, "VDI.snapshot");
+    assert_eq!(h.snapshots().len(), 1);
     let mut points = vec![(h.backup_vdi(), h.disk_now())];
-    // Another tool's snapshot, untagged, made before the killed run: it must survive.
-    let foreign = h.sim.with(|st| {
+    let snaps = h.snapshots();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].0, points[0].0["snapshot"].as_str().unwrap());
+    let snap = |st: &mut cbtfs::sim::host::State| {
         let r = st.snapshot(&h.vdi).unwrap();
         st.vdis[&r].uuid.clone()
-    });
+    };
+    // Another tool's snapshot, untagged, made before the killed run: it must survive.
+    let foreign = h.sim.with(snap);
     let foreign_bytes = h.sim.read_vdi(&foreign).unwrap();
+    let mut others = vec![foreign.clone()];
     for (fault, call) in [
         // The kill comes while VDI.snapshot's answer is awaited: the journal has no uuid.
         ("withhold", "VDI.snapshot"),
@@ -955,10 +965,14 @@ fn a_backup_killed_between_snapshot_and_tag_leaves_nothing_after_the_next_run() 
         assert_eq!(left.len(), before + 1, "{fault}: {left:?}");
         let killed: Vec<_> = left
             .iter()
-            .filter(|x| !x.2 && x.0 != foreign)
+            .filter(|x| !x.2 && !others.contains(&x.0))
             .map(|x| x.0.clone())
             .collect();
         assert_eq!(killed.len(), 1, "{fault}: {left:?}");
+        if fault == "withhold" {
+            // Another tool snapshots the disk after the kill: the killed run's is the older.
+            others.push(h.sim.with(snap));
+        }
         h.guest_writes(&mut rng, 10);
         let want = h.disk_now();
         let d = h.backup_vdi();
@@ -970,14 +984,16 @@ fn a_backup_killed_between_snapshot_and_tag_leaves_nothing_after_the_next_run() 
         // Only the origin (ours) and the other tool's snapshot remain.
         let mut snaps = h.snapshots();
         snaps.sort();
-        let mut expect = vec![
-            (
-                d["snapshot"].as_str().unwrap().to_string(),
-                "cbt_metadata".to_string(),
-                true,
-            ),
-            (foreign.clone(), "user".to_string(), false),
-        ];
+        let mut expect = vec![(
+            d["snapshot"].as_str().unwrap().to_string(),
+            "cbt_metadata".to_string(),
+            true,
+        )];
+        expect.extend(
+            others
+                .iter()
+                .map(|o| (o.clone(), "user".to_string(), false)),
+        );
         expect.sort();
         assert_eq!(snaps, expect, "{fault}");
         points.push((d, want));
