@@ -225,6 +225,11 @@ pub async fn run(
             m.label()
         )));
     }
+    if opts.new_vm && !matches!(opts.target, RestoreTarget::New { .. }) {
+        return Err(RestoreError::Refused(
+            "a new VM needs new VDIs: give --new-vdi --sr UUID with --new-vm".into(),
+        ));
+    }
     let whole_vm = opts.new_vm || matches!(opts.target, RestoreTarget::Vm(_));
     let mut warnings = Vec::new();
     let readers = if whole_vm {
