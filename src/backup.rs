@@ -9,7 +9,10 @@
 //!
 //! Snapshots the repository made are tagged `other_config:cbtfs-repository=<repository id>`:
 //! that is how a run that was killed half-way is cleaned up by the next one, and how two
-//! repositories backing up the same disk leave each other's snapshots alone.
+//! repositories backing up the same disk leave each other's snapshots alone. A snapshot is
+//! untagged for the moment between `VDI.snapshot` and `VDI.add_to_other_config`; a journal in the
+//! repository (`repo::journal`), written before the call, covers that moment: the next run
+//! removes what a run killed there made, and never a snapshot someone else made.
 //!
 //! Crash safety follows from the order: the previous origin is destroyed only after the new
 //! point is committed, so at any moment the repository's newest point names a snapshot that
@@ -21,6 +24,7 @@ use serde::Serialize;
 
 use crate::import::{self, ImportError, ImportRequest};
 use crate::nbd::{Address, FetchOptions, Pool, Target, Trust};
+use crate::repo::journal::SnapshotJournal;
 use crate::repo::{RepoError, Repository, WriteLock};
 use crate::xapi::{Failure, HostConfig, HostTrust, NbdInfo, VdiRecord, Xapi, XapiError};
 use crate::{BLOCK_SIZE, blocks_for, timefmt};
@@ -263,6 +267,26 @@ pub async fn run(
 struct DiskTarget {
     vdi_ref: String,
     vm: Option<(String, String)>,
+    /// Its VBD's `userdevice` in that VM.
+    userdevice: Option<String>,
+    /// The VM's disks (VDI uuids), this one included.
+    vm_disks: Vec<String>,
+}
+
+/// The VDI uuids of a VM's disks (VBDs of type Disk with a VDI), with each VBD's record.
+async fn vm_disks(
+    xapi: &Xapi,
+    vm: &crate::xapi::VmRecord,
+) -> Result<Vec<(String, crate::xapi::VbdRecord)>, XapiError> {
+    let mut out = Vec::new();
+    for vbd in &vm.vbds {
+        let b = xapi.vbd_record(vbd).await?;
+        if b.kind.eq_ignore_ascii_case("disk") && b.vdi != crate::xapi::NULL_REF {
+            let uuid = xapi.vdi_record(&b.vdi).await?.uuid;
+            out.push((uuid, b));
+        }
+    }
+    Ok(out)
 }
 
 async fn select(xapi: &Xapi, sel: &Selection) -> Result<Vec<DiskTarget>, BackupError> {
@@ -270,16 +294,23 @@ async fn select(xapi: &Xapi, sel: &Selection) -> Result<Vec<DiskTarget>, BackupE
         Selection::Vdi(uuid) => {
             let vdi_ref = xapi.vdi_by_uuid(uuid).await?;
             let rec = xapi.vdi_record(&vdi_ref).await?;
-            let mut vm = None;
+            let mut target = DiskTarget {
+                vdi_ref,
+                vm: None,
+                userdevice: None,
+                vm_disks: Vec::new(),
+            };
             for vbd in &rec.vbds {
                 let b = xapi.vbd_record(vbd).await?;
                 let v = xapi.vm_record(&b.vm).await?;
                 if !v.is_control_domain {
-                    vm = Some((v.uuid, v.name_label));
+                    target.vm_disks = vm_disks(xapi, &v).await?.into_iter().map(|d| d.0).collect();
+                    target.vm = Some((v.uuid, v.name_label));
+                    target.userdevice = Some(b.userdevice).filter(|u| !u.is_empty());
                     break;
                 }
             }
-            Ok(vec![DiskTarget { vdi_ref, vm }])
+            Ok(vec![target])
         }
         Selection::Vm(key) => {
             let vm_ref = if crate::repo::valid_uuid(key) {
@@ -307,16 +338,17 @@ async fn select(xapi: &Xapi, sel: &Selection) -> Result<Vec<DiskTarget>, BackupE
                 }
             };
             let vm = xapi.vm_record(&vm_ref).await?;
-            let mut out = Vec::new();
-            for vbd in &vm.vbds {
-                let b = xapi.vbd_record(vbd).await?;
-                if b.kind.eq_ignore_ascii_case("disk") && b.vdi != crate::xapi::NULL_REF {
-                    out.push(DiskTarget {
-                        vdi_ref: b.vdi,
-                        vm: Some((vm.uuid.clone(), vm.name_label.clone())),
-                    });
-                }
-            }
+            let disks = vm_disks(xapi, &vm).await?;
+            let uuids: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
+            let out: Vec<DiskTarget> = disks
+                .into_iter()
+                .map(|(_, b)| DiskTarget {
+                    vdi_ref: b.vdi,
+                    vm: Some((vm.uuid.clone(), vm.name_label.clone())),
+                    userdevice: Some(b.userdevice).filter(|u| !u.is_empty()),
+                    vm_disks: uuids.clone(),
+                })
+                .collect();
             if out.is_empty() {
                 return Err(BackupError::Refused(format!(
                     "VM {} ({}) has no disks to back up",
@@ -338,6 +370,8 @@ async fn run_logged_in(
     say: &dyn Fn(Event),
 ) -> Result<Outcome, BackupError> {
     let targets = select(xapi, &opts.selection).await?;
+    // One id for every disk this run backs up: a whole-VM restore takes all of them.
+    let run = crate::repo::random_hex(8)?;
     // The VM metadata, once per VM, saved with each of its disks' points.
     let mut metadata: std::collections::HashMap<String, Option<Vec<u8>>> = Default::default();
     let mut reports = Vec::new();
@@ -361,7 +395,7 @@ async fn run_logged_in(
             }
             None => None,
         };
-        match backup_disk(repo, lock, xapi, opts, t, meta, say).await {
+        match backup_disk(repo, lock, xapi, opts, t, &run, meta, say).await {
             Ok(r) => reports.push(r),
             Err(e) => {
                 let uuid = xapi
@@ -457,12 +491,125 @@ async fn tidy_snapshots(
     Ok(warnings)
 }
 
+/// The records of a VDI's snapshots (those destroyed meanwhile are skipped), by reference.
+async fn snapshot_records(
+    xapi: &Xapi,
+    rec: &VdiRecord,
+) -> Result<Vec<(String, VdiRecord)>, XapiError> {
+    let mut out = Vec::new();
+    for s in &rec.snapshots {
+        match xapi.vdi_record(s).await {
+            Ok(r) => out.push((s.clone(), r)),
+            Err(e) if e.failure() == Some(Failure::HandleInvalid) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Remove what a backup of this disk that was killed between `VDI.snapshot` and tagging left on
+/// the host, as its journal (`repo::journal`) tells, then forget the journal. Returns warnings
+/// naming every snapshot removed or left.
+///
+/// With the snapshot's uuid recorded (the call had returned), that snapshot goes, unless it is
+/// the repository's origin. Without (the kill came during the call), the killed run's snapshot
+/// is one the VDI did not have before the call, that nobody tagged since (its `TAG` is absent,
+/// or the one it inherited from the VDI: xapi copies the VDI's other_config to snapshots), and
+/// that is not older than the newest snapshot before the call. A run makes one snapshot, so
+/// only the oldest such is removed: a later one was made by someone else after the kill (and
+/// two of the same second are left alone, named, for a human to decide).
+async fn recover_snapshot_journal(
+    repo: &Repository,
+    lock: &WriteLock,
+    xapi: &Xapi,
+    rec: &VdiRecord,
+    origin: Option<&str>,
+) -> Result<Vec<String>, BackupError> {
+    let mut warnings = Vec::new();
+    let journal = match repo.snapshot_journal(&rec.uuid) {
+        Ok(Some(j)) => j,
+        Ok(None) => return Ok(warnings),
+        Err(e) => {
+            warnings.push(format!(
+                "{e}; it is removed, so a snapshot of VDI {} that an interrupted backup made may be left on the host: check `xe vdi-list snapshot-of={}`",
+                rec.uuid, rec.uuid
+            ));
+            repo.clear_snapshot_journal(lock, &rec.uuid)?;
+            return Ok(warnings);
+        }
+    };
+    let snaps = snapshot_records(xapi, rec).await?;
+    let not_origin = |s: &VdiRecord| Some(s.uuid.as_str()) != origin;
+    let victims: Vec<&(String, VdiRecord)> = match &journal.snapshot {
+        Some(uuid) => snaps
+            .iter()
+            .filter(|(_, s)| &s.uuid == uuid && not_origin(s))
+            .collect(),
+        None => {
+            let inherited = rec.other_config.get(TAG);
+            let mut found: Vec<&(String, VdiRecord)> = snaps
+                .iter()
+                .filter(|(r, s)| {
+                    !journal.before.contains(r)
+                        && s.other_config.get(TAG) == inherited
+                        && match journal.not_before {
+                            Some(t) => s.snapshot_time.is_some_and(|st| st >= t),
+                            None => true,
+                        }
+                        && not_origin(s)
+                })
+                .collect();
+            found.sort_by_key(|(_, s)| s.snapshot_time);
+            let first = found.first().map(|(_, s)| s.snapshot_time);
+            let tied = found
+                .iter()
+                .filter(|(_, s)| Some(s.snapshot_time) == first)
+                .count();
+            if tied > 1 {
+                let names: Vec<&str> = found.iter().map(|(_, s)| s.uuid.as_str()).collect();
+                warnings.push(format!(
+                    "an interrupted backup of VDI {} made one of the snapshots {} (made in the same second, untagged): none was removed; destroy the one that is not another tool's (xe vdi-destroy uuid=...)",
+                    rec.uuid,
+                    names.join(", ")
+                ));
+                found.clear();
+            }
+            found.truncate(1);
+            found
+        }
+    };
+    for (r, s) in victims {
+        if attached_to_vm(xapi, r).await {
+            warnings.push(format!(
+                "snapshot {} of VDI {}, made by an interrupted backup, is attached to a VM: detach it and destroy it (xe vbd-unplug, xe vbd-destroy, xe vdi-destroy uuid={})",
+                s.uuid, rec.uuid, s.uuid
+            ));
+            continue;
+        }
+        match while_in_use(|| xapi.vdi_destroy(r)).await {
+            Ok(()) => warnings.push(format!(
+                "removed snapshot {} of VDI {} that an interrupted backup made",
+                s.uuid, rec.uuid
+            )),
+            Err(e) if e.failure() == Some(Failure::HandleInvalid) => {}
+            Err(e) => warnings.push(format!(
+                "could not remove snapshot {} of VDI {} that an interrupted backup made ({e}): destroy it with `xe vdi-destroy uuid={}`",
+                s.uuid, rec.uuid, s.uuid
+            )),
+        }
+    }
+    repo.clear_snapshot_journal(lock, &rec.uuid)?;
+    Ok(warnings)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn backup_disk(
     repo: &Repository,
     lock: &WriteLock,
     xapi: &Xapi,
     opts: &BackupOptions,
     t: &DiskTarget,
+    run: &str,
     vm_metadata: Option<Vec<u8>>,
     say: &dyn Fn(Event),
 ) -> Result<DiskReport, BackupError> {
@@ -508,14 +655,45 @@ async fn backup_disk(
     }
 
     // Snapshots an interrupted run left behind go first; the origin stays.
+    for w in recover_snapshot_journal(repo, lock, xapi, &rec, origin.as_deref()).await? {
+        warn(w, &mut warnings);
+    }
     for w in tidy_snapshots(xapi, &t.vdi_ref, &repo_id, origin.as_deref(), true).await? {
         warn(w, &mut warnings);
     }
 
-    let snap_ref = xapi.snapshot(&t.vdi_ref).await?;
+    // The journal names what the host holds before the call, so that a kill before the
+    // snapshot is tagged leaves it recognisable (see `repo::journal`).
+    let existing = snapshot_records(xapi, &xapi.vdi_record(&t.vdi_ref).await?).await?;
+    let mut journal = SnapshotJournal::new(
+        &rec.uuid,
+        existing.iter().map(|(r, _)| r.clone()).collect(),
+        existing.iter().filter_map(|(_, s)| s.snapshot_time).max(),
+    );
+    repo.put_snapshot_journal(lock, &journal)?;
+    let snap_ref = match xapi.snapshot(&t.vdi_ref).await {
+        Ok(r) => r,
+        Err(e) => {
+            // A failure the host answered made nothing; a lost answer may have: the journal
+            // stays for the next run.
+            if matches!(e, XapiError::Api(_)) {
+                repo.clear_snapshot_journal(lock, &rec.uuid)?;
+            }
+            return Err(e.into());
+        }
+    };
     let outcome = async {
-        xapi.add_to_other_config(&snap_ref, TAG, &repo_id).await?;
         let snap = xapi.vdi_record(&snap_ref).await?;
+        journal.snapshot = Some(snap.uuid.clone());
+        repo.put_snapshot_journal(lock, &journal)?;
+        // xapi's snapshot copies the VDI's other_config (`snapshot_and_clone` in xen-api's
+        // xapi_vdi.ml sets the new VDI's other_config to the original's): a tag someone put on
+        // the disk itself arrives on the snapshot and must give way to ours.
+        if snap.other_config.contains_key(TAG) {
+            xapi.remove_from_other_config(&snap_ref, TAG).await?;
+        }
+        xapi.add_to_other_config(&snap_ref, TAG, &repo_id).await?;
+        repo.clear_snapshot_journal(lock, &rec.uuid)?;
         let mut bitmap = None;
         if reason.is_none()
             && let Some(o) = &origin
@@ -553,6 +731,11 @@ async fn backup_disk(
             vm_metadata: vm_metadata.clone(),
             vdi_type: Some(rec.kind.clone()),
             source_label: Some(format!("backup:{}", xapi.host())),
+            vm_run: t.vm.as_ref().map(|_| crate::repo::VmRun {
+                run: run.to_string(),
+                userdevice: t.userdevice.clone(),
+                vm_disks: t.vm_disks.clone(),
+            }),
         };
         let (report, via) = fetch(
             repo,
@@ -577,8 +760,18 @@ async fn backup_disk(
                 say(Event::Warning(
                     "the new snapshot is attached to a VM, so it stays on the host; detach it and the next backup removes it",
                 ));
-            } else if let Err(d) = while_in_use(|| xapi.vdi_destroy(&snap_ref)).await {
-                tracing::warn!(error = %d, "could not destroy the unused snapshot; the next backup removes it");
+            } else {
+                match while_in_use(|| xapi.vdi_destroy(&snap_ref)).await {
+                    Ok(()) => {
+                        // Gone: nothing left for the journal to name.
+                        if let Err(j) = repo.clear_snapshot_journal(lock, &rec.uuid) {
+                            tracing::warn!(error = %j, "could not remove the snapshot journal");
+                        }
+                    }
+                    Err(d) => {
+                        tracing::warn!(error = %d, "could not destroy the unused snapshot; the next backup removes it")
+                    }
+                }
             }
             return Err(e);
         }

@@ -205,8 +205,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Put a restore point back into a host: over an existing VDI or into a new one (and
-    /// optionally a new VM from the VM metadata saved with the point).
+    /// Put a restore point back into a host: over an existing VDI or into a new one; or a whole
+    /// VM (every disk of the point's backup run): into a new VM (--new-vdi --new-vm) or over a
+    /// halted VM's disks (--to-vm).
     Restore {
         repo: PathBuf,
         /// VM/DISK/SET/POINT as `cbtfs ls` shows it, VDI_UUID@latest or VDI_UUID@TIME.
@@ -220,18 +221,28 @@ enum Command {
         #[arg(long)]
         password_file: Option<PathBuf>,
         /// Overwrite this VDI (uuid); it must have the point's size and not be attached.
-        #[arg(long, required_unless_present = "new_vdi", conflicts_with = "new_vdi")]
+        #[arg(
+            long,
+            required_unless_present_any = ["new_vdi", "to_vm"],
+            conflicts_with_all = ["new_vdi", "to_vm"]
+        )]
         to_vdi: Option<String>,
+        /// Overwrite the disks of this halted VM (uuid) with every disk of the point's backup
+        /// run: matched by VDI when it is the VM backed up, else by position (userdevice).
+        #[arg(long, conflicts_with_all = ["new_vdi", "new_vm"])]
+        to_vm: Option<String>,
         /// Create a new VDI (in --sr) with the point's size.
         #[arg(long, requires = "sr")]
         new_vdi: bool,
         /// The SR (uuid) for --new-vdi.
         #[arg(long)]
         sr: Option<String>,
-        /// Name of the new VDI (default: the disk's name and the point's time).
+        /// Name of the new VDI (default: the disk's name and the point's time); with --new-vm,
+        /// the name of the point's own disk (the others get the default).
         #[arg(long)]
         name: Option<String>,
-        /// Also create a VM from the point's saved VM metadata, using the new VDI.
+        /// Also create a VM from the point's saved VM metadata: every disk of the point's backup
+        /// run is restored into a new VDI and mapped into it.
         #[arg(long, requires = "new_vdi")]
         new_vm: bool,
         /// CA bundle (PEM) that signed the host's certificate.
@@ -497,6 +508,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             user,
             password_file,
             to_vdi,
+            to_vm,
             new_vdi: _,
             sr,
             name,
@@ -507,10 +519,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let access = host_access(host, user, password_file, ca_cert, insecure_tls)?;
-            let target = match (to_vdi, sr) {
-                (Some(v), _) => crate::restore::RestoreTarget::Existing(v),
-                (None, Some(sr)) => crate::restore::RestoreTarget::New { sr, name },
-                (None, None) => bail!("give --to-vdi UUID or --new-vdi --sr UUID"),
+            let target = match (to_vdi, to_vm, sr) {
+                (Some(v), _, _) => crate::restore::RestoreTarget::Existing(v),
+                (None, Some(vm), _) => crate::restore::RestoreTarget::Vm(vm),
+                (None, None, Some(sr)) => crate::restore::RestoreTarget::New { sr, name },
+                (None, None, None) => {
+                    bail!("give --to-vdi UUID, --to-vm UUID or --new-vdi --sr UUID")
+                }
             };
             let opts = crate::restore::RestoreOptions {
                 host: access,
@@ -741,11 +756,22 @@ fn cmd_restore(
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    for d in &report.disks {
+        println!(
+            "restored {}{} into {}VDI {}",
+            d.point,
+            d.userdevice
+                .as_deref()
+                .map(|u| format!(" (userdevice {u})"))
+                .unwrap_or_default(),
+            if d.created_vdi { "new " } else { "" },
+            d.vdi,
+        );
+    }
     println!(
-        "restored {} into {}VDI {} ({} in {:.1} s, {:.0} MB/s)",
-        report.point,
-        if report.created_vdi { "new " } else { "" },
-        report.vdi,
+        "{} disk{}, {} in {:.1} s, {:.0} MB/s",
+        report.disks.len(),
+        if report.disks.len() == 1 { "" } else { "s" },
         human(report.bytes),
         report.seconds,
         report.bytes as f64 / report.seconds.max(1e-9) / 1e6
@@ -757,9 +783,10 @@ fn cmd_restore(
         );
     }
     if let Some(vm) = &report.vm {
+        let vdis: Vec<&str> = report.disks.iter().map(|d| d.vdi.as_str()).collect();
         println!(
             "created VM {vm} from the saved VM metadata, using VDI {}",
-            report.vdi
+            vdis.join(", ")
         );
     }
     Ok(())
@@ -932,6 +959,7 @@ fn cmd_import(
         snapshot: None,
         vm_metadata: None,
         vdi_type: None,
+        vm_run: None,
         source_label: None,
     };
     let progress = Progress::new("import", 0);

@@ -80,6 +80,8 @@ pub struct ImportRequest {
     pub vdi_type: Option<String>,
     /// Overrides the point's recorded source (`backup:HOST`).
     pub source_label: Option<String>,
+    /// The point's place in a whole-VM backup run (backup).
+    pub vm_run: Option<crate::repo::VmRun>,
 }
 
 #[derive(Debug, Clone)]
@@ -178,6 +180,7 @@ pub(crate) fn begin<'l>(
                 .vdi_type
                 .clone()
                 .or_else(|| newest.and_then(|p| p.vdi_type.clone())),
+            vm_run: req.vm_run.clone(),
         },
     )?)
 }

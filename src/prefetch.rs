@@ -385,6 +385,7 @@ mod tests {
                 snapshot: None,
                 vm_metadata: None,
                 vdi_type: None,
+                vm_run: None,
                 source_label: None,
             },
             |_, _| {},

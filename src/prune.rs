@@ -363,6 +363,7 @@ fn rewrite(
             snapshot: m.snapshot.clone(),
             vm_metadata: repo.read_vm_metadata(m)?,
             vdi_type: m.vdi_type.clone(),
+            vm_run: m.vm_run.clone(),
         },
     )?;
     // The rewritten point holds the same bytes: it keeps its identity.

@@ -3,10 +3,15 @@
 //! `PUT /import_raw_vdi` (exact Content-Length, never chunked), a few MiB in flight.
 //!
 //! Into an existing VDI (same size, not attached to a running VM) or a new one (`VDI.create` in
-//! the SR given, the point's size, type user), optionally with a new VM made from the VM
-//! metadata saved with the point (`/import_metadata`, its disk mapped to the restored VDI).
-//! Afterwards the VDI's size is checked and, where the host offers NBD, a sample of blocks is
-//! read back and compared.
+//! the SR given, the point's size, the original's type). Whole VMs: with `--new-vm`, every disk
+//! of the point's backup run (the points sharing its `vm_run` id, one per disk the VM had) goes
+//! into a new VDI and one `/import_metadata` maps them all (`vdi:ORIG=NEW`) into a new VM made
+//! from the VM metadata saved with the point; with `--to-vm`, every disk of the run overwrites
+//! the matching disk of a halted VM (by VDI uuid when it is the VM backed up, else by
+//! `userdevice`), after every check has passed. A run missing a disk of its VM is refused,
+//! never filled in from another moment. Disks are restored one after another. Afterwards each
+//! VDI's size is checked and, where the host offers NBD, a sample of blocks is read back and
+//! compared.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +21,7 @@ use serde::Serialize;
 
 use crate::backup::{Event, HostAccess};
 use crate::read::PointReader;
-use crate::repo::{RepoError, Repository};
+use crate::repo::{DiskHistory, PointManifest, RepoError, Repository, SetHistory};
 use crate::xapi::{Failure, NbdInfo, Xapi, XapiError};
 use crate::{BLOCK_SIZE, blocks_for};
 
@@ -32,28 +37,49 @@ pub enum RestoreTarget {
     Existing(String),
     /// Create a VDI in this SR (uuid), named so (default: the disk's name and the point's time).
     New { sr: String, name: Option<String> },
+    /// Overwrite the disks of this halted VM (uuid) with every disk of the point's backup run.
+    Vm(String),
 }
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub host: HostAccess,
     pub target: RestoreTarget,
-    /// Also create a VM from the point's saved VM metadata, using the restored VDI.
+    /// Also create a VM from the point's saved VM metadata: every disk of the point's backup
+    /// run is restored into a new VDI and mapped.
     pub new_vm: bool,
     /// Skip the read-back comparison.
     pub no_verify: bool,
 }
 
+/// One disk put back.
 #[derive(Debug, Clone, Serialize)]
-pub struct RestoreReport {
+pub struct DiskRestored {
     pub point: String,
+    /// The disk the point was taken from.
+    pub from_vdi: String,
+    /// Its position in the VM, as recorded at backup time.
+    pub userdevice: Option<String>,
+    /// The VDI written.
     pub vdi: String,
     pub created_vdi: bool,
     pub bytes: u64,
+    pub verified_blocks: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    /// The point asked for, and where it went (`disks` lists every disk restored).
+    pub point: String,
+    pub vdi: String,
+    pub created_vdi: bool,
+    /// Bytes written, all disks.
+    pub bytes: u64,
     pub seconds: f64,
-    /// Blocks read back from the host and compared (0: not possible on this host).
+    /// Blocks read back from the host and compared, all disks (0: not possible on this host).
     pub verified_blocks: u64,
     pub vm: Option<String>,
+    pub disks: Vec<DiskRestored>,
     pub warnings: Vec<String>,
 }
 
@@ -86,10 +112,107 @@ pub enum RestoreError {
     },
 }
 
-/// Restore point `seq` of `set` into the host.
+/// The points of a whole-VM restore: every disk of the VM the point's backup run took, ordered
+/// by their place in the VM. A point recorded without its run (an older cbtfs) stands alone.
+/// A disk of the VM without a point in that run is refused, named, with the newest run that
+/// holds every disk suggested: a VM is never put together from different moments.
+pub fn run_points(
+    repo: &Repository,
+    set: &SetHistory,
+    seq: u32,
+) -> Result<Vec<(SetHistory, u32)>, RestoreError> {
+    let m = set
+        .points
+        .get(seq as usize)
+        .ok_or_else(|| RestoreError::Refused(format!("set {} has no point {seq}", set.id)))?;
+    let Some(run) = &m.vm_run else {
+        return Ok(vec![(set.clone(), seq)]);
+    };
+    let mut disks = run.vm_disks.clone();
+    if !disks.contains(&m.vdi) {
+        disks.push(m.vdi.clone());
+    }
+    let histories: Vec<DiskHistory> = disks
+        .iter()
+        .map(|d| repo.disk(d))
+        .collect::<Result<_, _>>()?;
+    let find = |h: &DiskHistory, id: &str| -> Option<(SetHistory, u32)> {
+        h.sets.iter().find_map(|s| {
+            s.points
+                .iter()
+                .position(|p| p.vm_run.as_ref().is_some_and(|r| r.run == id))
+                .and_then(|i| Some((s.clone(), u32::try_from(i).ok()?)))
+        })
+    };
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for h in &histories {
+        match find(h, &run.run) {
+            Some(p) => found.push(p),
+            None => missing.push(match h.newest() {
+                Some(p) => format!("{} ({})", h.vdi, p.disk_name),
+                None => h.vdi.clone(),
+            }),
+        }
+    }
+    if !missing.is_empty() {
+        // The newest run of this disk that holds every disk of the VM, to suggest.
+        let complete = set
+            .points
+            .iter()
+            .rev()
+            .chain(
+                histories
+                    .iter()
+                    .filter(|h| h.vdi == m.vdi)
+                    .flat_map(|h| h.sets.iter().rev().flat_map(|s| s.points.iter().rev())),
+            )
+            .filter(|p| {
+                p.vm_run
+                    .as_ref()
+                    .is_some_and(|r| r.vm_disks == run.vm_disks)
+            })
+            .find(|p| {
+                let id = p.vm_run.as_ref().map(|r| r.run.as_str()).unwrap_or("");
+                histories.iter().all(|h| find(h, id).is_some())
+            })
+            .map(|p| {
+                format!(
+                    "a point of a run that holds all of them, such as {}",
+                    p.label()
+                )
+            })
+            .unwrap_or_else(|| {
+                "a point of a run that holds all of them (back up the whole VM with --vm)".into()
+            });
+        return Err(RestoreError::Refused(format!(
+            "point {} was taken in a backup run that holds no point of disk {} of VM {}: the run failed for it, backed up one disk (--vdi), or its point was pruned. Restore {complete}, or this disk alone with --to-vdi or --new-vdi (without --new-vm)",
+            m.label(),
+            missing.join(", "),
+            m.vm_name
+                .as_deref()
+                .unwrap_or(m.vm_uuid.as_deref().unwrap_or("?")),
+        )));
+    }
+    found.sort_by_key(|(s, q)| {
+        let p = s.points.get(*q as usize);
+        let u = p.and_then(|p| p.vm_run.as_ref()?.userdevice.clone());
+        (
+            u.as_deref()
+                .and_then(|u| u.parse::<u64>().ok())
+                .unwrap_or(u64::MAX),
+            u,
+            p.map(|p| p.vdi.clone()),
+        )
+    });
+    Ok(found)
+}
+
+/// Restore point `seq` of `set` into the host: that disk alone (`--to-vdi`, `--new-vdi`), or
+/// every disk of its backup run (`--new-vm`, `--to-vm`), one after another.
 pub async fn run(
     repo: &Repository,
-    set: &crate::repo::SetHistory,
+    set: &SetHistory,
     seq: u32,
     opts: &RestoreOptions,
     say: &dyn Fn(Event),
@@ -102,77 +225,332 @@ pub async fn run(
             m.label()
         )));
     }
+    if opts.new_vm && !matches!(opts.target, RestoreTarget::New { .. }) {
+        return Err(RestoreError::Refused(
+            "a new VM needs new VDIs: give --new-vdi --sr UUID with --new-vm".into(),
+        ));
+    }
+    let whole_vm = opts.new_vm || matches!(opts.target, RestoreTarget::Vm(_));
+    let mut warnings = Vec::new();
+    let readers = if whole_vm {
+        if m.vm_run.is_none() {
+            if let RestoreTarget::Vm(_) = opts.target {
+                return Err(RestoreError::Refused(format!(
+                    "point {} does not record its backup run and its place in the VM (taken by an older cbtfs, or imported): restore its disk with --to-vdi",
+                    m.label()
+                )));
+            }
+            let w = format!(
+                "point {} does not record its backup run (taken by an older cbtfs): only its own disk is restored and mapped into the new VM",
+                m.label()
+            );
+            say(Event::Warning(&w));
+            warnings.push(w);
+        }
+        let mut v = Vec::new();
+        for (s, q) in run_points(repo, set, seq)? {
+            v.push(Arc::new(PointReader::open(repo, &s, q)?));
+        }
+        v
+    } else {
+        vec![reader.clone()]
+    };
     let (mut xapi, _) = crate::backup::connect(repo, &opts.host, say).await?;
-    let r = restore_logged_in(repo, &xapi, &reader, opts, say).await;
+    let r = restore_logged_in(repo, &xapi, &reader, &readers, opts, warnings, say).await;
     xapi.logout().await;
     r
+}
+
+/// Where each disk goes: an existing VDI (checked) or a new one in an SR.
+enum Dest {
+    Existing(String),
+    New { sr_ref: String, label: String },
+}
+
+/// Check that `uuid` can be overwritten with `m`: a disk (not a snapshot), the same size, not
+/// attached. Returns its reference.
+async fn check_existing(
+    xapi: &Xapi,
+    uuid: &str,
+    m: &PointManifest,
+) -> Result<String, RestoreError> {
+    let size = m.virtual_size;
+    let r = xapi.vdi_by_uuid(uuid).await?;
+    let rec = xapi.vdi_record(&r).await?;
+    if rec.is_a_snapshot || rec.kind == "cbt_metadata" {
+        return Err(RestoreError::Refused(format!(
+            "VDI {uuid} is a snapshot; restore into a disk or use --new-vdi"
+        )));
+    }
+    if rec.virtual_size != size {
+        return Err(RestoreError::Refused(format!(
+            "VDI {uuid} is {} bytes but point {} is {size} bytes: resize the VDI (xe vdi-resize uuid={uuid} disk-size={size}) or restore with --new-vdi",
+            rec.virtual_size,
+            m.label()
+        )));
+    }
+    for vbd in &rec.vbds {
+        let b = xapi.vbd_record(vbd).await?;
+        if b.currently_attached {
+            let vm = xapi
+                .vm_record(&b.vm)
+                .await
+                .map(|v| format!("{} ({})", v.name_label, v.uuid))
+                .unwrap_or_else(|_| b.vm.clone());
+            return Err(RestoreError::Refused(format!(
+                "VDI {uuid} is attached to VM {vm}: shut the VM down (or unplug the disk) before overwriting it"
+            )));
+        }
+    }
+    Ok(r)
+}
+
+/// Match the run's points to the disks of the halted VM `vm_uuid`: by VDI uuid when it is the
+/// VM that was backed up, else by position (`userdevice`). Every check passes before anything
+/// is written.
+async fn plan_to_vm(
+    xapi: &Xapi,
+    vm_uuid: &str,
+    readers: &[Arc<PointReader>],
+) -> Result<Vec<Dest>, RestoreError> {
+    let vm_ref = xapi.vm_by_uuid(vm_uuid).await?;
+    let vm = xapi.vm_record(&vm_ref).await?;
+    if vm.is_a_snapshot || vm.is_a_template || vm.is_control_domain {
+        return Err(RestoreError::Refused(format!(
+            "{vm_uuid} is a snapshot, a template or the control domain, not a VM to restore into"
+        )));
+    }
+    if vm.power_state != "Halted" {
+        return Err(RestoreError::Refused(format!(
+            "VM {} ({vm_uuid}) is {}: shut it down first (xe vm-shutdown uuid={vm_uuid}); its disks are overwritten only while it is halted",
+            vm.name_label, vm.power_state
+        )));
+    }
+    let mut disks = Vec::new();
+    for vbd in &vm.vbds {
+        let b = xapi.vbd_record(vbd).await?;
+        if b.kind.eq_ignore_ascii_case("disk") && b.vdi != crate::xapi::NULL_REF {
+            let uuid = xapi.vdi_record(&b.vdi).await?.uuid;
+            disks.push((uuid, b.userdevice));
+        }
+    }
+    let same_vm = readers
+        .first()
+        .is_some_and(|r| r.manifest.vm_uuid.as_deref() == Some(vm_uuid));
+    let describe = |d: &[(String, String)]| {
+        d.iter()
+            .map(|(u, dev)| format!("{u} at userdevice {dev}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if disks.len() != readers.len() {
+        return Err(RestoreError::Refused(format!(
+            "VM {} ({vm_uuid}) has {} disks ({}) but the backup run of point {} holds {}: restore disks one by one with --to-vdi",
+            vm.name_label,
+            disks.len(),
+            describe(&disks),
+            readers
+                .first()
+                .map(|r| r.manifest.label())
+                .unwrap_or_default(),
+            readers.len()
+        )));
+    }
+    let mut plan = Vec::new();
+    for r in readers {
+        let m = &r.manifest;
+        let dev = m.vm_run.as_ref().and_then(|v| v.userdevice.clone());
+        let target = if same_vm {
+            disks.iter().find(|(u, _)| *u == m.vdi)
+        } else {
+            match &dev {
+                Some(d) => disks.iter().find(|(_, u)| u == d),
+                None => {
+                    return Err(RestoreError::Refused(format!(
+                        "point {} does not record its disk's position in the VM, so it cannot be matched to a disk of another VM: restore it with --to-vdi",
+                        m.label()
+                    )));
+                }
+            }
+        };
+        let Some((uuid, _)) = target else {
+            return Err(RestoreError::Refused(format!(
+                "VM {} ({vm_uuid}) has no disk {} for point {} (its disks: {}): restore disks one by one with --to-vdi",
+                vm.name_label,
+                if same_vm {
+                    m.vdi.clone()
+                } else {
+                    format!("at userdevice {}", dev.unwrap_or_default())
+                },
+                m.label(),
+                describe(&disks)
+            )));
+        };
+        check_existing(xapi, uuid, m).await?;
+        plan.push(Dest::Existing(uuid.clone()));
+    }
+    Ok(plan)
 }
 
 async fn restore_logged_in(
     repo: &Repository,
     xapi: &Xapi,
     reader: &Arc<PointReader>,
+    readers: &[Arc<PointReader>],
     opts: &RestoreOptions,
+    mut warnings: Vec<String>,
     say: &dyn Fn(Event),
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let m = &reader.manifest;
-    let size = m.virtual_size;
-    let mut warnings = Vec::new();
-    let (vdi_ref, created) = match &opts.target {
+    // Every check first: nothing is written before all pass.
+    let plan: Vec<Dest> = match &opts.target {
         RestoreTarget::Existing(uuid) => {
-            let r = xapi.vdi_by_uuid(uuid).await?;
-            let rec = xapi.vdi_record(&r).await?;
-            if rec.is_a_snapshot || rec.kind == "cbt_metadata" {
-                return Err(RestoreError::Refused(format!(
-                    "VDI {uuid} is a snapshot; restore into a disk or use --new-vdi"
-                )));
-            }
-            if rec.virtual_size != size {
-                return Err(RestoreError::Refused(format!(
-                    "VDI {uuid} is {} bytes but point {} is {size} bytes: resize the VDI (xe vdi-resize uuid={uuid} disk-size={size}) or restore with --new-vdi",
-                    rec.virtual_size,
-                    m.label()
-                )));
-            }
-            for vbd in &rec.vbds {
-                let b = xapi.vbd_record(vbd).await?;
-                if b.currently_attached {
-                    let vm = xapi
-                        .vm_record(&b.vm)
-                        .await
-                        .map(|v| format!("{} ({})", v.name_label, v.uuid))
-                        .unwrap_or_else(|_| b.vm.clone());
-                    return Err(RestoreError::Refused(format!(
-                        "VDI {uuid} is attached to VM {vm}: shut the VM down (or unplug the disk) before overwriting it"
-                    )));
-                }
-            }
-            (r, false)
+            check_existing(xapi, uuid, m).await?;
+            vec![Dest::Existing(uuid.clone())]
         }
         RestoreTarget::New { sr, name } => {
             let sr_ref = xapi.sr_by_uuid(sr).await?;
-            let label = name.clone().unwrap_or_else(|| {
-                format!(
-                    "{} (restored {})",
-                    m.disk_name,
-                    crate::timefmt::rfc3339(m.time)
-                )
-            });
+            readers
+                .iter()
+                .map(|r| {
+                    let rm = &r.manifest;
+                    let label = match name {
+                        Some(n) if rm.vdi == m.vdi => n.clone(),
+                        _ => format!(
+                            "{} (restored {})",
+                            rm.disk_name,
+                            crate::timefmt::rfc3339(rm.time)
+                        ),
+                    };
+                    Dest::New {
+                        sr_ref: sr_ref.clone(),
+                        label,
+                    }
+                })
+                .collect()
+        }
+        RestoreTarget::Vm(vm) => plan_to_vm(xapi, vm, readers).await?,
+    };
+    // One disk after another (the simplest order; each upload streams at the host's pace).
+    let mut done: Vec<DiskRestored> = Vec::new();
+    for (r, dest) in readers.iter().zip(plan) {
+        match restore_disk(xapi, r, dest, opts.no_verify, &mut warnings, say).await {
+            Ok(d) => done.push(d),
+            Err(e) => {
+                forget_created(xapi, &done, say).await;
+                return Err(e);
+            }
+        }
+    }
+    let vm = if opts.new_vm {
+        let map: Vec<(String, String)> = done
+            .iter()
+            .map(|d| (d.from_vdi.clone(), d.vdi.clone()))
+            .collect();
+        match import_vm(xapi, repo, reader, &map).await {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                forget_created(xapi, &done, say).await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    let main = done
+        .iter()
+        .find(|d| d.from_vdi == m.vdi)
+        .or(done.first())
+        .cloned()
+        .ok_or_else(|| RestoreError::Refused("nothing was restored".into()))?;
+    Ok(RestoreReport {
+        point: m.label(),
+        vdi: main.vdi,
+        created_vdi: main.created_vdi,
+        bytes: done.iter().map(|d| d.bytes).sum(),
+        seconds: started.elapsed().as_secs_f64(),
+        verified_blocks: done.iter().map(|d| d.verified_blocks).sum(),
+        vm,
+        disks: done,
+        warnings,
+    })
+}
+
+/// A whole-VM restore that failed part-way: the VDIs it created hold nothing anyone uses.
+async fn forget_created(xapi: &Xapi, done: &[DiskRestored], say: &dyn Fn(Event)) {
+    for d in done.iter().filter(|d| d.created_vdi) {
+        let r = match xapi.vdi_by_uuid(&d.vdi).await {
+            Ok(r) => xapi.vdi_destroy(&r).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            say(Event::Warning(&format!(
+                "could not remove VDI {} that this restore created ({e}): remove it with `xe vdi-destroy uuid={}`",
+                d.vdi, d.vdi
+            )));
+        }
+    }
+}
+
+/// Put one point into its destination: create the VDI if asked, upload, check the size, read a
+/// sample back.
+async fn restore_disk(
+    xapi: &Xapi,
+    reader: &Arc<PointReader>,
+    dest: Dest,
+    no_verify: bool,
+    warnings: &mut Vec<String>,
+    say: &dyn Fn(Event),
+) -> Result<DiskRestored, RestoreError> {
+    let m = &reader.manifest;
+    let size = m.virtual_size;
+    let (vdi_ref, created) = match dest {
+        Dest::Existing(uuid) => (xapi.vdi_by_uuid(&uuid).await?, false),
+        Dest::New { sr_ref, label } => {
             // The original's type (backups record it); `user` for imported points.
             let kind = m.vdi_type.as_deref().unwrap_or("user");
-            let r = xapi.vdi_create(&sr_ref, &label, size, kind).await?;
-            (r, true)
+            (xapi.vdi_create(&sr_ref, &label, size, kind).await?, true)
         }
     };
     let vdi = xapi.vdi_record(&vdi_ref).await?.uuid;
     if created {
-        say(Event::Info(&format!("created VDI {vdi}")));
+        say(Event::Info(&format!("created VDI {vdi} for {}", m.label())));
     }
-    upload(xapi, reader, &vdi, say).await?;
+    let verified = match fill(xapi, reader, &vdi_ref, &vdi, no_verify, warnings, say).await {
+        Ok(v) => v,
+        Err(e) => {
+            if created {
+                // A new VDI with part of the point in it is of no use to anyone.
+                let _ = xapi.vdi_destroy(&vdi_ref).await;
+            }
+            return Err(e);
+        }
+    };
+    Ok(DiskRestored {
+        point: m.label(),
+        from_vdi: m.vdi.clone(),
+        userdevice: m.vm_run.as_ref().and_then(|r| r.userdevice.clone()),
+        vdi,
+        created_vdi: created,
+        bytes: size,
+        verified_blocks: verified,
+    })
+}
 
-    // The final check: size, then a sample read back where the host serves NBD.
-    let rec = xapi.vdi_record(&vdi_ref).await?;
+/// Upload, then check: size, and a sample read back where the host serves NBD.
+async fn fill(
+    xapi: &Xapi,
+    reader: &Arc<PointReader>,
+    vdi_ref: &str,
+    vdi: &str,
+    no_verify: bool,
+    warnings: &mut Vec<String>,
+    say: &dyn Fn(Event),
+) -> Result<u64, RestoreError> {
+    let size = reader.manifest.virtual_size;
+    upload(xapi, reader, vdi, say).await?;
+    let rec = xapi.vdi_record(vdi_ref).await?;
     if rec.virtual_size != size {
         return Err(RestoreError::Refused(format!(
             "VDI {vdi} reports {} bytes after the restore, not {size}",
@@ -180,14 +558,14 @@ async fn restore_logged_in(
         )));
     }
     let mut verified = 0;
-    if !opts.no_verify {
-        match xapi.nbd_info(&vdi_ref).await {
+    if !no_verify {
+        match xapi.nbd_info(vdi_ref).await {
             Ok(infos) if !infos.is_empty() => {
                 let purpose = crate::backup::nbd_purposes(xapi, &infos[..1])
                     .await
                     .pop()
                     .unwrap_or(crate::backup::NbdPurpose::Unknown);
-                match read_back(&infos[0], &purpose, reader, &vdi).await? {
+                match read_back(&infos[0], &purpose, reader, vdi).await? {
                     Some(n) => verified = n,
                     None => {
                         let w = "the host offers NBD only without TLS: the restored data was not read back (only its size was checked)".to_string();
@@ -202,27 +580,13 @@ async fn restore_logged_in(
                 warnings.push(w);
             }
             Err(e) => {
-                let w = format!("could not read the restored VDI back: {e}");
+                let w = format!("could not read the restored VDI {vdi} back: {e}");
                 say(Event::Warning(&w));
                 warnings.push(w);
             }
         }
     }
-    let vm = if opts.new_vm {
-        Some(import_vm(xapi, repo, reader, &vdi).await?)
-    } else {
-        None
-    };
-    Ok(RestoreReport {
-        point: m.label(),
-        vdi,
-        created_vdi: created,
-        bytes: size,
-        seconds: started.elapsed().as_secs_f64(),
-        verified_blocks: verified,
-        vm,
-        warnings,
-    })
+    Ok(verified)
 }
 
 /// Stream the point into `PUT /import_raw_vdi`.
@@ -362,12 +726,13 @@ async fn read_back(
     Ok(Some(checked))
 }
 
-/// Create a VM from the point's saved metadata, its disk mapped to `vdi`.
+/// Create a VM from the point's saved metadata, its disks mapped as `map` says (original VDI
+/// uuid → restored VDI uuid), all in one `/import_metadata`.
 async fn import_vm(
     xapi: &Xapi,
     repo: &Repository,
     reader: &PointReader,
-    vdi: &str,
+    map: &[(String, String)],
 ) -> Result<String, RestoreError> {
     let m = &reader.manifest;
     let meta = repo
@@ -376,9 +741,8 @@ async fn import_vm(
     let task = xapi
         .task_create("cbtfs restore: import VM metadata")
         .await?;
-    let result = xapi
-        .import_metadata(&task, &[(m.vdi.as_str(), vdi)], meta)
-        .await;
+    let pairs: Vec<(&str, &str)> = map.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let result = xapi.import_metadata(&task, &pairs, meta).await;
     let status = xapi.task_status(&task).await;
     let _ = xapi.task_destroy(&task).await;
     result?;
@@ -411,5 +775,77 @@ impl RestoreError {
             RestoreError::Xapi(e) => e.failure(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::{NewPoint, VmRun};
+
+    const A: &str = "00000000-0000-4000-8000-00000000000a";
+    const B: &str = "00000000-0000-4000-8000-00000000000b";
+
+    fn point(repo: &Repository, vdi: &str, time: i64, run: Option<(&str, &str)>) {
+        let lock = repo.lock("test").unwrap();
+        let w = repo
+            .begin_point(
+                &lock,
+                NewPoint {
+                    vdi: vdi.into(),
+                    disk_name: format!("disk-{}", &vdi[35..]),
+                    vm_uuid: None,
+                    vm_name: Some("vm".into()),
+                    time,
+                    virtual_size: BLOCK_SIZE,
+                    source: "test".into(),
+                    new_set: time == 100,
+                    snapshot: None,
+                    vm_metadata: None,
+                    vdi_type: None,
+                    vm_run: run.map(|(id, dev)| VmRun {
+                        run: id.into(),
+                        userdevice: Some(dev.into()),
+                        vm_disks: vec![B.into(), A.into()],
+                    }),
+                },
+            )
+            .unwrap();
+        w.commit().unwrap();
+    }
+
+    fn disks_of(got: &[(SetHistory, u32)]) -> Vec<(String, i64)> {
+        got.iter()
+            .map(|(s, q)| {
+                let p = &s.points[*q as usize];
+                (p.vdi.clone(), p.time)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn run_points_take_every_disk_of_the_run_in_vm_order_or_name_the_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("r")).unwrap();
+        // Run 1 took both disks (B at userdevice 0), run 2 only A, run 3 both again; an older
+        // point without a run stands alone.
+        point(&repo, A, 100, Some(("01", "1")));
+        point(&repo, B, 100, Some(("01", "0")));
+        point(&repo, A, 200, Some(("02", "1")));
+        point(&repo, A, 300, Some(("03", "1")));
+        point(&repo, B, 300, Some(("03", "0")));
+        point(&repo, A, 400, None);
+        let a = repo.disk(A).unwrap().sets[0].clone();
+        let b = repo.disk(B).unwrap().sets[0].clone();
+        let got = run_points(&repo, &a, 0).unwrap();
+        assert_eq!(disks_of(&got), [(B.to_string(), 100), (A.to_string(), 100)]);
+        let got = run_points(&repo, &b, 1).unwrap();
+        assert_eq!(disks_of(&got), [(B.to_string(), 300), (A.to_string(), 300)]);
+        let e = run_points(&repo, &a, 1).unwrap_err().to_string();
+        assert!(e.contains(&format!("no point of disk {B} (disk-b)")), "{e}");
+        assert!(e.contains("19700101T000500Z"), "suggests run 3: {e}");
+        let got = run_points(&repo, &a, 3).unwrap();
+        assert_eq!(disks_of(&got), [(A.to_string(), 400)]);
+        assert!(run_points(&repo, &a, 9).is_err());
     }
 }

@@ -903,3 +903,328 @@ fn restore_refusals_and_an_interrupted_upload() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_same("after the rerun", &h.disk_now(), want);
 }
+
+/// Start a backup of the disk and kill it (SIGKILL) once the host has seen `call`.
+fn backup_killed_at(h: &Host, call: &str) {
+    let seen = h
+        .sim
+        .with(|st| st.calls.iter().filter(|c| *c == call).count());
+    let mut child = Command::new(bin())
+        .args(["backup", "--repo", s(&h.repo()), "--host", &h.sim.url])
+        .args(["--password-file", s(&h.pw), "--vdi", &h.vdi])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(call, Duration::from_secs(60), || {
+        h.sim
+            .with(|st| st.calls.iter().filter(|c| *c == call).count())
+            > seen
+    });
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the backup finished before the kill");
+}
+
+#[test]
+fn a_backup_killed_between_snapshot_and_tag_leaves_nothing_after_the_next_run() {
+    let h = start(|c| c.nbd = NbdMode::Tls);
+    let mut rng = TestRng::new(5);
+    // Killed during the very first run (the disk had no snapshot): the first complete run
+    // leaves only its own.
+    h.sim.with(|st| st.faults.withhold_snapshot_reply = true);
+    backup_killed_at(&h, "VDI.snapshot");
+    assert_eq!(h.snapshots().len(), 1);
+    let mut points = vec![(h.backup_vdi(), h.disk_now())];
+    let snaps = h.snapshots();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].0, points[0].0["snapshot"].as_str().unwrap());
+    let snap = |st: &mut cbtfs::sim::host::State| {
+        let r = st.snapshot(&h.vdi).unwrap();
+        st.vdis[&r].uuid.clone()
+    };
+    // Another tool's snapshot, untagged, made before the killed run: it must survive.
+    let foreign = h.sim.with(snap);
+    let foreign_bytes = h.sim.read_vdi(&foreign).unwrap();
+    let mut others = vec![foreign.clone()];
+    for (fault, call) in [
+        // The kill comes while VDI.snapshot's answer is awaited: the journal has no uuid.
+        ("withhold", "VDI.snapshot"),
+        // The kill comes after the answer, before the tag: the journal names the snapshot.
+        ("hang", "VDI.add_to_other_config"),
+    ] {
+        h.guest_writes(&mut rng, 10);
+        h.sim.with(|st| match fault {
+            "withhold" => st.faults.withhold_snapshot_reply = true,
+            _ => st.faults.hang_after_snapshot = true,
+        });
+        let before = h.snapshots().len();
+        backup_killed_at(&h, call);
+        // The killed run's snapshot is on the host, untagged.
+        let left = h.snapshots();
+        assert_eq!(left.len(), before + 1, "{fault}: {left:?}");
+        let killed: Vec<_> = left
+            .iter()
+            .filter(|x| !x.2 && !others.contains(&x.0))
+            .map(|x| x.0.clone())
+            .collect();
+        assert_eq!(killed.len(), 1, "{fault}: {left:?}");
+        if fault == "withhold" {
+            // Another tool snapshots the disk after the kill: the killed run's is the older.
+            others.push(h.sim.with(snap));
+        }
+        h.guest_writes(&mut rng, 10);
+        let want = h.disk_now();
+        let d = h.backup_vdi();
+        let warnings = d["warnings"].to_string();
+        assert!(
+            warnings.contains(&killed[0]) && warnings.contains("interrupted backup"),
+            "{fault}: {warnings}"
+        );
+        // Only the origin (ours) and the other tool's snapshot remain.
+        let mut snaps = h.snapshots();
+        snaps.sort();
+        let mut expect = vec![(
+            d["snapshot"].as_str().unwrap().to_string(),
+            "cbt_metadata".to_string(),
+            true,
+        )];
+        expect.extend(
+            others
+                .iter()
+                .map(|o| (o.clone(), "user".to_string(), false)),
+        );
+        expect.sort();
+        assert_eq!(snaps, expect, "{fault}");
+        points.push((d, want));
+    }
+    assert_eq!(h.sim.read_vdi(&foreign).unwrap(), foreign_bytes);
+    let journal = h.repo().join("journal");
+    assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0);
+    ok(&["verify", s(&h.repo())]);
+    for (i, (d, want)) in points.iter().enumerate() {
+        assert_same(
+            &format!("point {i}"),
+            &h.export(d["point"].as_str().unwrap()),
+            want,
+        );
+    }
+}
+
+/// A raw image of `mb` MiB with data in some blocks.
+fn image(h: &Host, name: &str, mb: u64, seed: u64) -> PathBuf {
+    let p = h.dir.path().join(name);
+    let mut data = vec![0u8; (mb << 20) as usize];
+    let mut rng = TestRng::new(seed);
+    for b in 0..data.len() / BS {
+        if rng.below(2) == 0 {
+            for x in &mut data[b * BS..b * BS + 512] {
+                *x = rng.next() as u8;
+            }
+        }
+    }
+    std::fs::write(&p, &data).unwrap();
+    p
+}
+
+/// A VM in the sim by uuid: (power state, [(userdevice, VDI uuid)] in VBD order).
+fn vm_disks(h: &Host, vm: &str) -> (String, Vec<(String, String)>) {
+    h.sim.with(|st| {
+        let v = st
+            .vms
+            .values()
+            .find(|v| v.uuid == vm)
+            .expect("the VM exists");
+        let disks = v
+            .vbds
+            .iter()
+            .map(|b| {
+                let b = &st.vbds[b];
+                (b.userdevice.clone(), st.vdis[&b.vdi].uuid.clone())
+            })
+            .collect();
+        (v.power_state.clone(), disks)
+    })
+}
+
+fn halt(h: &Host, vm: &str) {
+    h.sim.with(|st| {
+        let (r, v) = st.vms.iter_mut().find(|(_, v)| v.uuid == vm).unwrap();
+        v.power_state = "Halted".into();
+        let r = r.clone();
+        st.vbds
+            .values_mut()
+            .filter(|b| b.vm == r)
+            .for_each(|b| b.attached = false);
+    });
+}
+
+fn backup_vm(h: &Host, vm: &str) -> Vec<Value> {
+    let o = h.backup(&["--vm", vm]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["disks"].as_array().unwrap().clone()
+}
+
+/// The point of `vdi` in a backup report.
+fn point_of(disks: &[Value], vdi: &str) -> String {
+    disks
+        .iter()
+        .find(|d| d["vdi"] == vdi)
+        .and_then(|d| d["point"].as_str())
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_vm_with_two_disks_comes_back_whole_into_a_new_vm_and_over_a_halted_vm() {
+    let h = start(|_| {});
+    let (a_img, b_img) = (image(&h, "a.img", 8, 1), image(&h, "b.img", 4, 2));
+    let (vm, vdis) = h
+        .sim
+        .add_vm("two", &[("sys", &a_img), ("data", &b_img)])
+        .unwrap();
+    let sr = h.sim.with(|st| st.sr_uuid.clone());
+    let now = || -> Vec<Vec<u8>> { vdis.iter().map(|v| h.sim.read_vdi(v).unwrap()).collect() };
+    let mut rng = TestRng::new(3);
+    let write = |rng: &mut TestRng| {
+        for v in &vdis {
+            for _ in 0..8 {
+                let size = h.sim.read_vdi(v).unwrap().len() as u64;
+                let off = rng.below(size - 3 * BS as u64);
+                let data: Vec<u8> = (0..2 * BS).map(|_| rng.next() as u8).collect();
+                h.sim.with(|st| st.guest_write(v, off, &data)).unwrap();
+            }
+        }
+    };
+    let run1 = backup_vm(&h, &vm);
+    let imgs1 = now();
+    write(&mut rng);
+    let run2 = backup_vm(&h, &vm);
+    let imgs2 = now();
+    assert_ne!(imgs1, imgs2);
+    write(&mut rng);
+    let current = now();
+
+    // The second disk's point of the first run brings back the whole VM as it was then.
+    let o = restore(
+        &h,
+        &[
+            &point_of(&run1, &vdis[1]),
+            "--new-vdi",
+            "--sr",
+            &sr,
+            "--new-vm",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["disks"].as_array().unwrap().len(), 2, "{r}");
+    let (state, disks) = vm_disks(&h, r["vm"].as_str().unwrap());
+    assert_eq!(state, "Halted");
+    let mut devs: Vec<&str> = disks.iter().map(|d| d.0.as_str()).collect();
+    devs.sort();
+    assert_eq!(devs, ["0", "1"], "{disks:?}");
+    for (dev, vdi) in &disks {
+        let i: usize = dev.parse().unwrap();
+        assert!(!vdis.contains(vdi), "the new VM uses an original disk");
+        assert_same(
+            &format!("new VM, userdevice {dev}"),
+            &h.sim.read_vdi(vdi).unwrap(),
+            &imgs1[i],
+        );
+    }
+    assert_eq!(now(), current, "the original disks were touched");
+
+    // Over the original VM: refused while it runs, nothing written.
+    let p2 = point_of(&run2, &vdis[0]);
+    let o = restore(&h, &[&p2, "--to-vm", &vm]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("xe vm-shutdown"), "{err}");
+    assert_eq!(now(), current);
+    halt(&h, &vm);
+    let o = restore(&h, &[&p2, "--to-vm", &vm, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["disks"].as_array().unwrap().len(), 2, "{r}");
+    for (i, v) in vdis.iter().enumerate() {
+        assert_same(
+            &format!("disk {i} over the VM"),
+            &h.sim.read_vdi(v).unwrap(),
+            &imgs2[i],
+        );
+    }
+
+    // Another halted VM with disks of the same sizes: matched by position.
+    let blank = |n: &str, mb: u64| {
+        let p = h.dir.path().join(n);
+        std::fs::write(&p, vec![0u8; (mb << 20) as usize]).unwrap();
+        p
+    };
+    let (x, y) = (blank("x.img", 8), blank("y.img", 4));
+    let (other, other_vdis) = h.sim.add_vm("other", &[("x", &x), ("y", &y)]).unwrap();
+    halt(&h, &other);
+    let p1 = point_of(&run1, &vdis[0]);
+    let o = restore(&h, &[&p1, "--to-vm", &other]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (i, v) in other_vdis.iter().enumerate() {
+        assert_same(
+            &format!("disk {i} of the other VM"),
+            &h.sim.read_vdi(v).unwrap(),
+            &imgs1[i],
+        );
+    }
+    // Disks that do not match: refused before anything is written.
+    let (one, one_vdis) = h.sim.add_vm("one", &[("x", &x)]).unwrap();
+    halt(&h, &one);
+    let o = restore(&h, &[&p1, "--to-vm", &one]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("has 1 disks") && err.contains("holds 2"),
+        "{err}"
+    );
+    let (swapped, swapped_vdis) = h.sim.add_vm("swapped", &[("y", &y), ("x", &x)]).unwrap();
+    halt(&h, &swapped);
+    let o = restore(&h, &[&p1, "--to-vm", &swapped]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("xe vdi-resize"), "{err}");
+    for v in one_vdis.iter().chain(&swapped_vdis) {
+        assert!(h.sim.read_vdi(v).unwrap().iter().all(|&b| b == 0));
+    }
+
+    // A run that backed up one disk only cannot make the VM whole: refused, naming the other.
+    let d = h.backup(&["--vdi", &vdis[0]]);
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    let d: Value = serde_json::from_slice(&d.stdout).unwrap();
+    let lone = d["disks"][0]["point"].as_str().unwrap().to_string();
+    let vms_before = h.sim.with(|st| st.vms.len());
+    let vdis_before = h.sim.with(|st| st.vdis.len());
+    for args in [
+        vec![lone.as_str(), "--new-vdi", "--sr", &sr, "--new-vm"],
+        vec![lone.as_str(), "--to-vm", &vm],
+    ] {
+        let o = restore(&h, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            err.contains(&vdis[1]) && err.contains("no point of disk"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(h.sim.with(|st| st.vms.len()), vms_before);
+    assert_eq!(h.sim.with(|st| st.vdis.len()), vdis_before);
+    for (i, v) in vdis.iter().enumerate() {
+        assert_same(
+            &format!("disk {i} untouched"),
+            &h.sim.read_vdi(v).unwrap(),
+            &imgs2[i],
+        );
+    }
+    // The disk alone still restores.
+    let o = restore(&h, &[&lone, "--to-vdi", &vdis[0]]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

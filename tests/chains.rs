@@ -57,6 +57,7 @@ fn run_life(dir: &Path, steps: &[Step], seed: u64) {
                 snapshot: None,
                 vm_metadata: None,
                 vdi_type: None,
+                vm_run: None,
                 source_label: None,
             },
             |_, _| {},

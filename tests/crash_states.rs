@@ -1163,6 +1163,15 @@ fn no_leftovers(repo: &Path, vdi: &str) -> Result<(), String> {
             return Err(format!("leftovers in set {name}: {files:?}"));
         }
     }
+    // A backup's snapshot journal is gone once its snapshot is tagged.
+    if let Ok(entries) = std::fs::read_dir(repo.join("journal")) {
+        let left: Vec<String> = entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        if !left.is_empty() {
+            return Err(format!("snapshot journal leftovers: {left:?}"));
+        }
+    }
     Ok(())
 }
 

@@ -11,6 +11,8 @@
 //!       000000-<nonce>.idx              its index (see `index`)
 //!       000000-<nonce>.data             its block data
 //!       000001.point ...                incremental points, numbered from the base
+//!   journal/<VDI-UUID>.{1,2}.snap       what a backup is snapshotting right now (see `journal`)
+//!   hosts/<HOST>.pin                    pinned TLS certificate fingerprints of hosts
 //! ```
 //!
 //! * A **disk** is a VDI, keyed by uuid. Its name, virtual size and owning VM are recorded in each
@@ -59,6 +61,7 @@
 
 pub mod error;
 pub mod index;
+pub mod journal;
 pub mod manifest;
 pub mod store;
 
@@ -139,6 +142,51 @@ pub struct PointManifest {
     /// derives inode numbers and cache keys from it. Absent in older manifests: see `point_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// For a backed-up disk of a VM: the backup run it was taken in and its place in the VM,
+    /// what a whole-VM restore needs. Absent in older manifests and for imports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_run: Option<VmRun>,
+}
+
+/// A point's place in a whole-VM backup run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmRun {
+    /// The run's id (random hex), shared by the points of every disk one `cbtfs backup` took.
+    pub run: String,
+    /// The VBD's `userdevice` (the disk's position in the VM: `0`, `1`, ...), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userdevice: Option<String>,
+    /// The VM's disks (VDI uuids) when the run started, this one included: a restore of the
+    /// whole VM tells a disk the run did not back up from one the VM never had.
+    #[serde(default)]
+    pub vm_disks: Vec<String>,
+}
+
+impl VmRun {
+    /// What is wrong with a `vm_run` read from storage (its uuids become paths).
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.run.is_empty()
+            || self.run.len() > 64
+            || !self.run.bytes().all(|c| c.is_ascii_hexdigit())
+        {
+            return Err(format!("its backup run id {:?} is not a run id", self.run));
+        }
+        if let Some(u) = &self.userdevice
+            && (u.is_empty() || u.len() > 8 || !u.bytes().all(|c| c.is_ascii_alphanumeric()))
+        {
+            return Err(format!("its userdevice {u:?} is not a device position"));
+        }
+        if self.vm_disks.len() > 1024 {
+            return Err(format!(
+                "it lists {} disks of its VM (at most 1024)",
+                self.vm_disks.len()
+            ));
+        }
+        if let Some(d) = self.vm_disks.iter().find(|d| !valid_uuid(d)) {
+            return Err(format!("its VM's disk {d:?} is not a VDI uuid"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -193,6 +241,9 @@ impl PointManifest {
                     kind.suffix()
                 ));
             }
+        }
+        if let Some(r) = &self.vm_run {
+            r.check()?;
         }
         if self.virtual_size > MAX_VIRTUAL_SIZE {
             return Err(format!(
@@ -343,6 +394,8 @@ pub struct NewPoint {
     /// VM metadata to keep with the point.
     pub vm_metadata: Option<Vec<u8>>,
     pub vdi_type: Option<String>,
+    /// The point's place in a whole-VM backup run.
+    pub vm_run: Option<VmRun>,
 }
 
 /// An opened point: its manifest, checked index and data file.
@@ -1302,6 +1355,7 @@ impl PointWriter<'_> {
             snapshot: self.spec.snapshot.clone(),
             vm_metadata: None,
             vdi_type: self.spec.vdi_type.clone(),
+            vm_run: self.spec.vm_run.clone(),
             id: Some(match self.id.take() {
                 Some(id) => id,
                 None => random_hex(16)?,
@@ -1379,6 +1433,7 @@ mod tests {
                     snapshot: None,
                     vm_metadata: None,
                     vdi_type: None,
+                    vm_run: None,
                 },
             )
             .unwrap();
@@ -1435,6 +1490,7 @@ mod tests {
                     snapshot: None,
                     vm_metadata: Some(b"tar".to_vec()),
                     vdi_type: None,
+                    vm_run: None,
                 },
             )
             .unwrap();
@@ -1502,6 +1558,19 @@ mod tests {
             (|m| m.data_blocks = 5, "stores 5 blocks but holds only 4"),
             (|m| m.data.len += 1, "data file length"),
             (|m| m.index.len = 60, "index length"),
+            (
+                |m| m.vm_run = Some(run("../x", Some("0"), &[VDI])),
+                "backup run id",
+            ),
+            (|m| m.vm_run = Some(run("", None, &[])), "backup run id"),
+            (
+                |m| m.vm_run = Some(run("ab", Some("0/1"), &[VDI])),
+                "userdevice",
+            ),
+            (
+                |m| m.vm_run = Some(run("ab", Some("0"), &["../../etc"])),
+                "VM's disk",
+            ),
         ];
         for (edit, says) in cases {
             let mut m = good.clone();
@@ -1512,6 +1581,8 @@ mod tests {
         let mut m = good.clone();
         m.virtual_size = MAX_VIRTUAL_SIZE;
         assert_eq!(m.check(), Ok(()), "the limit itself is a valid size");
+        m.vm_run = Some(run("0123456789abcdef", Some("3"), &[VDI]));
+        assert_eq!(m.check(), Ok(()));
         // Names as every writer makes them, prune's renumbered points included.
         for n in [
             "000000-0123456789abcdef.data",
@@ -1522,6 +1593,33 @@ mod tests {
         for n in ["20261121T020000Z", "20261121T020000Z-2", "@-5"] {
             assert!(valid_set_name(n), "{n}");
         }
+    }
+
+    fn run(id: &str, dev: Option<&str>, disks: &[&str]) -> VmRun {
+        VmRun {
+            run: id.into(),
+            userdevice: dev.map(String::from),
+            vm_disks: disks.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn vm_run_round_trips_and_older_manifests_without_it_still_load() {
+        let (_d, _repo, good) = one_point();
+        assert_eq!(good.vm_run, None);
+        let bytes = manifest::encode(&good);
+        assert!(!String::from_utf8_lossy(&bytes).contains("vm_run"));
+        assert_eq!(decode_point_manifest(&bytes, "old").unwrap(), good);
+        let mut m = good.clone();
+        m.vm_run = Some(run("00ff", Some("1"), &[VDI]));
+        let back = decode_point_manifest(&manifest::encode(&m), "new").unwrap();
+        assert_eq!(back.vm_run, m.vm_run);
+        // A hostile vm_run makes the manifest damaged, named.
+        m.vm_run = Some(run("00ff", None, &["/etc"]));
+        let e = decode_point_manifest(&manifest::encode(&m), "bad")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad") && e.contains("VM's disk"), "{e}");
     }
 
     /// Rewrite a committed manifest as an attacker could: any fields, a valid checksum.

@@ -91,6 +91,8 @@ pub struct Vbd {
     pub vm: String,
     pub vdi: String,
     pub attached: bool,
+    /// The disk's position in its VM (`0`, `1`, ...), xapi's `userdevice`.
+    pub userdevice: String,
 }
 
 #[derive(Debug)]
@@ -136,6 +138,13 @@ pub struct Faults {
     /// network, PIF and host calls answer `RBAC_PERMISSION_DENIED` (a user whose role may not
     /// read them): a client cannot learn the NBD network's purpose.
     pub networks_denied: bool,
+    /// The next `VDI.snapshot` makes the snapshot, then its answer never comes (the client
+    /// waits until it is killed). Cleared when it fires.
+    pub withhold_snapshot_reply: bool,
+    /// The next `VDI.add_to_other_config` after a `VDI.snapshot` answered never answers and
+    /// changes nothing: the client hangs between making a snapshot and tagging it. Cleared
+    /// when it fires.
+    pub hang_after_snapshot: bool,
 }
 
 #[derive(Debug)]
@@ -170,6 +179,10 @@ pub struct State {
     /// Bytes served over NBD and /export_raw_vdi.
     pub served_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub clock: i64,
+    /// Set by `dispatch` when a fault withholds the answer to the call it just made.
+    pub withhold_reply: bool,
+    /// A `VDI.snapshot` answered and `hang_after_snapshot` waits for the tagging call.
+    snapshot_answered: bool,
 }
 
 fn s(v: &Value) -> &str {
@@ -202,6 +215,8 @@ impl State {
             calls: Vec::new(),
             served_bytes: Default::default(),
             clock: 0,
+            withhold_reply: false,
+            snapshot_answered: false,
         }
     }
 
@@ -220,6 +235,7 @@ impl State {
                     vm: vm_ref.clone(),
                     vdi: vdi_ref.clone(),
                     attached: true,
+                    userdevice: vbds.len().to_string(),
                 },
             );
             if let Some(v) = self.vdis.get_mut(&vdi_ref) {
@@ -309,6 +325,97 @@ impl State {
             }
             off += got as u64;
         }
+    }
+
+    /// `VDI.snapshot` of `vdi` (a reference or uuid): a frozen copy of its data, the next place
+    /// in its CBT chain, and (as xapi's `snapshot_and_clone` does) the VDI's name, type,
+    /// on_boot and other_config copied. Tests call it directly to play another tool.
+    pub fn snapshot(&mut self, vdi: &str) -> Result<String, Failure> {
+        if self.faults.sr_detached {
+            return Err(fail("SR_NOT_ATTACHED", &[&self.sr_ref.clone()]));
+        }
+        let r = self
+            .vdi_ref(vdi)
+            .ok_or_else(|| fail("HANDLE_INVALID", &["VDI", vdi]))?;
+        // Snapshot times are wall-clock seconds, never repeating.
+        self.clock = crate::timefmt::now().max(self.clock + 1);
+        let now = self.clock;
+        let v = self.vdi_mut(&r)?;
+        if v.is_a_snapshot {
+            return Err(fail(
+                "OPERATION_NOT_ALLOWED",
+                &["cannot snapshot a snapshot"],
+            ));
+        }
+        let image = v
+            .image
+            .as_mut()
+            .ok_or_else(|| fail("VDI_INCOMPATIBLE_TYPE", &[&r, "cbt_metadata"]))?
+            .freeze()
+            .map_err(|e| fail("SR_BACKEND_FAILURE_44", &["", &e.to_string(), ""]))?;
+        let cbt = v.cbt.map(|c| Cbt {
+            chain: c.chain,
+            seq: c.seq + 1,
+        });
+        let changed = std::mem::take(&mut v.dirty);
+        if let Some(c) = cbt {
+            v.cbt = Some(c);
+        }
+        let (label, kind, on_boot, size, other_config) = (
+            v.name_label.clone(),
+            v.kind.clone(),
+            v.on_boot.clone(),
+            v.virtual_size,
+            v.other_config.clone(),
+        );
+        if let Some(c) = cbt {
+            self.cbt_history
+                .entry(c.chain)
+                .or_default()
+                .insert(c.seq, changed);
+        }
+        let sr = new_ref();
+        let mut snap_vbds = Vec::new();
+        if self.faults.attach_snapshots {
+            let vm = self
+                .vbds
+                .values()
+                .find(|b| b.vdi == r)
+                .map(|b| b.vm.clone())
+                .unwrap_or_else(|| NULL_REF.into());
+            let vbd = new_ref();
+            self.vbds.insert(
+                vbd.clone(),
+                Vbd {
+                    vm,
+                    vdi: sr.clone(),
+                    attached: true,
+                    userdevice: "autodetect".into(),
+                },
+            );
+            snap_vbds.push(vbd);
+        }
+        self.vdis.insert(
+            sr.clone(),
+            Vdi {
+                uuid: new_uuid(),
+                name_label: label,
+                kind,
+                on_boot,
+                virtual_size: size,
+                is_a_snapshot: true,
+                snapshot_of: r,
+                snapshot_time: now,
+                image: Some(image),
+                cbt,
+                dirty: RoaringBitmap::new(),
+                other_config,
+                vbds: snap_vbds,
+                users: 0,
+                busy_until: None,
+            },
+        );
+        Ok(sr)
     }
 
     /// A host or SR crash: CBT is disabled on every VDI.
@@ -500,87 +607,12 @@ impl State {
                         &[method, "3", &params.len().to_string()],
                     ));
                 }
-                if self.faults.sr_detached {
-                    return Err(fail("SR_NOT_ATTACHED", &[&self.sr_ref.clone()]));
+                let r = self.snapshot(arg(0))?;
+                if std::mem::take(&mut self.faults.withhold_snapshot_reply) {
+                    self.withhold_reply = true;
                 }
-                let r = arg(0).to_string();
-                // Snapshot times are wall-clock seconds, never repeating.
-                self.clock = crate::timefmt::now().max(self.clock + 1);
-                let now = self.clock;
-                let v = self.vdi_mut(&r)?;
-                if v.is_a_snapshot {
-                    return Err(fail(
-                        "OPERATION_NOT_ALLOWED",
-                        &["cannot snapshot a snapshot"],
-                    ));
-                }
-                let image = v
-                    .image
-                    .as_mut()
-                    .ok_or_else(|| fail("VDI_INCOMPATIBLE_TYPE", &[&r, "cbt_metadata"]))?
-                    .freeze()
-                    .map_err(|e| fail("SR_BACKEND_FAILURE_44", &["", &e.to_string(), ""]))?;
-                let cbt = v.cbt.map(|c| Cbt {
-                    chain: c.chain,
-                    seq: c.seq + 1,
-                });
-                let changed = std::mem::take(&mut v.dirty);
-                if let Some(c) = cbt {
-                    v.cbt = Some(c);
-                }
-                let (label, kind, on_boot, size) = (
-                    v.name_label.clone(),
-                    v.kind.clone(),
-                    v.on_boot.clone(),
-                    v.virtual_size,
-                );
-                if let Some(c) = cbt {
-                    self.cbt_history
-                        .entry(c.chain)
-                        .or_default()
-                        .insert(c.seq, changed);
-                }
-                let sr = new_ref();
-                let mut snap_vbds = Vec::new();
-                if self.faults.attach_snapshots {
-                    let vm = self
-                        .vbds
-                        .values()
-                        .find(|b| b.vdi == r)
-                        .map(|b| b.vm.clone())
-                        .unwrap_or_else(|| NULL_REF.into());
-                    let vbd = new_ref();
-                    self.vbds.insert(
-                        vbd.clone(),
-                        Vbd {
-                            vm,
-                            vdi: sr.clone(),
-                            attached: true,
-                        },
-                    );
-                    snap_vbds.push(vbd);
-                }
-                self.vdis.insert(
-                    sr.clone(),
-                    Vdi {
-                        uuid: new_uuid(),
-                        name_label: label,
-                        kind,
-                        on_boot,
-                        virtual_size: size,
-                        is_a_snapshot: true,
-                        snapshot_of: r,
-                        snapshot_time: now,
-                        image: Some(image),
-                        cbt,
-                        dirty: RoaringBitmap::new(),
-                        other_config: BTreeMap::new(),
-                        vbds: snap_vbds,
-                        users: 0,
-                        busy_until: None,
-                    },
-                );
-                Ok(json!(sr))
+                self.snapshot_answered = true;
+                Ok(json!(r))
             }
             "VDI.list_changed_blocks" => {
                 argc(2)?;
@@ -708,6 +740,12 @@ impl State {
             }
             "VDI.add_to_other_config" => {
                 argc(3)?;
+                if std::mem::take(&mut self.snapshot_answered)
+                    && std::mem::take(&mut self.faults.hang_after_snapshot)
+                {
+                    self.withhold_reply = true;
+                    return Ok(json!(""));
+                }
                 let (k, val) = (arg(1).to_string(), arg(2).to_string());
                 let v = self.vdi_mut(arg(0))?;
                 if v.other_config.contains_key(&k) {
@@ -717,6 +755,12 @@ impl State {
                     ));
                 }
                 v.other_config.insert(k, val);
+                Ok(json!(""))
+            }
+            "VDI.remove_from_other_config" => {
+                argc(2)?;
+                let k = arg(1).to_string();
+                self.vdi_mut(arg(0))?.other_config.remove(&k);
                 Ok(json!(""))
             }
             "VDI.create" => {
@@ -769,7 +813,7 @@ impl State {
                     .get(arg(0))
                     .ok_or_else(|| fail("HANDLE_INVALID", &["VBD", arg(0)]))?;
                 Ok(
-                    json!({"VM": b.vm, "VDI": b.vdi, "currently_attached": b.attached, "type": "Disk", "mode": "RW"}),
+                    json!({"VM": b.vm, "VDI": b.vdi, "currently_attached": b.attached, "type": "Disk", "mode": "RW", "userdevice": b.userdevice}),
                 )
             }
             "VM.get_by_uuid" => {
@@ -868,11 +912,42 @@ impl State {
             .unwrap_or("imported")
             .to_string();
         let vm_ref = new_ref();
-        let mut vbds = Vec::new();
-        for (_, to) in vdi_map {
+        // One VBD per disk of the export, at the disk's position, on the VDI the map names.
+        // A disk left out of the map is refused here, so a restore that forgets one fails
+        // visibly instead of getting a VM whose disk is whatever the host finds by its old uuid.
+        let disks: Vec<(String, String)> = v["disks"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|d| {
+                        (
+                            d["uuid"].as_str().unwrap_or("").to_string(),
+                            d["userdevice"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some((from, _)) = disks
+            .iter()
+            .find(|(from, _)| !vdi_map.iter().any(|(f, _)| f == from))
+        {
+            return Err(fail("IMPORT_ERROR", &["VDI not in the map", from]));
+        }
+        let mut planned = Vec::new();
+        for (from, to) in vdi_map {
             let vdi = self
                 .vdi_ref(to)
                 .ok_or_else(|| fail("UUID_INVALID", &["VDI", to]))?;
+            let userdevice = disks
+                .iter()
+                .find(|(f, _)| f == from)
+                .map(|(_, u)| u.clone())
+                .ok_or_else(|| fail("IMPORT_ERROR", &["mapped VDI not in the export", from]))?;
+            planned.push((vdi, userdevice));
+        }
+        let mut vbds = Vec::new();
+        for (vdi, userdevice) in planned {
             let vbd = new_ref();
             self.vbds.insert(
                 vbd.clone(),
@@ -880,6 +955,7 @@ impl State {
                     vm: vm_ref.clone(),
                     vdi: vdi.clone(),
                     attached: false,
+                    userdevice,
                 },
             );
             if let Some(v) = self.vdis.get_mut(&vdi) {
@@ -915,11 +991,29 @@ impl State {
             .vbds
             .iter()
             .filter_map(|b| self.vbds.get(b))
-            .filter_map(|b| self.vdis.get(&b.vdi).map(|d| json!({"uuid": d.uuid, "name_label": d.name_label, "virtual_size": d.virtual_size.to_string()})))
+            .filter_map(|b| self.vdis.get(&b.vdi).map(|d| json!({"uuid": d.uuid, "name_label": d.name_label, "virtual_size": d.virtual_size.to_string(), "userdevice": b.userdevice})))
             .collect();
         let value = json!({"version": {"xapi_major": "25"}, "objects": [{"class": "VM", "id": vm_ref, "snapshot": {"uuid": vm.uuid, "name_label": vm.name_label}}], "disks": disks});
         // ova.xml is one XML-RPC value, as xapi's export writes it.
         let xml = super::xmlrpc::encode_value(&value);
         Some(super::tar::write(&[("ova.xml", xml.as_bytes())]))
     }
+}
+
+/// Answer one API call on the shared state; when a fault withholds the answer, never return
+/// (the client waits until it gives up or is killed). The lock is not held while waiting.
+pub async fn answer(
+    state: &std::sync::Mutex<State>,
+    method: &str,
+    params: &[Value],
+) -> Result<Value, Failure> {
+    let (result, withhold) = {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        let r = st.dispatch(method, params);
+        (r, std::mem::take(&mut st.withhold_reply))
+    };
+    if withhold {
+        std::future::pending::<()>().await;
+    }
+    result
 }

@@ -387,7 +387,7 @@ async fn route(ctx: &Arc<Ctx>, head: &Head, conn: &mut Conn<TlsConn>) -> (Reply,
         _ => 16 << 20,
     };
     match conn.body(len, limit).await {
-        Ok(Some(body)) => (handle(ctx, head, &body), true),
+        Ok(Some(body)) => (handle(ctx, head, &body).await, true),
         Ok(None) => (
             Reply::error_page(413, &format!("a body of {len} bytes; at most {limit}")),
             false,
@@ -403,7 +403,7 @@ fn json_reply(v: &Value) -> Reply {
     Reply::full(200, "application/json", v.to_string())
 }
 
-fn handle(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
+async fn handle(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
     let path = head.path();
     match (head.method.as_str(), path) {
         ("POST", "/jsonrpc") if !ctx.xmlrpc_only => {
@@ -417,7 +417,7 @@ fn handle(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
                 Some(Value::Array(a)) => a.clone(),
                 _ => Vec::new(),
             };
-            let result = lock(&ctx.state).dispatch(method, &params);
+            let result = super::host::answer(&ctx.state, method, &params).await;
             let out = match (result, v2) {
                 (Ok(r), true) => json!({"jsonrpc": "2.0", "result": r, "id": id}),
                 (Ok(r), false) => json!({"result": r, "error": null, "id": id}),
@@ -431,7 +431,7 @@ fn handle(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
         ("POST", "/") | ("POST", "/RPC2") => {
             let text = String::from_utf8_lossy(body);
             let out = match super::xmlrpc::decode_call(&text) {
-                Ok((method, params)) => match lock(&ctx.state).dispatch(&method, &params) {
+                Ok((method, params)) => match super::host::answer(&ctx.state, &method, &params).await {
                     Ok(v) => json!({"Status": "Success", "Value": v}),
                     Err(e) => json!({"Status": "Failure", "ErrorDescription": e}),
                 },

@@ -110,6 +110,8 @@ pub struct VbdRecord {
     pub vdi: String,
     pub currently_attached: bool,
     pub kind: String,
+    /// The disk's position in its VM (`0`, `1`, ...; xapi's `userdevice`).
+    pub userdevice: String,
 }
 
 #[derive(Debug, Clone)]
@@ -160,6 +162,7 @@ impl Xapi {
             vdi: field_str(&v, "VDI"),
             currently_attached: field_bool(&v, "currently_attached"),
             kind: field_str(&v, "type"),
+            userdevice: field_str(&v, "userdevice"),
         })
     }
 
@@ -234,6 +237,12 @@ impl Xapi {
         )
         .await
         .map(|_| ())
+    }
+
+    pub async fn remove_from_other_config(&self, vdi: &str, key: &str) -> Result<(), XapiError> {
+        self.call("VDI.remove_from_other_config", vec![json!(vdi), json!(key)])
+            .await
+            .map(|_| ())
     }
 
     /// The base64 bitmap of blocks changed from `from` to `to`.

@@ -273,6 +273,7 @@ pub fn import_life_spaced(
                 snapshot: None,
                 vm_metadata: None,
                 vdi_type: None,
+                vm_run: None,
                 source_label: None,
             },
             |_, _| {},

@@ -1,0 +1,209 @@
+//! The snapshot journal: what a backup is about to make on the host, written before it asks.
+//!
+//! `VDI.snapshot` creates an object on the host that only becomes recognisable as cbtfs's once
+//! it is tagged (`other_config:cbtfs-repository`), one call later. A backup killed in between
+//! would leave an untagged snapshot nobody removes. So before the call a backup writes, per
+//! disk, a journal record naming the VDI, the snapshots it has right then and the newest of
+//! their snapshot times (the host's clock); when the call returns it writes a second record that
+//! adds the new snapshot's uuid; once the snapshot is tagged (or destroyed) both go. The next
+//! backup of that disk reads what is left and removes what the killed run made (see
+//! `backup::recover_snapshot_journal`).
+//!
+//! # Layout
+//!
+//! ```text
+//! REPO/journal/<VDI-UUID>.1.snap    before VDI.snapshot (no snapshot uuid yet)
+//! REPO/journal/<VDI-UUID>.2.snap    after it returned (with the uuid)
+//! ```
+//!
+//! Each is a checksummed record (`manifest`), put with the store's atomic create-only put: a
+//! crash leaves a whole record or none. The second is put before the first is deleted, so at
+//! every moment at least one names what the host may hold. Records are small and written
+//! under the repository lock.
+
+use std::io;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{RepoError, Result};
+use super::store::Store;
+use super::{Repository, WriteLock, manifest, valid_uuid};
+
+pub const JOURNAL_DIR: &str = "journal";
+pub const JOURNAL_FORMAT: &str = "cbtfs-snapshot-journal";
+pub const JOURNAL_VERSION: u64 = 1;
+
+/// One disk's journal record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotJournal {
+    pub format: String,
+    pub version: u64,
+    /// The VDI (uuid) being snapshotted.
+    pub vdi: String,
+    /// References of the VDI's snapshots right before `VDI.snapshot` was called.
+    pub before: Vec<String>,
+    /// The newest `snapshot_time` among them (Unix seconds, the host's clock): the snapshot the
+    /// call makes is not older. None when the VDI had no snapshot.
+    pub not_before: Option<i64>,
+    /// The new snapshot's uuid, once the call returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// When the record was written (this machine's clock, RFC 3339), for humans.
+    pub written: String,
+}
+
+impl SnapshotJournal {
+    pub fn new(vdi: &str, before: Vec<String>, not_before: Option<i64>) -> SnapshotJournal {
+        SnapshotJournal {
+            format: JOURNAL_FORMAT.into(),
+            version: JOURNAL_VERSION,
+            vdi: vdi.to_string(),
+            before,
+            not_before,
+            snapshot: None,
+            written: crate::timefmt::rfc3339(crate::timefmt::now()),
+        }
+    }
+}
+
+fn key(vdi: &str, stage: u8) -> String {
+    format!("{JOURNAL_DIR}/{vdi}.{stage}.snap")
+}
+
+fn check_vdi(vdi: &str) -> Result<()> {
+    if valid_uuid(vdi) {
+        Ok(())
+    } else {
+        Err(RepoError::Invalid(format!("{vdi:?} is not a VDI uuid")))
+    }
+}
+
+impl Repository {
+    /// What a killed backup of `vdi` left: the newest stage's record, or None. A record that
+    /// does not decode, or names another disk, is an error naming the file.
+    pub fn snapshot_journal(&self, vdi: &str) -> Result<Option<SnapshotJournal>> {
+        check_vdi(vdi)?;
+        for stage in [2, 1] {
+            let k = key(vdi, stage);
+            let loc = self.store.describe(&k);
+            let bytes = match std::fs::read(self.store.path(&k)) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(RepoError::io("read", loc, e)),
+            };
+            let j: SnapshotJournal = manifest::decode(
+                &bytes,
+                &loc,
+                "snapshot journal",
+                JOURNAL_FORMAT,
+                JOURNAL_VERSION,
+            )?;
+            if j.vdi != vdi || j.snapshot.is_some() != (stage == 2) {
+                return Err(RepoError::corrupt(
+                    &loc,
+                    format!("it names disk {:?} at the wrong stage", j.vdi),
+                ));
+            }
+            return Ok(Some(j));
+        }
+        Ok(None)
+    }
+
+    /// Durably record `j` (stage 1 without a snapshot uuid, stage 2 with one). Stage 2 is put
+    /// before stage 1 is deleted.
+    pub fn put_snapshot_journal(&self, _lock: &WriteLock, j: &SnapshotJournal) -> Result<()> {
+        check_vdi(&j.vdi)?;
+        self.store
+            .make_dir(JOURNAL_DIR)
+            .map_err(|e| RepoError::io("create", self.store.describe(JOURNAL_DIR), e))?;
+        let stage = if j.snapshot.is_some() { 2 } else { 1 };
+        let k = key(&j.vdi, stage);
+        self.store
+            .put_new(&k, &manifest::encode(j))
+            .map_err(|e| RepoError::io("write", self.store.describe(&k), e))?;
+        if stage == 2 {
+            self.delete_journal_stage(&j.vdi, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Forget `vdi`'s journal: what it named is tagged or gone.
+    pub fn clear_snapshot_journal(&self, _lock: &WriteLock, vdi: &str) -> Result<()> {
+        check_vdi(vdi)?;
+        // Stage 2 first: a crash in between leaves stage 1 alone, which names only snapshots
+        // that are untagged, and this one is tagged or destroyed by now.
+        self.delete_journal_stage(vdi, 2)?;
+        self.delete_journal_stage(vdi, 1)?;
+        // The temporary file of a put that a crash interrupted (never read).
+        let names = match self.store.list(JOURNAL_DIR) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(RepoError::io("list", self.store.describe(JOURNAL_DIR), e)),
+        };
+        for n in names {
+            if n.starts_with(&format!(".{vdi}.")) && n.ends_with(".tmp") {
+                let k = format!("{JOURNAL_DIR}/{n}");
+                self.store
+                    .delete(&k)
+                    .map_err(|e| RepoError::io("delete", self.store.describe(&k), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_journal_stage(&self, vdi: &str, stage: u8) -> Result<()> {
+        let k = key(vdi, stage);
+        match self.store.delete(&k) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RepoError::io("delete", self.store.describe(&k), e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VDI: &str = "3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b";
+
+    #[test]
+    fn stages_replace_each_other_and_clear_removes_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("r")).unwrap();
+        let lock = repo.lock("test").unwrap();
+        assert_eq!(repo.snapshot_journal(VDI).unwrap(), None);
+        let mut j = SnapshotJournal::new(VDI, vec!["OpaqueRef:a".into()], Some(5));
+        repo.put_snapshot_journal(&lock, &j).unwrap();
+        assert_eq!(repo.snapshot_journal(VDI).unwrap(), Some(j.clone()));
+        j.snapshot = Some("0f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b".into());
+        repo.put_snapshot_journal(&lock, &j).unwrap();
+        assert_eq!(repo.snapshot_journal(VDI).unwrap(), Some(j.clone()));
+        assert!(!repo.store.path(&key(VDI, 1)).exists());
+        // A crash inside a put leaves its temporary file: cleared too.
+        let tmp = repo
+            .store
+            .path(&format!("{JOURNAL_DIR}/.{VDI}.1.snap.0123456789abcdef.tmp"));
+        std::fs::write(&tmp, b"").unwrap();
+        repo.clear_snapshot_journal(&lock, VDI).unwrap();
+        assert_eq!(repo.snapshot_journal(VDI).unwrap(), None);
+        assert!(!tmp.exists());
+        // Clearing twice is harmless; other disks' records are not touched.
+        repo.clear_snapshot_journal(&lock, VDI).unwrap();
+        // A damaged record is named, never trusted.
+        let other = "4f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b";
+        repo.put_snapshot_journal(&lock, &SnapshotJournal::new(other, vec![], None))
+            .unwrap();
+        let p = repo.store.path(&key(other, 1));
+        let mut b = std::fs::read(&p).unwrap();
+        b[10] ^= 1;
+        std::fs::write(&p, b).unwrap();
+        let e = repo.snapshot_journal(other).unwrap_err().to_string();
+        assert!(e.contains(&format!("{other}.1.snap")), "{e}");
+        // A record filed under another disk's name is refused.
+        let j2 = SnapshotJournal::new(VDI, vec![], None);
+        std::fs::write(&p, manifest::encode(&j2)).unwrap();
+        assert!(repo.snapshot_journal(other).is_err());
+        assert!(repo.snapshot_journal("../x").is_err());
+    }
+}
