@@ -718,33 +718,42 @@ async fn fetch(
         say(Event::Warning(&w));
         warnings.push(w);
     }
-    // The first connection the host lists that answers; each is usable many times.
-    let mut last_err = None;
-    for info in &infos {
-        let target = nbd_target(info, opts.allow_plain_nbd)?;
-        match Pool::open(target, opts.fetch).await {
-            Ok(pool) => {
-                // The export must be the snapshot, whole: a server stating another size (or
-                // none) must never make a short or empty point that then replaces the data.
-                if pool.info.size != snap.virtual_size {
-                    let (what, stated) = (pool.target().describe(), pool.info.size);
-                    pool.close().await;
-                    return Err(BackupError::Refused(format!(
-                        "the NBD export {what} is {stated} bytes but snapshot {} of VDI {} is {} bytes; nothing was committed (is the NBD server the host's?)",
-                        snap.uuid, req.vdi, snap.virtual_size
-                    )));
-                }
-                let r = import::import_nbd(repo, lock, req, pool, progress).await?;
-                return Ok((r, "nbd"));
-            }
-            Err(e) => last_err = Some(e),
-        }
+    // One record per address the host has on an NBD network: connections are spread over
+    // those that answer, and one that fails mid-run is replaced through the others.
+    let targets = infos
+        .iter()
+        .map(|info| nbd_target(info, opts.allow_plain_nbd))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pool = Pool::open_many(targets, opts.fetch)
+        .await
+        .map_err(ImportError::Nbd)?;
+    let notes = pool.notes();
+    let said = notes.lock().map(|n| n.len()).unwrap_or(0);
+    for n in notes.lock().map(|n| n.clone()).unwrap_or_default() {
+        say(Event::Warning(&n));
+        warnings.push(n);
     }
-    Err(ImportError::Nbd(
-        last_err
-            .ok_or_else(|| BackupError::Refused("get_nbd_info returned no connection".into()))?,
-    )
-    .into())
+    // The export must be the snapshot, whole: a server stating another size (or none) must
+    // never make a short or empty point that then replaces the data.
+    if pool.info.size != snap.virtual_size {
+        let (what, stated) = (pool.target().describe(), pool.info.size);
+        pool.close().await;
+        return Err(BackupError::Refused(format!(
+            "the NBD export {what} is {stated} bytes but snapshot {} of VDI {} is {} bytes; nothing was committed (is the NBD server the host's?)",
+            snap.uuid, req.vdi, snap.virtual_size
+        )));
+    }
+    let r = import::import_nbd(repo, lock, req, pool, progress).await;
+    // What happened to the connections while fetching (said once each, success or not).
+    for n in notes
+        .lock()
+        .map(|n| n.iter().skip(said).cloned().collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        say(Event::Warning(&n));
+        warnings.push(n);
+    }
+    Ok((r?, "nbd"))
 }
 
 /// Read the snapshot through `/export_raw_vdi`; an increment keeps only the bitmap's blocks.

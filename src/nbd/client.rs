@@ -103,6 +103,8 @@ pub enum NbdError {
     },
     #[error("{target}: the connection was closed")]
     Closed { target: String },
+    #[error("no NBD connection could be opened at any address the host lists: {tried}")]
+    NoConnection { tried: String },
 }
 
 impl NbdError {

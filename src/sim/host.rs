@@ -115,6 +115,14 @@ pub struct Faults {
     pub bitmap_len_delta: i64,
     /// `/import_raw_vdi` drops the connection after this many bytes.
     pub import_drop_after: Option<u64>,
+    /// NBD connections the host serves at once over all its addresses; one more is closed
+    /// right after accept (xapi-nbd's limit is 16, shared with every other client). None: 16.
+    pub nbd_connection_limit: Option<usize>,
+    /// NBD addresses that are down: a connection to one is closed right after accept, and
+    /// open connections to it end at their next request.
+    pub nbd_down: std::collections::BTreeSet<String>,
+    /// (address, n): that address goes down once it has served n requests in all.
+    pub nbd_dies_after: Option<(String, u64)>,
 }
 
 #[derive(Debug)]
@@ -138,6 +146,11 @@ pub struct State {
     pub faults: Faults,
     /// NBD: (port, certificate PEM, subject); None when no network has the nbd purpose.
     pub nbd: Option<(u16, String, String)>,
+    /// The addresses the NBD server listens on, (ip, port), one get_nbd_info record each (a
+    /// host lists one per address on an NBD network); empty: 127.0.0.1 and `nbd`'s port.
+    pub nbd_addresses: Vec<(String, u16)>,
+    /// NBD requests served, by the address the client connected to.
+    pub nbd_requests: BTreeMap<String, u64>,
     /// Benchmarks: get_nbd_info names this server instead (address, port, export, cert,
     /// subject), e.g. a qemu-nbd serving the same bytes.
     pub nbd_override: Option<(String, u16, String, String, String)>,
@@ -153,6 +166,32 @@ fn s(v: &Value) -> &str {
 }
 
 impl State {
+    /// How the NBD server treats a new connection to `address`.
+    pub fn nbd_admission(&self, address: &str) -> (usize, bool) {
+        (
+            self.faults.nbd_connection_limit.unwrap_or(super::nbd::MAX_CONNECTIONS),
+            self.faults.nbd_down.contains(address),
+        )
+    }
+
+    /// Count a request to be served over a connection to `address`; false when the address
+    /// is down (the connection ends instead).
+    pub fn nbd_serving(&mut self, address: &str) -> bool {
+        if self.faults.nbd_down.contains(address) {
+            return false;
+        }
+        let n = self.nbd_requests.entry(address.to_string()).or_insert(0);
+        *n += 1;
+        if let Some((a, limit)) = &self.faults.nbd_dies_after
+            && a == address
+            && *n > *limit
+        {
+            self.faults.nbd_down.insert(address.to_string());
+            return false;
+        }
+        true
+    }
+
     pub fn new(dir: PathBuf, user: &str, password: &str) -> State {
         State {
             dir,
@@ -173,6 +212,8 @@ impl State {
                 ..Faults::default()
             },
             nbd: None,
+            nbd_addresses: Vec::new(),
+            nbd_requests: BTreeMap::new(),
             nbd_override: None,
             calls: Vec::new(),
             served_bytes: Default::default(),
@@ -619,13 +660,24 @@ impl State {
                 let Some((port, cert, subject)) = &self.nbd else {
                     return Ok(json!([]));
                 };
-                Ok(json!([{
-                    "exportname": format!("/{}?session_id={}", v.uuid, s(sref)),
-                    "address": "127.0.0.1",
-                    "port": port,
-                    "cert": cert,
-                    "subject": subject,
-                }]))
+                let addresses = match self.nbd_addresses.as_slice() {
+                    [] => vec![("127.0.0.1".to_string(), *port)],
+                    list => list.to_vec(),
+                };
+                Ok(Value::Array(
+                    addresses
+                        .iter()
+                        .map(|(address, port)| {
+                            json!({
+                                "exportname": format!("/{}?session_id={}", v.uuid, s(sref)),
+                                "address": address,
+                                "port": port,
+                                "cert": cert,
+                                "subject": subject,
+                            })
+                        })
+                        .collect(),
+                ))
             }
             "VDI.data_destroy" => {
                 argc(1)?;

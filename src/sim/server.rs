@@ -171,8 +171,17 @@ impl Sim {
                 exports,
                 tls: (config.nbd == NbdMode::Tls).then(|| (cert_pem.clone(), key_pem.clone())),
             };
-            let bind = format!("{}:0", addr.ip());
-            let (nbd_port, _) = runtime.block_on(super::nbd::start_on(&bind, nbd_cfg))?;
+            // One listener per address the host has on its NBD network (get_nbd_info lists
+            // each); the certificate names both loopback addresses.
+            let ips: Vec<String> = match addr.ip().to_string().as_str() {
+                "127.0.0.1" => vec!["127.0.0.1".into(), "127.0.0.2".into()],
+                ip => vec![ip.to_string()],
+            };
+            let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+            let addresses =
+                runtime.block_on(super::nbd::start_on_addresses(&ips, nbd_cfg))?;
+            let nbd_port = addresses.first().map(|(_, p)| *p).unwrap_or(0);
+            lock(&state).nbd_addresses = addresses;
             let cert = if config.nbd == NbdMode::Tls {
                 cert_pem.clone()
             } else {
@@ -286,6 +295,13 @@ impl Exports for HostExports {
     }
     fn drop_after(&self) -> Option<u64> {
         lock(&self.0).faults.nbd_drop_after
+    }
+    fn admission(&self, local: &str) -> super::nbd::Admission {
+        let (limit, close) = lock(&self.0).nbd_admission(local);
+        super::nbd::Admission { limit, close }
+    }
+    fn serving(&self, local: &str) -> bool {
+        lock(&self.0).nbd_serving(local)
     }
 }
 
