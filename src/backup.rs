@@ -42,6 +42,9 @@ pub struct HostAccess {
     pub ca_pem: Option<String>,
     /// No certificate check at all.
     pub insecure_tls: bool,
+    /// How long the host may take to accept a connection, to start answering a request, and
+    /// between bytes of an answer (API calls and HTTP handlers).
+    pub timeout: Duration,
 }
 
 impl std::fmt::Debug for HostAccess {
@@ -187,7 +190,7 @@ pub(crate) async fn connect(
         let mut xapi = Xapi::connect(&HostConfig {
             url: url.clone(),
             trust: trust.clone(),
-            timeout: Duration::from_secs(120),
+            timeout: access.timeout,
         })?;
         match xapi.login(&access.user, &access.password).await {
             Ok(()) => {
@@ -792,6 +795,16 @@ async fn import_http(
         let chunk = match resp.chunk().await {
             Ok(Some(c)) => c,
             Ok(None) => break,
+            Err(e) if e.is_timeout() => {
+                return Err(BackupError::Xapi(XapiError::Timeout {
+                    host: xapi.host().to_string(),
+                    call: format!(
+                        "export_raw_vdi of VDI {} (after {received} of {size} bytes)",
+                        snap.uuid
+                    ),
+                    secs: xapi.timeout().as_secs(),
+                }));
+            }
             Err(_) => return Err(short(received)),
         };
         let mut data = &chunk[..];

@@ -198,7 +198,9 @@ enum Command {
         /// NBD connections in parallel (XenServer allows 16 per host).
         #[arg(long, default_value_t = 4)]
         connections: usize,
-        /// Seconds an NBD read may take before it is retried.
+        /// Seconds the host may take to accept a connection, to start answering an API call or
+        /// an HTTP transfer, or between bytes of an answer; and an NBD read before it is
+        /// retried.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
         #[arg(long)]
@@ -242,6 +244,10 @@ enum Command {
         /// Skip reading a sample of the restored VDI back.
         #[arg(long)]
         no_verify: bool,
+        /// Seconds the host may take to accept a connection, to start answering an API call or
+        /// an HTTP transfer, or between bytes of an answer.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
         #[arg(long)]
         json: bool,
     },
@@ -469,7 +475,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
             json,
         } => {
-            let access = host_access(host, user, password_file, ca_cert, insecure_tls)?;
+            let access = host_access(host, user, password_file, ca_cert, insecure_tls, timeout)?;
             let selection = match (vdi, vm) {
                 (Some(v), _) => crate::backup::Selection::Vdi(v),
                 (None, Some(v)) => crate::backup::Selection::Vm(v),
@@ -503,9 +509,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ca_cert,
             insecure_tls,
             no_verify,
+            timeout,
             json,
         } => {
-            let access = host_access(host, user, password_file, ca_cert, insecure_tls)?;
+            let access = host_access(host, user, password_file, ca_cert, insecure_tls, timeout)?;
             let target = match (to_vdi, sr) {
                 (Some(v), _) => crate::restore::RestoreTarget::Existing(v),
                 (None, Some(sr)) => crate::restore::RestoreTarget::New { sr, name },
@@ -689,6 +696,7 @@ fn host_access(
     password_file: Option<PathBuf>,
     ca_cert: Option<PathBuf>,
     insecure_tls: bool,
+    timeout: u64,
 ) -> Result<crate::backup::HostAccess> {
     let password = read_password(password_file.as_deref())?;
     let ca_pem = match ca_cert {
@@ -709,6 +717,7 @@ fn host_access(
         password,
         ca_pem,
         insecure_tls,
+        timeout: Duration::from_secs(timeout.max(1)),
     })
 }
 

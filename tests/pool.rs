@@ -122,11 +122,7 @@ fn a_host_taking_fewer_nbd_connections_than_asked_is_read_through_those_it_took(
     assert_eq!(d["via"], "nbd");
     let said = "the host accepted 2 of 8 NBD connections; going on with 2";
     let w = warnings(&d);
-    assert_eq!(
-        w.iter().filter(|w| w.starts_with(said)).count(),
-        1,
-        "{w:?}"
-    );
+    assert_eq!(w.iter().filter(|w| w.starts_with(said)).count(), 1, "{w:?}");
     assert_eq!(err.matches(said).count(), 1, "{err}");
     h.assert_point_is_the_disk(&d);
 
@@ -159,7 +155,8 @@ fn a_dead_nbd_address_is_done_without_and_all_dead_is_an_error_naming_them() {
     let (d, _) = h.backup_ok(&["--connections", "4"]);
     let w = warnings(&d);
     assert!(
-        w.iter().any(|w| w.contains("accepted 2 of 4") && w.contains("127.0.0.2")),
+        w.iter()
+            .any(|w| w.contains("accepted 2 of 4") && w.contains("127.0.0.2")),
         "{w:?}"
     );
     h.assert_point_is_the_disk(&d);
@@ -174,7 +171,10 @@ fn a_dead_nbd_address_is_done_without_and_all_dead_is_an_error_naming_them() {
         e.contains("nbds://127.0.0.1:") && e.contains("nbds://127.0.0.2:"),
         "{e}"
     );
-    assert!(!e.contains("session_id=OpaqueRef"), "the session leaked: {e}");
+    assert!(
+        !e.contains("session_id=OpaqueRef"),
+        "the session leaked: {e}"
+    );
 }
 
 #[test]
@@ -193,4 +193,62 @@ fn an_nbd_address_dying_mid_run_is_replaced_by_the_other() {
     );
     let r = h.requests();
     assert!(r.get("127.0.0.2").is_some_and(|n| *n > 0), "{r:?}");
+}
+
+#[test]
+fn a_host_that_accepts_but_never_answers_fails_within_the_timeout_saying_so() {
+    let h = start(|_| {});
+    h.repo();
+    h.sim.with(|st| st.faults.api_hangs = true);
+    let t0 = std::time::Instant::now();
+    let e = h.backup_fails(&["--timeout", "2"]);
+    let took = t0.elapsed();
+    // A bound, not a timing claim: far below the 30 s and more a hung host held it before.
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+    let host = "127.0.0.1 accepted the connection but did not answer session.login_with_password within 2 s";
+    assert!(e.contains(host), "{e}");
+    assert!(!e.contains("cannot reach"), "{e}");
+
+    // Restore takes --timeout too, and says the same.
+    h.sim.with(|st| st.faults.api_hangs = false);
+    h.backup_ok(&[]);
+    h.sim.with(|st| st.faults.api_hangs = true);
+    let point = format!("{}@latest", h.vdi);
+    let t0 = std::time::Instant::now();
+    let o = Command::new(bin())
+        .args(["restore", s(&h.repo()), &point, "--host", &h.sim.url])
+        .args([
+            "--password-file",
+            s(&h.pw),
+            "--to-vdi",
+            &h.vdi,
+            "--timeout",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+    assert!(e.contains(host), "{e}");
+
+    // Nothing listening at all is still "cannot reach".
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let o = Command::new(bin())
+        .args(["backup", "--repo", s(&h.repo()), "--host", &url])
+        .args([
+            "--password-file",
+            s(&h.pw),
+            "--vdi",
+            &h.vdi,
+            "--timeout",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("cannot reach 127.0.0.1"), "{e}");
 }

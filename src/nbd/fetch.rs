@@ -427,7 +427,7 @@ impl Pool {
         let mut pieces = extents.iter().flat_map(|&(o, l)| {
             (0..l.div_ceil(max)).map(move |i| (o + i * max, (l - i * max).min(max) as u32))
         });
-                // (offset, length, attempt, connection id, answer)
+        // (offset, length, attempt, connection id, answer)
         type Slot = (
             u64,
             u32,

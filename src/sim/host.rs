@@ -115,6 +115,9 @@ pub struct Faults {
     pub bitmap_len_delta: i64,
     /// `/import_raw_vdi` drops the connection after this many bytes.
     pub import_drop_after: Option<u64>,
+    /// The management API and the HTTP handlers accept connections (and TLS) but never
+    /// answer a request (a hung xapi).
+    pub api_hangs: bool,
     /// NBD connections the host serves at once over all its addresses; one more is closed
     /// right after accept (xapi-nbd's limit is 16, shared with every other client). None: 16.
     pub nbd_connection_limit: Option<usize>,
@@ -169,7 +172,9 @@ impl State {
     /// How the NBD server treats a new connection to `address`.
     pub fn nbd_admission(&self, address: &str) -> (usize, bool) {
         (
-            self.faults.nbd_connection_limit.unwrap_or(super::nbd::MAX_CONNECTIONS),
+            self.faults
+                .nbd_connection_limit
+                .unwrap_or(super::nbd::MAX_CONNECTIONS),
             self.faults.nbd_down.contains(address),
         )
     }

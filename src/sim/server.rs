@@ -178,8 +178,7 @@ impl Sim {
                 ip => vec![ip.to_string()],
             };
             let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
-            let addresses =
-                runtime.block_on(super::nbd::start_on_addresses(&ips, nbd_cfg))?;
+            let addresses = runtime.block_on(super::nbd::start_on_addresses(&ips, nbd_cfg))?;
             let nbd_port = addresses.first().map(|(_, p)| *p).unwrap_or(0);
             lock(&state).nbd_addresses = addresses;
             let cert = if config.nbd == NbdMode::Tls {
@@ -391,6 +390,10 @@ async fn body_bytes(req: Request<hyper::body::Incoming>, limit: usize) -> Option
 
 async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {
     let path = req.uri().path().to_string();
+    if !path.starts_with("/sim/") && lock(&ctx.state).faults.api_hangs {
+        // Fault: a hung xapi holds the request and never writes a byte.
+        std::future::pending::<()>().await;
+    }
     match (req.method().clone(), path.as_str()) {
         (Method::POST, "/jsonrpc") if !ctx.xmlrpc_only => {
             let Some(body) = body_bytes(req, 16 << 20).await else {

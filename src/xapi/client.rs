@@ -29,7 +29,8 @@ pub struct HostConfig {
     /// `https://HOST[:PORT]`.
     pub url: String,
     pub trust: HostTrust,
-    /// Whole-request limit for API calls (not for the data handlers).
+    /// How long the host may take to accept a connection, to start answering, and between
+    /// bytes of an answer (every API call and handler).
     pub timeout: Duration,
 }
 
@@ -185,9 +186,13 @@ impl Xapi {
     pub fn connect(cfg: &HostConfig) -> Result<Xapi, XapiError> {
         let (base, host) = parse_url(&cfg.url)?;
         let (tls, seen_cert) = trust::client_config(&cfg.trust).map_err(XapiError::Config)?;
+        // Per-host bounds on every request, API call or handler: to connect, to the first
+        // byte of the answer, and between bytes of a streamed body (a transfer of any length
+        // goes on while bytes keep arriving).
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
-            .connect_timeout(Duration::from_secs(30))
+            .connect_timeout(cfg.timeout)
+            .read_timeout(cfg.timeout)
             .redirect(redirect_policy())
             .build()
             .map_err(|e| XapiError::Config(format!("HTTP client: {e}")))?;
@@ -207,6 +212,11 @@ impl Xapi {
         &self.host
     }
 
+    /// How long the host may stay silent (see [`HostConfig::timeout`]).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The fingerprint of the certificate the host presented (after the first request).
     pub fn seen_certificate(&self) -> Option<String> {
         self.seen_cert.lock().ok().and_then(|s| s.clone())
@@ -217,7 +227,16 @@ impl Xapi {
         self.rpc.lock().map(|r| *r == Rpc::Xml).unwrap_or(false)
     }
 
-    fn transport(&self, e: reqwest::Error) -> XapiError {
+    /// What a failed request means: a host that accepted the connection and then did not
+    /// answer `call` in time is not "unreachable".
+    fn transport(&self, call: &str, e: reqwest::Error) -> XapiError {
+        if e.is_timeout() && !e.is_connect() {
+            return XapiError::Timeout {
+                host: self.host.clone(),
+                call: redact(call),
+                secs: self.timeout.as_secs(),
+            };
+        }
         let e = e.without_url();
         let mut detail = e.to_string();
         let mut src = std::error::Error::source(&e);
@@ -280,12 +299,11 @@ impl Xapi {
         let resp = self
             .http
             .post(format!("{}/jsonrpc", self.base))
-            .timeout(self.timeout)
             .header("content-type", "application/json")
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(method, e))?;
         let status = resp.status();
         let bytes = self.body(method, resp).await?;
         match decode_json_reply(&bytes) {
@@ -302,7 +320,7 @@ impl Xapi {
         read_body(resp, MAX_RESPONSE_BYTES)
             .await
             .map_err(|e| match e {
-                BodyError::Transport(e) => self.transport(e),
+                BodyError::Transport(e) => self.transport(call, e),
                 BodyError::TooLarge(n) => self.protocol(
                     call,
                     format!(
@@ -335,12 +353,11 @@ impl Xapi {
         let resp = self
             .http
             .post(format!("{}/", self.base))
-            .timeout(self.timeout)
             .header("content-type", "text/xml")
             .body(xmlrpc::encode_call(method, params))
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(method, e))?;
         let status = resp.status();
         let body = self.body(method, resp).await?;
         let text = String::from_utf8_lossy(&body);
@@ -463,7 +480,7 @@ impl Xapi {
             .get(url)
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(&what, e))?;
         let is_html = resp
             .headers()
             .get("content-type")
@@ -494,10 +511,9 @@ impl Xapi {
         let resp = self
             .http
             .get(url)
-            .timeout(self.timeout)
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(&what, e))?;
         if !resp.status().is_success() {
             return Err(self.handler_error(&what, resp).await);
         }
@@ -533,12 +549,11 @@ impl Xapi {
         let resp = self
             .http
             .put(url)
-            .timeout(self.timeout)
             .header("content-length", len)
             .body(tar)
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(&what, e))?;
         if !resp.status().is_success() {
             return Err(self.handler_error(&what, resp).await);
         }
@@ -562,7 +577,7 @@ impl Xapi {
             .body(body)
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(&what, e))?;
         if !resp.status().is_success() {
             return Err(self.handler_error(&what, resp).await);
         }
