@@ -197,10 +197,14 @@ pub(crate) async fn connect(
                 let mut newly = None;
                 if let (HostTrust::Pinned(None), Some(seen)) = (&trust, xapi.seen_certificate()) {
                     write_pin(repo, &host, &seen)?;
+                    xapi.trust_state().pin(&seen);
                     say(Event::Info(&format!(
                         "pinned the TLS certificate of {host} on first use: {seen} (compare it with `openssl x509 -noout -fingerprint -sha256 -in /etc/xensource/xapi-ssl.pem` on the host)"
                     )));
                     newly = Some(seen);
+                }
+                if let HostTrust::Pinned(_) = trust {
+                    trust_pool_members(&xapi, say).await;
                 }
                 return Ok((xapi, newly));
             }
@@ -239,6 +243,29 @@ pub(crate) async fn connect(
         "{}: too many HOST_IS_SLAVE redirections; give the pool master's address",
         access.url
     )))
+}
+
+/// With a pinned master: trust each pool member's certificate, as the master hands it over,
+/// for that member's address (a handler may redirect to the member holding the disk). Hosts
+/// whose certificate cannot be had stay untrusted: a redirect to one is refused.
+async fn trust_pool_members(xapi: &Xapi, say: &dyn Fn(Event)) {
+    match xapi.pool_certificates().await {
+        Ok(hosts) => {
+            for (address, pem) in hosts {
+                match crate::xapi::trust::pem_fingerprint(&pem) {
+                    Some(fp) if !address.is_empty() => {
+                        xapi.trust_state().trust_member(&address, &fp)
+                    }
+                    _ => say(Event::Warning(&format!(
+                        "the pool master handed over no usable certificate for pool member {address:?}; a transfer redirected to it will be refused"
+                    ))),
+                }
+            }
+        }
+        Err(e) => say(Event::Warning(&format!(
+            "cannot learn the pool members' certificates ({e}); a transfer redirected to another pool member will be refused"
+        ))),
+    }
 }
 
 /// Run a backup. The repository lock is held for the whole run.

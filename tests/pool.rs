@@ -252,3 +252,35 @@ fn a_host_that_accepts_but_never_answers_fails_within_the_timeout_saying_so() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("cannot reach 127.0.0.1"), "{e}");
 }
+
+#[test]
+fn a_redirect_to_a_pool_member_is_followed_with_the_certificate_the_master_handed_over() {
+    // No NBD network: the disk comes through /export_raw_vdi, which the master redirects to
+    // the member (its own certificate, not the pinned master's).
+    let h = start(|c| c.nbd = cbtfs::sim::NbdMode::None);
+    let member = h.sim.start_member(&h.dir.path().join("member")).unwrap();
+    h.sim
+        .with(|st| st.faults.export_redirect_to = Some(member.clone()));
+    // First use (the master pinned now) and a later run (the pin read back).
+    for run in 0..2 {
+        let (d, _) = h.backup_ok(&[]);
+        assert_eq!(d["via"], "export_raw_vdi", "run {run}: {d}");
+        h.assert_point_is_the_disk(&d);
+    }
+    let calls = h.sim.with(|st| st.calls.clone());
+    assert!(
+        calls.iter().any(|c| c == "host.get_server_certificate"),
+        "{calls:?}"
+    );
+
+    // A member the master does not list: its certificate is nobody's, the redirect refused.
+    h.sim
+        .with(|st| st.hosts.retain(|x| x.address != "127.0.0.2"));
+    let e = h.backup_fails(&[]);
+    assert!(e.contains("127.0.0.2 presented certificate"), "{e}");
+    assert!(e.contains("refused"), "{e}");
+    assert!(
+        !e.contains("session_id=OpaqueRef"),
+        "the session leaked: {e}"
+    );
+}

@@ -80,6 +80,15 @@ pub struct Vbd {
     pub attached: bool,
 }
 
+/// A host of the pool: its reference, uuid, address and server certificate (PEM).
+#[derive(Debug, Clone)]
+pub struct PoolHost {
+    pub reference: String,
+    pub uuid: String,
+    pub address: String,
+    pub cert_pem: String,
+}
+
 #[derive(Debug)]
 pub struct Vm {
     pub uuid: String,
@@ -115,6 +124,9 @@ pub struct Faults {
     pub bitmap_len_delta: i64,
     /// `/import_raw_vdi` drops the connection after this many bytes.
     pub import_drop_after: Option<u64>,
+    /// `/export_raw_vdi` answers 302 to the same request at this base URL
+    /// (`https://ADDRESS:PORT`, a pool member holding the disk); the member serves it.
+    pub export_redirect_to: Option<String>,
     /// The management API and the HTTP handlers accept connections (and TLS) but never
     /// answer a request (a hung xapi).
     pub api_hangs: bool,
@@ -135,6 +147,8 @@ pub struct State {
     pub password: String,
     /// Some(master address): this host is a pool member.
     pub slave_of: Option<String>,
+    /// The pool's hosts (`host.get_all`), the master first.
+    pub hosts: Vec<PoolHost>,
     pub sessions: HashMap<String, String>,
     pub vdis: BTreeMap<String, Vdi>,
     pub vbds: BTreeMap<String, Vbd>,
@@ -203,6 +217,7 @@ impl State {
             user: user.into(),
             password: password.into(),
             slave_of: None,
+            hosts: Vec::new(),
             sessions: HashMap::new(),
             vdis: BTreeMap::new(),
             vbds: BTreeMap::new(),
@@ -406,9 +421,66 @@ impl State {
         }
     }
 
+    /// `host.*` calls: the pool's hosts, their addresses and certificates (xen-api's
+    /// datamodel_host.ml: `get_all`, `get_address`, `get_server_certificate`, `get_record`).
+    fn host_call(&self, method: &str, params: &[Value]) -> Option<Result<Value, Failure>> {
+        let call = method.strip_prefix("host.")?;
+        let want = if call == "get_all" { 1 } else { 2 };
+        if !matches!(
+            call,
+            "get_all" | "get_address" | "get_server_certificate" | "get_record"
+        ) {
+            return None;
+        }
+        if params.len() != want {
+            return Some(Err(fail(
+                "MESSAGE_PARAMETER_COUNT_MISMATCH",
+                &[method, &want.to_string(), &params.len().to_string()],
+            )));
+        }
+        if let Err(e) = self.session(s(&params[0])) {
+            return Some(Err(e));
+        }
+        if call == "get_all" {
+            return Some(Ok(json!(
+                self.hosts
+                    .iter()
+                    .map(|h| h.reference.clone())
+                    .collect::<Vec<_>>()
+            )));
+        }
+        let r = s(&params[1]);
+        let Some(h) = self.hosts.iter().find(|h| h.reference == r) else {
+            return Some(Err(fail("HANDLE_INVALID", &["host", r])));
+        };
+        Some(Ok(match call {
+            "get_address" => json!(h.address),
+            "get_server_certificate" => json!(h.cert_pem),
+            _ => json!({
+                "uuid": h.uuid, "address": h.address, "hostname": h.address,
+                "name_label": h.address, "enabled": true,
+            }),
+        }))
+    }
+
+    /// Add a host to the pool; returns its reference.
+    pub fn add_host(&mut self, address: &str, cert_pem: &str) -> String {
+        let reference = new_ref();
+        self.hosts.push(PoolHost {
+            reference: reference.clone(),
+            uuid: new_uuid(),
+            address: address.to_string(),
+            cert_pem: cert_pem.to_string(),
+        });
+        reference
+    }
+
     /// Answer one API call.
     pub fn dispatch(&mut self, method: &str, params: &[Value]) -> Result<Value, Failure> {
         self.calls.push(method.to_string());
+        if let Some(r) = self.host_call(method, params) {
+            return r;
+        }
         let count = |n: usize| -> Result<(), Failure> {
             if params.len() == n {
                 Ok(())

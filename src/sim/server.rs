@@ -154,6 +154,7 @@ impl Sim {
             .block_on(TcpListener::bind(&config.bind))
             .map_err(|e| format!("bind {}: {e}", config.bind))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        lock(&state).add_host(&addr.ip().to_string(), &cert_pem);
         let control_token = super::host::new_uuid();
         let ctx = Arc::new(Ctx {
             state: state.clone(),
@@ -197,6 +198,35 @@ impl Sim {
             config,
             runtime: Some(runtime),
         })
+    }
+
+    /// Start a pool member on 127.0.0.2 with its own certificate (made in `dir`), serving
+    /// the same state (the disks are on shared storage); `host.get_all` lists it. Returns its
+    /// base URL, `https://127.0.0.2:PORT`.
+    pub fn start_member(&self, dir: &Path) -> Result<String, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (cert, key) = self_signed(dir, "xenserver-sim-member")?;
+        let tls = super::nbd::tls_config(&cert, &key)?;
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or("the simulated host is stopped")?;
+        let listener = rt
+            .block_on(TcpListener::bind("127.0.0.2:0"))
+            .map_err(|e| format!("bind 127.0.0.2: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let ctx = Arc::new(Ctx {
+            state: self.state.clone(),
+            xmlrpc_only: self.config.xmlrpc_only,
+            token: self.control_token.clone(),
+        });
+        rt.spawn(serve_https(
+            listener,
+            tokio_rustls::TlsAcceptor::from(tls),
+            ctx,
+        ));
+        lock(&self.state).add_host("127.0.0.2", &cert);
+        Ok(format!("https://{addr}"))
     }
 
     /// Run `f` on the host's state (the test control surface).
@@ -442,6 +472,9 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
         }
         (Method::GET, "/export_raw_vdi") | (Method::GET, "/export_raw_vdi_redirected") => {
             let q = query(&req);
+            if let Some(r) = redirect_to_member(&ctx, &req) {
+                return r;
+            }
             let redirect = lock(&ctx.state).faults.export_redirect;
             if redirect && path == "/export_raw_vdi" {
                 let mut r = reply(StatusCode::FOUND, "text/plain", "");
@@ -546,6 +579,29 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
         (_, p) if p.starts_with("/sim/") => control(ctx, req).await,
         _ => error_page(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// The `export_redirect_to` fault: a request for `/export_raw_vdi` reaching another host than
+/// the one named is sent there (as the master sends it to the member holding the disk).
+fn redirect_to_member(
+    ctx: &Ctx,
+    req: &Request<hyper::body::Incoming>,
+) -> Option<Response<BoxBody>> {
+    let to = lock(&ctx.state).faults.export_redirect_to.clone()?;
+    let here = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if req.uri().path() != "/export_raw_vdi" || to.trim_start_matches("https://") == here {
+        return None;
+    }
+    let mut r = reply(StatusCode::FOUND, "text/plain", "");
+    let loc = format!("{to}/export_raw_vdi?{}", req.uri().query().unwrap_or(""));
+    if let Ok(v) = loc.parse() {
+        r.headers_mut().insert("location", v);
+    }
+    Some(r)
 }
 
 async fn import_raw(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<BoxBody> {

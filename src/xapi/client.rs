@@ -41,7 +41,7 @@ pub struct Xapi {
     host: String,
     rpc: Mutex<Rpc>,
     session: Option<String>,
-    seen_cert: Arc<Mutex<Option<String>>>,
+    trust: Arc<trust::TrustState>,
     next_id: AtomicU64,
     timeout: Duration,
 }
@@ -185,7 +185,7 @@ pub(crate) enum BodyError {
 impl Xapi {
     pub fn connect(cfg: &HostConfig) -> Result<Xapi, XapiError> {
         let (base, host) = parse_url(&cfg.url)?;
-        let (tls, seen_cert) = trust::client_config(&cfg.trust).map_err(XapiError::Config)?;
+        let (tls, trust) = trust::client_config(&cfg.trust).map_err(XapiError::Config)?;
         // Per-host bounds on every request, API call or handler: to connect, to the first
         // byte of the answer, and between bytes of a streamed body (a transfer of any length
         // goes on while bytes keep arriving).
@@ -202,7 +202,7 @@ impl Xapi {
             host,
             rpc: Mutex::new(Rpc::Unknown),
             session: None,
-            seen_cert,
+            trust,
             next_id: AtomicU64::new(1),
             timeout: cfg.timeout,
         })
@@ -219,7 +219,13 @@ impl Xapi {
 
     /// The fingerprint of the certificate the host presented (after the first request).
     pub fn seen_certificate(&self) -> Option<String> {
-        self.seen_cert.lock().ok().and_then(|s| s.clone())
+        self.trust.seen()
+    }
+
+    /// With a pinned certificate: what to accept from now on, the host's own pin (once pinned
+    /// on first use) and pool members' certificates by address.
+    pub fn trust_state(&self) -> &trust::TrustState {
+        &self.trust
     }
 
     /// True when the host answered XML-RPC only.
