@@ -284,3 +284,57 @@ fn a_redirect_to_a_pool_member_is_followed_with_the_certificate_the_master_hande
         "the session leaked: {e}"
     );
 }
+
+#[test]
+fn a_transfer_that_stops_midway_fails_within_the_timeout_saying_so() {
+    // /export_raw_vdi sends 3 MiB, then nothing.
+    let h = start(|c| c.nbd = cbtfs::sim::NbdMode::None);
+    h.sim
+        .with(|st| st.faults.export_hangs_after = Some(3 << 20));
+    let t0 = std::time::Instant::now();
+    let e = h.backup_fails(&["--timeout", "2"]);
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        e.contains("127.0.0.1 accepted the connection but did not answer export_raw_vdi of VDI"),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("after {} of {} bytes", 3 << 20, DISK_MB << 20)),
+        "{e}"
+    );
+    assert!(e.contains("within 2 s"), "{e}");
+
+    // /import_raw_vdi takes 4 MiB of a restore, then stops reading and never answers.
+    h.sim.with(|st| st.faults.export_hangs_after = None);
+    h.backup_ok(&[]);
+    h.sim.with(|st| {
+        st.faults.import_hangs_after = Some(4 << 20);
+        // A restore over the disk needs it detached from its VM.
+        for b in st.vbds.values_mut() {
+            b.attached = false;
+        }
+    });
+    let point = format!("{}@latest", h.vdi);
+    let t0 = std::time::Instant::now();
+    let o = Command::new(bin())
+        .args(["restore", s(&h.repo()), &point, "--host", &h.sim.url])
+        .args(["--password-file", s(&h.pw), "--no-verify", "--timeout", "2"])
+        .args(["--to-vdi", &h.vdi])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        e.contains("accepted the connection but did not answer import_raw_vdi into VDI"),
+        "{e}"
+    );
+}

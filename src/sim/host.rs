@@ -127,6 +127,10 @@ pub struct Faults {
     /// `/export_raw_vdi` answers 302 to the same request at this base URL
     /// (`https://ADDRESS:PORT`, a pool member holding the disk); the member serves it.
     pub export_redirect_to: Option<String>,
+    /// `/export_raw_vdi` stops sending (and never ends the body) after this many bytes.
+    pub export_hangs_after: Option<u64>,
+    /// `/import_raw_vdi` stops reading the upload (and never answers) after this many bytes.
+    pub import_hangs_after: Option<u64>,
     /// The management API and the HTTP handlers accept connections (and TLS) but never
     /// answer a request (a hung xapi).
     pub api_hangs: bool,

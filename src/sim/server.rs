@@ -501,12 +501,22 @@ async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response<
                     "VDI or session not valid, or VDI has no data",
                 );
             };
-            let extra = lock(&ctx.state).faults.export_extra_bytes;
+            let (extra, hang) = {
+                let st = lock(&ctx.state);
+                (st.faults.export_extra_bytes, st.faults.export_hangs_after)
+            };
             let len = export.size().saturating_add(extra);
             let (tx, rx) = mpsc::channel(4);
             tokio::task::spawn_blocking(move || {
                 let mut off = 0u64;
                 while off < len {
+                    if hang.is_some_and(|h| off >= h) {
+                        // Fault: the host stops sending, until the client goes away.
+                        while !tx.is_closed() {
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
+                        return;
+                    }
                     let n = (len - off).min(1 << 20) as usize;
                     let mut buf = vec![0u8; n];
                     // Past the VDI's end (the extra-bytes fault) the body is zeros.
@@ -632,9 +642,13 @@ async fn import_raw(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Respo
     let Some(r) = r else {
         return error_page(StatusCode::NOT_FOUND, "VDI not found");
     };
-    let (drop_after, attached) = {
+    let (drop_after, attached, hang) = {
         let st = lock(&ctx.state);
-        (st.faults.import_drop_after, st.attached(&r))
+        (
+            st.faults.import_drop_after,
+            st.attached(&r),
+            st.faults.import_hangs_after,
+        )
     };
     if attached {
         return error_page(
@@ -648,6 +662,10 @@ async fn import_raw(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Respo
         let Ok(frame) = frame else {
             return error_page(StatusCode::BAD_REQUEST, "upload interrupted");
         };
+        if hang.is_some_and(|h| off >= h) {
+            // Fault: the host stops reading the upload and never answers.
+            std::future::pending::<()>().await;
+        }
         if drop_after.is_some_and(|d| off >= d) {
             // Injected fault: the host goes away mid-upload.
             return error_page(StatusCode::INTERNAL_SERVER_ERROR, "connection lost");

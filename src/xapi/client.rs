@@ -37,6 +37,9 @@ pub struct HostConfig {
 /// A connection to one host, logged in once `login` succeeded.
 pub struct Xapi {
     http: reqwest::Client,
+    /// For uploads: no read timeout (reqwest's would bound the whole upload); a watchdog
+    /// bounds how long the host may stop taking bytes instead.
+    upload: reqwest::Client,
     base: String,
     host: String,
     rpc: Mutex<Rpc>,
@@ -155,6 +158,62 @@ fn redirect_policy() -> reqwest::redirect::Policy {
     })
 }
 
+/// How an upload goes: when the HTTP stack last asked for bytes, and whether it waits on the
+/// body's producer now (a slow producer is not the host's stall).
+#[derive(Debug)]
+struct Watch {
+    start: std::time::Instant,
+    /// Milliseconds after `start` of the last request for bytes.
+    last: AtomicU64,
+    waiting_on_body: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Watch {
+    fn default() -> Self {
+        Watch {
+            start: std::time::Instant::now(),
+            last: AtomicU64::new(0),
+            waiting_on_body: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl Watch {
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The host has neither taken bytes nor answered for longer than `limit`.
+    fn stalled(&self, limit: Duration) -> bool {
+        !self.waiting_on_body.load(Ordering::SeqCst)
+            && self.now().saturating_sub(self.last.load(Ordering::SeqCst))
+                > u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// `body`, noting in `watch` each time the HTTP stack asks for bytes.
+fn watched<S>(
+    body: S,
+    watch: Arc<Watch>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static,
+{
+    let mut body = Box::pin(body);
+    futures_util::stream::poll_fn(move |cx| {
+        watch.last.store(watch.now(), Ordering::SeqCst);
+        let r = body.as_mut().poll_next(cx);
+        watch
+            .waiting_on_body
+            .store(r.is_pending(), Ordering::SeqCst);
+        if r.is_ready() {
+            // Asked and answered: the wait from here on is the host's.
+            watch.last.store(watch.now(), Ordering::SeqCst);
+        }
+        r
+    })
+}
+
 /// Read a response body of at most `limit` bytes; a longer one is an error naming the limit.
 pub(crate) async fn read_body(
     mut resp: reqwest::Response,
@@ -190,14 +249,21 @@ impl Xapi {
         // byte of the answer, and between bytes of a streamed body (a transfer of any length
         // goes on while bytes keep arriving).
         let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
+            .use_preconfigured_tls(tls.clone())
             .connect_timeout(cfg.timeout)
             .read_timeout(cfg.timeout)
             .redirect(redirect_policy())
             .build()
             .map_err(|e| XapiError::Config(format!("HTTP client: {e}")))?;
+        let upload = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(cfg.timeout)
+            .redirect(redirect_policy())
+            .build()
+            .map_err(|e| XapiError::Config(format!("HTTP client: {e}")))?;
         Ok(Xapi {
             http,
+            upload,
             base,
             host,
             rpc: Mutex::new(Rpc::Unknown),
@@ -567,23 +633,37 @@ impl Xapi {
     }
 
     /// `PUT /import_raw_vdi`: exactly `len` bytes from `body` (Content-Length, never chunked:
-    /// the host refuses chunked uploads).
-    pub async fn import_raw_vdi(
-        &self,
-        vdi: &str,
-        body: reqwest::Body,
-        len: u64,
-    ) -> Result<(), XapiError> {
+    /// the host refuses chunked uploads). The host may stop taking bytes, or stay silent
+    /// after the last one, for the timeout at most; `body` itself may take its time.
+    pub async fn import_raw_vdi<S>(&self, vdi: &str, body: S, len: u64) -> Result<(), XapiError>
+    where
+        S: futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static,
+    {
         let what = format!("import_raw_vdi into VDI {vdi}");
         let url = self.handler_url("/import_raw_vdi", &[("vdi", vdi), ("format", "raw")])?;
-        let resp = self
-            .http
+        let watch = Arc::new(Watch::default());
+        let body = reqwest::Body::wrap_stream(watched(body, watch.clone()));
+        let send = self
+            .upload
             .put(url)
             .header("content-length", len)
             .body(body)
-            .send()
-            .await
-            .map_err(|e| self.transport(&what, e))?;
+            .send();
+        tokio::pin!(send);
+        let resp = loop {
+            tokio::select! {
+                r = &mut send => break r.map_err(|e| self.transport(&what, e))?,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                    if watch.stalled(self.timeout) {
+                        return Err(XapiError::Timeout {
+                            host: self.host.clone(),
+                            call: what,
+                            secs: self.timeout.as_secs(),
+                        });
+                    }
+                }
+            }
+        };
         if !resp.status().is_success() {
             return Err(self.handler_error(&what, resp).await);
         }
