@@ -332,9 +332,10 @@ impl Pool {
                 {
                     self.clients.remove(i);
                     self.home.remove(i);
+                    let n = self.clients.len();
+                    let plural = if n == 1 { "" } else { "s" };
                     self.note(format!(
-                        "{SHRANK} ({e}); going on with {} connections",
-                        self.clients.len()
+                        "{SHRANK} ({e}); going on with {n} connection{plural}"
                     ));
                 }
                 Err(e) => return Err(e),
@@ -576,6 +577,155 @@ mod tests {
         let r = pool.allocated().await.unwrap();
         pool.close().await;
         (r, server.await.unwrap())
+    }
+
+    /// A plain xapi-nbd-like server (the simulator's) serving `data` as export "d", with a
+    /// connection limit tests change as they go, and the first connection dropping after
+    /// `first_drops_after` requests.
+    struct Limited {
+        files: std::collections::HashMap<String, std::path::PathBuf>,
+        limit: std::sync::atomic::AtomicUsize,
+        first_drops_after: Option<u64>,
+        sessions: std::sync::atomic::AtomicU64,
+    }
+
+    impl crate::sim::nbd::Exports for Limited {
+        fn open(&self, name: &str) -> Option<Box<dyn crate::sim::nbd::ExportData>> {
+            self.files.open(name)
+        }
+        fn drop_after(&self) -> Option<u64> {
+            use std::sync::atomic::Ordering;
+            match self.sessions.fetch_add(1, Ordering::SeqCst) {
+                0 => self.first_drops_after,
+                _ => None,
+            }
+        }
+        fn admission(&self, _local: &str) -> crate::sim::nbd::Admission {
+            crate::sim::nbd::Admission {
+                limit: self.limit.load(std::sync::atomic::Ordering::SeqCst),
+                close: false,
+            }
+        }
+    }
+
+    fn plain(port: u16) -> Target {
+        Target {
+            address: Address::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            export: "d".into(),
+            trust: None,
+        }
+    }
+
+    /// Serve `data` with `exports`' rules; returns the port.
+    async fn serve(
+        dir: &std::path::Path,
+        data: &[u8],
+        limit: usize,
+        drops: Option<u64>,
+    ) -> (u16, std::sync::Arc<Limited>) {
+        let path = dir.join("disk");
+        std::fs::write(&path, data).unwrap();
+        let exports = std::sync::Arc::new(Limited {
+            files: [("d".to_string(), path)].into_iter().collect(),
+            limit: limit.into(),
+            first_drops_after: drops,
+            sessions: 0.into(),
+        });
+        let (port, _) = crate::sim::nbd::start(crate::sim::nbd::ServerConfig {
+            exports: exports.clone(),
+            tls: None,
+        })
+        .await
+        .unwrap();
+        (port, exports)
+    }
+
+    async fn read_all(pool: &mut Pool, size: u64) -> Vec<u8> {
+        let mut got = vec![0u8; size as usize];
+        pool.fetch(&[(0, size)], |off, d| {
+            got[off as usize..off as usize + d.len()].copy_from_slice(d);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        got
+    }
+
+    fn pattern(size: usize) -> Vec<u8> {
+        (0..size).map(|i| (i * 7 + i / 65536) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn an_address_that_refuses_is_done_without_and_the_note_says_so_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(8 << 20);
+        let (port, _) = serve(dir.path(), &data, 16, None).await;
+        // A port nobody listens on: connections are refused.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let opts = FetchOptions {
+            connections: 4,
+            ..FetchOptions::default()
+        };
+        let mut pool = Pool::open_many(vec![plain(dead_port), plain(port)], opts)
+            .await
+            .unwrap();
+        assert_eq!(pool.connections(), 2);
+        assert_eq!(read_all(&mut pool, data.len() as u64).await, data);
+        let notes = pool.notes().lock().unwrap().clone();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("the host accepted 2 of 4 NBD connections; going on with 2"),
+            "{notes:?}"
+        );
+        assert!(
+            notes[0].contains(&format!("cannot connect to nbd://127.0.0.1:{dead_port}/d")),
+            "{notes:?}"
+        );
+        pool.close().await;
+        // Every address refusing: the error names each.
+        let e = Pool::open_many(vec![plain(dead_port), plain(dead_port)], opts)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.starts_with("no NBD connection could be opened"), "{e}");
+        assert_eq!(
+            e.matches(&format!("nbd://127.0.0.1:{dead_port}/d")).count(),
+            4,
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_the_host_refuses_shrinks_the_pool_while_others_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(16 << 20);
+        // The first connection drops after 2 requests; by then the host takes only one.
+        let (port, exports) = serve(dir.path(), &data, 2, Some(2)).await;
+        let opts = FetchOptions {
+            connections: 2,
+            depth: 1,
+            ..FetchOptions::default()
+        };
+        let mut pool = Pool::open(plain(port), opts).await.unwrap();
+        assert_eq!(pool.connections(), 2);
+        assert!(pool.notes().lock().unwrap().is_empty());
+        exports.limit.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(read_all(&mut pool, data.len() as u64).await, data);
+        assert_eq!(pool.connections(), 1);
+        let notes = pool.notes().lock().unwrap().clone();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with(SHRANK), "{notes:?}");
+        assert!(
+            notes[0].ends_with("going on with 1 connection"),
+            "{notes:?}"
+        );
+        pool.close().await;
     }
 
     #[tokio::test]
