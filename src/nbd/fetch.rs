@@ -130,10 +130,10 @@ impl Pool {
         for i in 0..opts.connections {
             let home = i % targets.len();
             let t = targets[home].clone();
-            let depth = opts.depth;
+            let (depth, limit) = (opts.depth, opts.timeout);
             handles.push((
                 home,
-                tokio::spawn(async move { Client::connect(&t, depth).await }),
+                tokio::spawn(async move { Client::connect_within(&t, depth, limit).await }),
             ));
         }
         let mut clients = Vec::new();
@@ -270,7 +270,8 @@ impl Pool {
                 continue;
             }
             tracing::info!(target = %self.targets[t].describe(), "reconnecting");
-            match Client::connect(&self.targets[t], self.opts.depth).await {
+            match Client::connect_within(&self.targets[t], self.opts.depth, self.opts.timeout).await
+            {
                 Ok(fresh) => {
                     if fresh.info.size != self.info.size {
                         return Err(NbdError::Proto {
@@ -726,6 +727,32 @@ mod tests {
             "{notes:?}"
         );
         pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_server_that_accepts_but_never_greets_fails_within_the_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s); // never a byte
+            }
+        });
+        let opts = FetchOptions {
+            connections: 2,
+            timeout: Duration::from_secs(1),
+            ..FetchOptions::default()
+        };
+        let t0 = std::time::Instant::now();
+        let e = Pool::open(plain(port), opts)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        // A bound, not a timing claim: the default handshake limit is 30 s.
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+        assert!(e.contains("no NBD handshake within 1 s"), "{e}");
     }
 
     #[tokio::test]
