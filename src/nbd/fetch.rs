@@ -96,13 +96,13 @@ pub struct Pool {
     notes: Notes,
 }
 
-/// `targets` described for an error naming every address tried, with why each failed.
+/// Every address tried and why it failed (each error names its address).
 fn tried(targets: &[Target], errors: &[Option<NbdError>]) -> String {
     targets
         .iter()
         .zip(errors)
         .map(|(t, e)| match e {
-            Some(e) => format!("{} ({e})", t.describe()),
+            Some(e) => e.to_string(),
             None => t.describe(),
         })
         .collect::<Vec<_>>()
