@@ -736,6 +736,9 @@ async fn control(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -> Response
             if let Some(ms) = q.get("unplug_ms").and_then(|m| m.parse().ok()) {
                 st.faults.unplug_delay = std::time::Duration::from_millis(ms);
             }
+            if let Some(n) = q.get("nbd_limit").and_then(|n| n.parse().ok()) {
+                st.faults.nbd_connection_limit = Some(n);
+            }
             Ok(json!("ok"))
         }
         "/sim/crash" => {
