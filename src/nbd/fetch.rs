@@ -163,6 +163,21 @@ impl Pool {
                 }
             }
         }
+        // Fewer connections than addresses, and none opened: the addresses not tried yet,
+        // one at a time, until one answers.
+        let asked = opts.connections.min(targets.len());
+        if clients.is_empty() {
+            for (t, target) in targets.iter().enumerate().skip(asked) {
+                match Client::connect_within(target, opts.depth, opts.timeout).await {
+                    Ok(c) => {
+                        clients.push(c);
+                        home.push(t);
+                        break;
+                    }
+                    Err(e) => failures[t] = Some(e),
+                }
+            }
+        }
         let Some(info) = clients.first().map(|c| c.info) else {
             // One address: its own error, as it is. Several: every address and its error.
             if targets.len() == 1
@@ -184,15 +199,21 @@ impl Pool {
                 ),
             });
         }
-        let exhausted: Vec<bool> = (0..targets.len()).map(|t| !home.contains(&t)).collect();
+        let exhausted: Vec<bool> = (0..targets.len())
+            .map(|t| failures[t].is_some() && !home.contains(&t))
+            .collect();
         let mut notes = Vec::new();
         if failed > 0 {
-            let mut n = format!(
-                "the host accepted {} of {} NBD connections; going on with {}",
-                clients.len(),
-                opts.connections,
-                clients.len()
-            );
+            let mut n = if clients.len() < opts.connections {
+                format!(
+                    "the host accepted {} of {} NBD connections; going on with {}",
+                    clients.len(),
+                    opts.connections,
+                    clients.len()
+                )
+            } else {
+                "going on through the host's other NBD addresses".to_string()
+            };
             // Addresses that took none: the error names each.
             for (i, e) in failures.iter().enumerate() {
                 if let Some(e) = e
@@ -701,6 +722,31 @@ mod tests {
             2,
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn one_connection_and_a_dead_first_address_goes_to_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(4 << 20);
+        let (port, _) = serve(dir.path(), &data, 16, None).await;
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let opts = FetchOptions {
+            connections: 1,
+            ..FetchOptions::default()
+        };
+        let mut pool = Pool::open_many(vec![plain(dead_port), plain(port)], opts)
+            .await
+            .unwrap();
+        assert_eq!(read_all(&mut pool, data.len() as u64).await, data);
+        let notes = pool.notes().lock().unwrap().clone();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("going on through the host's other NBD addresses; none opened at"),
+            "{notes:?}"
+        );
+        pool.close().await;
     }
 
     #[tokio::test]
