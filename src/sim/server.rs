@@ -179,8 +179,12 @@ impl Sim {
                 ip => vec![ip.to_string()],
             };
             let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
-            let addresses = runtime.block_on(super::nbd::start_on_addresses(&ips, nbd_cfg))?;
+            let mut addresses = runtime.block_on(super::nbd::start_on_addresses(&ips, nbd_cfg))?;
             let nbd_port = addresses.first().map(|(_, p)| *p).unwrap_or(0);
+            if addr.ip().is_unspecified() {
+                // Listening everywhere: the record names the address a local client uses.
+                addresses = vec![("127.0.0.1".into(), nbd_port)];
+            }
             lock(&state).nbd_addresses = addresses;
             let cert = if config.nbd == NbdMode::Tls {
                 cert_pem.clone()
