@@ -46,6 +46,9 @@ pub struct HostAccess {
     pub ca_pem: Option<String>,
     /// No certificate check at all.
     pub insecure_tls: bool,
+    /// How long the host may take to accept a connection, to start answering a request, and
+    /// between bytes of an answer (API calls and HTTP handlers).
+    pub timeout: Duration,
 }
 
 impl std::fmt::Debug for HostAccess {
@@ -191,17 +194,21 @@ pub(crate) async fn connect(
         let mut xapi = Xapi::connect(&HostConfig {
             url: url.clone(),
             trust: trust.clone(),
-            timeout: Duration::from_secs(120),
+            timeout: access.timeout,
         })?;
         match xapi.login(&access.user, &access.password).await {
             Ok(()) => {
                 let mut newly = None;
                 if let (HostTrust::Pinned(None), Some(seen)) = (&trust, xapi.seen_certificate()) {
                     write_pin(repo, &host, &seen)?;
+                    xapi.trust_state().pin(&seen);
                     say(Event::Info(&format!(
                         "pinned the TLS certificate of {host} on first use: {seen} (compare it with `openssl x509 -noout -fingerprint -sha256 -in /etc/xensource/xapi-ssl.pem` on the host)"
                     )));
                     newly = Some(seen);
+                }
+                if let HostTrust::Pinned(_) = trust {
+                    trust_pool_members(&xapi, say).await;
                 }
                 return Ok((xapi, newly));
             }
@@ -240,6 +247,29 @@ pub(crate) async fn connect(
         "{}: too many HOST_IS_SLAVE redirections; give the pool master's address",
         access.url
     )))
+}
+
+/// With a pinned master: trust each pool member's certificate, as the master hands it over,
+/// for that member's address (a handler may redirect to the member holding the disk). Hosts
+/// whose certificate cannot be had stay untrusted: a redirect to one is refused.
+async fn trust_pool_members(xapi: &Xapi, say: &dyn Fn(Event)) {
+    match xapi.pool_certificates().await {
+        Ok(hosts) => {
+            for (address, pem) in hosts {
+                match crate::xapi::trust::pem_fingerprint(&pem) {
+                    Some(fp) if !address.is_empty() => {
+                        xapi.trust_state().trust_member(&address, &fp)
+                    }
+                    _ => say(Event::Warning(&format!(
+                        "the pool master handed over no usable certificate for pool member {address:?}; a transfer redirected to it will be refused"
+                    ))),
+                }
+            }
+        }
+        Err(e) => say(Event::Warning(&format!(
+            "cannot learn the pool members' certificates ({e}); a transfer redirected to another pool member will be refused"
+        ))),
+    }
 }
 
 /// Run a backup. The repository lock is held for the whole run.
@@ -951,23 +981,26 @@ pub(crate) fn nbd_target(
     })
 }
 
-/// Open connections to one record as its network's purpose (or, when unknown, the server's
-/// answer to STARTTLS) allows. The outer error is a refusal (no other record will do better);
-/// the inner one a failure to connect.
-pub(crate) async fn open_nbd(
+/// The target for one record as its network's purpose allows; when the purpose is unknown,
+/// one connection asks the server whether it speaks TLS (a server refusing STARTTLS is an
+/// insecure_nbd one). A refusal is an error: no other record will do better.
+pub(crate) async fn resolve_nbd_target(
     info: &NbdInfo,
     purpose: &NbdPurpose,
     allow_plain: bool,
-    fetch: FetchOptions,
-) -> Result<Result<Pool, crate::nbd::NbdError>, BackupError> {
+) -> Result<Target, BackupError> {
     let target = nbd_target(info, purpose, allow_plain, false)?;
-    let tried_tls = target.trust.is_some();
-    match Pool::open(target, fetch).await {
-        Err(crate::nbd::NbdError::NoTls { .. }) if tried_tls => {
-            let plain = nbd_target(info, purpose, allow_plain, true)?;
-            Ok(Pool::open(plain, fetch).await)
+    if *purpose != NbdPurpose::Unknown || target.trust.is_none() {
+        return Ok(target);
+    }
+    match crate::nbd::client::Client::connect(&target, 1).await {
+        Err(crate::nbd::NbdError::NoTls { .. }) => nbd_target(info, purpose, allow_plain, true),
+        Ok(c) => {
+            c.close().await;
+            Ok(target)
         }
-        r => Ok(r),
+        // Not reachable now: the pool's own attempts report it (or use the other records).
+        Err(_) => Ok(target),
     }
 }
 
@@ -1081,40 +1114,51 @@ async fn fetch(
         return Ok((r, "export_raw_vdi"));
     }
     let purposes = nbd_purposes(xapi, &infos).await;
-    // The first connection the host lists that answers; each is usable many times.
-    let mut last_err = None;
+    // One record per address the host has on an NBD network: connections are spread over
+    // those that answer, and one that fails mid-run is replaced through the others.
+    let mut targets = Vec::with_capacity(infos.len());
     for (info, purpose) in infos.iter().zip(&purposes) {
-        match open_nbd(info, purpose, opts.allow_plain_nbd, opts.fetch).await? {
-            Ok(pool) => {
-                if pool.target().trust.is_none() {
-                    let w = format!(
-                        "NBD without TLS at {}:{} (the host's network is insecure_nbd): disk data crosses the network unencrypted",
-                        info.address, info.port
-                    );
-                    say(Event::Warning(&w));
-                    warnings.push(w);
-                }
-                // The export must be the snapshot, whole: a server stating another size (or
-                // none) must never make a short or empty point that then replaces the data.
-                if pool.info.size != snap.virtual_size {
-                    let (what, stated) = (pool.target().describe(), pool.info.size);
-                    pool.close().await;
-                    return Err(BackupError::Refused(format!(
-                        "the NBD export {what} is {stated} bytes but snapshot {} of VDI {} is {} bytes; nothing was committed (is the NBD server the host's?)",
-                        snap.uuid, req.vdi, snap.virtual_size
-                    )));
-                }
-                let r = import::import_nbd(repo, lock, req, pool, progress).await?;
-                return Ok((r, "nbd"));
-            }
-            Err(e) => last_err = Some(e),
+        let target = resolve_nbd_target(info, purpose, opts.allow_plain_nbd).await?;
+        if target.trust.is_none() {
+            let w = format!(
+                "NBD without TLS at {}:{} (the host's network is insecure_nbd): disk data crosses the network unencrypted",
+                info.address, info.port
+            );
+            say(Event::Warning(&w));
+            warnings.push(w);
         }
+        targets.push(target);
     }
-    Err(ImportError::Nbd(
-        last_err
-            .ok_or_else(|| BackupError::Refused("get_nbd_info returned no connection".into()))?,
-    )
-    .into())
+    let pool = Pool::open_many(targets, opts.fetch)
+        .await
+        .map_err(ImportError::Nbd)?;
+    let notes = pool.notes();
+    let said = notes.lock().map(|n| n.len()).unwrap_or(0);
+    for n in notes.lock().map(|n| n.clone()).unwrap_or_default() {
+        say(Event::Warning(&n));
+        warnings.push(n);
+    }
+    // The export must be the snapshot, whole: a server stating another size (or none) must
+    // never make a short or empty point that then replaces the data.
+    if pool.info.size != snap.virtual_size {
+        let (what, stated) = (pool.target().describe(), pool.info.size);
+        pool.close().await;
+        return Err(BackupError::Refused(format!(
+            "the NBD export {what} is {stated} bytes but snapshot {} of VDI {} is {} bytes; nothing was committed (is the NBD server the host's?)",
+            snap.uuid, req.vdi, snap.virtual_size
+        )));
+    }
+    let r = import::import_nbd(repo, lock, req, pool, progress).await;
+    // What happened to the connections while fetching (said once each, success or not).
+    for n in notes
+        .lock()
+        .map(|n| n.iter().skip(said).cloned().collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        say(Event::Warning(&n));
+        warnings.push(n);
+    }
+    Ok((r?, "nbd"))
 }
 
 /// Read the snapshot through `/export_raw_vdi`; an increment keeps only the bitmap's blocks.
@@ -1160,6 +1204,16 @@ async fn import_http(
             Err(e) if received == size => {
                 tracing::debug!(error = %crate::xapi::client::error_chain(e), "export_raw_vdi: every byte arrived; the connection ended without close_notify");
                 break;
+            }
+            Err(e) if e.is_timeout() => {
+                return Err(BackupError::Xapi(XapiError::Timeout {
+                    host: xapi.host().to_string(),
+                    call: format!(
+                        "export_raw_vdi of VDI {} (after {received} of {size} bytes)",
+                        snap.uuid
+                    ),
+                    secs: xapi.timeout().as_secs(),
+                }));
             }
             Err(e) => return Err(short(received, crate::xapi::client::error_chain(e))),
         };

@@ -199,7 +199,9 @@ enum Command {
         /// NBD connections in parallel (XenServer allows 16 per host).
         #[arg(long, default_value_t = 4)]
         connections: usize,
-        /// Seconds an NBD read may take before it is retried.
+        /// Seconds the host may take to accept a connection, to start answering an API call or
+        /// an HTTP transfer, or between bytes of an answer; and an NBD read before it is
+        /// retried.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
         #[arg(long)]
@@ -254,6 +256,10 @@ enum Command {
         /// Skip reading a sample of the restored VDI back.
         #[arg(long)]
         no_verify: bool,
+        /// Seconds the host may take to accept a connection, to start answering an API call or
+        /// an HTTP transfer, or between bytes of an answer.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
         #[arg(long)]
         json: bool,
     },
@@ -481,7 +487,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             timeout,
             json,
         } => {
-            let access = host_access(host, user, password_file, ca_cert, insecure_tls)?;
+            let access = host_access(host, user, password_file, ca_cert, insecure_tls, timeout)?;
             let selection = match (vdi, vm) {
                 (Some(v), _) => crate::backup::Selection::Vdi(v),
                 (None, Some(v)) => crate::backup::Selection::Vm(v),
@@ -516,9 +522,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ca_cert,
             insecure_tls,
             no_verify,
+            timeout,
             json,
         } => {
-            let access = host_access(host, user, password_file, ca_cert, insecure_tls)?;
+            let access = host_access(host, user, password_file, ca_cert, insecure_tls, timeout)?;
             let target = match (to_vdi, to_vm, sr) {
                 (Some(v), _, _) => crate::restore::RestoreTarget::Existing(v),
                 (None, Some(vm), _) => crate::restore::RestoreTarget::Vm(vm),
@@ -705,6 +712,7 @@ fn host_access(
     password_file: Option<PathBuf>,
     ca_cert: Option<PathBuf>,
     insecure_tls: bool,
+    timeout: u64,
 ) -> Result<crate::backup::HostAccess> {
     let password = read_password(password_file.as_deref())?;
     let ca_pem = match ca_cert {
@@ -725,6 +733,7 @@ fn host_access(
         password,
         ca_pem,
         insecure_tls,
+        timeout: Duration::from_secs(timeout.max(1)),
     })
 }
 

@@ -145,6 +145,7 @@ pub fn run_demo(dir: &Path) -> Result<()> {
             password: cfg.password.clone(),
             ca_pem: None,
             insecure_tls: false,
+            timeout: std::time::Duration::from_secs(60),
         },
         selection: crate::backup::Selection::Vm("demo-vm".into()),
         keep_snapshot_data: false,

@@ -625,7 +625,6 @@ async fn upload(
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    let body = reqwest::Body::wrap_stream(stream);
     let progress = {
         let sent = sent.clone();
         async move {
@@ -637,7 +636,7 @@ async fn upload(
         }
     };
     let result = tokio::select! {
-        r = xapi.import_raw_vdi(vdi, body, size) => r,
+        r = xapi.import_raw_vdi(vdi, stream, size) => r,
         _ = progress => unreachable!("the progress loop never ends"),
     };
     let _ = producer.await;

@@ -103,6 +103,8 @@ pub enum NbdError {
     },
     #[error("{target}: the connection was closed")]
     Closed { target: String },
+    #[error("no NBD connection could be opened at any address the host lists: {tried}")]
+    NoConnection { tried: String },
 }
 
 impl NbdError {
@@ -415,7 +417,16 @@ impl Client {
     /// Connect, negotiate and start the connection's tasks. `depth`: requests in flight.
     /// A server that accepts but never greets (one busy with another client) times out.
     pub async fn connect(target: &Target, depth: usize) -> Result<Client, NbdError> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect_inner(target, depth)).await {
+        Client::connect_within(target, depth, CONNECT_TIMEOUT).await
+    }
+
+    /// [`Client::connect`], the handshake bounded by `limit` instead.
+    pub async fn connect_within(
+        target: &Target,
+        depth: usize,
+        limit: std::time::Duration,
+    ) -> Result<Client, NbdError> {
+        match tokio::time::timeout(limit, Client::connect_inner(target, depth)).await {
             Ok(r) => r,
             Err(_) => Err(NbdError::Connect {
                 target: target.describe(),
@@ -423,7 +434,7 @@ impl Client {
                     io::ErrorKind::TimedOut,
                     format!(
                         "no NBD handshake within {} s (does the server allow this many connections?)",
-                        CONNECT_TIMEOUT.as_secs()
+                        limit.as_secs()
                     ),
                 ),
             }),

@@ -67,49 +67,163 @@ pub enum FetchError {
     Sink(String),
 }
 
-/// Connections to one export.
+/// Warnings a pool gathers as it goes (the backup shows them and puts them in its report):
+/// fewer connections than asked, an address that stopped answering.
+pub type Notes = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// How a note about a pool that shrank mid-run starts (a later one replaces it: said once).
+const SHRANK: &str = "an NBD connection was lost and the host took no new one";
+
+/// Connections to one export, reachable at one or more addresses (a host lists one
+/// `get_nbd_info` record per address): connections are spread over the addresses in turn, and
+/// a connection that dies is replaced through a live one.
+///
+/// The host limits connections (xapi-nbd: 16 per host, shared with every other client), and
+/// says so by refusing or closing a connection before the export is open. So the pool opens
+/// what the host takes and goes on with that, failing only when no connection opened at all;
+/// a reconnect the host refuses mid-run shrinks the pool while other connections live.
 pub struct Pool {
-    target: Target,
+    targets: Vec<Target>,
+    /// Per address: a connection to it was refused or failed; tried again only when every
+    /// address has.
+    exhausted: Vec<bool>,
     opts: FetchOptions,
     clients: Vec<Client>,
+    /// The address (index into `targets`) of each connection.
+    home: Vec<usize>,
     pub info: ExportInfo,
     next: usize,
+    notes: Notes,
+}
+
+/// Every address tried and why it failed (each error names its address).
+fn tried(targets: &[Target], errors: &[Option<NbdError>]) -> String {
+    targets
+        .iter()
+        .zip(errors)
+        .map(|(t, e)| match e {
+            Some(e) => e.to_string(),
+            None => t.describe(),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl Pool {
-    /// Open `opts.connections` connections in parallel.
-    pub async fn open(target: Target, mut opts: FetchOptions) -> Result<Pool, NbdError> {
+    /// Open `opts.connections` connections to `target` in parallel.
+    pub async fn open(target: Target, opts: FetchOptions) -> Result<Pool, NbdError> {
+        Pool::open_many(vec![target], opts).await
+    }
+
+    /// Open `opts.connections` connections in parallel, spread over `targets` (addresses of
+    /// the same export) in turn. Connections the host refuses or closes during the handshake
+    /// are done without (said once in [`Pool::notes`]); only when none opens is it an error.
+    pub async fn open_many(targets: Vec<Target>, mut opts: FetchOptions) -> Result<Pool, NbdError> {
+        let Some(first) = targets.first() else {
+            return Err(NbdError::NoConnection {
+                tried: "(the host listed no NBD address)".into(),
+            });
+        };
+        let first = first.describe();
         opts.connections = opts.connections.clamp(1, MAX_CONNECTIONS);
         let mut handles = Vec::new();
-        for _ in 0..opts.connections {
-            let t = target.clone();
-            let depth = opts.depth;
-            handles.push(tokio::spawn(
-                async move { Client::connect(&t, depth).await },
+        for i in 0..opts.connections {
+            let home = i % targets.len();
+            let t = targets[home].clone();
+            let (depth, limit) = (opts.depth, opts.timeout);
+            handles.push((
+                home,
+                tokio::spawn(async move { Client::connect_within(&t, depth, limit).await }),
             ));
         }
         let mut clients = Vec::new();
-        for h in handles {
-            let c = h.await.map_err(|e| NbdError::Connect {
-                target: target.describe(),
-                source: std::io::Error::other(e.to_string()),
-            })??;
-            clients.push(c);
+        let mut home = Vec::new();
+        let mut failures: Vec<Option<NbdError>> = targets.iter().map(|_| None).collect();
+        let mut failed = 0usize;
+        for (t, h) in handles {
+            let r = h.await.unwrap_or_else(|e| {
+                Err(NbdError::Connect {
+                    target: targets[t].describe(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
+            match r {
+                Ok(c) => {
+                    clients.push(c);
+                    home.push(t);
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::info!(error = %e, "an NBD connection did not open");
+                    if let Some(slot) = failures.get_mut(t)
+                        && slot.is_none()
+                    {
+                        *slot = Some(e);
+                    }
+                }
+            }
+        }
+        // Fewer connections than addresses, and none opened: the addresses not tried yet,
+        // one at a time, until one answers.
+        let asked = opts.connections.min(targets.len());
+        if clients.is_empty() {
+            for (t, target) in targets.iter().enumerate().skip(asked) {
+                match Client::connect_within(target, opts.depth, opts.timeout).await {
+                    Ok(c) => {
+                        clients.push(c);
+                        home.push(t);
+                        break;
+                    }
+                    Err(e) => failures[t] = Some(e),
+                }
+            }
         }
         let Some(info) = clients.first().map(|c| c.info) else {
-            return Err(NbdError::Closed {
-                target: target.describe(),
+            // One address: its own error, as it is. Several: every address and its error.
+            if targets.len() == 1
+                && let Some(e) = failures.pop().flatten()
+            {
+                return Err(e);
+            }
+            return Err(NbdError::NoConnection {
+                tried: tried(&targets, &failures),
             });
         };
         // Every connection serves the same export: a server that disagrees with itself
         // about its size is not read from.
         if clients.iter().any(|c| c.info.size != info.size) {
             return Err(NbdError::Proto {
-                target: target.describe(),
+                target: first,
                 source: proto::ProtoError::Malformed(
                     "export size (connections to the same export disagree)",
                 ),
             });
+        }
+        let exhausted: Vec<bool> = (0..targets.len())
+            .map(|t| failures[t].is_some() && !home.contains(&t))
+            .collect();
+        let mut notes = Vec::new();
+        if failed > 0 {
+            let mut n = if clients.len() < opts.connections {
+                format!(
+                    "the host accepted {} of {} NBD connections; going on with {}",
+                    clients.len(),
+                    opts.connections,
+                    clients.len()
+                )
+            } else {
+                "going on through the host's other NBD addresses".to_string()
+            };
+            // Addresses that took none: the error names each.
+            for (i, e) in failures.iter().enumerate() {
+                if let Some(e) = e
+                    && !home.contains(&i)
+                {
+                    n.push_str(&format!("; none opened at {e}"));
+                }
+            }
+            tracing::info!("{n}");
+            notes.push(n);
         }
         let server_max = if info.max_block > 0 {
             info.max_block
@@ -120,11 +234,14 @@ impl Pool {
         opts.max_request =
             (opts.max_request.min(server_max).min(proto::MAX_REQUEST) >> 16 << 16).max(1 << 16);
         Ok(Pool {
-            target,
+            targets,
+            exhausted,
             opts,
             clients,
+            home,
             info,
             next: 0,
+            notes: std::sync::Arc::new(std::sync::Mutex::new(notes)),
         })
     }
 
@@ -135,29 +252,117 @@ impl Pool {
         }
     }
 
+    /// The first address the export was offered at (how points name their source).
     pub fn target(&self) -> &Target {
-        &self.target
+        // `open_many` refuses an empty list: there is always a first.
+        &self.targets[0]
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// The pool's warnings, shared: they keep arriving while it fetches.
+    pub fn notes(&self) -> Notes {
+        self.notes.clone()
+    }
+
+    fn note(&self, text: String) {
+        tracing::info!("{text}");
+        if let Ok(mut n) = self.notes.lock() {
+            match n.last_mut() {
+                Some(last) if last.starts_with(SHRANK) && text.starts_with(SHRANK) => *last = text,
+                _ => n.push(text),
+            }
+        }
+    }
+
+    /// A fresh connection, to address `preferred` if it takes one, else to the next address
+    /// that does. Addresses that failed are skipped while another has not (all failed: all
+    /// are tried again). Returns the address's index and the connection.
+    async fn reconnect(&mut self, preferred: usize) -> Result<(usize, Client), NbdError> {
+        let n = self.targets.len();
+        let all_failed = self.exhausted.iter().all(|e| *e);
+        let mut last = None;
+        for k in 0..n {
+            let t = (preferred + k) % n;
+            if self.exhausted[t] && !all_failed {
+                continue;
+            }
+            tracing::info!(target = %self.targets[t].describe(), "reconnecting");
+            match Client::connect_within(&self.targets[t], self.opts.depth, self.opts.timeout).await
+            {
+                Ok(fresh) => {
+                    if fresh.info.size != self.info.size {
+                        return Err(NbdError::Proto {
+                            target: self.targets[t].describe(),
+                            source: proto::ProtoError::Malformed(
+                                "export size (it changed on reconnecting)",
+                            ),
+                        });
+                    }
+                    self.exhausted[t] = false;
+                    return Ok((t, fresh));
+                }
+                Err(e) if e.is_transient() => {
+                    if !self.exhausted[t] && n > 1 {
+                        self.note(format!(
+                            "the NBD address {} stopped taking connections ({e}); going on through the host's other addresses",
+                            self.targets[t].describe()
+                        ));
+                    }
+                    self.exhausted[t] = true;
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| NbdError::Closed {
+            target: self.targets[preferred % n].describe(),
+        }))
     }
 
     /// A live connection, reconnecting the next one in turn if it died: a connection whose
-    /// reader stopped (an error, a timeout) is never given another request.
+    /// reader stopped (an error, a timeout) is never given another request. When the host
+    /// takes no new connection, the dead one's place is given up while others live.
     async fn pick(&mut self) -> Result<usize, NbdError> {
-        let i = self.next % self.clients.len();
-        self.next += 1;
-        if !self.clients[i].is_alive() {
-            tracing::info!(target = %self.target.describe(), "reconnecting");
-            let fresh = Client::connect(&self.target, self.opts.depth).await?;
-            if fresh.info.size != self.info.size {
-                return Err(NbdError::Proto {
-                    target: self.target.describe(),
-                    source: proto::ProtoError::Malformed(
-                        "export size (it changed on reconnecting)",
-                    ),
+        loop {
+            if self.clients.is_empty() {
+                return Err(NbdError::Closed {
+                    target: self.target().describe(),
                 });
             }
-            self.clients[i] = fresh;
+            let i = self.next % self.clients.len();
+            self.next = self.next.wrapping_add(1);
+            if self.clients[i].is_alive() {
+                return Ok(i);
+            }
+            match self.reconnect(self.home[i]).await {
+                Ok((t, fresh)) => {
+                    self.clients[i] = fresh;
+                    self.home[i] = t;
+                    return Ok(i);
+                }
+                Err(e)
+                    if e.is_transient()
+                        && self
+                            .clients
+                            .iter()
+                            .enumerate()
+                            .any(|(j, c)| j != i && c.is_alive()) =>
+                {
+                    self.clients.remove(i);
+                    self.home.remove(i);
+                    let n = self.clients.len();
+                    let plural = if n == 1 { "" } else { "s" };
+                    self.note(format!(
+                        "{SHRANK} ({e}); going on with {n} connection{plural}"
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(i)
     }
 
     /// Give up the connection `id` (if still in the pool): the next pick reconnects it.
@@ -227,7 +432,7 @@ impl Pool {
             if pos == before {
                 // The client refuses empty extents; this is the loop's own guarantee.
                 return Err(NbdError::Proto {
-                    target: self.target.describe(),
+                    target: self.target().describe(),
                     source: proto::ProtoError::Malformed("block status reply that covers nothing"),
                 });
             }
@@ -245,7 +450,6 @@ impl Pool {
         let mut pieces = extents.iter().flat_map(|&(o, l)| {
             (0..l.div_ceil(max)).map(move |i| (o + i * max, (l - i * max).min(max) as u32))
         });
-        let window = self.clients.len() * self.opts.depth;
         // (offset, length, attempt, connection id, answer)
         type Slot = (
             u64,
@@ -256,7 +460,8 @@ impl Pool {
         );
         let mut q: VecDeque<Slot> = VecDeque::new();
         loop {
-            while q.len() < window {
+            // The pool may shrink as it goes: the window follows it.
+            while q.len() < self.clients.len().max(1) * self.opts.depth {
                 let Some((off, len)) = pieces.next() else {
                     break;
                 };
@@ -270,7 +475,7 @@ impl Pool {
             let result = match tokio::time::timeout(self.opts.timeout, rx).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => Err(NbdError::Closed {
-                    target: self.target.describe(),
+                    target: self.target().describe(),
                 }),
                 Err(_) => {
                     // Whatever holds it is stuck: that connection is never used again (every
@@ -278,14 +483,14 @@ impl Pool {
                     self.kill(id);
                     if attempt >= self.opts.attempts {
                         return Err(FetchError::Timeout {
-                            target: self.target.describe(),
+                            target: self.target().describe(),
                             offset: off,
                             len,
                             secs: self.opts.timeout.as_secs(),
                         });
                     }
                     Err(NbdError::Closed {
-                        target: self.target.describe(),
+                        target: self.target().describe(),
                     })
                 }
             };
@@ -297,7 +502,7 @@ impl Pool {
                 }
                 Ok(_) => {
                     return Err(FetchError::Nbd(NbdError::Proto {
-                        target: self.target.describe(),
+                        target: self.target().describe(),
                         source: proto::ProtoError::Malformed("read reply of the wrong size"),
                     }));
                 }
@@ -315,7 +520,7 @@ impl Pool {
                             }
                             Err(ce) => {
                                 return Err(FetchError::GaveUp {
-                                    target: self.target.describe(),
+                                    target: self.target().describe(),
                                     offset: off,
                                     len,
                                     attempts: attempt + 1,
@@ -329,7 +534,7 @@ impl Pool {
                 }
                 Err(e) if e.is_transient() => {
                     return Err(FetchError::GaveUp {
-                        target: self.target.describe(),
+                        target: self.target().describe(),
                         offset: off,
                         len,
                         attempts: attempt,
@@ -378,19 +583,223 @@ mod tests {
             served
         });
         let mut pool = Pool {
-            target: Target {
+            targets: vec![Target {
                 address: Address::Unix("/nonexistent".into()),
                 export: String::new(),
                 trust: None,
-            },
+            }],
+            exhausted: vec![false],
             opts: FetchOptions::default(),
             clients: vec![Client::over(c, n, 4, "test".into())],
+            home: vec![0],
             info: n.info,
             next: 0,
+            notes: Default::default(),
         };
         let r = pool.allocated().await.unwrap();
         pool.close().await;
         (r, server.await.unwrap())
+    }
+
+    /// A plain xapi-nbd-like server (the simulator's) serving `data` as export "d", with a
+    /// connection limit tests change as they go, and the first connection dropping after
+    /// `first_drops_after` requests.
+    struct Limited {
+        files: std::collections::HashMap<String, std::path::PathBuf>,
+        limit: std::sync::atomic::AtomicUsize,
+        first_drops_after: Option<u64>,
+        sessions: std::sync::atomic::AtomicU64,
+    }
+
+    impl crate::sim::nbd::Exports for Limited {
+        fn open(&self, name: &str) -> Option<Box<dyn crate::sim::nbd::ExportData>> {
+            self.files.open(name)
+        }
+        fn drop_after(&self) -> Option<u64> {
+            use std::sync::atomic::Ordering;
+            match self.sessions.fetch_add(1, Ordering::SeqCst) {
+                0 => self.first_drops_after,
+                _ => None,
+            }
+        }
+        fn admission(&self, _local: &str) -> crate::sim::nbd::Admission {
+            crate::sim::nbd::Admission {
+                limit: self.limit.load(std::sync::atomic::Ordering::SeqCst),
+                close: false,
+            }
+        }
+    }
+
+    fn plain(port: u16) -> Target {
+        Target {
+            address: Address::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            export: "d".into(),
+            trust: None,
+        }
+    }
+
+    /// Serve `data` with `exports`' rules; returns the port.
+    async fn serve(
+        dir: &std::path::Path,
+        data: &[u8],
+        limit: usize,
+        drops: Option<u64>,
+    ) -> (u16, std::sync::Arc<Limited>) {
+        let path = dir.join("disk");
+        std::fs::write(&path, data).unwrap();
+        let exports = std::sync::Arc::new(Limited {
+            files: [("d".to_string(), path)].into_iter().collect(),
+            limit: limit.into(),
+            first_drops_after: drops,
+            sessions: 0.into(),
+        });
+        let (port, _) = crate::sim::nbd::start(crate::sim::nbd::ServerConfig {
+            exports: exports.clone(),
+            tls: None,
+        })
+        .await
+        .unwrap();
+        (port, exports)
+    }
+
+    async fn read_all(pool: &mut Pool, size: u64) -> Vec<u8> {
+        let mut got = vec![0u8; size as usize];
+        pool.fetch(&[(0, size)], |off, d| {
+            got[off as usize..off as usize + d.len()].copy_from_slice(d);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        got
+    }
+
+    fn pattern(size: usize) -> Vec<u8> {
+        (0..size).map(|i| (i * 7 + i / 65536) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn an_address_that_refuses_is_done_without_and_the_note_says_so_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(8 << 20);
+        let (port, _) = serve(dir.path(), &data, 16, None).await;
+        // A port nobody listens on: connections are refused.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let opts = FetchOptions {
+            connections: 4,
+            ..FetchOptions::default()
+        };
+        let mut pool = Pool::open_many(vec![plain(dead_port), plain(port)], opts)
+            .await
+            .unwrap();
+        assert_eq!(pool.connections(), 2);
+        assert_eq!(read_all(&mut pool, data.len() as u64).await, data);
+        let notes = pool.notes().lock().unwrap().clone();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("the host accepted 2 of 4 NBD connections; going on with 2"),
+            "{notes:?}"
+        );
+        assert!(
+            notes[0].contains(&format!("cannot connect to nbd://127.0.0.1:{dead_port}/d")),
+            "{notes:?}"
+        );
+        pool.close().await;
+        // Every address refusing: the error names each.
+        let e = Pool::open_many(vec![plain(dead_port), plain(dead_port)], opts)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.starts_with("no NBD connection could be opened"), "{e}");
+        assert_eq!(
+            e.matches(&format!("cannot connect to nbd://127.0.0.1:{dead_port}/d"))
+                .count(),
+            2,
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_connection_and_a_dead_first_address_goes_to_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(4 << 20);
+        let (port, _) = serve(dir.path(), &data, 16, None).await;
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let opts = FetchOptions {
+            connections: 1,
+            ..FetchOptions::default()
+        };
+        let mut pool = Pool::open_many(vec![plain(dead_port), plain(port)], opts)
+            .await
+            .unwrap();
+        assert_eq!(read_all(&mut pool, data.len() as u64).await, data);
+        let notes = pool.notes().lock().unwrap().clone();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("going on through the host's other NBD addresses; none opened at"),
+            "{notes:?}"
+        );
+        pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_the_host_refuses_shrinks_the_pool_while_others_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(16 << 20);
+        // The first connection drops after 2 requests; by then the host takes only one.
+        let (port, exports) = serve(dir.path(), &data, 2, Some(2)).await;
+        let opts = FetchOptions {
+            connections: 2,
+            depth: 1,
+            ..FetchOptions::default()
+        };
+        let mut pool = Pool::open(plain(port), opts).await.unwrap();
+        assert_eq!(pool.connections(), 2);
+        assert!(pool.notes().lock().unwrap().is_empty());
+        exports.limit.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(read_all(&mut pool, data.len() as u64).await, data);
+        assert_eq!(pool.connections(), 1);
+        let notes = pool.notes().lock().unwrap().clone();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with(SHRANK), "{notes:?}");
+        assert!(
+            notes[0].ends_with("going on with 1 connection"),
+            "{notes:?}"
+        );
+        pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_server_that_accepts_but_never_greets_fails_within_the_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s); // never a byte
+            }
+        });
+        let opts = FetchOptions {
+            connections: 2,
+            timeout: Duration::from_secs(1),
+            ..FetchOptions::default()
+        };
+        let t0 = std::time::Instant::now();
+        let e = Pool::open(plain(port), opts)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        // A bound, not a timing claim: the default handshake limit is 30 s.
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+        assert!(e.contains("no NBD handshake within 1 s"), "{e}");
     }
 
     #[tokio::test]

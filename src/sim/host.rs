@@ -95,6 +95,15 @@ pub struct Vbd {
     pub userdevice: String,
 }
 
+/// A host of the pool: its reference, uuid, address and server certificate (PEM).
+#[derive(Debug, Clone)]
+pub struct PoolHost {
+    pub reference: String,
+    pub uuid: String,
+    pub address: String,
+    pub cert_pem: String,
+}
+
 #[derive(Debug)]
 pub struct Vm {
     pub uuid: String,
@@ -145,6 +154,24 @@ pub struct Faults {
     /// changes nothing: the client hangs between making a snapshot and tagging it. Cleared
     /// when it fires.
     pub hang_after_snapshot: bool,
+    /// `/export_raw_vdi` answers 302 to the same request at this base URL
+    /// (`https://ADDRESS:PORT`, a pool member holding the disk); the member serves it.
+    pub export_redirect_to: Option<String>,
+    /// `/export_raw_vdi` stops sending (and never ends the body) after this many bytes.
+    pub export_hangs_after: Option<u64>,
+    /// `/import_raw_vdi` stops reading the upload (and never answers) after this many bytes.
+    pub import_hangs_after: Option<u64>,
+    /// The management API and the HTTP handlers accept connections (and TLS) but never
+    /// answer a request (a hung xapi).
+    pub api_hangs: bool,
+    /// NBD connections the host serves at once over all its addresses; one more is closed
+    /// right after accept (xapi-nbd's limit is 16, shared with every other client). None: 16.
+    pub nbd_connection_limit: Option<usize>,
+    /// NBD addresses that are down: a connection to one is closed right after accept, and
+    /// open connections to it end at their next request.
+    pub nbd_down: std::collections::BTreeSet<String>,
+    /// (address, n): that address goes down once it has served n requests in all.
+    pub nbd_dies_after: Option<(String, u64)>,
 }
 
 #[derive(Debug)]
@@ -154,6 +181,8 @@ pub struct State {
     pub password: String,
     /// Some(master address): this host is a pool member.
     pub slave_of: Option<String>,
+    /// The pool's hosts (`host.get_all`), the master first.
+    pub hosts: Vec<PoolHost>,
     pub sessions: HashMap<String, String>,
     pub vdis: BTreeMap<String, Vdi>,
     pub vbds: BTreeMap<String, Vbd>,
@@ -171,6 +200,11 @@ pub struct State {
     /// Networks, PIFs and the host record; `get_nbd_info` lists the addresses of PIFs on
     /// networks whose purpose is `nbd` or `insecure_nbd`.
     pub net: Net,
+    /// The addresses the NBD server listens on, (ip, port), one get_nbd_info record each (a
+    /// host lists one per address on an NBD network); empty: 127.0.0.1 and `nbd`'s port.
+    pub nbd_addresses: Vec<(String, u16)>,
+    /// NBD requests served, by the address the client connected to.
+    pub nbd_requests: BTreeMap<String, u64>,
     /// Benchmarks: get_nbd_info names this server instead (address, port, export, cert,
     /// subject), e.g. a qemu-nbd serving the same bytes.
     pub nbd_override: Option<(String, u16, String, String, String)>,
@@ -190,12 +224,41 @@ fn s(v: &Value) -> &str {
 }
 
 impl State {
+    /// How the NBD server treats a new connection to `address`.
+    pub fn nbd_admission(&self, address: &str) -> (usize, bool) {
+        (
+            self.faults
+                .nbd_connection_limit
+                .unwrap_or(super::nbd::MAX_CONNECTIONS),
+            self.faults.nbd_down.contains(address),
+        )
+    }
+
+    /// Count a request to be served over a connection to `address`; false when the address
+    /// is down (the connection ends instead).
+    pub fn nbd_serving(&mut self, address: &str) -> bool {
+        if self.faults.nbd_down.contains(address) {
+            return false;
+        }
+        let n = self.nbd_requests.entry(address.to_string()).or_insert(0);
+        *n += 1;
+        if let Some((a, limit)) = &self.faults.nbd_dies_after
+            && a == address
+            && *n > *limit
+        {
+            self.faults.nbd_down.insert(address.to_string());
+            return false;
+        }
+        true
+    }
+
     pub fn new(dir: PathBuf, user: &str, password: &str) -> State {
         State {
             dir,
             user: user.into(),
             password: password.into(),
             slave_of: None,
+            hosts: Vec::new(),
             sessions: HashMap::new(),
             vdis: BTreeMap::new(),
             vbds: BTreeMap::new(),
@@ -211,6 +274,8 @@ impl State {
             },
             nbd: None,
             net: Net::new("127.0.0.1", "xenserver-sim", "", &[]),
+            nbd_addresses: Vec::new(),
+            nbd_requests: BTreeMap::new(),
             nbd_override: None,
             calls: Vec::new(),
             served_bytes: Default::default(),
@@ -492,9 +557,66 @@ impl State {
         }
     }
 
+    /// `host.*` calls: the pool's hosts, their addresses and certificates (xen-api's
+    /// datamodel_host.ml: `get_all`, `get_address`, `get_server_certificate`, `get_record`).
+    fn host_call(&self, method: &str, params: &[Value]) -> Option<Result<Value, Failure>> {
+        let call = method.strip_prefix("host.")?;
+        let want = if call == "get_all" { 1 } else { 2 };
+        if !matches!(
+            call,
+            "get_all" | "get_address" | "get_server_certificate" | "get_record"
+        ) {
+            return None;
+        }
+        if params.len() != want {
+            return Some(Err(fail(
+                "MESSAGE_PARAMETER_COUNT_MISMATCH",
+                &[method, &want.to_string(), &params.len().to_string()],
+            )));
+        }
+        if let Err(e) = self.session(s(&params[0])) {
+            return Some(Err(e));
+        }
+        if call == "get_all" {
+            return Some(Ok(json!(
+                self.hosts
+                    .iter()
+                    .map(|h| h.reference.clone())
+                    .collect::<Vec<_>>()
+            )));
+        }
+        let r = s(&params[1]);
+        let Some(h) = self.hosts.iter().find(|h| h.reference == r) else {
+            return Some(Err(fail("HANDLE_INVALID", &["host", r])));
+        };
+        Some(Ok(match call {
+            "get_address" => json!(h.address),
+            "get_server_certificate" => json!(h.cert_pem),
+            _ => json!({
+                "uuid": h.uuid, "address": h.address, "hostname": h.address,
+                "name_label": h.address, "enabled": true,
+            }),
+        }))
+    }
+
+    /// Add a host to the pool; returns its reference.
+    pub fn add_host(&mut self, address: &str, cert_pem: &str) -> String {
+        let reference = new_ref();
+        self.hosts.push(PoolHost {
+            reference: reference.clone(),
+            uuid: new_uuid(),
+            address: address.to_string(),
+            cert_pem: cert_pem.to_string(),
+        });
+        reference
+    }
+
     /// Answer one API call.
     pub fn dispatch(&mut self, method: &str, params: &[Value]) -> Result<Value, Failure> {
         self.calls.push(method.to_string());
+        if let Some(r) = self.host_call(method, params) {
+            return r;
+        }
         let count = |n: usize| -> Result<(), Failure> {
             if params.len() == n {
                 Ok(())
@@ -679,11 +801,13 @@ impl State {
                     return Ok(json!([]));
                 };
                 let export = format!("/{}?session_id={}", v.uuid, s(sref));
+                let ports: BTreeMap<String, u16> = self.nbd_addresses.iter().cloned().collect();
                 Ok(Value::Array(
                     self.net
                         .nbd_addresses()
                         .into_iter()
                         .map(|address| {
+                            let port = ports.get(&address).copied().unwrap_or(*port);
                             json!({
                                 "exportname": export, "address": address, "port": port,
                                 "cert": self.net.cert_pem, "subject": subject,

@@ -6,7 +6,8 @@
 //!   meta contexts: `NBD_REP_ERR_UNSUP`); an unknown export closes the connection;
 //! * no NO_ZEROES (124 zero bytes follow the export size); reads only, 512-byte aligned, flags 0,
 //!   served one at a time; any error reply is followed by closing the connection;
-//! * at most 16 connections: the 17th is closed right after accept.
+//! * at most 16 connections per host, over all its addresses: the 17th is closed right after
+//!   accept (the limit is a fault tests can lower, see [`Exports::admission`]).
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -68,6 +69,34 @@ pub trait Exports: Send + Sync {
     /// Requests a connection serves before it is dropped (fault injection); None: no limit.
     fn drop_after(&self) -> Option<u64> {
         None
+    }
+    /// How a new connection to the host's address `local` is treated.
+    fn admission(&self, _local: &str) -> Admission {
+        Admission::default()
+    }
+    /// A request is about to be served on a connection to `local`; false ends the connection
+    /// instead (fault injection: the address went away).
+    fn serving(&self, _local: &str) -> bool {
+        true
+    }
+}
+
+/// What the host does with a new connection (fault injection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Connections served at once over all the host's addresses (xapi-nbd: 16); one more is
+    /// closed right after accept.
+    pub limit: usize,
+    /// Close this connection right after accept whatever the count (the address is down).
+    pub close: bool,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            limit: MAX_CONNECTIONS,
+            close: false,
+        }
     }
 }
 
@@ -135,34 +164,95 @@ pub async fn start(config: ServerConfig) -> Result<(u16, Arc<AtomicUsize>), Stri
 pub async fn start_on(addr: &str, config: ServerConfig) -> Result<(u16, Arc<AtomicUsize>), String> {
     let listener = TcpListener::bind(addr).await.map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let tls = match &config.tls {
-        Some((c, k)) => Some(tokio_rustls::TlsAcceptor::from(tls_config(c, k)?)),
-        None => None,
-    };
-    let exports = config.exports;
+    let tls = acceptor(&config)?;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(accept_loop(
+        listener,
+        config.exports,
+        tls,
+        Arc::new(AtomicUsize::new(0)),
+        accepted.clone(),
+    ));
+    Ok((port, accepted))
+}
+
+/// Start serving on each of `ips` (as a host with an address on several networks), on one
+/// port where it is free on all of them; the connection limit counts connections to every
+/// address together, as xapi-nbd's does. Returns (ip, port) per address.
+pub async fn start_on_addresses(
+    ips: &[&str],
+    config: ServerConfig,
+) -> Result<Vec<(String, u16)>, String> {
+    let tls = acceptor(&config)?;
     let active = Arc::new(AtomicUsize::new(0));
     let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((sock, _)) = listener.accept().await {
-            accepted.fetch_add(1, Ordering::SeqCst);
-            if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                drop(sock); // the 17th connection is closed at once
-                continue;
-            }
-            active.fetch_add(1, Ordering::SeqCst);
-            let (exports, tls, active) = (exports.clone(), tls.clone(), active.clone());
-            tokio::spawn(async move {
-                let _ = sock.set_nodelay(true);
-                let r = session(Box::new(sock), &exports, tls).await;
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "sim nbd: connection ended");
-                }
-                active.fetch_sub(1, Ordering::SeqCst);
-            });
+    let mut out: Vec<(String, u16)> = Vec::new();
+    for ip in ips {
+        let first_port = out.first().map(|(_, p)| *p).unwrap_or(0);
+        let listener = match TcpListener::bind((*ip, first_port)).await {
+            Ok(l) => l,
+            Err(_) => TcpListener::bind((*ip, 0))
+                .await
+                .map_err(|e| format!("bind {ip}: {e}"))?,
+        };
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        out.push((ip.to_string(), port));
+        tokio::spawn(accept_loop(
+            listener,
+            config.exports.clone(),
+            tls.clone(),
+            active.clone(),
+            accepted.clone(),
+        ));
+    }
+    Ok(out)
+}
+
+fn acceptor(config: &ServerConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    Ok(match &config.tls {
+        Some((c, k)) => Some(tokio_rustls::TlsAcceptor::from(tls_config(c, k)?)),
+        None => None,
+    })
+}
+
+/// Decrements the count of connections being served when one ends.
+struct Active(Arc<AtomicUsize>);
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    exports: Arc<dyn Exports>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    active: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
+) {
+    while let Ok((sock, _)) = listener.accept().await {
+        accepted.fetch_add(1, Ordering::SeqCst);
+        let local = sock
+            .local_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let admission = exports.admission(&local);
+        if admission.close || active.load(Ordering::SeqCst) >= admission.limit {
+            drop(sock); // over the limit (or the address is down): closed at once
+            continue;
         }
-    });
-    Ok((port, counter))
+        active.fetch_add(1, Ordering::SeqCst);
+        let guard = Active(active.clone());
+        let (exports, tls) = (exports.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            let _ = sock.set_nodelay(true);
+            let r = session(Box::new(sock), &exports, tls, &local).await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "sim nbd: connection ended");
+            }
+        });
+    }
 }
 
 async fn reply<S: Stream + ?Sized>(
@@ -185,6 +275,7 @@ async fn session(
     mut s: Box<dyn Stream>,
     exports: &Arc<dyn Exports>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    local: &str,
 ) -> std::io::Result<()> {
     let mut g = Vec::new();
     g.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
@@ -232,7 +323,7 @@ async fn session(
                 );
                 b.extend_from_slice(&[0u8; 124]);
                 s.write_all(&b).await?;
-                return transmission(s, export, size, exports.drop_after()).await;
+                return transmission(s, export, size, exports, local).await;
             }
             proto::OPT_LIST => reply(&mut *s, opt, proto::REP_ACK, &[]).await?,
             _ => reply(&mut *s, opt, proto::REP_ERR_UNSUP, &[]).await?,
@@ -260,8 +351,10 @@ async fn transmission(
     mut s: Box<dyn Stream>,
     export: Box<dyn ExportData>,
     size: u64,
-    drop_after: Option<u64>,
+    exports: &Arc<dyn Exports>,
+    local: &str,
 ) -> std::io::Result<()> {
+    let drop_after = exports.drop_after();
     let mut served = 0u64;
     loop {
         if drop_after.is_some_and(|n| served >= n) {
@@ -278,6 +371,9 @@ async fn transmission(
         let len = u32::from_be_bytes([r[24], r[25], r[26], r[27]]) as u64;
         if magic != proto::REQUEST_MAGIC {
             return Ok(());
+        }
+        if cmd != proto::CMD_DISC && !exports.serving(local) {
+            return Ok(()); // injected fault: the address went away
         }
         match cmd {
             proto::CMD_DISC => return Ok(()),

@@ -81,6 +81,33 @@ impl Net {
         }
     }
 
+    /// Add a network with one attached PIF (`device`) at `address`: another address the host
+    /// is reached at (e.g. a storage network).
+    pub fn add_network(&mut self, device: &str, address: &str, purpose: &[&str]) {
+        let net_ref = new_ref();
+        self.networks.push((
+            net_ref.clone(),
+            Network {
+                uuid: new_uuid(),
+                name_label: format!("Pool-wide network associated with {device}"),
+                bridge: format!("xenbr{}", self.networks.len()),
+                purpose: purpose.iter().map(|p| p.to_string()).collect(),
+            },
+        ));
+        self.pifs.push((
+            new_ref(),
+            Pif {
+                uuid: new_uuid(),
+                device: device.into(),
+                network: net_ref,
+                ip: address.into(),
+                ipv6: Vec::new(),
+                management: false,
+                currently_attached: true,
+            },
+        ));
+    }
+
     /// Set the purpose of every network (what `xe network-param-set purpose=` does).
     pub fn set_purpose(&mut self, purpose: &[&str]) {
         for (_, n) in &mut self.networks {

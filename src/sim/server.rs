@@ -149,6 +149,7 @@ impl Sim {
             .block_on(TcpListener::bind(&config.bind))
             .map_err(|e| format!("bind {}: {e}", config.bind))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        lock(&state).add_host(&addr.ip().to_string(), &cert_pem);
         let control_token = super::host::new_uuid();
         let ctx = Arc::new(Ctx {
             state: state.clone(),
@@ -166,8 +167,20 @@ impl Sim {
                 exports,
                 tls: (config.nbd == NbdMode::Tls).then(|| (cert_pem.clone(), key_pem.clone())),
             };
-            let bind = format!("{}:0", addr.ip());
-            let (nbd_port, _) = runtime.block_on(super::nbd::start_on(&bind, nbd_cfg))?;
+            // One listener per address the host has on an NBD network (get_nbd_info lists
+            // each); the certificate names both loopback addresses.
+            let ips: Vec<String> = match addr.ip().to_string().as_str() {
+                "127.0.0.1" => vec!["127.0.0.1".into(), "127.0.0.2".into()],
+                ip => vec![ip.to_string()],
+            };
+            let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+            let mut addresses = runtime.block_on(super::nbd::start_on_addresses(&ips, nbd_cfg))?;
+            let nbd_port = addresses.first().map(|(_, p)| *p).unwrap_or(0);
+            if addr.ip().is_unspecified() {
+                // Listening everywhere: the record names the address a local client uses.
+                addresses = vec![("127.0.0.1".into(), nbd_port)];
+            }
+            lock(&state).nbd_addresses = addresses;
             // Like xapi: the record carries the certificate whatever the network's purpose.
             lock(&state).nbd = Some((nbd_port, cert_pem.clone(), config.subject.clone()));
         }
@@ -181,7 +194,26 @@ impl Sim {
             ip if ip.is_unspecified() => "127.0.0.1".to_string(),
             ip => ip.to_string(),
         };
-        lock(&state).net = super::network::Net::new(&ip, &config.subject, &cert_pem, purpose);
+        {
+            let mut st = lock(&state);
+            let mut net = super::network::Net::new(&ip, &config.subject, &cert_pem, purpose);
+            // Every further NBD address is a PIF of its own, on a network of the same purpose.
+            let extra: Vec<String> = st
+                .nbd_addresses
+                .iter()
+                .map(|(a, _)| a.clone())
+                .filter(|a| *a != ip)
+                .collect();
+            for (i, a) in extra.iter().enumerate() {
+                net.add_network(&format!("eth{}", i + 1), a, purpose);
+            }
+            // The pool's master is this host record.
+            if let Some(h) = st.hosts.first_mut() {
+                h.reference = net.host_ref.clone();
+                h.uuid = net.host_uuid.clone();
+            }
+            st.net = net;
+        }
         Ok(Sim {
             state,
             url: format!("https://{addr}"),
@@ -191,6 +223,35 @@ impl Sim {
             config,
             runtime: Some(runtime),
         })
+    }
+
+    /// Start a pool member on 127.0.0.2 with its own certificate (made in `dir`), serving
+    /// the same state (the disks are on shared storage); `host.get_all` lists it. Returns its
+    /// base URL, `https://127.0.0.2:PORT`.
+    pub fn start_member(&self, dir: &Path) -> Result<String, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (cert, key) = self_signed(dir, "xenserver-sim-member")?;
+        let tls = super::nbd::tls_config(&cert, &key)?;
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or("the simulated host is stopped")?;
+        let listener = rt
+            .block_on(TcpListener::bind("127.0.0.2:0"))
+            .map_err(|e| format!("bind 127.0.0.2: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let ctx = Arc::new(Ctx {
+            state: self.state.clone(),
+            xmlrpc_only: self.config.xmlrpc_only,
+            token: self.control_token.clone(),
+        });
+        rt.spawn(serve_https(
+            listener,
+            tokio_rustls::TlsAcceptor::from(tls),
+            ctx,
+        ));
+        lock(&self.state).add_host("127.0.0.2", &cert);
+        Ok(format!("https://{addr}"))
     }
 
     /// Run `f` on the host's state (the test control surface).
@@ -289,6 +350,13 @@ impl Exports for HostExports {
     fn drop_after(&self) -> Option<u64> {
         lock(&self.0).faults.nbd_drop_after
     }
+    fn admission(&self, local: &str) -> super::nbd::Admission {
+        let (limit, close) = lock(&self.0).nbd_admission(local);
+        super::nbd::Admission { limit, close }
+    }
+    fn serving(&self, local: &str) -> bool {
+        lock(&self.0).nbd_serving(local)
+    }
 }
 
 struct Ctx {
@@ -355,6 +423,10 @@ async fn send(conn: &mut Conn<TlsConn>, reply: Reply, close: bool) -> std::io::R
 /// Read the request's body and answer it. The flag: the connection can serve another request
 /// (its body was read whole).
 async fn route(ctx: &Arc<Ctx>, head: &Head, conn: &mut Conn<TlsConn>) -> (Reply, bool) {
+    if !head.path().starts_with("/sim/") && lock(&ctx.state).faults.api_hangs {
+        // Fault: a hung xapi holds the request and never writes a byte.
+        std::future::pending::<()>().await;
+    }
     // xapi's handlers take no chunked uploads (/import_raw_vdi answers this way).
     if head.has_transfer_encoding() {
         return (
@@ -431,10 +503,12 @@ async fn handle(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
         ("POST", "/") | ("POST", "/RPC2") => {
             let text = String::from_utf8_lossy(body);
             let out = match super::xmlrpc::decode_call(&text) {
-                Ok((method, params)) => match super::host::answer(&ctx.state, &method, &params).await {
-                    Ok(v) => json!({"Status": "Success", "Value": v}),
-                    Err(e) => json!({"Status": "Failure", "ErrorDescription": e}),
-                },
+                Ok((method, params)) => {
+                    match super::host::answer(&ctx.state, &method, &params).await {
+                        Ok(v) => json!({"Status": "Success", "Value": v}),
+                        Err(e) => json!({"Status": "Failure", "ErrorDescription": e}),
+                    }
+                }
                 Err(e) => {
                     json!({"Status": "Failure", "ErrorDescription": ["XMLRPC_UNMARSHAL_FAILURE", e]})
                 }
@@ -502,10 +576,32 @@ fn close_delimited(content_type: &'static str, chunks: Vec<Vec<u8>>) -> Reply {
     }
 }
 
+/// The `export_redirect_to` fault: a request for `/export_raw_vdi` reaching another host than
+/// the one named is sent there (as the master sends it to the member holding the disk).
+fn redirect_to_member(faults: &super::host::Faults, head: &Head) -> Option<Reply> {
+    let to = faults.export_redirect_to.clone()?;
+    let here = head.header("host").unwrap_or("");
+    if head.path() != "/export_raw_vdi" || to.trim_start_matches("https://") == here {
+        return None;
+    }
+    Some(Reply::Full {
+        status: 302,
+        content_type: "text/plain",
+        headers: vec![(
+            "Location",
+            format!("{to}/export_raw_vdi?{}", head.raw_query()),
+        )],
+        body: Vec::new(),
+    })
+}
+
 /// `/export_raw_vdi`: the VDI's bytes, close-delimited as xapi sends them.
 fn export_raw(ctx: &Arc<Ctx>, head: &Head) -> Reply {
     let q = head.query();
     let faults = lock(&ctx.state).faults.clone();
+    if let Some(r) = redirect_to_member(&faults, head) {
+        return r;
+    }
     if faults.export_redirect && head.path() == "/export_raw_vdi" {
         return Reply::Full {
             status: 302,
@@ -538,6 +634,13 @@ fn export_raw(ctx: &Arc<Ctx>, head: &Head) -> Reply {
     tokio::task::spawn_blocking(move || {
         let mut off = 0u64;
         while off < len {
+            if faults.export_hangs_after.is_some_and(|h| off >= h) {
+                // Fault: the host stops sending, until the client goes away.
+                while !tx.is_closed() {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                return;
+            }
             let n = (len - off).min(1 << 20) as usize;
             let mut buf = vec![0u8; n];
             let r = if off >= export.size() {
@@ -580,9 +683,13 @@ async fn import_raw(
     let Some(r) = r else {
         return (Reply::error_page(404, "VDI not found"), false);
     };
-    let (drop_after, attached) = {
+    let (drop_after, attached, hang) = {
         let st = lock(&ctx.state);
-        (st.faults.import_drop_after, st.attached(&r))
+        (
+            st.faults.import_drop_after,
+            st.attached(&r),
+            st.faults.import_hangs_after,
+        )
     };
     if attached {
         return (Reply::error_page(500, &format!("VDI_IN_USE {r}")), false);
@@ -593,6 +700,10 @@ async fn import_raw(
         let Ok(data) = conn.body_chunk(&mut remaining, 1 << 20).await else {
             return (Reply::error_page(400, "upload interrupted"), false);
         };
+        if hang.is_some_and(|h| off >= h) {
+            // Fault: the host stops reading the upload and never answers.
+            std::future::pending::<()>().await;
+        }
         if drop_after.is_some_and(|d| off >= d) {
             // Injected fault: the host goes away mid-upload.
             return (Reply::error_page(500, "connection lost"), false);
@@ -647,6 +758,9 @@ fn control(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
         "/sim/faults" => {
             if let Some(ms) = q.get("unplug_ms").and_then(|m| m.parse().ok()) {
                 st.faults.unplug_delay = std::time::Duration::from_millis(ms);
+            }
+            if let Some(n) = q.get("nbd_limit").and_then(|n| n.parse().ok()) {
+                st.faults.nbd_connection_limit = Some(n);
             }
             Ok(json!("ok"))
         }

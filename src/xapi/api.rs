@@ -146,6 +146,24 @@ impl Xapi {
         }
     }
 
+    /// The pool's hosts as the master knows them: (address, server certificate PEM) each
+    /// (`host.get_all`, `host.get_address`, `host.get_server_certificate`).
+    pub async fn pool_certificates(&self) -> Result<Vec<(String, String)>, XapiError> {
+        let v = self.call("host.get_all", vec![]).await?;
+        let Value::Array(hosts) = v else {
+            return Err(self.bad("host.get_all", "not a list".into()));
+        };
+        let mut out = Vec::new();
+        for h in hosts {
+            let address = self.call_str("host.get_address", vec![h.clone()]).await?;
+            let pem = self
+                .call_str("host.get_server_certificate", vec![h])
+                .await?;
+            out.push((address, pem));
+        }
+        Ok(out)
+    }
+
     pub async fn vdi_by_uuid(&self, uuid: &str) -> Result<String, XapiError> {
         self.call_str("VDI.get_by_uuid", vec![json!(uuid)]).await
     }

@@ -29,18 +29,22 @@ pub struct HostConfig {
     /// `https://HOST[:PORT]`.
     pub url: String,
     pub trust: HostTrust,
-    /// Whole-request limit for API calls (not for the data handlers).
+    /// How long the host may take to accept a connection, to start answering, and between
+    /// bytes of an answer (every API call and handler).
     pub timeout: Duration,
 }
 
 /// A connection to one host, logged in once `login` succeeded.
 pub struct Xapi {
     http: reqwest::Client,
+    /// For uploads: no read timeout (reqwest's would bound the whole upload); a watchdog
+    /// bounds how long the host may stop taking bytes instead.
+    upload: reqwest::Client,
     base: String,
     host: String,
     rpc: Mutex<Rpc>,
     session: Option<String>,
-    seen_cert: Arc<Mutex<Option<String>>>,
+    trust: Arc<trust::TrustState>,
     next_id: AtomicU64,
     timeout: Duration,
 }
@@ -154,6 +158,62 @@ fn redirect_policy() -> reqwest::redirect::Policy {
     })
 }
 
+/// How an upload goes: when the HTTP stack last asked for bytes, and whether it waits on the
+/// body's producer now (a slow producer is not the host's stall).
+#[derive(Debug)]
+struct Watch {
+    start: std::time::Instant,
+    /// Milliseconds after `start` of the last request for bytes.
+    last: AtomicU64,
+    waiting_on_body: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Watch {
+    fn default() -> Self {
+        Watch {
+            start: std::time::Instant::now(),
+            last: AtomicU64::new(0),
+            waiting_on_body: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl Watch {
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The host has neither taken bytes nor answered for longer than `limit`.
+    fn stalled(&self, limit: Duration) -> bool {
+        !self.waiting_on_body.load(Ordering::SeqCst)
+            && self.now().saturating_sub(self.last.load(Ordering::SeqCst))
+                > u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// `body`, noting in `watch` each time the HTTP stack asks for bytes.
+fn watched<S>(
+    body: S,
+    watch: Arc<Watch>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static,
+{
+    let mut body = Box::pin(body);
+    futures_util::stream::poll_fn(move |cx| {
+        watch.last.store(watch.now(), Ordering::SeqCst);
+        let r = body.as_mut().poll_next(cx);
+        watch
+            .waiting_on_body
+            .store(r.is_pending(), Ordering::SeqCst);
+        if r.is_ready() {
+            // Asked and answered: the wait from here on is the host's.
+            watch.last.store(watch.now(), Ordering::SeqCst);
+        }
+        r
+    })
+}
+
 /// Read a response body of at most `limit` bytes; a longer one is an error naming the limit.
 pub(crate) async fn read_body(
     mut resp: reqwest::Response,
@@ -200,20 +260,31 @@ pub(crate) enum BodyError {
 impl Xapi {
     pub fn connect(cfg: &HostConfig) -> Result<Xapi, XapiError> {
         let (base, host) = parse_url(&cfg.url)?;
-        let (tls, seen_cert) = trust::client_config(&cfg.trust).map_err(XapiError::Config)?;
+        let (tls, trust) = trust::client_config(&cfg.trust).map_err(XapiError::Config)?;
+        // Per-host bounds on every request, API call or handler: to connect, to the first
+        // byte of the answer, and between bytes of a streamed body (a transfer of any length
+        // goes on while bytes keep arriving).
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls.clone())
+            .connect_timeout(cfg.timeout)
+            .read_timeout(cfg.timeout)
+            .redirect(redirect_policy())
+            .build()
+            .map_err(|e| XapiError::Config(format!("HTTP client: {e}")))?;
+        let upload = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
-            .connect_timeout(Duration::from_secs(30))
+            .connect_timeout(cfg.timeout)
             .redirect(redirect_policy())
             .build()
             .map_err(|e| XapiError::Config(format!("HTTP client: {e}")))?;
         Ok(Xapi {
             http,
+            upload,
             base,
             host,
             rpc: Mutex::new(Rpc::Unknown),
             session: None,
-            seen_cert,
+            trust,
             next_id: AtomicU64::new(1),
             timeout: cfg.timeout,
         })
@@ -223,9 +294,20 @@ impl Xapi {
         &self.host
     }
 
+    /// How long the host may stay silent (see [`HostConfig::timeout`]).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The fingerprint of the certificate the host presented (after the first request).
     pub fn seen_certificate(&self) -> Option<String> {
-        self.seen_cert.lock().ok().and_then(|s| s.clone())
+        self.trust.seen()
+    }
+
+    /// With a pinned certificate: what to accept from now on, the host's own pin (once pinned
+    /// on first use) and pool members' certificates by address.
+    pub fn trust_state(&self) -> &trust::TrustState {
+        &self.trust
     }
 
     /// True when the host answered XML-RPC only.
@@ -233,7 +315,16 @@ impl Xapi {
         self.rpc.lock().map(|r| *r == Rpc::Xml).unwrap_or(false)
     }
 
-    fn transport(&self, e: reqwest::Error) -> XapiError {
+    /// What a failed request means: a host that accepted the connection and then did not
+    /// answer `call` in time is not "unreachable".
+    fn transport(&self, call: &str, e: reqwest::Error) -> XapiError {
+        if e.is_timeout() && !e.is_connect() {
+            return XapiError::Timeout {
+                host: self.host.clone(),
+                call: redact(call),
+                secs: self.timeout.as_secs(),
+            };
+        }
         XapiError::Transport {
             host: self.host.clone(),
             detail: error_chain(e),
@@ -286,12 +377,11 @@ impl Xapi {
         let resp = self
             .http
             .post(format!("{}/jsonrpc", self.base))
-            .timeout(self.timeout)
             .header("content-type", "application/json")
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(method, e))?;
         let status = resp.status();
         let bytes = self.body(method, resp).await?;
         match decode_json_reply(&bytes) {
@@ -308,7 +398,7 @@ impl Xapi {
         read_body(resp, MAX_RESPONSE_BYTES)
             .await
             .map_err(|e| match e {
-                BodyError::Transport(e) => self.transport(e),
+                BodyError::Transport(e) => self.transport(call, e),
                 BodyError::TooLarge(n) => self.protocol(
                     call,
                     format!(
@@ -341,12 +431,11 @@ impl Xapi {
         let resp = self
             .http
             .post(format!("{}/", self.base))
-            .timeout(self.timeout)
             .header("content-type", "text/xml")
             .body(xmlrpc::encode_call(method, params))
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(method, e))?;
         let status = resp.status();
         let body = self.body(method, resp).await?;
         let text = String::from_utf8_lossy(&body);
@@ -469,7 +558,7 @@ impl Xapi {
             .get(url)
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(&what, e))?;
         let is_html = resp
             .headers()
             .get("content-type")
@@ -500,10 +589,9 @@ impl Xapi {
         let resp = self
             .http
             .get(url)
-            .timeout(self.timeout)
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(&what, e))?;
         if !resp.status().is_success() {
             return Err(self.handler_error(&what, resp).await);
         }
@@ -592,12 +680,11 @@ impl Xapi {
         let resp = self
             .http
             .put(url)
-            .timeout(self.timeout)
             .header("content-length", len)
             .body(tar)
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(&what, e))?;
         if !resp.status().is_success() {
             return Err(self.handler_error(&what, resp).await);
         }
@@ -605,23 +692,37 @@ impl Xapi {
     }
 
     /// `PUT /import_raw_vdi`: exactly `len` bytes from `body` (Content-Length, never chunked:
-    /// the host refuses chunked uploads).
-    pub async fn import_raw_vdi(
-        &self,
-        vdi: &str,
-        body: reqwest::Body,
-        len: u64,
-    ) -> Result<(), XapiError> {
+    /// the host refuses chunked uploads). The host may stop taking bytes, or stay silent
+    /// after the last one, for the timeout at most; `body` itself may take its time.
+    pub async fn import_raw_vdi<S>(&self, vdi: &str, body: S, len: u64) -> Result<(), XapiError>
+    where
+        S: futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static,
+    {
         let what = format!("import_raw_vdi into VDI {vdi}");
         let url = self.handler_url("/import_raw_vdi", &[("vdi", vdi), ("format", "raw")])?;
-        let resp = self
-            .http
+        let watch = Arc::new(Watch::default());
+        let body = reqwest::Body::wrap_stream(watched(body, watch.clone()));
+        let send = self
+            .upload
             .put(url)
             .header("content-length", len)
             .body(body)
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
+            .send();
+        tokio::pin!(send);
+        let resp = loop {
+            tokio::select! {
+                r = &mut send => break r.map_err(|e| self.transport(&what, e))?,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                    if watch.stalled(self.timeout) {
+                        return Err(XapiError::Timeout {
+                            host: self.host.clone(),
+                            call: what,
+                            secs: self.timeout.as_secs(),
+                        });
+                    }
+                }
+            }
+        };
         if !resp.status().is_success() {
             return Err(self.handler_error(&what, resp).await);
         }

@@ -144,6 +144,14 @@ pub enum XapiError {
     Api(ApiFailure),
     #[error("cannot reach {host}: {detail}")]
     Transport { host: String, detail: String },
+    #[error(
+        "{host} accepted the connection but did not answer {call} within {secs} s (is the host overloaded or its management API hung? try again, or raise --timeout)"
+    )]
+    Timeout {
+        host: String,
+        call: String,
+        secs: u64,
+    },
     #[error("{what} answered HTTP {status}: {body}")]
     Http {
         what: String,

@@ -1,6 +1,7 @@
 //! Trust for the management API's HTTPS: a CA, or the host's certificate pinned on first use
 //! (its SHA-256 fingerprint kept in the repository), or nothing at all when the user says so.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -36,12 +37,74 @@ pub fn pem_fingerprint(pem: &str) -> Option<String> {
         .map(|c| fingerprint(&c))
 }
 
+/// What the verifier knows and learns during a run: the certificate each handshake
+/// presented, the pinned fingerprint, and the pool members' fingerprints the pinned master
+/// handed over (the client is shared, so these are set behind locks as the run learns them).
+#[derive(Debug, Default)]
+pub struct TrustState {
+    seen: Mutex<Option<String>>,
+    pinned: Mutex<Option<String>>,
+    /// Fingerprint by the name or address a member is reached at.
+    members: Mutex<HashMap<String, String>>,
+}
+
+impl TrustState {
+    /// The fingerprint of the certificate the last handshake presented.
+    pub fn seen(&self) -> Option<String> {
+        self.seen.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// From now on the host must present this certificate (first use, once pinned).
+    pub fn pin(&self, fp: &str) {
+        if let Ok(mut p) = self.pinned.lock() {
+            *p = Some(fp.to_string());
+        }
+    }
+
+    /// Trust `fp` for the pool member reached at `address` (as the pinned master says).
+    pub fn trust_member(&self, address: &str, fp: &str) {
+        if let Ok(mut m) = self.members.lock() {
+            m.insert(address.to_ascii_lowercase(), fp.to_string());
+        }
+    }
+
+    /// Is `fp` the certificate to accept from `name`? The error says why not.
+    fn check(&self, name: &str, fp: &str) -> Result<(), String> {
+        let member = self
+            .members
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&name.to_ascii_lowercase()).cloned());
+        let pinned = self.pinned.lock().ok().and_then(|p| p.clone());
+        match (member, pinned) {
+            (Some(m), _) if m == fp => Ok(()),
+            (Some(m), _) => Err(format!(
+                "{name} presented certificate {fp}, but the pool master says {name}'s certificate is {m}; refused"
+            )),
+            (None, Some(p)) if p == fp => Ok(()),
+            (None, Some(p)) => Err(format!(
+                "{name} presented certificate {fp}, which is neither the pinned {p} nor one the pool master handed over for {name}; refused (is {name} a member of this pool?)"
+            )),
+            // First use: whatever is presented is recorded and pinned by the caller.
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+/// The name a handshake is for, as a host name or an address.
+fn name_of(server_name: &ServerName<'_>) -> String {
+    match server_name {
+        ServerName::DnsName(d) => d.as_ref().to_string(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
 #[derive(Debug)]
 struct Verifier {
     ca: Option<Arc<dyn ServerCertVerifier>>,
-    expected: Option<String>,
     check: bool,
-    seen: SeenCertificate,
+    state: Arc<TrustState>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -55,18 +118,19 @@ impl ServerCertVerifier for Verifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let fp = fingerprint(end_entity);
-        if let Ok(mut s) = self.seen.lock() {
+        if let Ok(mut s) = self.state.seen.lock() {
             *s = Some(fp.clone());
         }
         if let Some(ca) = &self.ca {
             return ca.verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
         }
-        match &self.expected {
-            Some(e) if self.check && *e != fp => Err(Error::General(format!(
-                "certificate {fp} is not the pinned {e}"
-            ))),
-            _ => Ok(ServerCertVerified::assertion()),
+        if !self.check {
+            return Ok(ServerCertVerified::assertion());
         }
+        self.state
+            .check(&name_of(server_name), &fp)
+            .map(|_| ServerCertVerified::assertion())
+            .map_err(Error::General)
     }
 
     fn verify_tls12_signature(
@@ -104,14 +168,11 @@ impl ServerCertVerifier for Verifier {
     }
 }
 
-/// Where the verifier records the fingerprint of the certificate the host presented.
-pub type SeenCertificate = Arc<Mutex<Option<String>>>;
-
-/// A TLS client config for `trust`, and where the fingerprint of the certificate the host
-/// presented is recorded.
-pub fn client_config(trust: &HostTrust) -> Result<(ClientConfig, SeenCertificate), String> {
+/// A TLS client config for `trust`, and the verifier's state: where the fingerprint of the
+/// certificate the host presented is recorded, and where pins learnt during the run go.
+pub fn client_config(trust: &HostTrust) -> Result<(ClientConfig, Arc<TrustState>), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let seen = Arc::new(Mutex::new(None));
+    let state = Arc::new(TrustState::default());
     let ca: Option<Arc<dyn ServerCertVerifier>> = match trust {
         HostTrust::Ca(pem) => {
             let mut roots = RootCertStore::empty();
@@ -134,15 +195,19 @@ pub fn client_config(trust: &HostTrust) -> Result<(ClientConfig, SeenCertificate
         }
         _ => None,
     };
-    let (expected, check) = match trust {
-        HostTrust::Pinned(fp) => (fp.clone(), true),
-        _ => (None, false),
+    let check = match trust {
+        HostTrust::Pinned(fp) => {
+            if let Some(fp) = fp {
+                state.pin(fp);
+            }
+            true
+        }
+        _ => false,
     };
     let verifier = Verifier {
         ca,
-        expected,
         check,
-        seen: seen.clone(),
+        state: state.clone(),
         provider: provider.clone(),
     };
     let config = ClientConfig::builder_with_provider(provider)
@@ -151,7 +216,7 @@ pub fn client_config(trust: &HostTrust) -> Result<(ClientConfig, SeenCertificate
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
-    Ok((config, seen))
+    Ok((config, state))
 }
 
 /// Is `s` a fingerprint as `fingerprint` writes it (`SHA256:` and 32 colon-separated
@@ -211,6 +276,30 @@ pub fn read_pin(path: &std::path::Path) -> Result<Option<String>, super::XapiErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_are_trusted_for_their_own_address_only_and_unknown_ones_are_refused() {
+        let (master, member, other) = (fingerprint(b"m"), fingerprint(b"p"), fingerprint(b"x"));
+        let t = TrustState::default();
+        // First use: anything, to be pinned.
+        assert!(t.check("xs1", &other).is_ok());
+        t.pin(&master);
+        assert!(t.check("xs1", &master).is_ok());
+        let e = t.check("10.0.0.2", &member).unwrap_err();
+        assert!(
+            e.contains("10.0.0.2") && e.contains("neither the pinned"),
+            "{e}"
+        );
+        t.trust_member("10.0.0.2", &member);
+        assert!(t.check("10.0.0.2", &member).is_ok());
+        // A member's certificate is not good for another name, nor another for the member.
+        assert!(t.check("10.0.0.3", &member).is_err());
+        let e = t.check("10.0.0.2", &other).unwrap_err();
+        assert!(
+            e.contains("the pool master says 10.0.0.2's certificate is"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn pin_files_missing_valid_empty_malformed() {
