@@ -1120,8 +1120,12 @@ async fn fetch(
     for (info, purpose) in infos.iter().zip(&purposes) {
         let target = resolve_nbd_target(info, purpose, opts.allow_plain_nbd).await?;
         if target.trust.is_none() {
+            let why = match purpose {
+                NbdPurpose::Insecure { .. } => "the host's network is insecure_nbd",
+                _ => "the NBD server does not offer TLS",
+            };
             let w = format!(
-                "NBD without TLS at {}:{} (the host's network is insecure_nbd): disk data crosses the network unencrypted",
+                "NBD without TLS at {}:{} ({why}): disk data crosses the network unencrypted",
                 info.address, info.port
             );
             say(Event::Warning(&w));

@@ -314,3 +314,41 @@ fn sim_handlers_end_without_close_notify() {
     let want = h.sim.read_vdi(&h.vdi).unwrap();
     assert!(got[split + 4..] == want[..], "the body is the VDI");
 }
+
+/// Restore's read-back follows the same decision: over TLS where the network is nbd (or the
+/// server offers TLS when the purpose cannot be read), skipped with a warning on insecure_nbd.
+#[test]
+fn restore_reads_back_only_over_tls() {
+    for (mode, denied, read_back) in [
+        (NbdMode::Plain, false, false),
+        (NbdMode::Plain, true, false),
+        (NbdMode::Tls, true, true),
+    ] {
+        let h = start(mode);
+        let (d, _) = h.backup_ok(&["--allow-plain-nbd"]);
+        h.sim.with(|st| st.faults.networks_denied = denied);
+        let sr = h.sim.with(|st| st.sr_uuid.clone());
+        let o = Command::new(bin())
+            .args(["restore", s(&h.repo()), d["point"].as_str().unwrap()])
+            .args(["--new-vdi", "--sr", &sr, "--json"])
+            .args(["--host", &h.sim.url, "--password-file", s(&h.pw)])
+            .output()
+            .unwrap();
+        let what = format!("{mode:?}, purpose hidden: {denied}");
+        assert!(o.status.success(), "{what}: {}", text(&o));
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        let verified = r["verified_blocks"].as_u64().unwrap();
+        if read_back {
+            assert!(verified > 10, "{what}: {r}");
+        } else {
+            assert_eq!(verified, 0, "{what}: {r}");
+            assert!(stderr.contains("not read back"), "{what}: {stderr}");
+        }
+        let new_vdi = r["vdi"].as_str().unwrap();
+        assert!(
+            h.sim.read_vdi(new_vdi).unwrap() == h.sim.read_vdi(&h.vdi).unwrap(),
+            "{what}: the restored VDI is the point"
+        );
+    }
+}

@@ -21,6 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const MAX_HEAD: usize = 64 << 10;
 /// At most this many header fields.
 pub const MAX_HEADERS: usize = 128;
+/// Empty lines skipped before a request line.
+const MAX_EMPTY_LINES: usize = 16;
 /// A body is read from the socket at most this much at a time.
 const READ_CHUNK: usize = 1 << 20;
 
@@ -174,9 +176,11 @@ fn tchar(b: u8) -> bool {
 /// Parse a request head at the start of `buf`. `Ok(None)`: the head is not complete yet (read
 /// more); `Ok(Some((head, n)))`: the head took `n` bytes, the body (if any) follows.
 pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
-    // RFC 9112 §2.2: empty lines before the request line are ignored.
+    // RFC 9112 §2.2: empty lines before the request line are ignored (a few: a flood of
+    // them is a malformed request, not a reason to buffer forever).
     let skip = buf
         .chunks(2)
+        .take(MAX_EMPTY_LINES)
         .take_while(|c| *c == b"\r\n")
         .count()
         .saturating_mul(2);
@@ -487,6 +491,10 @@ mod tests {
         assert_eq!(parse_head(&big), Err(HttpError::HeadTooLarge));
         big.truncate(MAX_HEAD - 1);
         assert_eq!(parse_head(&big), Ok(None));
+        // A flood of empty lines is not buffered forever either.
+        let flood = b"\r\n".repeat(MAX_HEAD);
+        assert!(matches!(parse_head(&flood), Err(HttpError::RequestLine(_))));
+        assert_eq!(parse_head(&b"\r\n".repeat(MAX_EMPTY_LINES - 1)), Ok(None));
         let mut many = String::from("GET / HTTP/1.1\r\n");
         for i in 0..=MAX_HEADERS {
             many.push_str(&format!("x{i}: 1\r\n"));

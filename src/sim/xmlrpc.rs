@@ -30,8 +30,11 @@ fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':')
 }
 
-/// Decode the entities of character data.
+/// Decode the entities of character data. NUL is no XML character, raw or referenced.
 fn unescape(s: &str) -> Result<String, String> {
+    if s.contains('\0') {
+        return Err("a NUL character in the text".into());
+    }
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('&') {
@@ -68,39 +71,63 @@ fn unescape(s: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// Split a document into tags and text (comments, processing instructions and the XML
-/// declaration dropped).
-fn tokens(xml: &str) -> Result<Vec<Tok>, String> {
-    if xml.len() > MAX_INPUT {
-        return Err(format!("document larger than {MAX_INPUT} bytes"));
-    }
-    let mut out = Vec::new();
-    let mut rest = xml;
-    while !rest.is_empty() {
-        let Some(lt) = rest.find('<') else {
-            out.push(Tok::Text(unescape(rest)?));
-            break;
-        };
-        if lt > 0 {
-            out.push(Tok::Text(unescape(&rest[..lt])?));
+/// A lexer over a document: tags and text, one at a time (comments, processing instructions and
+/// the XML declaration dropped), so memory stays that of the value being built.
+struct Parser<'a> {
+    rest: &'a str,
+    peeked: Option<Tok>,
+}
+
+impl<'a> Parser<'a> {
+    fn new(xml: &'a str) -> Result<Parser<'a>, String> {
+        if xml.len() > MAX_INPUT {
+            return Err(format!("document larger than {MAX_INPUT} bytes"));
         }
-        rest = &rest[lt..];
-        if let Some(r) = rest.strip_prefix("<!--") {
-            let e = r.find("-->").ok_or("unterminated comment")?;
-            rest = &r[e + 3..];
-        } else if let Some(r) = rest.strip_prefix("<![CDATA[") {
-            let e = r.find("]]>").ok_or("unterminated CDATA section")?;
-            out.push(Tok::Text(r[..e].to_string()));
-            rest = &r[e + 3..];
-        } else if let Some(r) = rest.strip_prefix("<?") {
-            let e = r.find("?>").ok_or("unterminated processing instruction")?;
-            rest = &r[e + 2..];
-        } else if rest.starts_with("<!") {
-            return Err("DOCTYPE and other declarations are not accepted".into());
-        } else {
+        Ok(Parser {
+            rest: xml,
+            peeked: None,
+        })
+    }
+
+    /// The next token from the text, None at its end.
+    fn lex(&mut self) -> Result<Option<Tok>, String> {
+        loop {
+            let rest = self.rest;
+            if rest.is_empty() {
+                return Ok(None);
+            }
+            let Some(lt) = rest.find('<') else {
+                self.rest = "";
+                return Ok(Some(Tok::Text(unescape(rest)?)));
+            };
+            if lt > 0 {
+                self.rest = &rest[lt..];
+                return Ok(Some(Tok::Text(unescape(&rest[..lt])?)));
+            }
+            if let Some(r) = rest.strip_prefix("<!--") {
+                let e = r.find("-->").ok_or("unterminated comment")?;
+                self.rest = &r[e + 3..];
+                continue;
+            }
+            if let Some(r) = rest.strip_prefix("<![CDATA[") {
+                let e = r.find("]]>").ok_or("unterminated CDATA section")?;
+                self.rest = &r[e + 3..];
+                if r[..e].contains('\0') {
+                    return Err("a NUL character in a CDATA section".into());
+                }
+                return Ok(Some(Tok::Text(r[..e].to_string())));
+            }
+            if let Some(r) = rest.strip_prefix("<?") {
+                let e = r.find("?>").ok_or("unterminated processing instruction")?;
+                self.rest = &r[e + 2..];
+                continue;
+            }
+            if rest.starts_with("<!") {
+                return Err("DOCTYPE and other declarations are not accepted".into());
+            }
             let gt = rest.find('>').ok_or("unterminated tag")?;
             let inner = &rest[1..gt];
-            rest = &rest[gt + 1..];
+            self.rest = &rest[gt + 1..];
             let (closing, inner) = match inner.strip_prefix('/') {
                 Some(i) => (true, i),
                 None => (false, inner),
@@ -119,53 +146,51 @@ fn tokens(xml: &str) -> Result<Vec<Tok>, String> {
                 ));
             }
             if closing && !attrs.trim().is_empty() {
-                return Err(format!("malformed end tag </{inner}>"));
+                return Err(format!(
+                    "malformed end tag </{}>",
+                    inner.chars().take(40).collect::<String>()
+                ));
             }
             let name = name.to_string();
-            out.push(if closing {
+            return Ok(Some(if closing {
                 Tok::Close(name)
             } else if empty {
                 Tok::Empty(name)
             } else {
                 Tok::Open(name)
-            });
+            }));
         }
     }
-    Ok(out)
-}
 
-struct Parser {
-    toks: Vec<Tok>,
-    pos: usize,
-}
-
-impl Parser {
-    fn peek(&self) -> Option<&Tok> {
-        self.toks.get(self.pos)
+    fn peek(&mut self) -> Result<Option<&Tok>, String> {
+        if self.peeked.is_none() {
+            self.peeked = self.lex()?;
+        }
+        Ok(self.peeked.as_ref())
     }
 
     fn next(&mut self) -> Result<Tok, String> {
-        let t = self
-            .toks
-            .get(self.pos)
-            .cloned()
-            .ok_or("the document ends too early")?;
-        self.pos += 1;
-        Ok(t)
-    }
-
-    /// Skip whitespace-only text.
-    fn ws(&mut self) {
-        while let Some(Tok::Text(t)) = self.peek() {
-            if !t.trim().is_empty() {
-                return;
-            }
-            self.pos += 1;
+        match self.peeked.take() {
+            Some(t) => Ok(t),
+            None => self
+                .lex()?
+                .ok_or_else(|| "the document ends too early".into()),
         }
     }
 
+    /// Skip whitespace-only text.
+    fn ws(&mut self) -> Result<(), String> {
+        while let Some(Tok::Text(t)) = self.peek()? {
+            if !t.trim().is_empty() {
+                break;
+            }
+            self.peeked = None;
+        }
+        Ok(())
+    }
+
     fn expect_open(&mut self, name: &str) -> Result<(), String> {
-        self.ws();
+        self.ws()?;
         match self.next()? {
             Tok::Open(n) if n == name => Ok(()),
             t => Err(format!("expected <{name}>, found {}", show(&t))),
@@ -173,7 +198,7 @@ impl Parser {
     }
 
     fn expect_close(&mut self, name: &str) -> Result<(), String> {
-        self.ws();
+        self.ws()?;
         match self.next()? {
             Tok::Close(n) if n == name => Ok(()),
             t => Err(format!("expected </{name}>, found {}", show(&t))),
@@ -198,9 +223,9 @@ impl Parser {
             return Err(format!("values nested deeper than {MAX_DEPTH}"));
         }
         let mut text = String::new();
-        while let Some(Tok::Text(t)) = self.peek() {
+        while let Some(Tok::Text(t)) = self.peek()? {
             text.push_str(t);
-            self.pos += 1;
+            self.peeked = None;
         }
         let v = match self.next()? {
             Tok::Close(n) if n == "value" => return Ok(Value::String(text)),
@@ -257,17 +282,17 @@ impl Parser {
                     })?
             }
             "nil" => {
-                self.ws();
+                self.ws()?;
                 self.expect_close("nil")?;
                 Value::Null
             }
             "array" => {
-                self.ws();
+                self.ws()?;
                 let mut items = Vec::new();
                 match self.next()? {
                     Tok::Empty(d) if d == "data" => {}
                     Tok::Open(d) if d == "data" => loop {
-                        self.ws();
+                        self.ws()?;
                         match self.next()? {
                             Tok::Open(v) if v == "value" => items.push(self.value(depth + 1)?),
                             Tok::Close(d) if d == "data" => break,
@@ -282,7 +307,7 @@ impl Parser {
             "struct" => {
                 let mut m = Map::new();
                 loop {
-                    self.ws();
+                    self.ws()?;
                     match self.next()? {
                         Tok::Close(s) if s == "struct" => break,
                         Tok::Open(s) if s == "member" => {
@@ -303,8 +328,8 @@ impl Parser {
     }
 
     fn end(&mut self) -> Result<(), String> {
-        self.ws();
-        match self.peek() {
+        self.ws()?;
+        match self.peek()? {
             None => Ok(()),
             Some(t) => Err(format!("{} after the end of the document", show(t))),
         }
@@ -320,16 +345,9 @@ fn show(t: &Tok) -> String {
     }
 }
 
-fn parser(xml: &str) -> Result<Parser, String> {
-    Ok(Parser {
-        toks: tokens(xml)?,
-        pos: 0,
-    })
-}
-
 /// A `methodCall`: (method name, parameters).
 pub fn decode_call(xml: &str) -> Result<(String, Vec<Value>), String> {
-    let mut p = parser(xml)?;
+    let mut p = Parser::new(xml)?;
     p.expect_open("methodCall")?;
     p.expect_open("methodName")?;
     let name = p.text_until("methodName")?.trim().to_string();
@@ -337,12 +355,12 @@ pub fn decode_call(xml: &str) -> Result<(String, Vec<Value>), String> {
         return Err("empty <methodName>".into());
     }
     let mut params = Vec::new();
-    p.ws();
+    p.ws()?;
     match p.next()? {
         Tok::Close(n) if n == "methodCall" => return p.end().map(|_| (name, params)),
         Tok::Empty(n) if n == "params" => {}
         Tok::Open(n) if n == "params" => loop {
-            p.ws();
+            p.ws()?;
             match p.next()? {
                 Tok::Close(n) if n == "params" => break,
                 Tok::Open(n) if n == "param" => {
@@ -362,7 +380,7 @@ pub fn decode_call(xml: &str) -> Result<(String, Vec<Value>), String> {
 
 /// One `<value>…</value>` document (xapi's `ova.xml`, a task's result).
 pub fn decode_value(xml: &str) -> Result<Value, String> {
-    let mut p = parser(xml)?;
+    let mut p = Parser::new(xml)?;
     p.expect_open("value")?;
     let v = p.value(1)?;
     p.end()?;
@@ -377,7 +395,9 @@ fn escape(s: &str, out: &mut String) {
             '>' => out.push_str("&gt;"),
             '&' => out.push_str("&amp;"),
             '"' => out.push_str("&quot;"),
-            // Characters XML 1.0 cannot carry become references (a decoder maps them back).
+            // XML cannot carry NUL at all, not even as a reference.
+            '\0' => out.push('\u{fffd}'),
+            // Other control characters become references (a decoder maps them back).
             c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => {
                 out.push_str(&format!("&#{};", c as u32))
             }
@@ -532,6 +552,9 @@ mod tests {
             "<value x</value>",
             "<value><string>a</value>",
             "<value><int/></value>",
+            // Found by fuzzing: a raw NUL was accepted, and its re-encoding refused.
+            "<value>a\u{0}b</value>",
+            "<value><![CDATA[\u{0}]]></value>",
         ] {
             assert!(decode_value(bad).is_err(), "{bad:?}");
         }
