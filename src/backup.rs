@@ -1133,9 +1133,21 @@ async fn fetch(
         }
         targets.push(target);
     }
-    let pool = Pool::open_many(targets, opts.fetch)
-        .await
-        .map_err(ImportError::Nbd)?;
+    let pool = match Pool::open_many(targets.clone(), opts.fetch).await {
+        Ok(pool) => pool,
+        Err(e) => {
+            // A record on an `nbd` network whose server speaks plain text is named as such.
+            for ((info, purpose), target) in infos.iter().zip(&purposes).zip(&targets) {
+                if *purpose == NbdPurpose::Nbd
+                    && let Err(crate::nbd::NbdError::NoTls { .. }) =
+                        crate::nbd::client::Client::connect(target, 1).await
+                {
+                    nbd_target(info, purpose, opts.allow_plain_nbd, true)?;
+                }
+            }
+            return Err(ImportError::Nbd(e).into());
+        }
+    };
     let notes = pool.notes();
     let said = notes.lock().map(|n| n.len()).unwrap_or(0);
     for n in notes.lock().map(|n| n.clone()).unwrap_or_default() {

@@ -433,8 +433,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let head =
             format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: {content_type}\r\n\r\n");
         self.stream.write_all(head.as_bytes()).await?;
-        while let Some(chunk) = body.recv().await {
-            self.stream.write_all(&chunk?).await?;
+        // While waiting for the next chunk, watch the client: one that went away (a timeout
+        // on its side) ends the transfer, so the export is released as xapi releases it.
+        let mut probe = [0u8; 512];
+        loop {
+            tokio::select! {
+                chunk = body.recv() => match chunk {
+                    Some(chunk) => self.stream.write_all(&chunk?).await?,
+                    None => break,
+                },
+                r = self.stream.read(&mut probe) => match r {
+                    Ok(0) => return Err(io::Error::from(io::ErrorKind::ConnectionAborted)),
+                    Err(e) => return Err(e),
+                    Ok(_) => {} // anything a client sends now is ignored
+                },
+            }
         }
         self.stream.flush().await
     }
