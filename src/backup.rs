@@ -543,8 +543,9 @@ async fn snapshot_records(
 ///
 /// With the snapshot's uuid recorded (the call had returned), that snapshot goes, unless it is
 /// the repository's origin. Without (the kill came during the call), the killed run's snapshot
-/// is one the VDI did not have before the call, that nobody tagged since (its `TAG` is absent,
-/// or the one it inherited from the VDI: xapi copies the VDI's other_config to snapshots), and
+/// is one the VDI did not have before the call, that nobody marked since (its other_config is
+/// exactly the one it inherited from the VDI: xapi copies the VDI's other_config to snapshots,
+/// and backup tools add their own keys to theirs), and
 /// that is not older than the newest snapshot before the call. A run makes one snapshot, so
 /// only the oldest such is removed: a later one was made by someone else after the kill (and
 /// two of the same second are left alone, named, for a human to decide).
@@ -576,12 +577,12 @@ async fn recover_snapshot_journal(
             .filter(|(_, s)| &s.uuid == uuid && not_origin(s))
             .collect(),
         None => {
-            let inherited = rec.other_config.get(TAG);
             let mut found: Vec<&(String, VdiRecord)> = snaps
                 .iter()
                 .filter(|(r, s)| {
+                    // Exactly what it inherited from the VDI: another tool marks its own.
                     !journal.before.contains(r)
-                        && s.other_config.get(TAG) == inherited
+                        && s.other_config == rec.other_config
                         && match journal.not_before {
                             Some(t) => s.snapshot_time.is_some_and(|st| st >= t),
                             None => true,
