@@ -447,13 +447,19 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), XapiError>>,
 {
-    let deadline = Instant::now() + IN_USE_WAIT;
-    let mut pause = Duration::from_millis(100);
+    let start = Instant::now();
+    let deadline = start + IN_USE_WAIT;
     loop {
         match f().await {
             Err(e) if e.failure() == Some(Failure::VdiInUse) && Instant::now() < deadline => {
+                // The unplug usually ends within a second or two: ask often then (a doubling
+                // pause would overshoot it by as much as it waited), rarely afterwards.
+                let pause = match start.elapsed() {
+                    t if t < Duration::from_secs(3) => Duration::from_millis(100),
+                    t if t < Duration::from_secs(10) => Duration::from_millis(500),
+                    _ => Duration::from_secs(2),
+                };
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
             }
             other => return other,
         }

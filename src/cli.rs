@@ -201,8 +201,8 @@ enum Command {
         connections: usize,
         /// Seconds the host may take to accept a connection, to start answering an API call or
         /// an HTTP transfer, or between bytes of an answer; and an NBD read before it is
-        /// retried.
-        #[arg(long, default_value_t = 60)]
+        /// retried. A snapshot on a busy SR can take a minute: keep it above that.
+        #[arg(long, default_value_t = 120)]
         timeout: u64,
         #[arg(long)]
         json: bool,
@@ -258,7 +258,7 @@ enum Command {
         no_verify: bool,
         /// Seconds the host may take to accept a connection, to start answering an API call or
         /// an HTTP transfer, or between bytes of an answer.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 120)]
         timeout: u64,
         #[arg(long)]
         json: bool,
