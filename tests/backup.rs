@@ -14,22 +14,10 @@ use serde_json::Value;
 
 const DISK_MB: u64 = 16;
 
-struct Host {
-    sim: Sim,
-    dir: tempfile::TempDir,
-    pw: PathBuf,
-    vdi: String,
-}
+type Host = SimHost;
 
 fn start(cfg: impl FnOnce(&mut SimConfig)) -> Host {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = SimConfig::new(&dir.path().join("sim"));
-    cfg(&mut c);
-    let pw = dir.path().join("password");
-    std::fs::write(&pw, format!("{}\n", c.password)).unwrap();
-    let sim = Sim::start(c).unwrap();
     // A disk that starts with data in a third of its blocks.
-    let img = dir.path().join("disk.img");
     let mut data = vec![0u8; (DISK_MB << 20) as usize];
     let mut rng = TestRng::new(7);
     for b in 0..data.len() / BS {
@@ -39,35 +27,10 @@ fn start(cfg: impl FnOnce(&mut SimConfig)) -> Host {
             }
         }
     }
-    std::fs::write(&img, &data).unwrap();
-    let (_, vdis) = sim.add_vm("vm1", &[("root", &img)]).unwrap();
-    Host {
-        sim,
-        dir,
-        pw,
-        vdi: vdis[0].clone(),
-    }
+    SimHost::start(cfg, &data)
 }
 
-impl Host {
-    fn repo(&self) -> PathBuf {
-        let r = self.dir.path().join("repo");
-        if !r.exists() {
-            ok(&["init", s(&r)]);
-        }
-        r
-    }
-
-    fn backup(&self, extra: &[&str]) -> Output {
-        let repo = self.repo();
-        Command::new(bin())
-            .args(["backup", "--repo", s(&repo), "--host", &self.sim.url])
-            .args(["--password-file", s(&self.pw), "--json"])
-            .args(extra)
-            .output()
-            .unwrap()
-    }
-
+impl SimHost {
     fn backup_vdi(&self) -> Value {
         let o = self.backup(&["--vdi", &self.vdi]);
         assert!(
@@ -78,16 +41,6 @@ impl Host {
         );
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
         v["disks"][0].clone()
-    }
-
-    fn backup_fails(&self, extra: &[&str]) -> String {
-        let o = self.backup(extra);
-        assert!(!o.status.success(), "backup unexpectedly succeeded");
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stderr),
-            String::from_utf8_lossy(&o.stdout)
-        )
     }
 
     /// Random guest writes; returns the blocks they touched.

@@ -4,102 +4,24 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use cbtfs::sim::{Sim, SimConfig};
+use cbtfs::sim::SimConfig;
 use common::*;
 use serde_json::Value;
 
 const DISK_MB: u64 = 16;
 
-struct Host {
-    sim: Sim,
-    dir: tempfile::TempDir,
-    pw: PathBuf,
-    vdi: String,
-}
+type Host = SimHost;
 
 fn start(cfg: impl FnOnce(&mut SimConfig)) -> Host {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = SimConfig::new(&dir.path().join("sim"));
-    cfg(&mut c);
-    let pw = dir.path().join("password");
-    std::fs::write(&pw, format!("{}\n", c.password)).unwrap();
-    let sim = Sim::start(c).unwrap();
     // Random data in every block: any block read from the wrong place shows.
-    let img = dir.path().join("disk.img");
     let mut rng = TestRng::new(21);
     let data: Vec<u8> = (0..DISK_MB << 20).map(|_| rng.next() as u8).collect();
-    std::fs::write(&img, &data).unwrap();
-    let (_, vdis) = sim.add_vm("vm1", &[("root", &img)]).unwrap();
-    Host {
-        sim,
-        dir,
-        pw,
-        vdi: vdis[0].clone(),
-    }
+    SimHost::start(cfg, &data)
 }
 
-impl Host {
-    fn repo(&self) -> PathBuf {
-        let r = self.dir.path().join("repo");
-        if !r.exists() {
-            ok(&["init", s(&r)]);
-        }
-        r
-    }
-
-    fn backup(&self, extra: &[&str]) -> Output {
-        let repo = self.repo();
-        Command::new(bin())
-            .args(["backup", "--repo", s(&repo), "--host", &self.sim.url])
-            .args(["--password-file", s(&self.pw), "--json", "--vdi", &self.vdi])
-            .args(extra)
-            .output()
-            .unwrap()
-    }
-
-    /// The disk's report and the run's standard error.
-    fn backup_ok(&self, extra: &[&str]) -> (Value, String) {
-        let o = self.backup(extra);
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(
-            o.status.success(),
-            "backup failed: {err}{}",
-            String::from_utf8_lossy(&o.stdout)
-        );
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-        (v["disks"][0].clone(), err)
-    }
-
-    fn backup_fails(&self, extra: &[&str]) -> String {
-        let o = self.backup(extra);
-        assert!(!o.status.success(), "backup unexpectedly succeeded");
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stderr),
-            String::from_utf8_lossy(&o.stdout)
-        )
-    }
-
-    /// The point's bytes equal the disk's.
-    fn assert_point_is_the_disk(&self, d: &Value) {
-        let out = self.dir.path().join("export.raw");
-        let point = d["point"].as_str().unwrap();
-        ok(&["export", s(&self.repo()), point, s(&out), "--force"]);
-        let got = std::fs::read(&out).unwrap();
-        let want = self.sim.read_vdi(&self.vdi).unwrap();
-        assert_eq!(got.len(), want.len(), "{point}: size");
-        if let Some(b) = got
-            .chunks(BS)
-            .zip(want.chunks(BS))
-            .position(|(a, b)| a != b)
-        {
-            panic!("{point}: block {b} differs from the disk");
-        }
-    }
-
+impl SimHost {
     fn requests(&self) -> std::collections::BTreeMap<String, u64> {
         self.sim.with(|st| st.nbd_requests.clone())
     }
@@ -124,11 +46,11 @@ fn a_host_taking_fewer_nbd_connections_than_asked_is_read_through_those_it_took(
     let w = warnings(&d);
     assert_eq!(w.iter().filter(|w| w.starts_with(said)).count(), 1, "{w:?}");
     assert_eq!(err.matches(said).count(), 1, "{err}");
-    h.assert_point_is_the_disk(&d);
+    h.assert_point_is_disk(&d);
 
     // No connection at all: an error naming the addresses, nothing committed.
     h.sim.with(|st| st.faults.nbd_connection_limit = Some(0));
-    let e = h.backup_fails(&["--connections", "4"]);
+    let e = h.backup_disk_fails(&["--connections", "4"]);
     assert!(e.contains("no NBD connection could be opened"), "{e}");
     assert!(e.contains("127.0.0.1") && e.contains("127.0.0.2"), "{e}");
 }
@@ -138,7 +60,7 @@ fn connections_are_spread_over_every_nbd_address_the_host_lists() {
     let h = start(|_| {});
     let (d, _) = h.backup_ok(&["--connections", "4"]);
     assert!(warnings(&d).is_empty(), "{d}");
-    h.assert_point_is_the_disk(&d);
+    h.assert_point_is_disk(&d);
     let r = h.requests();
     assert!(
         r.get("127.0.0.1").is_some_and(|n| *n > 0) && r.get("127.0.0.2").is_some_and(|n| *n > 0),
@@ -159,13 +81,13 @@ fn a_dead_nbd_address_is_done_without_and_all_dead_is_an_error_naming_them() {
             .any(|w| w.contains("accepted 2 of 4") && w.contains("127.0.0.2")),
         "{w:?}"
     );
-    h.assert_point_is_the_disk(&d);
+    h.assert_point_is_disk(&d);
     assert_eq!(h.requests().get("127.0.0.2"), None);
 
     h.sim.with(|st| {
         st.faults.nbd_down.insert("127.0.0.1".into());
     });
-    let e = h.backup_fails(&["--connections", "4"]);
+    let e = h.backup_disk_fails(&["--connections", "4"]);
     assert!(e.contains("no NBD connection could be opened"), "{e}");
     assert!(
         e.contains("nbds://127.0.0.1:") && e.contains("nbds://127.0.0.2:"),
@@ -184,7 +106,7 @@ fn an_nbd_address_dying_mid_run_is_replaced_by_the_other() {
     h.sim
         .with(|st| st.faults.nbd_dies_after = Some(("127.0.0.1".into(), 1)));
     let (d, _) = h.backup_ok(&["--connections", "4"]);
-    h.assert_point_is_the_disk(&d);
+    h.assert_point_is_disk(&d);
     let w = warnings(&d);
     assert!(
         w.iter()
@@ -201,7 +123,7 @@ fn a_host_that_accepts_but_never_answers_fails_within_the_timeout_saying_so() {
     h.repo();
     h.sim.with(|st| st.faults.api_hangs = true);
     let t0 = std::time::Instant::now();
-    let e = h.backup_fails(&["--timeout", "2"]);
+    let e = h.backup_disk_fails(&["--timeout", "2"]);
     let took = t0.elapsed();
     // A bound, not a timing claim: far below the 30 s and more a hung host held it before.
     assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
@@ -265,7 +187,7 @@ fn a_redirect_to_a_pool_member_is_followed_with_the_certificate_the_master_hande
     for run in 0..2 {
         let (d, _) = h.backup_ok(&[]);
         assert_eq!(d["via"], "export_raw_vdi", "run {run}: {d}");
-        h.assert_point_is_the_disk(&d);
+        h.assert_point_is_disk(&d);
     }
     let calls = h.sim.with(|st| st.calls.clone());
     assert!(
@@ -276,7 +198,7 @@ fn a_redirect_to_a_pool_member_is_followed_with_the_certificate_the_master_hande
     // A member the master does not list: its certificate is nobody's, the redirect refused.
     h.sim
         .with(|st| st.hosts.retain(|x| x.address != "127.0.0.2"));
-    let e = h.backup_fails(&[]);
+    let e = h.backup_disk_fails(&[]);
     assert!(e.contains("127.0.0.2 presented certificate"), "{e}");
     assert!(e.contains("refused"), "{e}");
     assert!(
@@ -292,7 +214,7 @@ fn a_transfer_that_stops_midway_fails_within_the_timeout_saying_so() {
     h.sim
         .with(|st| st.faults.export_hangs_after = Some(3 << 20));
     let t0 = std::time::Instant::now();
-    let e = h.backup_fails(&["--timeout", "2"]);
+    let e = h.backup_disk_fails(&["--timeout", "2"]);
     assert!(
         t0.elapsed() < std::time::Duration::from_secs(20),
         "took {:?}",

@@ -8,31 +8,18 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use cbtfs::sim::{NbdMode, Sim, SimConfig};
+use cbtfs::sim::NbdMode;
 use common::*;
 use serde_json::Value;
 
 const DISK_MB: u64 = 8;
 
-struct Host {
-    sim: Sim,
-    dir: tempfile::TempDir,
-    pw: PathBuf,
-    vdi: String,
-}
+type Host = SimHost;
 
 fn start(mode: NbdMode) -> Host {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = SimConfig::new(&dir.path().join("sim"));
-    c.nbd = mode;
-    let pw = dir.path().join("password");
-    std::fs::write(&pw, format!("{}\n", c.password)).unwrap();
-    let sim = Sim::start(c).unwrap();
-    let img = dir.path().join("disk.img");
     let mut data = vec![0u8; (DISK_MB << 20) as usize];
     let mut rng = TestRng::new(21);
     for b in 0..data.len() / BS {
@@ -42,14 +29,7 @@ fn start(mode: NbdMode) -> Host {
             }
         }
     }
-    std::fs::write(&img, &data).unwrap();
-    let (_, vdis) = sim.add_vm("vm1", &[("root", &img)]).unwrap();
-    Host {
-        sim,
-        dir,
-        pw,
-        vdi: vdis[0].clone(),
-    }
+    SimHost::start(|c| c.nbd = mode, &data)
 }
 
 fn text(o: &Output) -> String {
@@ -60,56 +40,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-impl Host {
-    fn repo(&self) -> PathBuf {
-        let r = self.dir.path().join("repo");
-        if !r.exists() {
-            ok(&["init", s(&r)]);
-        }
-        r
-    }
-
-    fn backup(&self, extra: &[&str]) -> Output {
-        Command::new(bin())
-            .args(["backup", "--repo", s(&self.repo()), "--host", &self.sim.url])
-            .args(["--password-file", s(&self.pw), "--json", "--vdi", &self.vdi])
-            .args(extra)
-            .output()
-            .unwrap()
-    }
-
-    /// A backup that must succeed: its disk report and its stderr.
-    fn backup_ok(&self, extra: &[&str]) -> (Value, String) {
-        let o = self.backup(extra);
-        assert!(o.status.success(), "backup failed: {}", text(&o));
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-        (
-            v["disks"][0].clone(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    }
-
-    fn backup_fails(&self, extra: &[&str]) -> String {
-        let o = self.backup(extra);
-        assert!(
-            !o.status.success(),
-            "backup unexpectedly succeeded: {}",
-            text(&o)
-        );
-        text(&o)
-    }
-
-    /// The point, exported with `cbtfs export`, equals the disk as it is now.
-    fn assert_point_is_disk(&self, point: &Value) {
-        let out = self.dir.path().join("export.raw");
-        let label = point["point"].as_str().unwrap();
-        ok(&["export", s(&self.repo()), label, s(&out), "--force"]);
-        let got = std::fs::read(&out).unwrap();
-        let want = self.sim.read_vdi(&self.vdi).unwrap();
-        assert_eq!(got.len(), want.len(), "point {label}: size");
-        assert!(got == want, "point {label} differs from the disk");
-    }
-
+impl SimHost {
     /// Our snapshots left on the host (tagged by the repository).
     fn our_snapshots(&self) -> usize {
         self.sim.with(|st| {
@@ -153,7 +84,7 @@ fn insecure_nbd_network_with_a_certificate_is_plain_only_with_the_flag() {
             "xapi fills the certificate on insecure_nbd networks too: {info:?}"
         );
     }
-    let err = h.backup_fails(&[]);
+    let err = h.backup_disk_fails(&[]);
     assert!(err.contains("--allow-plain-nbd"), "{err}");
     assert!(err.contains("insecure_nbd"), "{err}");
     assert!(err.contains("xe network-param-set uuid="), "{err}");
@@ -182,7 +113,7 @@ fn an_nbd_network_always_uses_tls() {
     // The network says nbd, the server speaks plain: not a downgrade cbtfs accepts.
     let p = start(NbdMode::Plain);
     p.sim.with(|st| st.net.set_purpose(&["nbd"]));
-    let err = p.backup_fails(&["--allow-plain-nbd"]);
+    let err = p.backup_disk_fails(&["--allow-plain-nbd"]);
     assert!(err.contains("does not offer TLS"), "{err}");
     assert!(err.contains("purpose is nbd"), "{err}");
 }
@@ -193,7 +124,7 @@ fn an_nbd_network_always_uses_tls() {
 fn an_unknown_purpose_is_decided_by_the_servers_answer() {
     let h = start(NbdMode::Plain);
     h.sim.with(|st| st.faults.networks_denied = true);
-    let err = h.backup_fails(&[]);
+    let err = h.backup_disk_fails(&[]);
     assert!(err.contains("--allow-plain-nbd"), "{err}");
     assert!(err.contains("does not offer TLS"), "{err}");
     let (d, stderr) = h.backup_ok(&["--allow-plain-nbd"]);
@@ -226,7 +157,7 @@ fn export_raw_vdi_close_delimited_without_close_notify() {
     let size = DISK_MB << 20;
     let cut = 3 * 65536 + 100;
     h.sim.with(|st| st.faults.export_close_after = Some(cut));
-    let err = h.backup_fails(&[]);
+    let err = h.backup_disk_fails(&[]);
     assert!(
         err.contains(&format!("the transfer ended after {cut} of {size} bytes")),
         "{err}"

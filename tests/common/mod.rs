@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod simhost;
+#[allow(unused_imports)]
+pub use simhost::SimHost;
+
 pub const BS: usize = 65536;
 
 pub fn bin() -> &'static str {
