@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use cbtfs::sim::{NbdMode, Sim, SimConfig};
@@ -499,13 +499,7 @@ fn kill_9_at_random_moments_then_the_next_backup_is_right() {
     h.backup_vdi();
     for trial in 0..12 {
         h.guest_writes(&mut rng, 20);
-        let mut child = Command::new(bin())
-            .args(["backup", "--repo", s(&h.repo()), "--host", &h.sim.url])
-            .args(["--password-file", s(&h.pw), "--vdi", &h.vdi])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = h.spawn_backup();
         std::thread::sleep(Duration::from_millis(rng.below(700)));
         let _ = child.kill();
         let _ = child.wait();
@@ -862,13 +856,7 @@ fn backup_killed_at(h: &Host, call: &str) {
     let seen = h
         .sim
         .with(|st| st.calls.iter().filter(|c| *c == call).count());
-    let mut child = Command::new(bin())
-        .args(["backup", "--repo", s(&h.repo()), "--host", &h.sim.url])
-        .args(["--password-file", s(&h.pw), "--vdi", &h.vdi])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = h.spawn_backup();
     wait_for(call, Duration::from_secs(60), || {
         h.sim
             .with(|st| st.calls.iter().filter(|c| *c == call).count())

@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 
 use cbtfs::sim::NbdMode;
@@ -30,14 +30,6 @@ fn start(mode: NbdMode) -> Host {
         }
     }
     SimHost::start(|c| c.nbd = mode, &data)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    )
 }
 
 impl SimHost {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 pub mod simhost;
 #[allow(unused_imports)]
-pub use simhost::SimHost;
+pub use simhost::{SimHost, text};
 
 pub const BS: usize = 65536;
 

@@ -2,7 +2,7 @@
 //! make against it (the real binary, JSON output).
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use cbtfs::sim::{Sim, SimConfig};
 use serde_json::Value;
@@ -18,7 +18,8 @@ pub struct SimHost {
     pub vdi: String,
 }
 
-fn text(o: &Output) -> String {
+/// A command's stderr then stdout, for messages.
+pub fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stderr),
@@ -62,6 +63,17 @@ impl SimHost {
             .args(["--password-file", s(&self.pw), "--json"])
             .args(extra)
             .output()
+            .unwrap()
+    }
+
+    /// A backup of the disk started in the background, its output discarded (to be killed).
+    pub fn spawn_backup(&self) -> Child {
+        Command::new(bin())
+            .args(["backup", "--repo", s(&self.repo()), "--host", &self.sim.url])
+            .args(["--password-file", s(&self.pw), "--vdi", &self.vdi])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
             .unwrap()
     }
 
