@@ -5,21 +5,25 @@ set -euo pipefail
 
 pkgs=(e2fsprogs fuse3 util-linux fdisk gdisk lvm2 kmod fio nbdkit nbd-server libnbd-bin openssl curl strace
       xfsprogs btrfs-progs dosfstools ntfs-3g fusefat fuse2fs)
-sudo=""
-if [ "$(id -u)" != 0 ]; then
-  if command -v sudo >/dev/null; then sudo="sudo"; else
-    echo "setup: not root and no sudo; install these yourself: ${pkgs[*]} qemu-utils" >&2
-    exit 0
-  fi
-fi
-command -v apt-get >/dev/null || { echo "setup: no apt-get; install: ${pkgs[*]} qemu-utils" >&2; exit 0; }
-
 missing=()
-for p in "${pkgs[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
+if command -v dpkg >/dev/null; then
+  for p in "${pkgs[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+fi
 need_qemu=0
 command -v qemu-img >/dev/null || need_qemu=1
+sudo=""
+if { [ ${#missing[@]} -gt 0 ] || [ $need_qemu = 1 ]; } && [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null; then sudo="sudo"; else
+    echo "setup: FAILED: not root and no sudo; install these as root: ${missing[*]} qemu-utils" >&2
+    exit 1
+  fi
+fi
+if { [ ${#missing[@]} -gt 0 ] || [ $need_qemu = 1 ]; } && ! command -v apt-get >/dev/null; then
+  echo "setup: FAILED: no apt-get here; install: ${missing[*]} qemu-utils (or your system's names for them)" >&2
+  exit 1
+fi
 if [ ${#missing[@]} -gt 0 ] || [ $need_qemu = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ $need_qemu = 1 ] && grep -q bookworm /etc/os-release 2>/dev/null; then
@@ -33,4 +37,19 @@ if [ ${#missing[@]} -gt 0 ] || [ $need_qemu = 1 ]; then
     $sudo apt-get install -y -qq -t bookworm-backports qemu-utils >/dev/null 2>&1 ||
       $sudo apt-get install -y -qq qemu-utils >/dev/null
   fi
+fi
+
+# Whatever happened above, check that every tool the demo and tests run is really there: a
+# machine that lost a package must fail here, loudly, not later as a skipped test.
+tools=(mkfs.ext4 debugfs fuse2fs fusermount3 losetup sfdisk sgdisk pvcreate fio nbdkit nbd-server
+       nbdcopy openssl curl strace mkfs.xfs mkfs.btrfs mkfs.vfat ntfs-3g mkntfs fusefat setpriv
+       qemu-img qemu-nbd)
+absent=()
+for t in "${tools[@]}"; do
+  command -v "$t" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$t" >/dev/null 2>&1 ||
+    absent+=("$t")
+done
+if [ ${#absent[@]} -gt 0 ]; then
+  echo "setup: FAILED: still missing after installing: ${absent[*]}" >&2
+  exit 1
 fi
