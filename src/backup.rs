@@ -25,6 +25,7 @@ use serde::Serialize;
 use crate::host::{HostError, connect, open_nbd_pool};
 use crate::import::{self, ImportError, ImportRequest};
 use crate::nbd::FetchOptions;
+use crate::repo::copy::{BlockCopy, READ_BLOCKS};
 use crate::repo::journal::SnapshotJournal;
 use crate::repo::{RepoError, Repository, WriteLock};
 use crate::xapi::{Failure, VdiRecord, Xapi, XapiError};
@@ -830,8 +831,11 @@ async fn import_http(
     )?;
     let (take, record_zeros) = import::plan(marked.as_ref(), w.previous(), size);
     let total = blocks_for(size);
-    let mut block = Vec::with_capacity(BLOCK_SIZE as usize);
-    let mut b = 0u64;
+    // The whole disk arrives in order; the blocks of `take` are kept, a run at a time.
+    let mut copy = BlockCopy::new(&mut w, Some(&take), record_zeros, total, &mut progress);
+    let run_bytes = (READ_BLOCKS * BLOCK_SIZE) as usize;
+    let mut run = Vec::with_capacity(run_bytes);
+    let mut first = 0u64;
     let mut received = 0u64;
     let short = |received: u64, why: String| {
         BackupError::Xapi(XapiError::Http {
@@ -864,31 +868,25 @@ async fn import_http(
             }
             Err(e) => return Err(short(received, crate::xapi::client::error_chain(e))),
         };
+        if chunk.len() as u64 > size - received {
+            // A host sending more than the VDI holds is not trusted with any of it.
+            return Err(BackupError::Xapi(XapiError::Http {
+                what: format!("export_raw_vdi of VDI {}", snap.uuid),
+                status: 200,
+                body: format!("the host sent more than the VDI's {size} bytes"),
+            }));
+        }
         let mut data = &chunk[..];
         while !data.is_empty() {
-            if b >= total {
-                // A host sending more than the VDI holds is not trusted with any of it.
-                return Err(BackupError::Xapi(XapiError::Http {
-                    what: format!("export_raw_vdi of VDI {}", snap.uuid),
-                    status: 200,
-                    body: format!("the host sent more than the VDI's {size} bytes"),
-                }));
-            }
-            // b < total, so b * BLOCK_SIZE < size: neither operation can wrap.
-            let block_len = BLOCK_SIZE.min(size - b * BLOCK_SIZE) as usize;
-            let n = (block_len - block.len()).min(data.len());
-            block.extend_from_slice(&data[..n]);
+            let n = (run_bytes - run.len()).min(data.len());
+            run.extend_from_slice(&data[..n]);
             data = &data[n..];
             received += n as u64;
-            if block.len() == block_len {
-                if take.contains(b as u32) && (record_zeros || !crate::is_zero(&block)) {
-                    w.add_block(b, &block)?;
-                }
-                block.clear();
-                b += 1;
-                if b.is_multiple_of(64) {
-                    progress(b, total);
-                }
+            // A full run, or the disk's end (its last block may be short).
+            if run.len() == run_bytes || received == size {
+                copy.put(first, &run)?;
+                first += READ_BLOCKS;
+                run.clear();
             }
         }
     }
