@@ -713,7 +713,7 @@ fn host_access(
     ca_cert: Option<PathBuf>,
     insecure_tls: bool,
     timeout: u64,
-) -> Result<crate::backup::HostAccess> {
+) -> Result<crate::host::HostAccess> {
     let password = read_password(password_file.as_deref())?;
     let ca_pem = match ca_cert {
         Some(p) => Some(
@@ -727,7 +727,7 @@ fn host_access(
             "cbtfs: warning: --insecure-tls: the host's certificate is not checked; anyone on the path can read the password and the disks"
         );
     }
-    Ok(crate::backup::HostAccess {
+    Ok(crate::host::HostAccess {
         url,
         user,
         password,
@@ -743,7 +743,7 @@ fn cmd_restore(
     opts: &crate::restore::RestoreOptions,
     json: bool,
 ) -> Result<()> {
-    use crate::backup::Event;
+    use crate::host::Event;
     let repository = open(repo)?;
     let (_, set, seq) = resolve(&repository, spec)?;
     let progress = Progress::new("restore", 0);

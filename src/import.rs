@@ -16,11 +16,9 @@ use std::path::{Path, PathBuf};
 use roaring::RoaringBitmap;
 
 use crate::bitmap::{self, BitmapError};
+use crate::repo::copy::{BlockCopy, BlockRange, CopyError, copy_blocks};
 use crate::repo::{NewPoint, PointManifest, RepoError, Repository};
 use crate::{BLOCK_SIZE, blocks_for};
-
-/// Blocks read from the image per call (4 MiB).
-const READ_BLOCKS: u64 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -35,6 +33,13 @@ pub enum ImportError {
     #[error("image {path}: {source}")]
     Image {
         path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image {path}: reading {blocks}: {source}")]
+    ImageRead {
+        path: PathBuf,
+        blocks: BlockRange,
         #[source]
         source: io::Error,
     },
@@ -218,7 +223,7 @@ fn import_file(
     lock: &crate::repo::WriteLock,
     req: &ImportRequest,
     path: &Path,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<ImportReport, ImportError> {
     let img_err = |source: io::Error| ImportError::Image {
         path: path.to_path_buf(),
@@ -236,36 +241,19 @@ fn import_file(
         marked.is_none(),
     )?;
     let (take, record_zeros) = plan(marked.as_ref(), w.previous(), size);
-
-    let total = take.len();
-    let mut done = 0u64;
-    let mut buf = vec![0u8; (READ_BLOCKS * BLOCK_SIZE) as usize];
-    let mut it = take.iter();
-    while let Some(run) = it.next_range() {
-        let (first, last) = (*run.start() as u64, *run.end() as u64);
-        let mut b = first;
-        while b <= last {
-            let n = (last - b + 1).min(READ_BLOCKS);
-            let off = b * BLOCK_SIZE;
-            let len = (n * BLOCK_SIZE).min(size - off) as usize;
-            img.read_exact_at(&mut buf[..len], off).map_err(img_err)?;
-            for i in 0..n {
-                let s = (i * BLOCK_SIZE) as usize;
-                let e = (s + BLOCK_SIZE as usize).min(len);
-                let block = &buf[s..e];
-                if record_zeros || !crate::is_zero(block) {
-                    w.add_block(b + i, block)?;
-                }
-            }
-            b += n;
-            done += n;
-            progress(done, total);
-        }
-    }
+    let mut image = |buf: &mut [u8], off: u64| img.read_exact_at(buf, off);
+    copy_blocks(&mut w, &mut image, &take, record_zeros, progress).map_err(|e| match e {
+        CopyError::Read { blocks, source } => ImportError::ImageRead {
+            path: path.to_path_buf(),
+            blocks,
+            source,
+        },
+        CopyError::Repo(e) => ImportError::Repo(e),
+    })?;
     let manifest = w.commit()?;
     Ok(ImportReport {
         manifest,
-        blocks_read: total,
+        blocks_read: take.len(),
     })
 }
 
@@ -277,7 +265,7 @@ pub async fn import_nbd(
     lock: &crate::repo::WriteLock,
     req: &ImportRequest,
     mut pool: crate::nbd::Pool,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<ImportReport, ImportError> {
     let target = pool.target().clone();
     // The client only gets here with a size the server stated (NBD_INFO_EXPORT, or the
@@ -330,18 +318,15 @@ pub async fn import_nbd(
         let end = ((*run.end() as u64 + 1) * BLOCK_SIZE).min(size);
         extents.push((off, end - off));
     }
-    let mut done = 0u64;
+    let mut copy = BlockCopy::new(&mut w, None, record_zeros, total, progress);
     let mut failure = None;
     let fetched = pool
         .fetch(&extents, |off, data| {
-            if let Err(e) = w.add_run(off / BLOCK_SIZE, data, record_zeros) {
+            copy.put(off / BLOCK_SIZE, data).map_err(|e| {
                 let msg = e.to_string();
                 failure = Some(e);
-                return Err(msg);
-            }
-            done += blocks_for(data.len() as u64);
-            progress(done, total);
-            Ok(())
+                msg
+            })
         })
         .await;
     // Every connection ends cleanly before the point commits (or the error is reported).

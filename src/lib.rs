@@ -17,6 +17,7 @@ pub mod diff;
 pub mod export;
 pub mod fs;
 pub mod fuse;
+pub mod host;
 pub mod import;
 pub mod mount;
 pub mod naming;

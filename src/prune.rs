@@ -18,11 +18,9 @@
 use serde::Serialize;
 
 use crate::read::PointReader;
+use crate::repo::copy::{CopyError, copy_blocks};
 use crate::repo::{NewPoint, PointManifest, RepoError, Repository, SetHistory, WriteLock};
 use crate::{BLOCK_SIZE, blocks_for};
-
-/// Blocks read from the original chain per call when rewriting (4 MiB).
-const READ_BLOCKS: u64 = 64;
 
 /// Which points to keep. A point is kept if any rule keeps it.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -368,30 +366,16 @@ fn rewrite(
     )?;
     // The rewritten point holds the same bytes: it keeps its identity.
     w.keep_id(m.point_id());
-    let mut buf = vec![0u8; (READ_BLOCKS * BLOCK_SIZE) as usize];
-    let mut it = take.iter();
-    while let Some(run) = it.next_range() {
-        let (first, last) = (*run.start() as u64, *run.end() as u64);
-        let mut b = first;
-        while b <= last {
-            let n = (last - b + 1).min(READ_BLOCKS);
-            let off = b * BLOCK_SIZE;
-            let len = (n * BLOCK_SIZE).min(size - off) as usize;
-            reader
-                .read_at(&mut buf[..len], off)
-                .map_err(|e| read_err(e.to_string()))?;
-            for i in 0..n {
-                let s = (i * BLOCK_SIZE) as usize;
-                let e = (s + BLOCK_SIZE as usize).min(len);
-                let block = &buf[s..e];
-                // A base needs no zero blocks; an increment records them (they hide older data).
-                if !base || !crate::is_zero(block) {
-                    w.add_block(b + i, block)?;
-                }
-            }
-            b += n;
-        }
-    }
+    let mut chain = |buf: &mut [u8], off: u64| match reader.read_at(buf, off) {
+        Ok(n) if n == buf.len() => Ok(()),
+        Ok(n) => Err(format!("the chain ends after {n} of {} bytes", buf.len())),
+        Err(e) => Err(e.to_string()),
+    };
+    // A base needs no zero blocks; an increment records them (they hide older data).
+    copy_blocks(&mut w, &mut chain, &take, !base, |_, _| {}).map_err(|e| match e {
+        CopyError::Read { blocks, source } => read_err(format!("{blocks}: {source}")),
+        CopyError::Repo(e) => PruneError::Repo(e),
+    })?;
     w.commit()?;
     Ok(())
 }

@@ -19,7 +19,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::backup::{Event, HostAccess};
+use crate::host::{Event, HostAccess, NbdPurpose};
 use crate::read::PointReader;
 use crate::repo::{DiskHistory, PointManifest, RepoError, Repository, SetHistory};
 use crate::xapi::{Failure, NbdInfo, Xapi, XapiError};
@@ -90,7 +90,7 @@ pub enum RestoreError {
     #[error(transparent)]
     Repo(#[from] RepoError),
     #[error(transparent)]
-    Backup(#[from] crate::backup::BackupError),
+    Host(#[from] crate::host::HostError),
     #[error("{0}")]
     Refused(String),
     #[error(
@@ -255,7 +255,7 @@ pub async fn run(
     } else {
         vec![reader.clone()]
     };
-    let (mut xapi, _) = crate::backup::connect(repo, &opts.host, say).await?;
+    let (mut xapi, _) = crate::host::connect(repo, &opts.host, say).await?;
     let r = restore_logged_in(repo, &xapi, &reader, &readers, opts, warnings, say).await;
     xapi.logout().await;
     r
@@ -561,10 +561,10 @@ async fn fill(
     if !no_verify {
         match xapi.nbd_info(vdi_ref).await {
             Ok(infos) if !infos.is_empty() => {
-                let purpose = crate::backup::nbd_purposes(xapi, &infos[..1])
+                let purpose = crate::host::nbd_purposes(xapi, &infos[..1])
                     .await
                     .pop()
-                    .unwrap_or(crate::backup::NbdPurpose::Unknown);
+                    .unwrap_or(NbdPurpose::Unknown);
                 match read_back(&infos[0], &purpose, reader, vdi).await? {
                     Some(n) => verified = n,
                     None => {
@@ -654,13 +654,12 @@ async fn upload(
 /// network, or a server that does not offer TLS): plain NBD is not used for the check.
 async fn read_back(
     info: &NbdInfo,
-    purpose: &crate::backup::NbdPurpose,
+    purpose: &NbdPurpose,
     reader: &Arc<PointReader>,
     vdi: &str,
 ) -> Result<Option<u64>, RestoreError> {
-    use crate::backup::NbdPurpose;
     let refused = |e: String| RestoreError::Refused(format!("reading VDI {vdi} back: {e}"));
-    let target = match crate::backup::nbd_target(info, purpose, false, false) {
+    let target = match crate::host::nbd_target(info, purpose, false, false) {
         Ok(t) => t,
         Err(e) if *purpose == NbdPurpose::Nbd => return Err(refused(e.to_string())),
         Err(_) => return Ok(None),

@@ -59,6 +59,7 @@
 //! another process truncating an index while it is mapped would fault the reader (the limit of
 //! mapping; repository files are private to their owner).
 
+pub mod copy;
 pub mod error;
 pub mod index;
 pub mod journal;
