@@ -253,7 +253,7 @@ fn refusals_say_what_to_do_and_leave_nothing_behind() {
     std::fs::write(&bad, "not-the-password-xyz\n").unwrap();
     let repo = h.repo();
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&repo), "--host", &h.sim.url])
+        .args(["backup", s(&repo), "--host", &h.sim.url])
         .args(["--password-file", s(&bad), "--vdi", &h.vdi])
         .output()
         .unwrap();
@@ -314,7 +314,6 @@ fn refusals_say_what_to_do_and_leave_nothing_behind() {
     let o = Command::new(bin())
         .args([
             "backup",
-            "--repo",
             s(&h2.repo()),
             "--host",
             &h2.sim.url,
@@ -344,7 +343,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
     // Another host on the same address with another certificate.
     let other = start(|_| {});
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&h.repo()), "--host", &other.sim.url])
+        .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .output()
         .unwrap();
@@ -357,7 +356,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
     let ca = h.dir.path().join("wrong-ca.pem");
     std::fs::write(&ca, &h.sim.cert_pem).unwrap();
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&h.repo()), "--host", &other.sim.url])
+        .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .args(["--ca-cert", s(&ca)])
         .output()
@@ -366,7 +365,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("certificate"));
     // --insecure-tls works and says so.
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&h.repo()), "--host", &other.sim.url])
+        .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .arg("--insecure-tls")
         .output()
@@ -409,7 +408,7 @@ fn xmlrpc_only_host_pool_member_and_vm_selection() {
     };
     member.with(|st| st.slave_of = Some("127.0.0.1".into()));
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&j.repo()), "--host", &member.url])
+        .args(["backup", s(&j.repo()), "--host", &member.url])
         .args(["--password-file", s(&j.pw), "--vdi", &j.vdi, "--json"])
         .output()
         .unwrap();
@@ -681,7 +680,6 @@ fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
     let o = Command::new(bin())
         .args([
             "backup",
-            "--repo",
             s(&repo),
             "--host",
             &sim.url,
@@ -696,7 +694,7 @@ fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
     assert!(!err.contains("pinned"), "{err}");
     // The same host reached by a name its certificate does not carry is refused.
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&repo), "--password-file", s(&pw)])
+        .args(["backup", s(&repo), "--password-file", s(&pw)])
         .args(["--host", &sim.url.replace("127.0.0.1", "localhost")])
         .args(["--vdi", &vdis[0], "--ca-cert", &p("ca.pem")])
         .output()
