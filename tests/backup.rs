@@ -1167,3 +1167,74 @@ fn a_vm_with_two_disks_comes_back_whole_into_a_new_vm_and_over_a_halted_vm() {
     let o = restore(&h, &[&lone, "--to-vdi", &vdis[0]]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// Under --json a run where one disk of the VM fails prints one object: the report, and an
+/// error naming the disk, with the disks done before it; a run that fails as a whole prints the
+/// error object alone. Both exit 1.
+#[test]
+fn json_errors_name_the_failed_disk_and_the_disks_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SimConfig::new(&dir.path().join("sim"));
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, &cfg.password).unwrap();
+    let sim = Sim::start(cfg).unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    std::fs::write(&a, vec![1u8; 2 << 20]).unwrap();
+    std::fs::write(&b, vec![2u8; 2 << 20]).unwrap();
+    let (_, vdis) = sim.add_vm("web01", &[("xvda", &a), ("xvdb", &b)]).unwrap();
+    // The second disk cannot have CBT.
+    sim.with(|st| {
+        let r = st.vdi_ref(&vdis[1]).unwrap();
+        st.vdis.get_mut(&r).unwrap().on_boot = "reset".into();
+    });
+    let repo = dir.path().join("repo");
+    ok(&["init", s(&repo)]);
+    let run = |selection: &[&str]| {
+        Command::new(bin())
+            .args([
+                "backup",
+                s(&repo),
+                "--host",
+                &sim.url,
+                "--password-file",
+                s(&pw),
+            ])
+            .args(selection)
+            .arg("--json")
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--vm", "web01"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "disks_failed", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with(&format!("VDI {}: ", vdis[1])), "{v}");
+    assert!(
+        message.contains("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION"),
+        "{v}"
+    );
+    let done = v["error"]["done"].as_array().unwrap();
+    assert_eq!(done.len(), 1, "{v}");
+    assert_eq!(done[0]["vdi"], vdis[0].as_str(), "{v}");
+    assert_eq!(done[0]["disk"], "xvda", "{v}");
+    assert_eq!(done[0]["vm"], "web01", "{v}");
+    assert_eq!(done[0]["point"], v["disks"][0]["point"], "{v}");
+    assert_eq!(v["disks"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["failures"][0][0], vdis[1].as_str(), "{v}");
+
+    // A VDI the host does not know: the run fails as a whole, nothing done.
+    let o = run(&["--vdi", "00000000-0000-4000-8000-000000000000"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    assert_eq!(v["error"]["done"], serde_json::json!([]), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("UUID_INVALID"),
+        "{v}"
+    );
+    assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+}
