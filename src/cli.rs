@@ -89,8 +89,10 @@ Examples:
         /// The directory to create (or an empty one). May be left out when CBTFS_REPO names it.
         repo: PathBuf,
     },
-    /// Add a restore point from a raw disk image or an NBD export: a full base, or the blocks a
-    /// CBT bitmap marks as changed.
+    /// Add a restore point from a raw disk image or an NBD export.
+    ///
+    /// Without --bitmap the image is a full base starting a new set; with it, only the blocks the
+    /// CBT bitmap marks as changed are read and stored.
     #[command(after_help = "\
 Examples:
   cbtfs import /backup/repo --vdi 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b --vm-name web01 --raw web01-xvda.img
@@ -150,8 +152,9 @@ Examples:
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
-    /// List disks, sets and restore points (or, with --volumes POINT, the partitions and LVM
-    /// volumes inside a point).
+    /// List disks, sets and restore points, or the volumes inside a point.
+    ///
+    /// With --volumes POINT: the partitions and LVM volumes inside that point.
     #[command(after_help = "\
 Examples:
   cbtfs ls /backup/repo
@@ -200,8 +203,10 @@ Examples:
         #[arg(short = 'o', value_name = "OPTIONS", help = mount_options_help())]
         options: Vec<String>,
     },
-    /// Mount every filesystem inside a point under DIR, read-only (one folder per partition or
-    /// LVM volume, named like the files in POINT.parts/). `cbtfs browse --unmount DIR` ends it.
+    /// Mount every filesystem inside a point under DIR, read-only.
+    ///
+    /// One folder per partition or LVM volume, named like the files in POINT.parts/ of the
+    /// mount. `cbtfs browse --unmount DIR` ends it.
     #[command(
         override_usage = "cbtfs browse [OPTIONS] REPO POINT DIR\n       cbtfs browse --unmount DIR",
         after_help = "\
@@ -227,8 +232,10 @@ Examples:
         #[arg(long)]
         userspace: bool,
     },
-    /// List files added (A), removed (D) and modified (M) between two points of the same disk,
-    /// per volume; reads only what the changed-block bitmaps say may differ.
+    /// List files added (A), removed (D) and modified (M) between two points of the same disk.
+    ///
+    /// The changes are listed per volume; only what the changed-block bitmaps say may differ is
+    /// read.
     #[command(after_help = "\
 Examples:
   cbtfs diff /backup/repo web01/xvda/20260104T020000Z/20260104T020000Z web01/xvda/20260104T020000Z/20260105T020000Z
@@ -250,8 +257,10 @@ Examples:
         #[arg(long)]
         json: bool,
     },
-    /// Back up disks from a XenServer/XCP-ng host with changed block tracking: a full base the
-    /// first time (or when CBT was reset), afterwards only the changed blocks.
+    /// Back up the disks of a VM, or one disk, from a XenServer/XCP-ng host.
+    ///
+    /// Changed block tracking makes it incremental: a full base the first time (or when CBT was
+    /// reset), afterwards only the changed blocks.
     #[command(after_help = "\
 Examples:
   cbtfs backup /backup/repo --host https://xcp-ng-master.lan --password-file /root/.xcp-password --vm web01
@@ -300,8 +309,10 @@ Examples:
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
-    /// Put a restore point back into a host: over an existing VDI or into a new one; or a whole
-    /// VM (every disk of the point's backup run): into a new VM (--new-vdi --new-vm) or over a
+    /// Put a restore point back into a host: one disk, or a whole VM.
+    ///
+    /// One disk goes over an existing VDI (--to-vdi) or into a new one (--new-vdi). A whole VM
+    /// (every disk of the point's backup run) goes into a new VM (--new-vdi --new-vm) or over a
     /// halted VM's disks (--to-vm).
     #[command(after_help = "\
 Examples:
@@ -359,9 +370,10 @@ Examples:
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
-    /// Remove old restore points by retention policy. What a removed point holds is merged into
-    /// the next kept point, so every kept point stays byte-identical, and the space the removed
-    /// points took is freed.
+    /// Remove old restore points by retention policy.
+    ///
+    /// What a removed point holds is merged into the next kept point, so every kept point stays
+    /// byte-identical, and the space the removed points took is freed.
     #[command(after_help = "\
 Examples:
   cbtfs prune /backup/repo --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run
