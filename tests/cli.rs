@@ -201,6 +201,22 @@ fn cbtfs_repo_names_the_repository_when_left_out() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // browse takes REPO POINT DIR in one list: two of them mean CBTFS_REPO's repository.
+    let o = with_repo_env(
+        s(&d.path().join("not-a-repo")),
+        &["browse", point, s(&d.path().join("mnt"))],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not-a-repo"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (_, m) = fails(&["browse", point, s(&d.path().join("mnt"))]);
+    assert!(
+        m.contains("REPO may be left out when CBTFS_REPO names it"),
+        "{m}"
+    );
     // Without it, REPO is required (clap's usage error, status 2).
     let (code, m) = fails(&["ls"]);
     assert_eq!(code, 2);
