@@ -73,7 +73,7 @@ use_qemu() { ctl "nbd?address=127.0.0.1&port=$1&export=disk&subject=localhost" -
 use_sim() { ctl "nbd"; }
 
 secs() { local t0 t1; t0=$(date +%s.%N); "$@" > /dev/null 2>&1 || { echo "failed: $*" >&2; exit 1; }; t1=$(date +%s.%N); python3 -c "print($t1 - $t0)"; }
-backup() { "$CBTFS" backup --repo "$SHM/repo" --host "$URL" --password-file "$WORK/sim/password" --vdi "$VDI" --connections "$1"; }
+backup() { "$CBTFS" backup "$SHM/repo" --host "$URL" --password-file "$WORK/sim/password" --vdi "$VDI" --connections "$1"; }
 fresh() { rm -rf "$SHM/repo"; "$CBTFS" init "$SHM/repo" > /dev/null; }
 min() { python3 -c "import sys; print(min(float(x) for x in sys.argv[1:]))" "$@"; }
 mbps() { python3 -c "print(round($1 / $2 / 1e6))"; }

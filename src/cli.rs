@@ -1,5 +1,6 @@
 //! The command line: the only place that prints for humans.
 
+use std::ffi::OsString;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 
 use crate::export;
@@ -21,12 +22,54 @@ use crate::{BLOCK_SIZE, blocks_for, timefmt};
 /// Exit status when `verify` finds damage (1 is any other error, 2 a usage error).
 pub const EXIT_DAMAGE: u8 = 3;
 
+/// Exit status of a usage error (as clap exits).
+const EXIT_USAGE: u8 = 2;
+
+/// The environment variable naming the repository when a command's REPO is left out.
+pub const REPO_ENV: &str = "CBTFS_REPO";
+
+const REPO_HELP: &str =
+    "The repository directory (made by `cbtfs init`). May be left out when CBTFS_REPO names it";
+
+const POINT_HELP: &str = "A restore point: VM/DISK/SET/POINT as `cbtfs ls` shows it, VDI_UUID@latest, or VDI_UUID@TIME (the newest point at or before TIME: 2026-01-05, 2026-01-05T02:00:00Z)";
+
+const JSON_HELP: &str = "Print the result as JSON on standard output; an error becomes {\"error\": {\"code\", \"message\", \"done\"}} there too";
+
+const USER_HELP: &str = "The user to log in to the host's management API as";
+
+const TOP_AFTER_HELP: &str = "\
+Examples:
+  cbtfs init /backup/repo
+  cbtfs backup /backup/repo --host https://xcp-ng-master.lan --password-file /root/.xcp-password --vm web01
+  cbtfs ls /backup/repo
+
+Environment:
+  CBTFS_REPO      the repository of every command whose REPO is left out (CBTFS_REPO=/backup/repo)
+  CBTFS_PASSWORD  the host's password when --password-file is not given
+  CBTFS_LOG       log detail on standard error: warn (default), info, debug";
+
+/// The mount's `-o` options, with the defaults the mount really uses.
+fn mount_options_help() -> String {
+    format!(
+        "Mount options, comma-separated: allow_other (every user may read the mount), allow_root, \
+         log_file=FILE, threads=N (threads serving reads, 1 to 64; default {threads}), \
+         prefetch=MiB (read-ahead of each sequential reader, 0 turns it off, at most 1024; \
+         default {prefetch}), nonempty (mount over a directory that is not empty, hiding what is \
+         there; refused without it), nodev, nosuid, noexec, noatime (and dev, suid, exec, atime, \
+         nodiratime, relatime, strictatime, sync, async, dirsync); ro and default_permissions \
+         always hold; fstab's defaults/auto/noauto/user/users/nouser/owner/group/_netdev/nofail/\
+         comment/loop/x-* are accepted and ignored; rw is refused",
+        threads = crate::mount::DEFAULT_THREADS,
+        prefetch = crate::mount::DEFAULT_PREFETCH_MIB,
+    )
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "cbtfs",
     version,
-    about = "Incremental backups of XenServer/XCP-ng disks with Changed Block Tracking, and their history as files",
-    after_help = "Logs go to standard error; set CBTFS_LOG=debug for more."
+    about = "Incremental backups of XenServer/XCP-ng disks with Changed Block Tracking, and their history as files.",
+    after_help = TOP_AFTER_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -38,102 +81,143 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a new, empty repository.
+    #[command(after_help = "\
+Examples:
+  cbtfs init /backup/repo
+  export CBTFS_REPO=/backup/repo    # later commands may leave REPO out")]
     Init {
-        /// Directory to create (or an empty one).
+        /// The directory to create (or an empty one). May be left out when CBTFS_REPO names it.
         repo: PathBuf,
     },
-    /// Add a restore point from a raw disk image (a full base, or the blocks a CBT bitmap marks).
+    /// Add a restore point from a raw disk image or an NBD export.
+    ///
+    /// Without --bitmap the image is a full base starting a new set; with it, only the blocks the
+    /// CBT bitmap marks as changed are read and stored.
+    #[command(after_help = "\
+Examples:
+  cbtfs import /backup/repo --vdi 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b --vm-name web01 --raw web01-xvda.img
+  xe vdi-list-changed-blocks vdi-from-uuid=SNAP_MONDAY vdi-to-uuid=SNAP_TUESDAY > changed.b64
+  cbtfs import /backup/repo --vdi 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b --raw tuesday.img --bitmap changed.b64")]
+    #[command(group(ArgGroup::new("source").required(true).args(["raw", "nbd"])))]
     Import {
+        #[arg(help = REPO_HELP)]
         repo: PathBuf,
-        /// The disk's VDI uuid.
-        #[arg(long)]
+        /// The disk's VDI uuid (`xe vm-disk-list vm=web01` shows it).
+        #[arg(long, value_name = "VDI_UUID")]
         vdi: String,
         /// The disk's name (default: the name it already has, else disk-<uuid prefix>).
         #[arg(long)]
         name: Option<String>,
         /// The uuid of the VM owning the disk.
-        #[arg(long)]
+        #[arg(long, value_name = "VM_UUID")]
         vm_uuid: Option<String>,
         /// The name of the VM owning the disk.
-        #[arg(long)]
+        #[arg(long, value_name = "VM_NAME")]
         vm_name: Option<String>,
-        /// Raw image (or block device) holding the disk as it was at the snapshot.
-        #[arg(long, required_unless_present = "nbd", conflicts_with = "nbd")]
+        /// A raw image (or block device) holding the disk as it was at the snapshot.
+        #[arg(long, value_name = "IMAGE")]
         raw: Option<PathBuf>,
-        /// NBD export holding the disk: nbd://HOST[:PORT]/EXPORT, nbds://… (TLS),
+        /// An NBD export holding the disk: nbd://HOST[:PORT]/EXPORT, nbds://… (TLS), or
         /// nbd+unix:///EXPORT?socket=PATH.
-        #[arg(long)]
+        #[arg(long, value_name = "URI")]
         nbd: Option<String>,
         /// NBD connections in parallel (at most 16, XenServer's limit per host).
         #[arg(long, default_value_t = 4)]
         connections: usize,
         /// The server's own certificate (PEM), trusted by exact match (nbds:// only).
-        #[arg(long, requires = "tls_subject", conflicts_with = "ca_cert")]
+        #[arg(
+            long,
+            value_name = "PEM",
+            requires = "tls_subject",
+            conflicts_with = "ca_cert"
+        )]
         tls_cert: Option<PathBuf>,
         /// The name the server's certificate must be issued for (default: the URI's host).
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         tls_subject: Option<String>,
         /// A CA bundle (PEM) that signed the server's certificate (nbds:// only).
-        #[arg(long)]
+        #[arg(long, value_name = "PEM")]
         ca_cert: Option<PathBuf>,
         /// Seconds an NBD read may take before it is retried on another connection.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
         timeout: u64,
-        /// File holding the base64 bitmap from VDI.list_changed_blocks (`-` reads standard
+        /// A file holding the base64 bitmap from VDI.list_changed_blocks (`-` reads standard
         /// input). Without it, the image starts a new set as its full base.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         bitmap: Option<PathBuf>,
-        /// Snapshot time, RFC 3339 (2026-11-21T02:00:00Z); default now. Must be later than the
-        /// set's newest point.
+        /// The snapshot's time, RFC 3339 (2026-01-05T02:00:00Z); default now. It must be later
+        /// than the set's newest point.
         #[arg(long)]
         time: Option<String>,
-        /// Print the new point as JSON.
-        #[arg(long)]
+        #[arg(long, help = JSON_HELP)]
         json: bool,
     },
-    /// List disks, sets and restore points (or, with --volumes POINT, the partitions and LVM
-    /// volumes inside a point).
+    /// List disks, sets and restore points, or the volumes inside a point.
+    ///
+    /// With --volumes POINT: the partitions and LVM volumes inside that point.
+    #[command(after_help = "\
+Examples:
+  cbtfs ls /backup/repo
+  cbtfs ls /backup/repo --volumes web01/xvda/20260104T020000Z/20260105T020000Z")]
     Ls {
+        #[arg(help = REPO_HELP)]
         repo: PathBuf,
         /// List the volumes inside this point: MBR/GPT partitions, LVM2 logical volumes, and
         /// what cannot be read as a plain volume, with the reason.
         #[arg(long, value_name = "POINT")]
         volumes: Option<String>,
-        #[arg(long)]
+        #[arg(long, help = JSON_HELP)]
         json: bool,
     },
     /// Write a restore point as a raw image (sparse file, block device, or `-` for stdout).
+    #[command(after_help = "\
+Examples:
+  cbtfs export /backup/repo web01/xvda/20260104T020000Z/20260105T020000Z /var/tmp/web01-xvda.raw
+  cbtfs export /backup/repo 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b@2026-01-05 - | gzip > db01-xvda.raw.gz")]
     Export {
+        #[arg(help = REPO_HELP)]
         repo: PathBuf,
-        /// VM/DISK/SET/POINT as `cbtfs ls` shows it, VDI_UUID@latest or VDI_UUID@TIME.
+        #[arg(help = POINT_HELP)]
         point: String,
-        /// Output file, block device, or `-`.
+        /// The output: a file (created sparse), a block device, or `-` for standard output.
         out: PathBuf,
         /// Replace an existing output file.
         #[arg(long)]
         force: bool,
     },
-    /// Mount the repository read-only: every restore point as a raw disk file.
+    /// Mount the repository read-only: every restore point appears as a raw disk image file.
+    #[command(after_help = "\
+Examples:
+  cbtfs mount /backup/repo /mnt/backups -o allow_other
+  qemu-img info /mnt/backups/web01/xvda/20260104T020000Z/20260105T020000Z.raw
+  umount /mnt/backups")]
     Mount {
+        #[arg(help = REPO_HELP)]
         repo: PathBuf,
+        /// The directory to mount on (it must be empty, unless -o nonempty).
         mountpoint: PathBuf,
         /// Stay in the foreground, logging to standard error (default: a daemon logging to
         /// syslog, or to log_file=FILE).
         #[arg(short, long)]
         foreground: bool,
-        /// Mount options: allow_other, allow_root, log_file=FILE, threads=N (default 2), nodev,
-        /// nosuid, noexec, noatime; fstab's ro/noauto/user/_netdev/nofail/x-* are accepted and
-        /// ignored.
-        #[arg(short = 'o', value_name = "OPTIONS")]
+        #[arg(short = 'o', value_name = "OPTIONS", help = mount_options_help())]
         options: Vec<String>,
     },
-    /// Mount every filesystem inside a point under DIR, read-only (one folder per partition or
-    /// LVM volume, named like the files in POINT.parts/). `cbtfs browse --unmount DIR` ends it.
+    /// Mount every filesystem inside a point under DIR, read-only.
+    ///
+    /// One folder per partition or LVM volume, named like the files in POINT.parts/ of the
+    /// mount. `cbtfs browse --unmount DIR` ends it.
     #[command(
-        override_usage = "cbtfs browse [OPTIONS] REPO POINT DIR\n       cbtfs browse --unmount DIR"
+        override_usage = "cbtfs browse [OPTIONS] REPO POINT DIR\n       cbtfs browse --unmount DIR",
+        after_help = "\
+Examples:
+  cbtfs browse /backup/repo web01/xvda/20260104T020000Z/20260105T020000Z /mnt/web01
+  cp -a /mnt/web01/p1/etc/nginx /root/nginx-restored
+  cbtfs browse --unmount /mnt/web01"
     )]
     Browse {
-        /// REPO POINT DIR; with --unmount, DIR only.
+        /// REPO POINT DIR (REPO may be left out when CBTFS_REPO names it); with --unmount, DIR
+        /// only.
         #[arg(num_args = 1..=3, required = true, value_name = "ARGS")]
         args: Vec<PathBuf>,
         /// End the browse of DIR (a live one, or one whose process died): unmounts everything
@@ -143,48 +227,66 @@ enum Command {
         /// Stay in the foreground until Ctrl-C (default: a background process).
         #[arg(short, long)]
         foreground: bool,
-        /// Only FUSE drivers (fuse2fs, ntfs-3g, fusefat): no kernel code parses the guest's
+        /// Use only FUSE drivers (fuse2fs, ntfs-3g, fusefat): no kernel code parses the guest's
         /// filesystems. Slower, and XFS/Btrfs cannot be browsed this way.
         #[arg(long)]
         userspace: bool,
     },
-    /// List files added (A), removed (D) and modified (M) between two points of the same disk,
-    /// per volume; reads only what the changed-block bitmaps say may differ.
+    /// List files added (A), removed (D) and modified (M) between two points of the same disk.
+    ///
+    /// The changes are listed per volume; only what the changed-block bitmaps say may differ is
+    /// read.
+    #[command(after_help = "\
+Examples:
+  cbtfs diff /backup/repo web01/xvda/20260104T020000Z/20260104T020000Z web01/xvda/20260104T020000Z/20260105T020000Z
+  cbtfs diff /backup/repo 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b@2026-01-04 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b@2026-01-05 p1/etc")]
     Diff {
+        /// The repository directory (made by `cbtfs init`). May be left out when CBTFS_REPO
+        /// names it and PATH is not given.
         repo: PathBuf,
+        /// The older point (any form `cbtfs export` takes).
         point_a: String,
+        /// The newer point, of the same disk.
         point_b: String,
         /// Only under this path: VOLUME/PATH (e.g. p1/etc), or a path within every volume.
         path: Option<String>,
-        /// Only FUSE drivers to read the filesystems (see `browse --userspace`).
+        /// Use only FUSE drivers to read the filesystems (see `browse --userspace`).
         #[arg(long)]
         userspace: bool,
-        /// The changes and counters as JSON (no summary on standard error).
+        /// Print the changes and counters as JSON (no summary on standard error).
         #[arg(long)]
         json: bool,
     },
-    /// Back up disks from a XenServer/XCP-ng host with changed block tracking: a full base the
-    /// first time (or when CBT was reset), afterwards only the changed blocks.
+    /// Back up the disks of a VM, or one disk, from a XenServer/XCP-ng host.
+    ///
+    /// Changed block tracking makes it incremental: a full base the first time (or when CBT was
+    /// reset), afterwards only the changed blocks.
+    #[command(after_help = "\
+Examples:
+  cbtfs backup /backup/repo --host https://xcp-ng-master.lan --password-file /root/.xcp-password --vm web01
+  xe vm-disk-list vm=db01 params=uuid    # the VDI uuids of db01's disks
+  cbtfs backup /backup/repo --host https://xcp-ng-master.lan --vdi 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b --json")]
+    #[command(group(ArgGroup::new("target").required(true).args(["vm", "vdi"])))]
     Backup {
-        #[arg(long)]
+        #[arg(help = REPO_HELP)]
         repo: PathBuf,
         /// The host (pool master): https://HOST[:PORT].
-        #[arg(long)]
+        #[arg(long, value_name = "URL")]
         host: String,
-        #[arg(long, default_value = "root")]
+        #[arg(long, default_value = "root", help = USER_HELP)]
         user: String,
-        /// File holding the password (else the CBTFS_PASSWORD environment variable).
-        #[arg(long)]
+        /// A file holding the password (else the CBTFS_PASSWORD environment variable).
+        #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
-        /// Back up this VDI (uuid).
-        #[arg(long, required_unless_present = "vm", conflicts_with = "vm")]
-        vdi: Option<String>,
         /// Back up every disk of this VM (uuid or name).
         #[arg(long)]
         vm: Option<String>,
-        /// CA bundle (PEM) that signed the host's certificate (default: pin the host's own
+        /// Back up this one disk (VDI uuid).
+        #[arg(long, value_name = "VDI_UUID")]
+        vdi: Option<String>,
+        /// A CA bundle (PEM) that signed the host's certificate (default: pin the host's own
         /// certificate on first use).
-        #[arg(long)]
+        #[arg(long, value_name = "PEM")]
         ca_cert: Option<PathBuf>,
         /// Do not check the host's certificate at all.
         #[arg(long, conflicts_with = "ca_cert")]
@@ -202,53 +304,58 @@ enum Command {
         /// Seconds the host may take to accept a connection, to start answering an API call or
         /// an HTTP transfer, or between bytes of an answer; and an NBD read before it is
         /// retried. A snapshot on a busy SR can take a minute: keep it above that.
-        #[arg(long, default_value_t = 120)]
+        #[arg(long, value_name = "SECONDS", default_value_t = 120)]
         timeout: u64,
-        #[arg(long)]
+        #[arg(long, help = JSON_HELP)]
         json: bool,
     },
-    /// Put a restore point back into a host: over an existing VDI or into a new one; or a whole
-    /// VM (every disk of the point's backup run): into a new VM (--new-vdi --new-vm) or over a
+    /// Put a restore point back into a host: one disk, or a whole VM.
+    ///
+    /// One disk goes over an existing VDI (--to-vdi) or into a new one (--new-vdi). A whole VM
+    /// (every disk of the point's backup run) goes into a new VM (--new-vdi --new-vm) or over a
     /// halted VM's disks (--to-vm).
+    #[command(after_help = "\
+Examples:
+  cbtfs restore /backup/repo web01/xvda/20260104T020000Z/20260105T020000Z --host https://xcp-ng-master.lan --to-vdi 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b
+  xe sr-list name-label='Local storage' params=uuid    # an SR for --new-vdi
+  cbtfs restore /backup/repo 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b@2026-01-05 --host https://xcp-ng-master.lan --new-vdi --sr SR_UUID --new-vm")]
+    #[command(group(ArgGroup::new("target").required(true).args(["to_vdi", "new_vdi", "to_vm"])))]
     Restore {
+        #[arg(help = REPO_HELP)]
         repo: PathBuf,
-        /// VM/DISK/SET/POINT as `cbtfs ls` shows it, VDI_UUID@latest or VDI_UUID@TIME.
+        #[arg(help = POINT_HELP)]
         point: String,
         /// The host (pool master): https://HOST[:PORT].
-        #[arg(long)]
+        #[arg(long, value_name = "URL")]
         host: String,
-        #[arg(long, default_value = "root")]
+        #[arg(long, default_value = "root", help = USER_HELP)]
         user: String,
-        /// File holding the password (else the CBTFS_PASSWORD environment variable).
-        #[arg(long)]
+        /// A file holding the password (else the CBTFS_PASSWORD environment variable).
+        #[arg(long, value_name = "FILE")]
         password_file: Option<PathBuf>,
         /// Overwrite this VDI (uuid); it must have the point's size and not be attached.
-        #[arg(
-            long,
-            required_unless_present_any = ["new_vdi", "to_vm"],
-            conflicts_with_all = ["new_vdi", "to_vm"]
-        )]
+        #[arg(long, value_name = "VDI_UUID")]
         to_vdi: Option<String>,
         /// Overwrite the disks of this halted VM (uuid) with every disk of the point's backup
         /// run: matched by VDI when it is the VM backed up, else by position (userdevice).
-        #[arg(long, conflicts_with_all = ["new_vdi", "new_vm"])]
+        #[arg(long, value_name = "VM_UUID", conflicts_with = "new_vm")]
         to_vm: Option<String>,
         /// Create a new VDI (in --sr) with the point's size.
         #[arg(long, requires = "sr")]
         new_vdi: bool,
         /// The SR (uuid) for --new-vdi.
-        #[arg(long)]
+        #[arg(long, value_name = "SR_UUID")]
         sr: Option<String>,
-        /// Name of the new VDI (default: the disk's name and the point's time); with --new-vm,
-        /// the name of the point's own disk (the others get the default).
+        /// The name of the new VDI (default: the disk's name and the point's time); with
+        /// --new-vm, the name of the point's own disk (the others get the default).
         #[arg(long)]
         name: Option<String>,
         /// Also create a VM from the point's saved VM metadata: every disk of the point's backup
         /// run is restored into a new VDI and mapped into it.
         #[arg(long, requires = "new_vdi")]
         new_vm: bool,
-        /// CA bundle (PEM) that signed the host's certificate.
-        #[arg(long)]
+        /// A CA bundle (PEM) that signed the host's certificate.
+        #[arg(long, value_name = "PEM")]
         ca_cert: Option<PathBuf>,
         /// Do not check the host's certificate at all.
         #[arg(long, conflicts_with = "ca_cert")]
@@ -258,50 +365,62 @@ enum Command {
         no_verify: bool,
         /// Seconds the host may take to accept a connection, to start answering an API call or
         /// an HTTP transfer, or between bytes of an answer.
-        #[arg(long, default_value_t = 120)]
+        #[arg(long, value_name = "SECONDS", default_value_t = 120)]
         timeout: u64,
-        #[arg(long)]
+        #[arg(long, help = JSON_HELP)]
         json: bool,
     },
-    /// Remove old restore points by retention policy, merging what they hold into the next
-    /// kept point so every kept point stays byte-identical. Space is reclaimed.
+    /// Remove old restore points by retention policy.
+    ///
+    /// What a removed point holds is merged into the next kept point, so every kept point stays
+    /// byte-identical, and the space the removed points took is freed.
+    #[command(after_help = "\
+Examples:
+  cbtfs prune /backup/repo --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run
+  cbtfs prune /backup/repo --keep-last 14 --vdi 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b")]
     Prune {
+        #[arg(help = REPO_HELP)]
         repo: PathBuf,
         /// Keep the newest N points of each disk.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, value_name = "N", default_value_t = 0)]
         keep_last: usize,
         /// Keep the newest point of each of the newest N days.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, value_name = "N", default_value_t = 0)]
         keep_daily: usize,
         /// Keep the newest point of each of the newest N ISO weeks.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, value_name = "N", default_value_t = 0)]
         keep_weekly: usize,
         /// Keep the newest point of each of the newest N months.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, value_name = "N", default_value_t = 0)]
         keep_monthly: usize,
-        /// Only this disk (VDI uuid).
-        #[arg(long)]
+        /// Prune only this disk (VDI uuid).
+        #[arg(long, value_name = "VDI_UUID")]
         vdi: Option<String>,
         /// Show what would be removed; change nothing.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long)]
+        #[arg(long, help = JSON_HELP)]
         json: bool,
     },
     /// Run a simulated XenServer host (management API, NBD, CBT) for trying cbtfs out.
+    #[command(after_help = "\
+Examples:
+  cbtfs sim --dir /var/tmp/sim --disk xvda=/var/tmp/web01-xvda.raw --vm-name web01
+  cbtfs backup /backup/repo --host https://127.0.0.1:PORT --password-file /var/tmp/sim/password --vm web01")]
     Sim {
-        /// Working directory (certificate, disk layers, password file).
+        /// The working directory (certificate, disk layers, password file).
         #[arg(long)]
         dir: PathBuf,
         /// A disk of the VM: NAME=RAW_IMAGE (repeatable).
         #[arg(long = "disk", value_name = "NAME=IMAGE")]
         disks: Vec<String>,
+        /// The simulated VM's name.
         #[arg(long, default_value = "sim-vm")]
         vm_name: String,
-        /// Listen address.
+        /// The address to listen on (port 0 picks a free one).
         #[arg(long, default_value = "127.0.0.1:0")]
         bind: String,
-        /// NBD network: nbd (TLS), insecure (plain) or none.
+        /// The NBD network: nbd (TLS), insecure (plain) or none.
         #[arg(long, default_value = "nbd")]
         nbd: String,
         /// Answer XML-RPC only (an older host).
@@ -309,28 +428,65 @@ enum Command {
         xmlrpc_only: bool,
     },
     /// Run the whole job on a built-in example: a guest filesystem, daily backups, exports.
+    #[command(after_help = "\
+Examples:
+  cbtfs demo
+  cbtfs demo /var/tmp/cbtfs-demo")]
     Demo {
-        /// Working directory (recreated; default: $TMPDIR/cbtfs-demo).
+        /// The working directory (recreated; default: $TMPDIR/cbtfs-demo).
         dir: Option<PathBuf>,
     },
     /// Check every checksum and structure; exit status 3 if anything is damaged.
+    #[command(after_help = "\
+Examples:
+  cbtfs verify /backup/repo
+  cbtfs verify /backup/repo web01/xvda/20260104T020000Z/20260105T020000Z --json")]
     Verify {
+        /// The repository directory (made by `cbtfs init`). May be left out when CBTFS_REPO
+        /// names it and POINT is not given.
         repo: PathBuf,
-        /// Only this point (and the points it depends on).
+        /// Check only this point (and the points it depends on); any form `cbtfs export` takes.
         point: Option<String>,
-        #[arg(long)]
+        #[arg(long, help = JSON_HELP)]
         json: bool,
+    },
+    /// Print a shell completion script generated from these definitions.
+    #[command(after_help = "\
+Examples:
+  cbtfs completions bash > /usr/share/bash-completion/completions/cbtfs
+  cbtfs completions zsh > /usr/local/share/zsh/site-functions/_cbtfs
+  cbtfs completions fish > /usr/share/fish/vendor_completions.d/cbtfs.fish")]
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages: cbtfs.1 and one cbtfs-COMMAND.1 per command.
+    #[command(after_help = "\
+Examples:
+  cbtfs man /usr/local/share/man/man1
+  man cbtfs-backup")]
+    Man {
+        /// The directory to write the pages into (created if missing).
+        dir: PathBuf,
     },
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let json = wants_json(&args);
+    let cli = match parse_args(args, std::env::var_os(REPO_ENV)) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e, json),
+    };
     // Commands that print data end quietly when their reader goes away (`cbtfs ls | head`,
     // `cbtfs export ... - | cmp`). The others keep SIGPIPE ignored: a server closing a socket
     // must surface as an error to retry, never kill the process.
     if matches!(
         cli.command,
-        Command::Ls { .. } | Command::Export { .. } | Command::Verify { .. }
+        Command::Ls { .. }
+            | Command::Export { .. }
+            | Command::Verify { .. }
+            | Command::Completions { .. }
     ) {
         // SAFETY: changing a signal disposition at start-up, before any thread exists.
         unsafe {
@@ -350,13 +506,298 @@ pub fn main() -> ExitCode {
             .with_target(false)
             .init();
     }
-    match run(cli) {
+    let done = Done::default();
+    match run(cli, &done) {
         Ok(code) => code,
+        Err(e) if json => {
+            println!(
+                "{}",
+                error_json(error_code(&e), &error_text(&e), done.items())
+            );
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("cbtfs: error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// True when the command line asks for JSON (`--json` before any `--`): then even a usage
+/// error clap finds is reported as JSON.
+fn wants_json(args: &[OsString]) -> bool {
+    args.iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json")
+}
+
+/// Parse the command line. A command whose REPO was left out (clap finds a positional missing)
+/// takes it from `repo_env` (CBTFS_REPO): the value is inserted as the first positional, right
+/// after the command's name, and the line parsed again. A REPO given on the line always wins.
+fn parse_args(args: Vec<OsString>, repo_env: Option<OsString>) -> Result<Cli, clap::Error> {
+    let first = match Cli::try_parse_from(&args) {
+        Ok(cli) => return Ok(cli),
+        Err(e) => e,
+    };
+    let Some(repo) = repo_env.filter(|r| !r.is_empty()) else {
+        return Err(first);
+    };
+    if first.kind() != clap::error::ErrorKind::MissingRequiredArgument
+        || !missing_positional(&first)
+    {
+        return Err(first);
+    }
+    // The command's name: the first argument that is not an option (cbtfs has no global
+    // options taking values).
+    let Some(at) = args
+        .iter()
+        .skip(1)
+        .position(|a| !a.to_string_lossy().starts_with('-'))
+        .map(|i| i + 1)
+    else {
+        return Err(first);
+    };
+    let name = args.get(at).map(|a| a.to_string_lossy().into_owned());
+    if !name.as_deref().is_some_and(takes_repo) {
+        return Err(first);
+    }
+    let mut with = args;
+    with.insert(at + 1, repo);
+    match Cli::try_parse_from(with) {
+        Ok(cli) => Ok(cli),
+        // One positional too many now: the line had its REPO; what clap said first is the news.
+        Err(e) if e.kind() == clap::error::ErrorKind::UnknownArgument => Err(first),
+        Err(e) => Err(e),
+    }
+}
+
+/// True when clap's missing-argument error names a positional (`<REPO>`), not only options.
+fn missing_positional(e: &clap::Error) -> bool {
+    use clap::error::{ContextKind, ContextValue};
+    match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::Strings(v)) => {
+            v.iter().any(|a| a.starts_with('<') && !a.starts_with("<-"))
+        }
+        Some(ContextValue::String(a)) => a.starts_with('<') && !a.starts_with("<-"),
+        _ => false,
+    }
+}
+
+/// True when command `name` takes a REPO positional (so CBTFS_REPO can stand in for it).
+fn takes_repo(name: &str) -> bool {
+    Cli::command().find_subcommand(name).is_some_and(|c| {
+        c.get_positionals()
+            .next()
+            .is_some_and(|a| a.get_id() == "repo")
+    })
+}
+
+/// Report a usage error clap found: as clap does (help and version print normally), or as a
+/// JSON error object under `--json`, with clap's exit status.
+fn usage_error(e: &clap::Error, json: bool) -> ExitCode {
+    use clap::error::ErrorKind;
+    let display = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if !json || display {
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_USAGE));
+    }
+    let text = e.render().to_string();
+    let text = text.trim();
+    let message = text.strip_prefix("error: ").unwrap_or(text);
+    println!("{}", error_json("usage", message, Vec::new()));
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// What a command completed before it failed, reported as `done` in a `--json` error (for a
+/// backup: the disks backed up). A command records into it as it goes; most record nothing.
+#[derive(Default)]
+pub struct Done(Mutex<Vec<serde_json::Value>>);
+
+impl Done {
+    pub fn add(&self, item: serde_json::Value) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(item);
+        }
+    }
+
+    pub fn items(&self) -> Vec<serde_json::Value> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+/// The JSON a failure prints under `--json`: one object on one line.
+fn error_json(code: &str, message: &str, done: Vec<serde_json::Value>) -> serde_json::Value {
+    json!({ "error": { "code": code, "message": message, "done": done } })
+}
+
+/// A stable snake_case code for a failure, from the first typed error in its chain (the
+/// outermost context is usually words added by the command line). Scripts branch on it.
+fn error_code(e: &anyhow::Error) -> &'static str {
+    e.chain().find_map(typed_code).unwrap_or("other")
+}
+
+/// The code of one error, when it is a type cbtfs knows; wrappers are opened (a transparent
+/// `BackupError::Repo` shows up in the chain as the BackupError only).
+fn typed_code(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use crate::backup::BackupError;
+    use crate::export::ExportError;
+    use crate::import::ImportError;
+    use crate::nbd::{FetchError, NbdError};
+    use crate::prune::PruneError;
+    use crate::repo::RepoError;
+    use crate::restore::RestoreError;
+    use crate::xapi::XapiError;
+    if let Some(e) = e.downcast_ref::<RepoError>() {
+        return Some(repo_code(e));
+    }
+    if let Some(e) = e.downcast_ref::<XapiError>() {
+        return Some(xapi_code(e));
+    }
+    if let Some(e) = e.downcast_ref::<BackupError>() {
+        return Some(match e {
+            BackupError::Xapi(x) => xapi_code(x),
+            BackupError::Repo(r) => repo_code(r),
+            BackupError::Import(i) => typed_code(i).unwrap_or("other"),
+            BackupError::Refused(_) => "refused",
+        });
+    }
+    if let Some(e) = e.downcast_ref::<RestoreError>() {
+        return Some(match e {
+            RestoreError::Xapi(x) => xapi_code(x),
+            RestoreError::Repo(r) => repo_code(r),
+            RestoreError::Backup(b) => typed_code(b).unwrap_or("other"),
+            RestoreError::Refused(_) => "refused",
+            RestoreError::Interrupted { .. } => "interrupted",
+            RestoreError::Mismatch { .. } => "verify_failed",
+        });
+    }
+    if let Some(e) = e.downcast_ref::<ImportError>() {
+        return Some(match e {
+            ImportError::Repo(r) => repo_code(r),
+            ImportError::Bitmap { .. } | ImportError::ExportTooLarge { .. } => "invalid_input",
+            ImportError::Image { .. } => "io",
+            ImportError::Fetch(f) => typed_code(f).unwrap_or("nbd"),
+            ImportError::Nbd(n) => typed_code(n).unwrap_or("nbd"),
+            ImportError::Runtime(_) => "internal",
+        });
+    }
+    if let Some(e) = e.downcast_ref::<PruneError>() {
+        return Some(match e {
+            PruneError::Repo(r) => repo_code(r),
+            PruneError::Refused(_) => "refused",
+            PruneError::Read { .. } => "damaged",
+        });
+    }
+    if let Some(e) = e.downcast_ref::<ExportError>() {
+        return Some(match e {
+            ExportError::Read(_) => "damaged",
+            ExportError::Exists { .. } => "exists",
+            ExportError::Output { .. } => "io",
+        });
+    }
+    if e.downcast_ref::<crate::read::ReadError>().is_some() {
+        return Some("damaged");
+    }
+    if let Some(e) = e.downcast_ref::<FetchError>() {
+        return Some(match e {
+            FetchError::Nbd(n) => typed_code(n).unwrap_or("nbd"),
+            FetchError::Timeout { .. } => "timeout",
+            FetchError::GaveUp { .. } => "nbd",
+            FetchError::Sink(_) => "io",
+        });
+    }
+    if let Some(e) = e.downcast_ref::<NbdError>() {
+        return Some(match e {
+            NbdError::Connect { .. } => "host_unreachable",
+            _ => "nbd",
+        });
+    }
+    if e.downcast_ref::<std::io::Error>().is_some() {
+        return Some("io");
+    }
+    if e.downcast_ref::<clap::Error>().is_some() {
+        return Some("usage");
+    }
+    None
+}
+
+fn repo_code(e: &crate::repo::RepoError) -> &'static str {
+    use crate::repo::RepoError;
+    match e {
+        RepoError::NotARepository { .. } => "not_a_repository",
+        RepoError::UnsupportedVersion { .. } => "unsupported_version",
+        RepoError::Corrupt { .. } => "damaged",
+        RepoError::Io { .. } => "io",
+        RepoError::Locked { .. } => "locked",
+        RepoError::Invalid(_) => "invalid_input",
+        RepoError::NotFound(_) => "not_found",
+    }
+}
+
+fn xapi_code(e: &crate::xapi::XapiError) -> &'static str {
+    use crate::xapi::{Failure, XapiError};
+    match e {
+        XapiError::Api(a) => match a.kind() {
+            Failure::AuthenticationFailed | Failure::SessionInvalid => "auth_failed",
+            Failure::VdiMissing | Failure::HandleInvalid | Failure::UuidInvalid => "not_found",
+            Failure::VdiInUse => "in_use",
+            Failure::LicenceRestriction => "licence_restricted",
+            Failure::SrFull => "sr_full",
+            Failure::HostIsSlave(_) => "not_pool_master",
+            Failure::VdiIncompatibleType
+            | Failure::VdiOnBootResetIncompatible
+            | Failure::SrNotAttached
+            | Failure::SrHasNoPbds
+            | Failure::Unrelated
+            | Failure::VdiNoCbtMetadata
+            | Failure::Other => "host_refused",
+        },
+        // The certificate checks fail inside the TLS handshake: the transport's words are all
+        // that is left of them.
+        XapiError::Transport { detail, .. } if detail.contains("certificate") => "tls_untrusted",
+        XapiError::Transport { .. } => "host_unreachable",
+        XapiError::Timeout { .. } => "timeout",
+        XapiError::Http { .. } | XapiError::Protocol { .. } => "host_error",
+        XapiError::CertificateChanged { .. } | XapiError::Pin { .. } => "tls_untrusted",
+        XapiError::Config(_) => "invalid_input",
+    }
+}
+
+/// Write `cbtfs.1` and one `cbtfs-COMMAND.1` per command (nested ones too: `cbtfs-A-B.1`) into
+/// `dir`, generated from the clap definitions; returns the pages written.
+fn write_man_pages(dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cmd = Cli::command();
+    // Building names every command for its page and usage: `cbtfs-backup`, `cbtfs backup`.
+    cmd.build();
+    let mut written = Vec::new();
+    let mut todo = vec![cmd];
+    while let Some(c) = todo.pop() {
+        let name = c
+            .get_display_name()
+            .unwrap_or_else(|| c.get_name())
+            .to_string();
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(c.clone())
+            .render(&mut page)
+            .with_context(|| format!("rendering the man page {name}"))?;
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+        written.push(path);
+        todo.extend(
+            c.get_subcommands()
+                .filter(|s| s.get_name() != "help")
+                .cloned(),
+        );
+    }
+    written.sort();
+    Ok(written)
 }
 
 /// The error and its causes, each once: typed errors already quote their cause in their text.
@@ -375,7 +816,7 @@ fn error_text(e: &anyhow::Error) -> String {
     out
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
     match cli.command {
         Command::Init { repo } => {
             Repository::init(&repo)?;
@@ -435,8 +876,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let point = point.to_str().context("the point name is not UTF-8")?;
                     crate::browse::browse(repo, point, dir, foreground, &opts)?
                 }
+                // REPO left out: CBTFS_REPO names it.
+                (false, [point, dir])
+                    if std::env::var_os(REPO_ENV).is_some_and(|r| !r.is_empty()) =>
+                {
+                    let repo = PathBuf::from(std::env::var_os(REPO_ENV).unwrap_or_default());
+                    let point = point.to_str().context("the point name is not UTF-8")?;
+                    crate::browse::browse(&repo, point, dir, foreground, &opts)?
+                }
                 (false, _) => {
-                    bail!("usage: cbtfs browse REPO POINT DIR (or cbtfs browse --unmount DIR)")
+                    bail!(
+                        "usage: cbtfs browse REPO POINT DIR (REPO may be left out when CBTFS_REPO names it), or cbtfs browse --unmount DIR"
+                    )
                 }
             }
         }
@@ -491,7 +942,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let selection = match (vdi, vm) {
                 (Some(v), _) => crate::backup::Selection::Vdi(v),
                 (None, Some(v)) => crate::backup::Selection::Vm(v),
-                (None, None) => bail!("give --vdi UUID or --vm UUID_OR_NAME"),
+                (None, None) => bail!("give --vm VM or --vdi VDI_UUID"),
             };
             let fetch = crate::nbd::FetchOptions {
                 connections: connections.clamp(1, crate::nbd::fetch::MAX_CONNECTIONS),
@@ -505,7 +956,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 allow_plain_nbd,
                 fetch,
             };
-            return cmd_backup(&repo, &opts, json);
+            return cmd_backup(&repo, &opts, json, done);
         }
         Command::Restore {
             repo,
@@ -615,6 +1066,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo { dir } => {
             crate::demo::run_demo(&dir.unwrap_or_else(crate::demo::default_dir))?
         }
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "cbtfs", &mut out);
+            emit(&String::from_utf8_lossy(&out))?;
+        }
+        Command::Man { dir } => {
+            for page in write_man_pages(&dir)? {
+                println!("wrote {}", page.display());
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -638,7 +1100,12 @@ fn read_password(file: Option<&Path>) -> Result<String> {
     Ok(p)
 }
 
-fn cmd_backup(repo: &Path, opts: &crate::backup::BackupOptions, json: bool) -> Result<ExitCode> {
+fn cmd_backup(
+    repo: &Path,
+    opts: &crate::backup::BackupOptions,
+    json: bool,
+    done: &Done,
+) -> Result<ExitCode> {
     use crate::backup::Event;
     let repo = open(repo)?;
     let progress: Mutex<Option<(String, Progress)>> = Mutex::new(None);
@@ -671,8 +1138,31 @@ fn cmd_backup(repo: &Path, opts: &crate::backup::BackupOptions, json: bool) -> R
     {
         pr.finish();
     }
+    for d in &report.disks {
+        done.add(json!({ "vdi": d.vdi, "vm": d.vm, "disk": d.disk, "point": d.point }));
+    }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut value = serde_json::to_value(&report)?;
+        // Some disks failed: the report says which, and carries the error object every failing
+        // command prints under --json.
+        if !report.failures.is_empty()
+            && let (Some(obj), serde_json::Value::Object(error)) = (
+                value.as_object_mut(),
+                error_json(
+                    "disks_failed",
+                    &report
+                        .failures
+                        .iter()
+                        .map(|(vdi, e)| format!("VDI {vdi}: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    done.items(),
+                ),
+            )
+        {
+            obj.extend(error);
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         for d in &report.disks {
             let what = match (&d.new_set_reason, d.kind) {
@@ -1305,4 +1795,405 @@ fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode
     } else {
         ExitCode::from(EXIT_DAMAGE)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every command has words, and every command an example.
+    #[test]
+    fn every_argument_has_help_and_every_command_an_example() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        let mut todo = vec![cmd];
+        while let Some(c) = todo.pop() {
+            let name = c.get_display_name().unwrap_or(c.get_name()).to_string();
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                // clap's own --help and --version.
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let help = a.get_help().or(a.get_long_help()).map(|h| h.to_string());
+                if help.is_none_or(|h| h.trim().is_empty()) {
+                    missing.push(format!("{name}: argument {id} has no help"));
+                }
+            }
+            let example = [c.get_after_help(), c.get_after_long_help()]
+                .into_iter()
+                .flatten()
+                .any(|h| h.to_string().contains("Examples:\n  cbtfs "));
+            if !example {
+                missing.push(format!("{name}: no Examples: block"));
+            }
+            if c.get_about()
+                .is_none_or(|a| a.to_string().trim().is_empty())
+            {
+                missing.push(format!("{name}: no about"));
+            }
+            todo.extend(
+                c.get_subcommands()
+                    .filter(|s| s.get_name() != "help")
+                    .cloned(),
+            );
+        }
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
+
+    /// True when a text stops mid-sentence (clap drops a summary's final period, so a missing
+    /// one proves nothing).
+    fn cut_short(text: &str) -> bool {
+        let t = text.trim_end();
+        let last = t.rsplit(' ').next().unwrap_or("");
+        t.is_empty()
+            || t.ends_with([',', ':', ';', '(', '-'])
+            || ["and", "or", "the", "a", "of", "to", "with"].contains(&last)
+    }
+
+    /// Abouts and helps are whole sentences: no trailing fragment such as "Space is reclaimed".
+    #[test]
+    fn help_texts_end_as_sentences() {
+        assert!(cut_short("Keep the newest point of each of the"));
+        assert!(cut_short("Mount options:"));
+        assert!(!cut_short("Keep the newest N points of each disk."));
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut todo = vec![cmd];
+        let mut bad = Vec::new();
+        while let Some(c) = todo.pop() {
+            let about = c.get_about().map(|a| a.to_string()).unwrap_or_default();
+            let long = c
+                .get_long_about()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            if cut_short(&about) || (!long.is_empty() && cut_short(&long)) {
+                bad.push(format!("{}: about {about:?} / {long:?}", c.get_name()));
+            }
+            for a in c.get_arguments() {
+                for h in [a.get_help(), a.get_long_help()].into_iter().flatten() {
+                    if cut_short(&h.to_string()) {
+                        bad.push(format!("{}: {}: {h:?}", c.get_name(), a.get_id()));
+                    }
+                }
+            }
+            todo.extend(
+                c.get_subcommands()
+                    .filter(|s| s.get_name() != "help")
+                    .cloned(),
+            );
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+        let prune = Cli::command()
+            .find_subcommand("prune")
+            .and_then(|c| c.get_about().map(|a| a.to_string()))
+            .unwrap_or_default();
+        assert!(!prune.contains("Space is reclaimed"), "{prune}");
+    }
+
+    /// The mount's help states the defaults the mount uses and names every option it takes.
+    #[test]
+    fn mount_help_names_the_real_defaults_and_every_option() {
+        let help = mount_options_help();
+        assert!(
+            help.contains(&format!(
+                "threads=N (threads serving reads, 1 to 64; default {})",
+                crate::mount::DEFAULT_THREADS
+            )),
+            "{help}"
+        );
+        assert!(
+            help.contains(&format!(
+                "off, at most 1024; default {})",
+                crate::mount::DEFAULT_PREFETCH_MIB
+            )),
+            "{help}"
+        );
+        // What parse_options takes (values where it needs one).
+        let accepted = [
+            "allow_other",
+            "allow_root",
+            "log_file=/var/log/cbtfs.log",
+            "threads=8",
+            "prefetch=0",
+            "ro",
+            "default_permissions",
+            "nodev",
+            "nosuid",
+            "noexec",
+            "dev",
+            "suid",
+            "exec",
+            "noatime",
+            "atime",
+            "nodiratime",
+            "relatime",
+            "strictatime",
+            "sync",
+            "async",
+            "dirsync",
+            "auto",
+            "noauto",
+            "user",
+            "users",
+            "nouser",
+            "owner",
+            "group",
+            "_netdev",
+            "nofail",
+            "defaults",
+            "comment",
+            "loop",
+            "x-systemd.automount",
+        ];
+        for o in accepted {
+            crate::mount::parse_options(&[o.to_string()]).unwrap_or_else(|e| panic!("{o}: {e}"));
+            let word = o.split(['=', '.']).next().unwrap_or(o);
+            let word = if word.starts_with("x-") { "x-*" } else { word };
+            assert!(help.contains(word), "{o} is not in the help: {help}");
+        }
+        assert!(help.contains("nonempty"), "{help}");
+        assert!(help.contains("rw is refused"), "{help}");
+    }
+
+    fn args(a: &[&str]) -> Vec<OsString> {
+        std::iter::once("cbtfs")
+            .chain(a.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    fn repo_of(cli: &Cli) -> Option<&Path> {
+        match &cli.command {
+            Command::Export { repo, .. }
+            | Command::Ls { repo, .. }
+            | Command::Backup { repo, .. }
+            | Command::Mount { repo, .. } => Some(repo),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn repo_comes_from_cbtfs_repo_only_when_left_out() {
+        let env = Some(OsString::from("/backup/repo"));
+        let p = "web01/xvda/20260104T020000Z/20260105T020000Z";
+        // Left out: one positional fewer.
+        let cli = parse_args(args(&["export", p, "out.raw"]), env.clone()).unwrap();
+        assert_eq!(repo_of(&cli), Some(Path::new("/backup/repo")));
+        match &cli.command {
+            Command::Export { point, out, .. } => {
+                assert_eq!(point, p);
+                assert_eq!(out, Path::new("out.raw"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = parse_args(args(&["ls", "--json"]), env.clone()).unwrap();
+        assert_eq!(repo_of(&cli), Some(Path::new("/backup/repo")));
+        let cli = parse_args(
+            args(&[
+                "backup",
+                "--host",
+                "https://xcp-ng-master.lan",
+                "--vm",
+                "web01",
+            ]),
+            env.clone(),
+        )
+        .unwrap();
+        assert_eq!(repo_of(&cli), Some(Path::new("/backup/repo")));
+        let cli = parse_args(args(&["mount", "/mnt/backups"]), env.clone()).unwrap();
+        assert_eq!(repo_of(&cli), Some(Path::new("/backup/repo")));
+        // Given: the line wins.
+        let cli = parse_args(args(&["export", "/srv/other", p, "-"]), env.clone()).unwrap();
+        assert_eq!(repo_of(&cli), Some(Path::new("/srv/other")));
+        let cli = parse_args(
+            args(&["backup", "/srv/other", "--host", "https://h", "--vdi", "x"]),
+            env.clone(),
+        )
+        .unwrap();
+        assert_eq!(repo_of(&cli), Some(Path::new("/srv/other")));
+        // A missing option is not helped by CBTFS_REPO, and is what the error names.
+        let e = parse_args(
+            args(&["backup", "/srv/other", "--vm", "web01"]),
+            env.clone(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(e.to_string().contains("--host <URL>"), "{e}");
+        // Without CBTFS_REPO (or empty), REPO is required.
+        for none in [None, Some(OsString::new())] {
+            let e = parse_args(args(&["ls"]), none).unwrap_err();
+            assert!(e.to_string().contains("<REPO>"), "{e}");
+        }
+        // Commands without REPO are left alone.
+        let e = parse_args(args(&["completions"]), env).unwrap_err();
+        assert!(e.to_string().contains("<SHELL>"), "{e}");
+    }
+
+    #[test]
+    fn json_is_detected_before_the_end_of_options() {
+        assert!(wants_json(&args(&["ls", "/backup/repo", "--json"])));
+        assert!(wants_json(&args(&["backup", "--json"])));
+        assert!(!wants_json(&args(&["ls", "/backup/repo"])));
+        assert!(!wants_json(&args(&["export", "--", "--json", "p", "-"])));
+        // argv[0] is not an option.
+        assert!(!wants_json(&[OsString::from("--json")]));
+    }
+
+    #[test]
+    fn error_codes_come_from_the_typed_errors() {
+        use crate::backup::BackupError;
+        use crate::repo::RepoError;
+        use crate::xapi::{ApiFailure, XapiError};
+        let api = |code: &str| {
+            XapiError::Api(ApiFailure {
+                call: "session.login_with_password".into(),
+                code: code.into(),
+                params: Vec::new(),
+            })
+        };
+        let io = || std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let table: Vec<(anyhow::Error, &str)> = vec![
+            (
+                RepoError::NotARepository {
+                    path: "/backup/repo".into(),
+                }
+                .into(),
+                "not_a_repository",
+            ),
+            (
+                RepoError::Locked {
+                    path: "/backup/repo".into(),
+                    holder: "cbtfs backup".into(),
+                }
+                .into(),
+                "locked",
+            ),
+            (RepoError::corrupt("points/x", "bad crc").into(), "damaged"),
+            (RepoError::NotFound("no point".into()).into(), "not_found"),
+            (
+                RepoError::io("writing", "/backup/repo/x", io()).into(),
+                "io",
+            ),
+            (
+                RepoError::UnsupportedVersion {
+                    what: "repository",
+                    location: "/backup/repo".into(),
+                    found: 9,
+                    supported: 1,
+                }
+                .into(),
+                "unsupported_version",
+            ),
+            (api("SESSION_AUTHENTICATION_FAILED").into(), "auth_failed"),
+            (api("VDI_MISSING").into(), "not_found"),
+            (api("SR_FULL").into(), "sr_full"),
+            (api("SOMETHING_ELSE").into(), "host_refused"),
+            (
+                XapiError::Transport {
+                    host: "xcp-ng-master.lan".into(),
+                    detail: "connection refused".into(),
+                }
+                .into(),
+                "host_unreachable",
+            ),
+            (
+                XapiError::Transport {
+                    host: "xcp-ng-master.lan".into(),
+                    detail: "invalid peer certificate: UnknownIssuer".into(),
+                }
+                .into(),
+                "tls_untrusted",
+            ),
+            (
+                XapiError::Timeout {
+                    host: "xcp-ng-master.lan".into(),
+                    call: "VDI.snapshot".into(),
+                    secs: 120,
+                }
+                .into(),
+                "timeout",
+            ),
+            (
+                XapiError::CertificateChanged {
+                    host: "xcp-ng-master.lan".into(),
+                    pinned: "aa".into(),
+                    seen: "bb".into(),
+                    pin_file: "/backup/repo/hosts/x.pin".into(),
+                }
+                .into(),
+                "tls_untrusted",
+            ),
+            // Wrapped transparently, and under context the command line adds.
+            (
+                anyhow::Error::from(BackupError::Repo(RepoError::Locked {
+                    path: "/backup/repo".into(),
+                    holder: "cbtfs prune".into(),
+                }))
+                .context("backup from https://xcp-ng-master.lan"),
+                "locked",
+            ),
+            (
+                anyhow::Error::from(BackupError::Xapi(api("SESSION_INVALID")))
+                    .context("backup from https://xcp-ng-master.lan"),
+                "auth_failed",
+            ),
+            (
+                crate::restore::RestoreError::Backup(BackupError::Xapi(XapiError::Timeout {
+                    host: "h".into(),
+                    call: "VDI.create".into(),
+                    secs: 1,
+                }))
+                .into(),
+                "timeout",
+            ),
+            (
+                crate::export::ExportError::Exists {
+                    path: "/var/tmp/web01.raw".into(),
+                }
+                .into(),
+                "exists",
+            ),
+            (
+                anyhow::Error::from(io()).context("reading the password file"),
+                "io",
+            ),
+            (anyhow::anyhow!("something plain"), "other"),
+        ];
+        for (e, want) in table {
+            assert_eq!(error_code(&e), want, "{e:#}");
+        }
+    }
+
+    #[test]
+    fn error_json_has_code_message_and_done() {
+        let v = error_json(
+            "locked",
+            "repository /backup/repo is being written",
+            vec![json!("x")],
+        );
+        assert_eq!(
+            v.to_string(),
+            r#"{"error":{"code":"locked","done":["x"],"message":"repository /backup/repo is being written"}}"#
+        );
+    }
+
+    #[test]
+    fn man_pages_name_every_command() {
+        let d = tempfile::tempdir().unwrap();
+        let pages = write_man_pages(d.path()).unwrap();
+        let names: Vec<String> = pages
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        assert!(names.contains(&"cbtfs.1".to_string()), "{names:?}");
+        for c in Cli::command().get_subcommands() {
+            if c.get_name() == "help" {
+                continue;
+            }
+            let want = format!("cbtfs-{}.1", c.get_name());
+            assert!(names.contains(&want), "{want} missing: {names:?}");
+        }
+    }
 }

@@ -253,7 +253,7 @@ fn refusals_say_what_to_do_and_leave_nothing_behind() {
     std::fs::write(&bad, "not-the-password-xyz\n").unwrap();
     let repo = h.repo();
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&repo), "--host", &h.sim.url])
+        .args(["backup", s(&repo), "--host", &h.sim.url])
         .args(["--password-file", s(&bad), "--vdi", &h.vdi])
         .output()
         .unwrap();
@@ -314,7 +314,6 @@ fn refusals_say_what_to_do_and_leave_nothing_behind() {
     let o = Command::new(bin())
         .args([
             "backup",
-            "--repo",
             s(&h2.repo()),
             "--host",
             &h2.sim.url,
@@ -344,7 +343,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
     // Another host on the same address with another certificate.
     let other = start(|_| {});
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&h.repo()), "--host", &other.sim.url])
+        .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .output()
         .unwrap();
@@ -357,7 +356,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
     let ca = h.dir.path().join("wrong-ca.pem");
     std::fs::write(&ca, &h.sim.cert_pem).unwrap();
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&h.repo()), "--host", &other.sim.url])
+        .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .args(["--ca-cert", s(&ca)])
         .output()
@@ -366,7 +365,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("certificate"));
     // --insecure-tls works and says so.
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&h.repo()), "--host", &other.sim.url])
+        .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .arg("--insecure-tls")
         .output()
@@ -409,7 +408,7 @@ fn xmlrpc_only_host_pool_member_and_vm_selection() {
     };
     member.with(|st| st.slave_of = Some("127.0.0.1".into()));
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&j.repo()), "--host", &member.url])
+        .args(["backup", s(&j.repo()), "--host", &member.url])
         .args(["--password-file", s(&j.pw), "--vdi", &j.vdi, "--json"])
         .output()
         .unwrap();
@@ -681,7 +680,6 @@ fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
     let o = Command::new(bin())
         .args([
             "backup",
-            "--repo",
             s(&repo),
             "--host",
             &sim.url,
@@ -696,7 +694,7 @@ fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
     assert!(!err.contains("pinned"), "{err}");
     // The same host reached by a name its certificate does not carry is refused.
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&repo), "--password-file", s(&pw)])
+        .args(["backup", s(&repo), "--password-file", s(&pw)])
         .args(["--host", &sim.url.replace("127.0.0.1", "localhost")])
         .args(["--vdi", &vdis[0], "--ca-cert", &p("ca.pem")])
         .output()
@@ -1168,4 +1166,75 @@ fn a_vm_with_two_disks_comes_back_whole_into_a_new_vm_and_over_a_halted_vm() {
     // The disk alone still restores.
     let o = restore(&h, &[&lone, "--to-vdi", &vdis[0]]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Under --json a run where one disk of the VM fails prints one object: the report, and an
+/// error naming the disk, with the disks done before it; a run that fails as a whole prints the
+/// error object alone. Both exit 1.
+#[test]
+fn json_errors_name_the_failed_disk_and_the_disks_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SimConfig::new(&dir.path().join("sim"));
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, &cfg.password).unwrap();
+    let sim = Sim::start(cfg).unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    std::fs::write(&a, vec![1u8; 2 << 20]).unwrap();
+    std::fs::write(&b, vec![2u8; 2 << 20]).unwrap();
+    let (_, vdis) = sim.add_vm("web01", &[("xvda", &a), ("xvdb", &b)]).unwrap();
+    // The second disk cannot have CBT.
+    sim.with(|st| {
+        let r = st.vdi_ref(&vdis[1]).unwrap();
+        st.vdis.get_mut(&r).unwrap().on_boot = "reset".into();
+    });
+    let repo = dir.path().join("repo");
+    ok(&["init", s(&repo)]);
+    let run = |selection: &[&str]| {
+        Command::new(bin())
+            .args([
+                "backup",
+                s(&repo),
+                "--host",
+                &sim.url,
+                "--password-file",
+                s(&pw),
+            ])
+            .args(selection)
+            .arg("--json")
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--vm", "web01"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "disks_failed", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with(&format!("VDI {}: ", vdis[1])), "{v}");
+    assert!(
+        message.contains("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION"),
+        "{v}"
+    );
+    let done = v["error"]["done"].as_array().unwrap();
+    assert_eq!(done.len(), 1, "{v}");
+    assert_eq!(done[0]["vdi"], vdis[0].as_str(), "{v}");
+    assert_eq!(done[0]["disk"], "xvda", "{v}");
+    assert_eq!(done[0]["vm"], "web01", "{v}");
+    assert_eq!(done[0]["point"], v["disks"][0]["point"], "{v}");
+    assert_eq!(v["disks"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["failures"][0][0], vdis[1].as_str(), "{v}");
+
+    // A VDI the host does not know: the run fails as a whole, nothing done.
+    let o = run(&["--vdi", "00000000-0000-4000-8000-000000000000"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    assert_eq!(v["error"]["done"], serde_json::json!([]), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("UUID_INVALID"),
+        "{v}"
+    );
+    assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
 }

@@ -34,12 +34,385 @@ fn setup(d: &Path) -> (String, String) {
     (s(&repo).to_string(), v)
 }
 
+/// The commands cbtfs has (clap's own `help` aside).
+fn commands() -> Vec<String> {
+    use clap::CommandFactory;
+    cbtfs::cli::Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .filter(|n| n != "help")
+        .collect()
+}
+
 #[test]
 fn help_for_every_command() {
-    for c in ["init", "import", "ls", "export", "verify"] {
+    let names = commands();
+    assert!(names.len() >= 15, "{names:?}");
+    for c in &names {
         let out = ok(&[c, "--help"]);
-        assert!(out.contains("Usage: cbtfs"), "{c} --help: {out}");
+        assert!(
+            out.contains(&format!("Usage: cbtfs {c}")),
+            "{c} --help: {out}"
+        );
+        assert!(out.contains("\nExamples:\n  cbtfs "), "{c} --help: {out}");
     }
+    let top = ok(&["--help"]);
+    assert!(
+        top.contains("Examples:") && top.contains("CBTFS_REPO"),
+        "{top}"
+    );
+}
+
+/// A missing choice names every alternative, not only the first (clap's default).
+#[test]
+fn missing_argument_errors_name_every_alternative() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let r = s(&repo);
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["backup", r, "--host", "https://xcp-ng-master.lan"],
+            "<--vm <VM>|--vdi <VDI_UUID>>",
+        ),
+        (
+            &[
+                "restore",
+                r,
+                "web01/xvda/20260104T020000Z/20260105T020000Z",
+                "--host",
+                "https://xcp-ng-master.lan",
+            ],
+            "<--to-vdi <VDI_UUID>|--new-vdi|--to-vm <VM_UUID>>",
+        ),
+        (
+            &["import", r, "--vdi", "3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b"],
+            "<--raw <IMAGE>|--nbd <URI>>",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, m) = fails(args);
+        assert_eq!(code, 2, "{args:?}: {m}");
+        assert!(
+            m.contains(&format!(
+                "the following required arguments were not provided:\n  {want}\n"
+            )),
+            "{args:?}: {m}"
+        );
+    }
+    // Two of them at once are refused, naming both.
+    let (code, m) = fails(&[
+        "backup",
+        r,
+        "--host",
+        "https://xcp-ng-master.lan",
+        "--vm",
+        "web01",
+        "--vdi",
+        "3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b",
+    ]);
+    assert_eq!(code, 2, "{m}");
+    assert!(
+        m.contains("the argument '--vm <VM>' cannot be used with '--vdi <VDI_UUID>'"),
+        "{m}"
+    );
+}
+
+/// `backup` takes REPO as its first argument like every other command; `--repo` is gone.
+#[test]
+fn backup_takes_repo_as_first_argument() {
+    let (code, m) = fails(&[
+        "backup",
+        "--repo",
+        "/backup/repo",
+        "--host",
+        "https://xcp-ng-master.lan",
+        "--vm",
+        "web01",
+    ]);
+    assert_eq!(code, 2, "{m}");
+    assert!(m.contains("unexpected argument '--repo'"), "{m}");
+    let help = ok(&["backup", "--help"]);
+    assert!(
+        help.contains(
+            "Usage: cbtfs backup [OPTIONS] --host <URL> <--vm <VM>|--vdi <VDI_UUID>> <REPO>"
+        ),
+        "{help}"
+    );
+    // The repository is opened before the host is asked anything: a missing one is named.
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("nothing-here");
+    let o = std::process::Command::new(bin())
+        .args([
+            "backup",
+            s(&missing),
+            "--host",
+            "https://127.0.0.1:9",
+            "--vm",
+            "web01",
+        ])
+        .env("CBTFS_PASSWORD", "x")
+        .output()
+        .unwrap();
+    let m = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{m}");
+    assert!(m.contains("nothing-here is not a cbtfs repository"), "{m}");
+}
+
+fn with_repo_env(repo: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(args)
+        .env("CBTFS_REPO", repo)
+        .output()
+        .unwrap()
+}
+
+/// CBTFS_REPO stands in for a REPO left out; a REPO given on the line wins.
+#[test]
+fn cbtfs_repo_names_the_repository_when_left_out() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, _) = setup(d.path());
+    let explicit = ok(&["ls", &repo, "--json"]);
+    let o = with_repo_env(&repo, &["ls", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), explicit);
+    // One positional fewer, options first or last.
+    let point = "web_prod/root_disk/20261121T020000Z/20261121T020000Z";
+    let out = d.path().join("out.raw");
+    let o = with_repo_env(&repo, &["export", point, s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let expected = d.path().join("expected.raw");
+    ok(&["export", &repo, point, s(&expected)]);
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&expected).unwrap()
+    );
+    let o = with_repo_env(&repo, &["verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok: 1 points"));
+    // Given on the line, it wins over CBTFS_REPO (which names nothing here).
+    let o = with_repo_env(s(&d.path().join("not-a-repo")), &["ls", &repo, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), explicit);
+    // CBTFS_REPO naming nothing, and REPO left out: the error names CBTFS_REPO's directory.
+    let o = with_repo_env(s(&d.path().join("not-a-repo")), &["ls"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not-a-repo is not a cbtfs repository"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // browse takes REPO POINT DIR in one list: two of them mean CBTFS_REPO's repository.
+    let o = with_repo_env(
+        s(&d.path().join("not-a-repo")),
+        &["browse", point, s(&d.path().join("mnt"))],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not-a-repo"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (_, m) = fails(&["browse", point, s(&d.path().join("mnt"))]);
+    assert!(
+        m.contains("REPO may be left out when CBTFS_REPO names it"),
+        "{m}"
+    );
+    // Without it, REPO is required (clap's usage error, status 2).
+    let (code, m) = fails(&["ls"]);
+    assert_eq!(code, 2);
+    assert!(m.contains("<REPO>"), "{m}");
+}
+
+fn json_error(o: &std::process::Output) -> serde_json::Value {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {out:?} / {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    v
+}
+
+/// Under --json a failure is one JSON object on standard output, with a stable code, the same
+/// message a human gets, what was done, and the usual exit status.
+#[test]
+fn json_errors_carry_code_message_done_and_status() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("no-repo");
+    let human = cbtfs(&["ls", s(&missing)]);
+    let human_err = String::from_utf8_lossy(&human.stderr).into_owned();
+    assert_eq!(human.status.code(), Some(1));
+    assert!(human.stdout.is_empty());
+    let message = format!(
+        "{m} is not a cbtfs repository (no cbtfs.repo file); create one with `cbtfs init {m}`",
+        m = missing.display()
+    );
+    assert_eq!(human_err, format!("cbtfs: error: {message}\n"));
+
+    let o = cbtfs(&["ls", s(&missing), "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json_error(&o);
+    assert_eq!(
+        v,
+        serde_json::json!({"error": {"code": "not_a_repository", "message": message, "done": []}})
+    );
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // The same for every command with --json, e.g. backup (before any host is asked).
+    let o = std::process::Command::new(bin())
+        .args([
+            "backup",
+            s(&missing),
+            "--host",
+            "https://127.0.0.1:9",
+            "--vm",
+            "web01",
+            "--json",
+        ])
+        .env("CBTFS_PASSWORD", "x")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let v = json_error(&o);
+    assert_eq!(v["error"]["code"], "not_a_repository", "{v}");
+    assert_eq!(v["error"]["done"], serde_json::json!([]), "{v}");
+
+    // A usage error clap finds: code "usage", status 2, clap's words.
+    let o = cbtfs(&["backup", s(&missing), "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    let v = json_error(&o);
+    assert_eq!(v["error"]["code"], "usage", "{v}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(
+        m.starts_with("the following required arguments were not provided:"),
+        "{m}"
+    );
+    assert!(
+        m.contains("--host <URL>") && m.contains("<--vm <VM>|--vdi <VDI_UUID>>"),
+        "{m}"
+    );
+
+    // A locked repository.
+    let (repo, _) = setup(d.path());
+    let r = cbtfs::repo::Repository::open(Path::new(&repo)).unwrap();
+    let _held = r.lock("test holder").unwrap();
+    let img = d.path().join("img");
+    let o = cbtfs(&[
+        "import",
+        &repo,
+        "--vdi",
+        &vdi(7),
+        "--raw",
+        s(&img),
+        "--json",
+    ]);
+    let v = json_error(&o);
+    assert_eq!(o.status.code(), Some(1), "{v}");
+    assert_eq!(v["error"]["code"], "locked", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("test holder"),
+        "{v}"
+    );
+}
+
+/// `cbtfs completions SHELL` prints a script that knows every command.
+#[test]
+fn completions_know_every_command() {
+    let names = commands();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = ok(&["completions", shell]);
+        for c in &names {
+            assert!(out.contains(c.as_str()), "{shell}: {c} missing");
+        }
+        assert!(out.contains("keep-daily"), "{shell}");
+    }
+    assert!(ok(&["completions", "bash"]).contains("complete -F _cbtfs"));
+    let (code, m) = fails(&["completions", "tcsh"]);
+    assert_eq!(code, 2);
+    assert!(
+        m.contains("[possible values: bash, elvish, fish, powershell, zsh]"),
+        "{m}"
+    );
+}
+
+/// `cbtfs man DIR` writes roff pages: cbtfs.1 and one per command.
+#[test]
+fn man_pages_for_every_command() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("man1");
+    ok(&["man", s(&dir)]);
+    let mut want: Vec<String> = commands().iter().map(|c| format!("cbtfs-{c}.1")).collect();
+    want.push("cbtfs.1".into());
+    want.sort();
+    let mut have: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    have.sort();
+    assert_eq!(have, want);
+    for f in &have {
+        let page = std::fs::read_to_string(dir.join(f)).unwrap();
+        let title = f.trim_end_matches(".1");
+        assert!(page.contains(&format!("\n.TH {title} 1 ")), "{f}: {page}");
+        assert!(
+            page.contains(".SH NAME") && page.contains(".SH SYNOPSIS"),
+            "{f}"
+        );
+    }
+    let backup = std::fs::read_to_string(dir.join("cbtfs-backup.1")).unwrap();
+    assert!(backup.contains("xcp\\-ng\\-master.lan"), "{backup}");
+}
+
+/// scripts/install.sh into a staging root: the binary, the helper, man pages, completions.
+#[test]
+fn install_script_installs_man_pages_and_completions() {
+    let d = tempfile::tempdir().unwrap();
+    let dest = d.path().join("stage");
+    let o = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install.sh"))
+        .env("DESTDIR", &dest)
+        .env("PREFIX", "/usr")
+        .env("CBTFS_BIN", bin())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let usr = dest.join("usr");
+    for f in [
+        "bin/cbtfs",
+        "share/man/man1/cbtfs.1",
+        "share/man/man1/cbtfs-backup.1",
+        "share/man/man1/cbtfs-mount.1",
+        "share/bash-completion/completions/cbtfs",
+        "share/zsh/site-functions/_cbtfs",
+        "share/fish/vendor_completions.d/cbtfs.fish",
+    ] {
+        let p = usr.join(f);
+        assert!(
+            std::fs::metadata(&p).map(|m| m.len() > 0).unwrap_or(false),
+            "{f} missing"
+        );
+    }
+    assert!(dest.join("sbin/mount.cbtfs").exists());
+    let pages = std::fs::read_dir(usr.join("share/man/man1"))
+        .unwrap()
+        .count();
+    assert_eq!(pages, commands().len() + 1);
+    assert_eq!(
+        std::fs::read(usr.join("share/zsh/site-functions/_cbtfs")).unwrap(),
+        cbtfs(&["completions", "zsh"]).stdout
+    );
+    assert_eq!(
+        std::fs::read(usr.join("bin/cbtfs")).unwrap(),
+        std::fs::read(bin()).unwrap()
+    );
 }
 
 #[test]

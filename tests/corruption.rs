@@ -561,7 +561,6 @@ fn an_empty_or_malformed_pin_file_is_an_error_and_no_password_is_sent() {
         std::fs::write(&pin, content).unwrap();
         let (_, m) = fails(&[
             "backup",
-            "--repo",
             s(&repo),
             "--host",
             &sim.url,
@@ -584,7 +583,6 @@ fn an_empty_or_malformed_pin_file_is_an_error_and_no_password_is_sent() {
     std::fs::remove_file(&pin).unwrap();
     let o = cbtfs(&[
         "backup",
-        "--repo",
         s(&repo),
         "--host",
         &sim.url,

@@ -1613,7 +1613,6 @@ fn backup_states(dir: &Path, total: &mut Tally) {
     let args = |repo: &Path| -> Vec<String> {
         [
             "backup",
-            "--repo",
             s(repo),
             "--host",
             &sim.url,

@@ -1483,7 +1483,6 @@ fn backup_refuses_an_export_of_unknown_or_wrong_size() {
         let m = measured(
             &[
                 "backup",
-                "--repo",
                 s(&repo),
                 "--host",
                 &sim.url,

@@ -160,7 +160,7 @@ fn a_host_that_accepts_but_never_answers_fails_within_the_timeout_saying_so() {
     let url = format!("https://{}", closed.local_addr().unwrap());
     drop(closed);
     let o = Command::new(bin())
-        .args(["backup", "--repo", s(&h.repo()), "--host", &url])
+        .args(["backup", s(&h.repo()), "--host", &url])
         .args([
             "--password-file",
             s(&h.pw),

@@ -59,7 +59,7 @@ impl SimHost {
     /// `cbtfs backup --json` with `extra`, which holds the selection (`--vdi`, `--vm`).
     pub fn backup(&self, extra: &[&str]) -> Output {
         Command::new(bin())
-            .args(["backup", "--repo", s(&self.repo()), "--host", &self.sim.url])
+            .args(["backup", s(&self.repo()), "--host", &self.sim.url])
             .args(["--password-file", s(&self.pw), "--json"])
             .args(extra)
             .output()
@@ -69,7 +69,7 @@ impl SimHost {
     /// A backup of the disk started in the background, its output discarded (to be killed).
     pub fn spawn_backup(&self) -> Child {
         Command::new(bin())
-            .args(["backup", "--repo", s(&self.repo()), "--host", &self.sim.url])
+            .args(["backup", s(&self.repo()), "--host", &self.sim.url])
             .args(["--password-file", s(&self.pw), "--vdi", &self.vdi])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
