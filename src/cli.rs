@@ -359,22 +359,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// What `browse` reports, for the terminal.
-fn print_browse(e: crate::browse::BrowseEvent) {
-    match e {
-        crate::browse::BrowseEvent::Notice(m) => eprintln!("cbtfs: {m}"),
-        crate::browse::BrowseEvent::Ready {
-            report,
-            dir,
-            foreground,
-        } => {
-            print!("{report}");
-            let end = if foreground { "Ctrl-C or " } else { "" };
-            println!("  {end}`cbtfs browse --unmount {}` ends it", dir.display());
-        }
-    }
-}
-
 /// The error and its causes, each once: typed errors already quote their cause in their text.
 fn error_text(e: &anyhow::Error) -> String {
     let mut out = String::new();
@@ -640,6 +624,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `browse` reports, for the terminal.
+fn print_browse(e: crate::browse::BrowseEvent) {
+    match e {
+        crate::browse::BrowseEvent::Notice(m) => eprintln!("cbtfs: {m}"),
+        crate::browse::BrowseEvent::Ready {
+            report,
+            dir,
+            foreground,
+        } => {
+            print!("{report}");
+            let end = if foreground { "Ctrl-C or " } else { "" };
+            println!("  {end}`cbtfs browse --unmount {}` ends it", dir.display());
+        }
+    }
 }
 
 /// The host password: from a file (first line) or CBTFS_PASSWORD; never from argv.

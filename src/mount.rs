@@ -558,9 +558,7 @@ fn serve(repo: Repository, mp: &Path, opts: &MountOptions, ready: &dyn Fn()) -> 
 
     let started = std::time::Instant::now();
     let prefetch = opts.prefetch_mib.unwrap_or(DEFAULT_PREFETCH_MIB) << 20;
-    let fs = CbtFs::new(repo.clone())
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_prefetch(prefetch, PREFETCH_THREADS);
+    let fs = CbtFs::new(repo.clone())?.with_prefetch(prefetch, PREFETCH_THREADS);
     let mut options = vec![
         MountOption::FSName(repo.root().display().to_string()),
         MountOption::Subtype("cbtfs".into()),
