@@ -31,7 +31,9 @@
 //! rescan drops the cached readers, block counts and `POINT.parts/` listings that the new view
 //! no longer has. An open file holds its own reader: a point removed from the repository while
 //! open keeps reading its own bytes (every layer's data file is opened when the point is), or
-//! fails with EIO, never another point's bytes.
+//! fails with EIO, never another point's bytes. A point the kernel still knows by name but that a
+//! prune removed is ENOENT, logged at debug level only; one still in the repository whose
+//! objects cannot be opened is damage: EIO and a warning (`CbtFs::current_reader`).
 //!
 //! # Freshness
 //!
