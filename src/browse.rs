@@ -836,7 +836,9 @@ fn serve(
     let mut session = Session::start(repo, spec, dir, opts)?;
     if !session.mounted_any() {
         let why = session.nothing_mounted();
-        session.end()?;
+        if let Err(e) = session.end() {
+            bail!("{why}\n  and cleaning up after it failed: {e:#}");
+        }
         bail!("{why}");
     }
     ready(&session.report());

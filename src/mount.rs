@@ -296,12 +296,13 @@ fn prepare_mountpoint(mp: &Path, nonempty: bool, notice: &dyn Fn(&str)) -> Resul
                 );
             }
             // As mount(8) helpers do: a mount would hide what the directory holds.
-            let entries = std::fs::read_dir(&abs)
+            let occupied = std::fs::read_dir(&abs)
                 .with_context(|| format!("reading mount point {}", abs.display()))?
-                .count();
-            if entries > 0 && !nonempty {
+                .next()
+                .is_some();
+            if occupied && !nonempty {
                 bail!(
-                    "mount point {} is not empty ({entries} entries): mounting there would hide them; use an empty directory, or add `-o nonempty` to mount over them",
+                    "mount point {} is not empty: mounting there would hide what it holds; use an empty directory, or add `-o nonempty` to mount over it",
                     abs.display()
                 );
             }
