@@ -666,6 +666,8 @@ mod tests {
         for bad in ["prefetch", "prefetch=x", "prefetch=2048", "prefetch=-1"] {
             assert!(parse_options(&[bad.into()]).is_err(), "{bad}");
         }
+        assert!(parse_options(&["noauto,nonempty".into()]).unwrap().nonempty);
+        assert!(!parse_options(&["ro".into()]).unwrap().nonempty);
         let o = parse_options(&["log_file=/tmp/a\\,b.log".into()]).unwrap();
         assert_eq!(o.log_file, Some(PathBuf::from("/tmp/a,b.log")));
     }
