@@ -10,6 +10,9 @@
 //! *before* it is made, so `--unmount`, or the next browse after a crash, can undo it all: the
 //! filesystems named in the state, every loop device whose backing file lies in the overlay,
 //! the overlay itself, and the folders it created.
+//!
+//! Nothing here prints: `browse` reports through its caller's callback (`BrowseEvent`), and a
+//! browse where nothing could be mounted is an error naming every volume and why.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::mount::mounted_fstype;
+use crate::mount::{Unmount, UnmountError, mounted_fstype};
 use crate::naming::Tree;
 use crate::overlay::{CowFile, OverlayFs, VolumeSource};
 use crate::read::PointReader;
@@ -134,38 +137,6 @@ fn load(path: &Path) -> Result<State> {
     })
 }
 
-fn errno_text(e: i32) -> String {
-    std::io::Error::from_raw_os_error(e).to_string()
-}
-
-/// Unmount `path`: kernel mounts with umount2 (root), FUSE ones with fusermount3 otherwise.
-fn unmount(path: &Path) -> Result<(), i32> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| libc::EINVAL)?;
-        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-            return Ok(());
-        }
-        return Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO));
-    }
-    let out = Command::new("fusermount3")
-        .arg("-u")
-        .arg(path)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|_| libc::ENOENT)?;
-    if out.status.success() {
-        Ok(())
-    } else if String::from_utf8_lossy(&out.stderr).contains("busy") {
-        Err(libc::EBUSY)
-    } else {
-        Err(libc::EIO)
-    }
-}
-
 /// Loop devices whose backing file lies under `dir`.
 fn loops_backed_by(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -195,17 +166,17 @@ fn unmount_filesystems(st: &State) -> Result<()> {
         if mounted_fstype(mp).is_none() {
             continue;
         }
-        match unmount(mp) {
+        match crate::mount::unmount(mp, Unmount::Normal) {
             Ok(()) => {}
-            Err(libc::EBUSY) => bail!(
+            Err(UnmountError::Busy { .. }) => bail!(
                 "{} is in use (a shell or program has files open there); close them and run `cbtfs browse --unmount {}` again",
                 mp.display(),
                 st.dir.display()
             ),
             Err(e) => {
                 // A filesystem whose overlay died may refuse a clean unmount: detach it.
-                tracing::warn!(mountpoint = %mp.display(), error = %errno_text(e), "detaching");
-                crate::mount::detach(mp)?;
+                tracing::warn!(mountpoint = %mp.display(), error = %e, "detaching");
+                crate::mount::unmount(mp, Unmount::Lazy)?;
             }
         }
     }
@@ -225,8 +196,10 @@ fn unmount_filesystems(st: &State) -> Result<()> {
 /// Undo everything `st` records: filesystems, loop devices, the overlay, created folders.
 fn cleanup(st: &State) -> Result<()> {
     unmount_filesystems(st)?;
-    if mounted_fstype(&st.overlay).is_some() && unmount(&st.overlay).is_err() {
-        crate::mount::detach(&st.overlay)?;
+    if mounted_fstype(&st.overlay).is_some()
+        && crate::mount::unmount(&st.overlay, Unmount::Normal).is_err()
+    {
+        crate::mount::unmount(&st.overlay, Unmount::Lazy)?;
     }
     let _ = std::fs::remove_dir(&st.overlay);
     for d in st.created.iter().rev() {
@@ -235,8 +208,9 @@ fn cleanup(st: &State) -> Result<()> {
     Ok(())
 }
 
-/// Clean up every browse whose process is gone (killed, crashed, power cut).
-fn clean_stale(root: &Path) {
+/// Clean up every browse whose process is gone (killed, crashed, power cut), saying what it
+/// does through `notice`.
+fn clean_stale(root: &Path, notice: &dyn Fn(&str)) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
@@ -249,16 +223,16 @@ fn clean_stale(root: &Path) {
         if alive(&st) {
             continue;
         }
-        eprintln!(
-            "cbtfs: cleaning up after a browse of {} that did not end (process {} is gone)",
+        notice(&format!(
+            "cleaning up after a browse of {} that did not end (process {} is gone)",
             st.dir.display(),
             st.pid
-        );
+        ));
         match cleanup(&st) {
             Ok(()) => {
                 let _ = std::fs::remove_file(&p);
             }
-            Err(e) => eprintln!("cbtfs: {e:#}"),
+            Err(e) => notice(&format!("{e:#}")),
         }
     }
 }
@@ -433,7 +407,7 @@ impl Session {
             .with_context(|| format!("reading the partition table of {label}"))?;
 
         let states = state_root()?;
-        clean_stale(&states);
+        clean_stale(&states, &|m| tracing::warn!("{m}"));
         let made_dir = !dir.exists();
         if made_dir {
             std::fs::DirBuilder::new()
@@ -638,8 +612,34 @@ impl Session {
                 )),
             }
         }
-        if self.outcomes.iter().all(|o| o.mounted.is_none()) {
+        if !self.mounted_any() {
             out.push_str("  nothing could be mounted\n");
+        }
+        out
+    }
+
+    /// Whether at least one filesystem is mounted.
+    pub fn mounted_any(&self) -> bool {
+        self.outcomes.iter().any(|o| o.mounted.is_some())
+    }
+
+    /// Why nothing could be mounted: every volume and the reason it was skipped.
+    fn nothing_mounted(&self) -> String {
+        let mut out = format!(
+            "nothing in {} could be mounted under {}:",
+            self.label,
+            self.state.dir.display()
+        );
+        for o in &self.outcomes {
+            out.push_str(&format!(
+                "\n  {} ({}): {}",
+                o.name,
+                o.content.as_deref().unwrap_or("-"),
+                o.detail
+            ));
+        }
+        if self.outcomes.is_empty() {
+            out.push_str("\n  the point holds no volumes");
         }
         out
     }
@@ -755,13 +755,30 @@ fn mount_one(driver: &Driver, file: &Path, mp: &Path) -> Result<String, String> 
     }
 }
 
-/// `cbtfs browse REPO POINT DIR`: mount, print the report, serve until unmounted.
+/// What `browse` tells its caller (the CLI prints it).
+#[derive(Debug)]
+pub enum BrowseEvent<'a> {
+    /// Something to know before the browse starts: a stale browse cleaned up, the directory
+    /// about to be made private.
+    Notice(&'a str),
+    /// The filesystems are mounted: the report (`Session::report`). In the foreground the
+    /// browse serves until a signal; in the background `browse` returns after this.
+    Ready {
+        report: &'a str,
+        dir: &'a Path,
+        foreground: bool,
+    },
+}
+
+/// `cbtfs browse REPO POINT DIR`: mount, report, serve until unmounted. Fails (undoing what it
+/// made) when no filesystem of the point could be mounted, naming each volume and why.
 pub fn browse(
     repo: &Path,
     spec: &str,
     dir: &Path,
     foreground: bool,
     opts: &BrowseOptions,
+    say: &dyn Fn(BrowseEvent),
 ) -> Result<()> {
     // Absolute: the background process works from `/`.
     let repo =
@@ -774,31 +791,34 @@ pub fn browse(
         std::env::current_dir()?.join(dir)
     };
     // Here, not only in the background process: what it cleans is said on this terminal.
-    clean_stale(&state_root()?);
+    clean_stale(&state_root()?, &|m| say(BrowseEvent::Notice(m)));
     if let Ok(md) = std::fs::metadata(&dir)
         && md.permissions().mode() & 0o077 != 0
         && std::fs::read_dir(&dir).is_ok_and(|mut r| r.next().is_none())
     {
-        eprintln!(
-            "cbtfs: {} will be made private (0700): the guest's file owners and modes would otherwise apply to this host's users",
+        say(BrowseEvent::Notice(&format!(
+            "{} will be made private (0700): the guest's file owners and modes would otherwise apply to this host's users",
             dir.display()
-        );
+        )));
     }
     if foreground {
         crate::mount::init_logging(crate::mount::LogTarget::Stderr)?;
         return serve(&repository, spec, &dir, opts, &|report| {
-            print!("{report}");
-            println!(
-                "  Ctrl-C or `cbtfs browse --unmount {}` ends it",
-                dir.display()
-            );
+            say(BrowseEvent::Ready {
+                report,
+                dir: &dir,
+                foreground: true,
+            })
         });
     }
     let report = crate::mount::daemonize(None, |ready| {
         serve(&repository, spec, &dir, opts, &|report| ready(report))
     })?;
-    print!("{report}");
-    println!("  `cbtfs browse --unmount {}` ends it", dir.display());
+    say(BrowseEvent::Ready {
+        report: &report,
+        dir: &dir,
+        foreground: false,
+    });
     Ok(())
 }
 
@@ -814,6 +834,13 @@ fn serve(
     // threads inherit the mask and the signals wait for sigtimedwait below.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     let mut session = Session::start(repo, spec, dir, opts)?;
+    if !session.mounted_any() {
+        let why = session.nothing_mounted();
+        if let Err(e) = session.end() {
+            bail!("{why}\n  and cleaning up after it failed: {e:#}");
+        }
+        bail!("{why}");
+    }
     ready(&session.report());
     let timeout = libc::timespec {
         tv_sec: 0,
@@ -829,18 +856,17 @@ fn serve(
             }
             match session.end() {
                 Ok(()) => return Ok(()),
-                Err(e) if !gone => {
-                    eprintln!("cbtfs: {e:#}");
-                    tracing::warn!("{e:#}");
-                }
+                // Logged (to the terminal in the foreground); the browse serves on.
+                Err(e) if !gone => tracing::warn!("{e:#}"),
                 Err(e) => return Err(e),
             }
         }
     }
 }
 
-/// `cbtfs browse --unmount DIR`: end the browse of DIR, live or crashed.
-pub fn unmount_dir(dir: &Path) -> Result<()> {
+/// `cbtfs browse --unmount DIR`: end the browse of DIR, live or crashed. Returns the
+/// directory's absolute path.
+pub fn unmount_dir(dir: &Path) -> Result<PathBuf> {
     // The folder may be gone (removed by hand after a crash): its path still names the state.
     let abs = match std::fs::canonicalize(dir) {
         Ok(p) => p,
@@ -876,6 +902,5 @@ pub fn unmount_dir(dir: &Path) -> Result<()> {
     // Whatever the process did not get to (or all of it, if it was dead).
     cleanup(&st)?;
     let _ = std::fs::remove_file(&path);
-    println!("unmounted {}", abs.display());
-    Ok(())
+    Ok(abs)
 }

@@ -868,13 +868,16 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
         } => {
             let opts = crate::browse::BrowseOptions { userspace };
             match (unmount, args.as_slice()) {
-                (true, [dir]) => crate::browse::unmount_dir(dir)?,
+                (true, [dir]) => {
+                    let dir = crate::browse::unmount_dir(dir)?;
+                    println!("unmounted {}", dir.display());
+                }
                 (true, _) => {
                     bail!("--unmount takes only the directory: cbtfs browse --unmount DIR")
                 }
                 (false, [repo, point, dir]) => {
                     let point = point.to_str().context("the point name is not UTF-8")?;
-                    crate::browse::browse(repo, point, dir, foreground, &opts)?
+                    crate::browse::browse(repo, point, dir, foreground, &opts, &print_browse)?
                 }
                 // REPO left out: CBTFS_REPO names it.
                 (false, [point, dir])
@@ -921,7 +924,9 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             options,
         } => {
             let opts = crate::mount::parse_options(&options)?;
-            crate::mount::mount(&repo, &mountpoint, foreground, opts)?
+            crate::mount::mount(&repo, &mountpoint, foreground, opts, &|m| {
+                eprintln!("cbtfs: {m}")
+            })?
         }
         Command::Backup {
             repo,
@@ -1064,7 +1069,9 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             xmlrpc_only,
         } => cmd_sim(&dir, &disks, &vm_name, &bind, &nbd, xmlrpc_only)?,
         Command::Demo { dir } => {
-            crate::demo::run_demo(&dir.unwrap_or_else(crate::demo::default_dir))?
+            crate::demo::run_demo(&dir.unwrap_or_else(crate::demo::default_dir), &|l| {
+                println!("{l}")
+            })?
         }
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
@@ -1079,6 +1086,22 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `browse` reports, for the terminal.
+fn print_browse(e: crate::browse::BrowseEvent) {
+    match e {
+        crate::browse::BrowseEvent::Notice(m) => eprintln!("cbtfs: {m}"),
+        crate::browse::BrowseEvent::Ready {
+            report,
+            dir,
+            foreground,
+        } => {
+            print!("{report}");
+            let end = if foreground { "Ctrl-C or " } else { "" };
+            println!("  {end}`cbtfs browse --unmount {}` ends it", dir.display());
+        }
+    }
 }
 
 /// The host password: from a file (first line) or CBTFS_PASSWORD; never from argv.

@@ -5,6 +5,8 @@
 //! changes (files added, edited, deleted with `debugfs -w`, written to the host as guest writes
 //! that its CBT tracks) and an incremental backup, four times. Then it verifies, reads a file
 //! from inside every point, mounts the history, diffs the first and third day, and browses day 3's files.
+//!
+//! The narrative is handed line by line to the caller's `say` (the CLI prints it).
 
 use std::fs;
 use std::io::Write;
@@ -65,7 +67,9 @@ fn debugfs_cat(image: &Path, file: &str) -> Result<String> {
     )
 }
 
-pub fn run_demo(dir: &Path) -> Result<()> {
+/// Run the demo in `dir` (cleared first if it is a previous demo's), telling the story line by
+/// line through `say`.
+pub fn run_demo(dir: &Path, say: &dyn Fn(&str)) -> Result<()> {
     let mnt = dir.join("mnt");
     let files = dir.join("files");
     if files.exists() {
@@ -74,7 +78,10 @@ pub fn run_demo(dir: &Path) -> Result<()> {
     }
     if crate::mount::mounted_fstype(&mnt).is_some() {
         // A previous demo's mount: take it down before clearing the directory.
-        let _ = Command::new("umount").arg(&mnt).status();
+        use crate::mount::{Unmount, unmount};
+        if unmount(&mnt, Unmount::Normal).is_err() {
+            unmount(&mnt, Unmount::Lazy)?;
+        }
     }
     if dir.exists() {
         if !dir.join(MARKER).exists() && fs::read_dir(dir)?.next().is_some() {
@@ -93,7 +100,9 @@ pub fn run_demo(dir: &Path) -> Result<()> {
     let tree = dir.join("guest-files");
     let img = image.display().to_string();
 
-    println!("== a guest disk: ext4 with a few files ({DISK_SIZE})");
+    say(&format!(
+        "== a guest disk: ext4 with a few files ({DISK_SIZE})"
+    ));
     for (p, text) in [
         ("etc/hostname", "demo-vm\n"),
         ("etc/motd", "Welcome to the demo VM (day 0)\n"),
@@ -125,8 +134,8 @@ pub fn run_demo(dir: &Path) -> Result<()> {
     )?;
 
     let repo = Repository::init(&repo_path)?;
-    println!("== repository {}", repo_path.display());
-    println!("== a simulated XenServer host (management API over HTTPS, NBD over TLS, CBT)");
+    say(&format!("== repository {}", repo_path.display()));
+    say("== a simulated XenServer host (management API over HTTPS, NBD over TLS, CBT)");
     let mut cfg = crate::sim::SimConfig::new(&dir.join("host"));
     cfg.user = "root".into();
     let sim = crate::sim::Sim::start(cfg.clone()).map_err(anyhow::Error::msg)?;
@@ -137,7 +146,10 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         .first()
         .cloned()
         .context("the simulated VM has no disk")?;
-    println!("   {} : VM demo-vm ({vm}), disk root (VDI {vdi})", sim.url);
+    say(&format!(
+        "   {} : VM demo-vm ({vm}), disk root (VDI {vdi})",
+        sim.url
+    ));
     let options = crate::backup::BackupOptions {
         host: crate::backup::HostAccess {
             url: sim.url.clone(),
@@ -157,17 +169,17 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         .enable_all()
         .build()?;
     let backup = |day: usize| -> Result<()> {
-        let say = |e: crate::backup::Event| match e {
-            crate::backup::Event::Info(m) => println!("   {m}"),
-            crate::backup::Event::Warning(m) => println!("   warning: {m}"),
+        let events = |e: crate::backup::Event| match e {
+            crate::backup::Event::Info(m) => say(&format!("   {m}")),
+            crate::backup::Event::Warning(m) => say(&format!("   warning: {m}")),
             crate::backup::Event::Blocks(..) => {}
         };
-        let r = rt.block_on(crate::backup::run(&repo, &options, &say))?;
+        let r = rt.block_on(crate::backup::run(&repo, &options, &events))?;
         if let Some((v, e)) = r.failures.first() {
             bail!("backup of VDI {v} failed: {e}");
         }
         for d in &r.disks {
-            println!(
+            say(&format!(
                 "   day {day}: {} point {}: {} of {} blocks changed, {} KiB read over {} in {:.2} s",
                 d.kind,
                 d.point,
@@ -176,13 +188,11 @@ pub fn run_demo(dir: &Path) -> Result<()> {
                 d.fetched_bytes >> 10,
                 d.via,
                 d.seconds
-            );
+            ));
         }
         Ok(())
     };
-    println!(
-        "== backups: a full base, then one incremental point a day (cbtfs backup --vm demo-vm)"
-    );
+    say("== backups: a full base, then one incremental point a day (cbtfs backup --vm demo-vm)");
     backup(0)?;
     // The guest's disk as the guest sees it; edits go to the host as guest writes.
     let work = dir.join("guest-disk.work");
@@ -243,30 +253,32 @@ pub fn run_demo(dir: &Path) -> Result<()> {
             .map(|v| format!("{} ({})", v.uuid, v.kind))
             .collect::<Vec<_>>()
     });
-    println!(
+    say(&format!(
         "   snapshots left on the host: {} (only CBT metadata: the next backup's origin)",
         snaps.join(", ")
-    );
+    ));
     drop(sim);
 
-    println!("== cbtfs ls {}", repo_path.display());
+    say(&format!("== cbtfs ls {}", repo_path.display()));
     let out = Command::new(std::env::current_exe()?)
         .args(["ls", &repo_path.display().to_string()])
         .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        say(l);
+    }
 
-    println!("== verify");
+    say("== verify");
     let mut report = crate::verify::VerifyReport::default();
     crate::verify::verify_all(&repo, &mut report)?;
     if !report.ok() {
         bail!("verify found damage: {:?}", report.damage);
     }
-    println!(
+    say(&format!(
         "   ok: {} points, {} stored blocks checked",
         report.points_checked, report.blocks_checked
-    );
+    ));
 
-    println!("== each point, exported, holds the guest as it was that day");
+    say("== each point, exported, holds the guest as it was that day");
     let catalog = Tree::build(repo.catalog()?);
     let Some((_, disk)) = catalog.disk_by_uuid(&vdi) else {
         bail!("the demo disk is missing from the repository");
@@ -290,17 +302,17 @@ pub fn run_demo(dir: &Path) -> Result<()> {
                 .ok()
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "(no such file)\n".into());
-            println!(
+            say(&format!(
                 "   {}: notes.txt = {:?}, report.txt = {:?}",
                 catalog.path_of(p).unwrap_or_else(|| p.label()),
                 notes.trim_end(),
                 report.trim_end()
-            );
+            ));
         }
     }
     let _ = fs::remove_file(&out_img);
 
-    println!("== the whole history, mounted: every restore point is a raw disk file");
+    say("== the whole history, mounted: every restore point is a raw disk file");
     fs::create_dir_all(&mnt)?;
     let exe = std::env::current_exe()?;
     let mounted = Command::new(&exe)
@@ -314,24 +326,24 @@ pub fn run_demo(dir: &Path) -> Result<()> {
         .unwrap_or(false);
     if mounted {
         for e in walk(&mnt, 0)? {
-            println!("   {e}");
+            say(&format!("   {e}"));
         }
         let day3 = mnt.join(&day3_path);
         let day3_point = day3_path.trim_end_matches(".raw").to_string();
         let repo_arg = repo_path.display().to_string();
-        println!("== what changed in the guest from the first backup to day 3 (cbtfs diff)");
+        say("== what changed in the guest from the first backup to day 3 (cbtfs diff)");
         if let Ok(o) = Command::new(&exe)
             .args(["diff", &repo_arg, &first_path, &day3_point])
             .output()
         {
             for l in String::from_utf8_lossy(&o.stdout).lines() {
-                println!("   {l}");
+                say(&format!("   {l}"));
             }
             for l in String::from_utf8_lossy(&o.stderr).lines() {
-                println!("   {l}");
+                say(&format!("   {l}"));
             }
         }
-        println!("== day 3's files, browsed (cbtfs browse): the guest's filesystem, read-only");
+        say("== day 3's files, browsed (cbtfs browse): the guest's filesystem, read-only");
         // SAFETY: geteuid has no preconditions.
         let userspace = unsafe { libc::geteuid() } != 0;
         let mut browse = Command::new(&exe);
@@ -344,33 +356,33 @@ pub fn run_demo(dir: &Path) -> Result<()> {
             .output();
         if let Ok(o) = &browsed {
             for l in String::from_utf8_lossy(&o.stdout).lines() {
-                println!("   {l}");
+                say(&format!("   {l}"));
             }
             if !o.status.success() {
-                println!("   {}", String::from_utf8_lossy(&o.stderr).trim());
+                say(&format!("   {}", String::from_utf8_lossy(&o.stderr).trim()));
             }
         }
         let report = files.join("disk/home/alice/report.txt");
         if let Ok(text) = fs::read_to_string(&report) {
-            println!("   {} = {:?}", report.display(), text.trim_end());
+            say(&format!("   {} = {:?}", report.display(), text.trim_end()));
         }
-        println!(
+        say(&format!(
             "== done. Explore it:\n   ls -l {m}/demo-vm/root/*/\n   ls -R {f}/disk/home\n   qemu-img info {m}/demo-vm/root/latest.raw\n   cbtfs ls {repo}; cbtfs verify {repo}\n   sudo mount -o loop,ro,noload {day3} /mnt   # the raw way\n   cbtfs browse --unmount {f}; umount {m}    # when done",
             m = mnt.display(),
             f = files.display(),
             day3 = day3.display(),
             repo = repo_path.display()
-        );
+        ));
     } else {
-        println!(
+        say(&format!(
             "   (the mount needs FUSE: install fuse3, then `cbtfs mount {} {}`)",
             repo_path.display(),
             mnt.display()
-        );
-        println!(
+        ));
+        say(&format!(
             "== done. Explore it:\n   cbtfs ls {repo}\n   cbtfs export {repo} {vdi}@latest /tmp/latest.raw\n   cbtfs verify {repo}",
             repo = repo_path.display()
-        );
+        ));
     }
     Ok(())
 }

@@ -31,7 +31,9 @@
 //! rescan drops the cached readers, block counts and `POINT.parts/` listings that the new view
 //! no longer has. An open file holds its own reader: a point removed from the repository while
 //! open keeps reading its own bytes (every layer's data file is opened when the point is), or
-//! fails with EIO, never another point's bytes.
+//! fails with EIO, never another point's bytes. A point the kernel still knows by name but that a
+//! prune removed is ENOENT, logged at debug level only; one still in the repository whose
+//! objects cannot be opened is damage: EIO and a warning (`CbtFs::current_reader`).
 //!
 //! # Freshness
 //!
@@ -97,14 +99,18 @@ pub struct DirEntry {
     pub next_offset: u64,
 }
 
+/// Why a filesystem operation failed. Each kind knows its errno (`errno`); the damaged and I/O
+/// kinds keep their cause as `source` for the log.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
+    /// No such name or inode, or a restore point no longer in the repository (pruned since the
+    /// kernel learned its name).
     #[error("no such file or directory")]
     NotFound,
     #[error("not a directory")]
-    NotDir,
+    NotADirectory,
     #[error("is a directory")]
-    IsDir,
+    IsADirectory,
     #[error("read-only filesystem")]
     ReadOnly,
     #[error("invalid argument")]
@@ -113,10 +119,38 @@ pub enum FsError {
     BadHandle,
     #[error("no data at or after this offset")]
     NoDataAfter,
-    #[error("{0}")]
-    Damaged(String),
-    #[error("{0}")]
-    Repository(String),
+    /// A restore point still in the repository whose objects cannot be opened.
+    #[error("restore point {point} cannot be opened: {source}")]
+    Damaged {
+        point: String,
+        #[source]
+        source: crate::repo::RepoError,
+    },
+    /// A stored block that cannot be read (the error names the point, block and file).
+    #[error(transparent)]
+    DamagedBlock(#[from] Box<crate::read::ReadError>),
+    /// A volume inside a point whose mapping is inconsistent.
+    #[error("volume {volume}: {detail}")]
+    DamagedVolume { volume: String, detail: String },
+    /// Reading the repository's catalog failed.
+    #[error("reading the repository: {source}")]
+    Repository {
+        #[source]
+        source: crate::repo::RepoError,
+    },
+    /// Prunes kept swapping sets while the catalog was read.
+    #[error(
+        "the repository's sets changed during each of {tries} reads of it; serving the previous view"
+    )]
+    Unsettled { tries: usize },
+    /// A system call on the repository's filesystem failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl FsError {
@@ -124,16 +158,66 @@ impl FsError {
     pub fn errno(&self) -> i32 {
         match self {
             FsError::NotFound => libc::ENOENT,
-            FsError::NotDir => libc::ENOTDIR,
-            FsError::IsDir => libc::EISDIR,
+            FsError::NotADirectory => libc::ENOTDIR,
+            FsError::IsADirectory => libc::EISDIR,
             FsError::ReadOnly => libc::EROFS,
             FsError::Invalid => libc::EINVAL,
             FsError::BadHandle => libc::EBADF,
             FsError::NoDataAfter => libc::ENXIO,
-            FsError::Damaged(_) => libc::EIO,
-            FsError::Repository(_) => libc::EIO,
+            FsError::Damaged { .. } => libc::EIO,
+            FsError::DamagedBlock(_) => libc::EIO,
+            FsError::DamagedVolume { .. } => libc::EIO,
+            FsError::Repository { .. } => libc::EIO,
+            FsError::Unsettled { .. } => libc::EIO,
+            FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }
+}
+
+/// How long the kernel may cache what a lookup or getattr returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ttls {
+    /// Attributes (size, times, st_blocks).
+    pub attr: Duration,
+    /// The name → inode entry.
+    pub entry: Duration,
+}
+
+/// Restore points (and the volume files inside them) never change: their attributes are cached
+/// for long, and an inode number never comes to mean another point (see `Identity` above).
+pub const TTL_IMMUTABLE: Duration = Duration::from_secs(3600);
+/// Directories and `latest.raw` links change as backups land and prunes remove points; names
+/// come and go for every kind, so entries are kept only this long (a listing taken `FRESH`
+/// after a change shows it; a lookup of a removed name fails within this).
+pub const TTL_CHANGING: Duration = Duration::from_secs(1);
+
+/// The TTLs of a node: decided here, applied by `fuse`.
+pub fn ttls(attr: &Attr) -> Ttls {
+    let attr_ttl = match attr.kind {
+        Kind::File if attr.immutable => TTL_IMMUTABLE,
+        Kind::File | Kind::Dir | Kind::Symlink => TTL_CHANGING,
+    };
+    Ttls {
+        attr: attr_ttl,
+        entry: TTL_CHANGING,
+    }
+}
+
+/// What `statfs` reports: the figures of the filesystem holding the repository (see
+/// `CbtFs::statfs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    /// Total, free and available-to-unprivileged blocks, in units of `frsize`.
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    /// Total and free inodes.
+    pub files: u64,
+    pub ffree: u64,
+    /// Preferred I/O size and fragment size (the unit of the block counts).
+    pub bsize: u32,
+    pub frsize: u32,
+    pub namelen: u32,
 }
 
 enum NodeData {
@@ -423,10 +507,6 @@ pub struct CbtFs {
     prefetch: Option<crate::prefetch::Prefetcher>,
 }
 
-fn repo_err(e: impl std::fmt::Display) -> FsError {
-    FsError::Repository(e.to_string())
-}
-
 impl CbtFs {
     pub fn new(repo: Repository) -> Result<CbtFs, FsError> {
         let fs = CbtFs {
@@ -484,15 +564,16 @@ impl CbtFs {
     fn consistent_catalog(&self) -> Result<Vec<crate::repo::DiskHistory>, FsError> {
         for _ in 0..SCAN_TRIES {
             let before = self.set_dirs();
-            let catalog = self.repo.catalog().map_err(repo_err)?;
+            let catalog = self
+                .repo
+                .catalog()
+                .map_err(|source| FsError::Repository { source })?;
             if self.set_dirs() == before {
                 return Ok(catalog);
             }
             tracing::debug!("the repository changed while it was read; reading it again");
         }
-        Err(FsError::Repository(format!(
-            "the repository's sets changed during each of {SCAN_TRIES} reads of it; serving the previous view"
-        )))
+        Err(FsError::Unsettled { tries: SCAN_TRIES })
     }
 
     /// Rebuild the tree from the repository now, and forget what the new view no longer has.
@@ -573,14 +654,15 @@ impl CbtFs {
         }
     }
 
-    fn attr_of(&self, ino: u64, node: &Node) -> Attr {
+    /// The attributes of `ino` (`node` in `snap`): `NotFound` if it is a point pruned since.
+    fn attr_of(&self, ino: u64, node: &Node, snap: &Arc<Snapshot>) -> Result<Attr, FsError> {
         let (perm, nlink, blocks) = match &node.data {
             NodeData::Dir(c) => (0o555, 2 + c.len() as u32, 0),
             NodeData::Parts { .. } => (0o555, 2, 0),
             NodeData::Link(_) => (0o777, 1, 0),
-            NodeData::Point { .. } => (0o444, 1, self.point_blocks(ino, node)),
+            NodeData::Point { .. } => (0o444, 1, self.point_blocks(ino, node, snap)?),
         };
-        Attr {
+        Ok(Attr {
             ino,
             kind: node.kind(),
             size: node.size,
@@ -589,30 +671,64 @@ impl CbtFs {
             perm,
             nlink,
             immutable: matches!(node.data, NodeData::Point { .. }),
-        }
+        })
     }
 
-    /// Honest st_blocks: the blocks that read from stored data.
-    fn point_blocks(&self, ino: u64, node: &Node) -> u64 {
+    /// Honest st_blocks: the blocks that read from stored data. `NotFound` if the point was
+    /// pruned since `snap` was taken.
+    fn point_blocks(&self, ino: u64, node: &Node, snap: &Arc<Snapshot>) -> Result<u64, FsError> {
         if let NodeData::Point { chain, .. } = &node.data
             && let Some(b) = self.blocks.lock().ok().and_then(|m| m.get(chain).copied())
         {
-            return b;
+            return Ok(b);
         }
-        match self.reader(ino, node) {
-            Ok(r) => r.map().stored_blocks() * (BLOCK_SIZE / 512),
-            // Unknown (damaged): claim the whole size rather than pretend it is a hole.
-            Err(_) => node.size.div_ceil(512),
+        match self.current_reader(ino, snap) {
+            Ok(r) => Ok(r.map().stored_blocks() * (BLOCK_SIZE / 512)),
+            Err(FsError::NotFound) => Err(FsError::NotFound),
+            // Unknown (damaged, logged): claim the whole size rather than pretend it is a hole.
+            Err(_) => Ok(node.size.div_ceil(512)),
         }
     }
 
+    /// The reader of point `ino` as the repository has it now, `snap` being the view in which
+    /// the kernel found it. A reader that cannot be opened may belong to a point pruned since
+    /// (its objects are gone): the repository is read again at once, and then
+    ///
+    /// * a point no longer there is `NotFound`, quietly (debug log): the kernel held an old
+    ///   name, nothing is damaged;
+    /// * a point still there (perhaps rewritten by the prune) is opened as it is now;
+    /// * one still there that cannot be opened is damaged: EIO, with a warning naming it.
+    fn current_reader(&self, ino: u64, snap: &Arc<Snapshot>) -> Result<Arc<PointReader>, FsError> {
+        let node = snap.nodes.get(&ino).ok_or(FsError::NotFound)?;
+        let first = match self.reader(ino, node) {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        if let Err(e) = self.rescan() {
+            tracing::warn!(ino, error = %first, rescan = %e, "cannot open restore point, and the repository cannot be read again to tell whether it was pruned");
+            return Err(first);
+        }
+        let fresh = self.snap();
+        match fresh.nodes.get(&ino) {
+            None => {
+                tracing::debug!(ino, error = %first, "restore point no longer in the repository (pruned): no such file");
+                Err(FsError::NotFound)
+            }
+            Some(n) => self.reader(ino, n).map_err(|e| {
+                tracing::warn!(ino, error = %e, "cannot open restore point: its reads fail with EIO");
+                e
+            }),
+        }
+    }
+
+    /// The reader of point `ino` (`node`), cached by chain. Logs nothing: `current_reader`
+    /// tells a pruned point from a damaged one.
     fn reader(&self, ino: u64, node: &Node) -> Result<Arc<PointReader>, FsError> {
         let NodeData::Point { set, seq, chain } = &node.data else {
-            return Err(FsError::IsDir);
+            return Err(FsError::IsADirectory);
         };
-        let points = set.points.get(..=*seq as usize).ok_or_else(|| {
-            FsError::Repository(format!("internal: no point {seq} in set {}", set.id))
-        })?;
+        // A view's set always holds its points' chains (`Snapshot::build`).
+        let points = set.points.get(..=*seq as usize).ok_or(FsError::NotFound)?;
         if let Some(r) = self
             .readers
             .lock()
@@ -622,10 +738,17 @@ impl CbtFs {
         {
             return Ok(r);
         }
-        let r = PointReader::open_cached(&self.repo, set, *seq, &self.layers).map_err(|e| {
-            tracing::error!(point = %set.points.get(*seq as usize).map(|p| p.label()).unwrap_or_default(), error = %e, "cannot open restore point");
-            FsError::Damaged(e.to_string())
-        })?;
+        let r =
+            PointReader::open_cached(&self.repo, set, *seq, &self.layers).map_err(|source| {
+                FsError::Damaged {
+                    point: set
+                        .points
+                        .get(*seq as usize)
+                        .map(|p| p.label())
+                        .unwrap_or_default(),
+                    source,
+                }
+            })?;
         let r = Arc::new(r);
         tracing::debug!(ino, point = %r.manifest.label(), depth = r.depth(), "opened restore point");
         if let Ok(mut c) = self.readers.lock() {
@@ -643,13 +766,13 @@ impl CbtFs {
         &self,
         parts: u64,
         point: u64,
-        snap: &Snapshot,
+        snap: &Arc<Snapshot>,
     ) -> Result<Arc<BTreeMap<String, u64>>, FsError> {
         if let Some(p) = self.parts.lock().ok().and_then(|m| m.get(&parts).cloned()) {
             return Ok(p);
         }
         let node = snap.nodes.get(&point).ok_or(FsError::NotFound)?;
-        let reader = self.reader(point, node)?;
+        let reader = self.current_reader(point, snap)?;
         let mut files: Vec<(String, VolData)> = Vec::new();
         // Discovery never panics on any guest's bytes (it is fuzzed); should it all the same,
         // this point's parts say so and the daemon serves on.
@@ -741,7 +864,7 @@ impl CbtFs {
         let find = |snap: &Snapshot| -> Result<Option<u64>, FsError> {
             match snap.nodes.get(&parent).map(|n| &n.data) {
                 Some(NodeData::Dir(c)) => Ok(c.get(name).copied()),
-                Some(_) => Err(FsError::NotDir),
+                Some(_) => Err(FsError::NotADirectory),
                 None => Err(FsError::NotFound),
             }
         };
@@ -755,13 +878,13 @@ impl CbtFs {
         }
         let ino = found.ok_or(FsError::NotFound)?;
         let node = snap.nodes.get(&ino).ok_or(FsError::NotFound)?;
-        Ok(self.attr_of(ino, node))
+        self.attr_of(ino, node, &snap)
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
         let snap = self.snap();
         match snap.nodes.get(&ino) {
-            Some(node) => Ok(self.attr_of(ino, node)),
+            Some(node) => self.attr_of(ino, node, &snap),
             None if self.vol_node(ino).is_some() => {
                 let n = self.vol_node(ino).ok_or(FsError::NotFound)?;
                 Ok(Self::vol_attr(ino, &n))
@@ -820,7 +943,7 @@ impl CbtFs {
                 parts_children = self.parts_of(ino, *point, &snap)?;
                 &*parts_children
             }
-            _ => return Err(FsError::NotDir),
+            _ => return Err(FsError::NotADirectory),
         };
         let mut entries = vec![
             DirEntry {
@@ -882,39 +1005,25 @@ impl CbtFs {
             }
             let h = match v.data {
                 VolData::Text(t) => Handle::Text(t),
-                VolData::Volume(volume) => {
-                    let node = snap.nodes.get(&v.point).ok_or(FsError::NotFound)?;
-                    Handle::Volume {
-                        reader: self.reader(v.point, node)?,
-                        volume,
-                    }
-                }
+                VolData::Volume(volume) => Handle::Volume {
+                    reader: self.current_reader(v.point, &snap)?,
+                    volume,
+                },
             };
             return Ok(self.new_handle(h));
         }
         let node = snap.nodes.get(&ino).ok_or(FsError::NotFound)?;
         match node.data {
-            NodeData::Dir(_) | NodeData::Parts { .. } => return Err(FsError::IsDir),
+            NodeData::Dir(_) | NodeData::Parts { .. } => return Err(FsError::IsADirectory),
             NodeData::Link(_) => return Err(FsError::Invalid),
             NodeData::Point { .. } => {}
         }
         if write {
             return Err(FsError::ReadOnly);
         }
-        let reader = match self.reader(ino, node) {
-            Ok(r) => r,
-            Err(e) => {
-                // The view may predate a prune that rewrote the chain (its old objects are
-                // gone): look again, and open the point as the repository has it now.
-                self.refresh(Duration::ZERO);
-                let fresh = self.snap();
-                match fresh.nodes.get(&ino) {
-                    Some(n) if !Arc::ptr_eq(&fresh, &snap) => self.reader(ino, n)?,
-                    Some(_) => return Err(e),
-                    None => return Err(FsError::NotFound),
-                }
-            }
-        };
+        // The view may predate a prune that removed the point (NotFound) or rewrote its chain
+        // (its old objects are gone; it opens as the repository has it now).
+        let reader = self.current_reader(ino, &snap)?;
         Ok(self.new_handle(Handle::File { ino, reader }))
     }
 
@@ -976,14 +1085,14 @@ impl CbtFs {
                     // the daemon.
                     let end = usize::try_from(l).ok().and_then(|l| at.checked_add(l));
                     let Some(piece) = end.and_then(|end| buf.get_mut(at..end)) else {
-                        return Err(FsError::Damaged(format!(
-                            "volume {}: its mapping does not fit the read",
-                            v.name
-                        )));
+                        return Err(FsError::DamagedVolume {
+                            volume: v.name.clone(),
+                            detail: "its mapping does not fit the read".into(),
+                        });
                     };
                     let got = r.read_at(piece, o).map_err(|e| {
                         tracing::error!(point = %e.point, owner = %e.owner, block = e.block, file = %e.location, problem = %e.problem, volume = %v.name, "damaged block: read fails with EIO");
-                        FsError::Damaged(e.to_string())
+                        FsError::DamagedBlock(e)
                     })?;
                     // Volumes lie inside the disk (checked when built); should one not, the
                     // part past the disk's end reads as zeros.
@@ -996,11 +1105,13 @@ impl CbtFs {
                 // never a short read that would look like the end of the file.
                 let want = v.size.saturating_sub(offset).min(buf.len() as u64);
                 if (at as u64) < want {
-                    return Err(FsError::Damaged(format!(
-                        "volume {}: bytes from {} are not mapped",
-                        v.name,
-                        offset.saturating_add(at as u64)
-                    )));
+                    return Err(FsError::DamagedVolume {
+                        volume: v.name.clone(),
+                        detail: format!(
+                            "bytes from {} are not mapped",
+                            offset.saturating_add(at as u64)
+                        ),
+                    });
                 }
                 Ok(at)
             }
@@ -1023,7 +1134,7 @@ impl CbtFs {
         }
         .map_err(|e| {
             tracing::error!(point = %e.point, owner = %e.owner, block = e.block, file = %e.location, problem = %e.problem, "damaged block: read fails with EIO");
-            FsError::Damaged(e.to_string())
+            FsError::DamagedBlock(e)
         })
     }
 
@@ -1050,20 +1161,48 @@ impl CbtFs {
         }
     }
 
-    /// (total, free) bytes of the filesystem holding the repository, for `df`.
-    pub fn statfs(&self) -> (u64, u64, u64) {
-        let mut total = 0;
-        let mut files = 0;
-        if let Ok(s) = self.snapshot.read() {
-            files = s.nodes.len() as u64;
-            for n in s.nodes.values() {
-                if matches!(n.data, NodeData::Point { .. }) {
-                    total += n.size;
-                }
-            }
-        }
-        (total, 0, files)
+    /// What `df` on the mount shows: the figures of the filesystem holding the repository
+    /// (its `statvfs`), passed through unchanged.
+    ///
+    /// The mount itself is read-only and its files are views of that filesystem's data, so the
+    /// question an admin asks of `df MOUNT` is "how much room do the backups have": total, free
+    /// and available space and inodes of the repository's filesystem answer it. The sum of the
+    /// points' virtual sizes (what this once reported, with 0 free) answers nothing: points
+    /// share most of their blocks and holes are free, so it overstated the space used many
+    /// times over and made every mount look full.
+    pub fn statfs(&self) -> Result<StatFs, FsError> {
+        statvfs(self.repo.root())
     }
+}
+
+/// `statvfs(2)` of `path`, as `StatFs`.
+pub fn statvfs(path: &std::path::Path) -> Result<StatFs, FsError> {
+    use std::os::unix::ffi::OsStrExt;
+    let io_err = |source| FsError::Io {
+        op: "statvfs",
+        path: path.display().to_string(),
+        source,
+    };
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io_err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable statvfs for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    let u32_of = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    #[allow(clippy::unnecessary_cast)] // the field types differ between libc targets
+    Ok(StatFs {
+        blocks: st.f_blocks as u64,
+        bfree: st.f_bfree as u64,
+        bavail: st.f_bavail as u64,
+        files: st.f_files as u64,
+        ffree: st.f_ffree as u64,
+        bsize: u32_of(st.f_bsize as u64),
+        frsize: u32_of(st.f_frsize as u64),
+        namelen: u32_of(st.f_namemax as u64),
+    })
 }
 
 #[cfg(test)]
@@ -1161,7 +1300,7 @@ mod tests {
             fs.lookup(ROOT_INO, "nope"),
             Err(FsError::NotFound)
         ));
-        assert!(matches!(fs.lookup(f.ino, "x"), Err(FsError::NotDir)));
+        assert!(matches!(fs.lookup(f.ino, "x"), Err(FsError::NotADirectory)));
     }
 
     /// Points A, B, C of random bytes in one set (each rewrites every block); their bytes.
@@ -1505,6 +1644,222 @@ mod tests {
             problems.is_empty(),
             "points read wrong: {problems:?} ({checked} reads)"
         );
+    }
+
+    /// Log lines written while `f` runs (DEBUG and above), for asserting what was logged.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buf {
+            type Writer = Buf;
+            fn make_writer(&'a self) -> Buf {
+                self.clone()
+            }
+        }
+        let buf = Buf::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(buf.clone())
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .finish();
+        let out = tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+        (out, text)
+    }
+
+    /// Issue #17: a point pruned after the kernel learned its inode is NotFound (ENOENT) and
+    /// logged at debug level only; a point still in the repository whose objects cannot be
+    /// opened is Damaged (EIO) with a warning naming it.
+    #[test]
+    fn a_pruned_point_is_not_found_quietly_and_a_damaged_one_is_eio_with_a_warning() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("repo");
+        let repo = Repository::init(&root).unwrap();
+        three_points(&repo, d.path());
+        let fs = CbtFs::new(Repository::open(&root).unwrap()).unwrap();
+        let set = "no-vm/root/20270115T080000Z";
+        let set_ino = walk(&fs, set).ino;
+        let names = ["20270115T080000Z", "20270115T090000Z", "20270115T100000Z"];
+        let (inos, parts): (Vec<u64>, Vec<u64>) = match &fs.snap().nodes[&set_ino].data {
+            NodeData::Dir(c) => names
+                .iter()
+                .map(|n| (c[&format!("{n}.raw")], c[&format!("{n}.parts")]))
+                .unzip(),
+            _ => panic!("a set is a directory"),
+        };
+        let policy = crate::prune::Policy {
+            last: 1,
+            ..Default::default()
+        };
+        crate::prune::prune(&repo, policy, None, false).unwrap();
+        // The view predates the prune: A and B are still in it, their objects gone.
+        let (r, log) = logged(|| {
+            (
+                fs.open(inos[0], false).map(|_| ()),
+                fs.getattr(inos[1]).map(|_| ()),
+                fs.opendir(parts[1]).map(|_| ()),
+            )
+        });
+        assert!(matches!(r.0, Err(FsError::NotFound)), "{:?}", r.0);
+        assert!(matches!(r.1, Err(FsError::NotFound)), "{:?}", r.1);
+        assert!(matches!(r.2, Err(FsError::NotFound)), "{:?}", r.2);
+        assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+        assert!(log.contains("no longer in the repository"), "{log}");
+
+        // C is kept; remove its index object behind the repository's back: damage.
+        let vdi = "11111111-2222-4333-8444-555555555555";
+        let c = repo.disk(vdi).unwrap().sets[0].points[0].clone();
+        let key = crate::repo::set_key(vdi, &c.set);
+        std::fs::remove_file(repo.store().path(&format!("{key}/{}", c.index.name))).unwrap();
+        let fresh = CbtFs::new(Repository::open(&root).unwrap()).unwrap();
+        let c_ino = walk(&fresh, &format!("{set}/{}.raw", names[2])).ino;
+        let (r, log) = logged(|| fresh.open(c_ino, false));
+        match r {
+            Err(e @ FsError::Damaged { .. }) => {
+                assert_eq!(e.errno(), libc::EIO);
+                assert!(e.to_string().contains(names[2]), "{e}");
+                assert!(std::error::Error::source(&e).is_some(), "the cause is kept");
+            }
+            other => panic!("expected Damaged, got {other:?}"),
+        }
+        assert!(
+            log.contains("WARN") && log.contains("cannot open restore point"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn every_error_kind_has_its_errno() {
+        let io = |e| FsError::Io {
+            op: "statvfs",
+            path: "/r".into(),
+            source: std::io::Error::from_raw_os_error(e),
+        };
+        let repo = || crate::repo::RepoError::Invalid("x".into());
+        let cases: Vec<(FsError, i32)> = vec![
+            (FsError::NotFound, libc::ENOENT),
+            (FsError::NotADirectory, libc::ENOTDIR),
+            (FsError::IsADirectory, libc::EISDIR),
+            (FsError::ReadOnly, libc::EROFS),
+            (FsError::Invalid, libc::EINVAL),
+            (FsError::BadHandle, libc::EBADF),
+            (FsError::NoDataAfter, libc::ENXIO),
+            (
+                FsError::Damaged {
+                    point: "p".into(),
+                    source: repo(),
+                },
+                libc::EIO,
+            ),
+            (
+                FsError::DamagedBlock(Box::new(crate::read::ReadError {
+                    point: "p".into(),
+                    owner: "o".into(),
+                    block: 3,
+                    range_start: 0,
+                    range_end: 1,
+                    location: "f".into(),
+                    problem: "bad".into(),
+                    valid_until: 0,
+                })),
+                libc::EIO,
+            ),
+            (
+                FsError::DamagedVolume {
+                    volume: "p1".into(),
+                    detail: "d".into(),
+                },
+                libc::EIO,
+            ),
+            (FsError::Repository { source: repo() }, libc::EIO),
+            (FsError::Unsettled { tries: 8 }, libc::EIO),
+            (io(libc::EACCES), libc::EACCES),
+            (
+                FsError::Io {
+                    op: "x",
+                    path: "y".into(),
+                    source: std::io::Error::other("no errno"),
+                },
+                libc::EIO,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.errno(), want, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn ttls_are_long_only_for_restore_points_and_entries_always_short() {
+        let attr = |kind, immutable| Attr {
+            ino: 2,
+            kind,
+            size: 0,
+            blocks: 0,
+            mtime: 0,
+            perm: 0o444,
+            nlink: 1,
+            immutable,
+        };
+        let long = Ttls {
+            attr: TTL_IMMUTABLE,
+            entry: TTL_CHANGING,
+        };
+        let short = Ttls {
+            attr: TTL_CHANGING,
+            entry: TTL_CHANGING,
+        };
+        assert_eq!(ttls(&attr(Kind::File, true)), long);
+        assert_eq!(ttls(&attr(Kind::File, false)), short);
+        assert_eq!(ttls(&attr(Kind::Dir, false)), short);
+        assert_eq!(ttls(&attr(Kind::Symlink, false)), short);
+        // Whatever a directory or link claims, its attributes change as backups land.
+        assert_eq!(ttls(&attr(Kind::Dir, true)), short);
+        assert_eq!(ttls(&attr(Kind::Symlink, true)), short);
+        // From the tree: a point, a volume file, a set directory, a latest link.
+        let (_d, fs, _) = fixture();
+        let point = walk(&fs, "no-vm/root/20270115T080000Z/20270115T080000Z.raw");
+        assert_eq!(ttls(&point), long);
+        let vol = walk(
+            &fs,
+            &format!("no-vm/root/20270115T080000Z/20270115T080000Z{PARTS_SUFFIX}/{VOLUMES_TXT}"),
+        );
+        assert_eq!(ttls(&vol), long);
+        assert_eq!(ttls(&walk(&fs, "no-vm/root/20270115T080000Z")), short);
+        assert_eq!(ttls(&walk(&fs, "no-vm/root/latest.raw")), short);
+    }
+
+    /// Issue #17: `df` on the mount shows the repository's filesystem, not the points' sizes.
+    #[test]
+    fn statfs_is_the_repository_filesystems_own() {
+        let (_d, fs, _) = fixture();
+        let got = fs.statfs().unwrap();
+        let want = statvfs(fs.repository().root()).unwrap();
+        assert_eq!(
+            (got.blocks, got.bsize, got.frsize, got.files, got.namelen),
+            (
+                want.blocks,
+                want.bsize,
+                want.frsize,
+                want.files,
+                want.namelen
+            )
+        );
+        assert!(got.blocks > 0 && got.bfree <= got.blocks && got.bavail <= got.bfree);
+        // Other processes write to this filesystem meanwhile: free space within 256 MiB.
+        let slack = (256 << 20) / u64::from(want.frsize.max(1));
+        assert!(got.bfree.abs_diff(want.bfree) <= slack, "{got:?} {want:?}");
+        let e = statvfs(std::path::Path::new("/nonexistent/cbtfs")).unwrap_err();
+        assert_eq!(e.errno(), libc::ENOENT);
+        assert!(e.to_string().contains("/nonexistent/cbtfs"), "{e}");
     }
 
     #[test]

@@ -1,4 +1,9 @@
 //! The thin adapter from fuser's callbacks to `fs`: span, call, reply — or one errno.
+//!
+//! Every operation enters a `tracing` span named after it, carrying the inode and, where they
+//! apply, the handle, offset and length (`CBTFS_LOG=cbtfs=trace` shows them). Spans are
+//! `trace_span!`/`debug_span!`: when that level is off they cost a level check, and their
+//! fields are never formatted. TTLs are decided by `fs::ttls`; this file only applies them.
 
 use std::ffi::OsStr;
 use std::time::{Duration, UNIX_EPOCH};
@@ -9,12 +14,7 @@ use fuser::{
     ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, Request,
 };
 
-use crate::fs::{Attr, CbtFs, FsError, Kind};
-
-/// Restore points never change: cache their attributes for long.
-const TTL_IMMUTABLE: Duration = Duration::from_secs(3600);
-/// Directories and `latest.raw` links change as backups land.
-const TTL_CHANGING: Duration = Duration::from_secs(1);
+use crate::fs::{Attr, CbtFs, FsError, Kind, ttls};
 /// Largest read the kernel may send (1 MiB, its maximum with 256 pages).
 pub const MAX_READ: u32 = 1 << 20;
 
@@ -65,14 +65,6 @@ fn kind(k: Kind) -> FileType {
     }
 }
 
-fn ttl(a: &Attr) -> Duration {
-    if a.immutable {
-        TTL_IMMUTABLE
-    } else {
-        TTL_CHANGING
-    }
-}
-
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -83,6 +75,7 @@ thread_local! {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _span = tracing::debug_span!("init").entered();
         // Ask for the largest reads and readahead the kernel allows; it caps what it cannot do.
         let _ = config.set_max_readahead(MAX_READ);
         let _ = config.set_max_write(MAX_READ);
@@ -90,25 +83,30 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _span = tracing::debug_span!("lookup", parent = parent.0, ?name).entered();
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);
         };
         match self.fs.lookup(parent.0, name) {
-            // Attributes of a point never change (long TTL); names come and go (short TTL).
-            // fuser's order is (attribute TTL, entry TTL).
-            Ok(a) => reply.entry_with_ttls(&ttl(&a), &TTL_CHANGING, &self.attr(&a), Generation(0)),
+            Ok(a) => {
+                let t = ttls(&a);
+                // fuser's order is (attribute TTL, entry TTL).
+                reply.entry_with_ttls(&t.attr, &t.entry, &self.attr(&a), Generation(0))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _span = tracing::debug_span!("getattr", ino = ino.0).entered();
         match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&ttl(&a), &self.attr(&a)),
+            Ok(a) => reply.attr(&ttls(&a).attr, &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _span = tracing::debug_span!("readlink", ino = ino.0).entered();
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(errno(&e)),
@@ -116,6 +114,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _span = tracing::debug_span!("open", ino = ino.0, flags = flags.0).entered();
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         match self.fs.open(ino.0, write) {
             // The page cache survives opens: restore points never change, and an inode number
@@ -153,33 +152,37 @@ impl Filesystem for FuseAdapter {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _span = tracing::trace_span!("flush", ino = ino.0, fh = fh.0).entered();
         reply.ok();
     }
 
     fn destroy(&mut self) {
+        let _span = tracing::debug_span!("destroy").entered();
         self.fs.log_stats();
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _span = tracing::debug_span!("release", ino = ino.0, fh = fh.0).entered();
         self.fs.release(fh.0);
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _span = tracing::debug_span!("opendir", ino = ino.0).entered();
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
@@ -189,11 +192,12 @@ impl Filesystem for FuseAdapter {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _span = tracing::debug_span!("readdir", ino = ino.0, fh = fh.0, offset).entered();
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
                 for e in entries.iter().skip(offset as usize) {
@@ -210,11 +214,12 @@ impl Filesystem for FuseAdapter {
     fn releasedir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _span = tracing::debug_span!("releasedir", ino = ino.0, fh = fh.0).entered();
         self.fs.release(fh.0);
         reply.ok();
     }
@@ -222,12 +227,13 @@ impl Filesystem for FuseAdapter {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _span = tracing::trace_span!("lseek", ino = ino.0, fh = fh.0, offset, whence).entered();
         let Ok(off) = u64::try_from(offset) else {
             return reply.error(Errno::EINVAL);
         };
@@ -237,18 +243,16 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (total, free, files) = self.fs.statfs();
-        let bsize = 1u64 << 16;
-        reply.statfs(
-            total / bsize,
-            free / bsize,
-            free / bsize,
-            files,
-            0,
-            bsize as u32,
-            255,
-            bsize as u32,
-        );
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _span = tracing::debug_span!("statfs", ino = ino.0).entered();
+        match self.fs.statfs() {
+            Ok(st) => reply.statfs(
+                st.blocks, st.bfree, st.bavail, st.files, st.ffree, st.bsize, st.namelen, st.frsize,
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "statfs of the repository's filesystem failed");
+                reply.error(errno(&e))
+            }
+        }
     }
 }

@@ -6,7 +6,11 @@
 //! * SIGINT, SIGTERM and SIGHUP unmount and exit; so does an outside `umount`/`fusermount3 -u`.
 //!   A busy mount point is detached lazily and served until its last user closes it.
 //! * A mount left behind by a killed daemon ("Transport endpoint is not connected") is detached
-//!   by the next `cbtfs mount` on that directory; a live mount there is refused.
+//!   by the next `cbtfs mount` on that directory; a live mount there is refused, and so is a
+//!   directory that is not empty (the mount would hide what is in it), unless `-o nonempty`.
+//! * `unmount` is the one way cbtfs unmounts anything (this mount, browse's filesystems and
+//!   overlay, the demo's mount).
+//! * Nothing here prints: what the user should read goes through the caller's `notice`.
 
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -44,6 +48,8 @@ pub struct MountOptions {
     pub prefetch_mib: Option<u64>,
     /// Kernel mount flags passed through (nodev, nosuid, noexec, noatime, ...).
     pub flags: Vec<String>,
+    /// Mount over a directory that is not empty, hiding its entries (`nonempty`).
+    pub nonempty: bool,
 }
 
 /// Split an option string on commas; `\,` is a literal comma (util-linux's escaping).
@@ -76,6 +82,7 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
         match key.as_str() {
             "allow_other" => m.allow_other = true,
             "allow_root" => m.allow_root = true,
+            "nonempty" => m.nonempty = true,
             "log_file" => m.log_file = value.map(PathBuf::from),
             "threads" => {
                 let n = value
@@ -109,7 +116,7 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
             | "nofail" | "defaults" | "comment" | "loop" => {}
             k if k.starts_with("x-") => {}
             k => bail!(
-                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, log_file=FILE, threads=N, prefetch=MiB, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
+                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, nonempty, log_file=FILE, threads=N, prefetch=MiB, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
             ),
         }
     }
@@ -171,26 +178,77 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Detach a mount lazily (root: umount2; others: fusermount3 -uz).
-pub(crate) fn detach(path: &Path) -> Result<()> {
+/// How `unmount` goes about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmount {
+    /// Unmount now; fails with `UnmountError::Busy` while files are open there.
+    Normal,
+    /// Detach now: the name goes at once, the filesystem when its last user closes it
+    /// (`MNT_DETACH`, `fusermount3 -z`).
+    Lazy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnmountError {
+    #[error("{path} is in use (a shell or program has files open there); close them and try again")]
+    Busy { path: PathBuf },
+    #[error("cannot unmount {path}: {detail}")]
+    Failed { path: PathBuf, detail: String },
+}
+
+/// Unmount `path`. As root with umount2(2), which takes kernel and FUSE mounts alike; as
+/// another user with `fusermount3 -u` (`-uz` for `Lazy`), which takes this user's FUSE mounts.
+/// The one unmount of cbtfs: the mount's shutdown, browse and the demo all use it.
+pub fn unmount(path: &Path, how: Unmount) -> Result<(), UnmountError> {
+    let failed = |detail: String| UnmountError::Failed {
+        path: path.to_path_buf(),
+        detail,
+    };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        let c = CString::new(path.as_os_str().as_bytes())?;
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| failed("the path holds a NUL byte".into()))?;
+        let flags = match how {
+            Unmount::Normal => 0,
+            Unmount::Lazy => libc::MNT_DETACH,
+        };
         // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
             return Ok(());
         }
-        return Err(std::io::Error::last_os_error()).context("umount2");
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EBUSY) => UnmountError::Busy {
+                path: path.to_path_buf(),
+            },
+            _ => failed(format!("umount2: {e}")),
+        });
     }
-    let st = std::process::Command::new("fusermount3")
-        .arg("-uz")
+    let flag = match how {
+        Unmount::Normal => "-u",
+        Unmount::Lazy => "-uz",
+    };
+    let out = std::process::Command::new("fusermount3")
+        .arg(flag)
         .arg(path)
-        .status()
-        .context("running fusermount3 -uz")?;
-    if !st.success() {
-        bail!("fusermount3 -uz {} failed", path.display());
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| failed(format!("cannot run fusermount3 (install fuse3): {e}")))?;
+    if out.status.success() {
+        return Ok(());
     }
-    Ok(())
+    let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if text.contains("busy") {
+        return Err(UnmountError::Busy {
+            path: path.to_path_buf(),
+        });
+    }
+    Err(failed(format!("fusermount3 {flag}: {text}")))
+}
+
+/// Detach a mount lazily (`unmount` with `Unmount::Lazy`).
+pub(crate) fn detach(path: &Path) -> Result<()> {
+    Ok(unmount(path, Unmount::Lazy)?)
 }
 
 /// What a FUSE mount whose daemon died answers: "not connected" or "connection aborted".
@@ -201,19 +259,19 @@ fn is_dead_mount_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// Check the mount point; recover it if a dead cbtfs left a stale mount there.
-fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
+/// Check the mount point; recover it if a dead cbtfs left a stale mount there (saying so
+/// through `notice`). A directory that is not empty is refused unless `nonempty`.
+fn prepare_mountpoint(mp: &Path, nonempty: bool, notice: &dyn Fn(&str)) -> Result<PathBuf> {
+    let stale = |abs: &Path| -> Result<PathBuf> {
+        notice(&format!(
+            "{} was left mounted by a process that no longer runs; detaching it",
+            abs.display()
+        ));
+        detach(abs).with_context(|| format!("detaching the stale mount at {}", abs.display()))?;
+        prepare_mountpoint(abs, nonempty, notice)
+    };
     match std::fs::metadata(mp) {
-        Err(e) if is_dead_mount_error(&e) => {
-            let abs = absolute(mp)?;
-            eprintln!(
-                "cbtfs: {} was left mounted by a process that no longer runs; detaching it",
-                abs.display()
-            );
-            detach(&abs)
-                .with_context(|| format!("detaching the stale mount at {}", abs.display()))?;
-            prepare_mountpoint(&abs)
-        }
+        Err(e) if is_dead_mount_error(&e) => stale(&absolute(mp)?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "mount point {} does not exist; create it with `mkdir -p {}`",
             mp.display(),
@@ -229,18 +287,22 @@ fn prepare_mountpoint(mp: &Path) -> Result<PathBuf> {
                 let dead = fstype.starts_with("fuse")
                     && matches!(std::fs::read_dir(&abs), Err(e) if is_dead_mount_error(&e));
                 if dead {
-                    eprintln!(
-                        "cbtfs: {} was left mounted by a process that no longer runs; detaching it",
-                        abs.display()
-                    );
-                    detach(&abs).with_context(|| {
-                        format!("detaching the stale mount at {}", abs.display())
-                    })?;
-                    return prepare_mountpoint(&abs);
+                    return stale(&abs);
                 }
                 bail!(
                     "{} is already a mount point ({fstype}); unmount it first (`umount {}`) or choose another directory",
                     abs.display(),
+                    abs.display()
+                );
+            }
+            // As mount(8) helpers do: a mount would hide what the directory holds.
+            let occupied = std::fs::read_dir(&abs)
+                .with_context(|| format!("reading mount point {}", abs.display()))?
+                .next()
+                .is_some();
+            if occupied && !nonempty {
+                bail!(
+                    "mount point {} is not empty: mounting there would hide what it holds; use an empty directory, or add `-o nonempty` to mount over it",
                     abs.display()
                 );
             }
@@ -368,12 +430,19 @@ impl Drop for SyslogLine {
 }
 
 /// Mount `repo` at `mountpoint`; returns when unmounted (foreground) or once mounted (parent
-/// of a background daemon).
-pub fn mount(repo: &Path, mountpoint: &Path, foreground: bool, opts: MountOptions) -> Result<()> {
+/// of a background daemon). What the user should read before that (a stale mount detached)
+/// goes to `notice`.
+pub fn mount(
+    repo: &Path,
+    mountpoint: &Path,
+    foreground: bool,
+    opts: MountOptions,
+    notice: &dyn Fn(&str),
+) -> Result<()> {
     let repo_path =
         std::fs::canonicalize(repo).with_context(|| format!("repository {}", repo.display()))?;
     let repository = Repository::open(&repo_path)?.with_direct_reads();
-    let mp = prepare_mountpoint(mountpoint)?;
+    let mp = prepare_mountpoint(mountpoint, opts.nonempty, notice)?;
     crate::raise_fd_limit();
     if foreground {
         init_logging(LogTarget::Stderr)?;
@@ -490,9 +559,7 @@ fn serve(repo: Repository, mp: &Path, opts: &MountOptions, ready: &dyn Fn()) -> 
 
     let started = std::time::Instant::now();
     let prefetch = opts.prefetch_mib.unwrap_or(DEFAULT_PREFETCH_MIB) << 20;
-    let fs = CbtFs::new(repo.clone())
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_prefetch(prefetch, PREFETCH_THREADS);
+    let fs = CbtFs::new(repo.clone())?.with_prefetch(prefetch, PREFETCH_THREADS);
     let mut options = vec![
         MountOption::FSName(repo.root().display().to_string()),
         MountOption::Subtype("cbtfs".into()),
@@ -554,23 +621,13 @@ fn finish(session: fuser::BackgroundSession) -> Result<()> {
 
 /// Unmount; if busy, detach lazily so the name disappears now and the last user ends it.
 fn detach_or_unmount(mp: &Path) -> Result<()> {
-    let c = CString::new(mp.as_os_str().as_bytes())?;
-    // SAFETY: geteuid has no preconditions; umount2 gets a valid NUL-terminated path.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root && unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    if !root {
-        let st = std::process::Command::new("fusermount3")
-            .arg("-u")
-            .arg(mp)
-            .status();
-        if matches!(st, Ok(s) if s.success()) {
-            return Ok(());
+    match unmount(mp, Unmount::Normal) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::warn!(mountpoint = %mp.display(), error = %e, "detaching instead: open files are served until closed");
+            detach(mp)
         }
     }
-    tracing::warn!(mountpoint = %mp.display(), "mount point busy: detached; open files are served until closed");
-    detach(mp)
 }
 
 #[cfg(test)]
@@ -609,6 +666,8 @@ mod tests {
         for bad in ["prefetch", "prefetch=x", "prefetch=2048", "prefetch=-1"] {
             assert!(parse_options(&[bad.into()]).is_err(), "{bad}");
         }
+        assert!(parse_options(&["noauto,nonempty".into()]).unwrap().nonempty);
+        assert!(!parse_options(&["ro".into()]).unwrap().nonempty);
         let o = parse_options(&["log_file=/tmp/a\\,b.log".into()]).unwrap();
         assert_eq!(o.log_file, Some(PathBuf::from("/tmp/a,b.log")));
     }

@@ -1107,3 +1107,56 @@ fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage()
     drop(b);
     assert_eq!(losetup_list(), loops_before);
 }
+
+/// Issue #17: `browse` of a point with nothing mountable exited 0. It fails, naming each volume
+/// and why it was skipped, and leaves nothing behind (no mounts, no state, no folder it made).
+#[test]
+fn browse_with_nothing_mountable_fails_naming_each_volume() {
+    let _serial = serial();
+    if !can_mount() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    ok(&["init", s(&repo)]);
+    // Random bytes: no partition table, no filesystem.
+    let img = dir.path().join("img");
+    let mut data = vec![0u8; 16 * BS];
+    TestRng::new(175).fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &vdi(175),
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    let paths = point_paths(&repo);
+    let point = paths[0].trim_end_matches(".raw");
+    let loops_before = losetup_list();
+    let d = dir.path().join("b");
+    for userspace in [false, true] {
+        let mut args = vec!["browse"];
+        if userspace {
+            args.push("--userspace");
+        }
+        args.extend([s(&repo), point, s(&d)]);
+        let (code, msg) = fails(&args);
+        assert_eq!(code, 1, "{msg}");
+        assert!(
+            msg.contains(&format!(
+                "nothing in {point} could be mounted under {}",
+                s(&d)
+            )) && msg.contains("disk (-): no filesystem recognised"),
+            "{msg}"
+        );
+        assert!(!msg.contains("Ctrl-C") && !msg.contains("ends it"), "{msg}");
+        assert!(browse_state(&d).is_none(), "browse state left behind");
+        assert!(!d.exists(), "the folder browse made is removed");
+        assert!(mounts_under(dir.path()).is_empty());
+        assert_eq!(losetup_list(), loops_before);
+    }
+}

@@ -619,18 +619,7 @@ fn mount_t_cbtfs_and_fstab_through_the_helper() {
     if !can_mount() {
         return;
     }
-    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helper/mount.cbtfs");
-    let installed = Path::new("/sbin/mount.cbtfs");
-    // A symlink from an earlier checkout may dangle: point it at this one. A helper installed by
-    // scripts/install.sh (a regular file) is left alone.
-    match std::fs::symlink_metadata(installed) {
-        Ok(md) if md.file_type().is_symlink() => {
-            std::fs::remove_file(installed).unwrap();
-            std::os::unix::fs::symlink(&helper, installed).unwrap();
-        }
-        Ok(_) => {}
-        Err(_) => std::os::unix::fs::symlink(&helper, installed).unwrap(),
-    }
+    let helper = install_helper();
     let d = tempfile::tempdir().unwrap();
     let dp = d.path();
     let repo = dp.join("repo");
@@ -824,4 +813,262 @@ fn after_a_prune_a_kept_point_reads_its_own_bytes_not_a_removed_ones() {
     assert!(std::fs::read(m.mp.join(&paths[2])).unwrap() == points[2]);
     let latest = m.mp.join("by-uuid").join(&v).join("latest.raw");
     assert!(std::fs::read(&latest).unwrap() == points[2]);
+}
+
+/// `mount.cbtfs` on mount(8)'s search path, pointing at this checkout's helper.
+fn install_helper() -> std::path::PathBuf {
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helper/mount.cbtfs");
+    let installed = Path::new("/sbin/mount.cbtfs");
+    // A symlink from an earlier checkout may dangle: point it at this one. A helper installed by
+    // scripts/install.sh (a regular file) is left alone.
+    match std::fs::symlink_metadata(installed) {
+        Ok(md) if md.file_type().is_symlink() => {
+            let _ = std::fs::remove_file(installed);
+            let _ = std::os::unix::fs::symlink(&helper, installed);
+        }
+        Ok(_) => {}
+        Err(_) => {
+            let _ = std::os::unix::fs::symlink(&helper, installed);
+        }
+    }
+    helper
+}
+
+/// A repository with one 4-block point; returns (repo, vdi, data).
+fn one_point(dp: &Path, n: u32) -> (std::path::PathBuf, String, Vec<u8>) {
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let img = dp.join("img");
+    let mut data = vec![0u8; 4 * BS];
+    TestRng::new(n as u64).fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let v = vdi(n);
+    ok(&[
+        "import",
+        s(&repo),
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        &time(0),
+    ]);
+    (repo, v, data)
+}
+
+fn statvfs(p: &Path) -> libc::statvfs {
+    let c = std::ffi::CString::new(s(p)).unwrap();
+    // SAFETY: a zeroed statvfs is valid; `c` is NUL-terminated and `st` writable.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "{p:?}");
+    st
+}
+
+/// Issue #17: `df MOUNT` showed the sum of the points' sizes and 0 free. It shows the
+/// repository's filesystem: how much room the backups have.
+#[test]
+fn df_on_the_mount_shows_the_repository_filesystem() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (repo, _, _) = one_point(d.path(), 171);
+    let m = Mounted::new(&repo, &d.path().join("mnt"), &[]);
+    let before = statvfs(&repo);
+    let got = statvfs(&m.mp);
+    let after = statvfs(&repo);
+    assert_eq!(
+        (
+            got.f_blocks,
+            got.f_bsize,
+            got.f_frsize,
+            got.f_files,
+            got.f_namemax
+        ),
+        (
+            before.f_blocks,
+            before.f_bsize,
+            before.f_frsize,
+            before.f_files,
+            before.f_namemax
+        )
+    );
+    assert!(got.f_bfree > 0, "a mount with free space says so");
+    // Other tests write to this filesystem between the calls: the mount's free figures lie
+    // between the repository's before and after, give or take 256 MiB.
+    let slack = (256u64 << 20) / before.f_frsize;
+    for (g, b, a) in [
+        (got.f_bfree, before.f_bfree, after.f_bfree),
+        (got.f_bavail, before.f_bavail, after.f_bavail),
+    ] {
+        let (lo, hi) = (b.min(a), b.max(a));
+        assert!(g + slack >= lo && g <= hi + slack, "{g} not in {lo}..{hi}");
+    }
+    // And `df` itself agrees on the size.
+    let size = |p: &Path| run("df", &["--output=size", "-B1", s(p)]);
+    assert_eq!(size(&m.mp), size(&repo));
+}
+
+/// Issue #17: a point pruned between a listing and `open` gave EIO and logged "cannot open
+/// restore point". It is ENOENT, and nothing is logged at warning level.
+#[test]
+fn a_point_pruned_after_a_listing_is_enoent_without_a_warning() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let repo = dp.join("repo");
+    ok(&["init", s(&repo)]);
+    let v = vdi(172);
+    let all: Vec<u64> = (0..4).collect();
+    let bm = write_bitmap(dp, "all.bm", &all, 4);
+    let img = dp.join("img");
+    for i in 0..3u64 {
+        let mut data = vec![0u8; 4 * BS];
+        TestRng::new(1720 + i).fill(&mut data);
+        std::fs::write(&img, &data).unwrap();
+        let t = time(i);
+        let mut args = vec![
+            "import",
+            s(&repo),
+            "--vdi",
+            &v,
+            "--raw",
+            s(&img),
+            "--time",
+            &t,
+        ];
+        if i > 0 {
+            args.extend(["--bitmap", s(&bm)]);
+        }
+        ok(&args);
+    }
+    let paths = point_paths(&repo);
+    assert_eq!(paths.len(), 3);
+    let m = Mounted::new(&repo, &dp.join("mnt"), &[]);
+    // The listing: the kernel learns the names (nothing looked up or opened yet).
+    let set_dir = m.mp.join(&paths[0]).parent().unwrap().to_path_buf();
+    let listed: Vec<String> = std::fs::read_dir(&set_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for p in &paths {
+        let name = Path::new(p).file_name().unwrap().to_string_lossy();
+        assert!(listed.iter().any(|l| *l == name), "{name} in {listed:?}");
+    }
+    ok(&["prune", s(&repo), "--keep-last", "1"]);
+    for p in &paths[..2] {
+        let e = File::open(m.mp.join(p)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{p}: {e}");
+    }
+    assert!(File::open(m.mp.join(&paths[2])).is_ok());
+    let log = m.log();
+    assert!(
+        !log.contains("WARN") && !log.contains("ERROR") && !log.contains("cannot open"),
+        "the mount's log: {log}"
+    );
+}
+
+/// Issue #17: `mount` on a non-empty directory silently hid what was there. It is refused
+/// (naming the directory, saying what to do) unless `-o nonempty`, by `cbtfs mount` and by
+/// `mount -t cbtfs` alike.
+#[test]
+fn a_non_empty_mount_point_is_refused_unless_nonempty() {
+    if !can_mount() {
+        return;
+    }
+    let helper = install_helper();
+    let d = tempfile::tempdir().unwrap();
+    let (repo, v, data) = one_point(d.path(), 173);
+    let mp = d.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mp = std::fs::canonicalize(&mp).unwrap();
+    std::fs::write(mp.join("keep.txt"), b"mine").unwrap();
+
+    let (_, msg) = fails(&["mount", s(&repo), s(&mp)]);
+    assert!(
+        msg.contains(&format!("mount point {} is not empty", mp.display()))
+            && msg.contains("empty directory")
+            && msg.contains("-o nonempty"),
+        "{msg}"
+    );
+    assert!(cbtfs::mount::mounted_fstype(&mp).is_none());
+    let o = Command::new("mount")
+        .args(["-t", "cbtfs", s(&repo), s(&mp)])
+        .env("CBTFS_BIN", bin())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("is not empty") && said.contains("-o nonempty"),
+        "{said}"
+    );
+    assert!(cbtfs::mount::mounted_fstype(&mp).is_none());
+    assert_eq!(std::fs::read(mp.join("keep.txt")).unwrap(), b"mine");
+
+    // With nonempty: mounted over it; the file is back after the unmount.
+    let latest = mp.join("by-uuid").join(&v).join("latest.raw");
+    {
+        let m = Mounted::new(&repo, &mp, &["-o", "nonempty"]);
+        assert!(std::fs::read(&latest).unwrap() == data);
+        assert!(!m.mp.join("keep.txt").exists());
+    }
+    assert_eq!(std::fs::read(mp.join("keep.txt")).unwrap(), b"mine");
+    let o = Command::new("mount")
+        .args(["-t", "cbtfs", "-o", "noauto,nonempty", s(&repo), s(&mp)])
+        .env("CBTFS_BIN", bin())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&latest).unwrap() == data);
+    // Busy only for the moment a parallel test's fork holds an inherited descriptor.
+    wait_for("the unmount", Duration::from_secs(10), || {
+        Command::new("umount").arg(&mp).status().unwrap().success()
+    });
+    assert_eq!(std::fs::read(mp.join("keep.txt")).unwrap(), b"mine");
+    // The helper passes nonempty through.
+    let o = Command::new(&helper)
+        .args([s(&repo), s(&mp), "-fv", "-o", "noauto,nonempty,nodev"])
+        .env("CBTFS_BIN", bin())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(said.contains("-o nonempty,nodev"), "{said}");
+}
+
+/// The one unmount: a busy mount is refused by `Normal` and detached by `Lazy`, whose open
+/// files keep reading until closed; then the mount's process exits.
+#[test]
+fn one_unmount_refuses_a_busy_mount_and_detaches_it_lazily() {
+    use cbtfs::mount::{Unmount, UnmountError, unmount};
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (repo, v, data) = one_point(d.path(), 174);
+    let mut m = Mounted::new(&repo, &d.path().join("mnt"), &[]);
+    let f = File::open(m.mp.join("by-uuid").join(&v).join("latest.raw")).unwrap();
+    match unmount(&m.mp, Unmount::Normal) {
+        Err(e @ UnmountError::Busy { .. }) => {
+            assert!(e.to_string().contains(s(&m.mp)), "{e}")
+        }
+        other => panic!("a busy mount: {other:?}"),
+    }
+    assert!(cbtfs::mount::mounted_fstype(&m.mp).is_some());
+    unmount(&m.mp, Unmount::Lazy).unwrap();
+    assert!(cbtfs::mount::mounted_fstype(&m.mp).is_none());
+    let mut buf = vec![0u8; data.len()];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf == data, "an open file of a detached mount reads on");
+    drop(f);
+    assert!(m.wait_exit().success(), "{}", m.log());
+    // Not a mount point: an error naming it.
+    let e = unmount(&m.mp, Unmount::Normal).unwrap_err();
+    assert!(
+        matches!(e, UnmountError::Failed { .. }) && e.to_string().contains(s(&m.mp)),
+        "{e}"
+    );
 }
