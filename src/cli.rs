@@ -647,6 +647,7 @@ fn error_code(e: &anyhow::Error) -> &'static str {
 fn typed_code(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     use crate::backup::BackupError;
     use crate::export::ExportError;
+    use crate::host::HostError;
     use crate::import::ImportError;
     use crate::nbd::{FetchError, NbdError};
     use crate::prune::PruneError;
@@ -667,11 +668,19 @@ fn typed_code(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
             BackupError::Refused(_) => "refused",
         });
     }
+    if let Some(e) = e.downcast_ref::<HostError>() {
+        return Some(match e {
+            HostError::Xapi(x) => xapi_code(x),
+            HostError::Repo(r) => repo_code(r),
+            HostError::Nbd(n) => typed_code(n).unwrap_or("nbd"),
+            HostError::Refused(_) => "refused",
+        });
+    }
     if let Some(e) = e.downcast_ref::<RestoreError>() {
         return Some(match e {
             RestoreError::Xapi(x) => xapi_code(x),
             RestoreError::Repo(r) => repo_code(r),
-            RestoreError::Backup(b) => typed_code(b).unwrap_or("other"),
+            RestoreError::Host(h) => typed_code(h).unwrap_or("other"),
             RestoreError::Refused(_) => "refused",
             RestoreError::Interrupted { .. } => "interrupted",
             RestoreError::Mismatch { .. } => "verify_failed",
@@ -681,7 +690,7 @@ fn typed_code(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
         return Some(match e {
             ImportError::Repo(r) => repo_code(r),
             ImportError::Bitmap { .. } | ImportError::ExportTooLarge { .. } => "invalid_input",
-            ImportError::Image { .. } => "io",
+            ImportError::Image { .. } | ImportError::ImageRead { .. } => "io",
             ImportError::Fetch(f) => typed_code(f).unwrap_or("nbd"),
             ImportError::Nbd(n) => typed_code(n).unwrap_or("nbd"),
             ImportError::Runtime(_) => "internal",
@@ -885,7 +894,7 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
                 {
                     let repo = PathBuf::from(std::env::var_os(REPO_ENV).unwrap_or_default());
                     let point = point.to_str().context("the point name is not UTF-8")?;
-                    crate::browse::browse(&repo, point, dir, foreground, &opts)?
+                    crate::browse::browse(&repo, point, dir, foreground, &opts, &print_browse)?
                 }
                 (false, _) => {
                     bail!(
