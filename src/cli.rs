@@ -10,6 +10,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+mod text;
+use text::{count, plural};
+
 use crate::export;
 use crate::import::{self, ImportRequest, ImportSource};
 use crate::naming::{Tree, point_name};
@@ -457,9 +460,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
                 emit(&report.to_text())?;
-                eprint!("{}", report.summary());
+                eprint!("{}", text::diff_summary(&report));
             }
-            if !report.errors.is_empty() {
+            // 1: a volume or a file could not be compared (its changes are not all listed).
+            if !report.complete() {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -565,19 +569,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 for d in &r.disks {
                     println!(
-                        "{}/{}: {} {} of {} points{}{}",
+                        "{}/{}: {} {} of {}{}{}",
                         d.vm.as_deref().unwrap_or("no-vm"),
                         d.disk,
                         if r.dry_run { "would remove" } else { "removed" },
                         d.removed,
-                        d.removed + d.kept,
+                        count(d.removed + d.kept, "point", "points"),
                         if d.sets_removed > 0 {
-                            format!(" ({} whole sets)", d.sets_removed)
+                            format!(" ({})", count(d.sets_removed, "whole set", "whole sets"))
                         } else {
                             String::new()
                         },
                         if d.rewritten > 0 {
-                            format!(", {} kept points rewritten to absorb them", d.rewritten)
+                            format!(
+                                ", {} to absorb them",
+                                count(d.rewritten, "kept point rewritten", "kept points rewritten")
+                            )
                         } else {
                             String::new()
                         }
@@ -594,14 +601,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         );
                     }
                 }
-                if !r.dry_run {
-                    println!(
-                        "repository objects: {} -> {} ({} reclaimed)",
-                        human(r.bytes_before),
-                        human(r.bytes_after),
-                        human(r.bytes_before.saturating_sub(r.bytes_after))
-                    );
-                }
+                println!(
+                    "repository objects: {} -> {} ({} {})",
+                    human(r.bytes_before),
+                    human(r.bytes_after),
+                    human(r.bytes_before.saturating_sub(r.bytes_after)),
+                    if r.dry_run {
+                        "would be reclaimed"
+                    } else {
+                        "reclaimed"
+                    }
+                );
             }
         }
         Command::Sim {
@@ -680,11 +690,11 @@ fn cmd_backup(repo: &Path, opts: &crate::backup::BackupOptions, json: bool) -> R
                 (None, k) => k.to_string(),
             };
             println!(
-                "{}/{}: {what}: {} of {} blocks changed ({:.1}%), {} read over {} in {:.1} s -> point {} (set {}, #{})",
+                "{}/{}: {what}: {} of {} changed ({:.1}%), {} read over {} in {:.1} s -> point {} (set {}, #{})",
                 d.vm.as_deref().unwrap_or("no-vm"),
                 d.disk,
                 d.changed_blocks,
-                blocks_for(d.virtual_size),
+                plural(blocks_for(d.virtual_size), "block", "blocks"),
                 d.changed_percent,
                 human(d.fetched_bytes),
                 d.via,
@@ -778,17 +788,16 @@ fn cmd_restore(
         );
     }
     println!(
-        "{} disk{}, {} in {:.1} s, {:.0} MB/s",
-        report.disks.len(),
-        if report.disks.len() == 1 { "" } else { "s" },
+        "{}, {} in {:.1} s, {}/s",
+        count(report.disks.len(), "disk", "disks"),
         human(report.bytes),
         report.seconds,
-        report.bytes as f64 / report.seconds.max(1e-9) / 1e6
+        human((report.bytes as f64 / report.seconds.max(1e-9)) as u64)
     );
     if report.verified_blocks > 0 {
         println!(
-            "read back {} sample blocks from the host: identical to the point",
-            report.verified_blocks
+            "read back {} from the host: identical to the point",
+            plural(report.verified_blocks, "sample block", "sample blocks")
         );
     }
     if let Some(vm) = &report.vm {
@@ -983,9 +992,9 @@ fn cmd_import(
         println!("{}", serde_json::to_string_pretty(&point_json(m, &path))?);
     } else {
         println!(
-            "{} point {path}: {} blocks changed, {} stored ({}), disk {}",
+            "{} point {path}: {} changed, {} stored ({}), disk {}",
             if m.seq == 0 { "base" } else { "incremental" },
-            m.changed_blocks,
+            plural(m.changed_blocks, "block", "blocks"),
             m.data_blocks,
             human(m.data_blocks * BLOCK_SIZE),
             human(m.virtual_size)
@@ -1009,11 +1018,11 @@ impl Progress {
                 String::new()
             };
             eprint!(
-                "\r{}: {} of {} ({:.0} MB/s{eta})   ",
+                "\r{}: {} of {} ({}/s{eta})   ",
                 self.what,
                 human(done),
                 human(total),
-                rate / 1e6
+                human(rate as u64)
             );
         }
     }
@@ -1182,22 +1191,28 @@ fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
                     .unwrap_or_default()
             )?;
             for s in &d.history.sets {
-                writeln!(out, "  set {}  ({} points)", s.id, s.points.len())?;
                 writeln!(
                     out,
-                    "    {:<18} {:<22} {:>10} {:>12} {:>10} {:>8}",
-                    "POINT", "TIME", "SIZE", "STORED", "BLOCKS", "CHANGED"
+                    "  set {}  ({})",
+                    s.id,
+                    count(s.points.len(), "point", "points")
+                )?;
+                // CHANGED: blocks this point holds (CBT-marked, or all of a base) and their share
+                // of the disk; STORED: the bytes its own data takes in the repository.
+                writeln!(
+                    out,
+                    "    {:<18} {:<22} {:>10} {:>22} {:>12}",
+                    "POINT", "TIME", "DISK SIZE", "CHANGED BLOCKS", "STORED"
                 )?;
                 for p in &s.points {
                     writeln!(
                         out,
-                        "    {:<18} {:<22} {:>10} {:>12} {:>10} {:>7.2}%",
+                        "    {:<18} {:<22} {:>10} {:>22} {:>12}",
                         point_name(p),
                         timefmt::rfc3339(p.time),
                         human(p.virtual_size),
+                        format!("{} ({:.2}%)", p.changed_blocks, changed_percent(p)),
                         human(p.data_blocks * BLOCK_SIZE),
-                        p.data_blocks,
-                        changed_percent(p)
                     )?;
                 }
                 for pr in &s.problems {
@@ -1288,15 +1303,16 @@ fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode
         }
         if report.ok() {
             println!(
-                "ok: {} points, {} stored blocks checked, no damage",
-                report.points_checked, report.blocks_checked
+                "ok: {}, {} checked, no damage",
+                plural(report.points_checked, "point", "points"),
+                plural(report.blocks_checked, "stored block", "stored blocks")
             );
         } else {
             println!(
-                "{} problems found in {} points ({} stored blocks checked); damaged ranges read as errors, never as wrong data",
-                report.damage.len(),
-                report.points_checked,
-                report.blocks_checked
+                "{} found in {} ({} checked); damaged ranges read as errors, never as wrong data",
+                count(report.damage.len(), "problem", "problems"),
+                plural(report.points_checked, "point", "points"),
+                plural(report.blocks_checked, "stored block", "stored blocks")
             );
         }
     }

@@ -40,6 +40,18 @@ pub struct Change {
     pub what: Vec<&'static str>,
 }
 
+/// One volume of the points and whether its files were compared.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VolumeResult {
+    pub name: String,
+    /// Whether its trees were walked in both points. `false`: its changes are unknown, and
+    /// `changes` holds none of them.
+    pub compared: bool,
+    /// Why it was not compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct DiffReport {
     pub a: String,
@@ -47,7 +59,9 @@ pub struct DiffReport {
     /// Why contents were compared in full rather than through the changed-block map.
     pub full_compare: Option<String>,
     pub changes: Vec<Change>,
-    /// Volumes not compared, and why.
+    /// Every volume in scope, compared or not (and why not).
+    pub volumes: Vec<VolumeResult>,
+    /// Remarks on how volumes were compared.
     pub notes: Vec<String>,
     pub files: u64,
     /// Files whose contents were read on both sides.
@@ -60,6 +74,16 @@ pub struct DiffReport {
 }
 
 impl DiffReport {
+    /// Volumes whose files could not be compared: the report is incomplete.
+    pub fn not_compared(&self) -> impl Iterator<Item = &VolumeResult> {
+        self.volumes.iter().filter(|v| !v.compared)
+    }
+
+    /// Whether every volume in scope and every file in them was compared.
+    pub fn complete(&self) -> bool {
+        self.errors.is_empty() && !self.volumes.is_empty() && self.not_compared().next().is_none()
+    }
+
     /// `git diff --name-status` style lines.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
@@ -70,31 +94,6 @@ impl DiffReport {
                 out.push_str(&format!("{}\t{}\t{}\n", c.status, c.path, c.what.join(",")));
             }
         }
-        out
-    }
-
-    /// What goes to standard error.
-    pub fn summary(&self) -> String {
-        let mut out = String::new();
-        for n in &self.notes {
-            out.push_str(&format!("note: {n}\n"));
-        }
-        for e in &self.errors {
-            out.push_str(&format!("error: {e}\n"));
-        }
-        if let Some(why) = &self.full_compare {
-            out.push_str(&format!("note: {why}: every file compared by content\n"));
-        }
-        out.push_str(&format!(
-            "{} → {}: {} changes; {} files, {} proved unchanged by the changed-block map, {} compared by content ({:.2} s)\n",
-            self.a,
-            self.b,
-            self.changes.len(),
-            self.files,
-            self.unchanged_by_map,
-            self.compared_by_content,
-            self.seconds
-        ));
         out
     }
 }
@@ -583,11 +582,25 @@ fn compare_sessions(
             .find(|o| o.name == name)
             .and_then(|o| o.mounted.clone().map(|m| (m, o.detail.clone())))
     };
+    // Why a volume is not mounted in a session (it exists there).
+    let why_not = |s: &Session, name: &str| {
+        s.outcomes
+            .iter()
+            .find(|o| o.name == name && o.mounted.is_none())
+            .map(|o| o.detail.clone())
+    };
+    // Volumes browsed, and those the layout names but could not read (a damaged LVM PV…).
     let mut names: Vec<&str> = sa
         .volumes
         .iter()
         .chain(sb.volumes.iter())
         .map(|v| v.name.as_str())
+        .chain(
+            sa.outcomes
+                .iter()
+                .chain(sb.outcomes.iter())
+                .map(|o| o.name.as_str()),
+        )
         .collect();
     names.sort();
     names.dedup();
@@ -613,14 +626,37 @@ fn compare_sessions(
         );
         let (ma, mb) = (mounted(sa, name), mounted(sb, name));
         let (Some(va), Some(vb), Some((ra, da)), Some((rb, _))) = (va, vb, ma, mb) else {
-            let why = match (va.is_some(), vb.is_some()) {
-                (true, false) => format!("volume {name} exists only in {}", sa.label),
-                (false, true) => format!("volume {name} exists only in {}", sb.label),
-                _ => format!("volume {name} could not be mounted in both points"),
+            let in_a = va.is_some() || sa.outcomes.iter().any(|o| o.name == name);
+            let in_b = vb.is_some() || sb.outcomes.iter().any(|o| o.name == name);
+            let why = match (in_a, in_b) {
+                (true, false) => format!("it exists only in {}", sa.label),
+                (false, true) => format!("it exists only in {}", sb.label),
+                _ => {
+                    let side =
+                        |s: &Session| why_not(s, name).map(|w| format!("in {}: {w}", s.label));
+                    let sides: Vec<String> = [side(sa), side(sb)].into_iter().flatten().collect();
+                    format!(
+                        "its filesystem could not be mounted ({})",
+                        if sides.is_empty() {
+                            "no reason given".to_string()
+                        } else {
+                            sides.join("; ")
+                        }
+                    )
+                }
             };
-            report.notes.push(why);
+            report.volumes.push(VolumeResult {
+                name: name.to_string(),
+                compared: false,
+                reason: Some(why),
+            });
             continue;
         };
+        report.volumes.push(VolumeResult {
+            name: name.to_string(),
+            compared: true,
+            reason: None,
+        });
         let (ra, rb) = if sub.is_empty() {
             (ra, rb)
         } else {

@@ -1,0 +1,138 @@
+//! Words of the human output: counts with their noun, and the summaries of reports.
+
+use crate::diff::DiffReport;
+
+/// `n` and the noun that agrees with it: `plural(1, "point", "points")` is "1 point".
+pub fn plural(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// `plural` for `usize` counts (lengths of lists).
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    plural(n as u64, one, many)
+}
+
+/// What `diff` prints on standard error: notes, errors, volumes not compared, then one line
+/// saying what was compared and what was found. The exit status follows
+/// `DiffReport::complete`.
+pub fn diff_summary(r: &DiffReport) -> String {
+    let mut out = String::new();
+    for n in &r.notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    for e in &r.errors {
+        out.push_str(&format!("error: {e}\n"));
+    }
+    if let Some(why) = &r.full_compare {
+        out.push_str(&format!("note: {why}: every file compared by content\n"));
+    }
+    for v in r.not_compared() {
+        out.push_str(&format!(
+            "NOT COMPARED: volume {}: {}\n",
+            v.name,
+            v.reason.as_deref().unwrap_or("no reason given")
+        ));
+    }
+    let compared = r.volumes.iter().filter(|v| v.compared).count();
+    let skipped = r.volumes.len() - compared;
+    let scope = if r.volumes.is_empty() {
+        "no volume found in either point: nothing was compared".to_string()
+    } else if compared == 0 {
+        format!(
+            "nothing was compared ({} not compared, see above)",
+            count(skipped, "volume", "volumes")
+        )
+    } else {
+        let mut s = format!(
+            "{} in {} compared; {} ({} proved unchanged by the changed-block map, {} compared by content)",
+            count(r.changes.len(), "change", "changes"),
+            count(compared, "volume", "volumes"),
+            plural(r.files, "file", "files"),
+            r.unchanged_by_map,
+            r.compared_by_content,
+        );
+        if skipped > 0 {
+            s.push_str(&format!(
+                "; {} NOT compared (see above): its changes are not listed",
+                count(skipped, "volume", "volumes")
+            ));
+        }
+        if !r.errors.is_empty() {
+            s.push_str(&format!(
+                "; {} could not be read",
+                count(r.errors.len(), "file", "files")
+            ));
+        }
+        s
+    };
+    out.push_str(&format!(
+        "{} → {}: {scope} ({:.2} s)\n",
+        r.a, r.b, r.seconds
+    ));
+    if !r.complete() {
+        out.push_str("the comparison is incomplete: exit status 1\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::VolumeResult;
+
+    #[test]
+    fn plural_agrees_with_the_count() {
+        assert_eq!(plural(0u64, "point", "points"), "0 points");
+        assert_eq!(plural(1u64, "point", "points"), "1 point");
+        assert_eq!(plural(2u32, "point", "points"), "2 points");
+        assert_eq!(count(1, "whole set", "whole sets"), "1 whole set");
+    }
+
+    #[test]
+    fn a_diff_with_a_volume_not_compared_says_so_and_is_incomplete() {
+        let r = DiffReport {
+            a: "vm/d/s/p0".into(),
+            b: "vm/d/s/p1".into(),
+            volumes: vec![VolumeResult {
+                name: "disk".into(),
+                compared: false,
+                reason: Some("its filesystem could not be mounted".into()),
+            }],
+            ..DiffReport::default()
+        };
+        assert!(!r.complete());
+        let t = diff_summary(&r);
+        assert!(
+            t.contains("NOT COMPARED: volume disk: its filesystem could not be mounted\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("nothing was compared (1 volume not compared"),
+            "{t}"
+        );
+        assert!(!t.contains("0 changes"), "{t}");
+    }
+
+    #[test]
+    fn a_complete_diff_counts_with_the_right_nouns() {
+        let r = DiffReport {
+            a: "a".into(),
+            b: "b".into(),
+            volumes: vec![VolumeResult {
+                name: "p1".into(),
+                compared: true,
+                reason: None,
+            }],
+            files: 1,
+            ..DiffReport::default()
+        };
+        assert!(r.complete());
+        let t = diff_summary(&r);
+        assert!(
+            t.contains("a → b: 0 changes in 1 volume compared; 1 file ("),
+            "{t}"
+        );
+        assert!(!t.contains("incomplete"), "{t}");
+    }
+}
