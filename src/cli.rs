@@ -115,6 +115,10 @@ enum Command {
         /// Replace an existing output file.
         #[arg(long)]
         force: bool,
+        /// Image format to write (default: from OUT's extension: .qcow2, .vhd (vpc), .vhdx,
+        /// .vmdk, .vdi are converted with qemu-img; anything else is raw).
+        #[arg(long, value_parser = ["raw", "qcow2", "vpc", "vhdx", "vmdk", "vdi"])]
+        format: Option<String>,
     },
     /// Mount the repository read-only: every restore point as a raw disk file.
     Mount {
@@ -420,7 +424,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             point,
             out,
             force,
-        } => cmd_export(&repo, &point, &out, force)?,
+            format,
+        } => cmd_export(&repo, &point, &out, force, format.as_deref())?,
         Command::Verify { repo, point, json } => return cmd_verify(&repo, point, json),
         Command::Browse {
             args,
@@ -1241,7 +1246,31 @@ fn resolve(repository: &Repository, spec: &str) -> Result<(Tree, crate::repo::Se
     Ok((tree, set, seq))
 }
 
-fn cmd_export(repo: &Path, spec: &str, out: &Path, force: bool) -> Result<()> {
+fn cmd_export(
+    repo: &Path,
+    spec: &str,
+    out: &Path,
+    force: bool,
+    format: Option<&str>,
+) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let stdout = out.as_os_str() == "-";
+    let format = match format {
+        Some(f) => export::ImageFormat::from_name(f)
+            .with_context(|| format!("--format {f}: use raw, qcow2, vpc, vhdx, vmdk or vdi"))?,
+        None if stdout => export::ImageFormat::Raw,
+        None => export::ImageFormat::for_path(out),
+    };
+    if stdout && format != export::ImageFormat::Raw {
+        bail!(
+            "standard output gets raw bytes only; give a file name to write {}",
+            format.name()
+        );
+    }
+    if !stdout {
+        // Before any thread starts (they inherit the blocked signals).
+        export::remove_partial_files_on_signals();
+    }
     let repository = open(repo)?;
     let (tree, set, seq) = resolve(&repository, spec)?;
     let reader = PointReader::open(&repository, &set, seq)
@@ -1249,26 +1278,56 @@ fn cmd_export(repo: &Path, spec: &str, out: &Path, force: bool) -> Result<()> {
     let path = tree
         .path_of(&reader.manifest)
         .unwrap_or_else(|| reader.manifest.label());
-    let progress = Progress::new("export", reader.map().stored_blocks() * BLOCK_SIZE);
-    let report = if out.as_os_str() == "-" {
-        let p = Progress::new("export", reader.size());
+    // A stream (stdout, a character device, a pipe) carries every byte; a file or a block
+    // device only the stored ones (the rest are holes or written as zeros at the end).
+    let streamed = stdout
+        || std::fs::metadata(out)
+            .is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_fifo());
+    let progress = Progress::new(
+        "export",
+        if streamed {
+            reader.size()
+        } else {
+            reader.map().stored_blocks() * BLOCK_SIZE
+        },
+    );
+    let report = if stdout {
         let mut stdout = std::io::stdout().lock();
-        let r = export::export_to_writer(&reader, &mut stdout, &|d| p.update(d))?;
-        p.finish();
-        r
+        export::export_to_writer(&reader, &mut stdout, &|d| progress.update(d))
     } else {
-        let r = export::export_to_path(&reader, out, force, &|d| progress.update(d))?;
-        progress.finish();
-        r
+        if format == export::ImageFormat::Raw {
+            export::export_to_path(&reader, out, force, &|d| progress.update(d))
+        } else {
+            export::export_converted(&reader, out, format, force, &|d| progress.update(d))
+        }
     };
-    if out.as_os_str() != "-" {
-        println!(
-            "exported {path} to {} ({}, {} of data)",
-            out.display(),
+    progress.finish();
+    let report = report?;
+    if stdout {
+        return Ok(());
+    }
+    let what = if report.stream {
+        format!(
+            "a raw stream of {}, every byte",
+            plural(report.size, "byte", "bytes")
+        )
+    } else if format == export::ImageFormat::Raw {
+        format!(
+            "raw image of {}, {} of data",
             human(report.size),
             human(report.data_bytes)
-        );
-    }
+        )
+    } else {
+        let on_disk = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+        format!(
+            "{} image of a {} disk, {} of data, file {}",
+            format.name(),
+            human(report.size),
+            human(report.data_bytes),
+            human(on_disk)
+        )
+    };
+    println!("exported {path} to {} ({what})", out.display());
     Ok(())
 }
 
