@@ -568,6 +568,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 monthly: keep_monthly,
             };
             let repository = open(&repo)?;
+            if let Some(v) = &vdi
+                && !repository.disk_ids()?.contains(v)
+            {
+                bail!(
+                    "--vdi {v}: the repository {} holds no disk with that VDI uuid (`cbtfs ls` lists them); nothing was pruned",
+                    repo.display()
+                );
+            }
             let r = crate::prune::prune(&repository, policy, vdi.as_deref(), dry_run)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -1015,20 +1023,8 @@ impl Progress {
             && (last.elapsed() >= Duration::from_millis(200) || done >= total)
         {
             *last = Instant::now();
-            let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-            let rate = done as f64 / secs;
-            let eta = if rate > 0.0 && total > done {
-                format!(", {:.0} s left", (total - done) as f64 / rate)
-            } else {
-                String::new()
-            };
-            eprint!(
-                "\r{}: {} of {} ({}/s{eta})   ",
-                self.what,
-                human(done),
-                human(total),
-                human(rate as u64)
-            );
+            let secs = self.start.elapsed().as_secs_f64();
+            eprint!("\r{}   ", text::progress_line(self.what, done, total, secs));
         }
     }
 }
@@ -1360,7 +1356,11 @@ fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode
                 println!("DAMAGED {what}: {} ({})", d.problem, d.location);
             }
         }
-        if report.ok() {
+        if report.ok() && report.points_checked == 0 {
+            println!(
+                "ok: the repository holds no restore points; its header is sound (nothing else to check)"
+            );
+        } else if report.ok() {
             println!(
                 "ok: {}, {} checked, no damage",
                 plural(report.points_checked, "point", "points"),

@@ -564,3 +564,122 @@ fn export_to_devices_pipes_and_other_image_formats() {
         .collect();
     assert!(!names.iter().any(|n| n.contains("nope")), "{names:?}");
 }
+
+/// A conversion that fails or is interrupted leaves nothing behind: no target, no temporary
+/// raw image, no half-converted file; an interrupting signal also stops qemu-img. A stand-in
+/// qemu-img on PATH makes both moments deterministic.
+#[test]
+fn an_export_conversion_that_fails_or_is_interrupted_leaves_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let (repo, v) = setup(d.path());
+    let point = format!("{v}@latest");
+    let bin_dir = d.path().join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    let fake = bin_dir.join("qemu-img");
+    let out_dir = d.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let leftovers = || -> Vec<String> {
+        std::fs::read_dir(&out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let path = format!("{}:/usr/bin:/bin", s(&bin_dir));
+
+    // qemu-img fails: its words are in the error, and nothing is left.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'Could not open: no space' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let target = out_dir.join("x.qcow2");
+    let o = std::process::Command::new(bin())
+        .args(["export", &repo, &point, s(&target)])
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let m = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{m}");
+    assert!(
+        m.contains("qemu-img could not convert the export into qcow2")
+            && m.contains("Could not open: no space"),
+        "{m}"
+    );
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
+
+    // SIGTERM while qemu-img runs: both temporary files go, qemu-img is stopped, exit 143.
+    let marker = d.path().join("qemu-img.pid");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho $$ > {m}.tmp && mv {m}.tmp {m}\nexec sleep 600\n",
+            m = s(&marker)
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["export", &repo, &point, s(&target)])
+        .env("PATH", &path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the stand-in qemu-img",
+        std::time::Duration::from_secs(20),
+        || marker.exists(),
+    );
+    assert!(
+        leftovers().iter().any(|n| n.contains("cbtfs-raw-partial")),
+        "the raw image is written first: {:?}",
+        leftovers()
+    );
+    let qpid: i32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) of our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM), "{st}");
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
+    // qemu-img was killed (and, its parent gone, reaped by init): no such process left.
+    wait_for(
+        "qemu-img to be gone",
+        std::time::Duration::from_secs(10),
+        || {
+            let stat = std::fs::read_to_string(format!("/proc/{qpid}/stat")).unwrap_or_default();
+            stat.is_empty() || stat.contains(") Z ")
+        },
+    );
+}
+
+/// Commands that found nothing to work on say so: `verify` of an empty repository does not
+/// claim "0 points checked" as a pass in silence, and `prune --vdi` of a disk the repository
+/// does not hold fails instead of reporting success.
+#[test]
+fn nothing_to_do_is_said_not_passed_off_as_done() {
+    let d = tempfile::tempdir().unwrap();
+    let empty = d.path().join("empty-repo");
+    ok(&["init", s(&empty)]);
+    let out = ok(&["verify", s(&empty)]);
+    assert_eq!(
+        out,
+        "ok: the repository holds no restore points; its header is sound (nothing else to check)\n"
+    );
+    let (repo, v) = setup(d.path());
+    let other = vdi(99);
+    let (code, m) = fails(&["prune", &repo, "--keep-last", "1", "--vdi", &other]);
+    assert_eq!(code, 1, "{m}");
+    assert!(
+        m.contains(&format!("--vdi {other}: the repository"))
+            && m.contains("holds no disk with that VDI uuid")
+            && m.contains("nothing was pruned"),
+        "{m}"
+    );
+    let out = ok(&["prune", &repo, "--keep-last", "1", "--vdi", &v]);
+    assert!(out.contains("removed 0 of 1 point"), "{out}");
+}

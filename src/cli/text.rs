@@ -13,6 +13,23 @@ pub fn count(n: usize, one: &str, many: &str) -> String {
     plural(n as u64, one, many)
 }
 
+/// The progress line: `export: 1.5 GiB of 4.0 GiB (512.0 MiB/s, 5 s left)`, binary units for
+/// amounts and rates alike.
+pub fn progress_line(what: &str, done: u64, total: u64, secs: f64) -> String {
+    let rate = done as f64 / secs.max(1e-3);
+    let eta = if rate > 0.0 && total > done {
+        format!(", {:.0} s left", (total - done) as f64 / rate)
+    } else {
+        String::new()
+    };
+    format!(
+        "{what}: {} of {} ({}/s{eta})",
+        super::human(done),
+        super::human(total),
+        super::human(rate as u64)
+    )
+}
+
 /// What `diff` prints on standard error: notes, errors, volumes not compared, then one line
 /// saying what was compared and what was found. The exit status follows
 /// `DiffReport::complete`.
@@ -80,6 +97,18 @@ pub fn diff_summary(r: &DiffReport) -> String {
 mod tests {
     use super::*;
     use crate::diff::VolumeResult;
+
+    #[test]
+    fn progress_uses_binary_units_for_amounts_and_rates() {
+        assert_eq!(
+            progress_line("export", 3 << 29, 4 << 30, 3.0),
+            "export: 1.5 GiB of 4.0 GiB (512.0 MiB/s, 5 s left)"
+        );
+        assert_eq!(
+            progress_line("backup", 10 << 20, 10 << 20, 2.0),
+            "backup: 10.0 MiB of 10.0 MiB (5.0 MiB/s)"
+        );
+    }
 
     #[test]
     fn plural_agrees_with_the_count() {
