@@ -50,6 +50,14 @@ pub struct VolumeResult {
     /// Why it was not compared.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Not compared because it holds no files of its own in either point (swap space, an LVM
+    /// physical volume whose logical volumes are compared by name): nothing is missing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_files: bool,
+    /// Not compared (no filesystem could be mounted), but no block of it changed between the
+    /// points: its bytes, and so any file in it, are the same in both.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -76,7 +84,9 @@ pub struct DiffReport {
 impl DiffReport {
     /// Volumes whose files could not be compared: the report is incomplete.
     pub fn not_compared(&self) -> impl Iterator<Item = &VolumeResult> {
-        self.volumes.iter().filter(|v| !v.compared)
+        self.volumes
+            .iter()
+            .filter(|v| !v.compared && !v.no_files && !v.unchanged)
     }
 
     /// Whether every volume in scope and every file in them was compared.
@@ -626,6 +636,47 @@ fn compare_sessions(
         );
         let (ma, mb) = (mounted(sa, name), mounted(sb, name));
         let (Some(va), Some(vb), Some((ra, da)), Some((rb, _))) = (va, vb, ma, mb) else {
+            let content = |s: &Session| {
+                s.outcomes
+                    .iter()
+                    .find(|o| o.name == name)
+                    .and_then(|o| o.content.clone())
+            };
+            let (ca, cb) = (content(sa), content(sb));
+            if ca == cb && matches!(ca.as_deref(), Some("swap" | "lvm2 pv")) {
+                report.volumes.push(VolumeResult {
+                    name: name.to_string(),
+                    compared: false,
+                    reason: why_not(sa, name),
+                    no_files: true,
+                    unchanged: false,
+                });
+                continue;
+            }
+            // Same place in both points and no block of it written in between: unchanged.
+            if let (Some(va), Some(vb), Some(_)) = (va, vb, changed)
+                && va.extents == vb.extents
+                && !(Dirty {
+                    volume: va,
+                    changed,
+                    replayed: Vec::new(),
+                    fiemap_usable: false,
+                })
+                .touches(0, va.size)
+            {
+                report.volumes.push(VolumeResult {
+                    name: name.to_string(),
+                    compared: false,
+                    reason: why_not(sa, name).map(|w| {
+                        format!(
+                            "{w}; no block of it changed between the points: its bytes are the same"
+                        )
+                    }),
+                    no_files: false,
+                    unchanged: true,
+                });
+                continue;
+            }
             let in_a = va.is_some() || sa.outcomes.iter().any(|o| o.name == name);
             let in_b = vb.is_some() || sb.outcomes.iter().any(|o| o.name == name);
             let why = match (in_a, in_b) {
@@ -649,6 +700,8 @@ fn compare_sessions(
                 name: name.to_string(),
                 compared: false,
                 reason: Some(why),
+                no_files: false,
+                unchanged: false,
             });
             continue;
         };
@@ -656,6 +709,8 @@ fn compare_sessions(
             name: name.to_string(),
             compared: true,
             reason: None,
+            no_files: false,
+            unchanged: false,
         });
         let (ra, rb) = if sub.is_empty() {
             (ra, rb)

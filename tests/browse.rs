@@ -402,11 +402,23 @@ fn full_compare(a: &Path, b: &Path, vols: &[&str]) -> BTreeSet<(String, String)>
 }
 
 fn cbtfs_diff(repo: &Path, a: &str, b: &str) -> (BTreeSet<(String, String)>, String) {
+    cbtfs_diff_exit(repo, a, b, 0)
+}
+
+/// `cbtfs_diff` expecting exit status `code` (1: some volume could not be compared).
+fn cbtfs_diff_exit(
+    repo: &Path,
+    a: &str,
+    b: &str,
+    code: i32,
+) -> (BTreeSet<(String, String)>, String) {
     let o = cbtfs(&["diff", s(repo), a, b, "--json"]);
-    assert!(
-        o.status.success(),
-        "diff: {}",
-        String::from_utf8_lossy(&o.stderr)
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "diff: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
     );
     let j: Value = serde_json::from_slice(&o.stdout).unwrap();
     let set = j["changes"]
@@ -622,6 +634,18 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
     let j: Value = serde_json::from_str(&ok(&["diff", s(&h.repo), &p0, &p1, "--json"])).unwrap();
     assert!(j["unchanged_by_map"].as_u64().unwrap() >= 20, "{j}");
     assert!(j["full_compare"].is_null());
+    // The damaged ext4 (p6) and the LUKS volume (p7) cannot be mounted, but no block of them
+    // changed between the points: unchanged, and the diff is complete.
+    for v in ["p6", "p7"] {
+        let vol = j["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == v)
+            .unwrap_or_else(|| panic!("{v} missing: {j}"));
+        assert_eq!(vol["compared"], false, "{j}");
+        assert_eq!(vol["unchanged"], true, "{j}");
+    }
     // PATH limits it.
     let sub = ok(&["diff", s(&h.repo), &p0, &p1, "p1/docs"]);
     assert_eq!(sub.lines().count(), 2, "{sub}");
@@ -650,11 +674,21 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
         edit(dev, "ext4", |m| write(&m.join("third.txt"), b"set 2\n"));
     });
     let p2 = h.commit(true);
-    let (got, _) = cbtfs_diff(&h.repo, &p1, &p2);
+    // Between sets nothing proves p6 and p7 unchanged: they are named as not compared, and the
+    // diff exits 1 (its list may miss their changes).
+    let (got, _) = cbtfs_diff_exit(&h.repo, &p1, &p2, 1);
     let o = cbtfs(&["diff", s(&h.repo), &p1, &p2]);
+    assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("different sets") && err.contains("every file compared by content"),
+        "{err}"
+    );
+    assert!(
+        err.contains("NOT COMPARED: volume p6: its filesystem could not be mounted")
+            && err.contains("NOT COMPARED: volume p7: its filesystem could not be mounted")
+            && err.contains("LUKS-encrypted")
+            && err.contains("2 volumes NOT compared"),
         "{err}"
     );
     let mut b1 = Browse::new(&h.repo, &p1, &d1, &[]);

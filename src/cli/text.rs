@@ -44,6 +44,22 @@ pub fn diff_summary(r: &DiffReport) -> String {
     if let Some(why) = &r.full_compare {
         out.push_str(&format!("note: {why}: every file compared by content\n"));
     }
+    for v in r.volumes.iter().filter(|v| v.no_files) {
+        out.push_str(&format!(
+            "note: volume {} holds no files: {}\n",
+            v.name,
+            v.reason.as_deref().unwrap_or("no filesystem of its own")
+        ));
+    }
+    for v in r.volumes.iter().filter(|v| v.unchanged) {
+        out.push_str(&format!(
+            "note: volume {} unchanged: {}\n",
+            v.name,
+            v.reason
+                .as_deref()
+                .unwrap_or("no block of it changed between the points")
+        ));
+    }
     for v in r.not_compared() {
         out.push_str(&format!(
             "NOT COMPARED: volume {}: {}\n",
@@ -52,9 +68,11 @@ pub fn diff_summary(r: &DiffReport) -> String {
         ));
     }
     let compared = r.volumes.iter().filter(|v| v.compared).count();
-    let skipped = r.volumes.len() - compared;
+    let skipped = r.not_compared().count();
     let scope = if r.volumes.is_empty() {
         "no volume found in either point: nothing was compared".to_string()
+    } else if compared == 0 && skipped == 0 {
+        "no volume holds files: nothing to compare".to_string()
     } else if compared == 0 {
         format!(
             "nothing was compared ({} not compared, see above)",
@@ -127,6 +145,8 @@ mod tests {
                 name: "disk".into(),
                 compared: false,
                 reason: Some("its filesystem could not be mounted".into()),
+                no_files: false,
+                unchanged: false,
             }],
             ..DiffReport::default()
         };
@@ -144,6 +164,38 @@ mod tests {
     }
 
     #[test]
+    fn swap_and_lvm_physical_volumes_hold_no_files_and_leave_the_diff_complete() {
+        let vol = |name: &str, compared: bool, no_files: bool| VolumeResult {
+            name: name.into(),
+            compared,
+            reason: (!compared).then(|| "swap space: holds no files".to_string()),
+            no_files,
+            unchanged: false,
+        };
+        let mut r = DiffReport {
+            a: "a".into(),
+            b: "b".into(),
+            volumes: vec![vol("p1", true, false), vol("p2", false, true)],
+            ..DiffReport::default()
+        };
+        assert!(r.complete());
+        let t = diff_summary(&r);
+        assert!(
+            t.contains("note: volume p2 holds no files: swap space: holds no files\n"),
+            "{t}"
+        );
+        assert!(t.contains("0 changes in 1 volume compared; 0 files"), "{t}");
+        assert!(
+            !t.contains("NOT COMPARED") && !t.contains("incomplete"),
+            "{t}"
+        );
+        // The same volume when it should have held files: incomplete.
+        r.volumes[1].no_files = false;
+        assert!(!r.complete());
+        assert!(diff_summary(&r).contains("NOT COMPARED: volume p2"));
+    }
+
+    #[test]
     fn a_complete_diff_counts_with_the_right_nouns() {
         let r = DiffReport {
             a: "a".into(),
@@ -152,6 +204,8 @@ mod tests {
                 name: "p1".into(),
                 compared: true,
                 reason: None,
+                no_files: false,
+                unchanged: false,
             }],
             files: 1,
             ..DiffReport::default()
