@@ -626,6 +626,8 @@ fn compare_sessions(
         }
         _ => (None, String::new()),
     };
+    // Whether PATH was found in some compared volume of either point.
+    let mut path_found = false;
     for name in names {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
@@ -744,6 +746,7 @@ fn compare_sessions(
         };
         let queue = Queue::new();
         let mut root = Walker::new(&dirty, &queue);
+        path_found |= ra.exists() || rb.exists();
         match (ra.exists(), rb.exists()) {
             (true, true) => root.entry(&ra, &rb, &rel),
             (true, false) => root.one_side(&ra, &rel, "D"),
@@ -780,6 +783,16 @@ fn compare_sessions(
             report.compared_by_content += p.compared_by_content;
             report.unchanged_by_map += p.unchanged_by_map;
         }
+    }
+    // A mistyped PATH must not pass for "no changes".
+    if !sub.is_empty() && !path_found && report.volumes.iter().any(|v| v.compared) {
+        let shown = match &only {
+            Some(v) => format!("{v}/{sub}"),
+            None => sub.clone(),
+        };
+        report.errors.push(format!(
+            "{shown}: no such path in either point (give VOLUME/PATH, e.g. p1/etc, as `cbtfs ls --volumes` names the volumes)"
+        ));
     }
     Ok(())
 }

@@ -1250,4 +1250,14 @@ fn diff_of_a_volume_that_cannot_be_mounted_says_not_compared_and_fails() {
         !err.contains("NOT COMPARED") && !err.contains("incomplete"),
         "{err}"
     );
+    // A PATH in neither point is an error, not "0 changes"; one that exists is not.
+    let o = cbtfs(&["diff", s(&h.repo), p0, p1, "disk/nope"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: disk/nope: no such path in either point"),
+        "{err}"
+    );
+    let out = ok(&["diff", s(&h.repo), p0, p1, "disk/added.txt"]);
+    assert_eq!(out, "A\tdisk/added.txt\n");
 }
