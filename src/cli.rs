@@ -1317,7 +1317,7 @@ fn cmd_export(
         let on_disk = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
         format!(
             "{} image of a {} disk, {} of data, file {}",
-            format.name(),
+            format.label(),
             human(report.size),
             human(report.data_bytes),
             human(on_disk)

@@ -105,6 +105,18 @@ impl ImageFormat {
         }
     }
 
+    /// The format's common name (`VHD` for qemu-img's `vpc`).
+    pub fn label(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Vpc => "VHD",
+            ImageFormat::Vhdx => "VHDX",
+            ImageFormat::Vmdk => "VMDK",
+            ImageFormat::Vdi => "VDI",
+        }
+    }
+
     /// qemu-img's name of the format.
     pub fn name(self) -> &'static str {
         match self {
@@ -404,8 +416,14 @@ pub fn export_converted(
         format: fname,
         detail,
     };
-    let child = std::process::Command::new(&qemu_img)
-        .args(["convert", "-q", "-f", "raw", "-O", fname])
+    let mut cmd = std::process::Command::new(&qemu_img);
+    cmd.args(["convert", "-q", "-f", "raw", "-O", fname]);
+    if format == ImageFormat::Vpc {
+        // VHD sizes otherwise round up to a CHS geometry: the image would be larger than the
+        // disk, and a restore of it refused for its size.
+        cmd.args(["-o", "force_size=on"]);
+    }
+    let child = cmd
         .arg(&raw.0)
         .arg(&out.0)
         .stdin(std::process::Stdio::null())

@@ -530,6 +530,14 @@ fn export_to_devices_pipes_and_other_image_formats() {
     // Exists now: --force replaces it.
     let (_, m) = fails(&["export", &repo, &point, s(&q)]);
     assert!(m.contains("exists") && m.contains("--force"), "{m}");
+    // VHD keeps the disk's exact size (not rounded up to a CHS geometry).
+    let vhd = d.path().join("x.vhd");
+    let out = ok(&["export", &repo, &point, s(&vhd)]);
+    assert!(out.contains("(VHD image of a 2.5 MiB disk"), "{out}");
+    let info: serde_json::Value =
+        serde_json::from_str(&run("qemu-img", &["info", "--output=json", s(&vhd)])).unwrap();
+    assert_eq!(info["format"], "vpc", "{info}");
+    assert_eq!(info["virtual-size"], raw.len() as u64, "{info}");
     // --format overrides the extension: VHDX into a .img name; raw into a .qcow2 name.
     let h = d.path().join("disk.img");
     ok(&["export", &repo, &point, s(&h), "--format", "vhdx"]);
