@@ -11,6 +11,9 @@ use anyhow::{Context, Result, bail};
 use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 
+mod text;
+use text::{count, plural};
+
 use crate::export;
 use crate::import::{self, ImportRequest, ImportSource};
 use crate::naming::{Tree, point_name};
@@ -184,6 +187,10 @@ Examples:
         /// Replace an existing output file.
         #[arg(long)]
         force: bool,
+        /// Image format to write (default: from OUT's extension: .qcow2, .vhd (vpc), .vhdx,
+        /// .vmdk, .vdi are converted with qemu-img; anything else is raw).
+        #[arg(long, value_parser = ["raw", "qcow2", "vpc", "vhdx", "vmdk", "vdi"])]
+        format: Option<String>,
     },
     /// Mount the repository read-only: every restore point appears as a raw disk image file.
     #[command(after_help = "\
@@ -707,6 +714,9 @@ fn typed_code(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
         return Some(match e {
             ExportError::Read(_) => "damaged",
             ExportError::Exists { .. } => "exists",
+            ExportError::IsDirectory { .. } | ExportError::NotAFile { .. } => "invalid_input",
+            ExportError::NoQemuImg { .. } => "missing_tool",
+            ExportError::Convert { .. } => "convert_failed",
             ExportError::Output { .. } => "io",
         });
     }
@@ -867,7 +877,8 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             point,
             out,
             force,
-        } => cmd_export(&repo, &point, &out, force)?,
+            format,
+        } => cmd_export(&repo, &point, &out, force, format.as_deref())?,
         Command::Verify { repo, point, json } => return cmd_verify(&repo, point, json),
         Command::Browse {
             args,
@@ -920,9 +931,10 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
                 emit(&report.to_text())?;
-                eprint!("{}", report.summary());
+                eprint!("{}", text::diff_summary(&report));
             }
-            if !report.errors.is_empty() {
+            // 1: a volume or a file could not be compared (its changes are not all listed).
+            if !report.complete() {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -1024,25 +1036,36 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
                 monthly: keep_monthly,
             };
             let repository = open(&repo)?;
+            if let Some(v) = &vdi
+                && !repository.disk_ids()?.contains(v)
+            {
+                bail!(
+                    "--vdi {v}: the repository {} holds no disk with that VDI uuid (`cbtfs ls` lists them); nothing was pruned",
+                    repo.display()
+                );
+            }
             let r = crate::prune::prune(&repository, policy, vdi.as_deref(), dry_run)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 for d in &r.disks {
                     println!(
-                        "{}/{}: {} {} of {} points{}{}",
+                        "{}/{}: {} {} of {}{}{}",
                         d.vm.as_deref().unwrap_or("no-vm"),
                         d.disk,
                         if r.dry_run { "would remove" } else { "removed" },
                         d.removed,
-                        d.removed + d.kept,
+                        count(d.removed + d.kept, "point", "points"),
                         if d.sets_removed > 0 {
-                            format!(" ({} whole sets)", d.sets_removed)
+                            format!(" ({})", count(d.sets_removed, "whole set", "whole sets"))
                         } else {
                             String::new()
                         },
                         if d.rewritten > 0 {
-                            format!(", {} kept points rewritten to absorb them", d.rewritten)
+                            format!(
+                                ", {} to absorb them",
+                                count(d.rewritten, "kept point rewritten", "kept points rewritten")
+                            )
                         } else {
                             String::new()
                         }
@@ -1059,14 +1082,17 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
                         );
                     }
                 }
-                if !r.dry_run {
-                    println!(
-                        "repository objects: {} -> {} ({} reclaimed)",
-                        human(r.bytes_before),
-                        human(r.bytes_after),
-                        human(r.bytes_before.saturating_sub(r.bytes_after))
-                    );
-                }
+                println!(
+                    "repository objects: {} -> {} ({} {})",
+                    human(r.bytes_before),
+                    human(r.bytes_after),
+                    human(r.bytes_before.saturating_sub(r.bytes_after)),
+                    if r.dry_run {
+                        "would be reclaimed"
+                    } else {
+                        "reclaimed"
+                    }
+                );
             }
         }
         Command::Sim {
@@ -1202,11 +1228,11 @@ fn cmd_backup(
                 (None, k) => k.to_string(),
             };
             println!(
-                "{}/{}: {what}: {} of {} blocks changed ({:.1}%), {} read over {} in {:.1} s -> point {} (set {}, #{})",
+                "{}/{}: {what}: {} of {} changed ({:.1}%), {} read over {} in {:.1} s -> point {} (set {}, #{})",
                 d.vm.as_deref().unwrap_or("no-vm"),
                 d.disk,
                 d.changed_blocks,
-                blocks_for(d.virtual_size),
+                plural(blocks_for(d.virtual_size), "block", "blocks"),
                 d.changed_percent,
                 human(d.fetched_bytes),
                 d.via,
@@ -1300,17 +1326,16 @@ fn cmd_restore(
         );
     }
     println!(
-        "{} disk{}, {} in {:.1} s, {:.0} MB/s",
-        report.disks.len(),
-        if report.disks.len() == 1 { "" } else { "s" },
+        "{}, {} in {:.1} s, {}/s",
+        count(report.disks.len(), "disk", "disks"),
         human(report.bytes),
         report.seconds,
-        report.bytes as f64 / report.seconds.max(1e-9) / 1e6
+        human((report.bytes as f64 / report.seconds.max(1e-9)) as u64)
     );
     if report.verified_blocks > 0 {
         println!(
-            "read back {} sample blocks from the host: identical to the point",
-            report.verified_blocks
+            "read back {} from the host: identical to the point",
+            plural(report.verified_blocks, "sample block", "sample blocks")
         );
     }
     if let Some(vm) = &report.vm {
@@ -1505,9 +1530,9 @@ fn cmd_import(
         println!("{}", serde_json::to_string_pretty(&point_json(m, &path))?);
     } else {
         println!(
-            "{} point {path}: {} blocks changed, {} stored ({}), disk {}",
+            "{} point {path}: {} changed, {} stored ({}), disk {}",
             if m.seq == 0 { "base" } else { "incremental" },
-            m.changed_blocks,
+            plural(m.changed_blocks, "block", "blocks"),
             m.data_blocks,
             human(m.data_blocks * BLOCK_SIZE),
             human(m.virtual_size)
@@ -1523,20 +1548,8 @@ impl Progress {
             && (last.elapsed() >= Duration::from_millis(200) || done >= total)
         {
             *last = Instant::now();
-            let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-            let rate = done as f64 / secs;
-            let eta = if rate > 0.0 && total > done {
-                format!(", {:.0} s left", (total - done) as f64 / rate)
-            } else {
-                String::new()
-            };
-            eprint!(
-                "\r{}: {} of {} ({:.0} MB/s{eta})   ",
-                self.what,
-                human(done),
-                human(total),
-                rate / 1e6
-            );
+            let secs = self.start.elapsed().as_secs_f64();
+            eprint!("\r{}   ", text::progress_line(self.what, done, total, secs));
         }
     }
 }
@@ -1704,22 +1717,28 @@ fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
                     .unwrap_or_default()
             )?;
             for s in &d.history.sets {
-                writeln!(out, "  set {}  ({} points)", s.id, s.points.len())?;
                 writeln!(
                     out,
-                    "    {:<18} {:<22} {:>10} {:>12} {:>10} {:>8}",
-                    "POINT", "TIME", "SIZE", "STORED", "BLOCKS", "CHANGED"
+                    "  set {}  ({})",
+                    s.id,
+                    count(s.points.len(), "point", "points")
+                )?;
+                // CHANGED: blocks this point holds (CBT-marked, or all of a base) and their share
+                // of the disk; STORED: the bytes its own data takes in the repository.
+                writeln!(
+                    out,
+                    "    {:<18} {:<22} {:>10} {:>22} {:>12}",
+                    "POINT", "TIME", "DISK SIZE", "CHANGED BLOCKS", "STORED"
                 )?;
                 for p in &s.points {
                     writeln!(
                         out,
-                        "    {:<18} {:<22} {:>10} {:>12} {:>10} {:>7.2}%",
+                        "    {:<18} {:<22} {:>10} {:>22} {:>12}",
                         point_name(p),
                         timefmt::rfc3339(p.time),
                         human(p.virtual_size),
+                        format!("{} ({:.2}%)", p.changed_blocks, changed_percent(p)),
                         human(p.data_blocks * BLOCK_SIZE),
-                        p.data_blocks,
-                        changed_percent(p)
                     )?;
                 }
                 for pr in &s.problems {
@@ -1748,7 +1767,31 @@ fn resolve(repository: &Repository, spec: &str) -> Result<(Tree, crate::repo::Se
     Ok((tree, set, seq))
 }
 
-fn cmd_export(repo: &Path, spec: &str, out: &Path, force: bool) -> Result<()> {
+fn cmd_export(
+    repo: &Path,
+    spec: &str,
+    out: &Path,
+    force: bool,
+    format: Option<&str>,
+) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let stdout = out.as_os_str() == "-";
+    let format = match format {
+        Some(f) => export::ImageFormat::from_name(f)
+            .with_context(|| format!("--format {f}: use raw, qcow2, vpc, vhdx, vmdk or vdi"))?,
+        None if stdout => export::ImageFormat::Raw,
+        None => export::ImageFormat::for_path(out),
+    };
+    if stdout && format != export::ImageFormat::Raw {
+        bail!(
+            "standard output gets raw bytes only; give a file name to write {}",
+            format.name()
+        );
+    }
+    if !stdout {
+        // Before any thread starts (they inherit the blocked signals).
+        export::remove_partial_files_on_signals();
+    }
     let repository = open(repo)?;
     let (tree, set, seq) = resolve(&repository, spec)?;
     let reader = PointReader::open(&repository, &set, seq)
@@ -1756,26 +1799,56 @@ fn cmd_export(repo: &Path, spec: &str, out: &Path, force: bool) -> Result<()> {
     let path = tree
         .path_of(&reader.manifest)
         .unwrap_or_else(|| reader.manifest.label());
-    let progress = Progress::new("export", reader.map().stored_blocks() * BLOCK_SIZE);
-    let report = if out.as_os_str() == "-" {
-        let p = Progress::new("export", reader.size());
+    // A stream (stdout, a character device, a pipe) carries every byte; a file or a block
+    // device only the stored ones (the rest are holes or written as zeros at the end).
+    let streamed = stdout
+        || std::fs::metadata(out)
+            .is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_fifo());
+    let progress = Progress::new(
+        "export",
+        if streamed {
+            reader.size()
+        } else {
+            reader.map().stored_blocks() * BLOCK_SIZE
+        },
+    );
+    let report = if stdout {
         let mut stdout = std::io::stdout().lock();
-        let r = export::export_to_writer(&reader, &mut stdout, &|d| p.update(d))?;
-        p.finish();
-        r
+        export::export_to_writer(&reader, &mut stdout, &|d| progress.update(d))
     } else {
-        let r = export::export_to_path(&reader, out, force, &|d| progress.update(d))?;
-        progress.finish();
-        r
+        if format == export::ImageFormat::Raw {
+            export::export_to_path(&reader, out, force, &|d| progress.update(d))
+        } else {
+            export::export_converted(&reader, out, format, force, &|d| progress.update(d))
+        }
     };
-    if out.as_os_str() != "-" {
-        println!(
-            "exported {path} to {} ({}, {} of data)",
-            out.display(),
+    progress.finish();
+    let report = report?;
+    if stdout {
+        return Ok(());
+    }
+    let what = if report.stream {
+        format!(
+            "a raw stream of {}, every byte",
+            plural(report.size, "byte", "bytes")
+        )
+    } else if format == export::ImageFormat::Raw {
+        format!(
+            "raw image of {}, {} of data",
             human(report.size),
             human(report.data_bytes)
-        );
-    }
+        )
+    } else {
+        let on_disk = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+        format!(
+            "{} image of a {} disk, {} of data, file {}",
+            format.label(),
+            human(report.size),
+            human(report.data_bytes),
+            human(on_disk)
+        )
+    };
+    println!("exported {path} to {} ({what})", out.display());
     Ok(())
 }
 
@@ -1808,17 +1881,22 @@ fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode
                 println!("DAMAGED {what}: {} ({})", d.problem, d.location);
             }
         }
-        if report.ok() {
+        if report.ok() && report.points_checked == 0 {
             println!(
-                "ok: {} points, {} stored blocks checked, no damage",
-                report.points_checked, report.blocks_checked
+                "ok: the repository holds no restore points; its header is sound (nothing else to check)"
+            );
+        } else if report.ok() {
+            println!(
+                "ok: {}, {} checked, no damage",
+                plural(report.points_checked, "point", "points"),
+                plural(report.blocks_checked, "stored block", "stored blocks")
             );
         } else {
             println!(
-                "{} problems found in {} points ({} stored blocks checked); damaged ranges read as errors, never as wrong data",
-                report.damage.len(),
-                report.points_checked,
-                report.blocks_checked
+                "{} found in {} ({} checked); damaged ranges read as errors, never as wrong data",
+                count(report.damage.len(), "problem", "problems"),
+                plural(report.points_checked, "point", "points"),
+                plural(report.blocks_checked, "stored block", "stored blocks")
             );
         }
     }

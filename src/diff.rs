@@ -40,6 +40,26 @@ pub struct Change {
     pub what: Vec<&'static str>,
 }
 
+/// One volume of the points and whether its files were compared.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VolumeResult {
+    pub name: String,
+    /// Whether its trees were walked in both points. `false`: its changes are unknown, and
+    /// `changes` holds none of them.
+    pub compared: bool,
+    /// Why it was not compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Not compared because it holds no files of its own in either point (swap space, an LVM
+    /// physical volume whose logical volumes are compared by name): nothing is missing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_files: bool,
+    /// Not compared (no filesystem could be mounted), but no block of it changed between the
+    /// points: its bytes, and so any file in it, are the same in both.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct DiffReport {
     pub a: String,
@@ -47,7 +67,9 @@ pub struct DiffReport {
     /// Why contents were compared in full rather than through the changed-block map.
     pub full_compare: Option<String>,
     pub changes: Vec<Change>,
-    /// Volumes not compared, and why.
+    /// Every volume in scope, compared or not (and why not).
+    pub volumes: Vec<VolumeResult>,
+    /// Remarks on how volumes were compared.
     pub notes: Vec<String>,
     pub files: u64,
     /// Files whose contents were read on both sides.
@@ -60,6 +82,18 @@ pub struct DiffReport {
 }
 
 impl DiffReport {
+    /// Volumes whose files could not be compared: the report is incomplete.
+    pub fn not_compared(&self) -> impl Iterator<Item = &VolumeResult> {
+        self.volumes
+            .iter()
+            .filter(|v| !v.compared && !v.no_files && !v.unchanged)
+    }
+
+    /// Whether every volume in scope and every file in them was compared.
+    pub fn complete(&self) -> bool {
+        self.errors.is_empty() && !self.volumes.is_empty() && self.not_compared().next().is_none()
+    }
+
     /// `git diff --name-status` style lines.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
@@ -70,31 +104,6 @@ impl DiffReport {
                 out.push_str(&format!("{}\t{}\t{}\n", c.status, c.path, c.what.join(",")));
             }
         }
-        out
-    }
-
-    /// What goes to standard error.
-    pub fn summary(&self) -> String {
-        let mut out = String::new();
-        for n in &self.notes {
-            out.push_str(&format!("note: {n}\n"));
-        }
-        for e in &self.errors {
-            out.push_str(&format!("error: {e}\n"));
-        }
-        if let Some(why) = &self.full_compare {
-            out.push_str(&format!("note: {why}: every file compared by content\n"));
-        }
-        out.push_str(&format!(
-            "{} → {}: {} changes; {} files, {} proved unchanged by the changed-block map, {} compared by content ({:.2} s)\n",
-            self.a,
-            self.b,
-            self.changes.len(),
-            self.files,
-            self.unchanged_by_map,
-            self.compared_by_content,
-            self.seconds
-        ));
         out
     }
 }
@@ -583,11 +592,25 @@ fn compare_sessions(
             .find(|o| o.name == name)
             .and_then(|o| o.mounted.clone().map(|m| (m, o.detail.clone())))
     };
+    // Why a volume is not mounted in a session (it exists there).
+    let why_not = |s: &Session, name: &str| {
+        s.outcomes
+            .iter()
+            .find(|o| o.name == name && o.mounted.is_none())
+            .map(|o| o.detail.clone())
+    };
+    // Volumes browsed, and those the layout names but could not read (a damaged LVM PV…).
     let mut names: Vec<&str> = sa
         .volumes
         .iter()
         .chain(sb.volumes.iter())
         .map(|v| v.name.as_str())
+        .chain(
+            sa.outcomes
+                .iter()
+                .chain(sb.outcomes.iter())
+                .map(|o| o.name.as_str()),
+        )
         .collect();
     names.sort();
     names.dedup();
@@ -603,6 +626,8 @@ fn compare_sessions(
         }
         _ => (None, String::new()),
     };
+    // Whether PATH was found in some compared volume of either point.
+    let mut path_found = false;
     for name in names {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
@@ -613,14 +638,82 @@ fn compare_sessions(
         );
         let (ma, mb) = (mounted(sa, name), mounted(sb, name));
         let (Some(va), Some(vb), Some((ra, da)), Some((rb, _))) = (va, vb, ma, mb) else {
-            let why = match (va.is_some(), vb.is_some()) {
-                (true, false) => format!("volume {name} exists only in {}", sa.label),
-                (false, true) => format!("volume {name} exists only in {}", sb.label),
-                _ => format!("volume {name} could not be mounted in both points"),
+            let content = |s: &Session| {
+                s.outcomes
+                    .iter()
+                    .find(|o| o.name == name)
+                    .and_then(|o| o.content.clone())
             };
-            report.notes.push(why);
+            let (ca, cb) = (content(sa), content(sb));
+            if ca == cb && matches!(ca.as_deref(), Some("swap" | "lvm2 pv")) {
+                report.volumes.push(VolumeResult {
+                    name: name.to_string(),
+                    compared: false,
+                    reason: why_not(sa, name),
+                    no_files: true,
+                    unchanged: false,
+                });
+                continue;
+            }
+            // Same place in both points and no block of it written in between: unchanged.
+            if let (Some(va), Some(vb), Some(_)) = (va, vb, changed)
+                && va.extents == vb.extents
+                && !(Dirty {
+                    volume: va,
+                    changed,
+                    replayed: Vec::new(),
+                    fiemap_usable: false,
+                })
+                .touches(0, va.size)
+            {
+                report.volumes.push(VolumeResult {
+                    name: name.to_string(),
+                    compared: false,
+                    reason: why_not(sa, name).map(|w| {
+                        format!(
+                            "{w}; no block of it changed between the points: its bytes are the same"
+                        )
+                    }),
+                    no_files: false,
+                    unchanged: true,
+                });
+                continue;
+            }
+            let in_a = va.is_some() || sa.outcomes.iter().any(|o| o.name == name);
+            let in_b = vb.is_some() || sb.outcomes.iter().any(|o| o.name == name);
+            let why = match (in_a, in_b) {
+                (true, false) => format!("it exists only in {}", sa.label),
+                (false, true) => format!("it exists only in {}", sb.label),
+                _ => {
+                    let side =
+                        |s: &Session| why_not(s, name).map(|w| format!("in {}: {w}", s.label));
+                    let sides: Vec<String> = [side(sa), side(sb)].into_iter().flatten().collect();
+                    format!(
+                        "its filesystem could not be mounted ({})",
+                        if sides.is_empty() {
+                            "no reason given".to_string()
+                        } else {
+                            sides.join("; ")
+                        }
+                    )
+                }
+            };
+            report.volumes.push(VolumeResult {
+                name: name.to_string(),
+                compared: false,
+                reason: Some(why),
+                no_files: false,
+                unchanged: false,
+            });
             continue;
         };
+        report.volumes.push(VolumeResult {
+            name: name.to_string(),
+            compared: true,
+            reason: None,
+            no_files: false,
+            unchanged: false,
+        });
         let (ra, rb) = if sub.is_empty() {
             (ra, rb)
         } else {
@@ -653,6 +746,7 @@ fn compare_sessions(
         };
         let queue = Queue::new();
         let mut root = Walker::new(&dirty, &queue);
+        path_found |= ra.exists() || rb.exists();
         match (ra.exists(), rb.exists()) {
             (true, true) => root.entry(&ra, &rb, &rel),
             (true, false) => root.one_side(&ra, &rel, "D"),
@@ -689,6 +783,16 @@ fn compare_sessions(
             report.compared_by_content += p.compared_by_content;
             report.unchanged_by_map += p.unchanged_by_map;
         }
+    }
+    // A mistyped PATH must not pass for "no changes".
+    if !sub.is_empty() && !path_found && report.volumes.iter().any(|v| v.compared) {
+        let shown = match &only {
+            Some(v) => format!("{v}/{sub}"),
+            None => sub.clone(),
+        };
+        report.errors.push(format!(
+            "{shown}: no such path in either point (give VOLUME/PATH, e.g. p1/etc, as `cbtfs ls --volumes` names the volumes)"
+        ));
     }
     Ok(())
 }

@@ -210,7 +210,7 @@ pub fn prune(
                 .any(|s| s.points.iter().any(|p| p.label() == *l))
         });
         report.bytes_after += if dry_run {
-            0
+            estimate_after(repo, &disk.sets, &keep)?
         } else {
             stored_bytes(
                 &repo
@@ -224,6 +224,143 @@ pub fn prune(
         report.disks.push(outcome);
     }
     Ok(report)
+}
+
+/// The bytes of point objects a disk's sets will hold after a prune keeping `keep` (flags over
+/// all points of all sets, in order), computed from the manifests and bitmaps the way `fill`
+/// and `rewrite` will write them: kept objects keep their lengths, a dropped set holds nothing,
+/// and a rewritten point stores the blocks of its chain that read as non-zero among those it
+/// will hold. Exact as long as every stored block has a non-zero byte within the disk (what
+/// every cbtfs writer stores); a damaged set is left alone, so it counts as it is.
+fn estimate_after(
+    repo: &Repository,
+    sets: &[SetHistory],
+    keep: &[bool],
+) -> Result<u64, PruneError> {
+    let mut total = 0u64;
+    let mut i = 0;
+    for set in sets {
+        let flags = keep.get(i..i + set.points.len()).unwrap_or(&[]);
+        i += set.points.len();
+        if !set.problems.is_empty() || flags.iter().all(|k| *k) {
+            total += stored_bytes(&set.points);
+            continue;
+        }
+        let mut previous_kept: Option<usize> = None;
+        let mut new_seq = 0u32;
+        for (k, m) in set.points.iter().enumerate() {
+            if !flags.get(k).copied().unwrap_or(true) {
+                continue;
+            }
+            let unchanged = match previous_kept {
+                None => k == 0,
+                Some(p) => p + 1 == k,
+            };
+            total += if unchanged {
+                stored_bytes(std::slice::from_ref(m))
+            } else {
+                let from = previous_kept.map_or(0, |p| p + 1);
+                rewritten_bytes(repo, set, from, k, new_seq == 0)?
+            };
+            previous_kept = Some(k);
+            new_seq += 1;
+        }
+    }
+    Ok(total)
+}
+
+/// The bytes `rewrite` will write for point `k` of `set` absorbing points `from..k`.
+fn rewritten_bytes(
+    repo: &Repository,
+    set: &SetHistory,
+    from: usize,
+    k: usize,
+    base: bool,
+) -> Result<u64, PruneError> {
+    let m = &set.points[k];
+    let reader = PointReader::open(repo, set, k as u32)?;
+    let take = blocks_to_write(repo, set, from, k, base)?;
+    // Blocks of the point that read as non-zero: those its chain resolves to stored data.
+    let mut nonzero = roaring::RoaringBitmap::new();
+    for r in reader.map().runs() {
+        nonzero.insert_range(r.start..r.start.saturating_add(r.len));
+    }
+    // A short last block reads only up to the disk's end: its stored bytes past the end (from
+    // a layer when the disk was larger) do not count. One block read says whether it is zero.
+    let size = m.virtual_size;
+    let tail = size % BLOCK_SIZE;
+    if let Ok(last) = u32::try_from(size / BLOCK_SIZE)
+        && tail != 0
+        && nonzero.contains(last)
+    {
+        let mut buf = vec![0u8; tail as usize];
+        reader
+            .read_at(&mut buf, size - tail)
+            .map_err(|e| PruneError::Read {
+                point: m.label(),
+                detail: e.to_string(),
+            })?;
+        if crate::is_zero(&buf) {
+            nonzero.remove(last);
+        }
+    }
+    // Built as the writer builds them (one insert per block, ascending): the same containers,
+    // so the same serialized length.
+    let (mut changed, mut data) = (roaring::RoaringBitmap::new(), roaring::RoaringBitmap::new());
+    for b in take.iter() {
+        let stored = nonzero.contains(b);
+        // A base records only what it stores; an increment records zero blocks too.
+        if stored || !base {
+            changed.insert(b);
+        }
+        if stored {
+            data.insert(b);
+        }
+    }
+    let vm = m.vm_metadata.as_ref().map_or(0, |v| v.len);
+    Ok(data.len().saturating_mul(BLOCK_SIZE)
+        + crate::repo::index::encoded_len(&changed, &data)
+        + vm)
+}
+
+/// The blocks `rewrite` reads and writes for point `k` of `set` absorbing points `from..k`:
+/// every block of a new base; otherwise every block those points changed, plus the disk's tail
+/// where one of them had shrunk the disk.
+fn blocks_to_write(
+    repo: &Repository,
+    set: &SetHistory,
+    from: usize,
+    k: usize,
+    base: bool,
+) -> Result<roaring::RoaringBitmap, PruneError> {
+    let m = &set.points[k];
+    let size = m.virtual_size;
+    let blocks = blocks_for(size);
+    // Manifests are checked on read (sizes within the format), so this cannot fail; checked
+    // anyway rather than truncated.
+    let blocks32 = u32::try_from(blocks).map_err(|_| PruneError::Read {
+        point: m.label(),
+        detail: format!("{blocks} blocks is beyond the format's limit"),
+    })?;
+    let mut take = roaring::RoaringBitmap::new();
+    if base {
+        take.insert_range(0..blocks32);
+        return Ok(take);
+    }
+    let points = set.points.get(from..=k).unwrap_or(&[]);
+    for p in points {
+        let sp = repo.open_point(p)?;
+        take |= &sp.index.changed;
+    }
+    // Where a removed point had shrunk the disk, the old chain hid older data by size.
+    let min_size = points.iter().map(|p| p.virtual_size).min().unwrap_or(size);
+    if let Ok(kept) = u32::try_from(min_size / BLOCK_SIZE)
+        && kept < blocks32
+    {
+        take.insert_range(kept..blocks32);
+    }
+    take.remove_range(blocks32..);
+    Ok(take)
 }
 
 /// Kept points that must be rewritten: those right after a dropped point.
@@ -316,33 +453,8 @@ fn rewrite(
     };
     let reader = PointReader::open(repo, set, k as u32)?;
     let size = m.virtual_size;
-    let blocks = blocks_for(size);
-    // Manifests are checked on read (sizes within the format), so this cannot fail; checked
-    // anyway rather than truncated.
-    let blocks32 = u32::try_from(blocks)
-        .map_err(|_| read_err(format!("{blocks} blocks is beyond the format's limit")))?;
     let base = new_seq == 0;
-    let mut take = roaring::RoaringBitmap::new();
-    if base {
-        take.insert_range(0..blocks32);
-    } else {
-        for p in &set.points[from..=k] {
-            let sp = repo.open_point(p)?;
-            take |= &sp.index.changed;
-        }
-        // Where a removed point had shrunk the disk, the old chain hid older data by size.
-        let min_size = set.points[from..=k]
-            .iter()
-            .map(|p| p.virtual_size)
-            .min()
-            .unwrap_or(size);
-        if let Ok(kept) = u32::try_from(min_size / BLOCK_SIZE)
-            && kept < blocks32
-        {
-            take.insert_range(kept..blocks32);
-        }
-        take.remove_range(blocks32..);
-    }
+    let take = blocks_to_write(repo, set, from, k, base)?;
     let mut w = repo.writer_at(
         lock,
         work.to_string(),

@@ -345,9 +345,10 @@ async fn plan_to_vm(
     };
     if disks.len() != readers.len() {
         return Err(RestoreError::Refused(format!(
-            "VM {} ({vm_uuid}) has {} disks ({}) but the backup run of point {} holds {}: restore disks one by one with --to-vdi",
+            "VM {} ({vm_uuid}) has {} {} ({}) but the backup run of point {} holds {}: restore disks one by one with --to-vdi",
             vm.name_label,
             disks.len(),
+            if disks.len() == 1 { "disk" } else { "disks" },
             describe(&disks),
             readers
                 .first()

@@ -1122,7 +1122,7 @@ fn a_vm_with_two_disks_comes_back_whole_into_a_new_vm_and_over_a_halted_vm() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
-        err.contains("has 1 disks") && err.contains("holds 2"),
+        err.contains("has 1 disk (") && err.contains("holds 2"),
         "{err}"
     );
     let (swapped, swapped_vdis) = h.sim.add_vm("swapped", &[("y", &y), ("x", &x)]).unwrap();

@@ -402,11 +402,23 @@ fn full_compare(a: &Path, b: &Path, vols: &[&str]) -> BTreeSet<(String, String)>
 }
 
 fn cbtfs_diff(repo: &Path, a: &str, b: &str) -> (BTreeSet<(String, String)>, String) {
+    cbtfs_diff_exit(repo, a, b, 0)
+}
+
+/// `cbtfs_diff` expecting exit status `code` (1: some volume could not be compared).
+fn cbtfs_diff_exit(
+    repo: &Path,
+    a: &str,
+    b: &str,
+    code: i32,
+) -> (BTreeSet<(String, String)>, String) {
     let o = cbtfs(&["diff", s(repo), a, b, "--json"]);
-    assert!(
-        o.status.success(),
-        "diff: {}",
-        String::from_utf8_lossy(&o.stderr)
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "diff: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
     );
     let j: Value = serde_json::from_slice(&o.stdout).unwrap();
     let set = j["changes"]
@@ -622,6 +634,18 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
     let j: Value = serde_json::from_str(&ok(&["diff", s(&h.repo), &p0, &p1, "--json"])).unwrap();
     assert!(j["unchanged_by_map"].as_u64().unwrap() >= 20, "{j}");
     assert!(j["full_compare"].is_null());
+    // The damaged ext4 (p6) and the LUKS volume (p7) cannot be mounted, but no block of them
+    // changed between the points: unchanged, and the diff is complete.
+    for v in ["p6", "p7"] {
+        let vol = j["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == v)
+            .unwrap_or_else(|| panic!("{v} missing: {j}"));
+        assert_eq!(vol["compared"], false, "{j}");
+        assert_eq!(vol["unchanged"], true, "{j}");
+    }
     // PATH limits it.
     let sub = ok(&["diff", s(&h.repo), &p0, &p1, "p1/docs"]);
     assert_eq!(sub.lines().count(), 2, "{sub}");
@@ -650,11 +674,21 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
         edit(dev, "ext4", |m| write(&m.join("third.txt"), b"set 2\n"));
     });
     let p2 = h.commit(true);
-    let (got, _) = cbtfs_diff(&h.repo, &p1, &p2);
+    // Between sets nothing proves p6 and p7 unchanged: they are named as not compared, and the
+    // diff exits 1 (its list may miss their changes).
+    let (got, _) = cbtfs_diff_exit(&h.repo, &p1, &p2, 1);
     let o = cbtfs(&["diff", s(&h.repo), &p1, &p2]);
+    assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("different sets") && err.contains("every file compared by content"),
+        "{err}"
+    );
+    assert!(
+        err.contains("NOT COMPARED: volume p6: its filesystem could not be mounted")
+            && err.contains("NOT COMPARED: volume p7: its filesystem could not be mounted")
+            && err.contains("LUKS-encrypted")
+            && err.contains("2 volumes NOT compared"),
         "{err}"
     );
     let mut b1 = Browse::new(&h.repo, &p1, &d1, &[]);
@@ -1159,4 +1193,124 @@ fn browse_with_nothing_mountable_fails_naming_each_volume() {
         assert!(mounts_under(dir.path()).is_empty());
         assert_eq!(losetup_list(), loops_before);
     }
+}
+
+/// A disk whose bytes hold no filesystem: `diff` cannot compare it, says so per volume (text
+/// and JSON) and exits 1, never "0 changes" with success. A plain ext4 disk still diffs and
+/// exits 0, its volume marked compared.
+#[test]
+fn diff_of_a_volume_that_cannot_be_mounted_says_not_compared_and_fails() {
+    let _serial = serial();
+    if !needs(&["mkfs.ext4", "losetup"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("noise.img");
+    let mut rng = TestRng::new(1717);
+    let mut bytes = vec![0u8; 64 * BS];
+    rng.fill(&mut bytes);
+    std::fs::write(&img, &bytes).unwrap();
+    let mut h = History::new(dir.path(), &img);
+    let p0 = h.commit(false);
+    for b in 0..20usize {
+        let at = (3 * b + 1) * BS;
+        rng.fill(&mut bytes[at..at + BS]);
+    }
+    std::fs::write(&img, &bytes).unwrap();
+    let p1 = h.commit(false);
+    let (p0, p1) = (p0.trim_end_matches(".raw"), p1.trim_end_matches(".raw"));
+    let j: Value = serde_json::from_str(&ok(&["ls", s(&h.repo), "--json"])).unwrap();
+    assert_eq!(
+        j["vms"][0]["disks"][0]["sets"][0]["points"][1]["changed_blocks"],
+        20
+    );
+
+    let o = cbtfs(&["diff", s(&h.repo), p0, p1]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("NOT COMPARED: volume disk: its filesystem could not be mounted (in "),
+        "{err}"
+    );
+    assert!(
+        err.contains("nothing was compared (1 volume not compared"),
+        "{err}"
+    );
+    assert!(!err.contains("0 changes"), "{err}");
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
+    let o = cbtfs(&["diff", s(&h.repo), p0, p1, "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let vols = j["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 1, "{j}");
+    assert_eq!(vols[0]["name"], "disk");
+    assert_eq!(vols[0]["compared"], false);
+    assert!(
+        vols[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("its filesystem could not be mounted"),
+        "{j}"
+    );
+    assert_eq!(j["changes"].as_array().unwrap().len(), 0);
+
+    // A bare ext4 filesystem with a file added between the points: compared, exit 0.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("kept.txt"), b"kept\n").unwrap();
+    let img = dir.path().join("fs.img");
+    let mkfs = |img: &Path| {
+        sh(&format!(
+            "rm -f {i} && mkfs.ext4 -q -F -b 4096 -U 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b -E hash_seed=3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b,nodiscard -d {d} {i} 16M",
+            i = s(img),
+            d = s(&src)
+        ))
+    };
+    mkfs(&img);
+    let mut h = History::new(dir.path(), &img);
+    let p0 = h.commit(false);
+    std::fs::write(src.join("added.txt"), b"new\n").unwrap();
+    mkfs(&img);
+    let p1 = h.commit(false);
+    let (p0, p1) = (p0.trim_end_matches(".raw"), p1.trim_end_matches(".raw"));
+    let o = cbtfs(&["diff", s(&h.repo), p0, p1, "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        j["volumes"],
+        serde_json::json!([{"name": "disk", "compared": true}]),
+        "{j}"
+    );
+    let changes = j["changes"].as_array().unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c["path"] == "disk/added.txt" && c["status"] == "A"),
+        "{j}"
+    );
+    let o = cbtfs(&["diff", s(&h.repo), p0, p1]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("in 1 volume compared;"), "{err}");
+    assert!(
+        !err.contains("NOT COMPARED") && !err.contains("incomplete"),
+        "{err}"
+    );
+    // A PATH in neither point is an error, not "0 changes"; one that exists is not.
+    let o = cbtfs(&["diff", s(&h.repo), p0, p1, "disk/nope"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: disk/nope: no such path in either point"),
+        "{err}"
+    );
+    let out = ok(&["diff", s(&h.repo), p0, p1, "disk/added.txt"]);
+    assert_eq!(out, "A\tdisk/added.txt\n");
 }

@@ -739,3 +739,328 @@ fn new_base_starts_a_new_set_and_old_sets_stay_readable() {
     let o = cbtfs(&["export", &repo, &format!("{v}@latest"), "-"]);
     assert!(o.stdout == second);
 }
+
+/// Whatever the path is, a command says it is not a repository and what was found there; a
+/// repository whose header is damaged is called damaged, not "not a repository".
+#[test]
+fn a_path_that_is_not_a_repository_says_what_it_is() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("passwd");
+    std::fs::write(&file, "root:x:0:0::/root:/bin/sh\n").unwrap();
+    let full = d.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("notes.txt"), "x").unwrap();
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let missing = d.path().join("missing");
+    let under_file = file.join("repo");
+    for (path, found) in [
+        (&file, "(a file, not a directory)"),
+        (&full, "(a directory without a cbtfs.repo file)"),
+        (&empty, "(an empty directory)"),
+        (&missing, "(nothing exists at that path)"),
+        (
+            &under_file,
+            "(a part of the path is a file, not a directory)",
+        ),
+    ] {
+        for cmd in [vec!["ls", s(path)], vec!["verify", s(path)]] {
+            let (code, m) = fails(&cmd);
+            assert_eq!(code, 1, "{m}");
+            let want = format!(
+                "\"{}\" is not a cbtfs repository {found}; create one with `cbtfs init DIR` or check the path",
+                path.display()
+            );
+            assert!(m.contains(&want), "{cmd:?}: want {want:?}, got {m}");
+            assert!(!m.contains("Not a directory"), "{m}");
+        }
+    }
+    // /dev/null: a character device.
+    let (_, m) = fails(&["ls", "/dev/null"]);
+    assert!(
+        m.contains("\"/dev/null\" is not a cbtfs repository (a character device, not a directory)"),
+        "{m}"
+    );
+    // A repository with a damaged header is damaged.
+    let (repo, _) = setup(d.path());
+    let header = Path::new(&repo).join("cbtfs.repo");
+    let mut bytes = std::fs::read(&header).unwrap();
+    bytes[2] ^= 0x20;
+    std::fs::write(&header, &bytes).unwrap();
+    let (_, m) = fails(&["ls", &repo]);
+    assert!(m.contains("damaged"), "{m}");
+    assert!(!m.contains("not a cbtfs repository"), "{m}");
+}
+
+/// `ls` names its columns for what they hold, and counts agree with their nouns.
+#[test]
+fn ls_columns_say_what_they_count() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, v) = setup(d.path());
+    let out = ok(&["ls", &repo]);
+    assert!(out.contains("(1 point)"), "{out}");
+    assert!(!out.contains("points)"), "{out}");
+    let header = out.lines().find(|l| l.contains("POINT")).unwrap();
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        [
+            "POINT", "TIME", "DISK", "SIZE", "CHANGED", "BLOCKS", "STORED"
+        ],
+        "{out}"
+    );
+    // The base holds the 8 non-zero blocks of 40 (the others read as zeros): 512 KiB.
+    let tail = |out: &str, time: &str| -> Vec<String> {
+        let row = out.lines().find(|l| l.contains(time)).unwrap();
+        let w: Vec<String> = row.split_whitespace().map(String::from).collect();
+        w[w.len() - 4..].to_vec()
+    };
+    assert_eq!(
+        tail(&out, "2026-11-21T02:00:00Z"),
+        ["8", "(20.00%)", "512.0", "KiB"],
+        "{out}"
+    );
+    let img = d.path().join("img");
+    let bm = write_bitmap(d.path(), "bm", &[0, 20, 21], 40);
+    ok(&[
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--bitmap",
+        s(&bm),
+        "--time",
+        "2026-11-22T02:00:00Z",
+    ]);
+    let out = ok(&["ls", &repo]);
+    assert!(out.contains("(2 points)"), "{out}");
+    // 3 of 40 blocks marked; blocks 0, 20, 21 of the image are zero: nothing stored.
+    assert_eq!(
+        tail(&out, "2026-11-22T02:00:00Z"),
+        ["3", "(7.50%)", "0", "B"],
+        "{out}"
+    );
+    let out = ok(&["verify", &repo]);
+    assert!(
+        out.contains("ok: 2 points, 8 stored blocks checked"),
+        "{out}"
+    );
+}
+
+/// Export writes raw bytes to character devices and pipes without --force, converts to the
+/// format a name's extension (or --format) asks for, and refuses a regular file that exists.
+#[test]
+fn export_to_devices_pipes_and_other_image_formats() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, v) = setup(d.path());
+    let point = format!("{v}@latest");
+    let raw = std::fs::read(d.path().join("img")).unwrap();
+
+    let out = ok(&["export", &repo, &point, "/dev/null"]);
+    assert!(
+        out.contains("to /dev/null (a raw stream of 2621440 bytes, every byte)"),
+        "{out}"
+    );
+
+    // A named pipe read by another thread gets exactly the raw image.
+    let fifo = d.path().join("pipe");
+    let c = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(&fifo).unwrap())
+    };
+    ok(&["export", &repo, &point, s(&fifo)]);
+    assert!(reader.join().unwrap() == raw, "the pipe got other bytes");
+
+    // A regular file that exists still needs --force, and --format with stdout is refused.
+    let existing = d.path().join("old.raw");
+    std::fs::write(&existing, b"keep me").unwrap();
+    let (_, m) = fails(&["export", &repo, &point, s(&existing)]);
+    assert!(m.contains("exists") && m.contains("--force"), "{m}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+    let (_, m) = fails(&["export", &repo, &point, "-", "--format", "qcow2"]);
+    assert!(m.contains("standard output gets raw bytes only"), "{m}");
+
+    if !have("qemu-img") {
+        return skip("qemu-img is not installed");
+    }
+    let raw_path = d.path().join("img");
+    let q = d.path().join("x.qcow2");
+    let out = ok(&["export", &repo, &point, s(&q)]);
+    assert!(out.contains("(qcow2 image of a 2.5 MiB disk"), "{out}");
+    let info = run("qemu-img", &["info", "--output=json", s(&q)]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["virtual-size"], raw.len() as u64, "{info}");
+    let cmp = run(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", s(&q), s(&raw_path)],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    // Exists now: --force replaces it.
+    let (_, m) = fails(&["export", &repo, &point, s(&q)]);
+    assert!(m.contains("exists") && m.contains("--force"), "{m}");
+    // VHD keeps the disk's exact size (not rounded up to a CHS geometry).
+    let vhd = d.path().join("x.vhd");
+    let out = ok(&["export", &repo, &point, s(&vhd)]);
+    assert!(out.contains("(VHD image of a 2.5 MiB disk"), "{out}");
+    let info: serde_json::Value =
+        serde_json::from_str(&run("qemu-img", &["info", "--output=json", s(&vhd)])).unwrap();
+    assert_eq!(info["format"], "vpc", "{info}");
+    assert_eq!(info["virtual-size"], raw.len() as u64, "{info}");
+    // --format overrides the extension: VHDX into a .img name; raw into a .qcow2 name.
+    let h = d.path().join("disk.img");
+    ok(&["export", &repo, &point, s(&h), "--format", "vhdx"]);
+    let info = run("qemu-img", &["info", "--output=json", s(&h)]);
+    assert!(info.contains("\"format\": \"vhdx\""), "{info}");
+    let r = d.path().join("raw.qcow2");
+    ok(&["export", &repo, &point, s(&r), "--format", "raw"]);
+    assert!(std::fs::read(&r).unwrap() == raw);
+    // Nothing temporary is left beside them.
+    let names: Vec<String> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("partial")), "{names:?}");
+    // Without qemu-img on PATH: refused before anything is written.
+    let gone = d.path().join("nope.vmdk");
+    let o = std::process::Command::new(bin())
+        .args(["export", &repo, &point, s(&gone)])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let m = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{m}");
+    assert!(
+        m.contains("needs qemu-img, which is not installed") && m.contains("name the file .raw"),
+        "{m}"
+    );
+    assert!(!gone.exists());
+    let names: Vec<String> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("nope")), "{names:?}");
+}
+
+/// A conversion that fails or is interrupted leaves nothing behind: no target, no temporary
+/// raw image, no half-converted file; an interrupting signal also stops qemu-img. A stand-in
+/// qemu-img on PATH makes both moments deterministic.
+#[test]
+fn an_export_conversion_that_fails_or_is_interrupted_leaves_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let (repo, v) = setup(d.path());
+    let point = format!("{v}@latest");
+    let bin_dir = d.path().join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    let fake = bin_dir.join("qemu-img");
+    let out_dir = d.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let leftovers = || -> Vec<String> {
+        std::fs::read_dir(&out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let path = format!("{}:/usr/bin:/bin", s(&bin_dir));
+
+    // qemu-img fails: its words are in the error, and nothing is left.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'Could not open: no space' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let target = out_dir.join("x.qcow2");
+    let o = std::process::Command::new(bin())
+        .args(["export", &repo, &point, s(&target)])
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let m = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{m}");
+    assert!(
+        m.contains("qemu-img could not convert the export into qcow2")
+            && m.contains("Could not open: no space"),
+        "{m}"
+    );
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
+
+    // SIGTERM while qemu-img runs: both temporary files go, qemu-img is stopped, exit 143.
+    let marker = d.path().join("qemu-img.pid");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho $$ > {m}.tmp && mv {m}.tmp {m}\nexec sleep 600\n",
+            m = s(&marker)
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["export", &repo, &point, s(&target)])
+        .env("PATH", &path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the stand-in qemu-img",
+        std::time::Duration::from_secs(20),
+        || marker.exists(),
+    );
+    assert!(
+        leftovers().iter().any(|n| n.contains("cbtfs-raw-partial")),
+        "the raw image is written first: {:?}",
+        leftovers()
+    );
+    let qpid: i32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) of our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM), "{st}");
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
+    // qemu-img was killed (and, its parent gone, reaped by init): no such process left.
+    wait_for(
+        "qemu-img to be gone",
+        std::time::Duration::from_secs(10),
+        || {
+            let stat = std::fs::read_to_string(format!("/proc/{qpid}/stat")).unwrap_or_default();
+            stat.is_empty() || stat.contains(") Z ")
+        },
+    );
+}
+
+/// Commands that found nothing to work on say so: `verify` of an empty repository does not
+/// claim "0 points checked" as a pass in silence, and `prune --vdi` of a disk the repository
+/// does not hold fails instead of reporting success.
+#[test]
+fn nothing_to_do_is_said_not_passed_off_as_done() {
+    let d = tempfile::tempdir().unwrap();
+    let empty = d.path().join("empty-repo");
+    ok(&["init", s(&empty)]);
+    let out = ok(&["verify", s(&empty)]);
+    assert_eq!(
+        out,
+        "ok: the repository holds no restore points; its header is sound (nothing else to check)\n"
+    );
+    let (repo, v) = setup(d.path());
+    let other = vdi(99);
+    let (code, m) = fails(&["prune", &repo, "--keep-last", "1", "--vdi", &other]);
+    assert_eq!(code, 1, "{m}");
+    assert!(
+        m.contains(&format!("--vdi {other}: the repository"))
+            && m.contains("holds no disk with that VDI uuid")
+            && m.contains("nothing was pruned"),
+        "{m}"
+    );
+    let out = ok(&["prune", &repo, "--keep-last", "1", "--vdi", &v]);
+    assert!(out.contains("removed 0 of 1 point"), "{out}");
+}

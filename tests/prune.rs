@@ -248,3 +248,48 @@ fn prune_under_an_open_mount() {
     drop((kept, removed));
     drop(m);
 }
+
+/// `prune --dry-run` says what the repository would hold afterwards: exactly what the real run
+/// then reports (it was 0 before), on random chains with zero blocks, resizes and new sets.
+#[test]
+fn dry_run_bytes_after_equals_the_real_runs() {
+    for seed in 0..20u64 {
+        let mut rng = TestRng::new(7000 + seed);
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        let steps = life(seed + 900, 3 + rng.below(25) as usize);
+        import_life_spaced(dir.path(), &repo, &steps, seed, 1 + rng.below(30));
+        let mut policy = Policy {
+            last: rng.below(4) as usize,
+            daily: rng.below(3) as usize,
+            weekly: rng.below(2) as usize,
+            monthly: 0,
+        };
+        if policy.is_empty() {
+            policy.last = 1;
+        }
+        let r = Repository::open(&repo).unwrap();
+        let dry = cbtfs::prune::prune(&r, policy, None, true).unwrap();
+        let real = cbtfs::prune::prune(&r, policy, None, false).unwrap();
+        assert_eq!(dry.bytes_before, real.bytes_before, "seed {seed}");
+        assert_eq!(
+            dry.bytes_after, real.bytes_after,
+            "seed {seed}: dry run vs real run ({policy:?})"
+        );
+        assert!(real.bytes_after > 0, "seed {seed}");
+    }
+
+    // Through the command line, with --json and in words.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    import_life_spaced(dir.path(), &repo, &life(4243, 12), 9, 24);
+    let j = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args)).unwrap() };
+    let dry = j(&["prune", s(&repo), "--keep-last", "2", "--dry-run", "--json"]);
+    let words = ok(&["prune", s(&repo), "--keep-last", "2", "--dry-run"]);
+    assert!(words.contains("would be reclaimed"), "{words}");
+    let real = j(&["prune", s(&repo), "--keep-last", "2", "--json"]);
+    assert_eq!(dry["dry_run"], true);
+    assert!(dry["bytes_after"].as_u64().unwrap() > 0, "{dry}");
+    assert_eq!(dry["bytes_after"], real["bytes_after"], "{dry}\n{real}");
+    assert_eq!(dry["bytes_before"], real["bytes_before"]);
+}

@@ -5,10 +5,13 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
+    /// The path is not a repository at all (a file, a directory without `cbtfs.repo`, nothing).
+    /// A repository whose `cbtfs.repo` is unreadable or damaged is `Corrupt` instead.
     #[error(
-        "{path} is not a cbtfs repository (no cbtfs.repo file); create one with `cbtfs init {path}`"
+        "\"{}\" is not a cbtfs repository ({why}); create one with `cbtfs init DIR` or check the path",
+        path.display()
     )]
-    NotARepository { path: PathBuf },
+    NotARepository { path: PathBuf, why: String },
 
     #[error(
         "{what} at {location} has format version {found}, but this cbtfs reads up to version {supported}; upgrade cbtfs to read it (nothing was changed)"

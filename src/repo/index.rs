@@ -111,6 +111,13 @@ fn roaring_header_fits(b: &[u8]) -> bool {
         .is_some_and(|need| need <= b.len() as u64)
 }
 
+/// The length of the index `IndexWriter` writes for a point holding `changed`, of which `data`
+/// is stored (as the writer builds them: one `insert` per block, in ascending order).
+pub fn encoded_len(changed: &RoaringBitmap, data: &RoaringBitmap) -> u64 {
+    (HEAD_LEN + FOOTER_LEN + changed.serialized_size() + data.serialized_size()) as u64
+        + data.len().saturating_mul(ENTRY_LEN as u64)
+}
+
 /// Streams an index: entries as blocks arrive, bitmaps and footer at the end.
 pub struct IndexWriter {
     out: Box<dyn ObjectWriter>,
@@ -352,6 +359,13 @@ mod tests {
         }
         w.finish(10 << 16, &changed, &data).unwrap();
         sink.0.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn encoded_len_is_the_written_length() {
+        let changed: RoaringBitmap = [1u32, 2, 3, 9].into_iter().collect();
+        let data: RoaringBitmap = [2u32, 9].into_iter().collect();
+        assert_eq!(encoded_len(&changed, &data), sample().len() as u64);
     }
 
     #[test]

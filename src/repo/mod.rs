@@ -517,12 +517,26 @@ impl Repository {
     pub fn open(path: &Path) -> Result<Repository> {
         let store = LocalStore::new(path);
         let loc = store.describe(REPO_FILE);
+        if let Some(why) = not_a_repository(path) {
+            return Err(RepoError::NotARepository {
+                path: path.to_path_buf(),
+                why,
+            });
+        }
         let bytes = match std::fs::read(path.join(REPO_FILE)) {
             Ok(b) => b,
+            // Removed between the look and the read.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(RepoError::NotARepository {
                     path: path.to_path_buf(),
+                    why: format!("it has no {REPO_FILE} file"),
                 });
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+                return Err(RepoError::corrupt(
+                    loc,
+                    format!("{REPO_FILE} is a directory, not the repository's header file"),
+                ));
             }
             Err(e) => return Err(RepoError::io("read", loc, e)),
         };
@@ -1409,6 +1423,49 @@ impl Drop for PointWriter<'_> {
             let _ = self.store.remove_dir(&self.set_key);
         }
     }
+}
+
+/// Why `path` is not a repository at all, or `None` when it may be one (a directory holding a
+/// `cbtfs.repo` entry, or a path that cannot be examined: the read then says why).
+fn not_a_repository(path: &Path) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let md = match std::fs::metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Some("nothing exists at that path".into());
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            return Some("a part of the path is a file, not a directory".into());
+        }
+        Err(_) => return None,
+    };
+    let ft = md.file_type();
+    let what = if ft.is_dir() {
+        return match std::fs::symlink_metadata(path.join(REPO_FILE)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let empty = std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none());
+                Some(if empty {
+                    "an empty directory".into()
+                } else {
+                    format!("a directory without a {REPO_FILE} file")
+                })
+            }
+            _ => None,
+        };
+    } else if ft.is_file() {
+        "a file, not a directory"
+    } else if ft.is_block_device() {
+        "a block device, not a directory"
+    } else if ft.is_char_device() {
+        "a character device, not a directory"
+    } else if ft.is_fifo() {
+        "a pipe (FIFO), not a directory"
+    } else if ft.is_socket() {
+        "a socket, not a directory"
+    } else {
+        "not a directory"
+    };
+    Some(what.into())
 }
 
 #[cfg(test)]
