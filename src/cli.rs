@@ -83,8 +83,8 @@ enum Command {
         /// input). Without it, the image starts a new set as its full base.
         #[arg(long)]
         bitmap: Option<PathBuf>,
-        /// Snapshot time, RFC 3339 (2026-11-21T02:00:00Z); default now. Must be later than the
-        /// set's newest point.
+        /// Snapshot time, UTC unless an offset is given: 2026-11-21T02:00:00Z, 2026-11-21 02:00,
+        /// 2026-11-21 (midnight); default now. Must be later than the set's newest point.
         #[arg(long)]
         time: Option<String>,
         /// Print the new point as JSON.
@@ -565,9 +565,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 for d in &r.disks {
                     println!(
-                        "{}/{}: {} {} of {} points{}{}",
-                        d.vm.as_deref().unwrap_or("no-vm"),
-                        d.disk,
+                        "{}: {} {} of {} points{}{}",
+                        d.disk_path,
                         if r.dry_run { "would remove" } else { "removed" },
                         d.removed,
                         d.removed + d.kept,
@@ -583,8 +582,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         }
                     );
                     if r.dry_run {
-                        for p in &d.removed_points {
-                            println!("  remove {p}");
+                        for (p, l) in d.removed_paths.iter().zip(&d.removed_points) {
+                            println!("  remove {}", both(Some(p), l));
                         }
                     }
                     for s in &d.skipped_sets {
@@ -680,18 +679,15 @@ fn cmd_backup(repo: &Path, opts: &crate::backup::BackupOptions, json: bool) -> R
                 (None, k) => k.to_string(),
             };
             println!(
-                "{}/{}: {what}: {} of {} blocks changed ({:.1}%), {} read over {} in {:.1} s -> point {} (set {}, #{})",
-                d.vm.as_deref().unwrap_or("no-vm"),
-                d.disk,
+                "{}: {what}: {} of {} blocks changed ({:.1}%), {} read over {} in {:.1} s -> point {}",
+                d.disk_path,
                 d.changed_blocks,
                 blocks_for(d.virtual_size),
                 d.changed_percent,
                 human(d.fetched_bytes),
                 d.via,
                 d.seconds,
-                d.point,
-                d.set,
-                d.seq
+                both(Some(&d.path), &d.point),
             );
         }
         for (vdi, e) in &report.failures {
@@ -768,7 +764,7 @@ fn cmd_restore(
     for d in &report.disks {
         println!(
             "restored {}{} into {}VDI {}",
-            d.point,
+            both(Some(&d.path), &d.point),
             d.userdevice
                 .as_deref()
                 .map(|u| format!(" (userdevice {u})"))
@@ -803,7 +799,7 @@ fn cmd_restore(
 
 fn cmd_volumes(repo: &Path, spec: &str, json: bool) -> Result<()> {
     let repository = open(repo)?;
-    let (_, set, seq) = resolve(&repository, spec)?;
+    let (tree, set, seq) = resolve(&repository, spec)?;
     let reader = PointReader::open(&repository, &set, seq)
         .with_context(|| format!("opening point {spec}"))?;
     let layout = crate::volumes::discover(&reader)
@@ -812,7 +808,7 @@ fn cmd_volumes(repo: &Path, spec: &str, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&layout)?);
         return Ok(());
     }
-    print!("{}: {}", reader.manifest.label(), layout.to_text());
+    print!("{}: {}", tree.name_of(&reader.manifest), layout.to_text());
     Ok(())
 }
 
@@ -939,7 +935,7 @@ fn cmd_import(
     }
     let repository = open(repo)?;
     let time = match time {
-        Some(t) => timefmt::parse(&t).map_err(anyhow::Error::msg)?,
+        Some(t) => timefmt::parse(&t).map_err(|e| anyhow::anyhow!("--time: {e}"))?,
         None => timefmt::now(),
     };
     let bitmap = match bitmap {
@@ -978,7 +974,7 @@ fn cmd_import(
     progress.finish();
     let m = &report.manifest;
     let tree = Tree::build(repository.catalog()?);
-    let path = tree.path_of(m).unwrap_or_else(|| m.label());
+    let path = tree.name_of(m);
     if json {
         println!("{}", serde_json::to_string_pretty(&point_json(m, &path))?);
     } else {
@@ -1106,6 +1102,7 @@ fn changed_percent(m: &crate::repo::PointManifest) -> f64 {
 fn point_json(m: &crate::repo::PointManifest, path: &str) -> serde_json::Value {
     json!({
         "path": path,
+        "point": m.label(),
         "name": point_name(m),
         "vdi": m.vdi,
         "set": m.set,
@@ -1140,8 +1137,7 @@ fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
                             "virtual_size": newest.map(|p| p.virtual_size),
                             "sets": d.history.sets.iter().map(|s| json!({
                                 "name": s.id,
-                                "points": s.points.iter().map(|p| point_json(
-                                    p, &format!("{}/{}/{}/{}", vm.name, d.name, s.id, point_name(p)))).collect::<Vec<_>>(),
+                                "points": s.points.iter().map(|p| point_json(p, &tree.name_of(p))).collect::<Vec<_>>(),
                                 "problems": s.problems,
                             })).collect::<Vec<_>>(),
                         })
@@ -1218,6 +1214,14 @@ fn emit(text: &str) -> Result<()> {
     }
 }
 
+/// `VM/DISK/SET/POINT (VDI@TIME)`, or the label alone when the canonical name is not known.
+fn both(path: Option<&str>, label: &str) -> String {
+    match path {
+        Some(p) if p != label => format!("{p} ({label})"),
+        _ => label.to_string(),
+    }
+}
+
 fn resolve(repository: &Repository, spec: &str) -> Result<(Tree, crate::repo::SetHistory, u32)> {
     let tree = Tree::build(repository.catalog()?);
     let (set, seq) = tree
@@ -1231,9 +1235,7 @@ fn cmd_export(repo: &Path, spec: &str, out: &Path, force: bool) -> Result<()> {
     let (tree, set, seq) = resolve(&repository, spec)?;
     let reader = PointReader::open(&repository, &set, seq)
         .with_context(|| format!("opening point {spec}"))?;
-    let path = tree
-        .path_of(&reader.manifest)
-        .unwrap_or_else(|| reader.manifest.label());
+    let path = tree.name_of(&reader.manifest);
     let progress = Progress::new("export", reader.map().stored_blocks() * BLOCK_SIZE);
     let report = if out.as_os_str() == "-" {
         let p = Progress::new("export", reader.size());
@@ -1267,11 +1269,15 @@ fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode
             verify::verify_set(&repository, &set, Some(seq), &mut report);
         }
     }
+    if let Ok(catalog) = repository.catalog() {
+        report.name_points(&Tree::build(catalog));
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for d in &report.damage {
-            let what = match (&d.point, d.block) {
+            let point = d.point.as_ref().map(|l| both(d.path.as_deref(), l));
+            let what = match (&point, d.block) {
                 (Some(p), Some(b)) => format!(
                     "point {p}, block {b} (bytes {}..{})",
                     b * BLOCK_SIZE,

@@ -17,6 +17,7 @@
 
 use serde::Serialize;
 
+use crate::naming::Tree;
 use crate::read::PointReader;
 use crate::repo::{NewPoint, PointManifest, RepoError, Repository, SetHistory, WriteLock};
 use crate::{BLOCK_SIZE, blocks_for};
@@ -93,6 +94,10 @@ pub struct DiskOutcome {
     pub sets_removed: usize,
     /// Labels (`VDI@TIME`) of the points removed.
     pub removed_points: Vec<String>,
+    /// The disk's folder, `VM/DISK`, as `ls` and the mount show it.
+    pub disk_path: String,
+    /// Canonical names (`VM/DISK/SET/POINT`) of the points removed, in `removed_points`' order.
+    pub removed_paths: Vec<String>,
     /// Sets left alone because they are damaged (`cbtfs verify` tells more).
     pub skipped_sets: Vec<String>,
 }
@@ -145,6 +150,8 @@ pub fn prune(
         bytes_before: 0,
         bytes_after: 0,
     };
+    // Names as the mount shows them before the prune (the removed points are in it).
+    let tree = Tree::build(repo.catalog()?);
     for vdi in repo.disk_ids()? {
         if only.is_some_and(|o| o != vdi) {
             continue;
@@ -175,6 +182,8 @@ pub fn prune(
                 .map(|(m, _)| m.label())
                 .collect(),
             skipped_sets: Vec::new(),
+            disk_path: tree.disk_path(&vdi).unwrap_or_else(|| vdi.clone()),
+            removed_paths: Vec::new(),
         };
         report.bytes_before += stored_bytes(&all.iter().map(|m| (*m).clone()).collect::<Vec<_>>());
         let mut i = 0;
@@ -211,6 +220,14 @@ pub fn prune(
                 .filter(|s| outcome.skipped_sets.contains(&s.id))
                 .any(|s| s.points.iter().any(|p| p.label() == *l))
         });
+        outcome.removed_paths = outcome
+            .removed_points
+            .iter()
+            .map(|l| {
+                tree.find_label(l)
+                    .map_or_else(|| l.clone(), |m| tree.name_of(m))
+            })
+            .collect();
         report.bytes_after += if dry_run {
             0
         } else {
