@@ -498,7 +498,18 @@ fn find_in_disk(tree: &Tree, d: &DiskHistory, when: &str) -> Result<(SetHistory,
         .filter(|(_, p)| p.time <= t)
         .max_by_key(|(s, p)| (p.time, s.id.clone(), p.seq));
     match found {
-        Some((s, p)) => Ok((s.clone(), p.seq)),
+        Some((s, p)) => match hidden_by_damage(d, p.time, t) {
+            // A damaged point may be the one meant: never answer with an older one silently.
+            Some(set) => Err(format!(
+                "the newest readable point of disk {here} at or before {} (UTC) is {}, but set {set} has damaged points after {} that may be the one meant{}; name {} exactly to use it",
+                timefmt::rfc3339(t),
+                tree.name_of(p),
+                timefmt::rfc3339(p.time),
+                damage_note(d),
+                tree.name_of(p),
+            )),
+            None => Ok((s.clone(), p.seq)),
+        },
         None => {
             let oldest = points().min_by_key(|(_, p)| p.time);
             Err(match oldest {
@@ -513,6 +524,28 @@ fn find_in_disk(tree: &Tree, d: &DiskHistory, when: &str) -> Result<(SetHistory,
             })
         }
     }
+}
+
+/// A set whose unreadable points (those `SetHistory::problems` cuts off) may lie after
+/// `chosen` and at or before `t`: they come after its last readable point (or, with none, after
+/// its base's time, which names the set).
+fn hidden_by_damage(d: &DiskHistory, chosen: i64, t: i64) -> Option<&str> {
+    d.sets
+        .iter()
+        .filter(|s| !s.problems.is_empty())
+        .find(|s| {
+            let after = match s.points.last() {
+                Some(p) => Some(p.time),
+                None => {
+                    s.id.split('-')
+                        .next()
+                        .and_then(|b| timefmt::parse(b).ok())
+                        .map(|base| base - 1)
+                }
+            };
+            after.is_some_and(|a| a >= chosen && a < t)
+        })
+        .map(|s| s.id.as_str())
 }
 
 /// A hint when a name may be missing because its manifest is damaged.
@@ -940,6 +973,46 @@ mod tests {
             assert!(e.contains(want), "{spec}: {e}");
             assert!(e.len() < 600, "{spec}: bounded: {e}");
         }
+    }
+
+    #[test]
+    fn a_time_never_skips_a_damaged_point_silently() {
+        let mut d = disk(V1, "root", (None, Some("web01")), &[&[JAN1, JAN1 + DAY]]);
+        d.sets[0].problems.push(crate::repo::SetProblem {
+            location: "disks/x/20260101T020000Z/000002.point".into(),
+            message: "checksum".into(),
+        });
+        let mut base_damaged = disk(
+            V2,
+            "data",
+            (None, Some("web01")),
+            &[&[JAN1], &[JAN1 + 3 * DAY]],
+        );
+        base_damaged.sets[1].points.clear();
+        base_damaged.sets[1].problems.push(crate::repo::SetProblem {
+            location: "disks/y/20260104T020000Z/000000.point".into(),
+            message: "checksum".into(),
+        });
+        let t = Tree::build(vec![d, base_damaged]);
+        // At or before the last readable point: fine.
+        assert_eq!(
+            at(&t, "web01/root@2026-01-02T02:00:00Z").1,
+            "20260102T020000Z"
+        );
+        assert_eq!(at(&t, "web01/root@2026-01-01").1, "20260101T020000Z");
+        // After it, the damaged point 2 may be the one meant.
+        let e = err(&t, "web01/root@2026-01-03");
+        assert!(
+            e.contains("set 20260101T020000Z has damaged points after 2026-01-02T02:00:00Z")
+                && e.contains("cbtfs verify")
+                && e.contains("name web01/root/20260101T020000Z/20260102T020000Z exactly"),
+            "{e}"
+        );
+        assert_eq!(at(&t, "web01/root/latest").1, "20260102T020000Z");
+        // A damaged base of a later set: before its time is fine, after it is refused.
+        assert_eq!(at(&t, "web01/data@2026-01-04T01:00").1, "20260101T020000Z");
+        let e = err(&t, "web01/data@2026-01-04");
+        assert!(e.contains("set 20260104T020000Z has damaged points"), "{e}");
     }
 
     #[test]

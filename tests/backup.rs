@@ -1169,3 +1169,27 @@ fn a_vm_with_two_disks_comes_back_whole_into_a_new_vm_and_over_a_halted_vm() {
     let o = restore(&h, &[&lone, "--to-vdi", &vdis[0]]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A backup's report names its point as `ls` and the mount do (`VM/DISK/SET/POINT`), beside
+/// the `VDI@TIME` label, and both names reach the disk's bytes (issue 17).
+#[test]
+fn backup_names_its_point_as_ls_and_the_mount_do() {
+    let h = start(|_| {});
+    let (d, _) = h.backup_ok(&[]);
+    assert_eq!(d["disk_path"], "vm1/root", "{d}");
+    let label = d["point"].as_str().unwrap().to_string();
+    let path = d["path"].as_str().unwrap().to_string();
+    let time = label.rsplit_once('@').unwrap().1;
+    assert_eq!(
+        path,
+        format!("vm1/root/{}/{time}", d["set"].as_str().unwrap())
+    );
+    let want = h.disk_now();
+    assert_same("by path", &h.export(&path), &want);
+    assert_same("by label", &h.export(&label), &want);
+    let ls: Value = serde_json::from_str(&ok(&["ls", s(&h.repo()), "--json"])).unwrap();
+    assert_eq!(
+        ls["vms"][0]["disks"][0]["sets"][0]["points"][0]["path"],
+        path
+    );
+}
