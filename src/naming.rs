@@ -315,7 +315,11 @@ impl Tree {
     /// Resolve a user's point name to its set and position; every form in the module's
     /// documentation is accepted.
     pub fn resolve(&self, spec: &str) -> Result<(SetHistory, u32), String> {
-        let roots = cbtfs_mount_roots();
+        let roots = if spec.trim().starts_with('/') {
+            cbtfs_mount_roots()
+        } else {
+            Vec::new()
+        };
         self.resolve_with_mounts(spec, &roots)
     }
 
@@ -572,22 +576,28 @@ fn strip_mount_root<'a>(path: &'a str, mounts: &[String]) -> Option<&'a str> {
         .map(|(_, rest)| rest)
 }
 
-/// The mount points of the cbtfs filesystems this process can see (`fuse.cbtfs` in
-/// /proc/self/mountinfo); none when it cannot be read.
+/// The mount points of the cbtfs mounts this process can see; none when /proc/self/mountinfo
+/// cannot be read.
 fn cbtfs_mount_roots() -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| parse_mountinfo(&t))
+        .map(|t| {
+            parse_mountinfo(&t, |source| {
+                std::path::Path::new(source).join("cbtfs.repo").is_file()
+            })
+        })
         .unwrap_or_default()
 }
 
-/// The mount points of `fuse.cbtfs` lines of a mountinfo text.
-fn parse_mountinfo(text: &str) -> Vec<String> {
+/// The mount points of a mountinfo text's cbtfs mounts: FUSE mounts (`fuse`, `fuse.cbtfs`)
+/// whose source (the mount's fsname, the repository's path) `is_repo` accepts.
+fn parse_mountinfo(text: &str, is_repo: impl Fn(&str) -> bool) -> Vec<String> {
     text.lines()
         .filter_map(|l| {
             let fields: Vec<&str> = l.split(' ').collect();
             let dash = fields.iter().position(|f| *f == "-")?;
-            let fstype = fields.get(dash + 1)?;
-            if *fstype != "fuse.cbtfs" {
+            let fstype = *fields.get(dash + 1)?;
+            let source = unescape_octal(fields.get(dash + 2)?);
+            if !(fstype == "fuse" || fstype == "fuse.cbtfs") || !is_repo(&source) {
                 return None;
             }
             Some(unescape_octal(fields.get(4)?))
@@ -1031,11 +1041,18 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_lines_give_cbtfs_roots() {
+    fn paths_in_a_mount_are_taken_from_its_root() {
         let text = "36 35 98:0 / /mnt1 rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
-                    90 29 0:52 / /mnt/back\\040ups ro,nosuid,nodev,relatime shared:77 - fuse.cbtfs /srv/repo ro,user_id=0,group_id=0\n\
-                    91 29 0:53 / /mnt/other rw - fuse.sshfs host: rw\n";
-        assert_eq!(parse_mountinfo(text), vec!["/mnt/back ups".to_string()]);
+                    90 29 0:52 / /mnt/back\\040ups ro,nosuid,nodev,relatime - fuse /srv/re\\040po ro,user_id=0\n\
+                    91 29 0:53 / /mnt/other rw - fuse.sshfs host: rw\n\
+                    92 29 0:54 / /mnt/notrepo rw - fuse /srv/else rw\n\
+                    93 29 0:55 / /mnt/sub ro - fuse.cbtfs /srv/repo2 ro\n";
+        let repos = ["/srv/re po", "/srv/repo2", "host:"];
+        assert_eq!(
+            parse_mountinfo(text, |s| repos.contains(&s)),
+            vec!["/mnt/back ups".to_string(), "/mnt/sub".to_string()]
+        );
+        assert_eq!(unescape_octal("a\\134b\\0"), "a\\b\\0");
         let roots = vec!["/mnt".to_string(), "/mnt/b/".to_string()];
         assert_eq!(
             strip_mount_root("/mnt/b/web01/root/latest.raw", &roots),
@@ -1043,7 +1060,6 @@ mod tests {
         );
         assert_eq!(strip_mount_root("/mnt/x", &roots), Some("x"));
         assert_eq!(strip_mount_root("/mntx/y", &roots), None);
-        assert_eq!(unescape_octal("a\\134b\\0"), "a\\b\\0");
     }
 
     #[test]
