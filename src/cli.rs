@@ -933,6 +933,11 @@ fn cmd_import(
     if !valid_uuid(&vdi) {
         bail!("--vdi {vdi:?} is not a VDI uuid (like 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b)");
     }
+    if let Some(u) = vm_uuid.as_ref().filter(|u| !valid_uuid(u)) {
+        bail!(
+            "--vm-uuid {u:?} is not a VM uuid (like 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b); to name the VM, use --vm-name"
+        );
+    }
     let repository = open(repo)?;
     let time = match time {
         Some(t) => timefmt::parse(&t).map_err(|e| anyhow::anyhow!("--time: {e}"))?,

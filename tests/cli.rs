@@ -597,3 +597,66 @@ fn every_point_form_gives_the_same_point() {
         "{out}"
     );
 }
+
+/// Giving only one half of the VM (`--vm-name` or `--vm-uuid`) on a later import keeps the
+/// other half when the disk's newest point names the same VM: the disk stays in its folder.
+#[test]
+fn one_half_of_the_vm_keeps_the_other() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, v) = setup(d.path());
+    let img = d.path().join("img");
+    let vm = "11111111-2222-4333-8444-555555555555";
+    let vms = |j: &serde_json::Value| -> Vec<(String, serde_json::Value)> {
+        j["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["name"].as_str().unwrap().to_string(), v["uuid"].clone()))
+            .collect()
+    };
+    let mut t = 0;
+    let mut import = |extra: &[&str]| {
+        t += 1;
+        let when = format!("2026-11-2{t} 03:00");
+        let mut args = vec![
+            "import",
+            &repo,
+            "--vdi",
+            &v,
+            "--raw",
+            s(&img),
+            "--time",
+            &when,
+        ];
+        args.extend(extra);
+        ok(&args);
+        serde_json::from_str::<serde_json::Value>(&ok(&["ls", &repo, "--json"])).unwrap()
+    };
+    let j = import(&["--vm-name", "web: prod"]);
+    assert_eq!(
+        vms(&j),
+        vec![("web_prod".to_string(), serde_json::json!(vm))]
+    );
+    let j = import(&["--vm-uuid", vm]);
+    assert_eq!(
+        vms(&j),
+        vec![("web_prod".to_string(), serde_json::json!(vm))]
+    );
+    // Another name alone is another VM, known by that name only.
+    let j = import(&["--vm-name", "web02"]);
+    assert_eq!(
+        vms(&j),
+        vec![("web02".to_string(), serde_json::Value::Null)]
+    );
+    let (_, m) = fails(&[
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--vm-uuid",
+        "web01",
+    ]);
+    assert!(m.contains("--vm-uuid \"web01\" is not a VM uuid"), "{m}");
+}
