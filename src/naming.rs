@@ -330,12 +330,11 @@ impl Tree {
         spec: &str,
         mounts: &[String],
     ) -> Result<(SetHistory, u32), String> {
-        let original = spec;
         let mut spec = spec.trim();
         if spec.starts_with('/') {
             spec = strip_mount_root(spec, mounts).ok_or_else(|| {
                 format!(
-                    "{original:?} is a path outside any mounted cbtfs; name the point as `cbtfs ls` shows it (VM/DISK/SET/POINT) or mount the repository and give a path inside it"
+                    "that path is outside any mounted cbtfs repository; name the point as `cbtfs ls` shows it (VM/DISK/SET/POINT) or mount the repository and give a path inside it"
                 )
             })?;
         }
@@ -352,11 +351,12 @@ impl Tree {
             [BY_UUID, vdi, rest @ ..] => (self.by_uuid(vdi)?, rest),
             [vm, disk, rest @ ..] => (self.by_path(vm, disk)?, rest),
             [one] if crate::repo::valid_uuid(one) => {
-                return Err(format!(
-                    "{spec:?} is a disk, not a point: add @latest, @TIME (like @2026-01-02) or give VM/DISK/SET/POINT"
-                ));
+                return Err(
+                    "that VDI uuid is a disk, not a point: add @latest, @TIME (like @2026-01-02) or give VM/DISK/SET/POINT"
+                        .to_string(),
+                );
             }
-            _ => return Err(format!("{spec:?} names no point: {}", FORMS_HELP)),
+            _ => return Err(format!("it names no point: {FORMS_HELP}")),
         };
         let here = self
             .disk_path(disk.vdi())
@@ -394,7 +394,7 @@ impl Tree {
                             damage_note(&disk.history)
                         )),
                     },
-                    _ => Err(format!("{spec:?} names no point: {}", FORMS_HELP)),
+                    _ => Err(format!("it names no point: {FORMS_HELP}")),
                 }
             }
         }
@@ -963,7 +963,10 @@ mod tests {
                 "99999999-9999-4999-8999-999999999999@latest",
                 "no disk with VDI uuid 99999999-9999-4999-8999-999999999999 in this repository; it has: 33333333-3333-4333-8333-333333333333 (db/root)",
             ),
-            ("/etc/passwd", "outside any mounted cbtfs"),
+            (
+                "/etc/passwd",
+                "that path is outside any mounted cbtfs repository",
+            ),
             (
                 "11111111-1111-4111-8111-111111111111",
                 "is a disk, not a point: add @latest",

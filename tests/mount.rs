@@ -859,5 +859,5 @@ fn a_path_inside_the_mount_names_its_point() {
     let o = cbtfs(&["export", s(&repo), s(&latest), "-"]);
     assert!(o.stdout == steps.last().unwrap().image, "latest.raw");
     let (_, e) = fails(&["export", s(&repo), s(&d.path().join("elsewhere.raw")), "-"]);
-    assert!(e.contains("outside any mounted cbtfs"), "{e}");
+    assert!(e.contains("outside any mounted cbtfs repository"), "{e}");
 }
