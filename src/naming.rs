@@ -333,9 +333,7 @@ impl Tree {
         let mut spec = spec.trim();
         if spec.starts_with('/') {
             spec = strip_mount_root(spec, mounts).ok_or_else(|| {
-                format!(
-                    "that path is outside any mounted cbtfs repository; name the point as `cbtfs ls` shows it (VM/DISK/SET/POINT) or mount the repository and give a path inside it"
-                )
+                "that path is outside any mounted cbtfs repository; name the point as `cbtfs ls` shows it (VM/DISK/SET/POINT) or mount the repository and give a path inside it".to_string()
             })?;
         }
         let spec = spec.trim_end_matches('/');
