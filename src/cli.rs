@@ -583,7 +583,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                     if r.dry_run {
                         for (p, l) in d.removed_paths.iter().zip(&d.removed_points) {
-                            println!("  remove {}", both(Some(p), l));
+                            println!("  remove {}", crate::naming::with_label(Some(p), l));
                         }
                     }
                     for s in &d.skipped_sets {
@@ -687,7 +687,7 @@ fn cmd_backup(repo: &Path, opts: &crate::backup::BackupOptions, json: bool) -> R
                 human(d.fetched_bytes),
                 d.via,
                 d.seconds,
-                both(Some(&d.path), &d.point),
+                crate::naming::with_label(Some(&d.path), &d.point),
             );
         }
         for (vdi, e) in &report.failures {
@@ -764,7 +764,7 @@ fn cmd_restore(
     for d in &report.disks {
         println!(
             "restored {}{} into {}VDI {}",
-            both(Some(&d.path), &d.point),
+            crate::naming::with_label(Some(&d.path), &d.point),
             d.userdevice
                 .as_deref()
                 .map(|u| format!(" (userdevice {u})"))
@@ -1219,14 +1219,6 @@ fn emit(text: &str) -> Result<()> {
     }
 }
 
-/// `VM/DISK/SET/POINT (VDI@TIME)`, or the label alone when the canonical name is not known.
-fn both(path: Option<&str>, label: &str) -> String {
-    match path {
-        Some(p) if p != label => format!("{p} ({label})"),
-        _ => label.to_string(),
-    }
-}
-
 fn resolve(repository: &Repository, spec: &str) -> Result<(Tree, crate::repo::SetHistory, u32)> {
     let tree = Tree::build(repository.catalog()?);
     let (set, seq) = tree
@@ -1281,7 +1273,10 @@ fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for d in &report.damage {
-            let point = d.point.as_ref().map(|l| both(d.path.as_deref(), l));
+            let point = d
+                .point
+                .as_ref()
+                .map(|l| crate::naming::with_label(d.path.as_deref(), l));
             let what = match (&point, d.block) {
                 (Some(p), Some(b)) => format!(
                     "point {p}, block {b} (bytes {}..{})",

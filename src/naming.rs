@@ -285,10 +285,7 @@ impl Tree {
     /// `VM/DISK/SET/POINT (VDI_UUID@TIME)`: the canonical name with the stable form scripts
     /// can use, for lines a person and a script both read.
     pub fn display(&self, m: &PointManifest) -> String {
-        match self.path_of(m) {
-            Some(p) => format!("{p} ({})", m.label()),
-            None => m.label(),
-        }
+        with_label(self.path_of(m).as_deref(), &m.label())
     }
 
     /// The point a `VDI@TIME` label names (an exact time), if this tree holds it.
@@ -301,15 +298,6 @@ impl Tree {
             .iter()
             .flat_map(|s| s.points.iter())
             .find(|p| p.time == t)
-    }
-
-    /// [`Tree::display`] of the point a `VDI@TIME` label names; the label alone when this
-    /// tree does not hold it.
-    pub fn display_label(&self, label: &str) -> String {
-        match self.find_label(label) {
-            Some(m) => self.display(m),
-            None => label.to_string(),
-        }
     }
 
     /// Resolve a user's point name to its set and position; every form in the module's
@@ -456,6 +444,15 @@ impl Tree {
                 "{disk:?} before the @ names no disk: use a VDI uuid or VM/DISK (as `cbtfs ls` shows it), as in VDI_UUID@latest or web01/root@2026-01-02"
             )),
         }
+    }
+}
+
+/// `VM/DISK/SET/POINT (VDI@TIME)`: a canonical name and its label; the label alone when the
+/// canonical name is not known.
+pub fn with_label(path: Option<&str>, label: &str) -> String {
+    match path {
+        Some(p) if p != label => format!("{p} ({label})"),
+        _ => label.to_string(),
     }
 }
 
@@ -766,14 +763,9 @@ mod tests {
             t.display(&m),
             format!("web01/root/20260101T020000Z/20260101T020000Z ({V1}@20260101T020000Z)")
         );
-        assert_eq!(
-            t.display_label(&format!("{V1}@20260101T020000Z")),
-            t.display(&m)
-        );
-        assert_eq!(
-            t.display_label("nope@20260101T020000Z"),
-            "nope@20260101T020000Z"
-        );
+        assert_eq!(t.find_label(&format!("{V1}@20260101T020000Z")), Some(&m));
+        assert_eq!(t.find_label("nope@20260101T020000Z"), None);
+        assert_eq!(with_label(None, "x@y"), "x@y");
     }
 
     #[test]
