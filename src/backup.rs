@@ -66,6 +66,11 @@ pub struct DiskReport {
     pub vm: Option<String>,
     /// `VDI@TIME`.
     pub point: String,
+    /// The point's canonical name, `VM/DISK/SET/POINT`, as `ls` and the mount show it (`point`
+    /// when the repository could not be listed after the run).
+    pub path: String,
+    /// The disk's folder, `VM/DISK`.
+    pub disk_path: String,
     pub set: String,
     pub seq: u32,
     /// `base` or `incremental`.
@@ -134,7 +139,22 @@ pub async fn run(
     let result = run_logged_in(repo, &lock, &xapi, opts, say).await;
     // Always log out: sessions are limited per user.
     xapi.logout().await;
-    let (disks, failures) = result?;
+    let (mut disks, failures) = result?;
+    // Name the new points as the mount shows them, in the repository as it is now.
+    match repo.catalog() {
+        Ok(catalog) => {
+            let tree = crate::naming::Tree::build(catalog);
+            for d in &mut disks {
+                if let Some(m) = tree.find_label(&d.point) {
+                    d.path = tree.name_of(m);
+                }
+                if let Some(disk) = tree.disk_path(&d.vdi) {
+                    d.disk_path = disk;
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot list the repository to name the new points"),
+    }
     Ok(RunReport {
         host: xapi.host().to_string(),
         pinned_certificate: pinned,
@@ -688,6 +708,12 @@ async fn backup_disk(
         disk: m.disk_name.clone(),
         vm: m.vm_name.clone(),
         point: m.label(),
+        path: m.label(),
+        disk_path: format!(
+            "{}/{}",
+            m.vm_name.as_deref().unwrap_or(crate::naming::NO_VM),
+            m.disk_name
+        ),
         set: m.set.clone(),
         seq: m.seq,
         kind: if incremental { "incremental" } else { "base" },

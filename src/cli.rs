@@ -148,8 +148,8 @@ Examples:
         /// input). Without it, the image starts a new set as its full base.
         #[arg(long, value_name = "FILE")]
         bitmap: Option<PathBuf>,
-        /// The snapshot's time, RFC 3339 (2026-01-05T02:00:00Z); default now. It must be later
-        /// than the set's newest point.
+        /// Snapshot time, UTC unless an offset is given: 2026-11-21T02:00:00Z, 2026-11-21 02:00,
+        /// 2026-11-21 (midnight); default now. Must be later than the set's newest point.
         #[arg(long)]
         time: Option<String>,
         #[arg(long, help = JSON_HELP)]
@@ -1050,9 +1050,8 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             } else {
                 for d in &r.disks {
                     println!(
-                        "{}/{}: {} {} of {}{}{}",
-                        d.vm.as_deref().unwrap_or("no-vm"),
-                        d.disk,
+                        "{}: {} {} of {}{}{}",
+                        d.disk_path,
                         if r.dry_run { "would remove" } else { "removed" },
                         d.removed,
                         count(d.removed + d.kept, "point", "points"),
@@ -1071,8 +1070,8 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
                         }
                     );
                     if r.dry_run {
-                        for p in &d.removed_points {
-                            println!("  remove {p}");
+                        for (p, l) in d.removed_paths.iter().zip(&d.removed_points) {
+                            println!("  remove {}", crate::naming::with_label(Some(p), l));
                         }
                     }
                     for s in &d.skipped_sets {
@@ -1228,18 +1227,15 @@ fn cmd_backup(
                 (None, k) => k.to_string(),
             };
             println!(
-                "{}/{}: {what}: {} of {} changed ({:.1}%), {} read over {} in {:.1} s -> point {} (set {}, #{})",
-                d.vm.as_deref().unwrap_or("no-vm"),
-                d.disk,
+                "{}: {what}: {} of {} changed ({:.1}%), {} read over {} in {:.1} s -> point {}",
+                d.disk_path,
                 d.changed_blocks,
                 plural(blocks_for(d.virtual_size), "block", "blocks"),
                 d.changed_percent,
                 human(d.fetched_bytes),
                 d.via,
                 d.seconds,
-                d.point,
-                d.set,
-                d.seq
+                crate::naming::with_label(Some(&d.path), &d.point),
             );
         }
         for (vdi, e) in &report.failures {
@@ -1316,7 +1312,7 @@ fn cmd_restore(
     for d in &report.disks {
         println!(
             "restored {}{} into {}VDI {}",
-            d.point,
+            crate::naming::with_label(Some(&d.path), &d.point),
             d.userdevice
                 .as_deref()
                 .map(|u| format!(" (userdevice {u})"))
@@ -1350,7 +1346,7 @@ fn cmd_restore(
 
 fn cmd_volumes(repo: &Path, spec: &str, json: bool) -> Result<()> {
     let repository = open(repo)?;
-    let (_, set, seq) = resolve(&repository, spec)?;
+    let (tree, set, seq) = resolve(&repository, spec)?;
     let reader = PointReader::open(&repository, &set, seq)
         .with_context(|| format!("opening point {spec}"))?;
     let layout = crate::volumes::discover(&reader)
@@ -1359,7 +1355,7 @@ fn cmd_volumes(repo: &Path, spec: &str, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&layout)?);
         return Ok(());
     }
-    print!("{}: {}", reader.manifest.label(), layout.to_text());
+    print!("{}: {}", tree.name_of(&reader.manifest), layout.to_text());
     Ok(())
 }
 
@@ -1484,9 +1480,14 @@ fn cmd_import(
     if !valid_uuid(&vdi) {
         bail!("--vdi {vdi:?} is not a VDI uuid (like 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b)");
     }
+    if let Some(u) = vm_uuid.as_ref().filter(|u| !valid_uuid(u)) {
+        bail!(
+            "--vm-uuid {u:?} is not a VM uuid (like 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b); to name the VM, use --vm-name"
+        );
+    }
     let repository = open(repo)?;
     let time = match time {
-        Some(t) => timefmt::parse(&t).map_err(anyhow::Error::msg)?,
+        Some(t) => timefmt::parse(&t).map_err(|e| anyhow::anyhow!("--time: {e}"))?,
         None => timefmt::now(),
     };
     let bitmap = match bitmap {
@@ -1525,7 +1526,7 @@ fn cmd_import(
     progress.finish();
     let m = &report.manifest;
     let tree = Tree::build(repository.catalog()?);
-    let path = tree.path_of(m).unwrap_or_else(|| m.label());
+    let path = tree.name_of(m);
     if json {
         println!("{}", serde_json::to_string_pretty(&point_json(m, &path))?);
     } else {
@@ -1641,6 +1642,7 @@ fn changed_percent(m: &crate::repo::PointManifest) -> f64 {
 fn point_json(m: &crate::repo::PointManifest, path: &str) -> serde_json::Value {
     json!({
         "path": path,
+        "point": m.label(),
         "name": point_name(m),
         "vdi": m.vdi,
         "set": m.set,
@@ -1675,8 +1677,7 @@ fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
                             "virtual_size": newest.map(|p| p.virtual_size),
                             "sets": d.history.sets.iter().map(|s| json!({
                                 "name": s.id,
-                                "points": s.points.iter().map(|p| point_json(
-                                    p, &format!("{}/{}/{}/{}", vm.name, d.name, s.id, point_name(p)))).collect::<Vec<_>>(),
+                                "points": s.points.iter().map(|p| point_json(p, &tree.name_of(p))).collect::<Vec<_>>(),
                                 "problems": s.problems,
                             })).collect::<Vec<_>>(),
                         })
@@ -1796,9 +1797,7 @@ fn cmd_export(
     let (tree, set, seq) = resolve(&repository, spec)?;
     let reader = PointReader::open(&repository, &set, seq)
         .with_context(|| format!("opening point {spec}"))?;
-    let path = tree
-        .path_of(&reader.manifest)
-        .unwrap_or_else(|| reader.manifest.label());
+    let path = tree.name_of(&reader.manifest);
     // A stream (stdout, a character device, a pipe) carries every byte; a file or a block
     // device only the stored ones (the rest are holes or written as zeros at the end).
     let streamed = stdout
@@ -1862,11 +1861,18 @@ fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode
             verify::verify_set(&repository, &set, Some(seq), &mut report);
         }
     }
+    if let Ok(catalog) = repository.catalog() {
+        report.name_points(&Tree::build(catalog));
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for d in &report.damage {
-            let what = match (&d.point, d.block) {
+            let point = d
+                .point
+                .as_ref()
+                .map(|l| crate::naming::with_label(d.path.as_deref(), l));
+            let what = match (&point, d.block) {
                 (Some(p), Some(b)) => format!(
                     "point {p}, block {b} (bytes {}..{})",
                     b * BLOCK_SIZE,
@@ -2168,6 +2174,7 @@ mod tests {
             (
                 RepoError::NotARepository {
                     path: "/backup/repo".into(),
+                    why: "an empty directory".into(),
                 }
                 .into(),
                 "not_a_repository",
@@ -2250,11 +2257,13 @@ mod tests {
                 "auth_failed",
             ),
             (
-                crate::restore::RestoreError::Backup(BackupError::Xapi(XapiError::Timeout {
-                    host: "h".into(),
-                    call: "VDI.create".into(),
-                    secs: 1,
-                }))
+                crate::restore::RestoreError::Host(crate::host::HostError::Xapi(
+                    XapiError::Timeout {
+                        host: "h".into(),
+                        call: "VDI.create".into(),
+                        secs: 1,
+                    },
+                ))
                 .into(),
                 "timeout",
             ),

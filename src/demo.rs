@@ -182,7 +182,7 @@ pub fn run_demo(dir: &Path, say: &dyn Fn(&str)) -> Result<()> {
             say(&format!(
                 "   day {day}: {} point {}: {} of {} blocks changed, {} KiB read over {} in {:.2} s",
                 d.kind,
-                d.point,
+                d.path,
                 d.changed_blocks,
                 crate::blocks_for(d.virtual_size),
                 d.fetched_bytes >> 10,

@@ -160,13 +160,27 @@ pub(crate) fn begin<'l>(
         .clone()
         .or_else(|| newest.map(|p| p.disk_name.clone()))
         .unwrap_or_else(|| format!("disk-{}", req.vdi.get(..8).unwrap_or(&req.vdi)));
-    let (vm_uuid, vm_name) = if req.vm_uuid.is_some() || req.vm_name.is_some() {
-        (req.vm_uuid.clone(), req.vm_name.clone())
-    } else {
-        (
+    // The VM: what was given; what was not given is kept from the disk's newest point when
+    // that point names the same VM (`--vm-name web01` alone keeps web01's uuid), so one half
+    // given never moves a disk out of its VM's folder.
+    let (vm_uuid, vm_name) = match (&req.vm_uuid, &req.vm_name) {
+        (None, None) => (
             newest.and_then(|p| p.vm_uuid.clone()),
             newest.and_then(|p| p.vm_name.clone()),
-        )
+        ),
+        (Some(u), None) => (
+            Some(u.clone()),
+            newest
+                .filter(|p| p.vm_uuid.as_ref() == Some(u))
+                .and_then(|p| p.vm_name.clone()),
+        ),
+        (None, Some(n)) => (
+            newest
+                .filter(|p| p.vm_name.as_ref() == Some(n))
+                .and_then(|p| p.vm_uuid.clone()),
+            Some(n.clone()),
+        ),
+        (Some(u), Some(n)) => (Some(u.clone()), Some(n.clone())),
     };
     Ok(repo.begin_point(
         lock,

@@ -17,6 +17,7 @@
 
 use serde::Serialize;
 
+use crate::naming::Tree;
 use crate::read::PointReader;
 use crate::repo::copy::{CopyError, copy_blocks};
 use crate::repo::{NewPoint, PointManifest, RepoError, Repository, SetHistory, WriteLock};
@@ -91,6 +92,10 @@ pub struct DiskOutcome {
     pub sets_removed: usize,
     /// Labels (`VDI@TIME`) of the points removed.
     pub removed_points: Vec<String>,
+    /// The disk's folder, `VM/DISK`, as `ls` and the mount show it.
+    pub disk_path: String,
+    /// Canonical names (`VM/DISK/SET/POINT`) of the points removed, in `removed_points`' order.
+    pub removed_paths: Vec<String>,
     /// Sets left alone because they are damaged (`cbtfs verify` tells more).
     pub skipped_sets: Vec<String>,
 }
@@ -143,6 +148,8 @@ pub fn prune(
         bytes_before: 0,
         bytes_after: 0,
     };
+    // Names as the mount shows them before the prune (the removed points are in it).
+    let tree = Tree::build(repo.catalog()?);
     for vdi in repo.disk_ids()? {
         if only.is_some_and(|o| o != vdi) {
             continue;
@@ -173,6 +180,8 @@ pub fn prune(
                 .map(|(m, _)| m.label())
                 .collect(),
             skipped_sets: Vec::new(),
+            disk_path: tree.disk_path(&vdi).unwrap_or_else(|| vdi.clone()),
+            removed_paths: Vec::new(),
         };
         report.bytes_before += stored_bytes(&all.iter().map(|m| (*m).clone()).collect::<Vec<_>>());
         let mut i = 0;
@@ -209,6 +218,14 @@ pub fn prune(
                 .filter(|s| outcome.skipped_sets.contains(&s.id))
                 .any(|s| s.points.iter().any(|p| p.label() == *l))
         });
+        outcome.removed_paths = outcome
+            .removed_points
+            .iter()
+            .map(|l| {
+                tree.find_label(l)
+                    .map_or_else(|| l.clone(), |m| tree.name_of(m))
+            })
+            .collect();
         report.bytes_after += if dry_run {
             estimate_after(repo, &disk.sets, &keep)?
         } else {

@@ -55,7 +55,10 @@ pub struct RestoreOptions {
 /// One disk put back.
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskRestored {
+    /// `VDI@TIME`.
     pub point: String,
+    /// The point's canonical name, `VM/DISK/SET/POINT`, as `ls` and the mount show it.
+    pub path: String,
     /// The disk the point was taken from.
     pub from_vdi: String,
     /// Its position in the VM, as recorded at backup time.
@@ -69,8 +72,10 @@ pub struct DiskRestored {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreReport {
-    /// The point asked for, and where it went (`disks` lists every disk restored).
+    /// The point asked for (`VDI@TIME`), and where it went (`disks` lists every disk restored).
     pub point: String,
+    /// The point's canonical name, `VM/DISK/SET/POINT`.
+    pub path: String,
     pub vdi: String,
     pub created_vdi: bool,
     /// Bytes written, all disks.
@@ -258,7 +263,18 @@ pub async fn run(
     let (mut xapi, _) = crate::host::connect(repo, &opts.host, say).await?;
     let r = restore_logged_in(repo, &xapi, &reader, &readers, opts, warnings, say).await;
     xapi.logout().await;
-    r
+    let mut report = r?;
+    // Name the points as the mount shows them.
+    if let Ok(catalog) = repo.catalog() {
+        let tree = crate::naming::Tree::build(catalog);
+        report.path = tree.name_of(&m);
+        for d in &mut report.disks {
+            if let Some(p) = tree.find_label(&d.point) {
+                d.path = tree.name_of(p);
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// Where each disk goes: an existing VDI (checked) or a new one in an SR.
@@ -467,6 +483,7 @@ async fn restore_logged_in(
         .ok_or_else(|| RestoreError::Refused("nothing was restored".into()))?;
     Ok(RestoreReport {
         point: m.label(),
+        path: m.label(),
         vdi: main.vdi,
         created_vdi: main.created_vdi,
         bytes: done.iter().map(|d| d.bytes).sum(),
@@ -530,6 +547,7 @@ async fn restore_disk(
     };
     Ok(DiskRestored {
         point: m.label(),
+        path: m.label(),
         from_vdi: m.vdi.clone(),
         userdevice: m.vm_run.as_ref().and_then(|r| r.userdevice.clone()),
         vdi,

@@ -9,6 +9,9 @@ use crate::repo::{PointManifest, Repository, SetHistory};
 pub struct Damage {
     /// `VDI@TIME` of the point, when known.
     pub point: Option<String>,
+    /// The point's canonical name, `VM/DISK/SET/POINT`, when known (`VerifyReport::name_points`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     /// The damaged block, when the damage is one block.
     pub block: Option<u64>,
     /// The file concerned.
@@ -26,6 +29,15 @@ pub struct VerifyReport {
 impl VerifyReport {
     pub fn ok(&self) -> bool {
         self.damage.is_empty()
+    }
+
+    /// Fill in the canonical name of each damaged point that `tree` holds.
+    pub fn name_points(&mut self, tree: &crate::naming::Tree) {
+        for d in &mut self.damage {
+            if let Some(m) = d.point.as_deref().and_then(|l| tree.find_label(l)) {
+                d.path = Some(tree.name_of(m));
+            }
+        }
     }
 }
 
@@ -50,6 +62,7 @@ pub fn verify_set(
     for p in &set.problems {
         report.damage.push(Damage {
             point: None,
+            path: None,
             block: None,
             location: p.location.clone(),
             problem: p.message.clone(),
@@ -69,6 +82,7 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
         Err(e) => {
             report.damage.push(Damage {
                 point: Some(label),
+                path: None,
                 block: None,
                 location: String::new(),
                 problem: e.to_string(),
@@ -79,6 +93,7 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
     let mut push = |block: Option<u64>, location: &str, problem: String| {
         report.damage.push(Damage {
             point: Some(label.clone()),
+            path: None,
             block,
             location: location.to_string(),
             problem,

@@ -1238,3 +1238,27 @@ fn json_errors_name_the_failed_disk_and_the_disks_done() {
     );
     assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
 }
+
+/// A backup's report names its point as `ls` and the mount do (`VM/DISK/SET/POINT`), beside
+/// the `VDI@TIME` label, and both names reach the disk's bytes (issue 17).
+#[test]
+fn backup_names_its_point_as_ls_and_the_mount_do() {
+    let h = start(|_| {});
+    let (d, _) = h.backup_ok(&[]);
+    assert_eq!(d["disk_path"], "vm1/root", "{d}");
+    let label = d["point"].as_str().unwrap().to_string();
+    let path = d["path"].as_str().unwrap().to_string();
+    let time = label.rsplit_once('@').unwrap().1;
+    assert_eq!(
+        path,
+        format!("vm1/root/{}/{time}", d["set"].as_str().unwrap())
+    );
+    let want = h.disk_now();
+    assert_same("by path", &h.export(&path), &want);
+    assert_same("by label", &h.export(&label), &want);
+    let ls: Value = serde_json::from_str(&ok(&["ls", s(&h.repo()), "--json"])).unwrap();
+    assert_eq!(
+        ls["vms"][0]["disks"][0]["sets"][0]["points"][0]["path"],
+        path
+    );
+}

@@ -537,11 +537,14 @@ fn bad_input_gets_clear_errors() {
         "-",
     ]);
     assert!(
-        m.contains("no readable point") && m.contains("cbtfs ls"),
+        m.contains("no readable point") && m.contains("its points: 20261121T020000Z"),
         "{m}"
     );
     let (_, m) = fails(&["export", &repo, "nosuchvm/x/y/z", "-"]);
-    assert!(m.contains("no VM folder"), "{m}");
+    assert!(
+        m.contains("no VM folder") && m.contains("it has: web_prod"),
+        "{m}"
+    );
     let (_, m) = fails(&["export", &repo, &format!("{}@latest", vdi(99)), "-"]);
     assert!(m.contains("no disk with VDI uuid"), "{m}");
     let (_, m) = fails(&["export", &repo, &format!("{v}@yesterday"), "-"]);
@@ -1063,4 +1066,295 @@ fn nothing_to_do_is_said_not_passed_off_as_done() {
     );
     let out = ok(&["prune", &repo, "--keep-last", "1", "--vdi", &v]);
     assert!(out.contains("removed 0 of 1 point"), "{out}");
+}
+
+/// The README's "Importing images by hand" example, exactly: `--vm-name web01` without
+/// `--vm-uuid` files the disk under `web01/`, where `export`, `ls`, `ls --json` and `prune` all
+/// find it (issue 17: it was filed under `no-vm/` and `export web01/root/...` failed).
+#[test]
+fn readme_import_example_names_the_vm() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("backup/repo");
+    let v = "3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b";
+    let mut base = vec![0u8; 24 * BS];
+    TestRng::new(17).fill(&mut base[2 * BS..9 * BS]);
+    let mut day2 = base.clone();
+    TestRng::new(18).fill(&mut day2[4 * BS..5 * BS]);
+    TestRng::new(19).fill(&mut day2[20 * BS..21 * BS]);
+    std::fs::write(d.path().join("base.img"), &base).unwrap();
+    std::fs::write(d.path().join("day2.img"), &day2).unwrap();
+    write_bitmap(d.path(), "day2.b64", &[4, 20], 24);
+    std::fs::create_dir(d.path().join("backup")).unwrap();
+    let r = s(&repo);
+    let in_dir = |args: &[&str]| {
+        let o = std::process::Command::new(bin())
+            .args(args)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "cbtfs {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    in_dir(&["init", r]);
+    let out = in_dir(&[
+        "import",
+        r,
+        "--vdi",
+        v,
+        "--name",
+        "root",
+        "--vm-name",
+        "web01",
+        "--raw",
+        "base.img",
+        "--time",
+        "2026-11-21T02:00:00Z",
+    ]);
+    assert!(
+        out.contains("point web01/root/20261121T020000Z/20261121T020000Z"),
+        "{out}"
+    );
+    in_dir(&[
+        "import",
+        r,
+        "--vdi",
+        v,
+        "--raw",
+        "day2.img",
+        "--bitmap",
+        "day2.b64",
+        "--time",
+        "2026-11-22T02:00:00Z",
+    ]);
+    in_dir(&[
+        "export",
+        r,
+        "web01/root/20261121T020000Z/20261122T020000Z",
+        "day2.raw",
+    ]);
+    assert!(std::fs::read(d.path().join("day2.raw")).unwrap() == day2);
+    in_dir(&["export", r, "web01/root/latest", "latest.raw"]);
+    assert!(std::fs::read(d.path().join("latest.raw")).unwrap() == day2);
+    let j: serde_json::Value = serde_json::from_str(&in_dir(&["ls", r, "--json"])).unwrap();
+    assert_eq!(j["vms"].as_array().unwrap().len(), 1, "{j}");
+    assert_eq!(j["vms"][0]["name"], "web01");
+    assert_eq!(j["vms"][0]["uuid"], serde_json::Value::Null);
+    let p = &j["vms"][0]["disks"][0]["sets"][0]["points"][1];
+    assert_eq!(p["path"], "web01/root/20261121T020000Z/20261122T020000Z");
+    assert_eq!(p["point"], format!("{v}@20261122T020000Z"));
+    let human = in_dir(&["ls", r]);
+    assert!(human.contains("web01/root  (VDI"), "{human}");
+    assert!(!human.contains("no-vm"), "{human}");
+    let pr = in_dir(&["prune", r, "--keep-last", "1", "--dry-run"]);
+    assert!(pr.starts_with("web01/root: "), "{pr}");
+    assert!(
+        pr.contains(&format!(
+            "web01/root/20261121T020000Z/20261121T020000Z ({v}@20261121T020000Z)"
+        )),
+        "{pr}"
+    );
+    let pj: serde_json::Value = serde_json::from_str(&in_dir(&[
+        "prune",
+        r,
+        "--keep-last",
+        "1",
+        "--dry-run",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(pj["disks"][0]["disk_path"], "web01/root");
+    assert_eq!(
+        pj["disks"][0]["removed_paths"][0],
+        "web01/root/20261121T020000Z/20261121T020000Z"
+    );
+    assert_eq!(
+        pj["disks"][0]["removed_points"][0],
+        format!("{v}@20261121T020000Z")
+    );
+}
+
+/// Every way of naming a point reaches the same bytes, in every command that takes a point;
+/// `@DATE` is the newest point taken on or before that (UTC) day.
+#[test]
+fn every_point_form_gives_the_same_point() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let r = s(&repo);
+    ok(&["init", r]);
+    let v = vdi(7);
+    let img = d.path().join("img");
+    let mut images = Vec::new();
+    let mut data = vec![0u8; 16 * BS];
+    // Jan 1 02:00 (base), Jan 2 02:00, Jan 2 23:00, Jan 3 02:00; looser --time forms each.
+    for (k, when) in [
+        "2026-01-01",
+        "2026-01-02 02:00",
+        "2026-01-02 23:00:00",
+        "2026-01-03T02:00:00Z",
+    ]
+    .iter()
+    .enumerate()
+    {
+        TestRng::new(40 + k as u64).fill(&mut data[k * BS..(k + 1) * BS]);
+        std::fs::write(&img, &data).unwrap();
+        let mut args = vec![
+            "import",
+            r,
+            "--vdi",
+            &v,
+            "--name",
+            "xvda",
+            "--vm-name",
+            "web01",
+            "--raw",
+            s(&img),
+            "--time",
+            when,
+        ];
+        let bm;
+        if k > 0 {
+            bm = write_bitmap(d.path(), "bm", &[k as u64], 16);
+            args.extend(["--bitmap", s(&bm)]);
+        }
+        ok(&args);
+        images.push(data.clone());
+    }
+    let set = "20260101T000000Z";
+    let forms: Vec<(String, usize)> = vec![
+        (format!("web01/xvda/{set}/20260101T000000Z"), 0),
+        (format!("web01/xvda/{set}/20260102T020000Z.raw"), 1),
+        (format!("web01/xvda/{set}/20260102T230000Z/"), 2),
+        (format!("web01/xvda/{set}/latest"), 3),
+        ("web01/xvda/latest".into(), 3),
+        ("web01/xvda/latest.raw".into(), 3),
+        (format!("by-uuid/{v}/{set}/20260102T020000Z.raw"), 1),
+        (format!("by-uuid/{v}/latest.raw"), 3),
+        (format!("{v}@latest"), 3),
+        (format!("{v}@20260102T020000Z"), 1),
+        (format!("{v}@2026-01-02T02:00:00Z"), 1),
+        (format!("{v}@2026-01-02 02:00:00"), 1),
+        (format!("{v}@2026-01-02T02:00"), 1),
+        (format!("{v}@2026-01-02 22:59"), 1),
+        (format!("{v}@2026-01-02"), 2),
+        ("web01/xvda@2026-01-02".into(), 2),
+        ("web01/xvda@2026-01-01".into(), 0),
+        ("web01/xvda@2026-01-02T03:00:00+01:00".into(), 1),
+        ("web01/xvda@latest".into(), 3),
+        ("web01/xvda@2030-01-01".into(), 3),
+    ];
+    for (spec, want) in &forms {
+        let o = cbtfs(&["export", r, spec, "-"]);
+        assert!(
+            o.status.success(),
+            "export {spec}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.stdout == images[*want], "export {spec}: not point {want}");
+        ok(&["verify", r, spec]);
+        ok(&["ls", r, "--volumes", spec]);
+    }
+    let (_, m) = fails(&["export", r, "web01/xvda@2025-12-31", "-"]);
+    assert!(
+        m.contains("no point at or before 2025-12-31T23:59:59Z")
+            && m.contains(&format!("its oldest is web01/xvda/{set}/20260101T000000Z")),
+        "{m}"
+    );
+    let (_, m) = fails(&["export", r, "web01/xvdb/latest", "-"]);
+    assert!(
+        m.contains("no disk \"xvdb\" under VM \"web01\"; it has: xvda"),
+        "{m}"
+    );
+    let (_, m) = fails(&["export", r, "web01/xvda@2026-02-30", "-"]);
+    assert!(m.contains("February 2026 has no day 30"), "{m}");
+    let (_, m) = fails(&[
+        "import",
+        r,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--time",
+        "2026-13-01",
+    ]);
+    assert!(
+        m.contains("--time") && m.contains("month must be 01 to 12"),
+        "{m}"
+    );
+    let out = ok(&[
+        "export",
+        r,
+        "web01/xvda@2026-01-02",
+        s(&d.path().join("x.raw")),
+    ]);
+    assert!(
+        out.contains(&format!("exported web01/xvda/{set}/20260102T230000Z to")),
+        "{out}"
+    );
+}
+
+/// Giving only one half of the VM (`--vm-name` or `--vm-uuid`) on a later import keeps the
+/// other half when the disk's newest point names the same VM: the disk stays in its folder.
+#[test]
+fn one_half_of_the_vm_keeps_the_other() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, v) = setup(d.path());
+    let img = d.path().join("img");
+    let vm = "11111111-2222-4333-8444-555555555555";
+    let vms = |j: &serde_json::Value| -> Vec<(String, serde_json::Value)> {
+        j["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["name"].as_str().unwrap().to_string(), v["uuid"].clone()))
+            .collect()
+    };
+    let mut t = 0;
+    let mut import = |extra: &[&str]| {
+        t += 1;
+        let when = format!("2026-11-2{t} 03:00");
+        let mut args = vec![
+            "import",
+            &repo,
+            "--vdi",
+            &v,
+            "--raw",
+            s(&img),
+            "--time",
+            &when,
+        ];
+        args.extend(extra);
+        ok(&args);
+        serde_json::from_str::<serde_json::Value>(&ok(&["ls", &repo, "--json"])).unwrap()
+    };
+    let j = import(&["--vm-name", "web: prod"]);
+    assert_eq!(
+        vms(&j),
+        vec![("web_prod".to_string(), serde_json::json!(vm))]
+    );
+    let j = import(&["--vm-uuid", vm]);
+    assert_eq!(
+        vms(&j),
+        vec![("web_prod".to_string(), serde_json::json!(vm))]
+    );
+    // Another name alone is another VM, known by that name only.
+    let j = import(&["--vm-name", "web02"]);
+    assert_eq!(
+        vms(&j),
+        vec![("web02".to_string(), serde_json::Value::Null)]
+    );
+    let (_, m) = fails(&[
+        "import",
+        &repo,
+        "--vdi",
+        &v,
+        "--raw",
+        s(&img),
+        "--vm-uuid",
+        "web01",
+    ]);
+    assert!(m.contains("--vm-uuid \"web01\" is not a VM uuid"), "{m}");
 }

@@ -1072,3 +1072,39 @@ fn one_unmount_refuses_a_busy_mount_and_detaches_it_lazily() {
         "{e}"
     );
 }
+
+/// A point's file in the mount, given by its absolute path, names that point to every command
+/// (issue 17: one resolver, every form).
+#[test]
+fn a_path_inside_the_mount_names_its_point() {
+    if !can_mount() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("repo");
+    let steps = life(1717, 3);
+    import_life(d.path(), &repo, &steps, 1717);
+    let m = Mounted::new(&repo, &d.path().join("mnt"), &[]);
+    let paths = point_paths(&repo);
+    for (p, st) in paths.iter().zip(&steps) {
+        let abs = m.mp.join(p);
+        let o = cbtfs(&["export", s(&repo), s(&abs), "-"]);
+        assert!(
+            o.status.success(),
+            "export {}: {}",
+            abs.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            o.stdout == st.image,
+            "export {} gave other bytes",
+            abs.display()
+        );
+    }
+    let disk = Path::new(&paths[0]).parent().unwrap().parent().unwrap();
+    let latest = m.mp.join(disk).join("latest.raw");
+    let o = cbtfs(&["export", s(&repo), s(&latest), "-"]);
+    assert!(o.stdout == steps.last().unwrap().image, "latest.raw");
+    let (_, e) = fails(&["export", s(&repo), s(&d.path().join("elsewhere.raw")), "-"]);
+    assert!(e.contains("outside any mounted cbtfs repository"), "{e}");
+}
