@@ -152,6 +152,22 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// A user other than root mounts FUSE filesystems through the setuid fusermount3, but the
+/// drivers (fuser, libfuse) first open /dev/fuse themselves: it must be open to every user,
+/// as udev's default rule makes it (mode 0666). Say so, rather than let fuse2fs fail later
+/// with a bare "Permission denied".
+fn fuse_usable() -> Result<()> {
+    let dev = c"/dev/fuse";
+    // SAFETY: `dev` is a valid NUL-terminated path.
+    if unsafe { libc::access(dev.as_ptr(), libc::R_OK | libc::W_OK) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    Err(RecoveryError::Browse(anyhow::anyhow!(
+        "/dev/fuse cannot be opened by this user ({e}): reading a point's files without root needs FUSE open to every user, as udev's default rule sets it (`chmod 0666 /dev/fuse` as root, or install the fuse3 package); or run this as root"
+    )))
+}
+
 /// A private working directory (0700) in `$TMPDIR`, removed on drop (never recursively: a
 /// filesystem a failed unmount left behind is not walked into).
 struct WorkDir(PathBuf);
@@ -251,6 +267,9 @@ impl Mounted {
     /// `wanted` names the volume the caller needs (`None`: all): root switches to the kernel's
     /// drivers only when a wanted volume needs them.
     pub fn open(repo: &Repository, point: &str, wanted: Option<&str>) -> Result<Mounted> {
+        if !is_root() {
+            fuse_usable()?;
+        }
         let work = WorkDir::new()?;
         let dir = work.0.join("fs");
         let userspace = Session::start(repo, point, &dir, &BrowseOptions { userspace: true })
