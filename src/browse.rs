@@ -741,7 +741,10 @@ fn mount_one(driver: &Driver, file: &Path, mp: &Path) -> Result<String, String> 
             } else {
                 format!("{SAFE_OPTIONS},fakeroot")
             };
-            run(Command::new("fuse2fs").arg(file).arg(mp).args(["-o", &opts]))?;
+            run(Command::new("fuse2fs")
+                .arg(file)
+                .arg(mp)
+                .args(["-o", &opts]))?;
             Ok("fuse2fs".into())
         }
         Driver::Ntfs3g => {
