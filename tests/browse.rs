@@ -1390,7 +1390,11 @@ fn dump_files_and_tars_as_root_and_as_nobody() {
     let o = run(&["dump", r, &by_uuid, "p1/srv/www/big.bin", "-o", s(&out)]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(std::fs::read(&out).unwrap() == big);
-    assert!(text(&o).contains(&format!("of {canonical} ")), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("of {canonical} ")),
+        "{}",
+        text(&o)
+    );
     // The guest's links are followed inside the guest (a relative one, an absolute one).
     let conf = b"events {}\nhttp { server { listen 80; } }\n";
     for link in ["p1/srv/www/conf-link", "p1/abs-link"] {
