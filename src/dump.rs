@@ -15,7 +15,9 @@
 //!
 //! Paths are resolved the way the guest would: its symbolic links are followed inside the
 //! volume (an absolute target starts at the volume's root, `..` never climbs above it), never
-//! on this host, so `/etc/localtime -> /usr/share/zoneinfo/UTC` gives the guest's file.
+//! on this host, so `/etc/localtime -> /usr/share/zoneinfo/UTC` gives the guest's file. A link
+//! named last is followed for a plain dump (its target's bytes are written) and kept as a link
+//! with `--tar` (as `tar` does).
 //!
 //! The tar stream (GNU format, written by the `tar` crate) keeps each entry's numeric owner,
 //! mode, mtime, symbolic links, device nodes and fifos, and hard links between files of the
@@ -346,7 +348,6 @@ impl Mounted {
         if let Some(mut s) = self.session.take() {
             s.end().map_err(RecoveryError::Browse)?;
         }
-        let _ = &self.work;
         Ok(())
     }
 }
@@ -739,7 +740,8 @@ impl Read for Exact {
             return Ok(0);
         }
         if crate::diff::interrupted() {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+            // Not ErrorKind::Interrupted: copy loops retry that forever.
+            return Err(io::Error::other("interrupted by a signal"));
         }
         let want = usize::try_from(self.left)
             .unwrap_or(usize::MAX)
