@@ -258,7 +258,8 @@ impl VolumeState {
 /// unmounts them and removes everything the browse made.
 pub struct Mounted {
     session: Option<Session>,
-    work: WorkDir,
+    /// Removed on drop, after the session has ended (fields drop after `Drop::drop`).
+    _work: WorkDir,
     /// The point's name as `cbtfs ls` shows it.
     pub point: String,
     pub volumes: Vec<VolumeState>,
@@ -314,7 +315,7 @@ impl Mounted {
         Mounted {
             point: s.label.clone(),
             session: Some(s),
-            work,
+            _work: work,
             volumes,
         }
     }
