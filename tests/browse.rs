@@ -1458,6 +1458,44 @@ fn dump_files_and_tars_as_root_and_as_nobody() {
         "{}",
         text(&o)
     );
+    // A reader that goes away (`| head`) ends the dump quietly; Ctrl-C ends it with an error.
+    // Either way everything is unmounted.
+    for sig in [None, Some(libc::SIGINT)] {
+        use std::io::Read;
+        let mut child = Command::new(bin())
+            .args(["dump", r, &point, "p1/srv/www/big.bin"])
+            .env("TMPDIR", &tmp)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = vec![0u8; 4096];
+        stdout.read_exact(&mut first).unwrap();
+        assert!(first[..] == big[..4096]);
+        match sig {
+            None => drop(stdout),
+            Some(sig) => {
+                // SAFETY: kill with the pid of our child.
+                unsafe { libc::kill(child.id() as i32, sig) };
+                // Drained, so a dump blocked writing sees the signal at its next chunk.
+                let mut rest = Vec::new();
+                stdout.read_to_end(&mut rest).unwrap();
+                assert!(rest.len() < big.len() - 4096, "the dump did not stop");
+            }
+        }
+        let o = child.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        match sig {
+            None => assert!(o.status.success() && e.is_empty(), "{:?} {e}", o.status),
+            Some(_) => assert!(
+                !o.status.success() && e.contains("interrupted") && e.contains("unmounted"),
+                "{:?} {e}",
+                o.status
+            ),
+        }
+        assert_clean_tmp(&tmp);
+    }
     // Root reads XFS with the kernel's driver, and detaches its loop device afterwards.
     let o = run(&["dump", r, &point, "p2/hello.txt"]);
     assert!(o.status.success(), "{}", text(&o));
