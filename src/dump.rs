@@ -149,7 +149,7 @@ fn interrupted() -> Result<()> {
 }
 
 /// Whether this process runs as root.
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
@@ -158,7 +158,7 @@ fn is_root() -> bool {
 /// drivers (fuser, libfuse) first open /dev/fuse themselves: it must be open to every user,
 /// as udev's default rule makes it (mode 0666). Say so, rather than let fuse2fs fail later
 /// with a bare "Permission denied".
-fn fuse_usable() -> Result<()> {
+pub(crate) fn fuse_usable() -> Result<()> {
     let dev = c"/dev/fuse";
     // SAFETY: `dev` is a valid NUL-terminated path.
     if unsafe { libc::access(dev.as_ptr(), libc::R_OK | libc::W_OK) } == 0 {

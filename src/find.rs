@@ -203,6 +203,10 @@ pub fn find(
             .map_err(|e| RecoveryError::Browse(anyhow::Error::new(e)))?,
     );
     let points = select(&tree, req)?;
+    // Said once, not on every point's row.
+    if !points.is_empty() && !crate::dump::is_root() {
+        crate::dump::fuse_usable()?;
+    }
     let mut report = FindReport {
         points: points.len(),
         ..FindReport::default()

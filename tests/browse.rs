@@ -1689,6 +1689,13 @@ fn find_lists_the_points_holding_a_path_as_root_and_as_nobody() {
     // As nobody: the same answer for p1; a search of every volume cannot read XFS, says so
     // on the row and fails.
     let (copy, home) = nobody_setup(dir.path(), &repo);
+    if std::fs::metadata("/dev/fuse").unwrap().mode() & 0o006 != 0o006 {
+        let o = as_nobody(&home, &["find", s(&copy), "p1/etc/app*.conf"]);
+        assert!(!o.status.success());
+        let e = text(&o);
+        assert!(e.contains("/dev/fuse cannot be opened by this user"), "{e}");
+        assert_eq!(e.matches("/dev/fuse cannot").count(), 1, "said once: {e}");
+    }
     let _fuse = FuseOpenToAll::new();
     let o = as_nobody(&home, &["find", s(&copy), "p1/etc/app*.conf", "--json"]);
     assert!(o.status.success(), "{}", text(&o));
