@@ -732,10 +732,19 @@ fn mount_one(driver: &Driver, file: &Path, mp: &Path) -> Result<String, String> 
                         .replace('\n', "; ")
                 ));
             }
+            // A user who can read the point can read its whole disk: the guest's permission
+            // checks (root-owned 0600 files) would only hide files, as ntfs-3g's and
+            // fusefat's owner-is-the-user views never do. Root is not checked anyway.
+            // SAFETY: geteuid has no preconditions.
+            let opts = if unsafe { libc::geteuid() } == 0 {
+                SAFE_OPTIONS.to_string()
+            } else {
+                format!("{SAFE_OPTIONS},fakeroot")
+            };
             run(Command::new("fuse2fs")
                 .arg(file)
                 .arg(mp)
-                .args(["-o", SAFE_OPTIONS]))?;
+                .args(["-o", &opts]))?;
             Ok("fuse2fs".into())
         }
         Driver::Ntfs3g => {

@@ -34,7 +34,7 @@ pub const REPO_ENV: &str = "CBTFS_REPO";
 const REPO_HELP: &str =
     "The repository directory (made by `cbtfs init`). May be left out when CBTFS_REPO names it";
 
-const POINT_HELP: &str = "A restore point: VM/DISK/SET/POINT as `cbtfs ls` shows it, VDI_UUID@latest, or VDI_UUID@TIME (the newest point at or before TIME: 2026-01-05, 2026-01-05T02:00:00Z)";
+const POINT_HELP: &str = "A restore point: VM/DISK/SET/POINT as `cbtfs ls` shows it, VM/DISK/latest, VM/DISK@TIME, VDI_UUID@latest or VDI_UUID@TIME (the newest point at or before TIME, UTC: 2026-01-05, 2026-01-05 02:00, 2026-01-05T02:00:00Z), or a point file's path in a cbtfs mount";
 
 const JSON_HELP: &str = "Print the result as JSON on standard output; an error becomes {\"error\": {\"code\", \"message\", \"done\"}} there too";
 
@@ -476,6 +476,57 @@ Examples:
         /// The directory to write the pages into (created if missing).
         dir: PathBuf,
     },
+    /// Write one file from inside a guest filesystem of a restore point (or, with --tar, a
+    /// directory and everything under it). Needs no root and no loop device: the filesystem is
+    /// read by its FUSE driver (fuse2fs, ntfs-3g, fusefat) in a private temporary folder; XFS
+    /// and Btrfs need root.
+    #[command(after_help = "Examples:\n  \
+        cbtfs dump /backup/repo web01/xvda/latest p1/etc/nginx/nginx.conf -o nginx.conf\n  \
+        cbtfs dump /backup/repo web01/xvda/latest vg0-root/var/www --tar | tar -xvf - -C /tmp/restore\n\n\
+        `cbtfs ls --volumes POINT` names the volumes; `cbtfs find` tells which point holds the file you want.")]
+    Dump {
+        #[arg(help = REPO_HELP)]
+        repo: PathBuf,
+        #[arg(help = POINT_HELP)]
+        point: String,
+        /// VOLUME/PATH inside the point: the volume as `cbtfs ls --volumes` names it (p1,
+        /// vg0-root, disk for an unpartitioned disk), then the path from its root.
+        target: String,
+        /// Write to this file instead of standard output (replaced once complete; `-` is
+        /// standard output).
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Write a tar stream (GNU format) of the file or directory, keeping numeric owners,
+        /// modes, mtimes, symlinks and hard links.
+        #[arg(long)]
+        tar: bool,
+    },
+    /// List the restore points in which a path exists, with its size and mtime in each (newest
+    /// point first; points without it say `absent`), to pick the day to `cbtfs dump` from.
+    #[command(after_help = "Examples:\n  \
+        cbtfs find /backup/repo 'p1/etc/nginx/*.conf' --vm web01 --since 2026-01-01\n  \
+        cbtfs find /backup/repo 'etc/host*' --vm web01 --disk xvda --json\n\n\
+        Each point searched is mounted (userspace drivers, no root) and unmounted before the next: \
+        narrow the search with --vm, --disk and --since. Exit status 1 if a volume could not be searched.")]
+    Find {
+        #[arg(help = REPO_HELP)]
+        repo: PathBuf,
+        /// VOLUME/PATH (p1/etc/hosts), or a path searched in every volume (etc/hosts); shell
+        /// globs (*, ?, [a-z]) in any component. Quote it so the shell leaves it alone.
+        pattern: String,
+        /// Only this VM's disks (its name as `cbtfs ls` shows it, or its uuid).
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only this disk (its name as `cbtfs ls` shows it, or its VDI uuid).
+        #[arg(long)]
+        disk: Option<String>,
+        /// Only points taken at or after this time: 2026-01-05, 2026-01-05T00:00:00Z or
+        /// 20260105T000000Z (UTC).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -880,6 +931,21 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             format,
         } => cmd_export(&repo, &point, &out, force, format.as_deref())?,
         Command::Verify { repo, point, json } => return cmd_verify(&repo, point, json),
+        Command::Dump {
+            repo,
+            point,
+            target,
+            output,
+            tar,
+        } => cmd_dump(&repo, &point, &target, output.as_deref(), tar)?,
+        Command::Find {
+            repo,
+            pattern,
+            vm,
+            disk,
+            since,
+            json,
+        } => return cmd_find(&repo, pattern, vm, disk, since, json),
         Command::Browse {
             args,
             unmount,
@@ -1911,6 +1977,157 @@ fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode
     } else {
         ExitCode::from(EXIT_DAMAGE)
     })
+}
+
+/// The canonical `VM/DISK/SET/POINT` of any point name the CLI accepts.
+fn canonical_point(repository: &Repository, spec: &str) -> Result<String> {
+    let (tree, set, seq) = resolve(repository, spec)?;
+    let m = set
+        .points
+        .iter()
+        .find(|p| p.seq == seq)
+        .with_context(|| format!("point {spec:?}: not in its set"))?;
+    Ok(tree.path_of(m).unwrap_or_else(|| m.label()))
+}
+
+fn cmd_dump(repo: &Path, spec: &str, target: &str, output: Option<&Path>, tar: bool) -> Result<()> {
+    use crate::dump;
+    let repository = open(repo)?;
+    let point = canonical_point(&repository, spec)?;
+    let to_stdout = output.is_none_or(|o| o.as_os_str() == "-");
+    if to_stdout && tar && std::io::stdout().is_terminal() {
+        bail!(
+            "refusing to write a tar stream to the terminal: add -o FILE, or pipe it (| tar -xvf -)"
+        );
+    }
+    crate::diff::stop_on_signals();
+    let result = match output {
+        Some(o) if !to_stdout => dump::dump_to_path(&repository, &point, target, tar, o),
+        _ => dump::dump(
+            &repository,
+            &point,
+            target,
+            tar,
+            &mut std::io::stdout().lock(),
+        ),
+    };
+    let report = match result {
+        Ok(r) => r,
+        // The reader went away (`| head`): everything was unmounted; end quietly.
+        Err(e) if e.is_broken_pipe() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for w in &report.warnings {
+        eprintln!("cbtfs: warning: {w}");
+    }
+    if let Some(o) = output.filter(|_| !to_stdout) {
+        let what = if tar {
+            format!(
+                "{} entries, {} of file data",
+                report.entries,
+                human(report.bytes)
+            )
+        } else {
+            format!("{} bytes", report.bytes)
+        };
+        println!(
+            "wrote {}/{} of {} to {} ({what})",
+            report.volume,
+            report.path,
+            report.point,
+            o.display()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_find(
+    repo: &Path,
+    pattern: String,
+    vm: Option<String>,
+    disk: Option<String>,
+    since: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    use crate::find::{self, FindRequest, Status};
+    let repository = open(repo)?;
+    let since = match since {
+        Some(s) => Some(find::parse_since(&s).map_err(|e| anyhow::anyhow!("--since: {e}"))?),
+        None => None,
+    };
+    let req = FindRequest {
+        pattern,
+        vm,
+        disk,
+        since,
+    };
+    crate::diff::stop_on_signals();
+    let on = std::io::stderr().is_terminal();
+    let report = find::find(&repository, &req, &|i, n, p| {
+        if on {
+            eprint!("\r\x1b[Ksearching point {} of {n}: {p}", i + 1);
+        }
+    });
+    if on {
+        eprint!("\r\x1b[K");
+    }
+    let report = report?;
+    if json {
+        emit(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&report.rows)?
+        ))?;
+    } else if report.points == 0 {
+        emit("no restore point matches --vm/--disk/--since\n")?;
+    } else {
+        let width = |f: &dyn Fn(&find::Row) -> usize, min: usize| {
+            report.rows.iter().map(f).max().unwrap_or(0).max(min)
+        };
+        let wp = width(&|r| r.point.len(), 5);
+        let wv = width(&|r| r.volume.as_deref().map_or(1, str::len), 6);
+        let wf = width(&|r| r.path.as_deref().map_or(1, str::len), 4);
+        let mut out = format!(
+            "{:<wp$}  {:<wv$}  {:<wf$}  {:>12}  {:<20}  TYPE\n",
+            "POINT", "VOLUME", "PATH", "SIZE", "MTIME"
+        );
+        for r in &report.rows {
+            let vol = r.volume.as_deref().unwrap_or("-");
+            let path = r.path.as_deref().unwrap_or("-");
+            match r.status {
+                Status::Present => {
+                    let kind = match (&r.target, r.kind) {
+                        (Some(t), _) => format!("symlink -> {t}"),
+                        (None, k) => k.unwrap_or("-").to_string(),
+                    };
+                    out.push_str(&format!(
+                        "{:<wp$}  {vol:<wv$}  {path:<wf$}  {:>12}  {:<20}  {kind}\n",
+                        r.point,
+                        r.size.unwrap_or(0),
+                        r.mtime.as_deref().unwrap_or("-"),
+                    ));
+                }
+                Status::Absent => out.push_str(&format!(
+                    "{:<wp$}  {vol:<wv$}  {path:<wf$}  {:>12}\n",
+                    r.point, "absent"
+                )),
+                Status::NotSearched => out.push_str(&format!(
+                    "{:<wp$}  {vol:<wv$}  {path:<wf$}  {:>12}  {}\n",
+                    r.point,
+                    "not searched",
+                    r.reason.as_deref().unwrap_or("")
+                )),
+            }
+        }
+        emit(&out)?;
+    }
+    if report.not_searched > 0 {
+        eprintln!(
+            "cbtfs: error: {} volume(s) or point(s) could not be searched (rows marked `not searched` say why): the answer is incomplete",
+            report.not_searched
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -227,7 +227,8 @@ fn fiemap(f: &File) -> io::Result<Vec<(u64, u64, u64, u32)>> {
 /// both browses end, so nothing is left mounted.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-fn interrupted() -> bool {
+/// Whether a signal asked the work to stop (see `stop_on_signals`); `dump` and `find` ask too.
+pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 

@@ -1314,3 +1314,615 @@ fn diff_of_a_volume_that_cannot_be_mounted_says_not_compared_and_fails() {
     let out = ok(&["diff", s(&h.repo), p0, p1, "disk/added.txt"]);
     assert_eq!(out, "A\tdisk/added.txt\n");
 }
+
+// ---- `cbtfs dump` and `cbtfs find`: files back without root or loop devices ----
+
+/// The dump/find test disk (GPT, sectors): p1 ext4 48 MiB, p2 xfs 310 MiB (XFS's minimum is
+/// 300 MiB; the image is sparse, so it costs little).
+const DF_P1: (u64, u64) = (2048, 98_304);
+const DF_P2: (u64, u64) = (100_352, 634_880);
+
+/// A GPT disk with p1 ext4 (empty `etc/`) and p2 xfs (holding `hello.txt`), nothing imported.
+fn dumpfind_disk(dir: &Path) -> History {
+    let img = dir.join("disk.img");
+    sh(&format!("truncate -s 400M {}", s(&img)));
+    sh(&format!(
+        "sgdisk -a 2048 -n1:{}:{} -n2:{}:{} {}",
+        DF_P1.0,
+        DF_P1.0 + DF_P1.1 - 1,
+        DF_P2.0,
+        DF_P2.0 + DF_P2.1 - 1,
+        s(&img)
+    ));
+    with_loop(&img, DF_P1.0, DF_P1.1, |dev| {
+        sh(&format!("mkfs.ext4 -q {dev}"));
+        edit(dev, "ext4", |m| std::fs::create_dir(m.join("etc")).unwrap());
+    });
+    with_loop(&img, DF_P2.0, DF_P2.1, |dev| {
+        sh(&format!("mkfs.xfs -q -f {dev}"));
+        edit(dev, "xfs", |m| {
+            write(&m.join("hello.txt"), b"hello from xfs\n")
+        });
+    });
+    History::new(dir, &img)
+}
+
+/// Change p1 of the disk with `f` (mounted rw by the kernel, as the guest would).
+fn on_p1<T>(h: &History, f: impl FnOnce(&Path) -> T) -> T {
+    // Not `edit`: its tree walk would read the fifo made here (and wait forever).
+    with_loop(&h.img, DF_P1.0, DF_P1.1, |dev| {
+        let mp = tempfile::tempdir().unwrap();
+        sh(&format!("mount -t ext4 {dev} {}", s(mp.path())));
+        let r = catch_unwind(AssertUnwindSafe(|| f(mp.path())));
+        sh(&format!("umount {}", s(mp.path())));
+        r.unwrap_or_else(|p| resume_unwind(p))
+    })
+}
+
+/// Everything tar must keep of an entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Meta {
+    node: Node,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+}
+
+/// Every entry under `root` (itself as ""), and the groups of names sharing an inode.
+fn meta_tree(root: &Path) -> (BTreeMap<String, Meta>, BTreeSet<Vec<String>>) {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((p, rel)) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p).unwrap();
+        let node = if md.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                let r = if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
+                stack.push((e.path(), r));
+            }
+            Node::Dir
+        } else if md.file_type().is_symlink() {
+            Node::Link(
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        } else if md.is_file() {
+            if md.nlink() > 1 {
+                inodes.entry(md.ino()).or_default().push(rel.clone());
+            }
+            Node::File(std::fs::read(&p).unwrap())
+        } else {
+            Node::File(format!("special {:o}", md.mode() & 0o170000).into_bytes())
+        };
+        out.insert(
+            rel,
+            Meta {
+                node,
+                mode: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                mtime: md.mtime(),
+            },
+        );
+    }
+    let links = inodes
+        .into_values()
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect();
+    (out, links)
+}
+
+/// Run cbtfs as `nobody` (uid/gid 65534, no groups) with nothing of this environment but PATH,
+/// HOME and TMPDIR (`home`): no XDG_RUNTIME_DIR.
+fn as_nobody(home: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()])
+        .args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", home)
+        .env("TMPDIR", home)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    )
+}
+
+/// A copy of `repo` readable by everyone, and a home folder owned by nobody, in `dir`.
+fn nobody_setup(dir: &Path, repo: &Path) -> (PathBuf, PathBuf) {
+    let copy = dir.join("repo-copy");
+    sh(&format!("cp -a {} {}", s(repo), s(&copy)));
+    sh(&format!(
+        "chmod -R a+rX {} && chmod a+rx {}",
+        s(&copy),
+        s(dir)
+    ));
+    let home = dir.join("nobody-home");
+    std::fs::create_dir(&home).unwrap();
+    sh(&format!("chown 65534:65534 {}", s(&home)));
+    (copy, home)
+}
+
+/// /dev/fuse open to every user (udev's default mode, 0666) while it lives; the mode it had is
+/// put back on drop. The container this runs in may create it 0600.
+struct FuseOpenToAll(Option<u32>);
+
+impl FuseOpenToAll {
+    fn new() -> FuseOpenToAll {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata("/dev/fuse").unwrap().mode() & 0o7777;
+        if mode & 0o006 == 0o006 {
+            return FuseOpenToAll(None);
+        }
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666)).unwrap();
+        FuseOpenToAll(Some(mode))
+    }
+}
+
+impl Drop for FuseOpenToAll {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(m) = self.0 {
+            let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(m));
+        }
+    }
+}
+
+/// What a dump or find must leave in a TMPDIR: nothing but an empty browse-state folder.
+fn assert_clean_tmp(tmp: &Path) {
+    for e in std::fs::read_dir(tmp).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            !name.starts_with("cbtfs-dump-"),
+            "working folder left: {}",
+            p.display()
+        );
+        if name.starts_with("cbtfs-") && p.join("browse").exists() {
+            let left: Vec<_> = std::fs::read_dir(p.join("browse")).unwrap().collect();
+            assert!(left.is_empty(), "browse state left: {left:?}");
+        }
+    }
+    assert!(mounts_under(tmp).is_empty(), "{:?}", mounts_under(tmp));
+}
+
+#[test]
+fn dump_files_and_tars_as_root_and_as_nobody() {
+    let _serial = serial();
+    if !needs(&[
+        "sgdisk",
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "losetup",
+        "fuse2fs",
+        "e2fsck",
+        "tar",
+        "setpriv",
+        "fusermount3",
+    ]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = dumpfind_disk(dir.path());
+    let mut rng = TestRng::new(170);
+    let big = random(&mut rng, (3 << 20) + 123);
+    let long_dir = "a-long-directory-name-".repeat(4);
+    let long_file = format!("{}.txt", "file-with-a-long-name-".repeat(3));
+    let long_target = format!("/{}", "t".repeat(150));
+    let (want, want_links) = on_p1(&h, |m| {
+        let www = m.join("srv/www");
+        write(
+            &m.join("etc/nginx/nginx.conf"),
+            b"events {}\nhttp { server { listen 80; } }\n",
+        );
+        write(&www.join("big.bin"), &big);
+        write(&www.join(&long_dir).join(&long_file), b"deep\n");
+        std::fs::hard_link(www.join("big.bin"), www.join("big-hardlink.bin")).unwrap();
+        std::os::unix::fs::symlink("../../etc/nginx/nginx.conf", www.join("conf-link")).unwrap();
+        std::os::unix::fs::symlink(&long_target, www.join("long-target")).unwrap();
+        std::os::unix::fs::symlink("/etc/nginx/nginx.conf", m.join("abs-link")).unwrap();
+        sh(&format!("mkfifo {}", s(&www.join("fifo"))));
+        sh(&format!(
+            "cd {w} && chown 1234:5678 big.bin && chmod 0640 big.bin && chmod 0600 {d}/{f} \
+             && chmod 0751 {d} && chown -h 42:43 conf-link && chmod 2750 . && chmod 0600 ../../etc/nginx/nginx.conf",
+            w = s(&www),
+            d = long_dir,
+            f = long_file
+        ));
+        // Distinct times, children before their folders.
+        let mut t = 1_700_000_000u64;
+        for p in [
+            format!("{long_dir}/{long_file}"),
+            long_dir.clone(),
+            "big.bin".into(),
+            "conf-link".into(),
+            "long-target".into(),
+            "fifo".into(),
+            ".".into(),
+        ] {
+            sh(&format!("touch -h -d @{t} {}", s(&www.join(p))));
+            t += 86_400 + 17;
+        }
+        sh(&format!("touch -d @{t} {}", s(&m.join("srv"))));
+        meta_tree(&m.join("srv"))
+    });
+    assert!(
+        format!("srv/www/{long_dir}/{long_file}").len() > 100,
+        "the long name must need more than ustar's 100 bytes"
+    );
+    assert_eq!(want_links.len(), 1, "{want_links:?}");
+    let point = h.commit(false);
+    // What errors and reports call it (the mount's file name, without `.raw`).
+    let canonical = point.trim_end_matches(".raw").to_string();
+    let repo = h.repo.clone();
+    let r = s(&repo);
+    let loops_before = losetup_list();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .env("TMPDIR", &tmp)
+            .output()
+            .unwrap()
+    };
+
+    // One file, byte for byte, to standard output and to -o FILE; any point name works.
+    let o = run(&["dump", r, &point, "p1/srv/www/big.bin"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.stdout == big, "stdout differs from the guest's file");
+    let out = dir.path().join("big.out");
+    let by_uuid = format!("{}@latest", h.vdi);
+    let o = run(&["dump", r, &by_uuid, "p1/srv/www/big.bin", "-o", s(&out)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(&out).unwrap() == big);
+    assert!(
+        text(&o).contains(&format!("of {canonical} ")),
+        "{}",
+        text(&o)
+    );
+    // The guest's links are followed inside the guest (a relative one, an absolute one).
+    let conf = b"events {}\nhttp { server { listen 80; } }\n";
+    for link in ["p1/srv/www/conf-link", "p1/abs-link"] {
+        let o = run(&["dump", r, &point, link]);
+        assert!(o.status.success(), "{link}: {}", text(&o));
+        assert_eq!(o.stdout, conf, "{link}");
+    }
+
+    // A directory as tar: extracted, everything tar keeps is as in the guest.
+    let tar_file = dir.path().join("srv.tar");
+    let o = run(&["dump", r, &point, "p1/srv", "--tar", "-o", s(&tar_file)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o2 = run(&["dump", r, &point, "p1/srv", "--tar"]);
+    assert!(o2.status.success(), "{}", text(&o2));
+    assert!(
+        o2.stdout == std::fs::read(&tar_file).unwrap(),
+        "the tar on stdout differs from the one written with -o"
+    );
+    let ext = dir.path().join("extracted");
+    std::fs::create_dir(&ext).unwrap();
+    sh(&format!(
+        "tar -x --numeric-owner -p -f {} -C {}",
+        s(&tar_file),
+        s(&ext)
+    ));
+    let (got, got_links) = meta_tree(&ext.join("srv"));
+    assert_eq!(got.len(), want.len());
+    for (k, v) in &want {
+        assert_eq!(got.get(k), Some(v), "{k}");
+    }
+    assert_eq!(got_links, want_links);
+
+    // Errors name the point, the volume and what to do.
+    let o = run(&["dump", r, &point, "p1/srv/www"]);
+    assert!(!o.status.success());
+    let e = text(&o);
+    assert!(
+        e.contains("is a directory") && e.contains("add --tar") && e.contains(&canonical),
+        "{e}"
+    );
+    let o = run(&["dump", r, &point, "p1/srv/www/nope.txt"]);
+    assert!(!o.status.success());
+    let e = text(&o);
+    assert!(
+        e.contains("p1/srv/www/nope.txt does not exist")
+            && e.contains(&canonical)
+            && e.contains("volume p1"),
+        "{e}"
+    );
+    let o = run(&["dump", r, &point, "p9/etc/hosts"]);
+    assert!(!o.status.success());
+    let e = text(&o);
+    assert!(
+        e.contains("no volume \"p9\"") && e.contains("p1 (ext4)") && e.contains("p2 (xfs)"),
+        "{e}"
+    );
+    let o = run(&["dump", r, &point, "p1/srv/www/fifo"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("is a fifo, not a regular file"),
+        "{}",
+        text(&o)
+    );
+    // A reader that goes away (`| head`) ends the dump quietly; Ctrl-C ends it with an error.
+    // Either way everything is unmounted.
+    for sig in [None, Some(libc::SIGINT)] {
+        use std::io::Read;
+        let mut child = Command::new(bin())
+            .args(["dump", r, &point, "p1/srv/www/big.bin"])
+            .env("TMPDIR", &tmp)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = vec![0u8; 4096];
+        stdout.read_exact(&mut first).unwrap();
+        assert!(first[..] == big[..4096]);
+        match sig {
+            None => drop(stdout),
+            Some(sig) => {
+                // SAFETY: kill with the pid of our child.
+                unsafe { libc::kill(child.id() as i32, sig) };
+                // Drained, so a dump blocked writing sees the signal at its next chunk.
+                let mut rest = Vec::new();
+                stdout.read_to_end(&mut rest).unwrap();
+                assert!(rest.len() < big.len() - 4096, "the dump did not stop");
+            }
+        }
+        let o = child.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        match sig {
+            None => assert!(o.status.success() && e.is_empty(), "{:?} {e}", o.status),
+            Some(_) => assert!(
+                !o.status.success() && e.contains("interrupted") && e.contains("unmounted"),
+                "{:?} {e}",
+                o.status
+            ),
+        }
+        assert_clean_tmp(&tmp);
+    }
+    // Root reads XFS with the kernel's driver, and detaches its loop device afterwards.
+    let o = run(&["dump", r, &point, "p2/hello.txt"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(o.stdout, b"hello from xfs\n");
+    assert_eq!(losetup_list(), loops_before);
+    assert_clean_tmp(&tmp);
+
+    // As nobody, over a copy of the repository anyone may read.
+    let (copy, home) = nobody_setup(dir.path(), &repo);
+    let c = s(&copy);
+    let fuse_mode = std::fs::metadata("/dev/fuse").unwrap().mode() & 0o777;
+    if fuse_mode & 0o006 != 0o006 {
+        // Closed to other users (this container's /dev): said plainly.
+        let o = as_nobody(&home, &["dump", c, &point, "p1/srv/www/big.bin"]);
+        assert!(!o.status.success());
+        assert!(
+            text(&o).contains("/dev/fuse cannot be opened by this user"),
+            "{}",
+            text(&o)
+        );
+    }
+    let _fuse = FuseOpenToAll::new();
+    let out = home.join("big.out");
+    let o = as_nobody(
+        &home,
+        &["dump", c, &point, "p1/srv/www/big.bin", "-o", s(&out)],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(&out).unwrap() == big);
+    assert_eq!(std::fs::metadata(&out).unwrap().uid(), 65534);
+    // A root-owned 0600 file of the guest too: whoever reads the point reads its whole disk.
+    let o = as_nobody(&home, &["dump", c, &point, "p1/etc/nginx/nginx.conf"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(o.stdout, conf);
+    let o = as_nobody(&home, &["dump", c, &point, "p1/srv", "--tar"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        o.stdout == std::fs::read(&tar_file).unwrap(),
+        "nobody's tar differs from root's"
+    );
+    // XFS has no userspace driver: the error names the volume, its filesystem and root.
+    let o = as_nobody(&home, &["dump", c, &point, "p2/hello.txt"]);
+    assert!(!o.status.success());
+    let e = text(&o);
+    assert!(
+        e.contains("volume p2") && e.contains("xfs") && e.contains("as root"),
+        "{e}"
+    );
+    assert_eq!(losetup_list(), loops_before, "a loop device was attached");
+    assert_clean_tmp(&home);
+    assert_clean_tmp(&tmp);
+}
+
+#[test]
+fn find_lists_the_points_holding_a_path_as_root_and_as_nobody() {
+    let _serial = serial();
+    if !needs(&[
+        "sgdisk",
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "losetup",
+        "fuse2fs",
+        "e2fsck",
+        "setpriv",
+        "fusermount3",
+    ]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = dumpfind_disk(dir.path());
+    // Point 0: no app.conf. Point 1: 100 bytes. Point 2: 2500 bytes, a later mtime, and a
+    // second match for the glob.
+    let p0 = h.commit(false).trim_end_matches(".raw").to_string();
+    let (t1, t2) = (1_767_000_000i64, 1_767_100_000i64);
+    on_p1(&h, |m| {
+        write(&m.join("etc/app.conf"), &[b'a'; 100]);
+        sh(&format!("touch -d @{t1} {}", s(&m.join("etc/app.conf"))));
+    });
+    let p1 = h.commit(false).trim_end_matches(".raw").to_string();
+    on_p1(&h, |m| {
+        write(&m.join("etc/app.conf"), &[b'b'; 2500]);
+        write(&m.join("etc/app-extra.conf"), b"x\n");
+        write(&m.join("etc/.app-hidden.conf"), b"hidden\n");
+        sh(&format!("touch -d @{t2} {}", s(&m.join("etc/app.conf"))));
+        sh(&format!(
+            "touch -d @{t2} {}",
+            s(&m.join("etc/app-extra.conf"))
+        ));
+    });
+    let p2 = h.commit(false).trim_end_matches(".raw").to_string();
+    let repo = h.repo.clone();
+    let r = s(&repo);
+    let loops_before = losetup_list();
+    let rfc = |t: i64| cbtfs::timefmt::rfc3339(t);
+    // (point, status, volume, path, size, mtime)
+    type Rows = Vec<(String, String, String, String, u64, String)>;
+    let rows = |json: &str| -> Rows {
+        let v: Value = serde_json::from_str(json).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["point"].as_str().unwrap().to_string(),
+                    r["status"].as_str().unwrap().to_string(),
+                    r["volume"].as_str().unwrap_or("").to_string(),
+                    r["path"].as_str().unwrap_or("").to_string(),
+                    r["size"].as_u64().unwrap_or(0),
+                    r["mtime"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let row = |p: &str, st: &str, path: &str, size: u64, mtime: &str| {
+        (
+            p.to_string(),
+            st.to_string(),
+            "p1".to_string(),
+            path.to_string(),
+            size,
+            mtime.to_string(),
+        )
+    };
+    let want: Rows = vec![
+        row(&p2, "present", "etc/app-extra.conf", 2, &rfc(t2)),
+        row(&p2, "present", "etc/app.conf", 2500, &rfc(t2)),
+        row(&p1, "present", "etc/app.conf", 100, &rfc(t1)),
+        row(&p0, "absent", "etc/app*.conf", 0, ""),
+    ];
+    let json = ok(&["find", r, "p1/etc/app*.conf", "--json"]);
+    assert_eq!(rows(&json), want);
+    // The text: one line per row, newest point first, `absent` where it is missing.
+    let out = ok(&["find", r, "p1/etc/app*.conf"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    assert!(lines[0].starts_with("POINT"), "{out}");
+    for (l, w) in lines[1..].iter().zip(&want) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(f[0], w.0, "{out}");
+        assert_eq!(f[1], "p1", "{out}");
+        assert_eq!(f[2], w.3, "{out}");
+        if w.1 == "absent" {
+            assert_eq!(f[3], "absent", "{out}");
+        } else {
+            assert_eq!(f[3], w.4.to_string(), "{out}");
+            assert_eq!(f[4], w.5, "{out}");
+            assert_eq!(f[5], "file", "{out}");
+        }
+    }
+    // A path in every volume: as root, XFS (p2) is searched with the kernel's driver.
+    let json = ok(&["find", r, "etc/app.conf", "--json"]);
+    assert_eq!(
+        rows(&json),
+        vec![
+            want[1].clone(),
+            want[2].clone(),
+            (
+                p0.clone(),
+                "absent".into(),
+                String::new(),
+                "etc/app.conf".into(),
+                0,
+                String::new()
+            ),
+        ]
+    );
+    // --since (a time or a date), --vm, --disk bound the points searched.
+    let json = ok(&["find", r, "p1/etc/app.conf", "--json", "--since", &time(1)]);
+    assert_eq!(rows(&json), vec![want[1].clone(), want[2].clone()]);
+    let json = ok(&[
+        "find",
+        r,
+        "p1/etc/app.conf",
+        "--json",
+        "--since",
+        "2026-01-01",
+        "--vm",
+        "no-vm",
+        "--disk",
+        &h.vdi,
+    ]);
+    assert_eq!(rows(&json).len(), 3);
+    let out = ok(&["find", r, "p1/etc/app.conf", "--since", "2026-01-02"]);
+    assert!(out.contains("no restore point matches"), "{out}");
+    let (_, e) = fails(&["find", r, "p1/etc/app.conf", "--vm", "web99"]);
+    assert!(e.contains("no VM \"web99\"") && e.contains("no-vm"), "{e}");
+    let (_, e) = fails(&["find", r, "p1/etc/app.conf", "--disk", "xvdz"]);
+    assert!(e.contains("no disk \"xvdz\""), "{e}");
+    assert_eq!(losetup_list(), loops_before);
+
+    // As nobody: the same answer for p1; a search of every volume cannot read XFS, says so
+    // on the row and fails.
+    let (copy, home) = nobody_setup(dir.path(), &repo);
+    if std::fs::metadata("/dev/fuse").unwrap().mode() & 0o006 != 0o006 {
+        let o = as_nobody(&home, &["find", s(&copy), "p1/etc/app*.conf"]);
+        assert!(!o.status.success());
+        let e = text(&o);
+        assert!(e.contains("/dev/fuse cannot be opened by this user"), "{e}");
+        assert_eq!(e.matches("/dev/fuse cannot").count(), 1, "said once: {e}");
+    }
+    let _fuse = FuseOpenToAll::new();
+    let o = as_nobody(&home, &["find", s(&copy), "p1/etc/app*.conf", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(rows(&String::from_utf8_lossy(&o.stdout)), want);
+    let o = as_nobody(&home, &["find", s(&copy), "etc/app.conf", "--json"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows_p2: Vec<&Value> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["volume"] == "p2")
+        .collect();
+    assert_eq!(rows_p2.len(), 3, "{v}");
+    for r in rows_p2 {
+        assert_eq!(r["status"], "not-searched", "{r}");
+        let why = r["reason"].as_str().unwrap();
+        assert!(why.contains("xfs") && why.contains("as root"), "{why}");
+    }
+    assert!(text(&o).contains("could not be searched"), "{}", text(&o));
+    assert_eq!(losetup_list(), loops_before, "a loop device was attached");
+    assert_clean_tmp(&home);
+}

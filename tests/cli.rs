@@ -155,7 +155,10 @@ fn backup_takes_repo_as_first_argument() {
         .unwrap();
     let m = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{m}");
-    assert!(m.contains("nothing-here is not a cbtfs repository"), "{m}");
+    assert!(
+        m.contains("nothing-here\" is not a cbtfs repository"),
+        "{m}"
+    );
 }
 
 fn with_repo_env(repo: &str, args: &[&str]) -> std::process::Output {
@@ -188,7 +191,7 @@ fn cbtfs_repo_names_the_repository_when_left_out() {
     );
     let o = with_repo_env(&repo, &["verify"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok: 1 points"));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok: 1 point"));
     // Given on the line, it wins over CBTFS_REPO (which names nothing here).
     let o = with_repo_env(s(&d.path().join("not-a-repo")), &["ls", &repo, "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -197,7 +200,7 @@ fn cbtfs_repo_names_the_repository_when_left_out() {
     let o = with_repo_env(s(&d.path().join("not-a-repo")), &["ls"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("not-a-repo is not a cbtfs repository"),
+        String::from_utf8_lossy(&o.stderr).contains("not-a-repo\" is not a cbtfs repository"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
@@ -245,8 +248,8 @@ fn json_errors_carry_code_message_done_and_status() {
     assert_eq!(human.status.code(), Some(1));
     assert!(human.stdout.is_empty());
     let message = format!(
-        "{m} is not a cbtfs repository (no cbtfs.repo file); create one with `cbtfs init {m}`",
-        m = missing.display()
+        "{m:?} is not a cbtfs repository (nothing exists at that path); create one with `cbtfs init DIR` or check the path",
+        m = missing.display().to_string()
     );
     assert_eq!(human_err, format!("cbtfs: error: {message}\n"));
 
