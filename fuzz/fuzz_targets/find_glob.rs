@@ -10,7 +10,12 @@ fuzz_target!(|data: &[u8]| {
         Some(i) => (&data[..i], &data[i + 1..]),
         None => (data, &b""[..]),
     };
-    let name: Vec<u8> = name.iter().copied().filter(|&b| b != 0 && b != b'/').take(255).collect();
+    let name: Vec<u8> = name
+        .iter()
+        .copied()
+        .filter(|&b| b != 0 && b != b'/')
+        .take(255)
+        .collect();
     let _ = cbtfs::find::glob_match(pat, &name);
     // Every byte escaped: matches exactly the name itself.
     let escaped: Vec<u8> = name.iter().flat_map(|&b| [b'\\', b]).collect();
