@@ -95,6 +95,8 @@ pub(crate) const PRUNE_PREFIX: &str = ".prune-";
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest disk a point can describe: block numbers are u32 (roaring bitmaps).
 pub const MAX_VIRTUAL_SIZE: u64 = (u32::MAX as u64) * BLOCK_SIZE;
+/// The largest write a point's data file gets at once (see `PointWriter::append`).
+const WRITE_PIECE: usize = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RepoHeader {
@@ -1265,11 +1267,18 @@ impl PointWriter<'_> {
 
     fn append(&mut self, bytes: &[u8]) -> Result<()> {
         let loc = self.data_loc();
-        self.data
+        let data = self
+            .data
             .as_mut()
-            .ok_or_else(|| RepoError::Invalid("internal: point already finished".into()))?
-            .write_all(bytes)
-            .map_err(|e| RepoError::io("write", &loc, e))
+            .ok_or_else(|| RepoError::Invalid("internal: point already finished".into()))?;
+        // A run of blocks goes to the file at most 1 MiB per write: measured on a 1 GiB
+        // import, 4 MiB writes into the page cache were throttled to several times the time of
+        // the same bytes in 1 MiB writes.
+        for piece in bytes.chunks(WRITE_PIECE) {
+            data.write_all(piece)
+                .map_err(|e| RepoError::io("write", &loc, e))?;
+        }
+        Ok(())
     }
 
     /// Add block `block` with `bytes` (64 KiB, or less for the disk's last block: zero-padded).
