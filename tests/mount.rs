@@ -736,32 +736,7 @@ fn after_a_prune_a_kept_point_reads_its_own_bytes_not_a_removed_ones() {
     let repo = dp.join("repo");
     ok(&["init", s(&repo)]);
     let v = vdi(16);
-    let blocks = 16u64;
-    let all: Vec<u64> = (0..blocks).collect();
-    let bm = write_bitmap(dp, "all.bm", &all, blocks);
-    let img = dp.join("img");
-    let mut points = Vec::new();
-    for i in 0..3u64 {
-        let mut data = vec![0u8; blocks as usize * BS];
-        TestRng::new(1600 + i).fill(&mut data);
-        std::fs::write(&img, &data).unwrap();
-        let t = time(i);
-        let mut args = vec![
-            "import",
-            s(&repo),
-            "--vdi",
-            &v,
-            "--raw",
-            s(&img),
-            "--time",
-            &t,
-        ];
-        if i > 0 {
-            args.extend(["--bitmap", s(&bm)]);
-        }
-        ok(&args);
-        points.push(data);
-    }
+    let points = import_random_points(dp, &repo, &v, 16, 3, 1600);
     let m = Mounted::new(&repo, &dp.join("mnt"), &[]);
     let paths = point_paths(&repo);
     assert_eq!(paths.len(), 3);
@@ -920,30 +895,7 @@ fn a_point_pruned_after_a_listing_is_enoent_without_a_warning() {
     let dp = d.path();
     let repo = dp.join("repo");
     ok(&["init", s(&repo)]);
-    let v = vdi(172);
-    let all: Vec<u64> = (0..4).collect();
-    let bm = write_bitmap(dp, "all.bm", &all, 4);
-    let img = dp.join("img");
-    for i in 0..3u64 {
-        let mut data = vec![0u8; 4 * BS];
-        TestRng::new(1720 + i).fill(&mut data);
-        std::fs::write(&img, &data).unwrap();
-        let t = time(i);
-        let mut args = vec![
-            "import",
-            s(&repo),
-            "--vdi",
-            &v,
-            "--raw",
-            s(&img),
-            "--time",
-            &t,
-        ];
-        if i > 0 {
-            args.extend(["--bitmap", s(&bm)]);
-        }
-        ok(&args);
-    }
+    import_random_points(dp, &repo, &vdi(172), 4, 3, 1720);
     let paths = point_paths(&repo);
     assert_eq!(paths.len(), 3);
     let m = Mounted::new(&repo, &dp.join("mnt"), &[]);

@@ -247,6 +247,45 @@ pub fn import_life(dir: &Path, repo: &Path, steps: &[Step], seed: u64) -> String
     import_life_spaced(dir, repo, steps, seed, 1)
 }
 
+/// `n` points of one disk of `blocks` blocks, each wholly random (seed `seed + i`): a base,
+/// then increments whose bitmap marks every block, an hour apart. Returns each point's bytes.
+pub fn import_random_points(
+    dir: &Path,
+    repo: &Path,
+    vdi: &str,
+    blocks: u64,
+    n: u64,
+    seed: u64,
+) -> Vec<Vec<u8>> {
+    let all: Vec<u64> = (0..blocks).collect();
+    let bm = write_bitmap(dir, "all.bm", &all, blocks);
+    let img = dir.join("img");
+    let mut points = Vec::new();
+    for i in 0..n {
+        let mut data = vec![0u8; blocks as usize * 65536];
+        TestRng::new(seed + i).fill(&mut data);
+        std::fs::write(&img, &data).unwrap();
+        let t = time(i);
+        let mut args = vec![
+            "import",
+            s(repo),
+            "--vdi",
+            vdi,
+            "--raw",
+            s(&img),
+            "--time",
+            &t,
+        ];
+        if i > 0 {
+            args.extend(["--bitmap", s(&bm)]);
+        }
+        ok(&args);
+        points.push(data);
+    }
+    std::fs::remove_file(&img).unwrap();
+    points
+}
+
 /// `import_life` with points `hours` apart.
 pub fn import_life_spaced(
     dir: &Path,
