@@ -76,7 +76,7 @@ fn read_pin(repo: &Repository, host: &str) -> Result<Option<String>, XapiError> 
 }
 
 fn write_pin(repo: &Repository, host: &str, fp: &str) -> Result<(), RepoError> {
-    use crate::repo::store::Store;
+    use crate::repo::store1::Store;
     let store = repo.store();
     store
         .make_dir("hosts")

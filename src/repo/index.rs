@@ -31,7 +31,7 @@ use std::io::{self, Write};
 use roaring::RoaringBitmap;
 
 use super::error::{RepoError, Result};
-use super::store::{Mapped, ObjectWriter};
+use super::store1::{Mapped, ObjectWriter};
 use crate::BLOCK_SHIFT;
 
 pub const MAGIC: [u8; 8] = *b"CBTFSIX\x01";

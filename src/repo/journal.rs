@@ -26,7 +26,7 @@ use std::io;
 use serde::{Deserialize, Serialize};
 
 use super::error::{RepoError, Result};
-use super::store::Store;
+use super::store1::Store;
 use super::{Repository, WriteLock, manifest, valid_uuid};
 
 pub const JOURNAL_DIR: &str = "journal";

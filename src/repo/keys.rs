@@ -30,7 +30,10 @@ pub const KEY_VERSION: u64 = 1;
 pub enum Secret {
     Password(String),
     /// The key file's 32 secret bytes (read from `path`, which names it in messages).
-    KeyFile { path: PathBuf, key: [u8; 32] },
+    KeyFile {
+        path: PathBuf,
+        key: [u8; 32],
+    },
 }
 
 impl std::fmt::Debug for Secret {
@@ -65,9 +68,17 @@ pub struct KdfCost {
 }
 
 impl KdfCost {
-    pub const DEFAULT: KdfCost = KdfCost { m_kib: 64 * 1024, t: 3, p: 1 };
+    pub const DEFAULT: KdfCost = KdfCost {
+        m_kib: 64 * 1024,
+        t: 3,
+        p: 1,
+    };
     /// Taken when the environment variable `CBTFS_KDF_FAST=1` is set (tests only; documented).
-    pub const FAST: KdfCost = KdfCost { m_kib: 1024, t: 1, p: 1 };
+    pub const FAST: KdfCost = KdfCost {
+        m_kib: 1024,
+        t: 1,
+        p: 1,
+    };
     /// DEFAULT, or FAST when `CBTFS_KDF_FAST=1`.
     pub fn from_env() -> KdfCost {
         todo!()

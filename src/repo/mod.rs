@@ -59,12 +59,17 @@
 //! another process truncating an index while it is mapped would fault the reader (the limit of
 //! mapping; repository files are private to their owner).
 
+pub mod chunkindex;
 pub mod copy;
+pub mod crypto;
 pub mod error;
 pub mod index;
 pub mod journal;
+pub mod keys;
 pub mod manifest;
+pub mod pack;
 pub mod store;
+pub mod store1;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -78,7 +83,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::{RepoError, Result};
 use index::{Entry, Index, IndexWriter};
-use store::{LocalStore, Object, ObjectWriter, Store};
+use store1::{LocalStore, Object, ObjectWriter, Store};
 
 use crate::{BLOCK_SIZE, blocks_for, timefmt};
 
@@ -496,7 +501,7 @@ impl Repository {
         // The repository directory itself is private: it holds whole disks.
         set_private(path).map_err(|e| RepoError::io("set permissions of", &loc, e))?;
         // Its own entry must survive power loss, or the whole repository could vanish.
-        store::sync_parent(path)
+        store1::sync_parent(path)
             .map_err(|e| RepoError::io("sync the directory holding", &loc, e))?;
         let store = LocalStore::new(path);
         store
@@ -768,7 +773,7 @@ impl Repository {
         use std::os::unix::ffi::OsStrExt;
         let a = self.store.path(&set_key(vdi, set));
         let b = self.store.path(other);
-        store::sync_dir(&b).map_err(|e| RepoError::io("sync", self.store.describe(other), e))?;
+        store1::sync_dir(&b).map_err(|e| RepoError::io("sync", self.store.describe(other), e))?;
         let ca = std::ffi::CString::new(a.as_os_str().as_bytes())
             .map_err(|_| RepoError::Invalid("path with a NUL byte".into()))?;
         let cb = std::ffi::CString::new(b.as_os_str().as_bytes())
@@ -791,7 +796,8 @@ impl Repository {
             ));
         }
         let parent = self.store.path(&format!("{DISKS}/{vdi}"));
-        store::sync_dir(&parent).map_err(|e| RepoError::io("sync", parent.display().to_string(), e))
+        store1::sync_dir(&parent)
+            .map_err(|e| RepoError::io("sync", parent.display().to_string(), e))
     }
 
     /// Move set `vdi/set` aside into a prune directory (removing a whole set atomically);
@@ -802,7 +808,7 @@ impl Repository {
         std::fs::rename(self.store.path(&from), self.store.path(&to))
             .map_err(|e| RepoError::io("move", self.store.describe(&from), e))?;
         let parent = self.store.path(&format!("{DISKS}/{vdi}"));
-        store::sync_dir(&parent)
+        store1::sync_dir(&parent)
             .map_err(|e| RepoError::io("sync", parent.display().to_string(), e))?;
         Ok(to)
     }
@@ -905,7 +911,7 @@ impl Repository {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(store::FILE_MODE)
+            .mode(store1::FILE_MODE)
             .open(&path)
             .map_err(|e| RepoError::io("open lock file", &loc, e))?;
         // A lock just released can stay held for a moment by a forked child that has not yet
@@ -1163,13 +1169,13 @@ trait DirBuilderPrivate {
 impl DirBuilderPrivate for std::fs::DirBuilder {
     fn mode_private(&mut self) -> &mut Self {
         use std::os::unix::fs::DirBuilderExt;
-        self.mode(store::DIR_MODE)
+        self.mode(store1::DIR_MODE)
     }
 }
 
 fn set_private(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(store::DIR_MODE))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(store1::DIR_MODE))
 }
 
 /// The writer lock; released when dropped (or when the process dies).
