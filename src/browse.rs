@@ -39,6 +39,8 @@ const SAFE_OPTIONS: &str = "ro,nodev,nosuid,noexec";
 pub struct BrowseOptions {
     /// Only FUSE drivers: no kernel code parses the guest's filesystems.
     pub userspace: bool,
+    /// The repository's secret (resolved by the command line).
+    pub secret: Option<crate::repo::keys::Secret>,
 }
 
 /// What became of one volume.
@@ -792,7 +794,7 @@ pub fn browse(
     // Absolute: the background process works from `/`.
     let repo =
         std::fs::canonicalize(repo).with_context(|| format!("repository {}", repo.display()))?;
-    let repository = Repository::open(&repo)?;
+    let repository = Repository::open(&repo, opts.secret.as_ref())?;
     crate::raise_fd_limit();
     let dir = if dir.is_absolute() {
         dir.to_path_buf()

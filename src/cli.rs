@@ -11,7 +11,9 @@ use anyhow::{Context, Result, bail};
 use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 
+mod secret;
 mod text;
+use secret::SecretSources;
 use text::{count, plural};
 
 use crate::export;
@@ -21,6 +23,19 @@ use crate::read::PointReader;
 use crate::repo::{Repository, valid_uuid};
 use crate::verify::{self, VerifyReport};
 use crate::{BLOCK_SIZE, blocks_for, timefmt};
+
+/// A percentage in (0, 100].
+fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage (like 10 or 2.5)"))?;
+    if v > 0.0 && v <= 100.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not between 0 (excluded) and 100"))
+    }
+}
 
 /// Exit status when `verify` finds damage (1 is any other error, 2 a usage error).
 pub const EXIT_DAMAGE: u8 = 3;
@@ -55,7 +70,8 @@ Environment:
 fn mount_options_help() -> String {
     format!(
         "Mount options, comma-separated: allow_other (every user may read the mount), allow_root, \
-         log_file=FILE, threads=N (threads serving reads, 1 to 64; default {threads}), \
+         log_file=FILE, key_file=FILE or repo_password_file=FILE (what opens an encrypted \
+         repository, for fstab), threads=N (threads serving reads, 1 to 64; default {threads}), \
          prefetch=MiB (read-ahead of each sequential reader, 0 turns it off, at most 1024; \
          default {prefetch}), nonempty (mount over a directory that is not empty, hiding what is \
          there; refused without it), nodev, nosuid, noexec, noatime (and dev, suid, exec, atime, \
@@ -77,6 +93,21 @@ fn mount_options_help() -> String {
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The repository's password, read from the first line of FILE (never give it on the
+    /// command line). Also CBTFS_REPO_PASSWORD_FILE, or CBTFS_REPO_PASSWORD
+    #[arg(long, global = true, value_name = "FILE")]
+    repo_password_file: Option<PathBuf>,
+    /// A key file that opens the repository (made by `cbtfs init --key-file` or `cbtfs key
+    /// add --new-key-file`). Also CBTFS_KEY_FILE
+    #[arg(long, global = true, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+}
+
+/// Where this run's repository secret comes from (set once, before any command runs).
+static SECRET_SOURCES: std::sync::OnceLock<SecretSources> = std::sync::OnceLock::new();
+
+fn secret_sources() -> SecretSources {
+    SECRET_SOURCES.get().cloned().unwrap_or_default()
 }
 
 // Parsed once per run: the size difference between variants does not matter.
@@ -91,6 +122,12 @@ Examples:
     Init {
         /// The directory to create (or an empty one). May be left out when CBTFS_REPO names it.
         repo: PathBuf,
+        /// `none` stores the repository unencrypted (integrity tags only; `cbtfs ls` shows it).
+        /// The default encrypts everything with a key held in key slots: a password (from
+        /// --repo-password-file, CBTFS_REPO_PASSWORD_FILE, CBTFS_REPO_PASSWORD or a prompt) or a
+        /// key file (--key-file FILE: made if it does not exist)
+        #[arg(long, value_name = "MODE", default_value = "on", value_parser = ["on", "none"])]
+        encryption: String,
     },
     /// Add a restore point from a raw disk image or an NBD export.
     ///
@@ -406,6 +443,10 @@ Examples:
         /// Show what would be removed; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Only drop the points from the metadata; leave deleting the data nothing references
+        /// any more to a later `cbtfs gc`.
+        #[arg(long)]
+        no_gc: bool,
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
@@ -454,6 +495,10 @@ Examples:
         repo: PathBuf,
         /// Check only this point (and the points it depends on); any form `cbtfs export` takes.
         point: Option<String>,
+        /// Read and authenticate only about PERCENT of the stored chunks, chosen at random each
+        /// run (every manifest, index and reference is still checked). Default: all of them
+        #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+        sample: Option<f64>,
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
@@ -536,6 +581,10 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e, json),
     };
+    let _ = SECRET_SOURCES.set(SecretSources {
+        password_file: cli.repo_password_file.clone(),
+        key_file: cli.key_file.clone(),
+    });
     // Commands that print data end quietly when their reader goes away (`cbtfs ls | head`,
     // `cbtfs export ... - | cmp`). The others keep SIGPIPE ignored: a server closing a socket
     // must surface as an error to retry, never kill the process.
@@ -606,14 +655,26 @@ fn parse_args(args: Vec<OsString>, repo_env: Option<OsString>) -> Result<Cli, cl
     {
         return Err(first);
     }
-    // The command's name: the first argument that is not an option (cbtfs has no global
-    // options taking values).
-    let Some(at) = args
-        .iter()
-        .skip(1)
-        .position(|a| !a.to_string_lossy().starts_with('-'))
-        .map(|i| i + 1)
-    else {
+    // The command's name: the first argument that is neither an option nor the value of a
+    // global option taking one (--repo-password-file FILE, --key-file FILE).
+    let mut at = None;
+    let mut skip_value = false;
+    for (i, a) in args.iter().enumerate().skip(1) {
+        let a = a.to_string_lossy();
+        if skip_value {
+            skip_value = false;
+            continue;
+        }
+        if a == "--repo-password-file" || a == "--key-file" {
+            skip_value = true;
+            continue;
+        }
+        if !a.starts_with('-') {
+            at = Some(i);
+            break;
+        }
+    }
+    let Some(at) = at else {
         return Err(first);
     };
     let name = args.get(at).map(|a| a.to_string_lossy().into_owned());
@@ -807,6 +868,8 @@ fn repo_code(e: &crate::repo::RepoError) -> &'static str {
         RepoError::Locked { .. } => "locked",
         RepoError::Invalid(_) => "invalid_input",
         RepoError::NotFound(_) => "not_found",
+        RepoError::OldFormat { .. } => "unsupported_version",
+        RepoError::NeedSecret { .. } => "key_needed",
     }
 }
 
@@ -888,10 +951,7 @@ fn error_text(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
     match cli.command {
-        Command::Init { repo } => {
-            Repository::init(&repo)?;
-            println!("created repository {}", repo.display());
-        }
+        Command::Init { repo, encryption } => cmd_init(&repo, &encryption)?,
         Command::Import {
             repo,
             vdi,
@@ -930,7 +990,12 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             force,
             format,
         } => cmd_export(&repo, &point, &out, force, format.as_deref())?,
-        Command::Verify { repo, point, json } => return cmd_verify(&repo, point, json),
+        Command::Verify {
+            repo,
+            point,
+            sample,
+            json,
+        } => return cmd_verify(&repo, point, sample, json),
         Command::Dump {
             repo,
             point,
@@ -952,7 +1017,15 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             foreground,
             userspace,
         } => {
-            let opts = crate::browse::BrowseOptions { userspace };
+            let secret = match args.as_slice() {
+                [repo, _, _] if !unmount => repo_secret(repo)?,
+                [_, _] if !unmount => match std::env::var_os(REPO_ENV) {
+                    Some(r) => repo_secret(Path::new(&r))?,
+                    None => None,
+                },
+                _ => None,
+            };
+            let opts = crate::browse::BrowseOptions { userspace, secret };
             match (unmount, args.as_slice()) {
                 (true, [dir]) => {
                     let dir = crate::browse::unmount_dir(dir)?;
@@ -988,7 +1061,10 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             userspace,
             json,
         } => {
-            let opts = crate::browse::BrowseOptions { userspace };
+            let opts = crate::browse::BrowseOptions {
+                userspace,
+                secret: None,
+            };
             let repository = open(&repo)?;
             crate::diff::stop_on_signals();
             let report =
@@ -1011,9 +1087,27 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             options,
         } => {
             let opts = crate::mount::parse_options(&options)?;
-            crate::mount::mount(&repo, &mountpoint, foreground, opts, &|m| {
-                eprintln!("cbtfs: {m}")
-            })?
+            // fstab lines name the secret in -o; flags and the environment work as anywhere.
+            let mut sources = secret_sources();
+            if sources.key_file.is_none() {
+                sources.key_file = opts.key_file.clone();
+            }
+            if sources.password_file.is_none() {
+                sources.password_file = opts.repo_password_file.clone();
+            }
+            let _ = SECRET_SOURCES.set(sources.clone());
+            let secret = match secret::resolve(&sources, "mount the repository")? {
+                Some(s) => Some(s),
+                None => repo_secret(&repo)?,
+            };
+            crate::mount::mount(
+                &repo,
+                &mountpoint,
+                foreground,
+                opts,
+                secret.as_ref(),
+                &|m| eprintln!("cbtfs: {m}"),
+            )?
         }
         Command::Backup {
             repo,
@@ -1093,6 +1187,7 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             keep_monthly,
             vdi,
             dry_run,
+            no_gc,
             json,
         } => {
             let policy = crate::prune::Policy {
@@ -1110,7 +1205,7 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
                     repo.display()
                 );
             }
-            let r = crate::prune::prune(&repository, policy, vdi.as_deref(), dry_run)?;
+            let r = crate::prune::prune(&repository, policy, vdi.as_deref(), dry_run, no_gc)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -1483,8 +1578,78 @@ fn cmd_sim(
     Ok(())
 }
 
+/// The repository secret this run was given, or (for an encrypted repository, on a
+/// terminal) asked for.
+fn repo_secret(repo: &Path) -> Result<Option<crate::repo::keys::Secret>> {
+    if let Some(s) = secret::resolve(&secret_sources(), "open the repository")? {
+        return Ok(Some(s));
+    }
+    let header = Repository::probe(repo)?;
+    if header.encryption != crate::repo::ENCRYPTION_NONE && std::io::stdin().is_terminal() {
+        return Ok(Some(secret::prompt(
+            &format!("password of repository {}: ", repo.display()),
+            false,
+        )?));
+    }
+    Ok(None)
+}
+
 fn open(repo: &Path) -> Result<Repository> {
-    Ok(Repository::open(repo)?)
+    let secret = repo_secret(repo)?;
+    Ok(Repository::open(repo, secret.as_ref())?)
+}
+
+/// `cbtfs init`: create the repository and say where its key material is.
+fn cmd_init(repo: &Path, encryption: &str) -> Result<()> {
+    use crate::repo::keys::Secret;
+    if encryption == "none" {
+        Repository::init(repo, &crate::repo::Encryption::None)?;
+        println!(
+            "created repository {} WITHOUT encryption (--encryption none): anyone who can read its files can read the backed-up disks; integrity is still checked",
+            repo.display()
+        );
+        return Ok(());
+    }
+    let sources = secret_sources();
+    let key_file = sources
+        .key_file
+        .clone()
+        .or_else(|| std::env::var_os("CBTFS_KEY_FILE").map(PathBuf::from));
+    let (secret, made_key_file) = match &key_file {
+        Some(k) if !k.exists() => (Secret::create_key_file(k)?, true),
+        _ => match secret::resolve(&sources, "encrypt the new repository")? {
+            Some(s) => (s, false),
+            None if std::io::stdin().is_terminal() => (
+                secret::prompt(
+                    &format!("new password for repository {}: ", repo.display()),
+                    true,
+                )?,
+                false,
+            ),
+            None => bail!(
+                "a new repository is encrypted: give a password with --repo-password-file FILE (or CBTFS_REPO_PASSWORD_FILE / CBTFS_REPO_PASSWORD), or a key file with --key-file FILE (made if it does not exist); or choose --encryption none"
+            ),
+        },
+    };
+    let r = Repository::init(repo, &crate::repo::Encryption::Secret(secret.clone()))?;
+    println!("created encrypted repository {}", repo.display());
+    let slot = r.opened_slot().unwrap_or("?");
+    match &secret {
+        Secret::KeyFile { path, .. } => println!(
+            "  its key is wrapped by the key file {}{} (key slot {}/keys/{slot})",
+            path.display(),
+            if made_key_file { ", made now" } else { "" },
+            repo.display()
+        ),
+        Secret::Password(_) => println!(
+            "  its key is wrapped by your password (key slot {}/keys/{slot})",
+            repo.display()
+        ),
+    }
+    println!(
+        "  keep a copy of the password or key file somewhere else: if every key slot's secret is lost, the backups cannot be read by anyone (add another with `cbtfs key add`)"
+    );
+    Ok(())
 }
 
 /// Progress on a terminal: one line, rewritten at most every 200 ms.
@@ -1917,14 +2082,30 @@ fn cmd_export(
     Ok(())
 }
 
-fn cmd_verify(repo: &Path, point: Option<String>, json: bool) -> Result<ExitCode> {
+fn cmd_verify(
+    repo: &Path,
+    point: Option<String>,
+    sample: Option<f64>,
+    json: bool,
+) -> Result<ExitCode> {
     let repository = open(repo)?;
     let mut report = VerifyReport::default();
+    let opts = verify::VerifyOptions {
+        sample_percent: sample,
+    };
     match &point {
-        None => verify::verify_all(&repository, &mut report)?,
+        None => verify::verify_all(&repository, &opts, &mut report)?,
         Some(spec) => {
             let (_, set, seq) = resolve(&repository, spec)?;
-            verify::verify_set(&repository, &set, Some(seq), &mut report);
+            let mut checked = verify::checked();
+            verify::verify_set(
+                &repository,
+                &set,
+                Some(seq),
+                &opts,
+                &mut checked,
+                &mut report,
+            );
         }
     }
     if let Ok(catalog) = repository.catalog() {

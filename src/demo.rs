@@ -133,8 +133,16 @@ pub fn run_demo(dir: &Path, say: &dyn Fn(&str)) -> Result<()> {
         ],
     )?;
 
-    let repo = Repository::init(&repo_path)?;
-    say(&format!("== repository {}", repo_path.display()));
+    // Encrypted like every repository, with a key file beside it (a real one belongs
+    // somewhere else, with a copy offsite).
+    let key_file = dir.join("repo.key");
+    let secret = crate::repo::keys::Secret::create_key_file(&key_file)?;
+    let repo = Repository::init(&repo_path, &crate::repo::Encryption::Secret(secret))?;
+    say(&format!(
+        "== repository {} (encrypted; its key file is {})",
+        repo_path.display(),
+        key_file.display()
+    ));
     say("== a simulated XenServer host (management API over HTTPS, NBD over TLS, CBT)");
     let mut cfg = crate::sim::SimConfig::new(&dir.join("host"));
     cfg.user = "root".into();
@@ -261,6 +269,7 @@ pub fn run_demo(dir: &Path, say: &dyn Fn(&str)) -> Result<()> {
 
     say(&format!("== cbtfs ls {}", repo_path.display()));
     let out = Command::new(std::env::current_exe()?)
+        .env("CBTFS_KEY_FILE", &key_file)
         .args(["ls", &repo_path.display().to_string()])
         .output()?;
     for l in String::from_utf8_lossy(&out.stdout).lines() {
@@ -269,7 +278,7 @@ pub fn run_demo(dir: &Path, say: &dyn Fn(&str)) -> Result<()> {
 
     say("== verify");
     let mut report = crate::verify::VerifyReport::default();
-    crate::verify::verify_all(&repo, &mut report)?;
+    crate::verify::verify_all(&repo, &crate::verify::VerifyOptions::default(), &mut report)?;
     if !report.ok() {
         bail!("verify found damage: {:?}", report.damage);
     }
@@ -316,6 +325,7 @@ pub fn run_demo(dir: &Path, say: &dyn Fn(&str)) -> Result<()> {
     fs::create_dir_all(&mnt)?;
     let exe = std::env::current_exe()?;
     let mounted = Command::new(&exe)
+        .env("CBTFS_KEY_FILE", &key_file)
         .args([
             "mount",
             &repo_path.display().to_string(),
@@ -333,6 +343,7 @@ pub fn run_demo(dir: &Path, say: &dyn Fn(&str)) -> Result<()> {
         let repo_arg = repo_path.display().to_string();
         say("== what changed in the guest from the first backup to day 3 (cbtfs diff)");
         if let Ok(o) = Command::new(&exe)
+            .env("CBTFS_KEY_FILE", &key_file)
             .args(["diff", &repo_arg, &first_path, &day3_point])
             .output()
         {
@@ -347,7 +358,7 @@ pub fn run_demo(dir: &Path, say: &dyn Fn(&str)) -> Result<()> {
         // SAFETY: geteuid has no preconditions.
         let userspace = unsafe { libc::geteuid() } != 0;
         let mut browse = Command::new(&exe);
-        browse.arg("browse");
+        browse.env("CBTFS_KEY_FILE", &key_file).arg("browse");
         if userspace {
             browse.arg("--userspace");
         }
@@ -367,11 +378,12 @@ pub fn run_demo(dir: &Path, say: &dyn Fn(&str)) -> Result<()> {
             say(&format!("   {} = {:?}", report.display(), text.trim_end()));
         }
         say(&format!(
-            "== done. Explore it:\n   ls -l {m}/demo-vm/root/*/\n   ls -R {f}/disk/home\n   qemu-img info {m}/demo-vm/root/latest.raw\n   cbtfs ls {repo}; cbtfs verify {repo}\n   sudo mount -o loop,ro,noload {day3} /mnt   # the raw way\n   cbtfs browse --unmount {f}; umount {m}    # when done",
+            "== done. Explore it:\n   export CBTFS_KEY_FILE={key}   # what opens the repository\n   ls -l {m}/demo-vm/root/*/\n   ls -R {f}/disk/home\n   qemu-img info {m}/demo-vm/root/latest.raw\n   cbtfs ls {repo}; cbtfs verify {repo}\n   sudo mount -o loop,ro,noload {day3} /mnt   # the raw way\n   cbtfs browse --unmount {f}; umount {m}    # when done",
             m = mnt.display(),
             f = files.display(),
             day3 = day3.display(),
-            repo = repo_path.display()
+            repo = repo_path.display(),
+            key = key_file.display()
         ));
     } else {
         say(&format!(
@@ -380,8 +392,9 @@ pub fn run_demo(dir: &Path, say: &dyn Fn(&str)) -> Result<()> {
             mnt.display()
         ));
         say(&format!(
-            "== done. Explore it:\n   cbtfs ls {repo}\n   cbtfs export {repo} {vdi}@latest /tmp/latest.raw\n   cbtfs verify {repo}",
-            repo = repo_path.display()
+            "== done. Explore it:\n   export CBTFS_KEY_FILE={key}\n   cbtfs ls {repo}\n   cbtfs export {repo} {vdi}@latest /tmp/latest.raw\n   cbtfs verify {repo}",
+            repo = repo_path.display(),
+            key = key_file.display()
         ));
     }
     Ok(())

@@ -275,8 +275,16 @@ impl Mounted {
         }
         let work = WorkDir::new()?;
         let dir = work.0.join("fs");
-        let userspace = Session::start(repo, point, &dir, &BrowseOptions { userspace: true })
-            .map_err(RecoveryError::Browse)?;
+        let userspace = Session::start(
+            repo,
+            point,
+            &dir,
+            &BrowseOptions {
+                userspace: true,
+                secret: None,
+            },
+        )
+        .map_err(RecoveryError::Browse)?;
         let mut m = Mounted::from_session(userspace, work);
         // A name that is no volume of this point (find's path in every volume): all wanted.
         let wanted = wanted.filter(|w| m.volumes.iter().any(|v| v.name == *w));
@@ -289,8 +297,16 @@ impl Mounted {
             m.end()?;
             let work = WorkDir::new()?;
             let dir = work.0.join("fs");
-            let kernel = Session::start(repo, point, &dir, &BrowseOptions { userspace: false })
-                .map_err(RecoveryError::Browse)?;
+            let kernel = Session::start(
+                repo,
+                point,
+                &dir,
+                &BrowseOptions {
+                    userspace: false,
+                    secret: None,
+                },
+            )
+            .map_err(RecoveryError::Browse)?;
             m = Mounted::from_session(kernel, work);
         }
         Ok(m)

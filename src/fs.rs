@@ -57,7 +57,6 @@ pub const ROOT_INO: u64 = 1;
 /// Snapshots younger than this are not rescanned by `opendir`/`readlink`.
 const FRESH: Duration = Duration::from_millis(200);
 /// Reads of the catalog tried before a rescan gives up (each retry follows a prune's swap).
-const SCAN_TRIES: usize = 8;
 /// Open point readers kept after their last handle closes (a chain map and layer references each).
 const READER_CACHE: usize = 64;
 pub const POINT_SUFFIX: &str = ".raw";
@@ -304,12 +303,13 @@ fn ino_of(identity: &str) -> u64 {
     fnv(INO_BASIS, identity.as_bytes()).max(2)
 }
 
-/// The chain hash of a point, from the hash of the chain below it (its objects' names carry
-/// random nonces; `PointReader::reads_chain` checks a cache hit exactly anyway).
+/// The chain hash of a point, from the hash of the chain below it (index keys are random and
+/// change with every new generation; `PointReader::reads_chain` checks a cache hit exactly
+/// anyway).
 fn chain_step(below: u64, m: &crate::repo::PointManifest) -> u64 {
-    let h = fnv(below, m.index.name.as_bytes());
+    let h = fnv(below, m.index.key.as_bytes());
     let h = fnv(h, b"/");
-    let h = fnv(h, m.data.name.as_bytes());
+    let h = fnv(h, m.id.as_bytes());
     fnv(h, &m.seq.to_le_bytes())
 }
 
@@ -375,7 +375,7 @@ impl Snapshot {
                         // apart by their objects' names.
                         let mut id = format!("{vdi}/{}/{}", set.id, p.point_id());
                         if !ids.insert(id.clone()) {
-                            id = format!("{id}/{}", p.index.name);
+                            id = format!("{id}/{}", p.index.key);
                         }
                         let ino = s.unique(inodes, &format!("point:{id}"));
                         s.nodes.insert(
@@ -534,46 +534,13 @@ impl CbtFs {
         &self.repo
     }
 
-    /// (device, inode) of every set directory, by `VDI/SET`. A prune swaps a set's directory
-    /// for a rebuilt one: a catalog read while that happened shows here as a change.
-    fn set_dirs(&self) -> BTreeMap<String, (u64, u64)> {
-        use std::os::unix::fs::MetadataExt;
-        let mut out = BTreeMap::new();
-        for vdi in self.repo.disk_ids().unwrap_or_default() {
-            let dir = self.repo.store().path(&crate::repo::set_key(&vdi, ""));
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                // A prune's work directory (`.prune-*`) is no set.
-                if !name.starts_with('.')
-                    && let Ok(md) = e.metadata()
-                    && md.is_dir()
-                {
-                    out.insert(format!("{vdi}/{name}"), (md.dev(), md.ino()));
-                }
-            }
-        }
-        out
-    }
-
-    /// The repository's catalog, read whole while no set directory was swapped: the manifests
-    /// of a set read across a prune's swap could mix the old set's points with the new one's
-    /// (an unchanged point's increment over a chain it does not belong to).
+    /// The repository's catalog. The repository layer reads it consistently (a listing that
+    /// changed while manifests were read is read again), and every state a prune passes
+    /// through reads the same bytes for every kept point.
     fn consistent_catalog(&self) -> Result<Vec<crate::repo::DiskHistory>, FsError> {
-        for _ in 0..SCAN_TRIES {
-            let before = self.set_dirs();
-            let catalog = self
-                .repo
-                .catalog()
-                .map_err(|source| FsError::Repository { source })?;
-            if self.set_dirs() == before {
-                return Ok(catalog);
-            }
-            tracing::debug!("the repository changed while it was read; reading it again");
-        }
-        Err(FsError::Unsettled { tries: SCAN_TRIES })
+        self.repo
+            .catalog()
+            .map_err(|source| FsError::Repository { source })
     }
 
     /// Rebuild the tree from the repository now, and forget what the new view no longer has.

@@ -140,7 +140,7 @@ impl Filesystem for FuseAdapter {
             let mut b = b.borrow_mut();
             // Requests start on a page and blocks on 64 KiB, so with the buffer aligned every
             // block run in the request can be read directly.
-            let buf = crate::repo::store1::aligned_slice(&mut b, size as usize);
+            let buf = crate::repo::store::aligned_slice(&mut b, size as usize);
             match self.fs.read(fh.0, offset, buf) {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(errno(&e)),

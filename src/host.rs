@@ -56,35 +56,21 @@ pub enum Event<'a> {
     Blocks(&'a str, u64, u64),
 }
 
-fn pin_key(host: &str) -> String {
-    let safe: String = host
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("hosts/{safe}.pin")
-}
-
 /// The pinned fingerprint; None on first use only (an empty or damaged pin is an error).
 fn read_pin(repo: &Repository, host: &str) -> Result<Option<String>, XapiError> {
-    crate::xapi::trust::read_pin(&repo.store().path(&pin_key(host)))
+    let file = repo.pin_location(host);
+    match repo.read_pin(host) {
+        Ok(None) => Ok(None),
+        Ok(Some(text)) => crate::xapi::trust::parse_pin(text.as_bytes(), &file).map(Some),
+        Err(e) => Err(XapiError::Pin {
+            file,
+            problem: format!("cannot be read ({e})"),
+        }),
+    }
 }
 
 fn write_pin(repo: &Repository, host: &str, fp: &str) -> Result<(), RepoError> {
-    use crate::repo::store1::Store;
-    let store = repo.store();
-    store
-        .make_dir("hosts")
-        .map_err(|e| RepoError::io("create", store.describe("hosts"), e))?;
-    let key = pin_key(host);
-    store
-        .put_new(&key, format!("{fp}\n").as_bytes())
-        .map_err(|e| RepoError::io("write", store.describe(&key), e))
+    repo.write_pin(host, fp)
 }
 
 /// Connect and log in, following HOST_IS_SLAVE to the pool master; pins the certificate on
@@ -151,7 +137,7 @@ pub(crate) async fn connect(
                         host: host.clone(),
                         pinned: p.clone(),
                         seen,
-                        pin_file: repo.store().path(&pin_key(&host)).display().to_string(),
+                        pin_file: repo.pin_location(&host),
                     }
                     .into());
                 }

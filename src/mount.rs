@@ -50,6 +50,10 @@ pub struct MountOptions {
     pub flags: Vec<String>,
     /// Mount over a directory that is not empty, hiding its entries (`nonempty`).
     pub nonempty: bool,
+    /// `key_file=FILE` / `repo_password_file=FILE`: what opens an encrypted repository (fstab
+    /// lines cannot pass flags).
+    pub key_file: Option<PathBuf>,
+    pub repo_password_file: Option<PathBuf>,
 }
 
 /// Split an option string on commas; `\,` is a literal comma (util-linux's escaping).
@@ -84,6 +88,8 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
             "allow_root" => m.allow_root = true,
             "nonempty" => m.nonempty = true,
             "log_file" => m.log_file = value.map(PathBuf::from),
+            "key_file" => m.key_file = value.map(PathBuf::from),
+            "repo_password_file" => m.repo_password_file = value.map(PathBuf::from),
             "threads" => {
                 let n = value
                     .as_deref()
@@ -116,7 +122,7 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
             | "nofail" | "defaults" | "comment" | "loop" => {}
             k if k.starts_with("x-") => {}
             k => bail!(
-                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, nonempty, log_file=FILE, threads=N, prefetch=MiB, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
+                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, nonempty, log_file=FILE, key_file=FILE, repo_password_file=FILE, threads=N, prefetch=MiB, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
             ),
         }
     }
@@ -437,11 +443,12 @@ pub fn mount(
     mountpoint: &Path,
     foreground: bool,
     opts: MountOptions,
+    secret: Option<&crate::repo::keys::Secret>,
     notice: &dyn Fn(&str),
 ) -> Result<()> {
     let repo_path =
         std::fs::canonicalize(repo).with_context(|| format!("repository {}", repo.display()))?;
-    let repository = Repository::open(&repo_path)?.with_direct_reads();
+    let repository = Repository::open(&repo_path, secret)?.with_direct_reads();
     let mp = prepare_mountpoint(mountpoint, opts.nonempty, notice)?;
     crate::raise_fd_limit();
     if foreground {

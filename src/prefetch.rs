@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::read::{PointReader, ReadError};
-use crate::repo::store1::aligned_slice;
+use crate::repo::store::aligned_slice;
 
 /// Unit of fetch: the kernel's largest FUSE read, so a request usually maps to one chunk.
 pub const CHUNK: u64 = 1 << 20;

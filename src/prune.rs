@@ -1,26 +1,26 @@
 //! `cbtfs prune`: retention with restic's vocabulary (`--keep-last`, `--keep-daily`,
 //! `--keep-weekly`, `--keep-monthly`), keeping every kept point byte-identical.
 //!
-//! A set loses points by being rebuilt beside itself and swapped in atomically:
-//! * a kept point right after another kept point (or the base) keeps its objects, hard-linked;
-//! * a kept point after dropped ones is rewritten to hold every block that changed since the
-//!   previous kept point, read from the original chain (so its bytes are exactly the kept
-//!   point's), plus the disk's tail when a dropped point had shrunk the disk (the old chain hid
-//!   older data there by size; the new one must hide it by content);
-//! * a dropped base makes the first kept point a full base.
+//! Prune never rewrites data; it writes metadata:
+//! * a kept point right after another kept point (or the base) is not touched;
+//! * a kept point after dropped ones gets a new index that takes over the entries it still
+//!   needs from them: for every block that changed since the previous kept point (every block,
+//!   for a new base; plus the disk's tail when a dropped point had shrunk the disk), the chunk
+//!   the original chain resolves it to, or a zero record. Its bytes are exactly the kept
+//!   point's. It is committed as a new generation of its manifest whose parent skips the
+//!   dropped points;
+//! * then the dropped points' manifests are deleted (the newest first, so a crash never leaves
+//!   a chain with a hole), and `gc` deletes the chunks nothing references any more.
 //!
-//! The rebuilt set lives in a `.prune-*` directory until `renameat2(RENAME_EXCHANGE)` swaps it
-//! with the set; then the old set (now in the `.prune-*` directory) is deleted. A crash at any
-//! moment leaves the old set or the new one, whole; the next writer deletes the leftover
-//! directory and a rerun finishes the job. Readers that opened points before the swap keep
-//! their open files (the mount opens every layer's data when it opens a point).
+//! A crash at any moment leaves every kept point readable with the same bytes: a new generation
+//! hides the points it skips (see `Repository::assemble_set`) and the next writer deletes them.
 
 use serde::Serialize;
 
 use crate::naming::Tree;
 use crate::read::PointReader;
-use crate::repo::copy::{CopyError, copy_blocks};
-use crate::repo::{NewPoint, PointManifest, RepoError, Repository, SetHistory, WriteLock};
+use crate::repo::gc::{self, GcReport};
+use crate::repo::{PointManifest, RepoError, Repository, SetHistory, WriteLock};
 use crate::{BLOCK_SIZE, blocks_for};
 
 /// Which points to keep. A point is kept if any rule keeps it.
@@ -87,7 +87,7 @@ pub struct DiskOutcome {
     pub vm: Option<String>,
     pub kept: usize,
     pub removed: usize,
-    /// Kept points rewritten to absorb removed ones.
+    /// Kept points whose metadata took over removed ones' entries.
     pub rewritten: usize,
     pub sets_removed: usize,
     /// Labels (`VDI@TIME`) of the points removed.
@@ -105,9 +105,15 @@ pub struct PruneReport {
     pub dry_run: bool,
     pub policy: Policy,
     pub disks: Vec<DiskOutcome>,
-    /// Bytes of point objects (data and index) before and after.
+    /// Bytes the repository's objects take before and after (after the garbage collection
+    /// that follows, when it runs; a dry run estimates it).
     pub bytes_before: u64,
     pub bytes_after: u64,
+    /// Bytes of new metadata (indexes, manifests) written: prune never rewrites data.
+    pub bytes_written: u64,
+    /// The garbage collection that ran after (or would run, in a dry run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc: Option<GcReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,19 +126,22 @@ pub enum PruneError {
     Read { point: String, detail: String },
 }
 
-fn stored_bytes(points: &[PointManifest]) -> u64 {
-    points
-        .iter()
-        .map(|m| m.data.len + m.index.len + m.vm_metadata.as_ref().map_or(0, |v| v.len))
-        .sum()
+/// Bytes of every object in the repository.
+fn repository_bytes(repo: &Repository) -> Result<u64, PruneError> {
+    let all = repo
+        .store()
+        .list("")
+        .map_err(|e| RepoError::io("list", repo.store().describe(""), e))?;
+    Ok(all.iter().map(|o| o.len).sum())
 }
 
-/// Apply `policy` to every disk (or just `only`).
+/// Apply `policy` to every disk (or just `only`), then collect garbage unless `no_gc`.
 pub fn prune(
     repo: &Repository,
     policy: Policy,
     only: Option<&str>,
     dry_run: bool,
+    no_gc: bool,
 ) -> Result<PruneReport, PruneError> {
     if policy.is_empty() {
         return Err(PruneError::Refused(
@@ -145,26 +154,33 @@ pub fn prune(
         dry_run,
         policy,
         disks: Vec::new(),
-        bytes_before: 0,
+        bytes_before: repository_bytes(repo)?,
         bytes_after: 0,
+        bytes_written: 0,
+        gc: None,
     };
+    // Leftovers of an interrupted prune go first.
+    if !dry_run {
+        repo.clean_orphans(&lock, "")?;
+    }
     // Names as the mount shows them before the prune (the removed points are in it).
     let tree = Tree::build(repo.catalog()?);
-    for vdi in repo.disk_ids()? {
-        if only.is_some_and(|o| o != vdi) {
-            continue;
-        }
-        // Leftovers of an interrupted prune or import go first.
-        if !dry_run {
-            repo.clean_orphans(&lock, &vdi)?;
-        }
-        let disk = repo.disk(&vdi)?;
+    // In a dry run: the chunks every kept point will reference, to estimate what gc frees.
+    let mut live_after: Vec<crate::repo::crypto::ChunkId> = Vec::new();
+    for disk in repo.catalog()? {
+        let vdi = disk.vdi.clone();
         let Some(newest) = disk.newest().cloned() else {
             continue;
         };
         let all: Vec<&PointManifest> = disk.sets.iter().flat_map(|s| s.points.iter()).collect();
         let times: Vec<i64> = all.iter().map(|m| m.time).collect();
         let keep = policy.keep(&times);
+        let selected = only.is_none_or(|o| o == vdi);
+        let keep: Vec<bool> = if selected {
+            keep
+        } else {
+            vec![true; all.len()]
+        };
         let mut outcome = DiskOutcome {
             vdi: vdi.clone(),
             disk: newest.disk_name.clone(),
@@ -183,33 +199,34 @@ pub fn prune(
             disk_path: tree.disk_path(&vdi).unwrap_or_else(|| vdi.clone()),
             removed_paths: Vec::new(),
         };
-        report.bytes_before += stored_bytes(&all.iter().map(|m| (*m).clone()).collect::<Vec<_>>());
         let mut i = 0;
         for set in &disk.sets {
             let flags = &keep[i..i + set.points.len()];
             i += set.points.len();
             if !set.problems.is_empty() {
-                // Points after the damage are not even listed: rewriting would lose them.
+                // Points after the damage are not even listed: taking them over would lose
+                // them. Their chunks stay referenced (gc refuses to run on a damaged set).
                 outcome.skipped_sets.push(set.id.clone());
                 outcome.kept += flags.iter().filter(|k| !**k).count();
                 outcome.removed -= flags.iter().filter(|k| !**k).count();
-                continue;
-            }
-            if flags.iter().all(|k| *k) {
+                if dry_run {
+                    live_after.extend(chunks_of(repo, &set.points)?);
+                }
                 continue;
             }
             if flags.iter().all(|k| !*k) {
                 outcome.sets_removed += 1;
-                if !dry_run {
-                    let aside = repo.retire_set(&lock, &vdi, &set.id)?;
-                    repo.remove_tree(&aside)?;
-                }
-                continue;
+            } else {
+                outcome.rewritten += rewrites(flags);
             }
-            outcome.rewritten += rewrites(flags);
-            if !dry_run {
-                rebuild_set(repo, &lock, set, flags)?;
+            let (written, live) = retire(repo, &lock, set, flags, dry_run)?;
+            report.bytes_written += written;
+            if dry_run {
+                live_after.extend(live);
             }
+        }
+        if !selected {
+            continue;
         }
         outcome.removed_points.retain(|l| {
             !disk
@@ -226,123 +243,157 @@ pub fn prune(
                     .map_or_else(|| l.clone(), |m| tree.name_of(m))
             })
             .collect();
-        report.bytes_after += if dry_run {
-            estimate_after(repo, &disk.sets, &keep)?
-        } else {
-            stored_bytes(
-                &repo
-                    .disk(&vdi)?
-                    .sets
-                    .iter()
-                    .flat_map(|s| s.points.iter().cloned())
-                    .collect::<Vec<_>>(),
-            )
-        };
         report.disks.push(outcome);
+    }
+    if dry_run {
+        live_after.sort_unstable();
+        live_after.dedup();
+        let plan = gc::plan(repo, &live_after, gc::DEFAULT_REPACK_BELOW)?;
+        report.bytes_after =
+            (report.bytes_before + report.bytes_written).saturating_sub(plan.bytes_freed);
+        report.gc = Some(plan);
+    } else {
+        if !no_gc {
+            report.gc = Some(gc::gc(repo, &lock, gc::DEFAULT_REPACK_BELOW, false)?);
+        }
+        report.bytes_after = repository_bytes(repo)?;
     }
     Ok(report)
 }
 
-/// The bytes of point objects a disk's sets will hold after a prune keeping `keep` (flags over
-/// all points of all sets, in order), computed from the manifests and bitmaps the way `fill`
-/// and `rewrite` will write them: kept objects keep their lengths, a dropped set holds nothing,
-/// and a rewritten point stores the blocks of its chain that read as non-zero among those it
-/// will hold. Exact as long as every stored block has a non-zero byte within the disk (what
-/// every cbtfs writer stores); a damaged set is left alone, so it counts as it is.
-fn estimate_after(
+/// Every chunk id the points' indexes name.
+fn chunks_of(
     repo: &Repository,
-    sets: &[SetHistory],
-    keep: &[bool],
-) -> Result<u64, PruneError> {
-    let mut total = 0u64;
-    let mut i = 0;
-    for set in sets {
-        let flags = keep.get(i..i + set.points.len()).unwrap_or(&[]);
-        i += set.points.len();
-        if !set.problems.is_empty() || flags.iter().all(|k| *k) {
-            total += stored_bytes(&set.points);
-            continue;
-        }
-        let mut previous_kept: Option<usize> = None;
-        let mut new_seq = 0u32;
-        for (k, m) in set.points.iter().enumerate() {
-            if !flags.get(k).copied().unwrap_or(true) {
-                continue;
-            }
-            let unchanged = match previous_kept {
-                None => k == 0,
-                Some(p) => p + 1 == k,
-            };
-            total += if unchanged {
-                stored_bytes(std::slice::from_ref(m))
-            } else {
-                let from = previous_kept.map_or(0, |p| p + 1);
-                rewritten_bytes(repo, set, from, k, new_seq == 0)?
-            };
-            previous_kept = Some(k);
-            new_seq += 1;
-        }
+    points: &[PointManifest],
+) -> Result<Vec<crate::repo::crypto::ChunkId>, PruneError> {
+    let mut out = Vec::new();
+    for m in points {
+        out.extend(repo.open_point(m)?.index.chunk_ids());
     }
-    Ok(total)
+    Ok(out)
 }
 
-/// The bytes `rewrite` will write for point `k` of `set` absorbing points `from..k`.
-fn rewritten_bytes(
+/// Kept points whose metadata changes: those right after a dropped point.
+fn rewrites(flags: &[bool]) -> usize {
+    (1..flags.len())
+        .filter(|&k| flags[k] && !flags[k - 1])
+        .count()
+}
+
+/// Drop the points of `set` that `flags` does not keep. Returns the metadata bytes written and
+/// (for a dry run's estimate) the chunks the kept points will reference.
+fn retire(
+    repo: &Repository,
+    _lock: &WriteLock,
+    set: &SetHistory,
+    flags: &[bool],
+    dry_run: bool,
+) -> Result<(u64, Vec<crate::repo::crypto::ChunkId>), PruneError> {
+    let mut written = 0u64;
+    let mut live = Vec::new();
+    let mut previous_kept: Option<usize> = None;
+    for (k, m) in set.points.iter().enumerate() {
+        if !flags[k] {
+            continue;
+        }
+        let unchanged = match previous_kept {
+            None => k == 0,
+            Some(p) => p + 1 == k,
+        };
+        if unchanged {
+            if dry_run {
+                live.extend(repo.open_point(m)?.index.chunk_ids());
+            }
+        } else {
+            let from = previous_kept.map_or(0, |p| p + 1);
+            let parent = previous_kept.map(|p| set.points[p].id.clone());
+            let (changed, data, ids) = take_over(repo, set, from, k, parent.is_none())?;
+            if dry_run {
+                live.extend(ids.chunks_exact(32).map(|c| {
+                    let mut id = [0u8; 32];
+                    id.copy_from_slice(c);
+                    crate::repo::crypto::ChunkId(id)
+                }));
+            } else {
+                let index = repo.put_index(m.virtual_size, &changed, &data, &ids)?;
+                written += index.len;
+                let mut nm = m.clone();
+                nm.generation = m.generation.checked_add(1).ok_or_else(|| {
+                    PruneError::Refused(format!("point {} was rewritten too often", m.label()))
+                })?;
+                nm.parent = parent;
+                nm.changed_blocks = changed.len();
+                nm.data_blocks = data.len();
+                nm.index = index;
+                // The commit: from here on the dropped points below it are superseded.
+                repo.put_manifest(&nm)?;
+                repo.delete(&m.key())?;
+            }
+        }
+        previous_kept = Some(k);
+    }
+    if !dry_run {
+        // Newest first: a crash midway leaves a shorter chain, never one with a hole.
+        for (k, m) in set.points.iter().enumerate().rev() {
+            if !flags[k] {
+                repo.delete(&m.key())?;
+            }
+        }
+    }
+    Ok((written, live))
+}
+
+/// The index point `k` of `set` gets when it absorbs points `from..k`: for every block those
+/// points changed (every block, for a new base; plus the disk's tail where one of them had
+/// shrunk the disk), the chunk the original chain resolves it to, or a zero record (a base
+/// records no zeros). Pure metadata: no block is read.
+fn take_over(
     repo: &Repository,
     set: &SetHistory,
     from: usize,
     k: usize,
     base: bool,
-) -> Result<u64, PruneError> {
-    let m = &set.points[k];
+) -> Result<(roaring::RoaringBitmap, roaring::RoaringBitmap, Vec<u8>), PruneError> {
     let reader = PointReader::open(repo, set, k as u32)?;
     let take = blocks_to_write(repo, set, from, k, base)?;
-    // Blocks of the point that read as non-zero: those its chain resolves to stored data.
-    let mut nonzero = roaring::RoaringBitmap::new();
-    for r in reader.map().runs() {
-        nonzero.insert_range(r.start..r.start.saturating_add(r.len));
-    }
-    // A short last block reads only up to the disk's end: its stored bytes past the end (from
-    // a layer when the disk was larger) do not count. One block read says whether it is zero.
-    let size = m.virtual_size;
-    let tail = size % BLOCK_SIZE;
-    if let Ok(last) = u32::try_from(size / BLOCK_SIZE)
-        && tail != 0
-        && nonzero.contains(last)
-    {
-        let mut buf = vec![0u8; tail as usize];
-        reader
-            .read_at(&mut buf, size - tail)
-            .map_err(|e| PruneError::Read {
-                point: m.label(),
-                detail: e.to_string(),
-            })?;
-        if crate::is_zero(&buf) {
-            nonzero.remove(last);
-        }
-    }
-    // Built as the writer builds them (one insert per block, ascending): the same containers,
-    // so the same serialized length.
-    let (mut changed, mut data) = (roaring::RoaringBitmap::new(), roaring::RoaringBitmap::new());
+    let runs = reader.map().runs();
+    let mut changed = roaring::RoaringBitmap::new();
+    let mut data = roaring::RoaringBitmap::new();
+    let mut ids: Vec<u8> = Vec::new();
+    let mut r = 0usize;
     for b in take.iter() {
-        let stored = nonzero.contains(b);
-        // A base records only what it stores; an increment records zero blocks too.
-        if stored || !base {
-            changed.insert(b);
+        while r < runs.len() && u64::from(runs[r].start) + u64::from(runs[r].len) <= u64::from(b) {
+            r += 1;
         }
-        if stored {
-            data.insert(b);
+        let stored = runs.get(r).filter(|run| run.start <= b);
+        match stored {
+            Some(run) => {
+                let layer = reader.layer(run.layer as usize);
+                let entry = run.first_entry as usize + (b - run.start) as usize;
+                let id =
+                    layer
+                        .and_then(|l| l.index.entry(entry))
+                        .ok_or_else(|| PruneError::Read {
+                            point: set.points[k].label(),
+                            detail: format!("block {b} has no index entry in the chain"),
+                        })?;
+                changed.insert(b);
+                data.insert(b);
+                ids.extend_from_slice(&id.0);
+            }
+            None => {
+                if !base {
+                    changed.insert(b);
+                }
+            }
         }
     }
-    let vm = m.vm_metadata.as_ref().map_or(0, |v| v.len);
-    Ok(data.len().saturating_mul(BLOCK_SIZE)
-        + crate::repo::index::encoded_len(&changed, &data)
-        + vm)
+    Ok((changed, data, ids))
 }
 
-/// The blocks `rewrite` reads and writes for point `k` of `set` absorbing points `from..k`:
-/// every block of a new base; otherwise every block those points changed, plus the disk's tail
-/// where one of them had shrunk the disk.
+/// The blocks point `k` of `set` must hold when absorbing points `from..k`: every block of a
+/// new base; otherwise every block those points changed, plus the disk's tail where one of
+/// them had shrunk the disk.
 fn blocks_to_write(
     repo: &Repository,
     set: &SetHistory,
@@ -378,133 +429,4 @@ fn blocks_to_write(
     }
     take.remove_range(blocks32..);
     Ok(take)
-}
-
-/// Kept points that must be rewritten: those right after a dropped point.
-fn rewrites(flags: &[bool]) -> usize {
-    (1..flags.len())
-        .filter(|&k| flags[k] && !flags[k - 1])
-        .count()
-}
-
-/// Rebuild `set` keeping the points `flags` marks, then swap it in.
-fn rebuild_set(
-    repo: &Repository,
-    lock: &WriteLock,
-    set: &SetHistory,
-    flags: &[bool],
-) -> Result<(), PruneError> {
-    let vdi = &set.points[0].vdi;
-    let work = repo.prune_dir(lock, vdi, &set.id)?;
-    let result = fill(repo, lock, set, flags, &work);
-    if let Err(e) = result {
-        let _ = repo.remove_tree(&work);
-        return Err(e);
-    }
-    repo.exchange_set(lock, vdi, &set.id, &work)?;
-    // `work` now holds the old set.
-    repo.remove_tree(&work)?;
-    Ok(())
-}
-
-fn fill(
-    repo: &Repository,
-    lock: &WriteLock,
-    set: &SetHistory,
-    flags: &[bool],
-    work: &str,
-) -> Result<(), PruneError> {
-    let vdi = &set.points[0].vdi;
-    let set_dir = crate::repo::set_key(vdi, &set.id);
-    let mut previous_kept: Option<usize> = None;
-    let mut new_seq = 0u32;
-    for (k, m) in set.points.iter().enumerate() {
-        if !flags[k] {
-            continue;
-        }
-        let unchanged = match previous_kept {
-            None => k == 0,
-            Some(p) => p + 1 == k,
-        };
-        if unchanged {
-            for name in [
-                Some(&m.data.name),
-                Some(&m.index.name),
-                m.vm_metadata.as_ref().map(|v| &v.name),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                repo.link_object(&set_dir, work, name)?;
-            }
-            let mut nm = m.clone();
-            nm.seq = new_seq;
-            // Same bytes, same identity (the mount's inodes and caches follow it).
-            nm.id = Some(m.point_id());
-            repo.put_manifest(work, &nm)?;
-        } else {
-            let from = previous_kept.map_or(0, |p| p + 1);
-            rewrite(repo, lock, set, from, k, new_seq, work)?;
-        }
-        previous_kept = Some(k);
-        new_seq += 1;
-    }
-    Ok(())
-}
-
-/// Write point `k` of `set` as point `new_seq` of the rebuilt set, holding every block that
-/// points `from..=k` changed (everything, for a new base), read from the original chain.
-fn rewrite(
-    repo: &Repository,
-    lock: &WriteLock,
-    set: &SetHistory,
-    from: usize,
-    k: usize,
-    new_seq: u32,
-    work: &str,
-) -> Result<(), PruneError> {
-    let m = &set.points[k];
-    let read_err = |detail: String| PruneError::Read {
-        point: m.label(),
-        detail,
-    };
-    let reader = PointReader::open(repo, set, k as u32)?;
-    let size = m.virtual_size;
-    let base = new_seq == 0;
-    let take = blocks_to_write(repo, set, from, k, base)?;
-    let mut w = repo.writer_at(
-        lock,
-        work.to_string(),
-        set.id.clone(),
-        new_seq,
-        None,
-        NewPoint {
-            vdi: m.vdi.clone(),
-            disk_name: m.disk_name.clone(),
-            vm_uuid: m.vm_uuid.clone(),
-            vm_name: m.vm_name.clone(),
-            time: m.time,
-            virtual_size: size,
-            source: m.source.clone(),
-            new_set: base,
-            snapshot: m.snapshot.clone(),
-            vm_metadata: repo.read_vm_metadata(m)?,
-            vdi_type: m.vdi_type.clone(),
-            vm_run: m.vm_run.clone(),
-        },
-    )?;
-    // The rewritten point holds the same bytes: it keeps its identity.
-    w.keep_id(m.point_id());
-    let mut chain = |buf: &mut [u8], off: u64| match reader.read_at(buf, off) {
-        Ok(n) if n == buf.len() => Ok(()),
-        Ok(n) => Err(format!("the chain ends after {n} of {} bytes", buf.len())),
-        Err(e) => Err(e.to_string()),
-    };
-    // A base needs no zero blocks; an increment records them (they hide older data).
-    copy_blocks(&mut w, &mut chain, &take, !base, |_, _| {}).map_err(|e| match e {
-        CopyError::Read { blocks, source } => read_err(format!("{blocks}: {source}")),
-        CopyError::Repo(e) => PruneError::Repo(e),
-    })?;
-    w.commit()?;
-    Ok(())
 }

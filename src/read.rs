@@ -1,5 +1,5 @@
-//! Reading a restore point: resolve with `chain`, then positional reads of stored blocks, each
-//! checked against its CRC-32C before a single byte of it is returned.
+//! Reading a restore point: resolve with `chain`, then chunk reads, each authenticated before a
+//! single byte of it is returned.
 //!
 //! Shared by `export`, `verify` and the mount. A `PointReader` is immutable and `Sync`: many
 //! threads may read at once (no locks on the read path).
@@ -41,10 +41,10 @@ pub struct LayerCache {
 
 impl LayerCache {
     pub fn get(&self, repo: &Repository, m: &PointManifest) -> Result<Arc<StoredPoint>, RepoError> {
-        // The index name carries a random nonce: it identifies this exact point's objects. The
-        // whole manifest must match too: a prune hard-links a point's objects under a new `seq`,
-        // and a layer must describe the chain it is read in, not an older one.
-        let key = format!("{}/{}/{}", m.vdi, m.set, m.index.name);
+        // The index key is random: it identifies this exact point's index. The whole manifest
+        // must match too: a layer must describe the chain it is read in (its position), not
+        // an older listing.
+        let key = m.index.key.clone();
         if let Ok(map) = self.map.lock()
             && let Some(p) = map.get(&key).and_then(Weak::upgrade)
             && p.manifest == *m
@@ -140,14 +140,6 @@ impl PointReader {
             })
             .collect();
         let map = ChainMap::build(&views);
-        // Open every layer's data now (shared through the cache): a prune or a removed set
-        // must not pull files from under a reader that already has the point open. A file
-        // that cannot be opened fails only its ranges, when they are read.
-        for p in &layers {
-            if !p.index.data.is_empty() {
-                let _ = p.data();
-            }
-        }
         Ok(PointReader {
             manifest,
             layers,
@@ -161,6 +153,11 @@ impl PointReader {
 
     pub fn map(&self) -> &ChainMap {
         &self.map
+    }
+
+    /// Layer `i` of the chain (0 is the base).
+    pub fn layer(&self, i: usize) -> Option<&StoredPoint> {
+        self.layers.get(i).map(|l| &**l)
     }
 
     pub fn depth(&self) -> usize {
@@ -211,6 +208,7 @@ impl PointReader {
         layer: &StoredPoint,
         block: u64,
         valid_until: u64,
+        location: String,
         problem: String,
     ) -> Box<ReadError> {
         let start = block << BLOCK_SHIFT;
@@ -220,7 +218,7 @@ impl PointReader {
             block,
             range_start: start,
             range_end: (start + BLOCK_SIZE).min(self.size()),
-            location: layer.data_location.clone(),
+            location,
             problem,
             valid_until,
         };
@@ -237,6 +235,7 @@ impl PointReader {
         entry: u32,
     ) -> Result<(), Box<ReadError>> {
         let p = &self.layers[layer as usize];
+        let repo = p.repository();
         let end = offset + dst.len() as u64;
         let mut pos = offset;
         let mut ei = entry as usize;
@@ -244,81 +243,58 @@ impl PointReader {
             let block = pos >> BLOCK_SHIFT;
             let in_block = pos - (block << BLOCK_SHIFT);
             let at = (pos - offset) as usize;
-            let Some(first) = p.index.entry(ei) else {
-                return Err(self.fail(p, block, pos, "has no index entry".into()));
-            };
-            if first.len as u64 != BLOCK_SIZE {
-                return Err(self.fail(
-                    p,
-                    block,
-                    pos,
-                    format!("has an impossible stored length {}", first.len),
-                ));
-            }
             if in_block == 0 && end - pos >= BLOCK_SIZE {
-                // Whole blocks: read as many as lie back to back in the data file straight into
-                // the caller's buffer, then check each.
-                let mut n = 1u64;
-                while n < MAX_GROUP_BLOCKS && pos + (n + 1) * BLOCK_SIZE <= end {
-                    match p.index.entry(ei + n as usize) {
-                        Some(e)
-                            if e.len as u64 == BLOCK_SIZE
-                                && e.offset == first.offset + n * BLOCK_SIZE =>
-                        {
-                            n += 1
+                // Whole blocks: read up to MAX_GROUP_BLOCKS straight into the caller's buffer
+                // (adjacent chunks of one pack come in one ranged read).
+                let n = ((end - pos) / BLOCK_SIZE).min(MAX_GROUP_BLOCKS) as usize;
+                let mut ids = Vec::with_capacity(n);
+                for k in 0..n {
+                    match p.index.entry(ei + k) {
+                        Some(id) => ids.push(id),
+                        None => {
+                            return Err(self.fail(
+                                p,
+                                block + k as u64,
+                                pos + k as u64 * BLOCK_SIZE,
+                                p.index_location.clone(),
+                                "has no index entry".into(),
+                            ));
                         }
-                        _ => break,
                     }
                 }
-                let bytes = (n * BLOCK_SIZE) as usize;
-                let out = &mut dst[at..at + bytes];
-                if let Err(e) = p.data().and_then(|d| d.read_blocks_at(out, first.offset)) {
-                    if n == 1 {
-                        return Err(self.fail(p, block, pos, io_problem(&e)));
-                    }
-                    // Find exactly which block fails: read them one by one.
-                    let one = &mut out[..BLOCK_SIZE as usize];
-                    if let Err(e) = p.data().and_then(|d| d.read_blocks_at(one, first.offset)) {
-                        return Err(self.fail(p, block, pos, io_problem(&e)));
-                    }
-                    if crc32c::crc32c(one) != first.crc {
-                        return Err(self.fail(p, block, pos, "fails its checksum".into()));
-                    }
-                    pos += BLOCK_SIZE;
-                    ei += 1;
-                    continue;
+                let out = &mut dst[at..at + n * BLOCK_SIZE as usize];
+                if let Err(f) = repo.read_chunks(&ids, out) {
+                    return Err(self.fail(
+                        p,
+                        block + f.at as u64,
+                        pos + f.at as u64 * BLOCK_SIZE,
+                        f.location,
+                        f.problem,
+                    ));
                 }
-                for i in 0..n {
-                    let chunk = &out[(i * BLOCK_SIZE) as usize..((i + 1) * BLOCK_SIZE) as usize];
-                    let want = p.index.entry(ei + i as usize).map(|e| e.crc);
-                    if want != Some(crc32c::crc32c(chunk)) {
-                        return Err(self.fail(
-                            p,
-                            block + i,
-                            pos + i * BLOCK_SIZE,
-                            "fails its checksum".into(),
-                        ));
-                    }
-                }
-                pos += n * BLOCK_SIZE;
-                ei += n as usize;
+                pos += n as u64 * BLOCK_SIZE;
+                ei += n;
             } else {
                 // Part of a block: read and check the whole block, copy the part.
                 let take = (BLOCK_SIZE - in_block).min(end - pos) as usize;
+                let Some(id) = p.index.entry(ei) else {
+                    return Err(self.fail(
+                        p,
+                        block,
+                        pos,
+                        p.index_location.clone(),
+                        "has no index entry".into(),
+                    ));
+                };
                 let r = SCRATCH.with(|s| {
                     let mut s = s.borrow_mut();
-                    p.data()
-                        .and_then(|d| d.read_exact_at(&mut s[..], first.offset))
-                        .map_err(|e| io_problem(&e))?;
-                    if crc32c::crc32c(&s[..]) != first.crc {
-                        return Err("fails its checksum".to_string());
-                    }
+                    repo.read_chunks(&[id], &mut s[..])?;
                     dst[at..at + take]
                         .copy_from_slice(&s[in_block as usize..in_block as usize + take]);
-                    Ok(())
+                    Ok::<(), crate::repo::ChunkFailure>(())
                 });
-                if let Err(problem) = r {
-                    return Err(self.fail(p, block, pos, problem));
+                if let Err(f) = r {
+                    return Err(self.fail(p, block, pos, f.location, f.problem));
                 }
                 pos += take as u64;
                 ei += 1;
@@ -341,13 +317,5 @@ impl PointReader {
                 }
             }
         }
-    }
-}
-
-fn io_problem(e: &std::io::Error) -> String {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        "lies past the end of its data file (truncated)".into()
-    } else {
-        format!("cannot be read: {e}")
     }
 }

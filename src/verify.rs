@@ -2,7 +2,10 @@
 
 use serde::Serialize;
 
+use std::collections::HashMap;
+
 use crate::BLOCK_SIZE;
+use crate::repo::crypto::ChunkId;
 use crate::repo::{PointManifest, Repository, SetHistory};
 
 #[derive(Debug, Clone, Serialize)]
@@ -22,7 +25,13 @@ pub struct Damage {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct VerifyReport {
     pub points_checked: u64,
+    /// Chunks read and authenticated.
     pub blocks_checked: u64,
+    /// Block references resolved to a stored chunk.
+    pub references_checked: u64,
+    /// The share of chunks read, when `--sample` asked for part.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_percent: Option<f64>,
     pub damage: Vec<Damage>,
 }
 
@@ -41,11 +50,85 @@ impl VerifyReport {
     }
 }
 
+/// What `verify` reads.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Read only about this percentage of the chunks (chosen at random each run); every
+    /// reference and every manifest and index is still checked. None: read everything.
+    pub sample_percent: Option<f64>,
+}
+
+/// Chunks already read in this run: shared chunks are read once, whatever references them.
+#[derive(Default)]
+pub struct Checked {
+    seen: HashMap<ChunkId, Option<(String, String)>>,
+    salt: u64,
+}
+
+impl Checked {
+    fn new() -> Checked {
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        Checked {
+            seen: HashMap::new(),
+            salt: u64::from_le_bytes(b),
+        }
+    }
+    /// Whether this run's sample reads chunk `id`.
+    fn sampled(&self, id: &ChunkId, opts: &VerifyOptions) -> bool {
+        match opts.sample_percent {
+            None => true,
+            Some(p) => {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(&id.0[..8]);
+                // Ids are uniformly distributed keyed hashes; the salt picks a new sample
+                // every run.
+                let v = (u64::from_le_bytes(x) ^ self.salt) % 1_000_000;
+                (v as f64) < p * 10_000.0
+            }
+        }
+    }
+}
+
 /// Verify the whole repository.
-pub fn verify_all(repo: &Repository, report: &mut VerifyReport) -> crate::repo::Result<()> {
+pub fn verify_all(
+    repo: &Repository,
+    opts: &VerifyOptions,
+    report: &mut VerifyReport,
+) -> crate::repo::Result<()> {
+    for p in repo.damaged_manifests()? {
+        report.damage.push(Damage {
+            point: None,
+            path: None,
+            block: None,
+            location: p.location,
+            problem: p.message,
+        });
+    }
+    match repo.chunk_index() {
+        Ok(ci) => {
+            for (location, problem) in ci.problems() {
+                report.damage.push(Damage {
+                    point: None,
+                    path: None,
+                    block: None,
+                    location: location.clone(),
+                    problem: problem.clone(),
+                });
+            }
+        }
+        Err(e) => report.damage.push(Damage {
+            point: None,
+            path: None,
+            block: None,
+            location: String::new(),
+            problem: e.to_string(),
+        }),
+    }
+    let mut checked = Checked::new();
     for disk in repo.catalog()? {
         for set in &disk.sets {
-            verify_set(repo, set, None, report);
+            verify_set(repo, set, None, opts, &mut checked, report);
         }
     }
     Ok(())
@@ -57,8 +140,13 @@ pub fn verify_set(
     repo: &Repository,
     set: &SetHistory,
     upto: Option<u32>,
+    opts: &VerifyOptions,
+    checked: &mut Checked,
     report: &mut VerifyReport,
 ) {
+    if opts.sample_percent.is_some() {
+        report.sample_percent = opts.sample_percent;
+    }
     for p in &set.problems {
         report.damage.push(Damage {
             point: None,
@@ -70,11 +158,22 @@ pub fn verify_set(
     }
     let n = upto.map_or(set.points.len(), |k| (k as usize + 1).min(set.points.len()));
     for m in &set.points[..n] {
-        verify_point(repo, m, report);
+        verify_point(repo, m, opts, checked, report);
     }
 }
 
-fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport) {
+/// A fresh `Checked` for one `verify_set` call.
+pub fn checked() -> Checked {
+    Checked::new()
+}
+
+fn verify_point(
+    repo: &Repository,
+    m: &PointManifest,
+    opts: &VerifyOptions,
+    checked: &mut Checked,
+    report: &mut VerifyReport,
+) {
     report.points_checked += 1;
     let label = m.label();
     let p = match repo.open_point(m) {
@@ -90,6 +189,15 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
             return;
         }
     };
+    if let Some(Err(e)) = m.vm_metadata.as_ref().map(|_| repo.read_vm_metadata(m)) {
+        report.damage.push(Damage {
+            point: Some(label.clone()),
+            path: None,
+            block: None,
+            location: String::new(),
+            problem: format!("its VM metadata: {e}"),
+        });
+    }
     let mut push = |block: Option<u64>, location: &str, problem: String| {
         report.damage.push(Damage {
             point: Some(label.clone()),
@@ -99,99 +207,82 @@ fn verify_point(repo: &Repository, m: &PointManifest, report: &mut VerifyReport)
             problem,
         })
     };
-    if !p.index.check_entries() {
-        push(
-            None,
-            &p.data_location.replace(".data", ".idx"),
-            "index entries fail their checksum".into(),
-        );
-    }
-    let expected = m.data_blocks * BLOCK_SIZE;
-    let data = match p.data() {
-        Ok(d) => d.clone(),
-        Err(e) => {
-            push(
-                None,
-                &p.data_location,
-                format!("data file cannot be opened: {e}"),
-            );
-            return;
-        }
-    };
-    if data.len() != m.data.len || data.len() != expected {
-        push(
-            None,
-            &p.data_location,
-            format!(
-                "data file is {} bytes, expected {expected} (truncated or extended)",
-                data.len()
-            ),
-        );
-    }
-    // Read the data file front to back in large pieces, checking each block against its entry.
-    const BATCH: usize = 64;
-    let mut buf = vec![0u8; BATCH * BLOCK_SIZE as usize];
-    // Walk the data bitmap alongside the entries (entry k is the k-th data block).
-    let mut data_blocks = p.index.data.iter();
+    let blocks: Vec<u32> = p.index.data.iter().collect();
     let total = p.index.entry_count();
+    if blocks.len() != total {
+        push(
+            None,
+            &p.index_location,
+            "index entries do not match its bitmap".into(),
+        );
+        return;
+    }
+    let mut buf = vec![0u8; (GROUP * BLOCK_SIZE) as usize];
     let mut i = 0;
     while i < total {
-        let n = BATCH.min(total - i);
-        let blocks: Vec<u32> = data_blocks.by_ref().take(n).collect();
-        let entries: Vec<_> = (i..i + n).filter_map(|k| p.index.entry(k)).collect();
-        let contiguous = entries.len() == n
-            && entries.iter().enumerate().all(|(k, e)| {
-                e.len as u64 == BLOCK_SIZE && e.offset == entries[0].offset + k as u64 * BLOCK_SIZE
-            });
-        if contiguous
-            && data
-                .read_exact_at(&mut buf[..n * BLOCK_SIZE as usize], entries[0].offset)
-                .is_ok()
-        {
-            for (k, e) in entries.iter().enumerate() {
-                let chunk = &buf[k * BLOCK_SIZE as usize..(k + 1) * BLOCK_SIZE as usize];
-                if crc32c::crc32c(chunk) != e.crc {
-                    push(
-                        Some(blocks[k] as u64),
-                        &p.data_location,
-                        "block fails its checksum".into(),
-                    );
+        let n = GROUP.min((total - i) as u64) as usize;
+        // References first (cheap), then the sampled chunks not read yet.
+        let mut to_read: Vec<(usize, ChunkId)> = Vec::new();
+        for k in i..i + n {
+            let block = u64::from(blocks[k]);
+            let Some(id) = p.index.entry(k) else {
+                push(Some(block), &p.index_location, "has no index entry".into());
+                continue;
+            };
+            report.references_checked += 1;
+            match checked.seen.get(&id) {
+                Some(Some((loc, problem))) => {
+                    push(Some(block), loc, problem.clone());
+                    continue;
+                }
+                Some(None) => continue,
+                None => {}
+            }
+            match repo.locate(&id) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    let problem = format!("is chunk {id}, which no pack index lists (missing)");
+                    let loc = repo.store().describe("cindex/");
+                    push(Some(block), &loc, problem.clone());
+                    checked.seen.insert(id, Some((loc, problem)));
+                    continue;
+                }
+                Err(e) => {
+                    push(Some(block), "", e.to_string());
+                    continue;
                 }
             }
-        } else {
-            // Slow path: one block at a time, to name exactly which fail.
-            for (k, &block) in blocks.iter().enumerate() {
-                let block = block as u64;
-                let Some(e) = p.index.entry(i + k) else {
-                    push(Some(block), &p.data_location, "no index entry".into());
-                    continue;
-                };
-                if e.len as u64 != BLOCK_SIZE {
-                    push(
-                        Some(block),
-                        &p.data_location,
-                        format!("impossible stored length {}", e.len),
-                    );
-                    continue;
+            if checked.sampled(&id, opts) {
+                to_read.push((k, id));
+            }
+        }
+        // Read in runs of consecutive entries (adjacent in packs, usually).
+        let mut a = 0;
+        while a < to_read.len() {
+            let ids: Vec<ChunkId> = to_read[a..].iter().map(|(_, id)| *id).collect();
+            match repo.read_chunks(&ids, &mut buf[..ids.len() * BLOCK_SIZE as usize]) {
+                Ok(()) => {
+                    for (_, id) in &to_read[a..] {
+                        checked.seen.insert(*id, None);
+                    }
+                    report.blocks_checked += ids.len() as u64;
+                    a = to_read.len();
                 }
-                let chunk = &mut buf[..BLOCK_SIZE as usize];
-                match data.read_exact_at(chunk, e.offset) {
-                    Ok(()) if crc32c::crc32c(chunk) == e.crc => {}
-                    Ok(()) => push(
-                        Some(block),
-                        &p.data_location,
-                        "block fails its checksum".into(),
-                    ),
-                    Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => push(
-                        Some(block),
-                        &p.data_location,
-                        "block lies past the end of the data file (truncated)".into(),
-                    ),
-                    Err(err) => push(Some(block), &p.data_location, format!("unreadable: {err}")),
+                Err(f) => {
+                    for (_, id) in &to_read[a..a + f.at] {
+                        checked.seen.insert(*id, None);
+                    }
+                    let (k, id) = to_read[a + f.at];
+                    push(Some(u64::from(blocks[k])), &f.location, f.problem.clone());
+                    checked.seen.insert(id, Some((f.location, f.problem)));
+                    report.blocks_checked += f.at as u64 + 1;
+                    a += f.at + 1;
                 }
             }
         }
-        report.blocks_checked += n as u64;
         i += n;
     }
 }
+
+/// Chunks per read while verifying.
+const GROUP: u64 = 64;

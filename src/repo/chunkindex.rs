@@ -104,7 +104,7 @@ pub fn write_index(
     store: &dyn Store,
     keys: &Keys,
     entries: Vec<(ChunkId, ChunkLocation)>,
-) -> Result<String> {
+) -> Result<Vec<String>> {
     let _ = (store, keys, entries);
     todo!()
 }

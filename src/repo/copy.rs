@@ -151,7 +151,7 @@ pub fn copy_blocks<S: BlockSource>(
     record_zeros: bool,
     progress: impl FnMut(u64, u64),
 ) -> Result<(), CopyError<S::Error>> {
-    let size = writer.spec.virtual_size;
+    let size = writer.virtual_size();
     let mut buf = vec![0u8; (READ_BLOCKS * BLOCK_SIZE) as usize];
     let mut copy = BlockCopy::new(writer, None, record_zeros, take.len(), progress);
     let mut runs = take.iter();

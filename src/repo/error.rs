@@ -13,6 +13,20 @@ pub enum RepoError {
     )]
     NotARepository { path: PathBuf, why: String },
 
+    /// A repository of an older format (version 1: plain per-point data files).
+    #[error(
+        "\"{}\" is a format-{found} cbtfs repository; this cbtfs reads and writes only format 2 (encrypted, compressed, deduplicated). Format {found} is no longer supported: create a new repository with `cbtfs init` and take a new full backup into it (nothing was changed)",
+        path.display()
+    )]
+    OldFormat { path: PathBuf, found: u64 },
+
+    /// An encrypted repository opened without a password or key file.
+    #[error(
+        "repository \"{}\" is encrypted: give its password with --repo-password-file FILE (or CBTFS_REPO_PASSWORD_FILE, or CBTFS_REPO_PASSWORD), or its key file with --key-file FILE (or CBTFS_KEY_FILE)",
+        path.display()
+    )]
+    NeedSecret { path: PathBuf },
+
     #[error(
         "{what} at {location} has format version {found}, but this cbtfs reads up to version {supported}; upgrade cbtfs to read it (nothing was changed)"
     )]

@@ -12,12 +12,12 @@
 //! # Layout
 //!
 //! ```text
-//! REPO/journal/<VDI-UUID>.1.snap    before VDI.snapshot (no snapshot uuid yet)
-//! REPO/journal/<VDI-UUID>.2.snap    after it returned (with the uuid)
+//! journal/<keyed name of the VDI>.1    before VDI.snapshot (no snapshot uuid yet)
+//! journal/<keyed name of the VDI>.2    after it returned (with the uuid)
 //! ```
 //!
-//! Each is a checksummed record (`manifest`), put with the store's atomic create-only put: a
-//! crash leaves a whole record or none. The second is put before the first is deleted, so at
+//! Each is a checksummed record (`manifest`), sealed, put with the store's atomic create-only
+//! put: a crash leaves a whole record or none. The second is put before the first is deleted, so at
 //! every moment at least one names what the host may hold. Records are small and written
 //! under the repository lock.
 
@@ -26,7 +26,6 @@ use std::io;
 use serde::{Deserialize, Serialize};
 
 use super::error::{RepoError, Result};
-use super::store1::Store;
 use super::{Repository, WriteLock, manifest, valid_uuid};
 
 pub const JOURNAL_DIR: &str = "journal";
@@ -66,8 +65,13 @@ impl SnapshotJournal {
     }
 }
 
-fn key(vdi: &str, stage: u8) -> String {
-    format!("{JOURNAL_DIR}/{vdi}.{stage}.snap")
+impl Repository {
+    fn journal_key(&self, vdi: &str, stage: u8) -> String {
+        format!(
+            "{JOURNAL_DIR}/{}.{stage}",
+            self.keys().name_key("journal", vdi)
+        )
+    }
 }
 
 fn check_vdi(vdi: &str) -> Result<()> {
@@ -80,17 +84,18 @@ fn check_vdi(vdi: &str) -> Result<()> {
 
 impl Repository {
     /// What a killed backup of `vdi` left: the newest stage's record, or None. A record that
-    /// does not decode, or names another disk, is an error naming the file.
+    /// does not decode, or names another disk, is an error naming the object.
     pub fn snapshot_journal(&self, vdi: &str) -> Result<Option<SnapshotJournal>> {
         check_vdi(vdi)?;
         for stage in [2, 1] {
-            let k = key(vdi, stage);
-            let loc = self.store.describe(&k);
-            let bytes = match std::fs::read(self.store.path(&k)) {
-                Ok(b) => b,
+            let k = self.journal_key(vdi, stage);
+            let loc = self.describe(&k);
+            match self.store().get(&k) {
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(RepoError::io("read", loc, e)),
-            };
+            }
+            let bytes = self.get_sealed(&k, "journal", None)?;
             let j: SnapshotJournal = manifest::decode(
                 &bytes,
                 &loc,
@@ -113,16 +118,14 @@ impl Repository {
     /// before stage 1 is deleted.
     pub fn put_snapshot_journal(&self, _lock: &WriteLock, j: &SnapshotJournal) -> Result<()> {
         check_vdi(&j.vdi)?;
-        self.store
-            .make_dir(JOURNAL_DIR)
-            .map_err(|e| RepoError::io("create", self.store.describe(JOURNAL_DIR), e))?;
         let stage = if j.snapshot.is_some() { 2 } else { 1 };
-        let k = key(&j.vdi, stage);
-        self.store
-            .put_new(&k, &manifest::encode(j))
-            .map_err(|e| RepoError::io("write", self.store.describe(&k), e))?;
+        let k = self.journal_key(&j.vdi, stage);
+        // A stage-1 record of an earlier attempt that died before `VDI.snapshot` returned is
+        // replaced: the caller read and handled it first.
+        self.delete(&k)?;
+        self.put_sealed(&k, "journal", &manifest::encode(j))?;
         if stage == 2 {
-            self.delete_journal_stage(&j.vdi, 1)?;
+            self.delete(&self.journal_key(&j.vdi, 1))?;
         }
         Ok(())
     }
@@ -132,32 +135,8 @@ impl Repository {
         check_vdi(vdi)?;
         // Stage 2 first: a crash in between leaves stage 1 alone, which names only snapshots
         // that are untagged, and this one is tagged or destroyed by now.
-        self.delete_journal_stage(vdi, 2)?;
-        self.delete_journal_stage(vdi, 1)?;
-        // The temporary file of a put that a crash interrupted (never read).
-        let names = match self.store.list(JOURNAL_DIR) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(RepoError::io("list", self.store.describe(JOURNAL_DIR), e)),
-        };
-        for n in names {
-            if n.starts_with(&format!(".{vdi}.")) && n.ends_with(".tmp") {
-                let k = format!("{JOURNAL_DIR}/{n}");
-                self.store
-                    .delete(&k)
-                    .map_err(|e| RepoError::io("delete", self.store.describe(&k), e))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn delete_journal_stage(&self, vdi: &str, stage: u8) -> Result<()> {
-        let k = key(vdi, stage);
-        match self.store.delete(&k) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(RepoError::io("delete", self.store.describe(&k), e)),
-        }
+        self.delete(&self.journal_key(vdi, 2))?;
+        self.delete(&self.journal_key(vdi, 1))
     }
 }
 

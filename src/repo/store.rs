@@ -137,3 +137,16 @@ impl Store for LocalStore {
         Some(&self.root)
     }
 }
+
+/// What `O_DIRECT` reads must be aligned to: buffer address, offset and length. 4 KiB covers
+/// every logical block size in use.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// `len` bytes of `v`, grown as needed, starting at an address direct reads accept.
+pub fn aligned_slice(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if v.len() < len + DIRECT_ALIGN {
+        v.resize(len + DIRECT_ALIGN, 0);
+    }
+    let start = v.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    &mut v[start..start + len]
+}

@@ -254,10 +254,19 @@ pub fn read_pin(path: &std::path::Path) -> Result<Option<String>, super::XapiErr
     f.take(MAX_PIN_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| err(format!("cannot be read ({e})")))?;
+    parse_pin(&bytes, &file).map(Some)
+}
+
+/// The fingerprint a pin holds (`file` names it in errors).
+pub fn parse_pin(bytes: &[u8], file: &str) -> Result<String, super::XapiError> {
+    let err = |problem: String| super::XapiError::Pin {
+        file: file.to_string(),
+        problem,
+    };
     if bytes.len() as u64 > MAX_PIN_BYTES {
         return Err(err("is far longer than a fingerprint".into()));
     }
-    let text = String::from_utf8_lossy(&bytes);
+    let text = String::from_utf8_lossy(bytes);
     let fp = text.trim();
     if fp.is_empty() {
         return Err(err(
@@ -270,7 +279,7 @@ pub fn read_pin(path: &std::path::Path) -> Result<Option<String>, super::XapiErr
             "does not hold a SHA-256 fingerprint like SHA256:AB:CD:... (it holds {shown:?})"
         )));
     }
-    Ok(Some(fp.to_string()))
+    Ok(fp.to_string())
 }
 
 #[cfg(test)]
