@@ -1488,3 +1488,24 @@ fn not_a_repository(path: &Path) -> Option<String> {
     };
     Some(what.into())
 }
+
+/// Repositories for unit tests: encrypted with a fixed key file secret (no KDF: fast).
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub fn secret() -> Secret {
+        Secret::KeyFile {
+            path: "/test/repo.key".into(),
+            key: [7; 32],
+        }
+    }
+
+    pub fn init(path: &Path) -> Repository {
+        Repository::init(path, &Encryption::Secret(secret())).expect("init a test repository")
+    }
+
+    pub fn open(path: &Path) -> Repository {
+        Repository::open(path, Some(&secret())).expect("open a test repository")
+    }
+}
