@@ -80,7 +80,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 ///
 /// # Open files and deletion
 ///
-/// `get_range` keeps up to [`OPEN_FILES`] files open, shared by every clone of the store. A key
+/// `get_range` keeps up to [`OPEN_FILES`] files open, shared by every clone of the store (as
+/// many again opened with `O_DIRECT` if some clones read that way). A key
 /// deleted through this store (any clone) is dropped from the cache, so reading it afterwards
 /// gives `NotFound`. A key deleted by another process may still be read through a file this
 /// store opened before: the kernel keeps the deleted file's bytes while it is open. Objects read
@@ -126,7 +127,9 @@ const LOCK_TEXT_MAX: u64 = 4096;
 
 #[derive(Debug)]
 struct OpenFiles {
-    files: LruCache<String, Arc<OpenFile>>,
+    /// Files opened without and with `O_DIRECT` (clones of a store may differ in
+    /// `with_direct_reads`; each reads through descriptors opened its way).
+    files: [LruCache<String, Arc<OpenFile>>; 2],
     /// Counts deletions: a file opened before a deletion that finished since is not cached
     /// (it may be the deleted one).
     deletions: u64,
@@ -138,6 +141,9 @@ struct OpenFile {
     len: u64,
     /// The descriptor has `O_DIRECT` set (cleared for good if a read is refused).
     direct: AtomicBool,
+    /// Tests: direct reads fail with `EINVAL`, as on a filesystem that refuses them.
+    #[cfg(test)]
+    refuse_direct: AtomicBool,
 }
 
 impl LocalStore {
@@ -147,7 +153,7 @@ impl LocalStore {
             root: root.into(),
             direct_reads: false,
             open: Arc::new(Mutex::new(OpenFiles {
-                files: LruCache::new(cap),
+                files: [LruCache::new(cap), LruCache::new(cap)],
                 deletions: 0,
             })),
         }
@@ -157,8 +163,6 @@ impl LocalStore {
     /// filesystem allows it: for the mount, whose files the kernel caches already.
     pub fn with_direct_reads(mut self) -> Self {
         self.direct_reads = true;
-        // Files opened before were opened without it.
-        self.cache().files.clear();
         self
     }
 
@@ -181,7 +185,7 @@ impl LocalStore {
     fn open_file(&self, key: &str) -> io::Result<Arc<OpenFile>> {
         let deletions = {
             let mut c = self.cache();
-            if let Some(f) = c.files.get(key) {
+            if let Some(f) = c.files[usize::from(self.direct_reads)].get(key) {
                 return Ok(f.clone());
             }
             c.deletions
@@ -199,10 +203,12 @@ impl LocalStore {
             file,
             len: meta.len(),
             direct: AtomicBool::new(direct),
+            #[cfg(test)]
+            refuse_direct: AtomicBool::new(false),
         });
         let mut c = self.cache();
         if c.deletions == deletions {
-            c.files.put(key.to_string(), f.clone());
+            c.files[usize::from(self.direct_reads)].put(key.to_string(), f.clone());
         }
         Ok(f)
     }
@@ -353,6 +359,10 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 /// into `buf`, others through an aligned bounce buffer holding the 4 KiB-aligned superset.
 /// The caller has checked that the file holds the whole range.
 fn read_direct(f: &OpenFile, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    #[cfg(test)]
+    if f.refuse_direct.load(Relaxed) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let a = DIRECT_ALIGN as u64;
     let aligned = (buf.as_ptr() as usize | buf.len()).is_multiple_of(DIRECT_ALIGN)
         && offset.is_multiple_of(a);
@@ -556,7 +566,9 @@ impl Store for LocalStore {
         // change and does not cache it.
         let mut c = self.cache();
         c.deletions = c.deletions.wrapping_add(1);
-        c.files.pop(key);
+        for files in &mut c.files {
+            files.pop(key);
+        }
         removed
     }
 
@@ -815,16 +827,24 @@ mod tests {
     fn deleted_keys_are_not_served_from_open_files() {
         let (_dir, s) = store();
         let other = s.clone();
+        let direct = s.clone().with_direct_reads();
         s.put("packs/00/a", b"0123456789").unwrap();
         let mut buf = [0u8; 4];
         s.get_range("packs/00/a", 2, &mut buf).unwrap();
         other.get_range("packs/00/a", 2, &mut buf).unwrap();
         assert_eq!(&buf, b"2345");
-        assert_eq!(s.cache().files.len(), 1, "the file was not cached");
+        buf.fill(0);
+        direct.get_range("packs/00/a", 2, &mut buf).unwrap();
+        assert_eq!(&buf, b"2345");
+        let cached = |c: &OpenFiles| [c.files[0].len(), c.files[1].len()];
+        assert_eq!(cached(&s.cache()), [1, 1], "the file was not cached");
         // Deleted through a clone: the shared cache forgets it.
         other.delete("packs/00/a").unwrap();
-        let e = s.get_range("packs/00/a", 2, &mut buf).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        assert_eq!(cached(&s.cache()), [0, 0]);
+        for store in [&s, &direct] {
+            let e = store.get_range("packs/00/a", 2, &mut buf).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        }
         // Deleting what is absent is fine; a new object under the key is the new bytes.
         s.delete("packs/00/a").unwrap();
         s.put("packs/00/a", b"abcdefghij").unwrap();
@@ -842,7 +862,7 @@ mod tests {
             s.get_range(&k, 0, &mut buf).unwrap();
             assert_eq!(buf[0], i as u8);
         }
-        assert_eq!(s.cache().files.len(), OPEN_FILES);
+        assert_eq!(s.cache().files[0].len(), OPEN_FILES);
     }
 
     #[test]
@@ -892,27 +912,29 @@ mod tests {
     }
 
     #[test]
-    fn a_descriptor_with_o_direct_cleared_reads_through_the_page_cache() {
+    fn a_refused_direct_read_falls_back_to_the_page_cache() {
         let (_dir, s) = store();
         let s = s.with_direct_reads();
         let bytes: Vec<u8> = (0..20_000u32).map(|i| (i * 13) as u8).collect();
         s.put("p", &bytes).unwrap();
         let f = s.open_file("p").unwrap();
-        if !f.direct.load(Relaxed) {
-            // Nothing to refuse: the filesystem took no O_DIRECT at all (the test above fails).
-            return;
-        }
-        // A read the kernel refuses: a misaligned buffer through the descriptor directly.
-        let mut v = vec![0u8; 8192 + 1];
-        let e = f.file.read_at(&mut v[1..4097], 0).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
-        // What `get_range` does when the filesystem refuses its aligned reads as well: clear
-        // O_DIRECT and read through the page cache from then on.
-        f.direct.store(false, Relaxed);
-        set_direct(&f.file, false).unwrap();
+        assert!(
+            f.direct.load(Relaxed),
+            "no O_DIRECT here: the fallback goes untested"
+        );
+        // SAFETY: fcntl(F_GETFL) on a descriptor the test owns.
+        let flags = |f: &File| unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags(&f.file) & libc::O_DIRECT, 0);
+        f.refuse_direct.store(true, Relaxed);
         let mut buf = vec![0u8; 4097];
         s.get_range("p", 3, &mut buf).unwrap();
         assert_eq!(buf, &bytes[3..4100]);
+        // From then on the file is read through the page cache.
+        assert!(!f.direct.load(Relaxed));
+        assert_eq!(flags(&f.file) & libc::O_DIRECT, 0);
+        buf.fill(0);
+        s.get_range("p", 15_000, &mut buf).unwrap();
+        assert_eq!(buf, &bytes[15_000..19_097]);
     }
 
     #[test]
