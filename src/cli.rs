@@ -807,6 +807,7 @@ fn repo_code(e: &crate::repo::RepoError) -> &'static str {
         RepoError::Locked { .. } => "locked",
         RepoError::Invalid(_) => "invalid_input",
         RepoError::NotFound(_) => "not_found",
+        RepoError::WrongSecret { .. } => "wrong_secret",
     }
 }
 
