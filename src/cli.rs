@@ -11,6 +11,8 @@ use anyhow::{Context, Result, bail};
 use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 
+// Public until the commands that take a repository secret use it (then private like `text`).
+pub mod secret;
 mod text;
 use text::{count, plural};
 
