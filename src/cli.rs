@@ -870,6 +870,7 @@ fn repo_code(e: &crate::repo::RepoError) -> &'static str {
         RepoError::NotFound(_) => "not_found",
         RepoError::OldFormat { .. } => "unsupported_version",
         RepoError::NeedSecret { .. } => "key_needed",
+        RepoError::WrongSecret { .. } => "wrong_secret",
     }
 }
 
