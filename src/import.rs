@@ -260,6 +260,14 @@ fn import_file(
     // leaves them out, as it leaves out every zero block; an increment records them as zero
     // blocks, as it records every zero block it takes.
     let data = data_blocks(&img, size).map_err(img_err)?;
+    match &data {
+        Some(d) => tracing::debug!(
+            data_blocks = d.len(),
+            blocks = blocks_for(size),
+            "holes found"
+        ),
+        None => tracing::debug!("the image's filesystem cannot tell holes; reading everything"),
+    }
     if let (Some(data), false) = (&data, record_zeros) {
         take &= data;
     }
