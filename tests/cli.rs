@@ -141,7 +141,7 @@ fn backup_takes_repo_as_first_argument() {
     // The repository is opened before the host is asked anything: a missing one is named.
     let d = tempfile::tempdir().unwrap();
     let missing = d.path().join("nothing-here");
-    let o = std::process::cbtfs_cmd()
+    let o = cbtfs_cmd()
         .args([
             "backup",
             s(&missing),
@@ -162,7 +162,7 @@ fn backup_takes_repo_as_first_argument() {
 }
 
 fn with_repo_env(repo: &str, args: &[&str]) -> std::process::Output {
-    std::process::cbtfs_cmd()
+    cbtfs_cmd()
         .args(args)
         .env("CBTFS_REPO", repo)
         .output()
@@ -267,7 +267,7 @@ fn json_errors_carry_code_message_done_and_status() {
     );
 
     // The same for every command with --json, e.g. backup (before any host is asked).
-    let o = std::process::cbtfs_cmd()
+    let o = cbtfs_cmd()
         .args([
             "backup",
             s(&missing),
@@ -934,7 +934,7 @@ fn export_to_devices_pipes_and_other_image_formats() {
     assert!(!names.iter().any(|n| n.contains("partial")), "{names:?}");
     // Without qemu-img on PATH: refused before anything is written.
     let gone = d.path().join("nope.vmdk");
-    let o = std::process::cbtfs_cmd()
+    let o = cbtfs_cmd()
         .args(["export", &repo, &point, s(&gone)])
         .env("PATH", "/nonexistent")
         .output()
@@ -983,7 +983,7 @@ fn an_export_conversion_that_fails_or_is_interrupted_leaves_nothing() {
     .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let target = out_dir.join("x.qcow2");
-    let o = std::process::cbtfs_cmd()
+    let o = cbtfs_cmd()
         .args(["export", &repo, &point, s(&target)])
         .env("PATH", &path)
         .output()
@@ -1007,7 +1007,7 @@ fn an_export_conversion_that_fails_or_is_interrupted_leaves_nothing() {
         ),
     )
     .unwrap();
-    let mut child = std::process::cbtfs_cmd()
+    let mut child = cbtfs_cmd()
         .args(["export", &repo, &point, s(&target)])
         .env("PATH", &path)
         .stdout(std::process::Stdio::null())
@@ -1091,7 +1091,7 @@ fn readme_import_example_names_the_vm() {
     std::fs::create_dir(d.path().join("backup")).unwrap();
     let r = s(&repo);
     let in_dir = |args: &[&str]| {
-        let o = std::process::cbtfs_cmd()
+        let o = cbtfs_cmd()
             .args(args)
             .current_dir(d.path())
             .output()
