@@ -1582,11 +1582,15 @@ fn cmd_sim(
 /// The repository secret this run was given, or (for an encrypted repository, on a
 /// terminal) asked for.
 fn repo_secret(repo: &Path) -> Result<Option<crate::repo::keys::Secret>> {
+    // The header first: a wrong path or an unencrypted repository needs no secret.
+    let header = Repository::probe(repo)?;
+    if header.encryption == crate::repo::ENCRYPTION_NONE {
+        return Ok(None);
+    }
     if let Some(s) = secret::resolve(&secret_sources(), "open the repository")? {
         return Ok(Some(s));
     }
-    let header = Repository::probe(repo)?;
-    if header.encryption != crate::repo::ENCRYPTION_NONE && std::io::stdin().is_terminal() {
+    if std::io::stdin().is_terminal() {
         return Ok(Some(secret::prompt(
             &format!("password of repository {}: ", repo.display()),
             false,

@@ -661,7 +661,7 @@ fn newer_repository_version_is_refused_and_left_alone() {
         .split("\ncbtfs-crc32c:")
         .next()
         .unwrap()
-        .replace("\"version\": 1", "\"version\": 2");
+        .replace("\"version\": 2", "\"version\": 3");
     let new = format!(
         "{json}\ncbtfs-crc32c:{:08x}\n",
         crc32c::crc32c(json.as_bytes())
@@ -669,10 +669,28 @@ fn newer_repository_version_is_refused_and_left_alone() {
     std::fs::write(&hdr, &new).unwrap();
     let (_, m) = fails(&["ls", &repo]);
     assert!(
-        m.contains("format version 2") && m.contains("upgrade cbtfs"),
+        m.contains("format version 3") && m.contains("upgrade cbtfs"),
         "{m}"
     );
     assert_eq!(std::fs::read_to_string(&hdr).unwrap(), new);
+}
+
+/// Format 1 (plain per-point data files) is not read: the message says so and what to do, and
+/// nothing is changed.
+#[test]
+fn a_format_1_repository_is_refused_clearly() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("old");
+    std::fs::create_dir(&repo).unwrap();
+    let json = r#"{"format":"cbtfs-repository","version":1,"id":"0123","created":"2026-01-01T00:00:00Z","block_size":65536}"#;
+    let hdr = format!("{json}\ncbtfs-crc32c:{:08x}\n", crc32c::crc32c(json.as_bytes()));
+    std::fs::write(repo.join("cbtfs.repo"), &hdr).unwrap();
+    let (_, m) = fails(&["ls", s(&repo)]);
+    assert!(
+        m.contains("format-1") && m.contains("cbtfs init") && m.contains("nothing was changed"),
+        "{m}"
+    );
+    assert_eq!(std::fs::read_to_string(repo.join("cbtfs.repo")).unwrap(), hdr);
 }
 
 #[test]

@@ -27,12 +27,16 @@ pub fn key_file() -> &'static Path {
         if !p.exists() {
             cbtfs::repo::keys::Secret::create_key_file(&p).expect("make the tests' key file");
         }
-        // Tests that run cbtfs as another user (nobody) must read it too.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         p
     })
+}
+
+/// A copy of the tests' key file that user `uid` owns (tests that run cbtfs as nobody).
+pub fn key_file_for(uid: u32, dir: &Path) -> PathBuf {
+    let p = dir.join("repo.key");
+    std::fs::copy(key_file(), &p).unwrap();
+    std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
+    p
 }
 
 /// The tests' repository secret, for library calls.
