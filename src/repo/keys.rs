@@ -427,7 +427,7 @@ fn check_slot(
                 salt: salt_ok(decode_b64("salt", salt)?)?,
             }
         }
-        other => SlotKdf::Other(other.chars().take(40).collect()),
+        other => SlotKdf::Other(other.chars().filter(|c| !c.is_control()).take(40).collect()),
     };
     Ok(Slot {
         id: rec.id,
@@ -612,11 +612,20 @@ fn damaged_summary(damaged: &[(String, String)]) -> String {
     if damaged.is_empty() {
         return String::new();
     }
-    let list = damaged
+    // A few named in full; a keys/ full of junk does not make a page-long message.
+    const NAMED: usize = 5;
+    let mut list = damaged
         .iter()
+        .take(NAMED)
         .map(|(k, why)| format!("{k} ({why})"))
         .collect::<Vec<_>>()
         .join(", ");
+    if damaged.len() > NAMED {
+        list.push_str(&format!(
+            " and {} more (see `cbtfs key list`)",
+            damaged.len() - NAMED
+        ));
+    }
     if damaged.len() == 1 {
         format!("; 1 key slot is damaged: {list}")
     } else {
