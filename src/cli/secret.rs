@@ -171,13 +171,18 @@ pub fn prompt(prompt: &str, confirm: bool) -> Result<Secret> {
         .context(
             "no password given and no terminal to ask on: give --repo-password-file F, --key-file F, or set CBTFS_REPO_PASSWORD_FILE",
         )?;
-    let first = read_hidden(&mut tty, prompt)?;
+    prompt_on(&mut tty, prompt, confirm)
+}
+
+/// `prompt` on an open terminal.
+fn prompt_on(tty: &mut File, prompt: &str, confirm: bool) -> Result<Secret> {
+    let first = read_hidden(tty, prompt)?;
     if first.is_empty() {
         bail!("the password is empty: type at least one character");
     }
     if confirm {
         let again = format!("{} (again): ", prompt.trim_end().trim_end_matches(':'));
-        let second = read_hidden(&mut tty, &again)?;
+        let second = read_hidden(tty, &again)?;
         if *first != *second {
             bail!("the two passwords typed differ; nothing was changed");
         }
@@ -494,5 +499,115 @@ mod tests {
         let text = format!("{e:#}");
         assert!(text.contains("CBTFS_REPO_PASSWORD is not UTF-8"), "{text}");
         assert!(!text.contains("sec"), "{text}");
+    }
+
+    /// A pseudo-terminal: the controlling side (what a user types into) and the terminal.
+    fn pty() -> (File, File) {
+        use std::os::fd::FromRawFd;
+        let (mut master, mut slave) = (-1, -1);
+        // SAFETY: openpty writes two fds into the given ints; name/termios/winsize may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both fds were just opened by openpty and are owned by nothing else.
+        unsafe { (File::from_raw_fd(master), File::from_raw_fd(slave)) }
+    }
+
+    fn lflag(f: &File) -> libc::tcflag_t {
+        // SAFETY: termios is plain data, filled by tcgetattr (checked).
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: the fd is open; `t` is a valid termios to write.
+        assert_eq!(unsafe { libc::tcgetattr(f.as_raw_fd(), &mut t) }, 0);
+        t.c_lflag
+    }
+
+    /// Wait (bounded) until the terminal's echo is off, as the prompt sets it before reading.
+    fn wait_echo_off(master: &File) {
+        for _ in 0..10_000 {
+            if lflag(master) & libc::ECHO == 0 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("echo was never turned off");
+    }
+
+    /// Read the terminal's output until `want` has appeared; returns all of it.
+    fn read_until_seen(master: &mut File, want: &str) -> String {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&out).contains(want) {
+            let n = master.read(&mut buf).unwrap();
+            assert!(n > 0, "terminal closed before {want:?}");
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn prompt_reads_without_echo_and_restores_the_terminal() {
+        let (mut master, mut slave) = pty();
+        let before = lflag(&slave);
+        assert_ne!(before & libc::ECHO, 0);
+        let mut m2 = master.try_clone().unwrap();
+        let typist = std::thread::spawn(move || {
+            let shown = read_until_seen(&mut m2, "Password: ");
+            wait_echo_off(&m2);
+            m2.write_all(b"hunter2\n").unwrap();
+            shown
+        });
+        let got = prompt_on(&mut slave, "Password: ", false).unwrap();
+        let shown = typist.join().unwrap();
+        assert!(matches!(&got, Secret::Password(p) if p == "hunter2"));
+        assert_eq!(lflag(&slave), before, "terminal settings not restored");
+        // What the terminal showed: the prompt and the newline, never the password.
+        slave.write_all(b"END").unwrap();
+        let rest = read_until_seen(&mut master, "END");
+        let all = format!("{shown}{rest}");
+        assert_eq!(all, "Password: \r\nEND");
+    }
+
+    #[test]
+    fn confirm_mismatch_is_refused_and_restores_the_terminal() {
+        let (master, mut slave) = pty();
+        let before = lflag(&slave);
+        let mut m2 = master.try_clone().unwrap();
+        let typist = std::thread::spawn(move || {
+            read_until_seen(&mut m2, "New password: ");
+            wait_echo_off(&m2);
+            m2.write_all(b"one\n").unwrap();
+            read_until_seen(&mut m2, "New password (again): ");
+            wait_echo_off(&m2);
+            m2.write_all(b"two\r\n").unwrap();
+        });
+        let e = prompt_on(&mut slave, "New password: ", true).unwrap_err();
+        typist.join().unwrap();
+        let text = format!("{e:#}");
+        assert_eq!(text, "the two passwords typed differ; nothing was changed");
+        assert_eq!(lflag(&slave), before);
+        drop(master);
+    }
+
+    #[test]
+    fn empty_typed_password_is_refused() {
+        let (master, mut slave) = pty();
+        let before = lflag(&slave);
+        let mut m2 = master.try_clone().unwrap();
+        let typist = std::thread::spawn(move || {
+            read_until_seen(&mut m2, "Password: ");
+            wait_echo_off(&m2);
+            m2.write_all(b"\n").unwrap();
+        });
+        let e = prompt_on(&mut slave, "Password: ", false).unwrap_err();
+        typist.join().unwrap();
+        assert!(format!("{e:#}").contains("the password is empty"), "{e:#}");
+        assert_eq!(lflag(&slave), before);
     }
 }

@@ -427,7 +427,7 @@ fn check_slot(
                 salt: salt_ok(decode_b64("salt", salt)?)?,
             }
         }
-        other => SlotKdf::Other(other.chars().take(40).collect()),
+        other => SlotKdf::Other(other.chars().filter(|c| !c.is_control()).take(40).collect()),
     };
     Ok(Slot {
         id: rec.id,
@@ -612,11 +612,20 @@ fn damaged_summary(damaged: &[(String, String)]) -> String {
     if damaged.is_empty() {
         return String::new();
     }
-    let list = damaged
+    // A few named in full; a keys/ full of junk does not make a page-long message.
+    const NAMED: usize = 5;
+    let mut list = damaged
         .iter()
+        .take(NAMED)
         .map(|(k, why)| format!("{k} ({why})"))
         .collect::<Vec<_>>()
         .join(", ");
+    if damaged.len() > NAMED {
+        list.push_str(&format!(
+            " and {} more (see `cbtfs key list`)",
+            damaged.len() - NAMED
+        ));
+    }
     if damaged.len() == 1 {
         format!("; 1 key slot is damaged: {list}")
     } else {
@@ -1392,6 +1401,96 @@ mod tests {
         assert_eq!(KdfCost::from_var(None), KdfCost::DEFAULT);
         assert!(KdfCost::DEFAULT.check(&KdfCost::MAX).is_ok());
         assert!(KdfCost::FAST.check(&KdfCost::MAX).is_ok());
+    }
+
+    /// A slot record with a chosen id (the fuzz target's), made the way `add_slot` makes one.
+    fn record_with_id(id: &str, repo_id: &str, keys: &Keys, secret: &Secret) -> SlotRecord {
+        let salt = vec![3u8; SALT_LEN];
+        let (kdf, salt_field, kek) = match secret {
+            Secret::Password(p) => (
+                Some(KdfRecord {
+                    alg: "argon2id".into(),
+                    m_kib: FAST.m_kib,
+                    t: FAST.t,
+                    p: FAST.p,
+                    salt: B64.encode(&salt),
+                }),
+                None,
+                password_kek(p, &salt, FAST).unwrap(),
+            ),
+            Secret::KeyFile { key, .. } => {
+                (None, Some(B64.encode(&salt)), key_file_kek(key, &salt))
+            }
+        };
+        let wrapped = crypto::wrap(&kek, &slot_aad(repo_id, id), &keys.master_bytes()).unwrap();
+        SlotRecord {
+            format: KEY_FORMAT.into(),
+            version: KEY_VERSION,
+            id: id.into(),
+            kind: secret.kind().into(),
+            created: "2026-11-30T02:00:00Z".into(),
+            label: Some("seed".into()),
+            kdf,
+            salt: salt_field,
+            wrapped: B64.encode(wrapped),
+        }
+    }
+
+    /// The seeds of the `key_slot` fuzz target; run with `--ignored` to rewrite
+    /// fuzz/seeds/key_slot/. Each one is checked to do what its name says.
+    #[test]
+    #[ignore = "writes fuzz/seeds/key_slot; run with --ignored to regenerate"]
+    fn write_key_slot_fuzz_seeds() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/key_slot");
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = Keys::from_master_bytes(&[0x42; 64], true);
+        let id = "0123456789abcdef";
+        let password = Secret::Password("fuzz password".into());
+        let key = Secret::KeyFile {
+            path: "fuzz.key".into(),
+            key: [7; 32],
+        };
+        let limit = KdfCost {
+            m_kib: 8 * 1024,
+            t: 4,
+            p: 4,
+        };
+        let json_only = |rec: &SlotRecord| {
+            let bytes = manifest::encode(rec);
+            let at = bytes
+                .windows(14)
+                .rposition(|w| w == b"\ncbtfs-crc32c:")
+                .unwrap();
+            bytes[..at].to_vec()
+        };
+        let pw_rec = record_with_id(id, "fuzz-repo", &keys, &password);
+        let kf_rec = record_with_id(id, "fuzz-repo", &keys, &key);
+        let mut hostile = record_with_id(id, "fuzz-repo", &keys, &password);
+        hostile.kdf.as_mut().unwrap().m_kib = u32::MAX;
+        let mut seeds = vec![
+            ("password.slot", manifest::encode(&pw_rec), true),
+            ("password.json", json_only(&pw_rec), true),
+            ("keyfile.slot", manifest::encode(&kf_rec), true),
+            ("keyfile.json", json_only(&kf_rec), true),
+            ("hostile-cost.json", json_only(&hostile), false),
+            ("empty", Vec::new(), false),
+        ];
+        let mut truncated = manifest::encode(&pw_rec);
+        truncated.truncate(truncated.len() / 2);
+        seeds.push(("truncated.slot", truncated, false));
+        for (name, bytes, opens) in &seeds {
+            let mut signed = bytes.clone();
+            signed.extend_from_slice(
+                format!("\ncbtfs-crc32c:{:08x}\n", crc32c::crc32c(bytes)).as_bytes(),
+            );
+            let opened = [&password, &key].iter().any(|s| {
+                [bytes, &signed]
+                    .iter()
+                    .any(|b| matches!(open_slot_record("fuzz-repo", id, b, s, &limit), Ok(Some(_))))
+            });
+            assert_eq!(opened, *opens, "{name}");
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
     }
 
     #[test]
