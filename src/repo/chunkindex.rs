@@ -111,7 +111,7 @@ fn cache_dir_under(base: &Path, repo_id: &str) -> Option<PathBuf> {
         return None;
     }
     let dir = base.join(repo_id).join("cindex");
-    match make_private_dir(&dir) {
+    match make_private_dir(&base.join(repo_id)).and_then(|()| make_private_dir(&dir)) {
         Ok(()) => Some(dir),
         Err(e) => {
             tracing::warn!(
@@ -123,7 +123,9 @@ fn cache_dir_under(base: &Path, repo_id: &str) -> Option<PathBuf> {
     }
 }
 
-/// Make `dir` (and missing parents) 0700; `dir` and its parent must be owned by this user.
+/// Make `dir` (and missing parents) and check that it is a directory of this user, closed to
+/// others (made 0700 if it was not). Only `dir` itself is checked and changed, never a parent
+/// (which may be a shared directory such as `/tmp`).
 fn make_private_dir(dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -131,17 +133,15 @@ fn make_private_dir(dir: &Path) -> io::Result<()> {
         .create(dir)?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    for d in [Some(dir), dir.parent()].into_iter().flatten() {
-        let m = fs::symlink_metadata(d)?;
-        if !m.is_dir() || m.uid() != me {
-            return Err(io::Error::other(format!(
-                "{} is not a directory owned by uid {me}",
-                d.display()
-            )));
-        }
-        if m.mode() & 0o077 != 0 {
-            fs::set_permissions(d, fs::Permissions::from_mode(super::store::DIR_MODE))?;
-        }
+    let m = fs::symlink_metadata(dir)?;
+    if !m.is_dir() || m.uid() != me {
+        return Err(io::Error::other(format!(
+            "{} is not a directory owned by uid {me}",
+            dir.display()
+        )));
+    }
+    if m.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(super::store::DIR_MODE))?;
     }
     Ok(())
 }
@@ -1233,10 +1233,31 @@ mod tests {
         for p in [&d, &t.path().join("0123-abcd")] {
             assert_eq!(fs::metadata(p).unwrap().mode() & 0o777, 0o700);
         }
-        // A directory made too open is closed again.
+        // Directories made too open are closed again; the base is left alone.
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(d.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o1777)).unwrap();
         assert_eq!(cache_dir_under(t.path(), "0123-abcd"), Some(d.clone()));
-        assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
+        for p in [&d, &t.path().join("0123-abcd")] {
+            assert_eq!(fs::metadata(p).unwrap().mode() & 0o777, 0o700);
+        }
+        assert_eq!(fs::metadata(t.path()).unwrap().mode() & 0o7777, 0o1777);
+        // An explicit cache directory in a shared directory: the shared one is not touched.
+        let shared = t.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+        let r = repo(true, false);
+        let e = entries(3, 0..=0xff, &packs(1));
+        r.write(e.clone());
+        let idx = ChunkIndex::load(
+            r.store.clone(),
+            r.keys.clone(),
+            &CacheDir(Some(shared.join("c"))),
+        )
+        .unwrap();
+        assert_eq!(idx.lookup(&e[0].0), Some(e[0].1));
+        assert_eq!(fs::metadata(&shared).unwrap().mode() & 0o7777, 0o1777);
+        assert_eq!(fs::read_dir(shared.join("c")).unwrap().count(), 1);
         for bad in ["", "..", "a/b", "../x", "-x", "a b"] {
             assert_eq!(cache_dir_under(t.path(), bad), None, "{bad:?}");
         }
