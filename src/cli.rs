@@ -205,6 +205,10 @@ Examples:
     },
     /// List disks, sets and restore points, or the volumes inside a point.
     ///
+    /// After each disk's points, a `space` line: the bytes its backups read (before dedup and
+    /// compression), its unique chunks, what they take in the repository, and the dedup and
+    /// compression ratios. The last line sums up the repository: encrypted or not, its bytes on
+    /// storage, and the same figures over every disk (a chunk shared by disks counts once).
     /// With --volumes POINT: the partitions and LVM volumes inside that point.
     #[command(after_help = "\
 Examples:
@@ -691,7 +695,8 @@ fn wants_json(args: &[OsString]) -> bool {
 
 /// Parse the command line. A command whose REPO was left out (clap finds a positional missing)
 /// takes it from `repo_env` (CBTFS_REPO): the value is inserted as the first positional, right
-/// after the command's name, and the line parsed again. A REPO given on the line always wins.
+/// after the command's name (after the action's, for `key list`), and the line parsed again. A
+/// REPO given on the line always wins.
 fn parse_args(args: Vec<OsString>, repo_env: Option<OsString>) -> Result<Cli, clap::Error> {
     let first = match Cli::try_parse_from(&args) {
         Ok(cli) => return Ok(cli),

@@ -65,7 +65,7 @@ Examples:
         /// The key slot to remove, as `cbtfs key list` shows it.
         id: String,
     },
-    /// Change the password (or key file) of the key slot this command is opened with.
+    /// Change the password (or key file) of the key slot in use (the one given to this command).
     ///
     /// A new slot holding the new secret is written, then the old slot removed: the old
     /// password or key file no longer opens the repository.
