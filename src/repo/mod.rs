@@ -56,6 +56,7 @@ pub mod journal;
 pub mod keys;
 pub mod manifest;
 pub mod pack;
+pub mod stats;
 pub mod store;
 pub mod writer;
 
