@@ -451,6 +451,9 @@ pub struct ChunkFailure {
     pub problem: String,
 }
 
+/// Every set, by (VDI uuid, set name).
+type SetsByDisk = BTreeMap<(String, String), SetHistory>;
+
 /// What every handle on one open repository shares.
 struct Shared {
     root: PathBuf,
@@ -904,7 +907,7 @@ impl Repository {
 
     /// All sets: (vdi, set) -> history, plus the manifest keys no reader should see (older
     /// generations, superseded points) for the next writer to delete.
-    fn all_sets(&self) -> Result<(BTreeMap<(String, String), SetHistory>, Vec<String>)> {
+    fn all_sets(&self) -> Result<(SetsByDisk, Vec<String>)> {
         let (manifests, _) = self.manifests()?;
         let mut groups: BTreeMap<(String, String), Vec<PointManifest>> = BTreeMap::new();
         for m in manifests {
