@@ -348,8 +348,11 @@ mod tests {
         inc.n = 1;
         inc.parent = Some("fedcba9876543210fedcba9876543210".into());
         inc.generation = 2;
-        std::fs::write(man.join("incremental.point"), super::super::manifest::encode(&inc))
-            .unwrap();
+        std::fs::write(
+            man.join("incremental.point"),
+            super::super::manifest::encode(&inc),
+        )
+        .unwrap();
     }
 
     #[test]
