@@ -486,6 +486,46 @@ impl ChunkIndex {
             .map(|(k, f)| (self.store.describe(k), f.why.clone()))
             .collect()
     }
+    /// Authenticate and parse every index object as it is stored now, bypassing the local
+    /// cache: (location, why) for each that fails. For `verify`: a cache file is a copy checked
+    /// when it was made, so damage done to the stored object since would otherwise go unseen
+    /// here (and surface only on a machine without the cache).
+    pub fn check_stored(&self) -> Result<Vec<(String, String)>> {
+        let listed = self
+            .store
+            .list(CINDEX_PREFIX)
+            .map_err(|e| RepoError::io("list", self.store.describe(CINDEX_PREFIX), e))?;
+        let mut problems = Vec::new();
+        for o in listed {
+            let loc = self.store.describe(&o.key);
+            let Some(hex) = object_hex(&o.key) else {
+                problems.push((
+                    loc,
+                    format!(
+                        "its name is not cindex/<32 lowercase hex digits>, as cbtfs names index objects; move it out of {CINDEX_PREFIX}"
+                    ),
+                ));
+                continue;
+            };
+            let sealed = match self.store.get(&o.key) {
+                Ok(b) => b,
+                // Deleted since the listing (gc): not damage.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    problems.push((loc, format!("reading it failed: {e}")));
+                    continue;
+                }
+            };
+            let why = match self.keys.open(&cindex_aad(hex), &sealed) {
+                Err(e) => Some(format!("it does not open: {e}")),
+                Ok(plain) => parse_cindex_body(&plain).err(),
+            };
+            if let Some(why) = why {
+                problems.push((loc, why));
+            }
+        }
+        Ok(problems)
+    }
     /// The keys of the loaded index objects.
     pub fn objects(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.read().objects.iter().map(|o| o.key.clone()).collect();
