@@ -683,14 +683,20 @@ fn a_format_1_repository_is_refused_clearly() {
     let repo = d.path().join("old");
     std::fs::create_dir(&repo).unwrap();
     let json = r#"{"format":"cbtfs-repository","version":1,"id":"0123","created":"2026-01-01T00:00:00Z","block_size":65536}"#;
-    let hdr = format!("{json}\ncbtfs-crc32c:{:08x}\n", crc32c::crc32c(json.as_bytes()));
+    let hdr = format!(
+        "{json}\ncbtfs-crc32c:{:08x}\n",
+        crc32c::crc32c(json.as_bytes())
+    );
     std::fs::write(repo.join("cbtfs.repo"), &hdr).unwrap();
     let (_, m) = fails(&["ls", s(&repo)]);
     assert!(
         m.contains("format-1") && m.contains("cbtfs init") && m.contains("nothing was changed"),
         "{m}"
     );
-    assert_eq!(std::fs::read_to_string(repo.join("cbtfs.repo")).unwrap(), hdr);
+    assert_eq!(
+        std::fs::read_to_string(repo.join("cbtfs.repo")).unwrap(),
+        hdr
+    );
 }
 
 #[test]

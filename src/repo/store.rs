@@ -61,7 +61,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every object whose key starts with `prefix` (any depth), with its length, sorted by key.
     /// Temporary objects of unfinished puts are never listed.
     fn list(&self, prefix: &str) -> io::Result<Vec<ObjectInfo>>;
-    /// Delete an object; one that is absent is not an error.
+    /// Delete an object, durably (a power cut after it returned cannot bring the object back):
+    /// deletions are ordered like puts, so a prune's dropped manifests are gone for good before
+    /// gc deletes what they referenced. One that is absent is not an error.
     fn delete(&self, key: &str) -> io::Result<()>;
     /// A human-readable location of `key`, for error messages (a path, a URL).
     fn describe(&self, key: &str) -> String;
@@ -86,7 +88,8 @@ pub const LOCKED_PREFIXES: &[&str] = &["packs", "cindex", "pindex", "meta", "poi
 
 /// A repository in a local directory. Keys map to files under `root` (directories made on
 /// demand, 0700); puts go to a temporary name, are fsynced, then moved into place with
-/// `renameat2(RENAME_NOREPLACE)` (never replaces; no hard links) and the directory fsynced.
+/// `renameat2(RENAME_NOREPLACE)` (never replaces; no hard links) and the directory fsynced;
+/// deletes unlink and fsync the directory.
 /// Open files are kept in a small cache (packs are read many times).
 ///
 /// # Open files and deletion
@@ -587,10 +590,16 @@ impl Store for LocalStore {
 
     fn delete(&self, key: &str) -> io::Result<()> {
         let key = check_key(key)?;
-        let removed = match std::fs::remove_file(self.path(key)) {
+        let path = self.path(key);
+        let removed = match std::fs::remove_file(&path) {
+            // Absent: perhaps unlinked by a writer killed before it synced the directory.
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,
-        };
+        }
+        .and_then(|()| match sync_parent(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        });
         // After the removal: a reader that opened the file before it went sees the count
         // change and does not cache it.
         let mut c = self.cache();
