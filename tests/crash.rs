@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 use common::*;
@@ -169,17 +169,295 @@ fn kill_9_during_import_never_leaves_a_partial_point() {
     for (p, want) in all_points.iter().zip(&truth) {
         assert!(export_bytes(&repo, p) == *want, "{p} differs");
     }
-    let mut names = Vec::new();
-    for set in std::fs::read_dir(repo.join("disks").join(&v)).unwrap() {
-        for f in std::fs::read_dir(set.unwrap().path()).unwrap() {
-            names.push(f.unwrap().file_name().to_string_lossy().to_string());
+    // The next writer removed the killed puts' temporary files; one manifest per point.
+    assert_clean(&repo, truth.len());
+    // What the killed imports put before their commit (packs, indexes) nothing references:
+    // gc collects it, and then finds nothing more.
+    let g = gc_report(&repo, &[]);
+    eprintln!(
+        "gc after the killed imports: {} unreferenced packs, {} index objects deleted",
+        g["packs_deleted"], g["objects_deleted"]
+    );
+    assert_nothing_left(&repo);
+    ok(&["verify", s(&repo)]);
+    for (p, want) in all_points.iter().zip(&truth) {
+        assert!(export_bytes(&repo, p) == *want, "{p} differs after gc");
+    }
+}
+
+/// Every file below `repo`, relative, sorted.
+fn repo_files(repo: &Path) -> Vec<String> {
+    let mut v: Vec<String> = files_under(repo)
+        .iter()
+        .map(|p| p.strip_prefix(repo).unwrap().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// No temporary file of a killed put anywhere, and exactly one manifest per listed point (no
+/// older generation, no point a prune superseded).
+fn assert_clean(repo: &Path, points: usize) {
+    let files = repo_files(repo);
+    let temps: Vec<&String> = files
+        .iter()
+        .filter(|f| {
+            let name = f.rsplit('/').next().unwrap_or_default();
+            name.starts_with('.') && name.ends_with(".tmp")
+        })
+        .collect();
+    assert!(temps.is_empty(), "temporary files remain: {temps:?}");
+    let manifests = files.iter().filter(|f| f.starts_with("points/")).count();
+    assert_eq!(manifests, points, "stale manifests remain: {files:?}");
+}
+
+/// `cbtfs gc --json` with `extra` arguments: its report.
+fn gc_report(repo: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut a = vec!["gc", s(repo), "--json"];
+    a.extend(extra);
+    serde_json::from_str(&ok(&a)).unwrap()
+}
+
+/// A further gc (even one repacking everything partly dead) finds nothing to collect.
+fn assert_nothing_left(repo: &Path) {
+    let g = gc_report(repo, &["--dry-run", "--repack-below", "100"]);
+    for what in ["packs_deleted", "packs_repacked", "objects_deleted"] {
+        assert_eq!(g[what], 0, "garbage left: {g}");
+    }
+}
+
+/// What a killed command had done to the repository: the top-level prefixes (`points`,
+/// `packs`, ...) under which objects appeared (+) or went (-), or that it finished.
+fn phase(before: &[String], after: &[String], finished: bool) -> String {
+    if finished {
+        return "finished before the kill".into();
+    }
+    let top = |f: &String| f.split('/').next().unwrap_or_default().to_string();
+    let temp = |f: &&String| f.rsplit('/').next().is_some_and(|n| n.starts_with('.'));
+    let mut parts = std::collections::BTreeSet::new();
+    for f in after.iter().filter(|f| !temp(f)) {
+        if f != "lock" && before.binary_search(f).is_err() {
+            parts.insert(format!("+{}", top(f)));
         }
     }
-    let manifests = names.iter().filter(|n| n.ends_with(".point")).count();
-    let datas = names.iter().filter(|n| n.ends_with(".data")).count();
-    assert_eq!(manifests, truth.len());
-    assert_eq!(datas, truth.len(), "orphaned data files remain: {names:?}");
-    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    for f in before {
+        if after.binary_search(f).is_err() {
+            parts.insert(format!("-{}", top(f)));
+        }
+    }
+    if after.iter().any(|f| temp(&f)) {
+        parts.insert("temporary file".into());
+    }
+    if parts.is_empty() {
+        "nothing written yet".into()
+    } else {
+        parts.into_iter().collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// A repository whose history leaves garbage when pruned: a 8 MiB base and increments that
+/// rewrite a quarter of it, so the dropped points' packs are dead or partly live. Returns the
+/// images of the points, oldest first.
+fn pruneable(dir: &Path, repo: &Path, v: &str, seed: u64) -> Vec<Vec<u8>> {
+    let blocks = 128u64;
+    let img = dir.join("img");
+    let mut data = vec![0u8; blocks as usize * BS];
+    let mut rng = TestRng::new(seed);
+    rng.fill(&mut data);
+    ok(&["init", s(repo)]);
+    let mut truth = Vec::new();
+    let mut changed: Vec<u64> = Vec::new();
+    for step in 0..6u64 {
+        if step != 3 {
+            changed = (0..32).map(|_| rng.below(blocks)).collect();
+            changed.sort();
+            changed.dedup();
+        }
+        // (Step 3 rewrites exactly step 2's blocks: step 2's pack dies once step 2 is dropped
+        // and step 3 kept.)
+        if step > 0 {
+            for &b in &changed {
+                rng.fill(&mut data[b as usize * BS..(b as usize + 1) * BS]);
+            }
+        }
+        std::fs::write(&img, &data).unwrap();
+        let t = time(step);
+        let bm = write_bitmap(dir, "bm", &changed, blocks);
+        let mut a = vec![
+            "import",
+            s(repo),
+            "--vdi",
+            v,
+            "--raw",
+            s(&img),
+            "--time",
+            &t,
+        ];
+        if step > 0 {
+            a.extend(["--bitmap", s(&bm)]);
+        }
+        ok(&a);
+        truth.push(data.clone());
+    }
+    truth
+}
+
+/// Copy a repository (a fresh copy per kill).
+fn copy_repo(from: &Path, to: &Path) {
+    run("cp", &["-a", s(from), s(to)]);
+}
+
+/// Kill `args` (run on a fresh copy of `template` per trial, `{repo}` standing for the copy)
+/// at random moments from `earliest` thousandths of an uninterrupted run's time to 1.1 times
+/// it; after each kill: the listed points are those
+/// `allowed` accepts (given the template's and the finished command's listings), every listed
+/// point exports its image, `verify` passes, a rerun of the command completes and leaves the
+/// finished command's points, no temporary files and nothing for gc. Returns the phases the
+/// kills landed in, with counts.
+fn kill_trials(
+    dir: &Path,
+    template: &Path,
+    args: &[&str],
+    truth: &std::collections::HashMap<String, Vec<u8>>,
+    trials: usize,
+    earliest: u64,
+    seed: u64,
+) -> std::collections::BTreeMap<String, usize> {
+    let with = |repo: &Path| -> Vec<String> {
+        args.iter()
+            .map(|a| {
+                if *a == "{repo}" {
+                    s(repo).to_string()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect()
+    };
+    let before = points(template);
+    let before_files = repo_files(template);
+    // One uninterrupted run: how long it takes, and the points it leaves.
+    let done = dir.join("done");
+    copy_repo(template, &done);
+    let t0 = Instant::now();
+    let a = with(&done);
+    ok(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    let full = t0.elapsed();
+    let after = points(&done);
+    assert!(after.iter().all(|p| before.contains(p)));
+    std::fs::remove_dir_all(&done).unwrap();
+    let mut rng = TestRng::new(seed);
+    let mut phases = std::collections::BTreeMap::new();
+    for trial in 0..trials {
+        let repo = dir.join(format!("trial{trial}"));
+        copy_repo(template, &repo);
+        let a = with(&repo);
+        let mut child = cbtfs_cmd()
+            .args(&a)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let permille = earliest + rng.below(1100 - earliest);
+        std::thread::sleep(full.mul_f64(permille as f64 / 1000.0));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        *phases
+            .entry(phase(&before_files, &repo_files(&repo), status.success()))
+            .or_insert(0) += 1;
+        // No committed point the command keeps is lost; nothing but its points is listed.
+        let now = points(&repo);
+        for p in &after {
+            assert!(
+                now.contains(p),
+                "trial {trial}: kept point {p} lost: {now:?}"
+            );
+        }
+        for p in &now {
+            assert!(
+                before.contains(p),
+                "trial {trial}: {p} is no committed point"
+            );
+            assert!(
+                export_bytes(&repo, p) == truth[p],
+                "trial {trial}: {p} reads other bytes"
+            );
+        }
+        let o = cbtfs(&["verify", s(&repo)]);
+        assert!(
+            o.status.success(),
+            "trial {trial}: verify after the kill: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        // The rerun completes what the killed one began.
+        ok(&a.iter().map(|x| x.as_str()).collect::<Vec<_>>());
+        assert_eq!(points(&repo), after, "trial {trial}: after the rerun");
+        assert_clean(&repo, after.len());
+        assert_nothing_left(&repo);
+        ok(&["verify", s(&repo)]);
+        for p in &after {
+            assert!(
+                export_bytes(&repo, p) == truth[p],
+                "trial {trial}: {p} reads other bytes after the rerun"
+            );
+        }
+        std::fs::remove_dir_all(&repo).unwrap();
+    }
+    phases
+}
+
+#[test]
+fn kill_9_during_gc_and_prune_loses_no_committed_point() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vdi(5);
+    let repo = d.path().join("repo");
+    let images = pruneable(d.path(), &repo, &v, 55);
+    let truth: std::collections::HashMap<String, Vec<u8>> =
+        points(&repo).into_iter().zip(images).collect();
+    let trials = 12;
+
+    // prune runs gc: killed anywhere in the metadata take-over, the manifest deletions or the
+    // collection.
+    let prune = kill_trials(
+        d.path(),
+        &repo,
+        &["prune", "{repo}", "--keep-last", "2"],
+        &truth,
+        trials,
+        0,
+        1,
+    );
+    // gc after a prune that left its garbage, repacking every partly live pack.
+    let garbage = d.path().join("garbage");
+    copy_repo(&repo, &garbage);
+    ok(&["prune", s(&garbage), "--keep-last", "3", "--no-gc"]);
+    let planned = gc_report(&garbage, &["--dry-run", "--repack-below", "100"]);
+    assert!(
+        planned["packs_repacked"].as_u64() > Some(0) && planned["packs_deleted"].as_u64() > Some(0),
+        "no repacking or deleting for gc to be killed in: {planned}"
+    );
+    let gc = kill_trials(
+        d.path(),
+        &garbage,
+        &["gc", "{repo}", "--repack-below", "100"],
+        &truth,
+        trials,
+        // gc reads every index before its first change: kills from a third of its time on.
+        300,
+        2,
+    );
+    for (what, phases) in [("prune", &prune), ("gc", &gc)] {
+        eprintln!("{trials} kill -9 of {what}: {phases:?}");
+        let midway: usize = phases
+            .iter()
+            .filter(|(p, _)| !p.starts_with("finished") && *p != "nothing written yet")
+            .map(|(_, n)| n)
+            .sum();
+        assert!(
+            midway > 0,
+            "no kill of {what} landed after its first change: the test proved nothing"
+        );
+    }
 }
 
 /// A mount made for a test, removed when dropped.

@@ -1310,7 +1310,17 @@ impl Repository {
     /// Take the writer lock (one writer at a time; readers never lock).
     pub fn lock(&self, holder: &str) -> Result<WriteLock> {
         match self.shared.store.lock(holder) {
-            Ok(g) => Ok(WriteLock { _guard: g }),
+            Ok(g) => {
+                // Killed writers' unfinished puts: nobody else puts there while we hold the lock.
+                if let Err(e) = self.shared.store.remove_temporaries() {
+                    tracing::warn!(
+                        repo = %self.shared.root.display(),
+                        error = %e,
+                        "cannot remove the temporary files of killed writers"
+                    );
+                }
+                Ok(WriteLock { _guard: g })
+            }
             Err(store::LockError::Held(who)) => Err(RepoError::Locked {
                 path: self.shared.root.clone(),
                 holder: if who.trim().is_empty() {

@@ -61,7 +61,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every object whose key starts with `prefix` (any depth), with its length, sorted by key.
     /// Temporary objects of unfinished puts are never listed.
     fn list(&self, prefix: &str) -> io::Result<Vec<ObjectInfo>>;
-    /// Delete an object; one that is absent is not an error.
+    /// Delete an object, durably (a power cut after it returned cannot bring the object back):
+    /// deletions are ordered like puts, so a prune's dropped manifests are gone for good before
+    /// gc deletes what they referenced. One that is absent is not an error.
     fn delete(&self, key: &str) -> io::Result<()>;
     /// A human-readable location of `key`, for error messages (a path, a URL).
     fn describe(&self, key: &str) -> String;
@@ -71,11 +73,23 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn local_root(&self) -> Option<&Path> {
         None
     }
+    /// Remove what unfinished puts of killed writers left (temporary objects), below the
+    /// prefixes only writers holding the lock put to; returns how many. Call it holding the
+    /// writer lock: no put of a live writer is then under way there. Default: nothing to do.
+    fn remove_temporaries(&self) -> io::Result<u64> {
+        Ok(0)
+    }
 }
+
+/// The top-level directories only writers holding the lock put objects into: their temporary
+/// files belong to killed writers once the lock is held. (Key slots and host pins may be put
+/// without the lock; the header is put by `init` alone.)
+pub const LOCKED_PREFIXES: &[&str] = &["packs", "cindex", "pindex", "meta", "points", "journal"];
 
 /// A repository in a local directory. Keys map to files under `root` (directories made on
 /// demand, 0700); puts go to a temporary name, are fsynced, then moved into place with
-/// `renameat2(RENAME_NOREPLACE)` (never replaces; no hard links) and the directory fsynced.
+/// `renameat2(RENAME_NOREPLACE)` (never replaces; no hard links) and the directory fsynced;
+/// deletes unlink and fsync the directory.
 /// Open files are kept in a small cache (packs are read many times).
 ///
 /// # Open files and deletion
@@ -100,6 +114,10 @@ pub struct LocalStore {
     /// `get_range` reads with `O_DIRECT` where the filesystem allows it.
     direct_reads: bool,
     open: Arc<Mutex<OpenFiles>>,
+    /// Directories whose entry in their parent this process has made durable (fsynced the
+    /// parent), shared by clones: a directory found existing may have been made by a writer
+    /// killed before its parent was fsynced, so the first put into it syncs the parent anyway.
+    durable_dirs: Arc<Mutex<std::collections::HashSet<std::path::PathBuf>>>,
 }
 
 /// How many files `get_range` keeps open (shared by the clones of a store): enough for the
@@ -156,6 +174,7 @@ impl LocalStore {
                 files: [LruCache::new(cap), LruCache::new(cap)],
                 deletions: 0,
             })),
+            durable_dirs: Arc::default(),
         }
     }
 
@@ -173,6 +192,11 @@ impl LocalStore {
     /// The file of `key` (tests that damage objects on purpose; nothing else above the trait).
     pub fn path(&self, key: &str) -> std::path::PathBuf {
         self.root.join(key)
+    }
+
+    fn durable(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<std::path::PathBuf>> {
+        // Only ever grows by whole entries: a panic elsewhere cannot leave it inconsistent.
+        self.durable_dirs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, OpenFiles> {
@@ -214,7 +238,10 @@ impl LocalStore {
     }
 
     /// Make the directories of `key`'s parent below the root (0700), fsyncing the parent of each
-    /// one made. The root itself must exist.
+    /// one made, and of each one found that this process has not made durable yet: a writer
+    /// killed between its `mkdir` and that fsync leaves a directory that only looks durable,
+    /// and an object put into it would vanish with it at a power cut. The root itself must
+    /// exist.
     fn make_parents(&self, key: &str) -> io::Result<()> {
         let mut dir = self.root.clone();
         let mut parts = key.split('/').peekable();
@@ -224,8 +251,11 @@ impl LocalStore {
             }
             let parent = dir.clone();
             dir.push(part);
+            if self.durable().contains(&dir) {
+                continue;
+            }
             match std::fs::DirBuilder::new().mode(DIR_MODE).create(&dir) {
-                Ok(()) => sync_dir(&parent)?,
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     if !std::fs::symlink_metadata(&dir)?.is_dir() {
                         return Err(io::Error::new(
@@ -236,6 +266,8 @@ impl LocalStore {
                 }
                 Err(e) => return Err(e),
             }
+            sync_dir(&parent)?;
+            self.durable().insert(dir.clone());
         }
         Ok(())
     }
@@ -558,10 +590,16 @@ impl Store for LocalStore {
 
     fn delete(&self, key: &str) -> io::Result<()> {
         let key = check_key(key)?;
-        let removed = match std::fs::remove_file(self.path(key)) {
+        let path = self.path(key);
+        let removed = match std::fs::remove_file(&path) {
+            // Absent: perhaps unlinked by a writer killed before it synced the directory.
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,
-        };
+        }
+        .and_then(|()| match sync_parent(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        });
         // After the removal: a reader that opened the file before it went sees the count
         // change and does not cache it.
         let mut c = self.cache();
@@ -618,6 +656,53 @@ impl Store for LocalStore {
     fn local_root(&self) -> Option<&Path> {
         Some(&self.root)
     }
+
+    fn remove_temporaries(&self) -> io::Result<u64> {
+        let mut removed = 0u64;
+        let mut todo: Vec<std::path::PathBuf> =
+            LOCKED_PREFIXES.iter().map(|p| self.root.join(p)).collect();
+        while let Some(dir) = todo.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut found = false;
+            for entry in entries {
+                let entry = entry?;
+                let kind = entry.file_type()?;
+                if kind.is_dir() {
+                    todo.push(entry.path());
+                } else if kind.is_file() && is_temp_name(entry.file_name().as_bytes()) {
+                    match std::fs::remove_file(entry.path()) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                    tracing::info!(path = %entry.path().display(), "removed the temporary file of a killed writer");
+                    removed += 1;
+                    found = true;
+                }
+            }
+            if found {
+                // A removal that a power cut could undo would only bring back garbage; still,
+                // the next writer should not find it again.
+                sync_dir(&dir)?;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Whether a file name is one `temp_name` makes (`.NAME.<16 hex>.tmp`).
+fn is_temp_name(name: &[u8]) -> bool {
+    name.first() == Some(&b'.') && name.ends_with(b".tmp")
 }
 
 #[cfg(test)]
@@ -696,6 +781,62 @@ mod tests {
             io::ErrorKind::NotFound
         );
         assert!(!dir.path().join("missing").exists());
+    }
+
+    #[test]
+    fn killed_writers_temporaries_are_removed_where_only_lock_holders_put() {
+        let (dir, s) = store();
+        for k in [
+            "packs/3f/3f00",
+            "points/a.1",
+            "cindex/c",
+            "keys/k",
+            "hosts/h",
+        ] {
+            s.put(k, b"object").unwrap();
+        }
+        // What puts killed before their rename leave (the name `temp_name` gives).
+        let left = [
+            "packs/3f/.3f01.0123456789abcdef.tmp",
+            "points/.b.1.0123456789abcdef.tmp",
+            "cindex/.d.0123456789abcdef.tmp",
+            "pindex/.e.0123456789abcdef.tmp",
+        ];
+        std::fs::create_dir(dir.path().join("pindex")).unwrap();
+        // Key slots and pins may be put without the lock; the header only by init.
+        let kept = [
+            "keys/.k2.0123456789abcdef.tmp",
+            "hosts/.h2.0123456789abcdef.tmp",
+            ".cbtfs.repo.0123456789abcdef.tmp",
+        ];
+        for f in left.iter().chain(&kept) {
+            std::fs::write(dir.path().join(f), b"partial").unwrap();
+        }
+        assert_eq!(
+            temp_name("x").unwrap().len(),
+            ".x.".len() + 16 + ".tmp".len()
+        );
+        assert!(is_temp_name(temp_name("3f00").unwrap().as_bytes()));
+        assert_eq!(s.remove_temporaries().unwrap(), left.len() as u64);
+        let mut want = vec![
+            "cindex",
+            "cindex/c",
+            "hosts",
+            "hosts/h",
+            "keys",
+            "keys/k",
+            "packs",
+            "packs/3f",
+            "packs/3f/3f00",
+            "pindex",
+            "points",
+            "points/a.1",
+        ];
+        want.extend(kept);
+        want.sort();
+        assert_eq!(all_names(dir.path()), want);
+        assert_eq!(s.remove_temporaries().unwrap(), 0);
+        assert_eq!(s.get("packs/3f/3f00").unwrap(), b"object");
     }
 
     #[test]
