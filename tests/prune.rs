@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -42,31 +42,6 @@ fn dir_bytes(p: &Path) -> u64 {
         };
     }
     n
-}
-
-/// Every file under `p` (relative path -> bytes), but the writer lock file, whose content names
-/// the current holder.
-fn objects(p: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let path = e.path();
-            if e.metadata().unwrap().is_dir() {
-                walk(root, &path, out);
-            } else {
-                let rel = path
-                    .strip_prefix(root)
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned();
-                if rel != "lock" {
-                    out.insert(rel, std::fs::read(&path).unwrap());
-                }
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(p, p, &mut out);
-    out
 }
 
 fn step_time(i: usize, hours: u64) -> i64 {
@@ -145,14 +120,14 @@ fn cli_dry_run_refusals_and_space_reclaimed() {
     let repo = dir.path().join("repo");
     let steps = life(4242, 20);
     import_life_spaced(dir.path(), &repo, &steps, 7, 24);
-    let before_objects = objects(&repo);
+    let before_objects = repo_objects(&repo);
     let before = dir_bytes(&repo);
     let (_, err) = fails(&["prune", s(&repo)]);
     assert!(err.contains("--keep-last"), "{err}");
     let out = ok(&["prune", s(&repo), "--keep-last", "3", "--dry-run"]);
     assert!(out.contains("would remove 17 of 20 points"), "{out}");
     assert!(
-        objects(&repo) == before_objects,
+        repo_objects(&repo) == before_objects,
         "a dry run changes nothing"
     );
     let out = ok(&["prune", s(&repo), "--keep-last", "3"]);
@@ -216,7 +191,7 @@ fn kill_9_at_random_moments_then_rerun() {
         // Nothing the killed run left is still there: no temporary file of a put (hidden
         // names), no manifest of an older generation or of a superseded point, no point index
         // no manifest names.
-        let all = objects(&repo);
+        let all = repo_objects(&repo);
         let leftovers: Vec<_> = all
             .keys()
             .filter(|k| k.split('/').any(|part| part.starts_with('.')))
