@@ -15,12 +15,17 @@
 //! A crash at any moment leaves every kept point readable with the same bytes: a new generation
 //! hides the points it skips (see `Repository::assemble_set`) and the next writer deletes them.
 
+use std::collections::{HashMap, HashSet};
+
 use serde::Serialize;
 
 use crate::naming::Tree;
 use crate::read::PointReader;
+use crate::repo::crypto::ChunkId;
 use crate::repo::gc::{self, GcReport};
-use crate::repo::{PointManifest, RepoError, Repository, SetHistory, WriteLock};
+use crate::repo::{
+    ObjRef, PointManifest, RepoError, Repository, SetHistory, WriteLock, index, manifest,
+};
 use crate::{BLOCK_SIZE, blocks_for};
 
 /// Which points to keep. A point is kept if any rule keeps it.
@@ -159,14 +164,22 @@ pub fn prune(
         bytes_written: 0,
         gc: None,
     };
+    // What the dry run counts to say exactly what the real run leaves.
+    let mut tally = Tally {
+        sizes: object_sizes(repo, crate::repo::POINTS)?,
+        seal_overhead: repo.keys().seal(b"prune", &[]).len() as u64,
+        ..Tally::default()
+    };
     // Leftovers of an interrupted prune go first.
-    if !dry_run {
+    if dry_run {
+        for key in repo.stale_manifests()? {
+            tally.deleted += tally.sizes.get(&key).copied().unwrap_or(0);
+        }
+    } else {
         repo.clean_orphans(&lock, "")?;
     }
     // Names as the mount shows them before the prune (the removed points are in it).
     let tree = Tree::build(repo.catalog()?);
-    // In a dry run: the chunks every kept point will reference, to estimate what gc frees.
-    let mut live_after: Vec<crate::repo::crypto::ChunkId> = Vec::new();
     for disk in repo.catalog()? {
         let vdi = disk.vdi.clone();
         let Some(newest) = disk.newest().cloned() else {
@@ -210,7 +223,10 @@ pub fn prune(
                 outcome.kept += flags.iter().filter(|k| !**k).count();
                 outcome.removed -= flags.iter().filter(|k| !**k).count();
                 if dry_run {
-                    live_after.extend(chunks_of(repo, &set.points)?);
+                    tally.live.extend(chunks_of(repo, &set.points)?);
+                    for m in &set.points {
+                        tally.keep_objects(m, true);
+                    }
                 }
                 continue;
             }
@@ -219,11 +235,7 @@ pub fn prune(
             } else {
                 outcome.rewritten += rewrites(flags);
             }
-            let (written, live) = retire(repo, &lock, set, flags, dry_run)?;
-            report.bytes_written += written;
-            if dry_run {
-                live_after.extend(live);
-            }
+            retire(repo, &lock, set, flags, dry_run, &mut tally)?;
         }
         if !selected {
             continue;
@@ -245,13 +257,23 @@ pub fn prune(
             .collect();
         report.disks.push(outcome);
     }
+    report.bytes_written = tally.written;
     if dry_run {
-        live_after.sort_unstable();
-        live_after.dedup();
-        let plan = gc::plan(repo, &live_after, gc::DEFAULT_REPACK_BELOW)?;
-        report.bytes_after =
-            (report.bytes_before + report.bytes_written).saturating_sub(plan.bytes_freed);
-        report.gc = Some(plan);
+        // Exact: the metadata prune writes and deletes, then what gc frees and writes.
+        let mut after = (report.bytes_before + tally.written).saturating_sub(tally.deleted);
+        if !no_gc {
+            tally.live.sort_unstable();
+            tally.live.dedup();
+            let plan = gc::plan(
+                repo,
+                &tally.live,
+                &tally.live_objects,
+                gc::DEFAULT_REPACK_BELOW,
+            )?;
+            after = (after + plan.bytes_written).saturating_sub(plan.bytes_freed);
+            report.gc = Some(plan);
+        }
+        report.bytes_after = after;
     } else {
         if !no_gc {
             report.gc = Some(gc::gc(repo, &lock, gc::DEFAULT_REPACK_BELOW, false)?);
@@ -261,11 +283,52 @@ pub fn prune(
     Ok(report)
 }
 
+/// Every object under `prefix`, with its length.
+fn object_sizes(repo: &Repository, prefix: &str) -> Result<HashMap<String, u64>, PruneError> {
+    Ok(repo
+        .store()
+        .list(prefix)
+        .map_err(|e| RepoError::io("list", repo.store().describe(prefix), e))?
+        .into_iter()
+        .map(|o| (o.key, o.len))
+        .collect())
+}
+
+/// The metadata bytes prune writes and deletes, and (for a dry run) what the kept points will
+/// reference, so that the dry run's `bytes_after` is exactly the real run's.
+#[derive(Default)]
+struct Tally {
+    /// Lengths of the manifests before.
+    sizes: HashMap<String, u64>,
+    /// Bytes sealing adds to a blob.
+    seal_overhead: u64,
+    /// Bytes of new point indexes and manifests.
+    written: u64,
+    /// Bytes of manifests deleted.
+    deleted: u64,
+    /// Chunks the kept points will reference (dry run).
+    live: Vec<ChunkId>,
+    /// Point index and VM metadata objects the kept points will name (dry run).
+    live_objects: HashSet<String>,
+}
+
+impl Tally {
+    /// Point `m` is kept; `index`: with the index it has now (not a new one).
+    fn keep_objects(&mut self, m: &PointManifest, index: bool) {
+        if index {
+            self.live_objects.insert(m.index.key.clone());
+        }
+        if let Some(v) = &m.vm_metadata {
+            self.live_objects.insert(v.key.clone());
+        }
+    }
+    fn delete(&mut self, m: &PointManifest) {
+        self.deleted += self.sizes.get(&m.key()).copied().unwrap_or(0);
+    }
+}
+
 /// Every chunk id the points' indexes name.
-fn chunks_of(
-    repo: &Repository,
-    points: &[PointManifest],
-) -> Result<Vec<crate::repo::crypto::ChunkId>, PruneError> {
+fn chunks_of(repo: &Repository, points: &[PointManifest]) -> Result<Vec<ChunkId>, PruneError> {
     let mut out = Vec::new();
     for m in points {
         out.extend(repo.open_point(m)?.index.chunk_ids());
@@ -280,17 +343,16 @@ fn rewrites(flags: &[bool]) -> usize {
         .count()
 }
 
-/// Drop the points of `set` that `flags` does not keep. Returns the metadata bytes written and
-/// (for a dry run's estimate) the chunks the kept points will reference.
+/// Drop the points of `set` that `flags` does not keep (in a dry run, only count). `tally`
+/// gets the metadata bytes written and deleted and (dry run) what the kept points reference.
 fn retire(
     repo: &Repository,
     _lock: &WriteLock,
     set: &SetHistory,
     flags: &[bool],
     dry_run: bool,
-) -> Result<(u64, Vec<crate::repo::crypto::ChunkId>), PruneError> {
-    let mut written = 0u64;
-    let mut live = Vec::new();
+    tally: &mut Tally,
+) -> Result<(), PruneError> {
     let mut previous_kept: Option<usize> = None;
     for (k, m) in set.points.iter().enumerate() {
         if !flags[k] {
@@ -302,29 +364,41 @@ fn retire(
         };
         if unchanged {
             if dry_run {
-                live.extend(repo.open_point(m)?.index.chunk_ids());
+                tally.live.extend(repo.open_point(m)?.index.chunk_ids());
+                tally.keep_objects(m, true);
             }
         } else {
             let from = previous_kept.map_or(0, |p| p + 1);
             let parent = previous_kept.map(|p| set.points[p].id.clone());
             let (changed, data, ids) = take_over(repo, set, from, k, parent.is_none())?;
-            if dry_run {
-                live.extend(ids.chunks_exact(32).map(|c| {
+            let index = if dry_run {
+                tally.live.extend(ids.chunks_exact(32).map(|c| {
                     let mut id = [0u8; 32];
                     id.copy_from_slice(c);
-                    crate::repo::crypto::ChunkId(id)
+                    ChunkId(id)
                 }));
+                tally.keep_objects(m, false);
+                // A key of the same length as the one `put_index` draws.
+                let plain = index::encode(m.virtual_size, &changed, &data, &ids);
+                ObjRef {
+                    key: format!("{}{}", crate::repo::PINDEX, "0".repeat(32)),
+                    len: plain.len() as u64 + tally.seal_overhead,
+                }
             } else {
-                let index = repo.put_index(m.virtual_size, &changed, &data, &ids)?;
-                written += index.len;
-                let mut nm = m.clone();
-                nm.generation = m.generation.checked_add(1).ok_or_else(|| {
-                    PruneError::Refused(format!("point {} was rewritten too often", m.label()))
-                })?;
-                nm.parent = parent;
-                nm.changed_blocks = changed.len();
-                nm.data_blocks = data.len();
-                nm.index = index;
+                repo.put_index(m.virtual_size, &changed, &data, &ids)?
+            };
+            tally.written += index.len;
+            let mut nm = m.clone();
+            nm.generation = m.generation.checked_add(1).ok_or_else(|| {
+                PruneError::Refused(format!("point {} was rewritten too often", m.label()))
+            })?;
+            nm.parent = parent;
+            nm.changed_blocks = changed.len();
+            nm.data_blocks = data.len();
+            nm.index = index;
+            tally.written += manifest::encode(&nm).len() as u64 + tally.seal_overhead;
+            tally.delete(m);
+            if !dry_run {
                 // The commit: from here on the dropped points below it are superseded.
                 repo.put_manifest(&nm)?;
                 repo.delete(&m.key())?;
@@ -332,15 +406,16 @@ fn retire(
         }
         previous_kept = Some(k);
     }
-    if !dry_run {
-        // Newest first: a crash midway leaves a shorter chain, never one with a hole.
-        for (k, m) in set.points.iter().enumerate().rev() {
-            if !flags[k] {
+    // Newest first: a crash midway leaves a shorter chain, never one with a hole.
+    for (k, m) in set.points.iter().enumerate().rev() {
+        if !flags[k] {
+            tally.delete(m);
+            if !dry_run {
                 repo.delete(&m.key())?;
             }
         }
     }
-    Ok((written, live))
+    Ok(())
 }
 
 /// The index point `k` of `set` gets when it absorbs points `from..k`: for every block those

@@ -1113,24 +1113,25 @@ fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage()
         .chunks(BS)
         .position(|c| c.starts_with(b"BIGFILE-PAGE-"))
         .expect("the big file fills a whole 64 KiB block");
-    let rank = image[..block * BS]
-        .chunks(BS)
-        .filter(|c| c.iter().any(|&x| x != 0))
-        .count();
-    let set = std::fs::read_dir(h.repo.join("disks").join(&h.vdi))
+    // Flip a bit in the chunk record the point's chain reads that block from.
+    let r = open_repo(&h.repo);
+    let points: Vec<_> = r
+        .disk(&h.vdi)
         .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let data = std::fs::read_dir(&set)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with(".data"))
-        .unwrap();
-    let mut bytes = std::fs::read(&data).unwrap();
-    bytes[rank * BS + 100] ^= 0x10;
-    std::fs::write(&data, bytes).unwrap();
+        .sets
+        .iter()
+        .flat_map(|set| set.points.clone())
+        .collect();
+    let (pack, loc) = points
+        .iter()
+        .rev()
+        .find_map(|m| r.locate_block(m, block as u32).unwrap())
+        .expect("the block is stored");
+    drop(r);
+    let pack = h.repo.join(pack);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[loc.offset as usize + loc.len as usize / 2] ^= 0x10;
+    std::fs::write(&pack, bytes).unwrap();
     let b = Browse::new(&h.repo, &point, &d, &[]);
     let e = std::fs::read(b.dir.join("disk/big-pattern.bin")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
@@ -1437,6 +1438,10 @@ fn as_nobody(home: &Path, args: &[&str]) -> std::process::Output {
         )
         .env("HOME", home)
         .env("TMPDIR", home)
+        .env(
+            "CBTFS_KEY_FILE",
+            key_file_for(65534, home.parent().unwrap()),
+        )
         .output()
         .unwrap()
 }

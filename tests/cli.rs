@@ -35,6 +35,24 @@ fn setup(d: &Path) -> (String, String) {
 }
 
 /// The commands cbtfs has (clap's own `help` aside).
+/// The man pages `cbtfs man` writes: cbtfs.1, one per command and one per subcommand of a
+/// command that has some (`cbtfs-key-add.1`).
+fn man_pages() -> Vec<String> {
+    use clap::CommandFactory;
+    let mut out = vec!["cbtfs.1".to_string()];
+    for c in cbtfs::cli::Cli::command().get_subcommands() {
+        if c.get_name() == "help" {
+            continue;
+        }
+        out.push(format!("cbtfs-{}.1", c.get_name()));
+        for sub in c.get_subcommands().filter(|s| s.get_name() != "help") {
+            out.push(format!("cbtfs-{}-{}.1", c.get_name(), sub.get_name()));
+        }
+    }
+    out.sort();
+    out
+}
+
 fn commands() -> Vec<String> {
     use clap::CommandFactory;
     cbtfs::cli::Cli::command()
@@ -346,15 +364,14 @@ fn completions_know_every_command() {
     );
 }
 
-/// `cbtfs man DIR` writes roff pages: cbtfs.1 and one per command.
+/// `cbtfs man DIR` writes roff pages: cbtfs.1, one per command and one per subcommand.
 #[test]
 fn man_pages_for_every_command() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("man1");
     ok(&["man", s(&dir)]);
-    let mut want: Vec<String> = commands().iter().map(|c| format!("cbtfs-{c}.1")).collect();
-    want.push("cbtfs.1".into());
-    want.sort();
+    let want = man_pages();
+    assert!(want.contains(&"cbtfs-key-add.1".to_string()), "{want:?}");
     let mut have: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -408,7 +425,7 @@ fn install_script_installs_man_pages_and_completions() {
     let pages = std::fs::read_dir(usr.join("share/man/man1"))
         .unwrap()
         .count();
-    assert_eq!(pages, commands().len() + 1);
+    assert_eq!(pages, man_pages().len());
     assert_eq!(
         std::fs::read(usr.join("share/zsh/site-functions/_cbtfs")).unwrap(),
         cbtfs(&["completions", "zsh"]).stdout
@@ -1031,11 +1048,12 @@ fn an_export_conversion_that_fails_or_is_interrupted_leaves_nothing() {
         ),
     )
     .unwrap();
+    let errors = d.path().join("export.err");
     let mut child = cbtfs_cmd()
         .args(["export", &repo, &point, s(&target)])
         .env("PATH", &path)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&errors).unwrap())
         .spawn()
         .unwrap();
     wait_for(
@@ -1056,7 +1074,12 @@ fn an_export_conversion_that_fails_or_is_interrupted_leaves_nothing() {
     // SAFETY: kill(2) of our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let st = child.wait().unwrap();
-    assert_eq!(st.code(), Some(128 + libc::SIGTERM), "{st}");
+    assert_eq!(
+        st.code(),
+        Some(128 + libc::SIGTERM),
+        "{st}: {}",
+        std::fs::read_to_string(&errors).unwrap()
+    );
     assert!(leftovers().is_empty(), "{:?}", leftovers());
     // qemu-img was killed (and, its parent gone, reaped by init): no such process left.
     wait_for(

@@ -377,31 +377,31 @@ fn damaged_block_fails_only_its_range_and_is_logged() {
         "--time",
         &time(0),
     ]);
-    // A second disk, undamaged.
+    // A second disk, undamaged: other bytes, so that it shares no chunk with the first
+    // (format 2 stores a chunk once for every disk holding it).
+    let mut other = vec![0u8; 32 * BS];
+    TestRng::new(24).fill(&mut other);
+    let img2 = dp.join("img2");
+    std::fs::write(&img2, &other).unwrap();
     ok(&[
         "import",
         s(&repo),
         "--vdi",
         &vdi(24),
         "--raw",
-        s(&img),
+        s(&img2),
         "--time",
         &time(0),
     ]);
-    let set = std::fs::read_dir(repo.join("disks").join(&v))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let datafile = std::fs::read_dir(&set)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().unwrap() == "data")
-        .unwrap();
-    let mut bytes = std::fs::read(&datafile).unwrap();
-    bytes[10 * BS + 77] ^= 0x01;
-    std::fs::write(&datafile, bytes).unwrap();
+    // Flip one bit inside the chunk record of block 10.
+    let r = open_repo(&repo);
+    let point = r.disk(&v).unwrap().sets[0].points[0].clone();
+    let (pack, loc) = r.locate_block(&point, 10).unwrap().unwrap();
+    drop(r);
+    let pack = repo.join(pack);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[loc.offset as usize + loc.len as usize / 2] ^= 0x01;
+    std::fs::write(&pack, bytes).unwrap();
 
     let m = Mounted::new(&repo, &dp.join("mnt"), &[]);
     let f = File::open(m.mp.join("by-uuid").join(&v).join("latest.raw")).unwrap();
@@ -427,7 +427,7 @@ fn damaged_block_fails_only_its_range_and_is_logged() {
             .read_to_end(&mut all)
             .is_err()
     );
-    assert!(std::fs::read(m.mp.join("by-uuid").join(vdi(24)).join("latest.raw")).unwrap() == data);
+    assert!(std::fs::read(m.mp.join("by-uuid").join(vdi(24)).join("latest.raw")).unwrap() == other);
     let log = m.log();
     assert!(
         log.contains("damaged block") && log.contains("block=10") && log.contains(&v),
@@ -478,12 +478,15 @@ fn removed_set_disappears_while_open_files_keep_reading() {
     let f = File::open(&old).unwrap();
     let mut buf = vec![0u8; data.len()];
     f.read_exact_at(&mut buf, 0).unwrap();
-    // Remove the first set from the repository, as a prune would.
-    let set_dir = repo
-        .join("disks")
-        .join(&v)
-        .join(Path::new(&paths[0]).parent().unwrap().file_name().unwrap());
-    std::fs::remove_dir_all(&set_dir).unwrap();
+    // Remove the first set from the repository, as a prune does before its gc: delete the
+    // set's manifests.
+    let r = open_repo(&repo);
+    let sets = r.disk(&v).unwrap().sets;
+    assert_eq!(sets.len(), 2);
+    for p in &sets[0].points {
+        std::fs::remove_file(repo.join(p.key())).unwrap();
+    }
+    drop(r);
     let mut again = vec![0u8; data.len()];
     f.read_exact_at(&mut again, 0).unwrap();
     assert!(again == data, "an open file of a removed point changed");

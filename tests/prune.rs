@@ -5,12 +5,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use cbtfs::prune::Policy;
 use cbtfs::read::PointReader;
-use cbtfs::repo::Repository;
 use common::*;
 
 /// Every point in the repository, by time: its bytes.
@@ -121,17 +120,20 @@ fn cli_dry_run_refusals_and_space_reclaimed() {
     let repo = dir.path().join("repo");
     let steps = life(4242, 20);
     import_life_spaced(dir.path(), &repo, &steps, 7, 24);
-    let disks = repo.join("disks");
-    let before = dir_bytes(&disks);
+    let before_objects = repo_objects(&repo);
+    let before = dir_bytes(&repo);
     let (_, err) = fails(&["prune", s(&repo)]);
     assert!(err.contains("--keep-last"), "{err}");
     let out = ok(&["prune", s(&repo), "--keep-last", "3", "--dry-run"]);
     assert!(out.contains("would remove 17 of 20 points"), "{out}");
-    assert_eq!(dir_bytes(&disks), before, "a dry run changes nothing");
+    assert!(
+        repo_objects(&repo) == before_objects,
+        "a dry run changes nothing"
+    );
     let out = ok(&["prune", s(&repo), "--keep-last", "3"]);
     assert!(out.contains("removed 17 of 20 points"), "{out}");
     assert!(out.contains("reclaimed"), "{out}");
-    assert!(dir_bytes(&disks) < before);
+    assert!(dir_bytes(&repo) < before);
     let got = read_all(&repo);
     for i in 17..20 {
         assert!(got[&step_time(i, 24)] == steps[i].image, "point {i}");
@@ -186,12 +188,34 @@ fn kill_9_at_random_moments_then_rerun() {
             keep.iter().filter(|k| **k).count(),
             "trial {trial}"
         );
-        let leftovers: Vec<_> = std::fs::read_dir(repo.join("disks").join(vdi(trial as u32)))
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        // Nothing the killed run left is still there: no temporary file of a put (hidden
+        // names), no manifest of an older generation or of a superseded point, no point index
+        // no manifest names.
+        let all = repo_objects(&repo);
+        let leftovers: Vec<_> = all
+            .keys()
+            .filter(|k| k.split('/').any(|part| part.starts_with('.')))
             .collect();
         assert!(leftovers.is_empty(), "trial {trial}: {leftovers:?}");
+        let r = open_repo(&repo);
+        assert_eq!(
+            r.stale_manifests().unwrap(),
+            Vec::<String>::new(),
+            "trial {trial}"
+        );
+        let mut named: Vec<String> = Vec::new();
+        for d in r.catalog().unwrap() {
+            for set in &d.sets {
+                named.extend(set.points.iter().map(|p| p.index.key.clone()));
+            }
+        }
+        named.sort();
+        let stored: Vec<String> = all
+            .keys()
+            .filter(|k| k.starts_with("pindex/"))
+            .cloned()
+            .collect();
+        assert_eq!(stored, named, "trial {trial}: point indexes");
     }
 }
 
@@ -250,7 +274,8 @@ fn prune_under_an_open_mount() {
 }
 
 /// `prune --dry-run` says what the repository would hold afterwards: exactly what the real run
-/// then reports (it was 0 before), on random chains with zero blocks, resizes and new sets.
+/// then reports (metadata written and deleted, packs deleted and repacked, chunk index objects
+/// rewritten), on random chains with zero blocks, resizes and new sets.
 #[test]
 fn dry_run_bytes_after_equals_the_real_runs() {
     for seed in 0..20u64 {
@@ -275,6 +300,23 @@ fn dry_run_bytes_after_equals_the_real_runs() {
         assert_eq!(
             dry.bytes_after, real.bytes_after,
             "seed {seed}: dry run vs real run ({policy:?})"
+        );
+        assert_eq!(dry.bytes_written, real.bytes_written, "seed {seed}");
+        let (dg, rg) = (dry.gc.unwrap(), real.gc.unwrap());
+        assert_eq!(
+            (
+                dg.bytes_freed,
+                dg.bytes_written,
+                dg.packs_deleted,
+                dg.packs_repacked
+            ),
+            (
+                rg.bytes_freed,
+                rg.bytes_written,
+                rg.packs_deleted,
+                rg.packs_repacked
+            ),
+            "seed {seed}: dry run's gc vs the real one"
         );
         assert!(real.bytes_after > 0, "seed {seed}");
     }

@@ -15,7 +15,7 @@
 //!    VM metadata no manifest names. A crash before the old index objects go leaves duplicates
 //!    (both valid); after, only unreferenced objects, which the next gc deletes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::chunkindex::{self, CINDEX_PREFIX};
 use super::crypto::ChunkId;
@@ -32,8 +32,12 @@ pub struct GcReport {
     pub packs_deleted: u64,
     pub packs_repacked: u64,
     pub packs_written: u64,
+    /// Bytes of the packs before.
     pub bytes_before: u64,
+    /// Bytes of every object deleted: dead and repacked packs, replaced chunk index objects,
+    /// point indexes and VM metadata no manifest names.
     pub bytes_freed: u64,
+    /// Bytes of every object written: new packs and chunk index objects.
     pub bytes_written: u64,
     pub live_chunks: u64,
     pub objects_deleted: u64,
@@ -67,10 +71,52 @@ pub fn gc(
     Ok(report)
 }
 
-/// What gc would free if exactly the chunks `live` (sorted, deduplicated) were referenced
-/// (prune's dry run).
-pub fn plan(repo: &Repository, live: &[ChunkId], repack_below: u8) -> Result<GcReport> {
-    sweep(repo, live, None, repack_below, true)
+/// What gc would free and write if exactly the chunks `live` (sorted, deduplicated) and the
+/// point index and VM metadata objects `live_objects` were referenced (prune's dry run). Its
+/// byte counts are exact: the repacked packs and the new chunk index objects are laid out as
+/// `gc` would lay them out, only not sealed or written.
+pub fn plan(
+    repo: &Repository,
+    live: &[ChunkId],
+    live_objects: &HashSet<String>,
+    repack_below: u8,
+) -> Result<GcReport> {
+    sweep(repo, live, Some(live_objects), repack_below, true)
+}
+
+/// Every object under `prefix`, with its length.
+fn object_sizes(repo: &Repository, prefix: &str) -> Result<HashMap<String, u64>> {
+    Ok(repo
+        .store()
+        .list(prefix)
+        .map_err(|e| RepoError::io("list", repo.describe(prefix), e))?
+        .into_iter()
+        .map(|o| (o.key, o.len))
+        .collect())
+}
+
+/// Bytes a pack of `count` records of `records` bytes takes (`PackWriter::finish`'s layout).
+fn pack_len(records: u64, count: u64, seal_overhead: u64) -> u64 {
+    records
+        + 4
+        + count * pack::TRAILER_ENTRY_LEN as u64
+        + seal_overhead
+        + pack::PACK_TAIL_LEN as u64
+}
+
+/// Bytes of the chunk index objects `write_index` makes of `entries` (chunk id, pack number),
+/// sorted by id without repeats (`encode_cindex_body`'s layout, sealed).
+fn cindex_len(entries: &[(ChunkId, u64)], seal_overhead: u64) -> u64 {
+    entries
+        .chunks(chunkindex::FLUSH_ENTRIES)
+        .map(|part| {
+            let packs: HashSet<u64> = part.iter().map(|e| e.1).collect();
+            chunkindex::CINDEX_HEAD_LEN as u64
+                + 16 * packs.len() as u64
+                + chunkindex::ENTRY_LEN as u64 * part.len() as u64
+                + seal_overhead
+        })
+        .sum()
 }
 
 /// Mark (step 2): every chunk any point references (sorted), and the index and metadata
@@ -193,23 +239,65 @@ fn sweep(
             .map_err(|e| RepoError::io("list", repo.describe(prefix), e))?
         {
             if !live_objects.is_some_and(|l| l.contains(&o.key)) {
-                stray_objects.push(o.key);
+                stray_objects.push((o.key, o.len));
             }
         }
     }
     let index_changed = !dead.is_empty() || !repack.is_empty();
+    let cindex_sizes = object_sizes(repo, CINDEX_PREFIX)?;
+    let cindex_bytes: u64 = ci
+        .objects()
+        .iter()
+        .filter_map(|k| cindex_sizes.get(k))
+        .sum();
     if dry_run {
+        // The same layout as below, counted instead of written: repacked records go into new
+        // packs in this order, cut at PACK_TARGET; the index lists every live chunk.
+        let overhead = repo.keys().seal(b"gc plan", &[]).len() as u64;
+        let mut numbers: BTreeMap<PackId, u64> = BTreeMap::new();
+        for (n, id) in packs.keys().enumerate() {
+            numbers.insert(*id, n as u64);
+        }
+        let mut next = numbers.len() as u64;
+        let mut entries: Vec<(ChunkId, u64)> = Vec::new();
+        let (mut records, mut count) = (0u64, 0u64);
+        for id in &repack {
+            let Some(u) = packs.get(id) else { continue };
+            for (cid, loc) in &u.live {
+                records += u64::from(loc.len);
+                count += 1;
+                entries.push((*cid, next));
+                if records >= pack::PACK_TARGET as u64 {
+                    report.packs_written += 1;
+                    report.bytes_written += pack_len(records, count, overhead);
+                    (records, count, next) = (0, 0, next + 1);
+                }
+            }
+            report.packs_repacked += 1;
+            report.bytes_freed += u.len;
+        }
+        if records > 0 {
+            report.packs_written += 1;
+            report.bytes_written += pack_len(records, count, overhead);
+        }
         for id in &dead {
             report.packs_deleted += 1;
             report.bytes_freed += packs.get(id).map(|u| u.len).unwrap_or(0);
         }
-        for id in &repack {
-            report.packs_repacked += 1;
-            if let Some(u) = packs.get(id) {
-                report.bytes_freed += u.len.saturating_sub(u.live_bytes);
+        if index_changed {
+            let repacked: HashSet<PackId> = repack.iter().copied().collect();
+            for (id, u) in &packs {
+                if !repacked.contains(id) && indexed.contains(id) {
+                    let n = numbers.get(id).copied().unwrap_or(0);
+                    entries.extend(u.live.iter().map(|(cid, _)| (*cid, n)));
+                }
             }
+            entries.sort_unstable_by_key(|e| e.0);
+            report.bytes_written += cindex_len(&entries, overhead);
+            report.bytes_freed += cindex_bytes;
         }
         report.objects_deleted = stray_objects.len() as u64;
+        report.bytes_freed += stray_objects.iter().map(|o| o.1).sum::<u64>();
         return Ok(report);
     }
 
@@ -275,10 +363,13 @@ fn sweep(
             }
         }
         let old = ci.objects();
-        chunkindex::write_index(store.as_ref(), repo.keys(), entries)?;
+        let new = chunkindex::write_index(store.as_ref(), repo.keys(), entries)?;
+        let sizes = object_sizes(repo, CINDEX_PREFIX)?;
+        report.bytes_written += new.iter().filter_map(|k| sizes.get(k)).sum::<u64>();
         for key in old {
             repo.delete(&key)?;
         }
+        report.bytes_freed += cindex_bytes;
         ci.refresh()?;
     }
     for id in &dead {
@@ -289,11 +380,11 @@ fn sweep(
     for id in &repack {
         repo.delete(&id.key())?;
     }
-    for key in &stray_objects {
+    for (key, len) in &stray_objects {
         repo.delete(key)?;
+        report.bytes_freed += len;
     }
     report.objects_deleted = stray_objects.len() as u64;
-    let _ = CINDEX_PREFIX;
     tracing::info!(
         packs_deleted = report.packs_deleted,
         packs_repacked = report.packs_repacked,

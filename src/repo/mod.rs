@@ -1333,6 +1333,11 @@ impl Repository {
         }
     }
 
+    /// The manifests `clean_orphans` would delete (prune's dry run counts their bytes).
+    pub fn stale_manifests(&self) -> Result<Vec<String>> {
+        Ok(self.all_sets()?.1)
+    }
+
     /// Delete manifests no reader sees any more (older generations, points a prune superseded
     /// before it died). Needs the lock. Unreferenced packs and indexes are `gc`'s.
     pub fn clean_orphans(&self, _lock: &WriteLock, _vdi: &str) -> Result<Vec<String>> {

@@ -562,6 +562,20 @@ pub fn files_under(p: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Every file of the repository at `repo` (relative path -> bytes), but the writer lock file,
+/// whose content names the current holder.
+pub fn repo_objects(repo: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    files_under(repo)
+        .into_iter()
+        .map(|f| {
+            let rel = f.strip_prefix(repo).unwrap().to_string_lossy().into_owned();
+            let bytes = std::fs::read(&f).unwrap();
+            (rel, bytes)
+        })
+        .filter(|(rel, _)| rel != "lock")
+        .collect()
+}
+
 /// Unmounts (lazily) a filesystem the test mounted, however the test ends.
 pub struct MountGuard(pub PathBuf);
 impl Drop for MountGuard {
