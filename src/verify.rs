@@ -353,3 +353,123 @@ fn verify_point(
 
 /// Chunks per read while verifying.
 const GROUP: u64 = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::{NewPoint, testing};
+    use std::path::Path;
+
+    const VDI: &str = "00000000-0000-4000-8000-00000000000c";
+    const BS: usize = BLOCK_SIZE as usize;
+
+    fn write(repo: &Repository, time: i64, new_set: bool, bytes: &[u8]) -> PointManifest {
+        let lock = repo.lock("test").unwrap();
+        let spec = NewPoint {
+            vdi: VDI.into(),
+            disk_name: "d".into(),
+            vm_uuid: None,
+            vm_name: None,
+            time,
+            virtual_size: 4 * BLOCK_SIZE,
+            source: "test".into(),
+            new_set,
+            snapshot: None,
+            vm_metadata: None,
+            vdi_type: None,
+            vm_run: None,
+        };
+        let mut w = repo.begin_point(&lock, spec).unwrap();
+        w.add_run(0, bytes, true).unwrap();
+        w.commit().unwrap()
+    }
+
+    fn image(seed: u8, blocks: usize) -> Vec<u8> {
+        (0..blocks * BS)
+            .map(|i| {
+                (i as u8)
+                    .wrapping_mul(seed)
+                    .wrapping_add((i / BS) as u8 + 1)
+            })
+            .collect()
+    }
+
+    fn flip(p: &Path, at: usize) {
+        let mut b = std::fs::read(p).unwrap();
+        b[at] ^= 4;
+        std::fs::write(p, b).unwrap();
+    }
+
+    fn run(repo: &Repository) -> VerifyReport {
+        let mut r = VerifyReport::default();
+        verify_all(repo, &VerifyOptions::default(), &mut r).unwrap();
+        r
+    }
+
+    /// Regression: verify read the chunk index through this machine's cache (copies checked
+    /// when made), so a damaged stored object was reported ok; and it never read pack trailers.
+    #[test]
+    fn a_damaged_stored_chunk_index_object_or_pack_trailer_is_found_despite_the_cache() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let repo = testing::init(&root);
+        let m = write(&repo, 1_000, true, &image(3, 4));
+        // A handle that loaded (and cached) the chunk index, as a long-running reader has.
+        let r = testing::open(&root);
+        assert!(run(&r).ok());
+        let ci = std::fs::read_dir(root.join("cindex"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let saved = std::fs::read(&ci).unwrap();
+        flip(&ci, saved.len() / 2);
+        let rep = run(&r);
+        assert!(
+            rep.damage.iter().any(|x| x.location.contains("cindex/")),
+            "{:?}",
+            rep.damage
+        );
+        std::fs::write(&ci, &saved).unwrap();
+        assert!(run(&r).ok());
+        // The pack's trailer: the last byte of its seal (just before the 12-byte tail).
+        let (key, _) = r.locate_block(&m, 0).unwrap().unwrap();
+        let pack = root.join(&key);
+        let len = std::fs::metadata(&pack).unwrap().len() as usize;
+        flip(&pack, len - 13);
+        let rep = run(&r);
+        assert_eq!(rep.damage.len(), 1, "{:?}", rep.damage);
+        assert!(rep.damage[0].location.contains(&key), "{:?}", rep.damage);
+        assert!(
+            rep.damage[0].problem.contains("trailer"),
+            "{:?}",
+            rep.damage
+        );
+    }
+
+    #[test]
+    fn points_above_a_point_whose_index_is_damaged_are_named_unreadable() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let repo = testing::init(&root);
+        write(&repo, 1_000, true, &image(3, 4));
+        let m1 = write(&repo, 2_000, false, &image(5, 1));
+        let m2 = write(&repo, 3_000, false, &image(7, 1));
+        let idx = root.join(&m1.index.key);
+        let n = std::fs::metadata(&idx).unwrap().len() as usize;
+        flip(&idx, n / 2);
+        let rep = run(&testing::open(&root));
+        let named: Vec<&str> = rep
+            .damage
+            .iter()
+            .filter_map(|x| x.point.as_deref())
+            .collect();
+        assert_eq!(named, [m1.label(), m2.label()], "{:?}", rep.damage);
+        assert!(
+            rep.damage[1].problem.contains("unreadable"),
+            "{:?}",
+            rep.damage
+        );
+    }
+}

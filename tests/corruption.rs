@@ -612,7 +612,7 @@ fn damaged_truncated_or_deleted_manifest_is_named_and_earlier_points_still_read(
 }
 
 #[test]
-fn damaged_swapped_or_deleted_chunk_index_object_is_named_and_fails_only_its_chunks() {
+fn damaged_swapped_or_truncated_chunk_index_object_is_named_and_fails_only_its_chunks() {
     for (what, damage) in [("flipped", 0u8), ("swapped", 1), ("truncated", 2)] {
         let f = build();
         let key = &f.cindex[0][0];
@@ -1071,4 +1071,60 @@ fn the_repository_and_the_objects_directories_are_synced_into_their_parents() {
             "{dir} was not synced: {synced:?}"
         );
     }
+}
+
+#[test]
+fn a_damaged_pin_is_an_error_naming_it_and_no_password_is_sent() {
+    use cbtfs::sim::{Sim, SimConfig};
+    if !have("openssl") {
+        return skip("the simulated host needs openssl for its certificate");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let cfg = SimConfig::new(&d.path().join("sim"));
+    let pw = d.path().join("password");
+    std::fs::write(&pw, format!("{}\n", cfg.password)).unwrap();
+    let sim = Sim::start(cfg).unwrap();
+    let img = d.path().join("disk.img");
+    std::fs::write(&img, vec![1u8; 4 * BS]).unwrap();
+    let (_, vdis) = sim.add_vm("vm1", &[("root", &img)]).unwrap();
+    let repo = d.path().join("repo");
+    ok(&["init", s(&repo)]);
+    let backup = || {
+        cbtfs(&[
+            "backup",
+            s(&repo),
+            "--host",
+            &sim.url,
+            "--password-file",
+            s(&pw),
+            "--vdi",
+            &vdis[0],
+        ])
+    };
+    // The first backup pins the host's certificate (a sealed object under hosts/).
+    let o = backup();
+    assert!(o.status.success(), "{}", out_of(&o));
+    let pins = keys_under(&repo, "hosts");
+    assert_eq!(pins.len(), 1, "{pins:?}");
+    let pin = repo.join(&pins[0]);
+    let good = std::fs::read(&pin).unwrap();
+    sim.with(|st| st.calls.clear());
+    for at in [0, good.len() / 2, good.len() - 1] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x10;
+        std::fs::write(&pin, &bad).unwrap();
+        let o = backup();
+        assert!(!o.status.success());
+        let m = out_of(&o);
+        assert!(m.contains(&pins[0]) && m.contains("damaged"), "{m}");
+        assert!(!m.contains("panicked"), "{m}");
+        assert!(std::fs::read(&pin).unwrap() == bad, "the pin was changed");
+        let calls = sim.with(|st| st.calls.clone());
+        assert!(calls.is_empty(), "the host was called: {calls:?}");
+    }
+    // Deleted, it is pinned again on first use.
+    std::fs::remove_file(&pin).unwrap();
+    let o = backup();
+    assert!(o.status.success(), "{}", out_of(&o));
+    assert!(pin.exists());
 }

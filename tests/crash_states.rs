@@ -3,7 +3,7 @@
 //! `tests/crash.rs` kills writers at random moments; this test enumerates the states a crash can
 //! leave instead. Method (after ALICE and CrashMonkey):
 //!
-//! 1. Run the real `cbtfs` binary (an import, a prune, a backup against the simulated host)
+//! 1. Run the real `cbtfs` binary (an import, a prune, a gc, a backup against the simulated host)
 //!    under `strace -f -xx -y`, recording every system call that can change a file or a
 //!    directory, with the bytes written (hex-escaped, never truncated: a truncated string fails
 //!    the test).
@@ -12,7 +12,10 @@
 //!    The *volatile* layer is what the running program sees; the *durable* layer is what a
 //!    power cut keeps, under a conservative POSIX model: a file's bytes become durable at an
 //!    `fsync`/`fdatasync` of that file (its content as of then), a directory's entries (create,
-//!    link, unlink, rename, exchange, mkdir, rmdir) at an `fsync` of that directory. Unsynced
+//!    link, unlink, rename, exchange, mkdir, rmdir) at an `fsync` of that directory. (Format 2's
+//!    store puts with a temporary file, `fsync`, `renameat2(RENAME_NOREPLACE)` and a directory
+//!    `fsync`, deletes with `unlink` and a directory `fsync`; `renameat2`'s flags are parsed,
+//!    and a flag the model does not know fails the test.) Unsynced
 //!    writes are dropped. The replay starts from the repository as it was before the command
 //!    (read from disk: durable), and its volatile layer must end equal, byte for byte, to the
 //!    real repository afterwards — or the model is wrong and the test fails.
@@ -27,15 +30,19 @@
 //!    is a *lost commit*), and after the command returned every point it made is; every listed
 //!    point exports byte-identical to the image it was made from (anything else is *wrong
 //!    bytes*); and the next writer goes on: a further import (or backup) succeeds, reads back
-//!    exactly, and leaves no leftovers of the crash (no `.tmp`, no `.prune-*`, no orphaned data
-//!    or index).
+//!    exactly, and leaves no leftovers of the crash (no temporary file of a killed put, no
+//!    manifest but the listed points'); then `cbtfs gc` collects the unreferenced packs and
+//!    indexes a crash may leave (a second gc finds nothing) and `verify` passes. A prune may
+//!    also leave, midway, the oldest of a set's dropped points (it deletes them newest first).
 //!
 //! 5. A kill is not a power cut: a killed writer's unsynced directory changes stay visible, and
 //!    the next writer may build on them. `a_commit_after_a_killed_writer_survives_a_power_cut`
-//!    kills each import and the prune after every directory change or fsync (the volatile
+//!    kills each import, the prune and the gc after every directory change or fsync (the volatile
 //!    state lives on), runs the next import on that state under strace too, and cuts the power
 //!    once it returned: its point and every earlier one must be there. `init_is_durable_once_
 //!    it_returns` records `cbtfs init` from the directory that holds the new repository.
+//!    `a_power_cut_in_the_writer_after_a_prune_keeps_every_point` cuts the power during the
+//!    import that follows a returned prune (whose deletions are then still unsynced).
 //!
 //! The tests print `crash states: K states, L lost commits, W wrong bytes` and fail on any
 //! violation.
@@ -1514,9 +1521,9 @@ fn every_crash_state_of_import_prune_and_backup_commits_is_intact() {
 /// power goes: the next writer's point must survive, so it must make durable whatever of the
 /// killed writer's directory changes it builds on.
 ///
-/// Needs issue #16's defect 14 fixed (`LocalStore::make_dir` must fsync the parent also when
-/// the directory already exists): otherwise a base import killed after `mkdir disks/VDI`, and
-/// a prune killed after its `RENAME_EXCHANGE`, lose the next import's point.
+/// Needs `LocalStore::make_parents` to fsync the parent of a directory it finds existing (once
+/// per process): otherwise an import killed after `mkdir points` (before its fsync of the root)
+/// loses the next import's point (issue #16's defect 14, again in format 2).
 #[test]
 fn a_commit_after_a_killed_writer_survives_a_power_cut() {
     if !can_trace() {
