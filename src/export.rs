@@ -305,6 +305,9 @@ fn write_sparse(
 static PARTIAL_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 /// The running `qemu-img` (0: none), killed if a signal ends the process.
 static CONVERTER: AtomicI32 = AtomicI32::new(0);
+/// Set by the signal watcher before it stops qemu-img: the export must then leave the exit to
+/// the watcher (128 + the signal), not report qemu-img's death as a failure (exit 1).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// A temporary file beside an export's target: `.<name>.<tag>`, removed when dropped unless
 /// `done` (renamed into place).
@@ -357,6 +360,7 @@ pub fn remove_partial_files_on_signals() {
         if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
             return;
         }
+        INTERRUPTED.store(true, Ordering::SeqCst);
         let pid = CONVERTER.load(Ordering::SeqCst);
         if pid > 0 {
             // SAFETY: kill(2) of our own child's pid; at worst it has exited (ESRCH), never
@@ -434,6 +438,13 @@ pub fn export_converted(
     CONVERTER.store(child.id() as i32, Ordering::SeqCst);
     let waited = child.wait_with_output();
     CONVERTER.store(0, Ordering::SeqCst);
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // qemu-img was stopped by the signal watcher, which is removing the temporary files
+        // and then exits the process with 128 + the signal: wait for it.
+        loop {
+            std::thread::park();
+        }
+    }
     let output = waited.map_err(|e| convert_err(format!("waiting for qemu-img: {e}")))?;
     if !output.status.success() {
         let text = String::from_utf8_lossy(&output.stderr);

@@ -350,7 +350,13 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("certificate of 127.0.0.1 changed"), "{err}");
-    assert!(err.contains("hosts/127.0.0.1.pin"), "{err}");
+    // It names the pin to delete: the repository's one (sealed, keyed-name) pin object.
+    let pins = files_under(&h.repo().join("hosts"));
+    assert_eq!(pins.len(), 1, "{pins:?}");
+    assert!(
+        err.contains(&format!("delete {}", pins[0].display())),
+        "{err}"
+    );
 
     // A CA that did not sign it: refused. Its own certificate as the CA: accepted.
     let ca = h.dir.path().join("wrong-ca.pem");

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use cbtfs::sim::SimConfig;
 use common::*;
 use serde_json::Value;
