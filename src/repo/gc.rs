@@ -119,13 +119,8 @@ fn cindex_len(entries: &[(ChunkId, u64)], seal_overhead: u64) -> u64 {
         .sum()
 }
 
-<<<<<<< HEAD
 /// Mark (step 2): every chunk any point references (sorted), and the index and metadata
 /// objects that manifests name.
-=======
-/// Every chunk any point references (sorted), and the index and metadata objects manifests
-/// name (step 2).
->>>>>>> tsuites
 fn mark(repo: &Repository) -> Result<(Vec<ChunkId>, HashSet<String>)> {
     let damaged = repo.damaged_manifests()?;
     if let Some(d) = damaged.first() {
