@@ -38,14 +38,16 @@
 #      mount daemon (mount). Extrapolated linearly from the two sizes to 5% (100 GiB).
 #      Mount ready: from `cbtfs mount` starting to the first `ls` of the mountpoint succeeding,
 #      on row 5's repository (DEPTH points; median of 5, page cache warm).
+#      Peak RSS counts mapped file pages too (the chunk index cache is an mmapped file).
 #   8. `import --raw` of a sparse 2 TiB file holding 96 MiB of data (1 MiB runs at random
 #      offsets): seconds (median of ROUNDS; IMPORT_TIMEOUT seconds at most).
 # Results: the table on standard output and in WORKDIR/results.txt; progress on standard error.
 # Usage: scripts/bench-format2.sh [WORKDIR]   (root; default /var/tmp/cbtfs-bench-fmt2; needs
-#   ~20 GiB free there and ~6 GiB in /dev/shm; installs restic, zstd, qemu-utils if missing)
+#   ~20 GiB free there and ~5 GiB in /dev/shm; installs restic, zstd, qemu-utils if missing)
 #   QUICK=1: SIZE_MB=1024, DEPTH=200, /usr/share, RSS_DATA_MB="256 1024", ROUNDS=2 (~5 min)
-#   Also settable: ONLY (rows to run, e.g. ONLY="4 6"), SIZE_MB, ROUNDS, DEPTH, USR_DIR, RSS_DATA_MB, IMPORT_TIMEOUT, and CBTFS (a
-#   prebuilt format-2 binary instead of building this checkout)
+#   Also settable: ONLY (rows to run, e.g. ONLY="4 6"), SIZE_MB, ROUNDS, DEPTH, USR_DIR,
+#   RSS_DATA_MB, IMPORT_TIMEOUT, CBTFS (a prebuilt format-2 binary instead of building this tree)
+#   Inputs (images, increments) are kept in WORKDIR between runs; the format-1 binary too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=$PWD
@@ -98,6 +100,7 @@ fi
 
 export CBTFS_KEY_FILE=$WORK/key          # made by the first `cbtfs init`; format 1 ignores it
 export CBTFS_CACHE_DIR=$WORK/cache       # format 2's chunk index cache, out of $HOME
+rm -rf "$CBTFS_CACHE_DIR"
 export RESTIC_PASSWORD_FILE=$WORK/restic-password
 [ -f "$RESTIC_PASSWORD_FILE" ] || head -c 24 /dev/urandom | base64 > "$RESTIC_PASSWORD_FILE"
 
@@ -133,11 +136,14 @@ stored() {
   local s
   s=$("$F2" ls "$1" --json 2> /dev/null | python3 -c "
 import json, sys
-r = json.load(sys.stdin).get('repository') or {}
-for k in ('stored_bytes', 'stored', 'bytes_stored', 'repository_bytes'):
-    if isinstance(r.get(k), int): print(r[k]); break
+j = json.load(sys.stdin)
+for t in ('space', 'repository', 'totals'):
+    r = j.get(t)
+    if not isinstance(r, dict): continue
+    for k in ('stored_bytes', 'stored', 'bytes_stored'):
+        if isinstance(r.get(k), int): print(r[k]); sys.exit()
 " 2> /dev/null || true)
-  [ -n "$s" ] && echo "$s" || du -sb "$1" | cut -f1
+  if [ -n "$s" ]; then echo "$s"; else du -sb "$1" | cut -f1; fi
 }
 f2init() { rm -rf "$1"; "$F2" init "$1" > /dev/null; }
 f1init() { rm -rf "$1"; "$F1" init "$1" > /dev/null; }
@@ -268,6 +274,9 @@ say "5. chain: image ${SIZE_MB} MiB ($(mib $(( $(stat -c %b "$CIMG") * 512 ))) M
 CHAIN_BUILT=1
 }
 
+drop_chain() { rm -rf "$WORK/chain-repo" "$CIMG" "$C"; CHAIN_BUILT=0; }
+on() { [[ " $ONLY " == *" $1 "* ]]; }
+
 mount_pid() { # the daemon serving mountpoint $1 (its argv is the `cbtfs mount` command's)
   python3 - "$1" <<'EOF'
 import os, sys
@@ -279,7 +288,8 @@ for p in os.listdir('/proc'):
 EOF
 }
 
-mount_ready() { # appends the mount-ready row (on make_chain's repository)
+MOUNT_ROW=()
+mount_ready() { # sets MOUNT_ROW (measured on make_chain's repository)
 make_chain
 # Mount ready at DEPTH points (page cache warm: a second mount right after the first).
 mr=()
@@ -293,7 +303,7 @@ for k in 1 2 3 4 5 6; do
 done
 mmr=$(median "${mr[@]}")
 say "7. mount ready at $DEPTH points (s, warm, after one unmeasured mount): ${mr[*]}"
-row "mount ready at $DEPTH points, s" "$mmr" "-" "-" "< 0.100" "$(verdict "$mmr < 0.1")" "-"
+MOUNT_ROW=("mount ready at $DEPTH points, s" "$mmr" "-" "-" "< 0.100" "$(verdict "$mmr < 0.1")" "-")
 }
 
 ############ 1. dedup of 4 clones of one template
@@ -332,7 +342,7 @@ done
 s1=$(stored "$R"); ref1=$((alloc + 4 * changed))
 say "1. dedup: template ${SIZE_MB} MiB, $(mib $alloc) MiB allocated; 4 x $(mib $changed) MiB changed; template imports ${dt[*]} s (first stores, later dedup); stored $(mib "$s1") MiB"
 row "4 clones of a template (dedup), MiB" "$(mib "$s1")" "$(mib $ref1)" "$(py "print('%.3f' % ($s1 / $ref1))")" "<= 1.10" "$(verdict "$s1 <= 1.1 * $ref1")" "$((drss / 1024))"
-rm -rf "$R"
+rm -rf "$R" "$D"
 }
 
 ############ 2. compression of an ext4 filesystem holding /usr
@@ -402,6 +412,8 @@ say "   per-round ratios depth 1/raw ${q1[*]}; depth $DEPTH/raw ${qn[*]}; depth 
 row "cold seq read, depth 1, MB/s" "$(median "${d1[@]}")" "$(median "${raw[@]}") (raw)" "$m1" ">= 0.60" "$(verdict "$m1 >= 0.6")" "$((mhwm / 1024)) (mount)"
 row "cold seq read, depth $DEPTH, MB/s" "$(median "${dn[@]}")" "$(median "${raw[@]}") (raw)" "$mn" ">= 0.60" "$(verdict "$mn >= 0.6")" "-"
 row "cold seq read, depth $DEPTH vs depth 1" "$(median "${dn[@]}")" "$(median "${d1[@]}") (d1)" "$md" ">= 0.90" "$(verdict "$md >= 0.9")" "-"
+on 7 && mount_ready
+drop_chain
 }
 
 ############ 6. prune --keep-last 10 of 100 points
@@ -525,7 +537,7 @@ with open(sys.argv[1], 'rb', buffering=0) as f:
         f.seek(int(r) << 20); f.read(1 << 20)
 EOF
   mpid=$(mount_pid "$MNT"); mrss+=("$(awk '/VmHWM/ { print $2 }' "/proc/$mpid/status")")
-  umount "$MNT"; rm -rf "$SHM/big"; bx+=("$dm")
+  umount "$MNT"; rm -rf "$SHM/big" "$B" "$B.runs"; bx+=("$dm")
   log "  $dm MiB: backup ${btime[-1]} s, RSS ${brss[-1]} KiB; mount VmHWM ${mrss[-1]} KiB"
 done
 # Linear through the smallest and largest size, evaluated at 5% of 2 TiB (at least the largest seen).
@@ -539,7 +551,8 @@ say "7. SCALED: 2 TiB virtual disks holding ${bx[*]} MiB of data (not 5% = 100 G
 say "   peak RSS KiB: backup ${brss[*]}; mount (VmHWM after reading all the data) ${mrss[*]}; extrapolated linearly to 100 GiB of data: backup $eb MiB, mount $em MiB"
 row "2 TiB backup peak RSS MiB (scaled, extrapolated)" "$eb" "$(( ${brss[-1]} / 1024 )) at ${bx[-1]} MiB" "-" "<= 256" "$(verdict "$eb <= 256")" "$(( ${brss[-1]} / 1024 ))"
 row "2 TiB mount peak RSS MiB (scaled, extrapolated)" "$em" "$(( ${mrss[-1]} / 1024 )) at ${bx[-1]} MiB" "-" "<= 256" "$(verdict "$em <= 256")" "$(( ${mrss[-1]} / 1024 ))"
-mount_ready
+[ "${#MOUNT_ROW[@]}" = 0 ] && { mount_ready; drop_chain; }
+row "${MOUNT_ROW[@]}"
 }
 
 ############ 8. import --raw of a sparse 2 TiB file holding 96 MiB
@@ -558,6 +571,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 mi=$(median "${it[@]}")
 say "8. import --raw of a 2 TiB sparse file with 96 MiB: ${it[*]} s$itimeout"
+rm -f "$B" "$B.runs"
 row "import --raw, 2 TiB sparse, 96 MiB data, s" "$mi${itimeout:+ (>)}" "-" "-" "<= 10" "$(verdict "$mi <= 10")" "$((irss / 1024))"
 }
 
