@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 
+mod key;
 mod secret;
 mod text;
 use secret::SecretSources;
@@ -20,6 +21,7 @@ use crate::export;
 use crate::import::{self, ImportRequest, ImportSource};
 use crate::naming::{Tree, point_name};
 use crate::read::PointReader;
+use crate::repo::stats::SpaceStats;
 use crate::repo::{Repository, valid_uuid};
 use crate::verify::{self, VerifyReport};
 use crate::{BLOCK_SIZE, blocks_for, timefmt};
@@ -62,9 +64,13 @@ Examples:
   cbtfs ls /backup/repo
 
 Environment:
-  CBTFS_REPO      the repository of every command whose REPO is left out (CBTFS_REPO=/backup/repo)
-  CBTFS_PASSWORD  the host's password when --password-file is not given
-  CBTFS_LOG       log detail on standard error: warn (default), info, debug";
+  CBTFS_REPO                the repository of every command whose REPO is left out (CBTFS_REPO=/backup/repo)
+  CBTFS_REPO_PASSWORD_FILE  a file whose first line is the repository's password (as --repo-password-file)
+  CBTFS_REPO_PASSWORD       the repository's password itself, when no file names it
+  CBTFS_KEY_FILE            a key file that opens the repository (as --key-file)
+  CBTFS_CACHE_DIR           where plain copies of the chunk index are cached (default $XDG_CACHE_HOME/cbtfs, else ~/.cache/cbtfs)
+  CBTFS_PASSWORD            the host's password when --password-file is not given
+  CBTFS_LOG                 log detail on standard error: warn (default), info, debug";
 
 /// The mount's `-o` options, with the defaults the mount really uses.
 fn mount_options_help() -> String {
@@ -115,10 +121,15 @@ fn secret_sources() -> SecretSources {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a new, empty repository.
+    ///
+    /// It is encrypted unless --encryption none: its key is wrapped by a password or a key file
+    /// (a key slot); `cbtfs key add` adds more.
     #[command(after_help = "\
 Examples:
-  cbtfs init /backup/repo
-  export CBTFS_REPO=/backup/repo    # later commands may leave REPO out")]
+  cbtfs init /backup/repo --key-file /root/cbtfs.key    # makes the key file: keep a copy elsewhere
+  cbtfs init /backup/repo --repo-password-file /root/.cbtfs-password
+  cbtfs init /backup/local-only --encryption none
+  export CBTFS_REPO=/backup/repo CBTFS_KEY_FILE=/root/cbtfs.key    # later commands may leave REPO out")]
     Init {
         /// The directory to create (or an empty one). May be left out when CBTFS_REPO names it.
         repo: PathBuf,
@@ -194,6 +205,10 @@ Examples:
     },
     /// List disks, sets and restore points, or the volumes inside a point.
     ///
+    /// After each disk's points, a `space` line: the bytes its backups read (before dedup and
+    /// compression), its unique chunks, what they take in the repository, and the dedup and
+    /// compression ratios. The last line sums up the repository: encrypted or not, its bytes on
+    /// storage, and the same figures over every disk (a chunk shared by disks counts once).
     /// With --volumes POINT: the partitions and LVM volumes inside that point.
     #[command(after_help = "\
 Examples:
@@ -416,8 +431,11 @@ Examples:
     },
     /// Remove old restore points by retention policy.
     ///
-    /// What a removed point holds is merged into the next kept point, so every kept point stays
-    /// byte-identical, and the space the removed points took is freed.
+    /// What a removed point holds is taken over by the next kept point, so every kept point
+    /// stays byte-identical. Prune writes only metadata (a new index and manifest for each kept
+    /// point that takes removed ones over; no data is rewritten), then runs `cbtfs gc` to delete
+    /// the chunks no point references any more: that frees the space (--no-gc leaves it to a
+    /// later `cbtfs gc`).
     #[command(after_help = "\
 Examples:
   cbtfs prune /backup/repo --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run
@@ -449,6 +467,42 @@ Examples:
         no_gc: bool,
         #[arg(long, help = JSON_HELP)]
         json: bool,
+    },
+    /// Delete the data no restore point references any more, and repack mostly empty packs.
+    ///
+    /// Takes the repository's writer lock (it waits for no backup: a running one makes it
+    /// fail). `cbtfs prune` runs it already unless --no-gc.
+    #[command(after_help = "\
+Examples:
+  cbtfs gc /backup/repo --dry-run
+  cbtfs gc /backup/repo --repack-below 20 --json")]
+    Gc {
+        #[arg(help = REPO_HELP)]
+        repo: PathBuf,
+        /// Show what would be deleted and repacked; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Repack a pack when its live data is below PERCENT of it (its live chunks are copied
+        /// into a new pack and it is deleted); 0 never repacks.
+        #[arg(
+            long,
+            value_name = "PERCENT",
+            default_value_t = crate::repo::gc::DEFAULT_REPACK_BELOW,
+            value_parser = clap::value_parser!(u8).range(0..=100)
+        )]
+        repack_below: u8,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Manage the key slots of an encrypted repository: the passwords and key files that open it.
+    #[command(after_help = "\
+Examples:
+  cbtfs key list /backup/repo --key-file /root/cbtfs.key
+  cbtfs key add /backup/repo --key-file /root/cbtfs.key --new-password-file /root/.cbtfs-password
+  cbtfs key passwd /backup/repo --repo-password-file /root/.old-password --new-password-file /root/.new-password")]
+    Key {
+        #[command(subcommand)]
+        action: key::KeyAction,
     },
     /// Run a simulated XenServer host (management API, NBD, CBT) for trying cbtfs out.
     #[command(after_help = "\
@@ -641,7 +695,8 @@ fn wants_json(args: &[OsString]) -> bool {
 
 /// Parse the command line. A command whose REPO was left out (clap finds a positional missing)
 /// takes it from `repo_env` (CBTFS_REPO): the value is inserted as the first positional, right
-/// after the command's name, and the line parsed again. A REPO given on the line always wins.
+/// after the command's name (after the action's, for `key list`), and the line parsed again. A
+/// REPO given on the line always wins.
 fn parse_args(args: Vec<OsString>, repo_env: Option<OsString>) -> Result<Cli, clap::Error> {
     let first = match Cli::try_parse_from(&args) {
         Ok(cli) => return Ok(cli),
@@ -656,31 +711,31 @@ fn parse_args(args: Vec<OsString>, repo_env: Option<OsString>) -> Result<Cli, cl
         return Err(first);
     }
     // The command's name: the first argument that is neither an option nor the value of a
-    // global option taking one (--repo-password-file FILE, --key-file FILE).
-    let mut at = None;
-    let mut skip_value = false;
-    for (i, a) in args.iter().enumerate().skip(1) {
-        let a = a.to_string_lossy();
-        if skip_value {
-            skip_value = false;
+    // global option taking one (--repo-password-file FILE, --key-file FILE); for a command with
+    // actions (`key list`), the action's name after it.
+    let mut cmd = Cli::command();
+    let mut from = 1;
+    let at = loop {
+        let Some(at) = next_positional(&args, from) else {
+            return Err(first);
+        };
+        let Some(sub) = args
+            .get(at)
+            .and_then(|a| cmd.find_subcommand(a.to_string_lossy().as_ref()))
+            .cloned()
+        else {
+            return Err(first);
+        };
+        if sub.has_subcommands() {
+            cmd = sub;
+            from = at + 1;
             continue;
         }
-        if a == "--repo-password-file" || a == "--key-file" {
-            skip_value = true;
-            continue;
+        if !takes_repo(&sub) {
+            return Err(first);
         }
-        if !a.starts_with('-') {
-            at = Some(i);
-            break;
-        }
-    }
-    let Some(at) = at else {
-        return Err(first);
+        break at;
     };
-    let name = args.get(at).map(|a| a.to_string_lossy().into_owned());
-    if !name.as_deref().is_some_and(takes_repo) {
-        return Err(first);
-    }
     let mut with = args;
     with.insert(at + 1, repo);
     match Cli::try_parse_from(with) {
@@ -703,13 +758,32 @@ fn missing_positional(e: &clap::Error) -> bool {
     }
 }
 
-/// True when command `name` takes a REPO positional (so CBTFS_REPO can stand in for it).
-fn takes_repo(name: &str) -> bool {
-    Cli::command().find_subcommand(name).is_some_and(|c| {
-        c.get_positionals()
-            .next()
-            .is_some_and(|a| a.get_id() == "repo")
-    })
+/// The position of the first argument from `from` on that is neither an option nor the value
+/// of a global option taking one.
+fn next_positional(args: &[OsString], from: usize) -> Option<usize> {
+    let mut skip_value = false;
+    for (i, a) in args.iter().enumerate().skip(from) {
+        let a = a.to_string_lossy();
+        if skip_value {
+            skip_value = false;
+            continue;
+        }
+        if a == "--repo-password-file" || a == "--key-file" {
+            skip_value = true;
+            continue;
+        }
+        if !a.starts_with('-') {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// True when command `c` takes a REPO positional first (so CBTFS_REPO can stand in for it).
+fn takes_repo(c: &clap::Command) -> bool {
+    c.get_positionals()
+        .next()
+        .is_some_and(|a| a.get_id() == "repo")
 }
 
 /// Report a usage error clap found: as clap does (help and version print normally), or as a
@@ -870,6 +944,7 @@ fn repo_code(e: &crate::repo::RepoError) -> &'static str {
         RepoError::NotFound(_) => "not_found",
         RepoError::OldFormat { .. } => "unsupported_version",
         RepoError::NeedSecret { .. } => "key_needed",
+        RepoError::WrongSecret { .. } => "wrong_secret",
     }
 }
 
@@ -1253,8 +1328,23 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
                         "reclaimed"
                     }
                 );
+                match &r.gc {
+                    Some(g) => println!("garbage collection: {}", gc_summary(g)),
+                    None if no_gc && !r.dry_run => println!(
+                        "garbage collection: not run (--no-gc); `cbtfs gc {}` deletes the data no point references any more",
+                        repo.display()
+                    ),
+                    None => {}
+                }
             }
         }
+        Command::Gc {
+            repo,
+            dry_run,
+            repack_below,
+            json,
+        } => cmd_gc(&repo, dry_run, repack_below, json)?,
+        Command::Key { action } => key::run(action)?,
         Command::Sim {
             dir,
             disks,
@@ -1281,6 +1371,103 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cbtfs gc`: collect garbage under the writer lock and say what was done.
+fn cmd_gc(repo: &Path, dry_run: bool, repack_below: u8, json: bool) -> Result<()> {
+    let repository = open(repo)?;
+    let lock = repository.lock("cbtfs gc")?;
+    let r = crate::repo::gc::gc(&repository, &lock, repack_below, dry_run)?;
+    drop(lock);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "repository {}{}: {}",
+            repo.display(),
+            if dry_run { " (dry run)" } else { "" },
+            gc_summary(&r)
+        );
+    }
+    Ok(())
+}
+
+/// One line saying what a garbage collection did (or, in a dry run, would do).
+fn gc_summary(g: &crate::repo::gc::GcReport) -> String {
+    let did = |done: &str, would: &str| if g.dry_run { would } else { done }.to_string();
+    let mut parts = Vec::new();
+    if g.packs_deleted > 0 {
+        parts.push(format!(
+            "{} {}",
+            did("deleted", "would delete"),
+            plural(g.packs_deleted, "unreferenced pack", "unreferenced packs")
+        ));
+    }
+    if g.packs_repacked > 0 {
+        parts.push(if g.dry_run {
+            format!(
+                "would repack {}",
+                plural(
+                    g.packs_repacked,
+                    "mostly unreferenced pack",
+                    "mostly unreferenced packs"
+                )
+            )
+        } else {
+            format!(
+                "repacked {} into {}",
+                plural(
+                    g.packs_repacked,
+                    "mostly unreferenced pack",
+                    "mostly unreferenced packs"
+                ),
+                plural(g.packs_written, "new pack", "new packs")
+            )
+        });
+    }
+    if g.objects_deleted > 0 {
+        parts.push(format!(
+            "{} {}",
+            did("deleted", "would delete"),
+            plural(
+                g.objects_deleted,
+                "unreferenced index or metadata object",
+                "unreferenced index or metadata objects"
+            )
+        ));
+    }
+    if g.manifests_deleted > 0 {
+        parts.push(format!(
+            "deleted {}",
+            plural(g.manifests_deleted, "stale manifest", "stale manifests")
+        ));
+    }
+    if parts.is_empty() && g.packs_before == 0 {
+        return "nothing to do (no data is stored)".into();
+    }
+    if parts.is_empty() {
+        return format!(
+            "nothing to do: no pack is unreferenced or below the repack threshold ({}, {}, {})",
+            plural(g.packs_before, "pack", "packs"),
+            human(g.bytes_before),
+            plural(g.live_chunks, "live chunk", "live chunks")
+        );
+    }
+    let mut out = parts.join(", ");
+    out.push_str(&format!(
+        "; {} {}",
+        did("freed", "would free"),
+        human(g.bytes_freed)
+    ));
+    if g.bytes_written > 0 {
+        out.push_str(&format!(" and wrote {}", human(g.bytes_written)));
+    }
+    out.push_str(&format!(
+        " ({} before, {} live)",
+        plural(g.packs_before, "pack", "packs"),
+        plural(g.live_chunks, "chunk", "chunks")
+    ));
+    out
 }
 
 /// What `browse` reports, for the terminal.
@@ -1581,11 +1768,15 @@ fn cmd_sim(
 /// The repository secret this run was given, or (for an encrypted repository, on a
 /// terminal) asked for.
 fn repo_secret(repo: &Path) -> Result<Option<crate::repo::keys::Secret>> {
+    // The header first: a wrong path or an unencrypted repository needs no secret.
+    let header = Repository::probe(repo)?;
+    if header.encryption == crate::repo::ENCRYPTION_NONE {
+        return Ok(None);
+    }
     if let Some(s) = secret::resolve(&secret_sources(), "open the repository")? {
         return Ok(Some(s));
     }
-    let header = Repository::probe(repo)?;
-    if header.encryption != crate::repo::ENCRYPTION_NONE && std::io::stdin().is_terminal() {
+    if std::io::stdin().is_terminal() {
         return Ok(Some(secret::prompt(
             &format!("password of repository {}: ", repo.display()),
             false,
@@ -1888,9 +2079,66 @@ fn point_json(m: &crate::repo::PointManifest, path: &str) -> serde_json::Value {
     })
 }
 
+/// How `ls` names a repository's protection.
+fn encryption_word(header: &crate::repo::RepoHeader) -> &str {
+    match header.encryption.as_str() {
+        crate::repo::ENCRYPTION_ON => "encrypted",
+        crate::repo::ENCRYPTION_NONE => "NOT encrypted",
+        other => other,
+    }
+}
+
+/// A ratio as `ls` prints it: `3.87x`, or `-` when there is nothing to divide.
+fn ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
+}
+
+/// The words of a disk's or the repository's space statistics.
+fn space_text(s: &SpaceStats) -> String {
+    let mut t = format!(
+        "{} read by its backups, {} in {} stored in {} (dedup {}, compression {})",
+        human(s.logical_bytes),
+        human(s.unique_raw_bytes),
+        plural(s.unique_chunks, "unique chunk", "unique chunks"),
+        human(s.stored_bytes),
+        ratio(s.dedup_ratio),
+        ratio(s.compression_ratio)
+    );
+    if s.missing_chunks > 0 {
+        t.push_str(&format!(
+            "; {} MISSING from the chunk index (run `cbtfs verify`)",
+            plural(s.missing_chunks, "chunk", "chunks")
+        ));
+    }
+    if s.unreadable_points > 0 {
+        t.push_str(&format!(
+            "; {} not counted: {} unreadable (run `cbtfs verify`)",
+            plural(s.unreadable_points, "point", "points"),
+            if s.unreadable_points == 1 {
+                "its index is"
+            } else {
+                "their indexes are"
+            }
+        ));
+    }
+    t
+}
+
 fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
     let repository = open(repo)?;
-    let tree = Tree::build(repository.catalog()?);
+    let catalog = repository.catalog()?;
+    // Every point index is read once, here.
+    let (per_disk, total) = crate::repo::stats::all_stats(&repository, &catalog)?;
+    let on_storage = crate::repo::stats::storage_bytes(&repository)?;
+    let space: std::collections::HashMap<String, SpaceStats> = catalog
+        .iter()
+        .map(|d| d.vdi.clone())
+        .zip(per_disk)
+        .collect();
+    let no_space = SpaceStats::default();
+    let space_of = |vdi: &str| space.get(vdi).unwrap_or(&no_space);
+    let encryption = encryption_word(&repository.header);
+    let tree = Tree::build(catalog);
     if json {
         let vms: Vec<_> = tree
             .vms
@@ -1906,6 +2154,7 @@ fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
                             "vdi": d.vdi(),
                             "disk_name": newest.map(|p| p.disk_name.clone()),
                             "virtual_size": newest.map(|p| p.virtual_size),
+                            "space": space_of(d.vdi()),
                             "sets": d.history.sets.iter().map(|s| json!({
                                 "name": s.id,
                                 "points": s.points.iter().map(|p| point_json(p, &tree.name_of(p))).collect::<Vec<_>>(),
@@ -1916,10 +2165,18 @@ fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
                 })
             })
             .collect();
+        let mut summary = serde_json::to_value(&total)?;
+        if let Some(o) = summary.as_object_mut() {
+            o.insert("path".into(), json!(repo.display().to_string()));
+            o.insert("id".into(), json!(repository.header.id));
+            o.insert("encryption".into(), json!(repository.header.encryption));
+            o.insert("encrypted".into(), json!(repository.encrypted()));
+            o.insert("storage_bytes".into(), json!(on_storage));
+        }
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
-                "repository": repo.display().to_string(),
+                "repository": summary,
                 "vms": vms
             }))?
         );
@@ -1927,8 +2184,9 @@ fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
     }
     if tree.vms.is_empty() {
         println!(
-            "repository {} holds no restore points yet (add one with `cbtfs import` or `cbtfs backup`)",
-            repo.display()
+            "repository {} ({encryption}, {} on storage) holds no restore points yet (add one with `cbtfs import` or `cbtfs backup`)",
+            repo.display(),
+            human(on_storage)
         );
         return Ok(());
     }
@@ -1977,8 +2235,17 @@ fn cmd_ls(repo: &Path, json: bool) -> Result<()> {
                     writeln!(out, "    DAMAGED {}: {}", pr.location, pr.message)?;
                 }
             }
+            writeln!(out, "  space  {}", space_text(space_of(d.vdi())))?;
         }
     }
+    writeln!(
+        out,
+        "repository {} ({encryption}): {} on storage; {}: {}",
+        repo.display(),
+        human(on_storage),
+        count(space.len(), "disk", "disks"),
+        space_text(&total)
+    )?;
     Ok(())
 }
 
@@ -2712,5 +2979,213 @@ mod tests {
             let want = format!("cbtfs-{}.1", c.get_name());
             assert!(names.contains(&want), "{want} missing: {names:?}");
         }
+    }
+
+    /// A command with actions (`key list`) takes its REPO from CBTFS_REPO after the action's
+    /// name, past global options; a REPO on the line wins.
+    #[test]
+    fn cbtfs_repo_fills_the_repo_of_an_action() {
+        use key::KeyAction;
+        let env = Some(OsString::from("/backup/repo"));
+        let cli = parse_args(args(&["key", "list", "--json"]), env.clone()).unwrap();
+        match &cli.command {
+            Command::Key {
+                action: KeyAction::List { repo, json },
+            } => {
+                assert_eq!(repo, Path::new("/backup/repo"));
+                assert!(json);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = parse_args(
+            args(&["key", "--key-file", "list", "remove", "0123456789abcdef"]),
+            env.clone(),
+        )
+        .unwrap();
+        assert_eq!(cli.key_file.as_deref(), Some(Path::new("list")));
+        match &cli.command {
+            Command::Key {
+                action: KeyAction::Remove { repo, id },
+            } => {
+                assert_eq!(repo, Path::new("/backup/repo"));
+                assert_eq!(id, "0123456789abcdef");
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = parse_args(args(&["key", "list", "/srv/other"]), env.clone()).unwrap();
+        match &cli.command {
+            Command::Key {
+                action: KeyAction::List { repo, .. },
+            } => assert_eq!(repo, Path::new("/srv/other")),
+            other => panic!("{other:?}"),
+        }
+        let cli = parse_args(args(&["gc", "--dry-run"]), env.clone()).unwrap();
+        match &cli.command {
+            Command::Gc {
+                repo,
+                dry_run,
+                repack_below,
+                ..
+            } => {
+                assert_eq!(repo, Path::new("/backup/repo"));
+                assert!(dry_run);
+                assert_eq!(*repack_below, crate::repo::gc::DEFAULT_REPACK_BELOW);
+            }
+            other => panic!("{other:?}"),
+        }
+        // No action named: clap's own error, CBTFS_REPO or not.
+        assert!(parse_args(args(&["key"]), env).is_err());
+    }
+
+    /// The new secret of `key add` and `key passwd` never comes from argv: only files or the
+    /// terminal, one of them.
+    #[test]
+    fn key_actions_take_new_secrets_from_files_only() {
+        let e = parse_args(
+            args(&[
+                "key",
+                "add",
+                "/r",
+                "--new-password-file",
+                "a",
+                "--new-key-file",
+                "b",
+            ]),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let key = Cli::command();
+        let key = key.find_subcommand("key").unwrap();
+        for action in ["add", "passwd"] {
+            let c = key.find_subcommand(action).unwrap();
+            let names: Vec<String> = c
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_string))
+                .collect();
+            assert!(
+                names.contains(&"new-password-file".to_string()),
+                "{names:?}"
+            );
+            assert!(names.contains(&"new-key-file".to_string()), "{names:?}");
+            assert!(!names.iter().any(|n| n == "password" || n == "new-password"));
+        }
+    }
+
+    /// The help names every variable that gives a secret, init shows every way to protect a
+    /// repository, and prune says what it writes and that it runs gc.
+    #[test]
+    fn help_names_the_secrets_and_what_prune_does() {
+        for v in [
+            "CBTFS_REPO_PASSWORD_FILE",
+            "CBTFS_REPO_PASSWORD ",
+            "CBTFS_KEY_FILE",
+            "CBTFS_CACHE_DIR",
+        ] {
+            assert!(TOP_AFTER_HELP.contains(v), "{v}");
+        }
+        let cmd = Cli::command();
+        let init = cmd
+            .find_subcommand("init")
+            .and_then(|c| c.get_after_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        for ex in [
+            "cbtfs init /backup/repo --key-file /root/cbtfs.key",
+            "--repo-password-file",
+            "--encryption none",
+        ] {
+            assert!(init.contains(ex), "{ex}: {init}");
+        }
+        let prune = cmd
+            .find_subcommand("prune")
+            .and_then(|c| c.get_long_about())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        assert!(prune.contains("writes only metadata"), "{prune}");
+        assert!(prune.contains("runs `cbtfs gc`"), "{prune}");
+        assert!(prune.contains("--no-gc"), "{prune}");
+    }
+
+    fn gc_report(f: impl FnOnce(&mut crate::repo::gc::GcReport)) -> crate::repo::gc::GcReport {
+        let mut r = crate::repo::gc::GcReport::default();
+        f(&mut r);
+        r
+    }
+
+    #[test]
+    fn gc_summaries_say_what_was_done() {
+        assert_eq!(
+            gc_summary(&gc_report(|_| {})),
+            "nothing to do (no data is stored)"
+        );
+        assert_eq!(
+            gc_summary(&gc_report(|r| {
+                r.packs_before = 3;
+                r.bytes_before = 3 << 20;
+                r.live_chunks = 40;
+            })),
+            "nothing to do: no pack is unreferenced or below the repack threshold (3 packs, 3.0 MiB, 40 live chunks)"
+        );
+        assert_eq!(
+            gc_summary(&gc_report(|r| {
+                r.packs_before = 5;
+                r.packs_deleted = 2;
+                r.packs_repacked = 1;
+                r.packs_written = 1;
+                r.objects_deleted = 1;
+                r.manifests_deleted = 2;
+                r.bytes_freed = 3 << 20;
+                r.bytes_written = 1 << 20;
+                r.live_chunks = 1;
+            })),
+            "deleted 2 unreferenced packs, repacked 1 mostly unreferenced pack into 1 new pack, deleted 1 unreferenced index or metadata object, deleted 2 stale manifests; freed 3.0 MiB and wrote 1.0 MiB (5 packs before, 1 chunk live)"
+        );
+        assert_eq!(
+            gc_summary(&gc_report(|r| {
+                r.dry_run = true;
+                r.packs_before = 4;
+                r.packs_deleted = 1;
+                r.packs_repacked = 2;
+                r.bytes_freed = 1536;
+                r.live_chunks = 9;
+            })),
+            "would delete 1 unreferenced pack, would repack 2 mostly unreferenced packs; would free 1.5 KiB (4 packs before, 9 chunks live)"
+        );
+    }
+
+    #[test]
+    fn space_texts_name_damage() {
+        let s = SpaceStats {
+            points: 2,
+            logical_bytes: 10 << 20,
+            unique_chunks: 100,
+            unique_raw_bytes: 100 << 16,
+            stored_bytes: 5 << 20,
+            dedup_ratio: Some(1.6),
+            compression_ratio: Some(1.25),
+            missing_chunks: 0,
+            unreadable_points: 0,
+        };
+        assert_eq!(
+            space_text(&s),
+            "10.0 MiB read by its backups, 6.2 MiB in 100 unique chunks stored in 5.0 MiB (dedup 1.60x, compression 1.25x)"
+        );
+        let bad = SpaceStats {
+            missing_chunks: 3,
+            unreadable_points: 1,
+            ..s
+        };
+        assert!(
+            space_text(&bad).ends_with(
+                "; 3 chunks MISSING from the chunk index (run `cbtfs verify`); 1 point not counted: its index is unreadable (run `cbtfs verify`)"
+            ),
+            "{}",
+            space_text(&bad)
+        );
+        assert_eq!(
+            space_text(&SpaceStats::default()),
+            "0 B read by its backups, 0 B in 0 unique chunks stored in 0 B (dedup -, compression -)"
+        );
     }
 }

@@ -1179,7 +1179,7 @@ mod tests {
 
     fn fixture() -> (tempfile::TempDir, CbtFs, Vec<u8>) {
         let d = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&d.path().join("repo")).unwrap();
+        let repo = crate::repo::testing::init(&d.path().join("repo"));
         let img = d.path().join("img");
         let mut data = vec![0u8; 8 * BLOCK_SIZE as usize];
         data[BLOCK_SIZE as usize..2 * BLOCK_SIZE as usize].fill(7);
@@ -1323,9 +1323,9 @@ mod tests {
     #[test]
     fn a_prune_never_makes_a_name_or_an_inode_read_another_point() {
         let d = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&d.path().join("repo")).unwrap();
+        let repo = crate::repo::testing::init(&d.path().join("repo"));
         let data = three_points(&repo, d.path());
-        let fs = CbtFs::new(Repository::open(&d.path().join("repo")).unwrap()).unwrap();
+        let fs = CbtFs::new(crate::repo::testing::open(&d.path().join("repo"))).unwrap();
         let set = "no-vm/root/20270115T080000Z";
         let names = [
             "20270115T080000Z.raw",
@@ -1350,19 +1350,8 @@ mod tests {
             last: 1,
             ..Default::default()
         };
-        let dirs = fs.set_dirs();
-        assert_eq!(dirs.len(), 1);
-        let report = crate::prune::prune(&repo, policy, None, false).unwrap();
+        let report = crate::prune::prune(&repo, policy, None, false, false).unwrap();
         assert_eq!(report.disks[0].removed, 2);
-        let swapped = fs.set_dirs();
-        assert_eq!(
-            swapped.keys().collect::<Vec<_>>(),
-            dirs.keys().collect::<Vec<_>>()
-        );
-        assert_ne!(
-            swapped, dirs,
-            "a rescan tells a catalog read across the swap"
-        );
         // The view still predates the prune: opening C finds its old chain gone and looks again.
         let fh = fs.open(inos[2], false).unwrap();
         assert!(
@@ -1419,50 +1408,40 @@ mod tests {
         ));
     }
 
-    /// A point id survives prune's hard links and rewrites; a manifest without one (older
-    /// cbtfs) gets one from its data object and keeps it through a rewrite.
+    /// A point id survives prune: a kept point taking over removed ones gets a new generation
+    /// of its manifest (and a new index), never a new identity; an untouched one keeps both.
     #[test]
-    fn point_ids_are_kept_by_prune_and_derived_for_old_manifests() {
+    fn point_ids_are_kept_by_prune() {
         let d = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&d.path().join("repo")).unwrap();
+        let repo = crate::repo::testing::init(&d.path().join("repo"));
         three_points(&repo, d.path());
         let vdi = "11111111-2222-4333-8444-555555555555";
         let before = repo.disk(vdi).unwrap().sets[0].points.clone();
-        assert!(
-            before
-                .iter()
-                .all(|p| p.id.as_ref().is_some_and(|i| i.len() == 32))
-        );
-        // Make the newest point an old-style manifest (no id).
-        let mut old = before[2].clone();
-        old.id = None;
-        let key = crate::repo::set_key(vdi, &old.set);
-        std::fs::remove_file(repo.store().path(&format!("{key}/000002.point"))).unwrap();
-        repo.put_manifest(&key, &old).unwrap();
-        let derived = format!("data:{}", old.data.name);
-        assert_eq!(
-            repo.disk(vdi).unwrap().sets[0].points[2].point_id(),
-            derived
-        );
-        // Keep B and C: B is rewritten as the new base, C hard-linked.
+        assert!(before.iter().all(|p| p.id.len() == 32 && p.generation == 1));
         let keep = |last| crate::prune::Policy {
             last,
             ..Default::default()
         };
-        crate::prune::prune(&repo, keep(2), None, false).unwrap();
+        // Keep B and C: B takes over A as the new base, C is untouched.
+        crate::prune::prune(&repo, keep(2), None, false, false).unwrap();
         let after = repo.disk(vdi).unwrap().sets[0].points.clone();
         assert_eq!(after.len(), 2);
-        assert_eq!(after[0].id, before[1].id, "a rewritten point keeps its id");
-        assert_ne!(after[0].data.name, before[1].data.name, "B was rewritten");
-        assert_eq!(after[1].data.name, old.data.name, "C was hard-linked");
-        assert_eq!(after[1].id.as_deref(), Some(derived.as_str()));
-        // Keep C alone: rewritten as the base, still the same point.
-        crate::prune::prune(&repo, keep(1), None, false).unwrap();
+        assert_eq!(
+            after[0].id, before[1].id,
+            "a point taking over keeps its id"
+        );
+        assert_eq!(after[0].generation, 2);
+        assert_eq!(after[0].parent, None, "it is the base now");
+        assert_ne!(after[0].index.key, before[1].index.key, "B got a new index");
+        assert_eq!(after[1].key(), before[2].key(), "C was not touched");
+        assert_eq!(after[1].index, before[2].index);
+        // Keep C alone: it becomes the base, still the same point.
+        crate::prune::prune(&repo, keep(1), None, false, false).unwrap();
         let after = repo.disk(vdi).unwrap().sets[0].points.clone();
         assert_eq!(after.len(), 1);
         assert_eq!(after[0].seq, 0);
-        assert_eq!(after[0].id.as_deref(), Some(derived.as_str()));
-        assert_ne!(after[0].data.name, old.data.name, "C was rewritten");
+        assert_eq!(after[0].id, before[2].id);
+        assert_eq!(after[0].generation, 2);
     }
 
     /// A prune deletes manifests and the next imports create new ones at the same paths: the
@@ -1470,14 +1449,14 @@ mod tests {
     #[test]
     fn points_made_after_a_prune_show_as_themselves() {
         let d = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&d.path().join("repo")).unwrap();
+        let repo = crate::repo::testing::init(&d.path().join("repo"));
         three_points(&repo, d.path());
-        let fs = CbtFs::new(Repository::open(&d.path().join("repo")).unwrap()).unwrap();
+        let fs = CbtFs::new(crate::repo::testing::open(&d.path().join("repo"))).unwrap();
         let policy = crate::prune::Policy {
             last: 1,
             ..Default::default()
         };
-        crate::prune::prune(&repo, policy, None, false).unwrap();
+        crate::prune::prune(&repo, policy, None, false, false).unwrap();
         fs.rescan().unwrap();
         // Two more points: manifests 000001 and 000002 again, as B's and C's were.
         let img = d.path().join("img");
@@ -1520,15 +1499,16 @@ mod tests {
         }
     }
 
-    /// Rescans racing with imports and prunes (each prune swaps the set's directory): every
+    /// Rescans racing with imports and prunes (each prune commits new generations and deletes
+    /// manifests): every
     /// point of every view reads its own bytes or fails, never another chain's bytes.
     #[test]
     fn rescans_during_prunes_never_read_a_torn_chain() {
         use std::sync::atomic::AtomicBool;
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("repo");
-        let repo = Repository::init(&root).unwrap();
-        let fs = CbtFs::new(Repository::open(&root).unwrap()).unwrap();
+        let repo = crate::repo::testing::init(&root);
+        let fs = CbtFs::new(crate::repo::testing::open(&root)).unwrap();
         let expected: Mutex<HashMap<i64, Vec<u8>>> = Mutex::new(HashMap::new());
         let done = AtomicBool::new(false);
         let blocks = 4u64;
@@ -1595,12 +1575,12 @@ mod tests {
                 )
                 .unwrap();
                 if i % 2 == 1 {
-                    // Drops the oldest: the next point is rewritten, the newest hard-linked.
+                    // Drops the oldest: the next point takes it over, the newest is untouched.
                     let keep = crate::prune::Policy {
                         last: 2,
                         ..Default::default()
                     };
-                    crate::prune::prune(&repo, keep, None, false).unwrap();
+                    crate::prune::prune(&repo, keep, None, false, false).unwrap();
                 }
             }
             done.store(true, Ordering::Relaxed);
@@ -1650,9 +1630,9 @@ mod tests {
     fn a_pruned_point_is_not_found_quietly_and_a_damaged_one_is_eio_with_a_warning() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("repo");
-        let repo = Repository::init(&root).unwrap();
+        let repo = crate::repo::testing::init(&root);
         three_points(&repo, d.path());
-        let fs = CbtFs::new(Repository::open(&root).unwrap()).unwrap();
+        let fs = CbtFs::new(crate::repo::testing::open(&root)).unwrap();
         let set = "no-vm/root/20270115T080000Z";
         let set_ino = walk(&fs, set).ino;
         let names = ["20270115T080000Z", "20270115T090000Z", "20270115T100000Z"];
@@ -1667,7 +1647,7 @@ mod tests {
             last: 1,
             ..Default::default()
         };
-        crate::prune::prune(&repo, policy, None, false).unwrap();
+        crate::prune::prune(&repo, policy, None, false, false).unwrap();
         // The view predates the prune: A and B are still in it, their objects gone.
         let (r, log) = logged(|| {
             (
@@ -1685,9 +1665,8 @@ mod tests {
         // C is kept; remove its index object behind the repository's back: damage.
         let vdi = "11111111-2222-4333-8444-555555555555";
         let c = repo.disk(vdi).unwrap().sets[0].points[0].clone();
-        let key = crate::repo::set_key(vdi, &c.set);
-        std::fs::remove_file(repo.store().path(&format!("{key}/{}", c.index.name))).unwrap();
-        let fresh = CbtFs::new(Repository::open(&root).unwrap()).unwrap();
+        std::fs::remove_file(root.join(&c.index.key)).unwrap();
+        let fresh = CbtFs::new(crate::repo::testing::open(&root)).unwrap();
         let c_ino = walk(&fresh, &format!("{set}/{}.raw", names[2])).ino;
         let (r, log) = logged(|| fresh.open(c_ino, false));
         match r {

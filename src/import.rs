@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -254,8 +255,23 @@ fn import_file(
         format!("import:{}", display_name(path)),
         marked.is_none(),
     )?;
-    let (take, record_zeros) = plan(marked.as_ref(), w.previous(), size);
-    let mut image = |buf: &mut [u8], off: u64| img.read_exact_at(buf, off);
+    let (mut take, record_zeros) = plan(marked.as_ref(), w.previous(), size);
+    // Blocks that hold no data in the file (holes) read as zeros without a read. A base
+    // leaves them out, as it leaves out every zero block; an increment records them as zero
+    // blocks, as it records every zero block it takes.
+    let data = data_blocks(&img, size).map_err(img_err)?;
+    match &data {
+        Some(d) => tracing::debug!(
+            data_blocks = d.len(),
+            blocks = blocks_for(size),
+            "holes found"
+        ),
+        None => tracing::debug!("the image's filesystem cannot tell holes; reading everything"),
+    }
+    if let (Some(data), false) = (&data, record_zeros) {
+        take &= data;
+    }
+    let mut image = |buf: &mut [u8], off: u64| read_skipping_holes(&img, data.as_ref(), buf, off);
     copy_blocks(&mut w, &mut image, &take, record_zeros, progress).map_err(|e| match e {
         CopyError::Read { blocks, source } => ImportError::ImageRead {
             path: path.to_path_buf(),
@@ -356,6 +372,113 @@ pub async fn import_nbd(
     })
 }
 
+/// Call `each(offset, len)` for every range of `file`'s first `size` bytes that may hold data,
+/// in ascending order, as the filesystem reports them with `lseek(SEEK_DATA / SEEK_HOLE)`;
+/// what lies between them are holes (zeros). A range's ends are the filesystem's blocks, so a
+/// range may begin or end with zeros. Returns `false` if the file cannot tell (a filesystem
+/// without `SEEK_DATA`): then every byte may be data. A block device reports all of itself as
+/// data.
+pub fn data_ranges(file: &File, size: u64, mut each: impl FnMut(u64, u64)) -> io::Result<bool> {
+    let fd = file.as_raw_fd();
+    let seek = |pos: u64, whence: i32| -> io::Result<Option<u64>> {
+        let Ok(at) = libc::off_t::try_from(pos) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek on a descriptor `file` owns; it moves only that descriptor's offset,
+        // which nothing here uses (reads are positional).
+        let r = unsafe { libc::lseek(fd, at, whence) };
+        if r >= 0 {
+            return Ok(u64::try_from(r).ok());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // No data (for SEEK_DATA) or nothing at all (the file shrank) from `pos` on.
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let unsupported = |e: &io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+        )
+    };
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match seek(pos, libc::SEEK_DATA) {
+            Ok(Some(s)) if s < size => s,
+            Ok(_) => break,
+            Err(e) if unsupported(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let end = match seek(start, libc::SEEK_HOLE) {
+            Ok(Some(h)) => h.min(size),
+            Ok(None) => size,
+            Err(e) if unsupported(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        // Each step must move forward: anything else is a filesystem not to be trusted with
+        // holes (and a loop that would never end).
+        if start < pos || end <= start {
+            tracing::debug!(
+                pos,
+                start,
+                end,
+                "SEEK_DATA/SEEK_HOLE went backwards; reading everything"
+            );
+            return Ok(false);
+        }
+        each(start, end - start);
+        pos = end;
+    }
+    Ok(true)
+}
+
+/// The blocks of `file` (of `size` bytes) that overlap data ranges (see [`data_ranges`]), or
+/// `None` if the file cannot tell its holes (every block may hold data).
+pub fn data_blocks(file: &File, size: u64) -> io::Result<Option<RoaringBitmap>> {
+    let mut blocks = RoaringBitmap::new();
+    let known = data_ranges(file, size, |off, len| {
+        let first = (off / BLOCK_SIZE).min(u32::MAX as u64) as u32;
+        let end = blocks_for(off.saturating_add(len)).min(u32::MAX as u64) as u32;
+        blocks.insert_range(first..end);
+    })?;
+    Ok(known.then_some(blocks))
+}
+
+/// Fill `buf` from `offset` of `img`: blocks outside `data` (holes) are zeros, not read. Only a
+/// read starting at a block boundary is split so; any other reads everything.
+fn read_skipping_holes(
+    img: &File,
+    data: Option<&RoaringBitmap>,
+    buf: &mut [u8],
+    offset: u64,
+) -> io::Result<()> {
+    let Some(data) = data.filter(|_| offset.is_multiple_of(BLOCK_SIZE)) else {
+        return img.read_exact_at(buf, offset);
+    };
+    let bs = BLOCK_SIZE as usize;
+    let first = offset / BLOCK_SIZE;
+    let has = |k: usize| u32::try_from(first + k as u64).is_ok_and(|b| data.contains(b));
+    let n = buf.len().div_ceil(bs);
+    let mut k = 0;
+    while k < n {
+        let start = k;
+        let stored = has(k);
+        while k < n && has(k) == stored {
+            k += 1;
+        }
+        let (from, to) = (start * bs, (k * bs).min(buf.len()));
+        let part = &mut buf[from..to];
+        if stored {
+            img.read_exact_at(part, offset + from as u64)?;
+        } else {
+            part.fill(0);
+        }
+    }
+    Ok(())
+}
+
 fn full_range(blocks: u64) -> RoaringBitmap {
     let mut r = RoaringBitmap::new();
     if blocks > 0 {
@@ -368,4 +491,123 @@ fn display_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| p.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A sparse file of `size` bytes with `fill` bytes written at each of `at`.
+    fn sparse(dir: &Path, size: u64, at: &[(u64, u64)], fill: u8) -> File {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.join("img"))
+            .unwrap();
+        f.set_len(size).unwrap();
+        for &(off, len) in at {
+            f.write_all_at(&vec![fill; len as usize], off).unwrap();
+        }
+        f
+    }
+
+    fn ranges(f: &File, size: u64) -> (bool, Vec<(u64, u64)>) {
+        let mut v = Vec::new();
+        let known = data_ranges(f, size, |o, l| v.push((o, l))).unwrap();
+        (known, v)
+    }
+
+    #[test]
+    fn data_ranges_are_the_written_ranges() {
+        let d = tempfile::tempdir().unwrap();
+        // Filesystem-block aligned (4 KiB), so the filesystem reports exactly these; the first
+        // at the start, the last ending at the file's end, two that touch and merge.
+        let size = 64 * MIB;
+        let written = [
+            (0, 4096),
+            (MIB, 8192),
+            (5 * MIB + 4096, 8192),
+            (5 * MIB + 12288, 4096),
+            (40 * MIB + 65536, 3 * MIB),
+            (size - 4096, 4096),
+        ];
+        let f = sparse(d.path(), size, &written, 0xa5);
+        let (known, got) = ranges(&f, size);
+        assert!(known, "this filesystem has no SEEK_DATA: holes go untested");
+        assert_eq!(
+            got,
+            [
+                (0, 4096),
+                (MIB, 8192),
+                (5 * MIB + 4096, 12288),
+                (40 * MIB + 65536, 3 * MIB),
+                (size - 4096, 4096),
+            ]
+        );
+        // Looking at less than the whole file stops at `size`.
+        assert_eq!(ranges(&f, MIB + 4096).1, [(0, 4096), (MIB, 4096)]);
+        // The blocks holding data: a 4 KiB range inside a block takes the whole block, one
+        // crossing a block boundary takes both.
+        let blocks = data_blocks(&f, size).unwrap().unwrap();
+        let b = |off: u64| (off / BLOCK_SIZE) as u32;
+        let mut want: Vec<u32> = vec![0, b(MIB), b(5 * MIB)];
+        want.extend(b(40 * MIB + 65536)..b(43 * MIB + 65536));
+        want.push(b(size - 1));
+        assert_eq!(blocks.iter().collect::<Vec<_>>(), want);
+    }
+
+    #[test]
+    fn a_file_without_data_has_no_ranges_and_one_without_holes_one() {
+        let d = tempfile::tempdir().unwrap();
+        let f = sparse(d.path(), 10 * MIB, &[], 0);
+        assert_eq!(ranges(&f, 10 * MIB), (true, vec![]));
+        assert_eq!(ranges(&f, 0), (true, vec![]));
+        let full = d.path().join("full");
+        std::fs::write(&full, vec![1u8; 300_000]).unwrap();
+        let f = File::open(&full).unwrap();
+        assert_eq!(ranges(&f, 300_000), (true, vec![(0, 300_000)]));
+        let blocks = data_blocks(&f, 300_000).unwrap().unwrap();
+        assert_eq!(blocks.iter().collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_file_that_cannot_tell_its_holes_is_all_data() {
+        // procfs files refuse SEEK_DATA (EINVAL), as filesystems without it do.
+        let f = File::open("/proc/self/status").unwrap();
+        assert_eq!(ranges(&f, 4096), (false, vec![]));
+        assert!(data_blocks(&f, 4096).unwrap().is_none());
+    }
+
+    #[test]
+    fn holes_read_as_zeros_without_being_read() {
+        let d = tempfile::tempdir().unwrap();
+        let bs = BLOCK_SIZE;
+        let size = 10 * bs + 1000;
+        let f = sparse(d.path(), size, &[(0, size)], 7);
+        // Blocks 2, 3 and the short last one (10) are "data"; the others are taken for holes,
+        // so what the file holds there must not be read.
+        let data: RoaringBitmap = [2u32, 3, 10].into_iter().collect();
+        let mut buf = vec![1u8; size as usize];
+        read_skipping_holes(&f, Some(&data), &mut buf, 0).unwrap();
+        for (b, block) in buf.chunks(bs as usize).enumerate() {
+            let want = if [2, 3, 10].contains(&b) { 7 } else { 0 };
+            assert!(block.iter().all(|&x| x == want), "block {b}");
+        }
+        // From a later block, and a read not on a block boundary reads everything.
+        let mut buf = vec![1u8; 3 * bs as usize];
+        read_skipping_holes(&f, Some(&data), &mut buf, bs).unwrap();
+        assert!(buf[..bs as usize].iter().all(|&x| x == 0));
+        assert!(buf[bs as usize..].iter().all(|&x| x == 7));
+        let mut buf = vec![1u8; 100];
+        read_skipping_holes(&f, Some(&data), &mut buf, 5).unwrap();
+        assert!(buf.iter().all(|&x| x == 7));
+        // Past the end is an error, never zeros.
+        let mut buf = vec![1u8; 2000];
+        let e = read_skipping_holes(&f, Some(&data), &mut buf, 10 * bs).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
 }

@@ -645,13 +645,14 @@ mod tests {
         seq: u32,
         time: i64,
     ) -> PointManifest {
-        let f = |n: &str| crate::repo::FileRef {
-            name: n.into(),
-            len: 0,
-        };
         PointManifest {
             format: "cbtfs-point".into(),
-            version: 1,
+            version: 2,
+            id: format!("{:032x}", (time as u64) << 8 | u64::from(seq)),
+            generation: 1,
+            parent: None,
+            n: seq,
+            stats: Default::default(),
             vdi: vdi.into(),
             disk_name: disk.into(),
             vm_uuid: vm.0.map(str::to_string),
@@ -662,13 +663,14 @@ mod tests {
             virtual_size: 1 << 20,
             changed_blocks: 0,
             data_blocks: 0,
-            index: f("i"),
-            data: f("d"),
+            index: crate::repo::ObjRef {
+                key: format!("pindex/{:032x}", time),
+                len: 0,
+            },
             source: "test".into(),
             snapshot: None,
             vm_metadata: None,
             vdi_type: None,
-            id: None,
             vm_run: None,
         }
     }

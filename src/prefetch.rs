@@ -398,9 +398,7 @@ mod tests {
     /// point's bytes.
     fn chain() -> (tempfile::TempDir, Arc<PointReader>, Vec<u8>) {
         let d = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&d.path().join("repo"))
-            .unwrap()
-            .with_direct_reads();
+        let repo = crate::repo::testing::init(&d.path().join("repo")).with_direct_reads();
         let img = d.path().join("img");
         let size = 5 * CHUNK as usize + 3 * BLOCK_SIZE as usize + 4096;
         let mut data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 65536) as u8).collect();
@@ -479,12 +477,13 @@ mod tests {
     fn a_damaged_block_fails_only_the_requests_that_cover_it() {
         let (d, reader, data) = chain();
         // Flip a byte of the base's block 6 (not changed by the top point: 6 % 3 == 0).
-        let repo = Repository::open(&d.path().join("repo")).unwrap();
+        let repo = crate::repo::testing::open(&d.path().join("repo"));
         let base = &repo.disk(VDI).unwrap().sets[0].points[0];
-        let data_file = repo.open_point(base).unwrap().data_location;
-        let mut bytes = std::fs::read(&data_file).unwrap();
-        bytes[6 * BLOCK_SIZE as usize + 99] ^= 1;
-        std::fs::write(&data_file, &bytes).unwrap();
+        let (key, loc) = repo.locate_block(base, 6).unwrap().unwrap();
+        let pack_file = d.path().join("repo").join(key);
+        let mut bytes = std::fs::read(&pack_file).unwrap();
+        bytes[loc.offset as usize + loc.len as usize / 2] ^= 1;
+        std::fs::write(&pack_file, &bytes).unwrap();
         let p = Prefetcher::new(4 * CHUNK, 2);
         let mut buf = vec![0u8; 128 * 1024];
         let mut at = 0;

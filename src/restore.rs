@@ -843,7 +843,7 @@ mod tests {
     #[test]
     fn run_points_take_every_disk_of_the_run_in_vm_order_or_name_the_missing_one() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&dir.path().join("r")).unwrap();
+        let repo = crate::repo::testing::init(&dir.path().join("r"));
         // Run 1 took both disks (B at userdevice 0), run 2 only A, run 3 both again; an older
         // point without a run stands alone.
         point(&repo, A, 100, Some(("01", "1")));

@@ -223,8 +223,8 @@ fn verify_point(
         let n = GROUP.min((total - i) as u64) as usize;
         // References first (cheap), then the sampled chunks not read yet.
         let mut to_read: Vec<(usize, ChunkId)> = Vec::new();
-        for k in i..i + n {
-            let block = u64::from(blocks[k]);
+        for (k, &b) in blocks.iter().enumerate().skip(i).take(n) {
+            let block = u64::from(b);
             let Some(id) = p.index.entry(k) else {
                 push(Some(block), &p.index_location, "has no index entry".into());
                 continue;

@@ -252,7 +252,7 @@ fn refusals_say_what_to_do_and_leave_nothing_behind() {
     let bad = h.dir.path().join("bad");
     std::fs::write(&bad, "not-the-password-xyz\n").unwrap();
     let repo = h.repo();
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["backup", s(&repo), "--host", &h.sim.url])
         .args(["--password-file", s(&bad), "--vdi", &h.vdi])
         .output()
@@ -311,7 +311,7 @@ fn refusals_say_what_to_do_and_leave_nothing_behind() {
     let err = h2.backup_fails(&["--vdi", "00000000-0000-4000-8000-000000000000"]);
     assert!(err.contains("UUID_INVALID"), "{err}");
     // No password at all.
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args([
             "backup",
             s(&h2.repo()),
@@ -342,7 +342,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
 
     // Another host on the same address with another certificate.
     let other = start(|_| {});
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .output()
@@ -355,7 +355,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
     // A CA that did not sign it: refused. Its own certificate as the CA: accepted.
     let ca = h.dir.path().join("wrong-ca.pem");
     std::fs::write(&ca, &h.sim.cert_pem).unwrap();
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .args(["--ca-cert", s(&ca)])
@@ -364,7 +364,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("certificate"));
     // --insecure-tls works and says so.
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .arg("--insecure-tls")
@@ -407,7 +407,7 @@ fn xmlrpc_only_host_pool_member_and_vm_selection() {
         }
     };
     member.with(|st| st.slave_of = Some("127.0.0.1".into()));
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["backup", s(&j.repo()), "--host", &member.url])
         .args(["--password-file", s(&j.pw), "--vdi", &j.vdi, "--json"])
         .output()
@@ -677,7 +677,7 @@ fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
     let (_, vdis) = sim.add_vm("ca-vm", &[("root", &img)]).unwrap();
     let repo = dir.path().join("repo");
     ok(&["init", s(&repo)]);
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args([
             "backup",
             s(&repo),
@@ -693,7 +693,7 @@ fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("pinned"), "{err}");
     // The same host reached by a name its certificate does not carry is refused.
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["backup", s(&repo), "--password-file", s(&pw)])
         .args(["--host", &sim.url.replace("127.0.0.1", "localhost")])
         .args(["--vdi", &vdis[0], "--ca-cert", &p("ca.pem")])
@@ -720,7 +720,7 @@ fn three_points(h: &Host) -> Vec<(String, Vec<u8>)> {
 }
 
 fn restore(h: &Host, args: &[&str]) -> Output {
-    Command::new(bin())
+    cbtfs_cmd()
         .args(["restore", s(&h.repo())])
         .args(args)
         .args(["--host", &h.sim.url, "--password-file", s(&h.pw)])
@@ -1190,7 +1190,7 @@ fn json_errors_name_the_failed_disk_and_the_disks_done() {
     let repo = dir.path().join("repo");
     ok(&["init", s(&repo)]);
     let run = |selection: &[&str]| {
-        Command::new(bin())
+        cbtfs_cmd()
             .args([
                 "backup",
                 s(&repo),

@@ -703,7 +703,7 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
 
     // Ctrl-C during a diff: it stops, and both of its browses are unmounted. The process is
     // stopped as soon as its first browse is mounted, so the signal lands before the walk.
-    let child = Command::new(bin())
+    let child = cbtfs_cmd()
         .args(["diff", s(&h.repo), &p0, &p1])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -746,7 +746,7 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
         let p = sh(&format!("command -v {t}"));
         std::os::unix::fs::symlink(p.trim(), bin_dir.join(t)).unwrap();
     }
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["browse", s(&h.repo), &p1, s(&d1)])
         .env("PATH", &bin_dir)
         .output()
@@ -1021,7 +1021,7 @@ fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage()
     // The overlay's store is unlinked from birth: nothing appears in TMPDIR, even meanwhile.
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["browse", s(&h.repo), &point, s(&d)])
         .env("TMPDIR", &tmp)
         .output()
@@ -1059,7 +1059,7 @@ fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage()
 
     // Foreground: Ctrl-C (SIGINT) and SIGTERM end it and clean up.
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        let mut child = Command::new(bin())
+        let mut child = cbtfs_cmd()
             .args(["browse", "-f", s(&h.repo), &point, s(&d)])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -1580,13 +1580,7 @@ fn dump_files_and_tars_as_root_and_as_nobody() {
     let loops_before = losetup_list();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    let run = |args: &[&str]| {
-        Command::new(bin())
-            .args(args)
-            .env("TMPDIR", &tmp)
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| cbtfs_cmd().args(args).env("TMPDIR", &tmp).output().unwrap();
 
     // One file, byte for byte, to standard output and to -o FILE; any point name works.
     let o = run(&["dump", r, &point, "p1/srv/www/big.bin"]);
@@ -1669,7 +1663,7 @@ fn dump_files_and_tars_as_root_and_as_nobody() {
     // Either way everything is unmounted.
     for sig in [None, Some(libc::SIGINT)] {
         use std::io::Read;
-        let mut child = Command::new(bin())
+        let mut child = cbtfs_cmd()
             .args(["dump", r, &point, "p1/srv/www/big.bin"])
             .env("TMPDIR", &tmp)
             .stdout(std::process::Stdio::piped())

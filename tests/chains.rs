@@ -9,7 +9,7 @@ use std::path::Path;
 use cbtfs::import::{ImportRequest, import_raw};
 use cbtfs::naming::Tree;
 use cbtfs::read::PointReader;
-use cbtfs::repo::Repository;
+
 use common::*;
 use proptest::prelude::*;
 
@@ -29,7 +29,7 @@ fn coalesce(prev: &[u8], step: &Step) -> Vec<u8> {
 }
 
 fn run_life(dir: &Path, steps: &[Step], seed: u64) {
-    let repo = Repository::init(&dir.join("repo")).unwrap();
+    let repo = init_repo(&dir.join("repo"));
     let v = vdi(seed as u32);
     let img = dir.join("img");
     let mut reference: Vec<u8> = Vec::new();

@@ -141,7 +141,7 @@ fn backup_takes_repo_as_first_argument() {
     // The repository is opened before the host is asked anything: a missing one is named.
     let d = tempfile::tempdir().unwrap();
     let missing = d.path().join("nothing-here");
-    let o = std::process::Command::new(bin())
+    let o = cbtfs_cmd()
         .args([
             "backup",
             s(&missing),
@@ -162,7 +162,7 @@ fn backup_takes_repo_as_first_argument() {
 }
 
 fn with_repo_env(repo: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(bin())
+    cbtfs_cmd()
         .args(args)
         .env("CBTFS_REPO", repo)
         .output()
@@ -267,7 +267,7 @@ fn json_errors_carry_code_message_done_and_status() {
     );
 
     // The same for every command with --json, e.g. backup (before any host is asked).
-    let o = std::process::Command::new(bin())
+    let o = cbtfs_cmd()
         .args([
             "backup",
             s(&missing),
@@ -302,7 +302,7 @@ fn json_errors_carry_code_message_done_and_status() {
 
     // A locked repository.
     let (repo, _) = setup(d.path());
-    let r = cbtfs::repo::Repository::open(Path::new(&repo)).unwrap();
+    let r = open_repo(Path::new(&repo));
     let _held = r.lock("test holder").unwrap();
     let img = d.path().join("img");
     let o = cbtfs(&[
@@ -384,6 +384,7 @@ fn install_script_installs_man_pages_and_completions() {
         .env("DESTDIR", &dest)
         .env("PREFIX", "/usr")
         .env("CBTFS_BIN", bin())
+        .env("CBTFS_KEY_FILE", key_file())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -660,7 +661,7 @@ fn newer_repository_version_is_refused_and_left_alone() {
         .split("\ncbtfs-crc32c:")
         .next()
         .unwrap()
-        .replace("\"version\": 1", "\"version\": 2");
+        .replace("\"version\": 2", "\"version\": 3");
     let new = format!(
         "{json}\ncbtfs-crc32c:{:08x}\n",
         crc32c::crc32c(json.as_bytes())
@@ -668,10 +669,34 @@ fn newer_repository_version_is_refused_and_left_alone() {
     std::fs::write(&hdr, &new).unwrap();
     let (_, m) = fails(&["ls", &repo]);
     assert!(
-        m.contains("format version 2") && m.contains("upgrade cbtfs"),
+        m.contains("format version 3") && m.contains("upgrade cbtfs"),
         "{m}"
     );
     assert_eq!(std::fs::read_to_string(&hdr).unwrap(), new);
+}
+
+/// Format 1 (plain per-point data files) is not read: the message says so and what to do, and
+/// nothing is changed.
+#[test]
+fn a_format_1_repository_is_refused_clearly() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("old");
+    std::fs::create_dir(&repo).unwrap();
+    let json = r#"{"format":"cbtfs-repository","version":1,"id":"0123","created":"2026-01-01T00:00:00Z","block_size":65536}"#;
+    let hdr = format!(
+        "{json}\ncbtfs-crc32c:{:08x}\n",
+        crc32c::crc32c(json.as_bytes())
+    );
+    std::fs::write(repo.join("cbtfs.repo"), &hdr).unwrap();
+    let (_, m) = fails(&["ls", s(&repo)]);
+    assert!(
+        m.contains("format-1") && m.contains("cbtfs init") && m.contains("nothing was changed"),
+        "{m}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.join("cbtfs.repo")).unwrap(),
+        hdr
+    );
 }
 
 #[test]
@@ -698,7 +723,7 @@ fn repository_files_are_private() {
 fn a_second_writer_is_refused_while_one_holds_the_lock() {
     let d = tempfile::tempdir().unwrap();
     let (repo, v) = setup(d.path());
-    let r = cbtfs::repo::Repository::open(Path::new(&repo)).unwrap();
+    let r = open_repo(Path::new(&repo));
     let _held = r.lock("test holder").unwrap();
     let img = d.path().join("img");
     let (_, m) = fails(&[
@@ -933,7 +958,7 @@ fn export_to_devices_pipes_and_other_image_formats() {
     assert!(!names.iter().any(|n| n.contains("partial")), "{names:?}");
     // Without qemu-img on PATH: refused before anything is written.
     let gone = d.path().join("nope.vmdk");
-    let o = std::process::Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["export", &repo, &point, s(&gone)])
         .env("PATH", "/nonexistent")
         .output()
@@ -982,7 +1007,7 @@ fn an_export_conversion_that_fails_or_is_interrupted_leaves_nothing() {
     .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let target = out_dir.join("x.qcow2");
-    let o = std::process::Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["export", &repo, &point, s(&target)])
         .env("PATH", &path)
         .output()
@@ -1006,7 +1031,7 @@ fn an_export_conversion_that_fails_or_is_interrupted_leaves_nothing() {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new(bin())
+    let mut child = cbtfs_cmd()
         .args(["export", &repo, &point, s(&target)])
         .env("PATH", &path)
         .stdout(std::process::Stdio::null())
@@ -1090,7 +1115,7 @@ fn readme_import_example_names_the_vm() {
     std::fs::create_dir(d.path().join("backup")).unwrap();
     let r = s(&repo);
     let in_dir = |args: &[&str]| {
-        let o = std::process::Command::new(bin())
+        let o = cbtfs_cmd()
             .args(args)
             .current_dir(d.path())
             .output()

@@ -141,7 +141,7 @@ fn flipped_data_block_fails_exactly_its_range() {
     assert!(m.contains("block 7") && m.contains("checksum"), "{m}");
 
     // Everything else of every point still reads; the damaged range errors, never wrong bytes.
-    let r = Repository::open(&repo).unwrap();
+    let r = open_repo(&repo);
     let tree = Tree::build(r.catalog().unwrap());
     let set = tree.disk_by_uuid(&v).unwrap().1.history.sets[0].clone();
     for (seq, want) in images.iter().enumerate() {
@@ -190,7 +190,7 @@ fn truncated_data_file_fails_the_missing_blocks() {
     );
     let m = export_fails(&repo, &v, 2);
     assert!(m.contains("block 10") && m.contains("truncated"), "{m}");
-    let r = Repository::open(&repo).unwrap();
+    let r = open_repo(&repo);
     let set = r.disk(&v).unwrap().sets[0].clone();
     let pr = PointReader::open(&r, &set, 2).unwrap();
     let mut buf = vec![0u8; 10 * BS];
@@ -324,7 +324,7 @@ fn random_damage_never_yields_wrong_bytes() {
             let len = std::fs::metadata(f).unwrap().len();
             flip(f, rng.below(len));
         }
-        let r = Repository::open(&repo).unwrap();
+        let r = open_repo(&repo);
         let Ok(disk) = r.disk(&v) else { continue };
         for set in &disk.sets {
             for p in &set.points {

@@ -105,7 +105,7 @@ fn kill_9_during_import_never_leaves_a_partial_point() {
             args.extend(["--bitmap", s(&bm)]);
         }
         let before = points(&repo).len();
-        let mut child = Command::new(bin())
+        let mut child = cbtfs_cmd()
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -646,6 +646,7 @@ fn mount_t_cbtfs_and_fstab_through_the_helper() {
         let o = Command::new("mount")
             .args(args)
             .env("CBTFS_BIN", bin())
+            .env("CBTFS_KEY_FILE", key_file())
             .output()
             .unwrap();
         assert!(
@@ -687,6 +688,7 @@ fn mount_t_cbtfs_and_fstab_through_the_helper() {
             "rw,noauto,allow_other,log_file=/tmp/a\\,b",
         ])
         .env("CBTFS_BIN", bin())
+        .env("CBTFS_KEY_FILE", key_file())
         .output()
         .unwrap();
     assert!(o.status.success());
@@ -949,6 +951,7 @@ fn a_non_empty_mount_point_is_refused_unless_nonempty() {
     let o = Command::new("mount")
         .args(["-t", "cbtfs", s(&repo), s(&mp)])
         .env("CBTFS_BIN", bin())
+        .env("CBTFS_KEY_FILE", key_file())
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -971,6 +974,7 @@ fn a_non_empty_mount_point_is_refused_unless_nonempty() {
     let o = Command::new("mount")
         .args(["-t", "cbtfs", "-o", "noauto,nonempty", s(&repo), s(&mp)])
         .env("CBTFS_BIN", bin())
+        .env("CBTFS_KEY_FILE", key_file())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -984,6 +988,7 @@ fn a_non_empty_mount_point_is_refused_unless_nonempty() {
     let o = Command::new(&helper)
         .args([s(&repo), s(&mp), "-fv", "-o", "noauto,nonempty,nodev"])
         .env("CBTFS_BIN", bin())
+        .env("CBTFS_KEY_FILE", key_file())
         .output()
         .unwrap();
     assert!(o.status.success());

@@ -1236,7 +1236,7 @@ struct Measured {
 fn measured(args: &[&str], dir: &Path, limit: Duration) -> Measured {
     let (out, err) = (dir.join("child.out"), dir.join("child.err"));
     let start = Instant::now();
-    let child = Command::new(bin())
+    let child = cbtfs_cmd()
         .args(args)
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&err).unwrap())

@@ -137,7 +137,7 @@ fn a_host_that_accepts_but_never_answers_fails_within_the_timeout_saying_so() {
     h.sim.with(|st| st.faults.api_hangs = true);
     let point = format!("{}@latest", h.vdi);
     let t0 = std::time::Instant::now();
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["restore", s(&h.repo()), &point, "--host", &h.sim.url])
         .args([
             "--password-file",
@@ -159,7 +159,7 @@ fn a_host_that_accepts_but_never_answers_fails_within_the_timeout_saying_so() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("https://{}", closed.local_addr().unwrap());
     drop(closed);
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["backup", s(&h.repo()), "--host", &url])
         .args([
             "--password-file",
@@ -242,7 +242,7 @@ fn a_transfer_that_stops_midway_fails_within_the_timeout_saying_so() {
     });
     let point = format!("{}@latest", h.vdi);
     let t0 = std::time::Instant::now();
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["restore", s(&h.repo()), &point, "--host", &h.sim.url])
         .args(["--password-file", s(&h.pw), "--no-verify", "--timeout", "2"])
         .args(["--to-vdi", &h.vdi])

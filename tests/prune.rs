@@ -15,7 +15,7 @@ use common::*;
 
 /// Every point in the repository, by time: its bytes.
 fn read_all(repo: &Path) -> HashMap<i64, Vec<u8>> {
-    let r = Repository::open(repo).unwrap();
+    let r = open_repo(repo);
     let mut out = HashMap::new();
     for d in r.catalog().unwrap() {
         for set in &d.sets {
@@ -66,10 +66,10 @@ fn random_chains_and_policies_keep_kept_points_identical() {
             monthly: rng.below(2) as usize,
         };
         let before = dir_bytes(&repo);
-        let r = Repository::open(&repo).unwrap();
+        let r = open_repo(&repo);
         let times: Vec<i64> = (0..steps.len()).map(|i| step_time(i, hours)).collect();
         let want_keep = policy.keep(&times);
-        let result = cbtfs::prune::prune(&r, policy, None, false);
+        let result = cbtfs::prune::prune(&r, policy, None, false, false);
         if policy.is_empty() {
             assert!(
                 result.is_err(),
@@ -110,7 +110,7 @@ fn random_chains_and_policies_keep_kept_points_identical() {
             "seed {seed}: {before} -> {after}"
         );
         // Pruning again with the same policy changes nothing.
-        let again = cbtfs::prune::prune(&r, policy, None, false).unwrap();
+        let again = cbtfs::prune::prune(&r, policy, None, false, false).unwrap();
         assert_eq!(again.disks[0].removed, 0, "seed {seed}");
     }
 }
@@ -137,7 +137,7 @@ fn cli_dry_run_refusals_and_space_reclaimed() {
         assert!(got[&step_time(i, 24)] == steps[i].image, "point {i}");
     }
     // A prune waits for, then names, a writer holding the repository.
-    let r = Repository::open(&repo).unwrap();
+    let r = open_repo(&repo);
     let lock = r.lock("cbtfs backup from https://xs1").unwrap();
     let (_, err) = fails(&["prune", s(&repo), "--keep-last", "1"]);
     assert!(err.contains("cbtfs backup from https://xs1"), "{err}");
@@ -159,7 +159,7 @@ fn kill_9_at_random_moments_then_rerun() {
             ..Policy::default()
         };
         let keep = policy.keep(&times);
-        let mut child = Command::new(bin())
+        let mut child = cbtfs_cmd()
             .args(["prune", s(&repo), "--keep-last", "2", "--keep-daily", "3"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -268,9 +268,9 @@ fn dry_run_bytes_after_equals_the_real_runs() {
         if policy.is_empty() {
             policy.last = 1;
         }
-        let r = Repository::open(&repo).unwrap();
-        let dry = cbtfs::prune::prune(&r, policy, None, true).unwrap();
-        let real = cbtfs::prune::prune(&r, policy, None, false).unwrap();
+        let r = open_repo(&repo);
+        let dry = cbtfs::prune::prune(&r, policy, None, true, false).unwrap();
+        let real = cbtfs::prune::prune(&r, policy, None, false, false).unwrap();
         assert_eq!(dry.bytes_before, real.bytes_before, "seed {seed}");
         assert_eq!(
             dry.bytes_after, real.bytes_after,

@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::Command;
+
 use std::sync::Arc;
 
 use cbtfs::sim::NbdMode;
@@ -168,7 +168,7 @@ fn export_metadata_close_delimited_then_restore_to_a_new_vm() {
     assert!(!stderr.contains("not saved"), "{stderr}");
 
     let sr = h.sim.with(|st| st.sr_uuid.clone());
-    let o = Command::new(bin())
+    let o = cbtfs_cmd()
         .args(["restore", s(&h.repo()), d["point"].as_str().unwrap()])
         .args(["--new-vdi", "--sr", &sr, "--new-vm", "--json"])
         .args(["--host", &h.sim.url, "--password-file", s(&h.pw)])
@@ -253,7 +253,7 @@ fn restore_reads_back_only_over_tls() {
         let (d, _) = h.backup_ok(&["--allow-plain-nbd"]);
         h.sim.with(|st| st.faults.networks_denied = denied);
         let sr = h.sim.with(|st| st.sr_uuid.clone());
-        let o = Command::new(bin())
+        let o = cbtfs_cmd()
             .args(["restore", s(&h.repo()), d["point"].as_str().unwrap()])
             .args(["--new-vdi", "--sr", &sr, "--json"])
             .args(["--host", &h.sim.url, "--password-file", s(&h.pw)])

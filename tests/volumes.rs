@@ -30,7 +30,7 @@ fn layout_of(dir: &Path, img: &Path) -> (Repository, PointReader, Layout) {
         "--time",
         &time(0),
     ]);
-    let r = Repository::open(&repo).unwrap();
+    let r = open_repo(&repo);
     let d = r.disk(&vdi(1)).unwrap();
     let reader = PointReader::open(&r, &d.sets[0], 0).unwrap();
     let layout = discover(&reader).unwrap();

@@ -15,19 +15,52 @@
 //! binary-searched. Without a cache directory the plain body is kept in an anonymous mapping.
 //! Memory therefore stays bounded by the page cache, not by the repository's size: at 2 TiB
 //! (32 M chunks) the files are 1.4 GB on disk and only touched pages are resident.
+//!
+//! **Trust in the cache.** A cache file holds the plain body followed by its BLAKE3 hash. The
+//! body was authenticated (opened with the master key) when the file was written, the file is
+//! 0600 in a 0700 directory owned by the user, and it is only ever created whole (temporary
+//! name, then rename), never written in place. Loading therefore checks the file's length
+//! against its own header and its trailing hash (damage on disk, a file cut by a crash) and
+//! re-checks the body's structure, but does not re-open the store's object: a user who can
+//! write the cache directory can already read the master key from the same account. Issue 19
+//! revisits this for object stores (where the cache may outlive or be shared differently).
+//!
+//! **Order of objects.** An id may be in several objects (gc writes its merged objects before
+//! deleting the old ones; two backups may store the same chunk). Lookups search the objects
+//! loaded last first, so an object that appeared through `refresh` wins over older ones; at
+//! `load` every object is equally new and any of their locations is a valid one.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use memmap2::Mmap;
 
 use super::crypto::{ChunkId, Keys};
-use super::error::Result;
-use super::pack::{ChunkLocation, PackId};
+use super::error::{RepoError, Result};
+use super::pack::{ChunkLocation, PackId, parse_hex16};
 use super::store::Store;
 
 pub const CINDEX_PREFIX: &str = "cindex/";
 pub const ENTRY_LEN: usize = 44;
 /// A writer flushes its new chunks into an index object after this many.
 pub const FLUSH_ENTRIES: usize = 1 << 20;
+/// The body's magic; its last byte is the format version.
+pub const CINDEX_MAGIC: [u8; 8] = *b"CBTFSCI\x02";
+/// Magic, pack count (u32), entry count (u64).
+pub const CINDEX_HEAD_LEN: usize = 20;
+/// Length of a pack id in the body's pack table.
+const PACK_ID_LEN: usize = 16;
+/// A cache file is the body followed by its BLAKE3 hash.
+const CACHE_HASH_LEN: usize = 32;
+/// Cache files' names start with this (the object key with '/' made '_').
+const CACHE_FILE_PREFIX: &str = "cindex_";
+/// Temporary cache files (an interrupted write leaves one; removed at load once this old).
+const CACHE_TMP_PREFIX: &str = ".tmp-";
+const CACHE_TMP_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Where plain copies of index objects are kept: `$CBTFS_CACHE_DIR`, else
 /// `$XDG_CACHE_HOME/cbtfs`, else `$HOME/.cache/cbtfs`, then `/<repository id>/cindex/`.
@@ -39,14 +72,352 @@ pub struct CacheDir(pub Option<PathBuf>);
 impl CacheDir {
     /// The default for repository `repo_id` (None when no directory can be made: in memory).
     pub fn default_for(repo_id: &str) -> CacheDir {
-        let _ = repo_id;
-        todo!()
+        let base = env_dir("CBTFS_CACHE_DIR")
+            .or_else(|| env_dir("XDG_CACHE_HOME").map(|d| d.join("cbtfs")))
+            .or_else(|| env_dir("HOME").map(|d| d.join(".cache").join("cbtfs")));
+        match base {
+            Some(base) => CacheDir(cache_dir_under(&base, repo_id)),
+            None => {
+                tracing::info!(
+                    "no cache directory ($CBTFS_CACHE_DIR, $XDG_CACHE_HOME and $HOME unset): the chunk index is kept in memory"
+                );
+                CacheDir(None)
+            }
+        }
     }
+}
+
+/// An environment variable naming an absolute directory (empty or relative values are ignored,
+/// as the XDG specification says).
+fn env_dir(name: &str) -> Option<PathBuf> {
+    let v = std::env::var_os(name)?;
+    let p = PathBuf::from(v);
+    p.is_absolute().then_some(p)
+}
+
+/// `base/<repo_id>/cindex`, made 0700 and checked to be ours; None (with a warning) otherwise.
+fn cache_dir_under(base: &Path, repo_id: &str) -> Option<PathBuf> {
+    let safe = !repo_id.is_empty()
+        && repo_id.len() <= 128
+        && repo_id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        && !repo_id.starts_with('-');
+    if !safe {
+        tracing::warn!(
+            repo_id,
+            "the repository id is not a plain name: the chunk index is kept in memory"
+        );
+        return None;
+    }
+    let dir = base.join(repo_id).join("cindex");
+    match make_private_dir(&base.join(repo_id)).and_then(|()| make_private_dir(&dir)) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            tracing::warn!(
+                "cannot use {} as the chunk index cache ({e}): the index is kept in memory",
+                dir.display()
+            );
+            None
+        }
+    }
+}
+
+/// Make `dir` (and missing parents) and check that it is a directory of this user, closed to
+/// others (made 0700 if it was not). Only `dir` itself is checked and changed, never a parent
+/// (which may be a shared directory such as `/tmp`).
+fn make_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(super::store::DIR_MODE)
+        .create(dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let m = fs::symlink_metadata(dir)?;
+    if !m.is_dir() || m.uid() != me {
+        return Err(io::Error::other(format!(
+            "{} is not a directory owned by uid {me}",
+            dir.display()
+        )));
+    }
+    if m.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(super::store::DIR_MODE))?;
+    }
+    Ok(())
+}
+
+/// A checked chunk index body (see the module doc), borrowed: lookups over its bytes without
+/// copying them.
+#[derive(Debug, Clone, Copy)]
+pub struct CindexBody<'a> {
+    bytes: &'a [u8],
+    packs: u32,
+    entries: usize,
+}
+
+/// Parse and check a chunk index object's plain body: magic and version, counts that its length
+/// holds exactly (checked before anything is allocated or indexed), every pack number below the
+/// pack count, ids strictly increasing, no `offset + length` past 4 GiB, no empty record. Pure:
+/// the fuzz target calls it on any bytes. The error says what is wrong.
+pub fn parse_cindex_body(plain: &[u8]) -> std::result::Result<CindexBody<'_>, String> {
+    let Some((head, _)) = plain.split_first_chunk::<CINDEX_HEAD_LEN>() else {
+        return Err(format!(
+            "it is {} bytes, shorter than a chunk index header",
+            plain.len()
+        ));
+    };
+    if head[..7] != CINDEX_MAGIC[..7] {
+        return Err("it does not start with the chunk index magic \"CBTFSCI\"".into());
+    }
+    if head[7] != CINDEX_MAGIC[7] {
+        return Err(format!(
+            "it is chunk index format version {}, this cbtfs reads version {}; upgrade cbtfs",
+            head[7], CINDEX_MAGIC[7]
+        ));
+    }
+    let packs = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&head[12..20]);
+    let n = u64::from_le_bytes(n);
+    // u128: no product or sum of a u32 and a u64 count can overflow it.
+    let expected = CINDEX_HEAD_LEN as u128
+        + u128::from(packs) * PACK_ID_LEN as u128
+        + u128::from(n) * ENTRY_LEN as u128;
+    if expected != plain.len() as u128 {
+        return Err(format!(
+            "it claims {packs} packs and {n} entries ({expected} bytes) but is {} bytes",
+            plain.len()
+        ));
+    }
+    // n × 44 ≤ plain.len(), so n fits in usize.
+    let body = CindexBody {
+        bytes: plain,
+        packs,
+        entries: n as usize,
+    };
+    let mut prev: Option<&[u8]> = None;
+    for (i, e) in body.entry_bytes().chunks_exact(ENTRY_LEN).enumerate() {
+        let (id, rest) = e.split_at(32);
+        if let Some(p) = prev
+            && p >= id
+        {
+            return Err(format!(
+                "its entry {i} is not after the one before it (entries must be sorted by id, without repeats)"
+            ));
+        }
+        prev = Some(id);
+        let [pn, off, len] = [0, 4, 8].map(|at| u32_at(rest, at));
+        if pn >= packs {
+            return Err(format!(
+                "its entry {i} names pack number {pn}, but it lists {packs} packs"
+            ));
+        }
+        if off.checked_add(len).is_none() {
+            return Err(format!(
+                "its entry {i} (offset {off}, length {len}) ends past 4 GiB"
+            ));
+        }
+        if len == 0 {
+            return Err(format!("its entry {i} has an empty record"));
+        }
+    }
+    Ok(body)
+}
+
+/// The u32 LE at `at` of `b` (0 if out of range; callers index checked lengths).
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .and_then(|s| <[u8; 4]>::try_from(s).ok())
+        .map_or(0, u32::from_le_bytes)
+}
+
+impl<'a> CindexBody<'a> {
+    fn entries_at(&self) -> usize {
+        CINDEX_HEAD_LEN + self.packs as usize * PACK_ID_LEN
+    }
+    fn entry_bytes(&self) -> &'a [u8] {
+        self.bytes.get(self.entries_at()..).unwrap_or(&[])
+    }
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+    /// Number of packs in its pack table.
+    pub fn pack_count(&self) -> u32 {
+        self.packs
+    }
+    fn id_at(&self, i: usize) -> Option<&'a [u8]> {
+        let at = self.entries_at().checked_add(i.checked_mul(ENTRY_LEN)?)?;
+        self.bytes.get(at..at.checked_add(32)?)
+    }
+    /// Entry `i` (in id order).
+    pub fn entry(&self, i: usize) -> Option<(ChunkId, ChunkLocation)> {
+        let at = self.entries_at().checked_add(i.checked_mul(ENTRY_LEN)?)?;
+        let e = self.bytes.get(at..at.checked_add(ENTRY_LEN)?)?;
+        let id: [u8; 32] = e.get(..32)?.try_into().ok()?;
+        let [pn, offset, len] = [32, 36, 40].map(|o| u32_at(e, o));
+        let p = CINDEX_HEAD_LEN.checked_add((pn as usize).checked_mul(PACK_ID_LEN)?)?;
+        let pack: [u8; 16] = self
+            .bytes
+            .get(p..p.checked_add(PACK_ID_LEN)?)?
+            .try_into()
+            .ok()?;
+        Some((
+            ChunkId(id),
+            ChunkLocation {
+                pack: PackId(pack),
+                offset,
+                len,
+            },
+        ))
+    }
+    /// The smallest and largest ids (None when empty).
+    pub fn range(&self) -> Option<(ChunkId, ChunkId)> {
+        let last = self.entries.checked_sub(1)?;
+        let lo: [u8; 32] = self.id_at(0)?.try_into().ok()?;
+        let hi: [u8; 32] = self.id_at(last)?.try_into().ok()?;
+        Some((ChunkId(lo), ChunkId(hi)))
+    }
+    /// Binary search for `id`.
+    pub fn find(&self, id: &ChunkId) -> Option<ChunkLocation> {
+        let (mut lo, mut hi) = (0usize, self.entries);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.id_at(mid)?.cmp(&id.0[..]) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return self.entry(mid).map(|(_, l)| l),
+            }
+        }
+        None
+    }
+}
+
+/// Encode a body from entries sorted by id without repeats (`write_index` sorts and dedups
+/// first; gc's merge produces them in order). Each pack appears once in the pack table.
+///
+/// # Panics
+/// If the entries name more than 2^32 packs (impossible below 2^32 entries).
+pub fn encode_cindex_body(entries: &[(ChunkId, ChunkLocation)]) -> Vec<u8> {
+    debug_assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
+    let mut numbers: HashMap<PackId, u32> = HashMap::new();
+    let mut packs: Vec<PackId> = Vec::new();
+    let mut nums = Vec::with_capacity(entries.len());
+    for (_, loc) in entries {
+        let n = *numbers.entry(loc.pack).or_insert_with(|| {
+            packs.push(loc.pack);
+            u32::try_from(packs.len() - 1).expect("fewer than 2^32 packs in one index object")
+        });
+        nums.push(n);
+    }
+    let mut b =
+        Vec::with_capacity(CINDEX_HEAD_LEN + packs.len() * PACK_ID_LEN + entries.len() * ENTRY_LEN);
+    b.extend_from_slice(&CINDEX_MAGIC);
+    b.extend_from_slice(&(packs.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for p in &packs {
+        b.extend_from_slice(&p.0);
+    }
+    for ((id, loc), n) in entries.iter().zip(nums) {
+        b.extend_from_slice(&id.0);
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&loc.offset.to_le_bytes());
+        b.extend_from_slice(&loc.len.to_le_bytes());
+    }
+    b
+}
+
+/// The aad of an index object: `b"cindex" || its 32 hex digits`.
+fn cindex_aad(hex: &str) -> Vec<u8> {
+    let mut aad = b"cindex".to_vec();
+    aad.extend_from_slice(hex.as_bytes());
+    aad
+}
+
+/// The 32 hex digits of a `cindex/<32 hex>` key (None for any other key).
+fn object_hex(key: &str) -> Option<&str> {
+    let hex = key.strip_prefix(CINDEX_PREFIX)?;
+    parse_hex16(hex).map(|_| hex)
+}
+
+/// Where an object's plain body lives.
+enum Backing {
+    /// A cache file: body then its hash.
+    Map(Mmap),
+    /// No cache directory (or it failed): the opened body itself.
+    Heap(Vec<u8>),
+}
+
+/// One loaded index object.
+struct Object {
+    key: String,
+    backing: Backing,
+    body_len: usize,
+    packs: u32,
+    entries: usize,
+    range: Option<(ChunkId, ChunkId)>,
+}
+
+impl Object {
+    fn new(key: String, backing: Backing, body_len: usize) -> std::result::Result<Object, String> {
+        let bytes = match &backing {
+            Backing::Map(m) => m.get(..body_len),
+            Backing::Heap(v) => v.get(..body_len),
+        }
+        .ok_or("its body is shorter than recorded")?;
+        let body = parse_cindex_body(bytes)?;
+        let (packs, entries, range) = (body.packs, body.entries, body.range());
+        Ok(Object {
+            key,
+            backing,
+            body_len,
+            packs,
+            entries,
+            range,
+        })
+    }
+    /// The body, checked by `new`.
+    fn body(&self) -> CindexBody<'_> {
+        let bytes = match &self.backing {
+            Backing::Map(m) => m.get(..self.body_len),
+            Backing::Heap(v) => v.get(..self.body_len),
+        };
+        CindexBody {
+            bytes: bytes.unwrap_or(&[]),
+            packs: self.packs,
+            entries: self.entries,
+        }
+    }
+    fn may_hold(&self, id: &ChunkId) -> bool {
+        self.range.is_some_and(|(lo, hi)| lo <= *id && *id <= hi)
+    }
+}
+
+/// Why an object is not loaded.
+struct Failure {
+    why: String,
+    /// An I/O error: try again at the next refresh (damage is not retried: objects are
+    /// immutable).
+    retry: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// In load order: lookups search from the end (newest first).
+    objects: Vec<Arc<Object>>,
+    failed: BTreeMap<String, Failure>,
 }
 
 /// Every chunk index object of a repository, mapped.
 pub struct ChunkIndex {
-    _private: (),
+    store: Arc<dyn Store>,
+    keys: Arc<Keys>,
+    cache: Option<PathBuf>,
+    state: RwLock<State>,
+    load_problems: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for ChunkIndex {
@@ -59,52 +430,910 @@ impl ChunkIndex {
     /// Load every `cindex/` object (each authenticated; a damaged one is skipped and named in
     /// `problems`).
     pub fn load(store: Arc<dyn Store>, keys: Arc<Keys>, cache: &CacheDir) -> Result<ChunkIndex> {
-        let _ = (store, keys, cache);
-        todo!()
+        let cache = cache.0.as_ref().and_then(|d| match make_private_dir(d) {
+            Ok(()) => Some(d.clone()),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot use {} as the chunk index cache ({e}): the index is kept in memory",
+                    d.display()
+                );
+                None
+            }
+        });
+        let mut idx = ChunkIndex {
+            store,
+            keys,
+            cache,
+            state: RwLock::new(State::default()),
+            load_problems: Vec::new(),
+        };
+        let listed = idx.sync()?;
+        if let Some(dir) = &idx.cache {
+            prune_cache(dir, &listed);
+        }
+        idx.load_problems = idx.current_problems();
+        Ok(idx)
     }
     /// Load objects that appeared since `load` (a writer's flush, a reader whose lookup failed,
     /// a rescan) and forget those that are gone; returns whether anything changed. Cheap when
     /// nothing did (one list). Interior mutability: readers share one `ChunkIndex`.
     pub fn refresh(&self) -> Result<bool> {
-        todo!()
+        let before: Vec<String> = self.objects();
+        self.sync()?;
+        Ok(self.objects() != before)
     }
     pub fn lookup(&self, id: &ChunkId) -> Option<ChunkLocation> {
-        let _ = id;
-        todo!()
+        let st = self.read();
+        st.objects
+            .iter()
+            .rev()
+            .filter(|o| o.may_hold(id))
+            .find_map(|o| o.body().find(id))
     }
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.lookup(id).is_some()
     }
     /// Index objects that could not be read or failed authentication: (location, why).
+    /// Those found by `load`; `current_problems` includes later refreshes'.
     pub fn problems(&self) -> &[(String, String)] {
-        todo!()
+        &self.load_problems
+    }
+    /// Index objects that are not loaded now, after every refresh: (location, why).
+    pub fn current_problems(&self) -> Vec<(String, String)> {
+        self.read()
+            .failed
+            .iter()
+            .map(|(k, f)| (self.store.describe(k), f.why.clone()))
+            .collect()
     }
     /// The keys of the loaded index objects.
     pub fn objects(&self) -> Vec<String> {
-        todo!()
+        let mut keys: Vec<String> = self.read().objects.iter().map(|o| o.key.clone()).collect();
+        keys.sort();
+        keys
     }
     /// Every entry of every object, in id order per object (gc and verify walk them).
     pub fn for_each(&self, f: &mut dyn FnMut(&ChunkId, &ChunkLocation)) {
-        let _ = f;
-        todo!()
+        // A snapshot: `f` may call `refresh` without deadlocking.
+        let objects: Vec<Arc<Object>> = self.read().objects.clone();
+        for o in &objects {
+            let body = o.body();
+            for i in 0..body.len() {
+                if let Some((id, loc)) = body.entry(i) {
+                    f(&id, &loc);
+                }
+            }
+        }
     }
     /// Number of entries over all objects (duplicates counted).
     pub fn len(&self) -> u64 {
-        todo!()
+        self.read().objects.iter().map(|o| o.entries as u64).sum()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// List the objects, load new ones (without holding the lock while reading them), drop
+    /// vanished ones. Returns the listed keys.
+    fn sync(&self) -> Result<BTreeSet<String>> {
+        let listed: BTreeSet<String> = self
+            .store
+            .list(CINDEX_PREFIX)
+            .map_err(|e| RepoError::io("list", self.store.describe(CINDEX_PREFIX), e))?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        let todo: Vec<String> = {
+            let st = self.read();
+            let have: BTreeSet<&str> = st.objects.iter().map(|o| o.key.as_str()).collect();
+            listed
+                .iter()
+                .filter(|k| !have.contains(k.as_str()) && st.failed.get(*k).is_none_or(|f| f.retry))
+                .cloned()
+                .collect()
+        };
+        let mut loaded = Vec::new();
+        let mut failed = Vec::new();
+        for key in todo {
+            match self.load_object(&key) {
+                Ok(Some(o)) => loaded.push(Arc::new(o)),
+                // Deleted between the list and the read: as if not listed.
+                Ok(None) => {}
+                Err(f) => {
+                    tracing::warn!(
+                        "chunk index object {} skipped: {}",
+                        self.store.describe(&key),
+                        f.why
+                    );
+                    failed.push((key, f));
+                }
+            }
+        }
+        let mut st = self.write();
+        st.objects.retain(|o| listed.contains(&o.key));
+        st.failed.retain(|k, _| listed.contains(k));
+        for o in loaded {
+            st.failed.remove(&o.key);
+            if !st.objects.iter().any(|x| x.key == o.key) {
+                st.objects.push(o);
+            }
+        }
+        for (k, f) in failed {
+            if !st.objects.iter().any(|x| x.key == k) {
+                st.failed.insert(k, f);
+            }
+        }
+        Ok(listed)
+    }
+
+    /// One object: from its cache file when that is intact, else from the store (then cached).
+    /// Ok(None) when it vanished from the store.
+    fn load_object(&self, key: &str) -> std::result::Result<Option<Object>, Failure> {
+        let damaged = |why: String| Failure { why, retry: false };
+        let Some(hex) = object_hex(key) else {
+            return Err(damaged(format!(
+                "its name is not cindex/<32 lowercase hex digits>, as cbtfs names index objects; move it out of {CINDEX_PREFIX}"
+            )));
+        };
+        let cache_file = self.cache.as_ref().map(|d| d.join(key.replace('/', "_")));
+        if let Some(path) = &cache_file
+            && let Some(o) = map_cache_file(key, path)
+        {
+            return Ok(Some(o));
+        }
+        let sealed = match self.store.get(key) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Failure {
+                    why: format!("reading it failed: {e}"),
+                    retry: true,
+                });
+            }
+        };
+        let plain = self
+            .keys
+            .open(&cindex_aad(hex), &sealed)
+            .map_err(|e| damaged(format!("it does not open: {e}")))?;
+        drop(sealed);
+        parse_cindex_body(&plain).map_err(damaged)?;
+        let body_len = plain.len();
+        let backing = match cache_file.as_ref().map(|p| write_cache_file(p, &plain)) {
+            Some(Ok(map)) => Backing::Map(map),
+            Some(Err(e)) => {
+                tracing::warn!(
+                    "cannot write the chunk index cache file for {key} ({e}); kept in memory"
+                );
+                Backing::Heap(plain)
+            }
+            None => Backing::Heap(plain),
+        };
+        Object::new(key.to_string(), backing, body_len)
+            .map(Some)
+            .map_err(damaged)
+    }
 }
 
-/// Write one index object holding `entries` (any order; duplicates of an id keep one); returns
-/// its key. Entries are sorted in memory: callers pass at most `FLUSH_ENTRIES`-ish at a time,
-/// except gc's merge, which streams (`write_index_sorted`).
+/// Map an intact cache file of object `key` (None, after removing it, if it is damaged).
+fn map_cache_file(key: &str, path: &Path) -> Option<Object> {
+    let f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!("cannot open {} ({e}); reading the store", path.display());
+            return None;
+        }
+    };
+    let len = f.metadata().ok()?.len();
+    let body_len = usize::try_from(len).ok()?.checked_sub(CACHE_HASH_LEN);
+    let why = match body_len {
+        None => "shorter than a hash".to_string(),
+        Some(body_len) => {
+            // SAFETY: cache files are private (0600 in a 0700 directory of this user) and cbtfs
+            // only ever creates them whole (temporary name, then rename); it never writes or
+            // truncates one in place, so the mapped bytes do not change. Truncation by another
+            // process of this user would raise SIGBUS, the accepted limit of mapping.
+            match unsafe { Mmap::map(&f) } {
+                Err(e) => format!("cannot be mapped: {e}"),
+                Ok(map) => {
+                    let ok = map
+                        .get(..body_len)
+                        .zip(map.get(body_len..))
+                        .is_some_and(|(b, h)| blake3::hash(b).as_bytes()[..] == *h);
+                    if !ok {
+                        "its hash does not match its bytes".to_string()
+                    } else {
+                        match Object::new(key.to_string(), Backing::Map(map), body_len) {
+                            Ok(o) => return Some(o),
+                            Err(why) => why,
+                        }
+                    }
+                }
+            }
+        }
+    };
+    tracing::warn!(
+        "chunk index cache file {} is damaged ({why}); rebuilding it from the repository",
+        path.display()
+    );
+    let _ = fs::remove_file(path);
+    None
+}
+
+/// Write `body` + its hash as `path` (0600, temporary name then rename) and map it.
+fn write_cache_file(path: &Path, body: &[u8]) -> io::Result<Mmap> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("cache file without a directory"))?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::other("cache file without a name"))?;
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
+    let tmp = dir.join(format!(
+        "{CACHE_TMP_PREFIX}{name}-{}",
+        u64::from_le_bytes(r)
+    ));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(super::store::FILE_MODE)
+            .open(&tmp)?;
+        f.write_all(body)?;
+        f.write_all(blake3::hash(body).as_bytes())?;
+        // SAFETY: as in `map_cache_file`; this file is complete and no longer written.
+        let map = unsafe { Mmap::map(&f)? };
+        fs::rename(&tmp, path)?;
+        Ok(map)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Remove cache files of objects no longer listed, and old temporary files.
+fn prune_cache(dir: &Path, listed: &BTreeSet<String>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let stale = if let Some(hex) = name.strip_prefix(CACHE_FILE_PREFIX) {
+            !listed.contains(&format!("{CINDEX_PREFIX}{hex}"))
+        } else if name.starts_with(CACHE_TMP_PREFIX) {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > CACHE_TMP_MAX_AGE)
+        } else {
+            false
+        };
+        if stale {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Write index objects holding `entries` (any order; duplicates of an id keep the first);
+/// returns their keys, none for no entries. Entries are sorted in memory: callers pass at most
+/// `FLUSH_ENTRIES`-ish at a time; more are split into objects of at most `FLUSH_ENTRIES`.
 pub fn write_index(
     store: &dyn Store,
     keys: &Keys,
     entries: Vec<(ChunkId, ChunkLocation)>,
 ) -> Result<Vec<String>> {
-    let _ = (store, keys, entries);
-    todo!()
+    write_index_split(store, keys, entries, FLUSH_ENTRIES)
+}
+
+fn write_index_split(
+    store: &dyn Store,
+    keys: &Keys,
+    mut entries: Vec<(ChunkId, ChunkLocation)>,
+    per_object: usize,
+) -> Result<Vec<String>> {
+    entries.sort_by_key(|e| e.0);
+    entries.dedup_by(|later, first| later.0 == first.0);
+    let mut written = Vec::new();
+    for part in entries.chunks(per_object.max(1)) {
+        let body = encode_cindex_body(part);
+        let id = PackId::random().map_err(|e| RepoError::io("name", CINDEX_PREFIX, e))?;
+        let hex = id.to_string();
+        let key = format!("{CINDEX_PREFIX}{hex}");
+        let sealed = keys.seal(&cindex_aad(&hex), &body);
+        store
+            .put(&key, &sealed)
+            .map_err(|e| RepoError::io("write", store.describe(&key), e))?;
+        written.push(key);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::pack::tests::{MemStore, random_bytes};
+    use std::sync::atomic::Ordering;
+
+    fn random_id(first: std::ops::RangeInclusive<u8>) -> ChunkId {
+        let mut b = [0u8; 32];
+        b.copy_from_slice(&random_bytes(32));
+        let span = u16::from(*first.end()) - u16::from(*first.start()) + 1;
+        b[0] = first.start() + (u16::from(b[0]) % span) as u8;
+        ChunkId(b)
+    }
+
+    fn entries(
+        n: usize,
+        first: std::ops::RangeInclusive<u8>,
+        packs: &[PackId],
+    ) -> Vec<(ChunkId, ChunkLocation)> {
+        (0..n)
+            .map(|i| {
+                (
+                    random_id(first.clone()),
+                    ChunkLocation {
+                        pack: packs[i % packs.len()],
+                        offset: (i as u32) * 1000,
+                        len: 100 + i as u32,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn packs(n: usize) -> Vec<PackId> {
+        (0..n).map(|_| PackId::random().unwrap()).collect()
+    }
+
+    struct Repo {
+        store: Arc<MemStore>,
+        keys: Arc<Keys>,
+        _tmp: Option<tempfile::TempDir>,
+        cache: CacheDir,
+    }
+
+    fn repo(encrypted: bool, cached: bool) -> Repo {
+        let tmp = cached.then(|| tempfile::tempdir().unwrap());
+        let cache = CacheDir(
+            tmp.as_ref()
+                .map(|t| t.path().join("repo-id").join("cindex")),
+        );
+        Repo {
+            store: Arc::new(MemStore::default()),
+            keys: Arc::new(Keys::generate(encrypted).unwrap()),
+            _tmp: tmp,
+            cache,
+        }
+    }
+
+    impl Repo {
+        fn load(&self) -> ChunkIndex {
+            ChunkIndex::load(self.store.clone(), self.keys.clone(), &self.cache).unwrap()
+        }
+        fn write(&self, e: Vec<(ChunkId, ChunkLocation)>) -> String {
+            let mut keys = write_index(&*self.store, &self.keys, e).unwrap();
+            assert_eq!(keys.len(), 1);
+            keys.remove(0)
+        }
+        fn gets(&self) -> usize {
+            self.store.gets.load(Ordering::SeqCst)
+        }
+        fn put_body(&self, body: &[u8]) -> String {
+            let hex = PackId::random().unwrap().to_string();
+            let key = format!("{CINDEX_PREFIX}{hex}");
+            let sealed = self.keys.seal(&cindex_aad(&hex), body);
+            self.store.put(&key, &sealed).unwrap();
+            key
+        }
+    }
+
+    #[test]
+    fn chunk_index_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<ChunkIndex>();
+    }
+
+    #[test]
+    fn lookups_over_several_objects() {
+        for (encrypted, cached) in [(true, true), (true, false), (false, true)] {
+            let r = repo(encrypted, cached);
+            let p = packs(3);
+            let a = entries(500, 0..=0x7f, &p);
+            let b = entries(300, 0..=0x7f, &p[1..]);
+            let c = entries(200, 0x80..=0xff, &p[2..]);
+            let mut keys = vec![r.write(a.clone()), r.write(b.clone()), r.write(c.clone())];
+            keys.sort();
+            let idx = r.load();
+            assert!(idx.problems().is_empty(), "{:?}", idx.problems());
+            assert_eq!(idx.objects(), keys);
+            assert_eq!(idx.len(), 1000);
+            for (id, loc) in a.iter().chain(&b).chain(&c) {
+                assert_eq!(idx.lookup(id), Some(*loc), "{id}");
+            }
+            for _ in 0..1000 {
+                let id = random_id(0..=0xff);
+                assert_eq!(idx.lookup(&id), None);
+                assert!(!idx.contains(&id));
+            }
+            // Ids inside an object's range but absent, and at its ends.
+            let mut sorted_a: Vec<_> = a.iter().map(|(id, _)| *id).collect();
+            sorted_a.sort();
+            let mut between = sorted_a[10];
+            between.0[31] = between.0[31].wrapping_add(1);
+            if !sorted_a.contains(&between) {
+                assert_eq!(idx.lookup(&between), None);
+            }
+            assert_eq!(ChunkId([0; 32]).cmp(&sorted_a[0]), std::cmp::Ordering::Less);
+            assert_eq!(idx.lookup(&ChunkId([0; 32])), None);
+            assert_eq!(idx.lookup(&ChunkId([0xff; 32])), None);
+            // for_each: every entry once, each object in id order.
+            let mut seen = Vec::new();
+            idx.for_each(&mut |id, loc| seen.push((*id, *loc)));
+            assert_eq!(seen.len(), 1000);
+            let mut all: Vec<_> = a.iter().chain(&b).chain(&c).copied().collect();
+            all.sort_by_key(|e| e.0);
+            let mut seen_sorted = seen.clone();
+            seen_sorted.sort_by_key(|e| e.0);
+            assert_eq!(seen_sorted, all);
+            let descents = seen.windows(2).filter(|w| w[0].0 > w[1].0).count();
+            assert!(descents <= 2, "{descents}");
+        }
+    }
+
+    #[test]
+    fn duplicates_keep_the_first_and_the_newest_object_wins() {
+        let r = repo(true, true);
+        let p = packs(2);
+        let id = random_id(0..=0xff);
+        let l1 = ChunkLocation {
+            pack: p[0],
+            offset: 1,
+            len: 10,
+        };
+        let l2 = ChunkLocation {
+            pack: p[1],
+            offset: 2,
+            len: 20,
+        };
+        let mut e = entries(50, 0..=0xff, &p);
+        e.insert(7, (id, l1));
+        e.push((id, l2));
+        r.write(e);
+        let idx = r.load();
+        assert_eq!(idx.len(), 51);
+        assert_eq!(idx.lookup(&id), Some(l1));
+        // A later object holding the same id: found after refresh, and preferred.
+        r.write(vec![(id, l2)]);
+        assert!(idx.refresh().unwrap());
+        assert_eq!(idx.len(), 52);
+        assert_eq!(idx.lookup(&id), Some(l2));
+        let mut count = 0;
+        idx.for_each(&mut |i, _| count += usize::from(*i == id));
+        assert_eq!(count, 2);
+    }
+
+    #[test]
+    fn refresh_adds_and_forgets_objects() {
+        let r = repo(true, true);
+        let p = packs(1);
+        let a = entries(20, 0..=0xff, &p);
+        let b = entries(20, 0..=0xff, &p);
+        let ka = r.write(a.clone());
+        let idx = r.load();
+        assert!(!idx.refresh().unwrap());
+        let kb = r.write(b.clone());
+        assert_eq!(idx.lookup(&b[0].0), None);
+        assert!(idx.refresh().unwrap());
+        assert_eq!(idx.lookup(&b[0].0), Some(b[0].1));
+        assert_eq!(idx.objects().len(), 2);
+        let gets = r.gets();
+        assert!(!idx.refresh().unwrap());
+        assert_eq!(r.gets(), gets, "an unchanged refresh reads nothing");
+        r.store.delete(&ka).unwrap();
+        assert!(idx.refresh().unwrap());
+        assert_eq!(idx.objects(), vec![kb]);
+        assert_eq!(idx.lookup(&a[0].0), None);
+        assert_eq!(idx.lookup(&b[5].0), Some(b[5].1));
+        assert_eq!(idx.len(), 20);
+        // The deleted object's cache file goes at the next load.
+        let dir = r.cache.0.clone().unwrap();
+        assert!(dir.join(ka.replace('/', "_")).exists());
+        drop(idx);
+        let _ = r.load();
+        assert!(!dir.join(ka.replace('/', "_")).exists());
+    }
+
+    #[test]
+    fn cache_is_used_and_damaged_cache_files_are_rebuilt() {
+        let r = repo(true, true);
+        let p = packs(2);
+        let a = entries(100, 0..=0xff, &p);
+        let b = entries(100, 0..=0xff, &p);
+        let ka = r.write(a.clone());
+        r.write(b.clone());
+        let before = r.gets();
+        let idx = r.load();
+        assert_eq!(r.gets(), before + 2);
+        drop(idx);
+        // Intact cache files: no object is read from the store.
+        let idx = r.load();
+        assert_eq!(r.gets(), before + 2);
+        assert_eq!(idx.lookup(&a[3].0), Some(a[3].1));
+        drop(idx);
+        let dir = r.cache.0.clone().unwrap();
+        let file = dir.join(ka.replace('/', "_"));
+        let good = fs::read(&file).unwrap();
+        assert_eq!(fs::metadata(&file).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        let damages: Vec<Vec<u8>> = vec![
+            {
+                let mut d = good.clone();
+                d[CINDEX_HEAD_LEN + 40] ^= 4;
+                d
+            },
+            {
+                let mut d = good.clone();
+                let n = d.len();
+                d[n - 1] ^= 1;
+                d
+            },
+            good[..good.len() - 1].to_vec(),
+            good[..10].to_vec(),
+            Vec::new(),
+        ];
+        for (i, d) in damages.into_iter().enumerate() {
+            fs::write(&file, d).unwrap();
+            let gets = r.gets();
+            let idx = r.load();
+            assert_eq!(r.gets(), gets + 1, "damage {i}: rebuilt from the store");
+            assert!(idx.problems().is_empty());
+            for (id, loc) in &a {
+                assert_eq!(idx.lookup(id), Some(*loc), "damage {i}");
+            }
+            assert_eq!(fs::read(&file).unwrap(), good, "damage {i}: file rewritten");
+        }
+        // A cache file that hashes right but is not a valid body (not something cbtfs writes,
+        // but never trusted past its structure).
+        let mut bad = good[..good.len() - 32].to_vec();
+        bad[0] = b'X';
+        let h = blake3::hash(&bad);
+        bad.extend_from_slice(h.as_bytes());
+        fs::write(&file, bad).unwrap();
+        let idx = r.load();
+        assert_eq!(idx.lookup(&a[0].0), Some(a[0].1));
+        assert_eq!(fs::read(&file).unwrap(), good);
+    }
+
+    #[test]
+    fn damaged_objects_are_problems() {
+        let r = repo(true, false);
+        let p = packs(1);
+        let a = entries(30, 0..=0xff, &p);
+        let b = entries(30, 0..=0xff, &p);
+        let ka = r.write(a.clone());
+        r.write(b.clone());
+        r.store.objects().get_mut(&ka).unwrap()[60] ^= 0x10;
+        let odd = format!("{CINDEX_PREFIX}NOT-HEX");
+        r.store.put(&odd, b"whatever").unwrap();
+        let idx = r.load();
+        assert_eq!(idx.problems().len(), 2, "{:?}", idx.problems());
+        let why_of = |key: &str| {
+            idx.problems()
+                .iter()
+                .find(|(l, _)| *l == format!("mem:{key}"))
+                .map(|(_, w)| w.clone())
+                .unwrap()
+        };
+        assert!(why_of(&ka).contains("does not open"), "{}", why_of(&ka));
+        assert!(why_of(&odd).contains("32 lowercase hex"));
+        assert_eq!(idx.lookup(&a[0].0), None);
+        assert_eq!(idx.lookup(&b[0].0), Some(b[0].1));
+        assert_eq!(idx.len(), 30);
+        // Damage is not retried at every refresh (objects are immutable).
+        let gets = r.gets();
+        assert!(!idx.refresh().unwrap());
+        assert_eq!(r.gets(), gets);
+        assert_eq!(idx.current_problems().len(), 2);
+        // Once removed, it is no longer a problem.
+        r.store.delete(&ka).unwrap();
+        assert!(!idx.refresh().unwrap());
+        assert_eq!(idx.current_problems().len(), 1);
+        // An object sealed under another name does not open either.
+        let sealed = r.store.get(&r.objects_key(0)).unwrap();
+        let moved = format!("{CINDEX_PREFIX}{}", PackId::random().unwrap());
+        r.store.put(&moved, &sealed).unwrap();
+        idx.refresh().unwrap();
+        assert!(
+            idx.current_problems()
+                .iter()
+                .any(|(l, w)| l.ends_with(&moved) && w.contains("does not open"))
+        );
+    }
+
+    impl Repo {
+        fn objects_key(&self, i: usize) -> String {
+            self.store
+                .list(CINDEX_PREFIX)
+                .unwrap()
+                .into_iter()
+                .filter(|o| object_hex(&o.key).is_some())
+                .nth(i)
+                .unwrap()
+                .key
+        }
+    }
+
+    fn head(magic: &[u8; 8], packs: u32, n: u64) -> Vec<u8> {
+        let mut b = magic.to_vec();
+        b.extend_from_slice(&packs.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        b
+    }
+
+    fn entry(b: &mut Vec<u8>, id: u8, pack: u32, offset: u32, len: u32) {
+        b.extend_from_slice(&[id; 32]);
+        for v in [pack, offset, len] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    /// Bodies that must be refused, with a word of the expected reason.
+    fn hostile_bodies() -> Vec<(Vec<u8>, &'static str)> {
+        let one_pack = |n| {
+            let mut b = head(&CINDEX_MAGIC, 1, n);
+            b.extend_from_slice(&[9; 16]);
+            b
+        };
+        let mut v = vec![
+            (head(&CINDEX_MAGIC, u32::MAX, u64::MAX), "claims"),
+            (head(&CINDEX_MAGIC, 0, u64::MAX / 44 + 1), "claims"),
+            (head(&CINDEX_MAGIC, u32::MAX, 0), "claims"),
+            (head(&CINDEX_MAGIC, 0, 1), "claims"),
+            (head(b"CBTFSCI\x03", 0, 0), "version 3"),
+            (head(b"CBTFSPK\x02", 0, 0), "magic"),
+            (CINDEX_MAGIC[..7].to_vec(), "shorter"),
+        ];
+        let mut b = one_pack(2);
+        entry(&mut b, 1, 0, 0, 1);
+        entry(&mut b, 1, 0, 5, 1);
+        v.push((b, "sorted"));
+        let mut b = one_pack(2);
+        entry(&mut b, 2, 0, 0, 1);
+        entry(&mut b, 1, 0, 5, 1);
+        v.push((b, "sorted"));
+        let mut b = one_pack(1);
+        entry(&mut b, 1, 1, 0, 1);
+        v.push((b, "pack number 1"));
+        let mut b = one_pack(1);
+        entry(&mut b, 1, 0, u32::MAX, 1);
+        v.push((b, "4 GiB"));
+        let mut b = one_pack(1);
+        entry(&mut b, 1, 0, 7, 0);
+        v.push((b, "empty record"));
+        let mut b = one_pack(1);
+        entry(&mut b, 1, 0, 7, 1);
+        b.push(0);
+        v.push((b, "claims"));
+        v
+    }
+
+    #[test]
+    fn hostile_bodies_are_refused() {
+        for (body, why) in hostile_bodies() {
+            let e = parse_cindex_body(&body).unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+        }
+        let r = repo(true, true);
+        let good = entries(10, 0..=0xff, &packs(1));
+        r.write(good.clone());
+        let bad: Vec<String> = hostile_bodies()
+            .iter()
+            .map(|(b, _)| r.put_body(b))
+            .collect();
+        let idx = r.load();
+        let mut named: Vec<String> = idx
+            .problems()
+            .iter()
+            .map(|(l, _)| l.trim_start_matches("mem:").to_string())
+            .collect();
+        named.sort();
+        let mut bad_sorted = bad.clone();
+        bad_sorted.sort();
+        assert_eq!(named, bad_sorted);
+        assert_eq!(idx.len(), 10);
+        assert_eq!(idx.lookup(&good[0].0), Some(good[0].1));
+    }
+
+    #[test]
+    fn a_valid_forged_body_is_read() {
+        let mut b = head(&CINDEX_MAGIC, 2, 2);
+        b.extend_from_slice(&[7; 16]);
+        b.extend_from_slice(&[8; 16]);
+        entry(&mut b, 1, 1, 10, 20);
+        entry(&mut b, 2, 0, u32::MAX - 5, 5);
+        let body = parse_cindex_body(&b).unwrap();
+        assert_eq!(body.len(), 2);
+        assert_eq!(body.pack_count(), 2);
+        let l1 = ChunkLocation {
+            pack: PackId([8; 16]),
+            offset: 10,
+            len: 20,
+        };
+        assert_eq!(body.find(&ChunkId([1; 32])), Some(l1));
+        assert_eq!(body.entry(1).unwrap().1.pack, PackId([7; 16]));
+        assert_eq!(body.entry(2), None);
+        assert_eq!(body.range(), Some((ChunkId([1; 32]), ChunkId([2; 32]))));
+        assert_eq!(body.find(&ChunkId([3; 32])), None);
+        // The encoder writes the same bytes for the same entries (packs by first use).
+        let mut again = head(&CINDEX_MAGIC, 2, 2);
+        again.extend_from_slice(&[8; 16]);
+        again.extend_from_slice(&[7; 16]);
+        entry(&mut again, 1, 0, 10, 20);
+        entry(&mut again, 2, 1, u32::MAX - 5, 5);
+        let entries: Vec<_> = (0..2).map(|i| body.entry(i).unwrap()).collect();
+        assert_eq!(encode_cindex_body(&entries), again);
+        let empty = encode_cindex_body(&[]);
+        assert_eq!(empty, head(&CINDEX_MAGIC, 0, 0));
+        assert_eq!(parse_cindex_body(&empty).unwrap().range(), None);
+    }
+
+    #[test]
+    fn large_inputs_are_split() {
+        let r = repo(false, true);
+        let p = packs(4);
+        let mut e = entries(10, 0..=0xff, &p);
+        e.push(e[3]);
+        let keys = write_index_split(&*r.store, &r.keys, e.clone(), 3).unwrap();
+        assert_eq!(keys.len(), 4);
+        assert!(
+            write_index(&*r.store, &r.keys, Vec::new())
+                .unwrap()
+                .is_empty()
+        );
+        let idx = r.load();
+        assert_eq!(idx.len(), 10);
+        for k in &keys {
+            let sealed = r.store.get(k).unwrap();
+            let plain = r
+                .keys
+                .open(&cindex_aad(object_hex(k).unwrap()), &sealed)
+                .unwrap();
+            assert!(parse_cindex_body(&plain).unwrap().len() <= 3);
+        }
+        for (id, loc) in &e {
+            assert_eq!(idx.lookup(id), Some(*loc));
+        }
+        // Object ranges are disjoint (split after sorting), so each lookup searches one.
+        let mut ranges = Vec::new();
+        for o in &idx.read().objects {
+            ranges.push(o.range.unwrap());
+        }
+        ranges.sort();
+        assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0));
+    }
+
+    #[test]
+    fn cache_dir_is_private_and_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let d = cache_dir_under(t.path(), "0123-abcd").unwrap();
+        assert_eq!(d, t.path().join("0123-abcd").join("cindex"));
+        for p in [&d, &t.path().join("0123-abcd")] {
+            assert_eq!(fs::metadata(p).unwrap().mode() & 0o777, 0o700);
+        }
+        // Directories made too open are closed again; the base is left alone.
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(d.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(cache_dir_under(t.path(), "0123-abcd"), Some(d.clone()));
+        for p in [&d, &t.path().join("0123-abcd")] {
+            assert_eq!(fs::metadata(p).unwrap().mode() & 0o777, 0o700);
+        }
+        assert_eq!(fs::metadata(t.path()).unwrap().mode() & 0o7777, 0o1777);
+        // An explicit cache directory in a shared directory: the shared one is not touched.
+        let shared = t.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+        let r = repo(true, false);
+        let e = entries(3, 0..=0xff, &packs(1));
+        r.write(e.clone());
+        let idx = ChunkIndex::load(
+            r.store.clone(),
+            r.keys.clone(),
+            &CacheDir(Some(shared.join("c"))),
+        )
+        .unwrap();
+        assert_eq!(idx.lookup(&e[0].0), Some(e[0].1));
+        assert_eq!(fs::metadata(&shared).unwrap().mode() & 0o7777, 0o1777);
+        assert_eq!(fs::read_dir(shared.join("c")).unwrap().count(), 1);
+        for bad in ["", "..", "a/b", "../x", "-x", "a b"] {
+            assert_eq!(cache_dir_under(t.path(), bad), None, "{bad:?}");
+        }
+        // Not a directory: in memory.
+        fs::write(t.path().join("file"), b"").unwrap();
+        assert_eq!(cache_dir_under(&t.path().join("file"), "x"), None);
+    }
+
+    /// Writes the fuzz seeds of `cindex_body` and `pack_trailer` when CBTFS_WRITE_FUZZ_SEEDS
+    /// names the fuzz directory (`CBTFS_WRITE_FUZZ_SEEDS=$PWD/fuzz cargo test --release --lib
+    /// write_fuzz_seeds`); otherwise checks that the seeds parse as their names say.
+    #[test]
+    fn write_fuzz_seeds() {
+        let mut cindex: Vec<(String, Vec<u8>)> = Vec::new();
+        let p = [PackId([1; 16]), PackId([2; 16])];
+        let mut e: Vec<_> = (0..6u8)
+            .map(|i| {
+                let mut id = [i * 40; 32];
+                id[31] = i;
+                (
+                    ChunkId(id),
+                    ChunkLocation {
+                        pack: p[usize::from(i % 2)],
+                        offset: u32::from(i) * 100,
+                        len: 100,
+                    },
+                )
+            })
+            .collect();
+        e.sort_by_key(|x| x.0);
+        cindex.push(("ok-6".into(), encode_cindex_body(&e)));
+        cindex.push(("ok-1".into(), encode_cindex_body(&e[..1])));
+        cindex.push(("ok-empty".into(), encode_cindex_body(&[])));
+        for (i, (b, _)) in hostile_bodies().into_iter().enumerate() {
+            cindex.push((format!("bad-{i}"), b));
+        }
+        for (name, b) in &cindex {
+            assert_eq!(
+                parse_cindex_body(b).is_ok(),
+                name.starts_with("ok"),
+                "{name}"
+            );
+        }
+        let keys = Keys::generate(false).unwrap();
+        let mut trailers: Vec<(String, Vec<u8>)> = Vec::new();
+        // A pack's plain trailer, followed by its records length (u64 LE) as the target reads.
+        for n in [0usize, 1, 3] {
+            let mut w = crate::repo::pack::PackWriter::new().unwrap();
+            for i in 0..n {
+                w.add(ChunkId([i as u8; 32]), &vec![i as u8; 50 + i]);
+            }
+            let (id, bytes, chunks) = w.finish(&keys);
+            let records: u64 = chunks.iter().map(|(_, l)| u64::from(l.len)).sum();
+            let tlen = u32::from_le_bytes(bytes[bytes.len() - 12..][..4].try_into().unwrap());
+            let sealed = &bytes[records as usize..][..tlen as usize];
+            let aad: Vec<u8> = b"pack".iter().chain(&id.0).copied().collect();
+            let mut plain = keys.open(&aad, sealed).unwrap();
+            plain.extend_from_slice(&records.to_le_bytes());
+            trailers.push((format!("ok-{n}"), plain));
+        }
+        let mut over = trailers[2].1.clone();
+        let at = over.len() - 8;
+        over[at..].copy_from_slice(&10u64.to_le_bytes());
+        trailers.push(("bad-short-records".into(), over));
+        let mut lie = trailers[2].1.clone();
+        lie[0] = 4;
+        trailers.push(("bad-count".into(), lie));
+        let Some(fuzz) = std::env::var_os("CBTFS_WRITE_FUZZ_SEEDS") else {
+            return;
+        };
+        for (target, seeds) in [("cindex_body", &cindex), ("pack_trailer", &trailers)] {
+            let dir = Path::new(&fuzz).join("seeds").join(target);
+            fs::create_dir_all(&dir).unwrap();
+            for (name, b) in seeds {
+                fs::write(dir.join(name), b).unwrap();
+            }
+        }
+    }
 }

@@ -57,6 +57,26 @@ pub enum RepoError {
     #[error("{0}")]
     Invalid(String),
 
+    /// No key slot of the secret's kind accepts the secret given: a wrong password or key file
+    /// (never damage; damaged slots are named in `damaged`).
+    #[error(
+        "{secret} does not open repository {repo} (tried {tried} {kind} key slot{}){damaged}; check the {}, or use another key slot's password or key file",
+        if *.tried == 1 { "" } else { "s" },
+        if *.kind == "password" { "password file" } else { "key file" }
+    )]
+    WrongSecret {
+        /// The repository (its path or URL).
+        repo: String,
+        /// `password` or `key file`.
+        kind: &'static str,
+        /// What was given, without its secret: "the password", "the key file /root/k".
+        secret: String,
+        /// How many slots of that kind were tried.
+        tried: usize,
+        /// "; 1 key slot is damaged: keys/… (why)", or empty.
+        damaged: String,
+    },
+
     #[error("{0}")]
     NotFound(String),
 }

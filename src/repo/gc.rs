@@ -73,8 +73,8 @@ pub fn plan(repo: &Repository, live: &[ChunkId], repack_below: u8) -> Result<GcR
     sweep(repo, live, None, repack_below, true)
 }
 
-/// 2. Every chunk any point references (sorted), and the index and metadata objects manifests
-/// name.
+/// Mark (step 2): every chunk any point references (sorted), and the index and metadata
+/// objects that manifests name.
 fn mark(repo: &Repository) -> Result<(Vec<ChunkId>, HashSet<String>)> {
     let damaged = repo.damaged_manifests()?;
     if let Some(d) = damaged.first() {
@@ -119,7 +119,7 @@ fn mark(repo: &Repository) -> Result<(Vec<ChunkId>, HashSet<String>)> {
     Ok((live, live_objects))
 }
 
-/// 3. and 4.
+/// Sweep and delete (steps 3 and 4).
 fn sweep(
     repo: &Repository,
     live: &[ChunkId],

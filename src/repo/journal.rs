@@ -149,7 +149,8 @@ mod tests {
     #[test]
     fn stages_replace_each_other_and_clear_removes_both() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&dir.path().join("r")).unwrap();
+        let root = dir.path().join("r");
+        let repo = crate::repo::testing::init(&root);
         let lock = repo.lock("test").unwrap();
         assert_eq!(repo.snapshot_journal(VDI).unwrap(), None);
         let mut j = SnapshotJournal::new(VDI, vec!["OpaqueRef:a".into()], Some(5));
@@ -158,30 +159,31 @@ mod tests {
         j.snapshot = Some("0f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b".into());
         repo.put_snapshot_journal(&lock, &j).unwrap();
         assert_eq!(repo.snapshot_journal(VDI).unwrap(), Some(j.clone()));
-        assert!(!repo.store.path(&key(VDI, 1)).exists());
-        // A crash inside a put leaves its temporary file: cleared too.
-        let tmp = repo
-            .store
-            .path(&format!("{JOURNAL_DIR}/.{VDI}.1.snap.0123456789abcdef.tmp"));
-        std::fs::write(&tmp, b"").unwrap();
+        assert!(!root.join(repo.journal_key(VDI, 1)).exists());
+        // Records are sealed and named by a keyed hash: the disk's uuid is not in the name.
+        assert!(!repo.journal_key(VDI, 2).contains(VDI));
         repo.clear_snapshot_journal(&lock, VDI).unwrap();
         assert_eq!(repo.snapshot_journal(VDI).unwrap(), None);
-        assert!(!tmp.exists());
-        // Clearing twice is harmless; other disks' records are not touched.
+        // Clearing twice is harmless.
         repo.clear_snapshot_journal(&lock, VDI).unwrap();
         // A damaged record is named, never trusted.
         let other = "4f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b";
         repo.put_snapshot_journal(&lock, &SnapshotJournal::new(other, vec![], None))
             .unwrap();
-        let p = repo.store.path(&key(other, 1));
+        let key = repo.journal_key(other, 1);
+        let p = root.join(&key);
         let mut b = std::fs::read(&p).unwrap();
-        b[10] ^= 1;
-        std::fs::write(&p, b).unwrap();
+        b[30] ^= 1;
+        std::fs::write(&p, &b).unwrap();
         let e = repo.snapshot_journal(other).unwrap_err().to_string();
-        assert!(e.contains(&format!("{other}.1.snap")), "{e}");
+        assert!(e.contains(&key), "{e}");
         // A record filed under another disk's name is refused.
+        std::fs::remove_file(&p).unwrap();
         let j2 = SnapshotJournal::new(VDI, vec![], None);
-        std::fs::write(&p, manifest::encode(&j2)).unwrap();
+        let sealed = repo
+            .keys()
+            .seal(&crate::repo::aad("journal", &key), &manifest::encode(&j2));
+        std::fs::write(&p, sealed).unwrap();
         assert!(repo.snapshot_journal(other).is_err());
         assert!(repo.snapshot_journal("../x").is_err());
     }

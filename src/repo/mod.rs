@@ -56,6 +56,7 @@ pub mod journal;
 pub mod keys;
 pub mod manifest;
 pub mod pack;
+pub mod stats;
 pub mod store;
 pub mod writer;
 
@@ -449,6 +450,9 @@ pub struct ChunkFailure {
     pub location: String,
     pub problem: String,
 }
+
+/// Every set, by (VDI uuid, set name).
+type SetsByDisk = BTreeMap<(String, String), SetHistory>;
 
 /// What every handle on one open repository shares.
 struct Shared {
@@ -903,7 +907,7 @@ impl Repository {
 
     /// All sets: (vdi, set) -> history, plus the manifest keys no reader should see (older
     /// generations, superseded points) for the next writer to delete.
-    fn all_sets(&self) -> Result<(BTreeMap<(String, String), SetHistory>, Vec<String>)> {
+    fn all_sets(&self) -> Result<(SetsByDisk, Vec<String>)> {
         let (manifests, _) = self.manifests()?;
         let mut groups: BTreeMap<(String, String), Vec<PointManifest>> = BTreeMap::new();
         for m in manifests {
@@ -1272,6 +1276,25 @@ impl Repository {
         r
     }
 
+    /// Where the bytes of block `block` of point `m` itself are stored (not its chain's): the
+    /// pack's key and the chunk record's place in it. None for a block the point does not
+    /// store. For tests and tools that damage or inspect objects on purpose.
+    pub fn locate_block(
+        &self,
+        m: &PointManifest,
+        block: u32,
+    ) -> Result<Option<(String, ChunkLocation)>> {
+        let p = self.open_point(m)?;
+        if !p.index.data.contains(block) {
+            return Ok(None);
+        }
+        let rank = p.index.data.rank(block) as usize - 1;
+        let Some(id) = p.index.entry(rank) else {
+            return Ok(None);
+        };
+        Ok(self.locate(&id)?.map(|l| (l.pack.key(), l)))
+    }
+
     /// Take the writer lock (one writer at a time; readers never lock).
     pub fn lock(&self, holder: &str) -> Result<WriteLock> {
         match self.shared.store.lock(holder) {
@@ -1507,5 +1530,305 @@ pub(crate) mod testing {
 
     pub fn open(path: &Path) -> Repository {
         Repository::open(path, Some(&secret())).expect("open a test repository")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::read::PointReader;
+
+    const VDI_A: &str = "00000000-0000-4000-8000-00000000000a";
+    const VDI_B: &str = "00000000-0000-4000-8000-00000000000b";
+    const BS: usize = BLOCK_SIZE as usize;
+
+    fn spec(vdi: &str, time: i64, blocks: u64, new_set: bool) -> NewPoint {
+        NewPoint {
+            vdi: vdi.into(),
+            disk_name: "secret-disk-name".into(),
+            vm_uuid: Some("11111111-2222-4333-8444-555555555555".into()),
+            vm_name: Some("secret-vm-name".into()),
+            time,
+            virtual_size: blocks * BLOCK_SIZE,
+            source: "test".into(),
+            new_set,
+            snapshot: None,
+            vm_metadata: Some(b"secret-vm-metadata".to_vec()),
+            vdi_type: None,
+            vm_run: None,
+        }
+    }
+
+    /// A disk image of `blocks` blocks: block b filled from `seed` and b, every third zero.
+    fn image(blocks: usize, seed: u8) -> Vec<u8> {
+        let mut v = vec![0u8; blocks * BS];
+        for (b, chunk) in v.chunks_mut(BS).enumerate() {
+            if b % 3 != 2 {
+                for (i, x) in chunk.iter_mut().enumerate() {
+                    *x = (i as u8).wrapping_mul(seed).wrapping_add(b as u8);
+                }
+            }
+        }
+        v
+    }
+
+    fn write(repo: &Repository, s: NewPoint, bytes: &[u8], first: u64) -> PointManifest {
+        let lock = repo.lock("test").unwrap();
+        let mut w = repo.begin_point(&lock, s).unwrap();
+        w.add_run(first, bytes, true).unwrap();
+        w.commit().unwrap()
+    }
+
+    fn read_point(repo: &Repository, vdi: &str, set: usize, seq: u32) -> Vec<u8> {
+        let d = repo.disk(vdi).unwrap();
+        let r = PointReader::open(repo, &d.sets[set], seq).unwrap();
+        let mut out = vec![0u8; r.size() as usize];
+        assert_eq!(r.read_at(&mut out, 0).unwrap(), out.len());
+        out
+    }
+
+    fn pack_bytes(root: &Path) -> u64 {
+        LocalStore::new(root)
+            .list("packs/")
+            .unwrap()
+            .iter()
+            .map(|o| o.len)
+            .sum()
+    }
+
+    #[test]
+    fn equal_disks_are_stored_once_and_read_back_exactly() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let repo = testing::init(&root);
+        let img = image(40, 7);
+        write(&repo, spec(VDI_A, 1_000, 40, true), &img, 0);
+        let one = pack_bytes(&root);
+        write(&repo, spec(VDI_B, 2_000, 40, true), &img, 0);
+        assert_eq!(pack_bytes(&root), one, "the second disk stored no chunk");
+        let fresh = testing::open(&root);
+        assert!(read_point(&fresh, VDI_A, 0, 0) == img);
+        assert!(read_point(&fresh, VDI_B, 0, 0) == img);
+        // Zero blocks are recorded, not stored; repeated blocks once.
+        let m = fresh.disk(VDI_A).unwrap().sets[0].points[0].clone();
+        assert_eq!(m.changed_blocks, 40);
+        assert_eq!(m.data_blocks, 27);
+        assert_eq!(m.stats.new_chunks, 27);
+    }
+
+    #[test]
+    fn names_and_contents_are_encrypted_at_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let repo = testing::init(&root);
+        let mut img = image(8, 3);
+        img[..16].copy_from_slice(b"plain-guest-text");
+        write(&repo, spec(VDI_A, 1_000, 8, true), &img, 0);
+        let store = LocalStore::new(&root);
+        for o in store.list("").unwrap() {
+            assert!(!o.key.contains(VDI_A), "{}", o.key);
+            let bytes = std::fs::read(root.join(&o.key)).unwrap();
+            for needle in [
+                VDI_A.as_bytes(),
+                b"secret-disk-name",
+                b"secret-vm-name",
+                b"secret-vm-metadata",
+                b"plain-guest-text",
+            ] {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle),
+                    "{} holds {:?} in the clear",
+                    o.key,
+                    String::from_utf8_lossy(needle)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_or_missing_secret_and_an_old_format_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        testing::init(&root);
+        let e = Repository::open(&root, None).unwrap_err();
+        assert!(matches!(e, RepoError::NeedSecret { .. }), "{e}");
+        assert!(e.to_string().contains("--key-file"), "{e}");
+        let wrong = Secret::KeyFile {
+            path: "/x".into(),
+            key: [8; 32],
+        };
+        let e = Repository::open(&root, Some(&wrong)).unwrap_err();
+        assert!(matches!(e, RepoError::WrongSecret { .. }), "{e}");
+        // A format-1 header: refused, saying so.
+        let old = d.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::write(
+            old.join(REPO_FILE),
+            manifest::encode(&serde_json::json!({
+                "format": REPO_FORMAT, "version": 1, "id": "ab", "created": "x", "block_size": 65536
+            })),
+        )
+        .unwrap();
+        let e = Repository::open(&old, None).unwrap_err();
+        assert!(matches!(e, RepoError::OldFormat { found: 1, .. }), "{e}");
+        assert!(e.to_string().contains("format-1"), "{e}");
+    }
+
+    #[test]
+    fn an_unencrypted_repository_says_so_and_still_checks_integrity() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let repo = Repository::init(&root, &Encryption::None).unwrap();
+        assert!(!repo.encrypted());
+        let img = image(6, 5);
+        let m = write(&repo, spec(VDI_A, 1_000, 6, true), &img, 0);
+        let fresh = Repository::open(&root, None).unwrap();
+        assert_eq!(fresh.header.encryption, ENCRYPTION_NONE);
+        assert!(read_point(&fresh, VDI_A, 0, 0) == img);
+        // A flipped bit in a chunk is an error for that block, never other bytes.
+        let (key, loc) = fresh.locate_block(&m, 1).unwrap().unwrap();
+        let p = root.join(key);
+        let mut b = std::fs::read(&p).unwrap();
+        b[loc.offset as usize + 20] ^= 4;
+        std::fs::write(&p, b).unwrap();
+        let fresh = Repository::open(&root, None).unwrap();
+        let d0 = fresh.disk(VDI_A).unwrap();
+        let r = PointReader::open(&fresh, &d0.sets[0], 0).unwrap();
+        let mut out = vec![0u8; BS];
+        assert!(r.read_at(&mut out, 0).is_ok());
+        let e = r.read_at(&mut out, BLOCK_SIZE).unwrap_err();
+        assert_eq!(e.block, 1);
+    }
+
+    /// The states a prune passes through: a kept point's new generation committed while the
+    /// points it took over are still there. Readers see the kept points only, with their bytes;
+    /// the next writer deletes the rest.
+    #[test]
+    fn a_prune_interrupted_after_its_commit_hides_what_it_took_over() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let repo = testing::init(&root);
+        let mut img = image(12, 9);
+        write(&repo, spec(VDI_A, 1_000, 12, true), &img, 0);
+        let mut want = vec![img.clone()];
+        for (i, b) in [3usize, 5, 3].iter().enumerate() {
+            img[b * BS..(b + 1) * BS].fill(50 + i as u8);
+            write(
+                &repo,
+                spec(VDI_A, 2_000 + i as i64, 12, false),
+                &img[b * BS..(b + 1) * BS],
+                *b as u64,
+            );
+            want.push(img.clone());
+        }
+        let before = repo.disk(VDI_A).unwrap().sets[0].points.clone();
+        assert_eq!(before.len(), 4);
+        // Hand-made: point 2 takes over point 1 (a new generation with point 0 as parent), and
+        // the run "dies" before deleting point 1 and point 2's old generation.
+        let reader = PointReader::open(&repo, &repo.disk(VDI_A).unwrap().sets[0], 2).unwrap();
+        let mut changed = roaring::RoaringBitmap::new();
+        let mut data = roaring::RoaringBitmap::new();
+        let mut ids = Vec::new();
+        for b in [3u32, 5] {
+            let run = reader
+                .map()
+                .runs()
+                .iter()
+                .find(|r| r.start <= b && b < r.start + r.len)
+                .unwrap();
+            let id = reader
+                .layer(run.layer as usize)
+                .unwrap()
+                .index
+                .entry(run.first_entry as usize + (b - run.start) as usize)
+                .unwrap();
+            changed.insert(b);
+            data.insert(b);
+            ids.extend_from_slice(&id.0);
+        }
+        let index = repo
+            .put_index(12 * BLOCK_SIZE, &changed, &data, &ids)
+            .unwrap();
+        let mut g2 = before[2].clone();
+        g2.generation = 2;
+        g2.parent = Some(before[0].id.clone());
+        g2.changed_blocks = 2;
+        g2.data_blocks = 2;
+        g2.index = index;
+        repo.put_manifest(&g2).unwrap();
+        let fresh = testing::open(&root);
+        let pts = fresh.disk(VDI_A).unwrap().sets[0].points.clone();
+        assert_eq!(
+            pts.iter().map(|p| p.id.clone()).collect::<Vec<_>>(),
+            [&before[0], &before[2], &before[3]].map(|p| p.id.clone()),
+            "point 1 is superseded, point 2's new generation is listed"
+        );
+        for (seq, w) in [(0u32, &want[0]), (1, &want[2]), (2, &want[3])] {
+            assert!(read_point(&fresh, VDI_A, 0, seq) == *w, "point at {seq}");
+        }
+        // The next writer cleans up: point 1 and the old generation of point 2 go.
+        let lock = fresh.lock("t").unwrap();
+        let removed = fresh.clean_orphans(&lock, VDI_A).unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        drop(lock);
+        assert!(read_point(&testing::open(&root), VDI_A, 0, 2) == want[3]);
+    }
+
+    #[test]
+    fn a_damaged_manifest_is_named_and_breaks_only_the_chain_above_it() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let repo = testing::init(&root);
+        let img = image(4, 2);
+        write(&repo, spec(VDI_A, 1_000, 4, true), &img, 0);
+        let m1 = write(&repo, spec(VDI_A, 2_000, 4, false), &img[..BS], 0);
+        write(&repo, spec(VDI_A, 3_000, 4, false), &img[..BS], 0);
+        let p = root.join(m1.key());
+        let mut b = std::fs::read(&p).unwrap();
+        let n = b.len();
+        b[n / 2] ^= 1;
+        std::fs::write(&p, b).unwrap();
+        let fresh = testing::open(&root);
+        let damaged = fresh.damaged_manifests().unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert!(damaged[0].location.contains(&m1.key()));
+        let set = &fresh.disk(VDI_A).unwrap().sets[0];
+        assert_eq!(set.points.len(), 1, "only the base is readable");
+        assert_eq!(set.problems.len(), 1);
+        assert!(
+            set.problems[0].message.contains("missing"),
+            "{:?}",
+            set.problems
+        );
+    }
+
+    #[test]
+    fn gc_deletes_what_nothing_references_and_repacks_what_is_mostly_dead() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let repo = testing::init(&root);
+        let a = image(30, 11);
+        let b = image(30, 13);
+        write(&repo, spec(VDI_A, 1_000, 30, true), &a, 0);
+        write(&repo, spec(VDI_B, 1_000, 30, true), &b, 0);
+        // Nothing to collect yet.
+        let lock = repo.lock("t").unwrap();
+        let r = gc::gc(&repo, &lock, gc::DEFAULT_REPACK_BELOW, false).unwrap();
+        assert_eq!((r.packs_deleted, r.packs_repacked), (0, 0), "{r:?}");
+        drop(lock);
+        // Drop disk B's point from the metadata: its pack becomes garbage.
+        let mb = repo.disk(VDI_B).unwrap().sets[0].points[0].clone();
+        repo.delete(&mb.key()).unwrap();
+        let before = pack_bytes(&root);
+        let lock = repo.lock("t").unwrap();
+        let dry = gc::gc(&repo, &lock, gc::DEFAULT_REPACK_BELOW, true).unwrap();
+        assert_eq!(pack_bytes(&root), before, "a dry run deletes nothing");
+        let r = gc::gc(&repo, &lock, gc::DEFAULT_REPACK_BELOW, false).unwrap();
+        assert_eq!(r.packs_deleted, dry.packs_deleted);
+        assert!(r.packs_deleted >= 1, "{r:?}");
+        assert!(pack_bytes(&root) < before);
+        assert!(LocalStore::new(&root).list(PINDEX).unwrap().len() == 1);
+        drop(lock);
+        assert!(read_point(&testing::open(&root), VDI_A, 0, 0) == a);
     }
 }

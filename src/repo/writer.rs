@@ -98,8 +98,6 @@ pub struct PointWriter<'l> {
     written: Vec<String>,
     stats: PointStats,
     committed: bool,
-    /// The identity to record (prune rewriting a point keeps its own); None: a new one.
-    id: Option<String>,
 }
 
 impl<'l> PointWriter<'l> {
@@ -129,7 +127,6 @@ impl<'l> PointWriter<'l> {
             written: Vec::new(),
             stats: PointStats::default(),
             committed: false,
-            id: None,
         })
     }
 
@@ -290,11 +287,6 @@ impl<'l> PointWriter<'l> {
         Ok(())
     }
 
-    /// Record `id` as the point's identity instead of a new one (prune rewriting a point).
-    pub(crate) fn keep_id(&mut self, id: String) {
-        self.id = Some(id);
-    }
-
     /// Make the point durable and visible. Returns its manifest.
     pub fn commit(mut self) -> Result<PointManifest> {
         self.flush_index()?;
@@ -318,10 +310,7 @@ impl<'l> PointWriter<'l> {
         let m = PointManifest {
             format: POINT_FORMAT.into(),
             version: POINT_VERSION,
-            id: match self.id.take() {
-                Some(id) => id,
-                None => random_hex(16)?,
-            },
+            id: random_hex(16)?,
             generation: 1,
             parent: self.previous.as_ref().map(|p| p.id.clone()),
             vdi: self.spec.vdi.clone(),

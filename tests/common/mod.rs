@@ -16,12 +16,55 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_cbtfs")
 }
 
+/// The key file every test repository is encrypted with (made once per test process; no KDF,
+/// so opening costs nothing). Commands get it through CBTFS_KEY_FILE (see `cmd`).
+pub fn key_file() -> &'static Path {
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("cbtfs-test-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("repo.key");
+        if !p.exists() {
+            cbtfs::repo::keys::Secret::create_key_file(&p).expect("make the tests' key file");
+        }
+        p
+    })
+}
+
+/// A copy of the tests' key file that user `uid` owns (tests that run cbtfs as nobody).
+pub fn key_file_for(uid: u32, dir: &Path) -> PathBuf {
+    let p = dir.join("repo.key");
+    std::fs::copy(key_file(), &p).unwrap();
+    std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
+    p
+}
+
+/// The tests' repository secret, for library calls.
+pub fn secret() -> cbtfs::repo::keys::Secret {
+    cbtfs::repo::keys::Secret::read_key_file(key_file()).expect("read the tests' key file")
+}
+
+/// Create a repository (encrypted with `key_file`) through the library.
+pub fn init_repo(path: &Path) -> cbtfs::repo::Repository {
+    cbtfs::repo::Repository::init(path, &cbtfs::repo::Encryption::Secret(secret()))
+        .expect("init a test repository")
+}
+
+/// Open a test repository through the library.
+pub fn open_repo(path: &Path) -> cbtfs::repo::Repository {
+    cbtfs::repo::Repository::open(path, Some(&secret())).expect("open a test repository")
+}
+
+/// The cbtfs binary as a command, with the tests' repository key in its environment.
+pub fn cbtfs_cmd() -> Command {
+    let mut c = Command::new(bin());
+    c.env("CBTFS_KEY_FILE", key_file());
+    c
+}
+
 /// Run cbtfs with `args`; returns the output (never panics on failure status).
 pub fn cbtfs(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("cbtfs binary runs")
+    cbtfs_cmd().args(args).output().expect("cbtfs binary runs")
 }
 
 /// Run and require success; returns stdout.
@@ -294,7 +337,7 @@ pub fn import_life_spaced(
     seed: u64,
     hours: u64,
 ) -> String {
-    let r = cbtfs::repo::Repository::init(repo).unwrap();
+    let r = init_repo(repo);
     let v = vdi(seed as u32);
     let img = dir.join("life.img");
     for (i, st) in steps.iter().enumerate() {
@@ -364,7 +407,7 @@ impl Mounted {
         std::fs::create_dir_all(mp).unwrap();
         let mp = std::fs::canonicalize(mp).unwrap();
         let log = mp.with_extension("log");
-        let mut child = Command::new(bin())
+        let mut child = cbtfs_cmd()
             .args(["mount", "-f", s(repo), s(&mp)])
             .args(extra)
             .stdout(Stdio::null())

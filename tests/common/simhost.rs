@@ -2,12 +2,12 @@
 //! make against it (the real binary, JSON output).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 
 use cbtfs::sim::{Sim, SimConfig};
 use serde_json::Value;
 
-use super::{BS, bin, ok, s};
+use super::{BS, ok, s};
 
 pub struct SimHost {
     pub sim: Sim,
@@ -58,7 +58,7 @@ impl SimHost {
 
     /// `cbtfs backup --json` with `extra`, which holds the selection (`--vdi`, `--vm`).
     pub fn backup(&self, extra: &[&str]) -> Output {
-        Command::new(bin())
+        super::cbtfs_cmd()
             .args(["backup", s(&self.repo()), "--host", &self.sim.url])
             .args(["--password-file", s(&self.pw), "--json"])
             .args(extra)
@@ -68,7 +68,7 @@ impl SimHost {
 
     /// A backup of the disk started in the background, its output discarded (to be killed).
     pub fn spawn_backup(&self) -> Child {
-        Command::new(bin())
+        super::cbtfs_cmd()
             .args(["backup", s(&self.repo()), "--host", &self.sim.url])
             .args(["--password-file", s(&self.pw), "--vdi", &self.vdi])
             .stdout(Stdio::null())
