@@ -131,7 +131,8 @@ drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 seq_mbps() { # file -> MB/s of a dd bs=1M read
   dd if="$1" of=/dev/null bs=1M 2>&1 | awk '/copied/ { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9.]+$/ && $(i+1) ~ /^s,?$/) secs = $i; bytes = $1 } END { printf "%.0f", bytes / secs / 1e6 }'
 }
-# Bytes a repository takes: `ls --json`'s repository totals when it has them, else du.
+# Bytes a repository takes: `ls --json`'s repository.storage_bytes (every object, as stored)
+# when it has it, else du.
 stored() {
   local s
   s=$("$F2" ls "$1" --json 2> /dev/null | python3 -c "
@@ -140,7 +141,7 @@ j = json.load(sys.stdin)
 for t in ('space', 'repository', 'totals'):
     r = j.get(t)
     if not isinstance(r, dict): continue
-    for k in ('stored_bytes', 'stored', 'bytes_stored'):
+    for k in ('storage_bytes', 'stored_bytes'):
         if isinstance(r.get(k), int): print(r[k]); sys.exit()
 " 2> /dev/null || true)
   if [ -n "$s" ]; then echo "$s"; else du -sb "$1" | cut -f1; fi
@@ -339,8 +340,8 @@ for c in 1 2 3 4; do
   out=$(timed "$F2" import "$R" --vdi $V --raw "$D/clone$c.raw" --bitmap "$D/clone$c.b64" --time 2026-01-02T00:00:00Z)
   drss=$(py "print(max($drss, ${out#* }))")
 done
-s1=$(stored "$R"); ref1=$((alloc + 4 * changed))
-say "1. dedup: template ${SIZE_MB} MiB, $(mib $alloc) MiB allocated; 4 x $(mib $changed) MiB changed; template imports ${dt[*]} s (first stores, later dedup); stored $(mib "$s1") MiB"
+s1=$(stored "$R"); ref1=$((alloc + 4 * changed)); du1=$(du -sb "$R" | cut -f1)
+say "1. dedup: template ${SIZE_MB} MiB, $(mib $alloc) MiB allocated; 4 x $(mib $changed) MiB changed; template imports ${dt[*]} s (first stores, later dedup); stored $(mib "$s1") MiB (du: $(mib "$du1") MiB)"
 row "4 clones of a template (dedup), MiB" "$(mib "$s1")" "$(mib $ref1)" "$(py "print('%.3f' % ($s1 / $ref1))")" "<= 1.10" "$(verdict "$s1 <= 1.1 * $ref1")" "$((drss / 1024))"
 rm -rf "$R" "$D"
 }
@@ -352,8 +353,8 @@ make_usr_img
 nonzero=$(cat "$UIMG.nonzero"); zref=$(cat "$UIMG.zstd1")
 R=$SHM/comp; f2init "$R"
 out=$(timed "$F2" import "$R" --vdi c0c0c0c0-0000-4000-8000-000000000001 --name usr --raw "$UIMG")
-s2=$(stored "$R")
-say "2. compression: $USR_DIR in ext4, image $(mib "$(stat -c %s "$UIMG")") MiB, non-zero blocks $(mib "$nonzero") MiB, zstd -1 of them $(mib "$zref") MiB; cbtfs stored $(mib "$s2") MiB (import ${out% *} s)"
+s2=$(stored "$R"); du2=$(du -sb "$R" | cut -f1)
+say "2. compression: $USR_DIR in ext4, image $(mib "$(stat -c %s "$UIMG")") MiB, non-zero blocks $(mib "$nonzero") MiB, zstd -1 of them $(mib "$zref") MiB; cbtfs stored $(mib "$s2") MiB (du: $(mib "$du2") MiB; import ${out% *} s)"
 row "ext4 of $USR_DIR (compression), MiB" "$(mib "$s2")" "$(mib "$zref") (zstd -1)" "$(py "print('%.3f' % ($s2 / $zref))")" "<= 1.10" "$(verdict "$s2 <= 1.1 * $zref")" "$((${out#* } / 1024))"
 rm -rf "$R"
 }
@@ -365,7 +366,7 @@ make_src
 start_host "$SRCIMG"
 cat "$SRCIMG" > /dev/null
 one_f1() { f1init "$SHM/r1"; out=$(timed "$F1" backup "$SHM/r1" "${BK[@]}"); t1+=("${out% *}"); rss1+=("${out#* }"); rm -rf "$SHM/r1"; }
-one_f2() { f2init "$SHM/r2"; out=$(timed "$F2" backup "$SHM/r2" "${BK[@]}"); t2+=("${out% *}"); rss2+=("${out#* }"); s3=$(stored "$SHM/r2"); rm -rf "$SHM/r2"; }
+one_f2() { f2init "$SHM/r2"; out=$(timed "$F2" backup "$SHM/r2" "${BK[@]}"); t2+=("${out% *}"); rss2+=("${out#* }"); s3=$(stored "$SHM/r2"); du3=$(du -sb "$SHM/r2" | cut -f1); rm -rf "$SHM/r2"; }
 t1=(); t2=(); tr=(); r21=(); r2r=(); rss1=(); rss2=(); rssr=()
 for ((r = 1; r <= ROUNDS; r++)); do
   if [ $((r % 2)) = 1 ]; then one_f1; one_f2; else one_f2; one_f1; fi
@@ -386,7 +387,7 @@ say "   per-round throughput ratios format 2 / format 1: ${r21[*]}; format 2 / r
 say "   peak RSS KiB: format 1 ${rss1[*]}; format 2 ${rss2[*]}; restic ${rssr[*]}"
 row "full backup MB/s vs format 1 (median ratio)" "$(thr "$mt2")" "$(thr "$mt1") (fmt 1)" "$m21" ">= 0.80" "$(verdict "$m21 >= 0.8")" "$(( $(median "${rss2[@]}" | cut -d. -f1) / 1024 ))"
 row "full backup MB/s vs restic (median ratio)" "$(thr "$mt2")" "$(thr "$mtr") (restic)" "$m2r" ">= 3.00" "$(verdict "$m2r >= 3")" "$(( $(median "${rssr[@]}" | cut -d. -f1) / 1024 )) (restic)"
-say "3. random data: ${SIZE_MB} MiB stored as $(mib "$s3") MiB"
+say "3. random data: ${SIZE_MB} MiB stored as $(mib "$s3") MiB (du: $(mib "$du3") MiB)"
 row "random data stored, MiB" "$(mib "$s3")" "$(mib $bytes)" "$(py "print('%.4f' % ($s3 / $bytes))")" "<= 1.02" "$(verdict "$s3 <= 1.02 * $bytes")" "-"
 }
 
