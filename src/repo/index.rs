@@ -285,6 +285,76 @@ mod tests {
         assert!(Index::parse(b, "t").is_err());
     }
 
+    /// Seeds for the `index` and `manifest` fuzz targets: run with
+    /// `CBTFS_WRITE_FUZZ_SEEDS=$PWD/fuzz cargo test --release --lib write_index_fuzz_seeds`.
+    #[test]
+    fn write_index_fuzz_seeds() {
+        let Some(dir) = std::env::var_os("CBTFS_WRITE_FUZZ_SEEDS") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir).join("seeds");
+        let idx = dir.join("index");
+        let _ = std::fs::remove_dir_all(&idx);
+        std::fs::create_dir_all(&idx).unwrap();
+        let full = sample();
+        std::fs::write(idx.join("three.idx"), &full).unwrap();
+        std::fs::write(idx.join("truncated.idx"), &full[..full.len() - 5]).unwrap();
+        let empty = encode(0, &RoaringBitmap::new(), &RoaringBitmap::new(), &[]);
+        std::fs::write(idx.join("empty.idx"), &empty).unwrap();
+        let mut many = RoaringBitmap::new();
+        many.insert_range(0..5000);
+        let ids: Vec<u8> = (0..5000 * 32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(
+            idx.join("runs.idx"),
+            encode(5000 * 65536, &many, &many, &ids),
+        )
+        .unwrap();
+        let man = dir.join("manifest");
+        let _ = std::fs::remove_dir_all(&man);
+        std::fs::create_dir_all(&man).unwrap();
+        let m = super::super::PointManifest {
+            format: super::super::POINT_FORMAT.into(),
+            version: super::super::POINT_VERSION,
+            id: "0123456789abcdef0123456789abcdef".into(),
+            generation: 1,
+            parent: None,
+            vdi: "3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b".into(),
+            disk_name: "root".into(),
+            vm_uuid: Some("4f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b".into()),
+            vm_name: Some("web01".into()),
+            set: "20261121T020000Z".into(),
+            n: 0,
+            seq: 0,
+            time: 1_700_000_000,
+            virtual_size: 10 * 65536,
+            changed_blocks: 10,
+            data_blocks: 3,
+            index: super::super::ObjRef {
+                key: "pindex/0123456789abcdef0123456789abcdef".into(),
+                len: 500,
+            },
+            source: "backup:xs1".into(),
+            snapshot: None,
+            vm_metadata: Some(super::super::ObjRef {
+                key: "meta/0123456789abcdef0123456789abcdef".into(),
+                len: 10,
+            }),
+            vdi_type: Some("user".into()),
+            vm_run: None,
+            stats: Default::default(),
+        };
+        std::fs::write(man.join("base.point"), super::super::manifest::encode(&m)).unwrap();
+        let mut inc = m.clone();
+        inc.n = 1;
+        inc.parent = Some("fedcba9876543210fedcba9876543210".into());
+        inc.generation = 2;
+        std::fs::write(
+            man.join("incremental.point"),
+            super::super::manifest::encode(&inc),
+        )
+        .unwrap();
+    }
+
     #[test]
     fn newer_version_refused() {
         let mut b = sample();

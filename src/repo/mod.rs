@@ -637,7 +637,8 @@ impl Repository {
         Repository::probe_in(&store, path)
     }
 
-    fn probe_in(store: &dyn Store, path: &Path) -> Result<RepoHeader> {
+    /// Read and check the header of the repository in `store` (`path` names it in messages).
+    pub fn probe_in(store: &dyn Store, path: &Path) -> Result<RepoHeader> {
         let loc = store.describe(REPO_FILE);
         let bytes = match store.get(REPO_FILE) {
             Ok(b) => b,
@@ -677,6 +678,17 @@ impl Repository {
         let header = Repository::probe(path)?;
         let store: Arc<dyn Store> = Arc::new(LocalStore::new(path));
         Repository::open_with(store, path, header, secret)
+    }
+
+    /// Open the repository in any store (`root` names it in messages): nothing above the
+    /// `Store` trait knows where the objects are.
+    pub fn open_store(
+        store: Arc<dyn Store>,
+        root: &Path,
+        secret: Option<&Secret>,
+    ) -> Result<Repository> {
+        let header = Repository::probe_in(store.as_ref(), root)?;
+        Repository::open_with(store, root, header, secret)
     }
 
     fn open_with(
