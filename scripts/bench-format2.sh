@@ -522,7 +522,7 @@ with open(path, 'wb') as f:
 open(path + '.runs', 'w').write('\n'.join(str(r) for r in runs) + '\n')
 EOF
 }
-bx=(); brss=(); mrss=(); btime=()
+bx=(); brss=(); mrss=(); manon=(); btime=()
 for dm in $RSS_DATA_MB; do
   B=$WORK/big-$dm.img; sparse2t "$B" "$dm" "$dm"
   start_host "$B"
@@ -538,6 +538,7 @@ with open(sys.argv[1], 'rb', buffering=0) as f:
         f.seek(int(r) << 20); f.read(1 << 20)
 EOF
   mpid=$(mount_pid "$MNT"); mrss+=("$(awk '/VmHWM/ { print $2 }' "/proc/$mpid/status")")
+  manon+=("$(awk '/RssAnon/ { a = $2 } /RssFile/ { f = $2 } END { print a "/" f }' "/proc/$mpid/status")")
   umount "$MNT"; rm -rf "$SHM/big" "$B" "$B.runs"; bx+=("$dm")
   log "  $dm MiB: backup ${btime[-1]} s, RSS ${brss[-1]} KiB; mount VmHWM ${mrss[-1]} KiB"
 done
@@ -549,7 +550,7 @@ s = (y1 - y0) / (x1 - x0) if x1 != x0 else 0
 print(round(max(y0 + s * (104857.6 - x0), max(y)) / 1024))"; }
 eb=$(extra "${brss[@]}"); em=$(extra "${mrss[@]}")
 say "7. SCALED: 2 TiB virtual disks holding ${bx[*]} MiB of data (not 5% = 100 GiB); backup over NBD ${btime[*]} s"
-say "   peak RSS KiB: backup ${brss[*]}; mount (VmHWM after reading all the data) ${mrss[*]}; extrapolated linearly to 100 GiB of data: backup $eb MiB, mount $em MiB"
+say "   peak RSS KiB: backup ${brss[*]}; mount (VmHWM after reading all the data) ${mrss[*]} (of which now anonymous/file-backed: ${manon[*]}); extrapolated linearly to 100 GiB of data: backup $eb MiB, mount $em MiB"
 row "2 TiB backup peak RSS MiB (scaled, extrapolated)" "$eb" "$(( ${brss[-1]} / 1024 )) at ${bx[-1]} MiB" "-" "<= 256" "$(verdict "$eb <= 256")" "$(( ${brss[-1]} / 1024 ))"
 row "2 TiB mount peak RSS MiB (scaled, extrapolated)" "$em" "$(( ${mrss[-1]} / 1024 )) at ${bx[-1]} MiB" "-" "<= 256" "$(verdict "$em <= 256")" "$(( ${mrss[-1]} / 1024 ))"
 [ "${#MOUNT_ROW[@]}" = 0 ] && { mount_ready; drop_chain; }
