@@ -204,7 +204,7 @@ SRCIMG=$WORK/src-$SIZE_MB.img
 
 make_usr_img() { # sets UIMG: the ext4 image of USR_DIR (made once), with its zstd -1 reference
 UIMG=$WORK/usr-$(echo "$USR_DIR" | tr / _).img
-[ -f "$UIMG.done" ] && return
+[ -f "$UIMG.done" ] && [ -f "$UIMG" ] && return
   log "  making $UIMG from $USR_DIR (once) ..."
   rm -f "$UIMG"
   kib=$(du -sk "$USR_DIR" | cut -f1)
