@@ -59,8 +59,6 @@ pub fn open_repo(path: &Path) -> cbtfs::repo::Repository {
 pub fn cbtfs_cmd() -> Command {
     let mut c = Command::new(bin());
     c.env("CBTFS_KEY_FILE", key_file());
-    // Chunk index caches go with the test process, not into the user's home.
-    c.env("CBTFS_CACHE_DIR", key_file().with_file_name("cache"));
     c
 }
 
