@@ -4,9 +4,13 @@
 //!   32-byte id key. It never leaves memory unwrapped; key slots (`keys`) hold it wrapped.
 //! * A **chunk id** is BLAKE3 keyed with the id key over the chunk's plain bytes: equal blocks get
 //!   equal ids (dedup), and ids reveal nothing about content to whoever lacks the key.
-//! * **Sealing** (`seal`/`open`) is XChaCha20-Poly1305 with a fresh random 24-byte nonce per
-//!   object: random 192-bit nonces make reuse negligible at any realistic count (2^-96 after
-//!   2^48 seals), with no counter state to lose in a crash. The caller's `aad` binds a sealed
+//! * **Sealing** (`seal`/`open`) is AES-256-GCM under a key of its own per object: a fresh
+//!   random 24-byte nonce is drawn, and the object's key is BLAKE3 keyed with (a key derived
+//!   from) the encryption key over that nonce, so no AES key ever seals two objects and random
+//!   192-bit nonces make a repeated key negligible at any realistic count (2^-96 after 2^48
+//!   seals), with no counter state to lose in a crash. AES-GCM with AES-NI runs ~5× faster than
+//!   XChaCha20-Poly1305 in software on the backup path; blobs sealed with XChaCha20-Poly1305
+//!   (envelope 0x01, the first format-2 builds) still open. The caller's `aad` binds a sealed
 //!   blob to what it claims to be (a chunk to its id, an index to its object name), so a swapped
 //!   or renamed object fails to open instead of yielding other bytes.
 //! * With `--encryption none` the master key is stored in the plain repository header; sealing
@@ -16,7 +20,8 @@
 //! Envelope of every sealed blob (first byte tells which):
 //!
 //! ```text
-//! 0x01 | nonce (24) | ciphertext | Poly1305 tag (16)      encrypted
+//! 0x02 | nonce (24) | ciphertext | GCM tag (16)           encrypted (AES-256-GCM, per-object key)
+//! 0x01 | nonce (24) | ciphertext | Poly1305 tag (16)      encrypted (XChaCha20-Poly1305; read only)
 //! 0x00 | plain | BLAKE3-keyed(id key, aad || plain)[..16]  --encryption none
 //! ```
 
@@ -32,8 +37,10 @@ pub const SEAL_OVERHEAD: usize = 41;
 
 /// Envelope kind byte of a blob sealed with `--encryption none`.
 const KIND_NONE: u8 = 0x00;
-/// Envelope kind byte of an encrypted blob.
+/// Envelope kind byte of a blob encrypted with XChaCha20-Poly1305 (still read, never written).
 const KIND_ENCRYPTED: u8 = 0x01;
+/// Envelope kind byte of a blob encrypted with AES-256-GCM under a per-object key.
+const KIND_AES: u8 = 0x02;
 /// XChaCha20 nonce length.
 const NONCE_LEN: usize = 24;
 /// Poly1305 tag length, and the length of the keyed BLAKE3 tag of the none envelope.
@@ -54,12 +61,16 @@ pub struct Keys {
     encrypted: bool,
     /// The AEAD keyed with `enc` (it wipes its own copy on drop).
     aead: XChaCha20Poly1305,
+    /// BLAKE3 `derive_key("cbtfs 2026 aes-256-gcm object keys", enc)`: keys the per-object
+    /// AES keys.
+    aes_root: [u8; 32],
 }
 
 impl Drop for Keys {
     fn drop(&mut self) {
         self.enc.zeroize();
         self.id.zeroize();
+        self.aes_root.zeroize();
     }
 }
 
@@ -125,11 +136,13 @@ impl Keys {
         enc.copy_from_slice(&bytes[..32]);
         id.copy_from_slice(&bytes[32..]);
         let aead = XChaCha20Poly1305::new(&enc.into());
+        let aes_root = blake3::derive_key("cbtfs 2026 aes-256-gcm object keys", &enc);
         Keys {
             enc,
             id,
             encrypted,
             aead,
+            aes_root,
         }
     }
     pub fn encrypted(&self) -> bool {
@@ -164,33 +177,80 @@ impl Keys {
     /// Seal into `out` (cleared first): the chunk path reuses its buffers.
     pub fn seal_into(&self, aad: &[u8], plain: &[u8], out: &mut Vec<u8>) {
         out.clear();
-        out.reserve(plain.len().saturating_add(SEAL_OVERHEAD));
+        self.seal_append(aad, plain, out);
+    }
+    /// Seal `plain` onto the end of `out` (what is there already stays). Returns the sealed
+    /// blob's length.
+    pub fn seal_append(&self, aad: &[u8], plain: &[u8], out: &mut Vec<u8>) -> usize {
+        let start = out.len();
+        let at = self.plain_at();
+        out.resize(start + plain.len() + self.overhead(), 0);
+        out[start + at..start + at + plain.len()].copy_from_slice(plain);
+        let len = self.seal_in_place(aad, &mut out[start..], plain.len());
+        out.truncate(start + len);
+        len
+    }
+    /// Where a sealed blob's plain bytes go in `seal_in_place`'s slot.
+    pub fn plain_at(&self) -> usize {
+        if self.encrypted { CT_AT } else { 1 }
+    }
+    /// Bytes sealing adds to the plain bytes in this repository's mode.
+    pub fn overhead(&self) -> usize {
+        if self.encrypted {
+            SEAL_OVERHEAD
+        } else {
+            NONE_OVERHEAD
+        }
+    }
+    /// Seal in place: `slot[plain_at()..][..plain_len]` holds the plain bytes; the envelope is
+    /// written around them. `slot` must hold `plain_len + overhead()` bytes. Returns the sealed
+    /// length, or 0 (a blob that never opens) if `slot` is too short or the AEAD refuses, which
+    /// the callers' sizes rule out. The writer seals each chunk where it lies in the pack.
+    pub fn seal_in_place(&self, aad: &[u8], slot: &mut [u8], plain_len: usize) -> usize {
+        let total = plain_len.saturating_add(self.overhead());
+        let Some(slot) = slot.get_mut(..total) else {
+            return 0;
+        };
         if !self.encrypted {
-            out.push(KIND_NONE);
-            out.extend_from_slice(plain);
-            let tag = self.none_tag(aad, plain);
-            out.extend_from_slice(&tag);
-            return;
+            let (head, rest) = slot.split_at_mut(1);
+            head[0] = KIND_NONE;
+            let (plain, tag) = rest.split_at_mut(plain_len);
+            tag.copy_from_slice(&self.none_tag(aad, plain));
+            return total;
         }
         let nonce = fresh_nonce(&self.id);
-        out.push(KIND_ENCRYPTED);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plain);
-        let nonce = XNonce::from(nonce);
-        // XChaCha20-Poly1305 refuses only messages past 2^38 bytes (256 GiB), far beyond any
-        // object this repository seals (packs are cut at 32 MiB).
-        let tag = match out.get_mut(CT_AT..) {
-            Some(body) => self.aead.encrypt_in_place_detached(&nonce, aad, body),
-            None => Err(chacha20poly1305::aead::Error),
-        };
-        match tag {
-            Ok(tag) => out.extend_from_slice(&tag),
-            Err(_) => {
-                // Unreachable for real sizes; leave a blob that can never open rather than
-                // plain bytes under an "encrypted" envelope.
-                out.clear();
+        let (head, rest) = slot.split_at_mut(CT_AT);
+        head[0] = KIND_AES;
+        head[1..].copy_from_slice(&nonce);
+        let (body, tag_out) = rest.split_at_mut(plain_len);
+        let sealed = self.aes_key(&nonce).and_then(|key| {
+            key.seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key([0u8; 12]),
+                ring::aead::Aad::from(aad),
+                body,
+            )
+            .ok()
+        });
+        match sealed {
+            Some(tag) => {
+                tag_out.copy_from_slice(tag.as_ref());
+                total
+            }
+            None => {
+                // Unreachable for real sizes; never leave plain bytes under an "encrypted"
+                // envelope.
+                slot.fill(0);
+                0
             }
         }
+    }
+    /// The AES-256-GCM key of the object sealed with `nonce`: used for that one object only,
+    /// so GCM's own nonce can stay zero.
+    fn aes_key(&self, nonce: &[u8]) -> Option<ring::aead::LessSafeKey> {
+        let mut k = *blake3::keyed_hash(&self.aes_root, nonce).as_bytes();
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &k).ok();
+        k.zeroize();
+        key.map(ring::aead::LessSafeKey::new)
     }
     /// Open a sealed blob bound to `aad`.
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
@@ -240,6 +300,30 @@ impl Keys {
                     out.clear();
                     return Err(SealError::Tag);
                 }
+                Ok(())
+            }
+            KIND_AES => {
+                if !self.encrypted {
+                    return Err(SealError::Mode);
+                }
+                if sealed.len() < SEAL_OVERHEAD {
+                    return Err(SealError::Short(sealed.len()));
+                }
+                let (nonce, body) = rest.split_at(NONCE_LEN);
+                out.extend_from_slice(body);
+                let opened = self.aes_key(nonce).is_some_and(|key| {
+                    key.open_in_place(
+                        ring::aead::Nonce::assume_unique_for_key([0u8; 12]),
+                        ring::aead::Aad::from(aad),
+                        out,
+                    )
+                    .is_ok()
+                });
+                if !opened {
+                    out.clear();
+                    return Err(SealError::Tag);
+                }
+                out.truncate(body.len() - TAG_LEN);
                 Ok(())
             }
             other => Err(SealError::Kind(other)),
@@ -364,7 +448,7 @@ mod tests {
                 let over = s.len() - n;
                 if encrypted {
                     assert_eq!(over, SEAL_OVERHEAD);
-                    assert_eq!(s[0], 0x01);
+                    assert_eq!(s[0], KIND_AES);
                 } else {
                     assert_eq!(over, 17);
                     assert!(over <= SEAL_OVERHEAD);
@@ -469,9 +553,51 @@ mod tests {
         assert_eq!(n.open(b"", b""), Err(SealError::Short(0)));
         assert_eq!(e.open(b"", &[1u8; 40]), Err(SealError::Short(40)));
         assert_eq!(n.open(b"", &[0u8; 16]), Err(SealError::Short(16)));
-        assert_eq!(e.open(b"", &[2u8; 80]), Err(SealError::Kind(2)));
+        assert_eq!(e.open(b"", &[3u8; 80]), Err(SealError::Kind(3)));
+        assert_eq!(e.open(b"", &[2u8; 40]), Err(SealError::Short(40)));
+        assert_eq!(e.open(b"", &[2u8; 41]), Err(SealError::Tag));
         assert_eq!(n.open(b"", &[0xffu8; 80]), Err(SealError::Kind(0xff)));
         assert_eq!(e.open(b"", &[1u8; 41]), Err(SealError::Tag));
+    }
+
+    /// Blobs sealed by the first format-2 builds (XChaCha20-Poly1305, envelope 0x01) still
+    /// open, and stay bound to their aad.
+    #[test]
+    fn xchacha_sealed_blobs_still_open() {
+        let k = keys(true);
+        let plain = pattern(1000);
+        let nonce = [9u8; NONCE_LEN];
+        let mut body = plain.clone();
+        let tag = k
+            .aead
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), b"chunk:7", &mut body)
+            .expect("seal");
+        let mut blob = vec![KIND_ENCRYPTED];
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&body);
+        blob.extend_from_slice(&tag);
+        assert_eq!(k.open(b"chunk:7", &blob).as_deref(), Ok(&plain[..]));
+        assert_eq!(k.open(b"chunk:8", &blob), Err(SealError::Tag));
+        blob[30] ^= 4;
+        assert_eq!(k.open(b"chunk:7", &blob), Err(SealError::Tag));
+    }
+
+    /// Sealing in place gives a blob that opens, in both modes, and a too-short slot gives
+    /// nothing rather than a partial envelope.
+    #[test]
+    fn sealing_in_place_opens_and_refuses_short_slots() {
+        for encrypted in [true, false] {
+            let k = keys(encrypted);
+            let plain = pattern(5000);
+            let mut slot = vec![0xeeu8; plain.len() + k.overhead() + 7];
+            slot[k.plain_at()..k.plain_at() + plain.len()].copy_from_slice(&plain);
+            let n = k.seal_in_place(b"x", &mut slot, plain.len());
+            assert_eq!(n, plain.len() + k.overhead());
+            assert_eq!(k.open(b"x", &slot[..n]).as_deref(), Ok(&plain[..]));
+            assert_eq!(slot[n..], [0xee; 7]);
+            let mut short = vec![0u8; plain.len() + k.overhead() - 1];
+            assert_eq!(k.seal_in_place(b"x", &mut short, plain.len()), 0);
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ use super::error::RepoError;
 
 /// A pack is finished once it holds at least this many bytes.
 pub const PACK_TARGET: usize = 32 << 20;
+/// Room reserved past `PACK_TARGET` in a pack's buffer: the last record and a typical trailer.
+const PACK_SLACK: usize = 1 << 20;
 /// zstd's fastest level: backups are bound by the source's read rate and by this CPU cost;
 /// higher levels gain little on disk images (most of whose savings are zero blocks, never
 /// stored).
@@ -149,19 +151,86 @@ fn chunk_aad(id: &ChunkId) -> [u8; 37] {
     aad
 }
 
-/// Per-thread encoder state: a zstd context and the `codec || payload` buffer, made once per
-/// thread (a zstd context is ~1 MiB of tables: making one per chunk would dominate the cost).
-struct Encoder {
+/// Encoder state: a zstd context. Made once per thread or
+/// per writer worker (a zstd context is ~1 MiB of tables: making one per chunk, or per run of
+/// chunks, would dominate the cost).
+pub struct Encoder {
     /// None if zstd could not make a context (out of memory): chunks are then stored raw.
     zstd: Option<zstd::bulk::Compressor<'static>>,
-    plain: Vec<u8>,
+}
+
+impl Default for Encoder {
+    fn default() -> Self {
+        Encoder::new()
+    }
+}
+
+impl Encoder {
+    pub fn new() -> Encoder {
+        Encoder {
+            zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL).ok(),
+        }
+    }
+
+    /// Compress (when smaller) and seal one block under `id`, appending the record to `out`.
+    /// Returns the record's length and whether zstd was kept.
+    pub fn encode_append(
+        &mut self,
+        keys: &Keys,
+        id: ChunkId,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> (usize, bool) {
+        let start = out.len();
+        out.resize(start + max_record_len(keys, plain.len()), 0);
+        let (len, compressed) = self.encode_in_place(keys, id, plain, &mut out[start..]);
+        out.truncate(start + len);
+        (len, compressed)
+    }
+
+    /// Compress (when smaller) and seal one block under `id` into the front of `slot`, which
+    /// must hold `max_record_len(keys, plain.len())` bytes. Returns the record's length (0 if
+    /// the slot is too short: a caller's bug) and whether zstd was kept.
+    pub fn encode_in_place(
+        &mut self,
+        keys: &Keys,
+        id: ChunkId,
+        plain: &[u8],
+        slot: &mut [u8],
+    ) -> (usize, bool) {
+        let at = keys.plain_at();
+        let Some(body) = slot.get_mut(at..at + 1 + plain.len()) else {
+            return (0, false);
+        };
+        // zstd may write at most `plain.len() - 1` bytes: a result that does not fit is not
+        // smaller than the block, and is not kept.
+        let compressed_len = match (self.zstd.as_mut(), plain.len().checked_sub(1)) {
+            (Some(z), Some(room)) if room > 0 => body
+                .get_mut(1..1 + room)
+                .and_then(|dst| z.compress_to_buffer(plain, dst).ok()),
+            _ => None,
+        };
+        let (codec, payload_len) = match compressed_len {
+            Some(n) if n < plain.len() => (CODEC_ZSTD, n),
+            _ => {
+                body[1..].copy_from_slice(plain);
+                (CODEC_RAW, plain.len())
+            }
+        };
+        body[0] = codec;
+        let len = keys.seal_in_place(&chunk_aad(&id), slot, 1 + payload_len);
+        (len, codec == CODEC_ZSTD)
+    }
+}
+
+/// The largest record a block of `plain_len` bytes can become: stored raw, plus the codec byte
+/// and the envelope.
+pub fn max_record_len(keys: &Keys, plain_len: usize) -> usize {
+    plain_len + 1 + keys.overhead()
 }
 
 thread_local! {
-    static ENCODER: RefCell<Encoder> = RefCell::new(Encoder {
-        zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL).ok(),
-        plain: Vec::new(),
-    });
+    static ENCODER: RefCell<Encoder> = RefCell::new(Encoder::new());
     /// The read path's zstd context, likewise made once per thread.
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         RefCell::new(zstd::bulk::Decompressor::new().ok());
@@ -175,37 +244,13 @@ pub fn encode_chunk(keys: &Keys, plain: &[u8]) -> EncodedChunk {
 /// The same with the id already computed (`keys.chunk_id(plain)`): the writer hashes first,
 /// skips chunks the repository has, and encodes only the rest.
 pub fn encode_chunk_with_id(keys: &Keys, id: ChunkId, plain: &[u8]) -> EncodedChunk {
-    let aad = chunk_aad(&id);
     ENCODER.with(|enc| {
-        let mut enc = enc.borrow_mut();
-        let Encoder { zstd, plain: buf } = &mut *enc;
-        // `buf` = codec byte, then room for the payload; zeroed once per thread at most.
-        if buf.len() < plain.len() + 1 {
-            buf.resize(plain.len() + 1, 0);
-        }
-        // zstd may write at most `plain.len() - 1` bytes: a result that does not fit is not
-        // smaller than the block, and is not kept.
-        let compressed_len = match (zstd.as_mut(), plain.len().checked_sub(1)) {
-            (Some(z), Some(room)) if room > 0 => buf
-                .get_mut(1..1 + room)
-                .and_then(|dst| z.compress_to_buffer(plain, dst).ok()),
-            _ => None,
-        };
-        let (codec, payload_len) = match compressed_len {
-            Some(n) if n < plain.len() => (CODEC_ZSTD, n),
-            _ => {
-                buf[1..1 + plain.len()].copy_from_slice(plain);
-                (CODEC_RAW, plain.len())
-            }
-        };
-        buf[0] = codec;
-        let body = &buf[..1 + payload_len];
-        let mut record = Vec::with_capacity(body.len() + super::crypto::SEAL_OVERHEAD);
-        keys.seal_into(&aad, body, &mut record);
+        let mut record = Vec::with_capacity(plain.len() + 1 + super::crypto::SEAL_OVERHEAD);
+        let (_, compressed) = enc.borrow_mut().encode_append(keys, id, plain, &mut record);
         EncodedChunk {
             id,
             record,
-            compressed: codec == CODEC_ZSTD,
+            compressed,
         }
     })
 }
@@ -278,20 +323,39 @@ pub fn decode_chunk(
 /// Builds one pack in memory.
 pub struct PackWriter {
     id: PackId,
+    /// Records in `bytes[..used]`; past it, zeroed room the writer encodes into in place
+    /// (kept initialised so a recycled buffer is zeroed once, not per pack).
     bytes: Vec<u8>,
+    used: usize,
     chunks: Vec<(ChunkId, ChunkLocation)>,
 }
 
 impl PackWriter {
     pub fn new() -> std::io::Result<PackWriter> {
+        PackWriter::with_buffer(Vec::new())
+    }
+    /// A pack filling `buffer` (a finished pack's bytes handed back for reuse): the writer
+    /// recycles its few pack buffers instead of faulting in fresh memory for each pack.
+    pub fn with_buffer(buffer: Vec<u8>) -> std::io::Result<PackWriter> {
         Ok(PackWriter {
             id: PackId::random()?,
-            bytes: Vec::new(),
+            bytes: buffer,
+            used: 0,
             chunks: Vec::new(),
         })
     }
     pub fn id(&self) -> PackId {
         self.id
+    }
+    /// `n` bytes of room after the records so far, to encode records into in place (then
+    /// `add_in_place`). What was there before is unspecified.
+    pub fn room(&mut self, n: usize) -> &mut [u8] {
+        let end = self.used.saturating_add(n);
+        if self.bytes.len() < end {
+            // A pack is cut once it reaches PACK_TARGET: at most one batch of records follows.
+            self.bytes.resize(end.max(PACK_TARGET + PACK_SLACK), 0);
+        }
+        &mut self.bytes[self.used..end]
     }
     /// Append a record; returns where it is.
     ///
@@ -299,10 +363,21 @@ impl PackWriter {
     /// If the pack would pass 4 GiB or `MAX_PACK_CHUNKS` records (a caller's bug: packs are cut
     /// at `PACK_TARGET`, 32 MiB).
     pub fn add(&mut self, id: ChunkId, record: &[u8]) -> ChunkLocation {
-        let end = self.bytes.len().saturating_add(record.len());
-        let (Ok(offset), Ok(len), Ok(_)) = (
-            u32::try_from(self.bytes.len()),
-            u32::try_from(record.len()),
+        let at = self.used;
+        self.room(record.len()).copy_from_slice(record);
+        self.add_in_place(id, at, record.len())
+    }
+    /// Append the record of `len` bytes at `bytes[at..]` (in the room, so `at >= len()`; `len()`
+    /// before `room` was called tells where the room starts), moving it down to the end of the
+    /// records so far; returns where it is. Records from one room go in ascending `at` order.
+    ///
+    /// # Panics
+    /// As `add`, or if the record lies outside the buffer (a caller's bug).
+    pub fn add_in_place(&mut self, id: ChunkId, at: usize, len: usize) -> ChunkLocation {
+        let end = self.used.saturating_add(len);
+        let (Ok(offset), Ok(len32), Ok(_)) = (
+            u32::try_from(self.used),
+            u32::try_from(len),
             u32::try_from(end),
         ) else {
             panic!("PackWriter::add: a pack cannot pass 4 GiB (cut packs at PACK_TARGET)");
@@ -311,18 +386,25 @@ impl PackWriter {
             self.chunks.len() < MAX_PACK_CHUNKS as usize,
             "PackWriter::add: a pack holds at most MAX_PACK_CHUNKS records"
         );
-        self.bytes.extend_from_slice(record);
+        assert!(
+            at >= self.used && at.saturating_add(len) <= self.bytes.len(),
+            "PackWriter::add_in_place: the record must lie in the room"
+        );
+        if at != self.used {
+            self.bytes.copy_within(at..at + len, self.used);
+        }
+        self.used = end;
         let loc = ChunkLocation {
             pack: self.id,
             offset,
-            len,
+            len: len32,
         };
         self.chunks.push((id, loc));
         loc
     }
     /// Bytes so far (records only).
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.used
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -335,8 +417,10 @@ impl PackWriter {
         let PackWriter {
             id,
             mut bytes,
+            used,
             chunks,
         } = self;
+        bytes.truncate(used);
         let mut plain = Vec::with_capacity(4 + chunks.len() * TRAILER_ENTRY_LEN);
         // `add` keeps the count within MAX_PACK_CHUNKS (< 2^32).
         plain.extend_from_slice(&(chunks.len() as u32).to_le_bytes());

@@ -14,7 +14,7 @@ use roaring::RoaringBitmap;
 
 use super::chunkindex;
 use super::crypto::ChunkId;
-use super::pack::{self, ChunkLocation, EncodedChunk, PackWriter};
+use super::pack::{self, ChunkLocation, PackWriter};
 use super::{
     META, NewPoint, ObjRef, POINT_FORMAT, POINT_VERSION, PointManifest, PointStats, RepoError,
     Repository, Result, WriteLock, random_hex,
@@ -22,18 +22,25 @@ use super::{
 use crate::{BLOCK_SIZE, blocks_for};
 
 /// Finished packs waiting for the uploader, at most.
-const UPLOAD_QUEUE: usize = 2;
+const UPLOAD_QUEUE: usize = 0;
 /// Threads hashing and encoding a run (the machine's cores, at most this many).
 const MAX_WORKERS: usize = 4;
+/// Blocks hashed and encoded per round of the workers (their slots, ≤ 4.1 MiB, are room in
+/// the open pack).
+const BATCH_BLOCKS: usize = 64;
 
 struct Uploader {
     tx: Option<mpsc::SyncSender<(String, Vec<u8>)>>,
     done: Option<std::thread::JoinHandle<std::result::Result<(), RepoError>>>,
+    /// Stored packs' buffers, handed back for the next packs.
+    spare: mpsc::Receiver<Vec<u8>>,
 }
 
 impl Uploader {
     fn new(repo: Repository) -> Uploader {
         let (tx, rx) = mpsc::sync_channel::<(String, Vec<u8>)>(UPLOAD_QUEUE);
+        // Bounded by the packs in flight: at most UPLOAD_QUEUE + 2 buffers exist.
+        let (spare_tx, spare) = mpsc::channel::<Vec<u8>>();
         let done = std::thread::Builder::new()
             .name("cbtfs-upload".into())
             .spawn(move || {
@@ -41,11 +48,21 @@ impl Uploader {
                     repo.store()
                         .put(&key, &bytes)
                         .map_err(|e| RepoError::io("write", repo.describe(&key), e))?;
+                    let _ = spare_tx.send(bytes);
                 }
                 Ok(())
             })
             .ok();
-        Uploader { tx: Some(tx), done }
+        Uploader {
+            tx: Some(tx),
+            done,
+            spare,
+        }
+    }
+
+    /// A stored pack's buffer to fill again, if one is back.
+    fn spare_buffer(&self) -> Vec<u8> {
+        self.spare.try_recv().unwrap_or_default()
     }
 
     /// Queue a pack; an earlier upload's failure surfaces here.
@@ -94,6 +111,8 @@ pub struct PointWriter<'l> {
     /// Chunks written by this writer that no chunk index object lists yet.
     pending: HashMap<ChunkId, ChunkLocation>,
     uploader: Uploader,
+    /// Hashing/encoding workers' state, one per worker thread, kept for the whole point.
+    workers: Vec<Worker>,
     /// Every object this writer put (deleted again if it is dropped without commit).
     written: Vec<String>,
     stats: PointStats,
@@ -124,6 +143,7 @@ impl<'l> PointWriter<'l> {
             pack: None,
             pending: HashMap::new(),
             uploader,
+            workers: (0..worker_count()).map(|_| Worker::default()).collect(),
             written: Vec::new(),
             stats: PointStats::default(),
             committed: false,
@@ -207,51 +227,114 @@ impl<'l> PointWriter<'l> {
                 (None, None) => &[],
             }
         };
-        // 1. Hash every block (in parallel).
         let keys = self.repo.keys().clone();
-        let ids: Vec<ChunkId> = parallel_map(&todo, |&(_, k)| keys.chunk_id(block_bytes(k)));
-        // 2. Decide, in order, which chunks are new (not in the repository, not in this point).
         let index = self.repo.chunk_index()?.clone();
-        let mut fresh: Vec<usize> = Vec::new();
-        let mut seen_here: std::collections::HashSet<ChunkId> = std::collections::HashSet::new();
-        for (i, id) in ids.iter().enumerate() {
-            self.ids.extend_from_slice(&id.0);
-            self.stored.insert(todo[i].0);
-            if self.pending.contains_key(id) || seen_here.contains(id) || index.contains(id) {
-                continue;
+        let slot = pack::max_record_len(&keys, bs);
+        for batch in todo.chunks(BATCH_BLOCKS) {
+            // One pass per block on a worker while its bytes are hot in cache: hash it, look it
+            // up (repository, then this point's earlier chunks), and encode a new one straight
+            // into its worst-case slot in the open pack's room. Then, in order, keep the first
+            // of each new id (moving its record down over unused room) and drop the rest.
+            if self.pack.is_none() {
+                self.pack = Some(
+                    PackWriter::with_buffer(self.uploader.spare_buffer())
+                        .map_err(|e| RepoError::Invalid(format!("no randomness: {e}")))?,
+                );
             }
-            seen_here.insert(*id);
-            fresh.push(i);
-        }
-        // 3. Encode the new ones (in parallel), 4. pack them in order.
-        let encoded: Vec<EncodedChunk> = parallel_map(&fresh, |&i| {
-            pack::encode_chunk_with_id(&keys, ids[i], block_bytes(todo[i].1))
-        });
-        for e in encoded {
-            self.put_chunk(e)?;
-        }
-        Ok(())
-    }
-
-    fn put_chunk(&mut self, e: EncodedChunk) -> Result<()> {
-        if self.pack.is_none() {
-            self.pack = Some(
-                PackWriter::new().map_err(|e| RepoError::Invalid(format!("no randomness: {e}")))?,
-            );
-        }
-        let Some(p) = self.pack.as_mut() else {
-            return Ok(());
-        };
-        let loc = p.add(e.id, &e.record);
-        self.pending.insert(e.id, loc);
-        self.stats.new_chunks += 1;
-        self.stats.new_raw_bytes += BLOCK_SIZE;
-        self.stats.new_stored_bytes += e.record.len() as u64;
-        if p.len() >= pack::PACK_TARGET {
-            self.finish_pack()?;
-        }
-        if self.pending.len() >= chunkindex::FLUSH_ENTRIES {
-            self.flush_index()?;
+            let Some(p) = self.pack.as_mut() else {
+                return Ok(());
+            };
+            let base = p.len();
+            let room = p.room(batch.len() * slot);
+            let per = if batch.len() < 4 {
+                batch.len()
+            } else {
+                batch.len().div_ceil(self.workers.len().max(1))
+            };
+            let pending = &self.pending;
+            let work = |w: &mut Worker, items: &[(u32, usize)], region: &mut [u8], at: usize| {
+                w.done.clear();
+                let mut used = 0;
+                for &(b32, k) in items {
+                    let plain = block_bytes(k);
+                    let id = keys.chunk_id(plain);
+                    let record = if pending.contains_key(&id) || index.contains(&id) {
+                        None
+                    } else {
+                        let (len, _) = w.encoder.encode_in_place(
+                            &keys,
+                            id,
+                            plain,
+                            region.get_mut(used..).unwrap_or_default(),
+                        );
+                        let r = (at + used, len);
+                        used += len;
+                        Some(r)
+                    };
+                    w.done.push((b32, id, record));
+                }
+            };
+            let parts: Vec<&[(u32, usize)]> = batch.chunks(per.max(1)).collect();
+            if parts.len() <= 1 {
+                if let Some(w) = self.workers.first_mut() {
+                    work(w, batch, room, base);
+                }
+            } else {
+                let mut regions: Vec<(&mut [u8], usize)> = Vec::with_capacity(parts.len());
+                let mut rest = room;
+                let mut at = base;
+                for part in &parts {
+                    let (r, tail) = rest.split_at_mut((part.len() * slot).min(rest.len()));
+                    regions.push((r, at));
+                    at += part.len() * slot;
+                    rest = tail;
+                }
+                std::thread::scope(|s| {
+                    for ((w, part), (region, at)) in
+                        self.workers.iter_mut().zip(&parts).zip(regions)
+                    {
+                        s.spawn(move || work(w, part, region, at));
+                    }
+                });
+            }
+            let used = parts.len().min(self.workers.len());
+            for k in 0..used {
+                for r in 0..self.workers[k].done.len() {
+                    let (b32, id, record) = self.workers[k].done[r];
+                    self.ids.extend_from_slice(&id.0);
+                    self.stored.insert(b32);
+                    let Some((at, len)) = record else {
+                        continue;
+                    };
+                    // A second copy of a block new in this batch: the first one is kept.
+                    if len == 0 || self.pending.contains_key(&id) {
+                        if len == 0 {
+                            return Err(RepoError::Invalid(
+                                "internal: a chunk did not fit its slot".into(),
+                            ));
+                        }
+                        continue;
+                    }
+                    let Some(p) = self.pack.as_mut() else {
+                        return Ok(());
+                    };
+                    let loc = p.add_in_place(id, at, len);
+                    self.pending.insert(id, loc);
+                    self.stats.new_chunks += 1;
+                    self.stats.new_raw_bytes += BLOCK_SIZE;
+                    self.stats.new_stored_bytes += len as u64;
+                }
+            }
+            if self
+                .pack
+                .as_ref()
+                .is_some_and(|p| p.len() >= pack::PACK_TARGET)
+            {
+                self.finish_pack()?;
+            }
+            if self.pending.len() >= chunkindex::FLUSH_ENTRIES {
+                self.flush_index()?;
+            }
         }
         Ok(())
     }
@@ -357,30 +440,19 @@ impl Drop for PointWriter<'_> {
     }
 }
 
-/// `f` over `items` on up to `MAX_WORKERS` threads, results in order. Small inputs stay on the
-/// calling thread (spawning costs more than hashing a block or two).
-fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let workers = std::thread::available_parallelism()
+/// One hashing/encoding worker's state: its zstd context and the records it encoded last.
+#[derive(Default)]
+struct Worker {
+    encoder: pack::Encoder,
+    /// Per block of its last share of a batch, in order: (block, chunk id, its new record's
+    /// place in the pack buffer and length, or None if the chunk was already stored).
+    done: Vec<(u32, ChunkId, Option<(usize, usize)>)>,
+}
+
+/// Worker threads for a run: the machine's cores, at most `MAX_WORKERS`.
+fn worker_count() -> usize {
+    std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .min(MAX_WORKERS);
-    if workers <= 1 || items.len() < 4 {
-        return items.iter().map(&f).collect();
-    }
-    let per = items.len().div_ceil(workers);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(per)
-            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
-            .collect();
-        let mut out = Vec::with_capacity(items.len());
-        for h in handles {
-            match h.join() {
-                Ok(v) => out.extend(v),
-                // A panicking worker re-raises its panic here (a bug, not input).
-                Err(p) => std::panic::resume_unwind(p),
-            }
-        }
-        out
-    })
+        .clamp(1, MAX_WORKERS)
 }
