@@ -2,10 +2,12 @@
 //! the whole repository, compressed, sealed) in packs; at commit the point index and then the
 //! manifest are put.
 //!
-//! Hashing and encoding run on several threads per run of blocks (`add_run` gets up to 64
-//! blocks at a time); dedup decisions and pack order stay sequential, so the result does not
-//! depend on thread timing. Finished packs are put by an uploader thread while the next pack
-//! fills (at most `UPLOAD_QUEUE` packs wait), so storage latency overlaps hashing.
+//! Blocks go in batches of up to `BATCH_BLOCKS`, split between worker threads that each hash,
+//! look up and encode their blocks in one pass, sealing new chunks in place in worst-case slots
+//! of the open pack's buffer (no copy per record). Dedup decisions are then taken in block
+//! order, so the result does not depend on thread timing. A finished pack is handed to an
+//! uploader thread while the next one fills; its buffer comes back for a later pack, so at
+//! most two pack buffers exist (the memory a backup needs does not grow with the disk).
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -21,7 +23,8 @@ use super::{
 };
 use crate::{BLOCK_SIZE, blocks_for};
 
-/// Finished packs waiting for the uploader, at most.
+/// Finished packs waiting for the uploader, at most (0: a finished pack waits until the
+/// previous one is stored; one fills while one is stored).
 const UPLOAD_QUEUE: usize = 0;
 /// Threads hashing and encoding a run (the machine's cores, at most this many).
 const MAX_WORKERS: usize = 4;
@@ -444,10 +447,13 @@ impl Drop for PointWriter<'_> {
 #[derive(Default)]
 struct Worker {
     encoder: pack::Encoder,
-    /// Per block of its last share of a batch, in order: (block, chunk id, its new record's
-    /// place in the pack buffer and length, or None if the chunk was already stored).
-    done: Vec<(u32, ChunkId, Option<(usize, usize)>)>,
+    /// Per block of its last share of a batch, in order.
+    done: Vec<Hashed>,
 }
+
+/// A block of a batch after its worker's pass: (block, chunk id, its new record's place in
+/// the pack buffer and length, or None if the chunk was already stored).
+type Hashed = (u32, ChunkId, Option<(usize, usize)>);
 
 /// Worker threads for a run: the machine's cores, at most `MAX_WORKERS`.
 fn worker_count() -> usize {
