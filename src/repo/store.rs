@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod s3;
+
 use lru::LruCache;
 use std::fs::TryLockError;
 
