@@ -359,8 +359,12 @@ fn every_command_works_on_an_s3_repository() {
         std::fs::create_dir(&mp).unwrap();
         s3ok(rgw, &["mount", r, s(&mp)]);
         let read = std::fs::read(mp.join("by-uuid").join(&v).join("latest.raw"));
+        // `df` of the mount: an object store has no capacity to show.
+        let st = cbtfs::fs::statvfs(&mp);
         run("umount", &[s(&mp)]);
         assert!(read.unwrap() == base, "the mount read other bytes");
+        let st = st.unwrap();
+        assert_eq!((st.blocks, st.bfree, st.bsize), (0, 0, 4096));
     }
 
     let out = s3ok(rgw, &["verify", r]);
@@ -410,6 +414,18 @@ fn every_command_works_on_an_s3_repository() {
         "{m}"
     );
     assert!(!m.contains("wrong-secret-key"), "{m}");
+    let o = cbtfs_cmd()
+        .envs(rgw.env())
+        .env("CBTFS_S3_ENDPOINT", "http://127.0.0.1:9")
+        .args(["ls", r])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let m = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        m.contains("cannot reach the S3 endpoint http://127.0.0.1:9") && m.contains(&url),
+        "{m}"
+    );
     let o = s3cbtfs(rgw, &["ls", "s3://no-such-bucket-cbtfs/x"]);
     assert!(!o.status.success());
     let m = String::from_utf8_lossy(&o.stderr);
