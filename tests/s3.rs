@@ -152,6 +152,17 @@ fn s3_store_keeps_the_store_contract() {
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{key:?}: {e}");
     }
     assert_eq!(s.describe("keys/k"), format!("s3://{bucket}/repo/keys/k"));
+    // Called from inside a tokio runtime (the NBD import runs the writer in one), on its only
+    // thread: no panic, the same answers.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        s.put("meta/in-runtime", b"from async").unwrap();
+        assert_eq!(s.get("meta/in-runtime").unwrap(), b"from async");
+        assert_eq!(keys("meta/"), ["meta/in-runtime"]);
+    });
     assert_eq!(s.remove_temporaries().unwrap(), 0);
 }
 
@@ -271,6 +282,19 @@ fn s3_lock_is_an_exclusive_lease_and_stale_ones_are_broken() {
     let slow = store_in(&bucket, config(rgw));
     let g = slow.lock("cbtfs verify").unwrap();
     drop(g);
+
+    // A holder whose lease was broken (its object deleted, another writer took it) never
+    // deletes the new holder's lease when it lets go.
+    let a = store_in(&bucket, fast.clone());
+    let first = a.lock("cbtfs backup vm2").unwrap();
+    assert_eq!(rgw.request("DELETE", &lock_key, &[]).0, 204);
+    let second = b.lock("cbtfs backup vm3").unwrap();
+    drop(first);
+    let (code, now) = rgw.request("GET", &lock_key, &[]);
+    assert_eq!(code, 200, "{now}");
+    assert!(now.contains("\"holder\":\"cbtfs backup vm3\""), "{now}");
+    drop(second);
+    assert_eq!(rgw.request("GET", &lock_key, &[]).0, 404);
 }
 
 /// Run cbtfs with the endpoint's credentials in its environment; no output ever shows the
