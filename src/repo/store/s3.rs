@@ -75,6 +75,8 @@ pub const STALE_AFTER: Duration = Duration::from_secs(120);
 /// How long `lock` waits for a holder that is just leaving, and how often it looks.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 const LOCK_POLL: Duration = Duration::from_millis(200);
+/// The most attempts one `lock` makes (polls within the wait, plus immediate retries).
+const MAX_LOCK_TRIES: u32 = 64;
 /// The most of a lock object read back (anyone with the keys may have put anything there).
 const LOCK_MAX: usize = 4096;
 /// Objects larger than this would be uploaded in parts; kept above every object cbtfs writes
@@ -983,7 +985,17 @@ impl Store for S3Store {
         let pid = std::process::id();
         let token = random_token()?;
         let deadline = Instant::now() + LOCK_WAIT;
+        // Bounds the retries without a wait (released meanwhile, broken as stale) should
+        // other processes keep taking and dropping the lock.
+        let mut tries = 0u32;
         loop {
+            tries += 1;
+            if tries > MAX_LOCK_TRIES {
+                return Err(LockError::Io(io::Error::other(format!(
+                    "the lock {} keeps changing hands; try again",
+                    self.describe(LOCK_FILE)
+                ))));
+            }
             let now = unix_now();
             let lease = Lease {
                 holder: holder.to_string(),
