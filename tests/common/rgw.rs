@@ -58,19 +58,22 @@ pub fn rgw() -> Option<&'static Rgw> {
 fn start() -> Result<Rgw, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rgw.sh");
     let dir = std::env::temp_dir().join(format!("cbtfs-rgw-{}", std::process::id()));
-    // The watchdog: start, report, wait for the test process to go, stop, clean up. Its
-    // output after the report goes nowhere (the test process may be gone by then).
+    // The watchdog: start, report, wait for the test process to go, stop, clean up (a
+    // cluster that failed to start keeps its directory, for its logs). Its output after the
+    // report goes nowhere (the test process may be gone by then).
     let watchdog = r#"
         script=$1 dir=$2 parent=$3
+        keep=0
         if out=$("$script" start "$dir" 2>&1); then
             printf '%s\nREADY\n' "$out"
         else
-            printf '%s\nFAILED\n' "$out"
+            keep=1
+            printf '%s\n(its logs are kept in %s)\nFAILED\n' "$out" "$dir"
         fi
         exec >/dev/null 2>&1 </dev/null
         while kill -0 "$parent" 2>/dev/null; do sleep 0.5; done
         "$script" stop "$dir"
-        rm -rf "$dir"
+        [ "$keep" = 1 ] || rm -rf "$dir"
     "#;
     let mut child = {
         use std::os::unix::process::CommandExt;
