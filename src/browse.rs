@@ -792,8 +792,11 @@ pub fn browse(
     say: &dyn Fn(BrowseEvent),
 ) -> Result<()> {
     // Absolute: the background process works from `/`.
-    let repo =
-        std::fs::canonicalize(repo).with_context(|| format!("repository {}", repo.display()))?;
+    let repo = if crate::repo::store::s3::is_s3_url(repo) {
+        repo.to_path_buf()
+    } else {
+        std::fs::canonicalize(repo).with_context(|| format!("repository {}", repo.display()))?
+    };
     let repository = Repository::open(&repo, opts.secret.as_ref())?;
     crate::raise_fd_limit();
     let dir = if dir.is_absolute() {

@@ -48,8 +48,7 @@ const EXIT_USAGE: u8 = 2;
 /// The environment variable naming the repository when a command's REPO is left out.
 pub const REPO_ENV: &str = "CBTFS_REPO";
 
-const REPO_HELP: &str =
-    "The repository directory (made by `cbtfs init`). May be left out when CBTFS_REPO names it";
+const REPO_HELP: &str = "The repository directory (made by `cbtfs init`), or s3://BUCKET/PREFIX for one in an S3 bucket. May be left out when CBTFS_REPO names it";
 
 const POINT_HELP: &str = "A restore point: VM/DISK/SET/POINT as `cbtfs ls` shows it, VM/DISK/latest, VM/DISK@TIME, VDI_UUID@latest or VDI_UUID@TIME (the newest point at or before TIME, UTC: 2026-01-05, 2026-01-05 02:00, 2026-01-05T02:00:00Z), or a point file's path in a cbtfs mount";
 
@@ -70,7 +69,9 @@ Environment:
   CBTFS_KEY_FILE            a key file that opens the repository (as --key-file)
   CBTFS_CACHE_DIR           where plain copies of the chunk index are cached (default $XDG_CACHE_HOME/cbtfs, else ~/.cache/cbtfs)
   CBTFS_PASSWORD            the host's password when --password-file is not given
-  CBTFS_LOG                 log detail on standard error: warn (default), info, debug";
+  CBTFS_LOG                 log detail on standard error: warn (default), info, debug
+  CBTFS_S3_ENDPOINT         the S3 endpoint of s3://BUCKET/PREFIX repositories (as --s3-endpoint)
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION   S3 credentials and region";
 
 /// The mount's `-o` options, with the defaults the mount really uses.
 fn mount_options_help() -> String {
@@ -107,6 +108,19 @@ pub struct Cli {
     /// add --new-key-file`). Also CBTFS_KEY_FILE
     #[arg(long, global = true, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// The S3 endpoint of an s3://BUCKET/PREFIX repository (https://…; http:// only for a test
+    /// endpoint on a trusted network). Also CBTFS_S3_ENDPOINT or AWS_ENDPOINT_URL; AWS itself
+    /// when none. Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else
+    /// ~/.aws/credentials (AWS_PROFILE); the region from AWS_REGION (default us-east-1)
+    #[arg(long, global = true, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// A PEM file of the private CA that signed the S3 endpoint's certificate
+    #[arg(long, global = true, value_name = "FILE")]
+    s3_ca_cert: Option<PathBuf>,
+    /// Address the bucket virtual-hosted style (https://BUCKET.ENDPOINT/KEY) instead of
+    /// path style (https://ENDPOINT/BUCKET/KEY, the default with --s3-endpoint)
+    #[arg(long, global = true)]
+    s3_virtual_hosted: bool,
 }
 
 /// Where this run's repository secret comes from (set once, before any command runs).
@@ -639,6 +653,11 @@ pub fn main() -> ExitCode {
         password_file: cli.repo_password_file.clone(),
         key_file: cli.key_file.clone(),
     });
+    crate::repo::store::s3::set_cli_options(crate::repo::store::s3::S3CliOptions {
+        endpoint: cli.s3_endpoint.clone(),
+        ca_cert: cli.s3_ca_cert.clone(),
+        virtual_hosted: cli.s3_virtual_hosted,
+    });
     // Commands that print data end quietly when their reader goes away (`cbtfs ls | head`,
     // `cbtfs export ... - | cmp`). The others keep SIGPIPE ignored: a server closing a socket
     // must surface as an error to retry, never kill the process.
@@ -768,7 +787,10 @@ fn next_positional(args: &[OsString], from: usize) -> Option<usize> {
             skip_value = false;
             continue;
         }
-        if a == "--repo-password-file" || a == "--key-file" {
+        if matches!(
+            a.as_ref(),
+            "--repo-password-file" | "--key-file" | "--s3-endpoint" | "--s3-ca-cert"
+        ) {
             skip_value = true;
             continue;
         }

@@ -1137,8 +1137,23 @@ impl CbtFs {
     /// points' virtual sizes (what this once reported, with 0 free) answers nothing: points
     /// share most of their blocks and holes are free, so it overstated the space used many
     /// times over and made every mount look full.
+    ///
+    /// A repository in object storage has no such filesystem: the figures are all zero (no
+    /// capacity known, nothing free), as network filesystems without quotas report.
     pub fn statfs(&self) -> Result<StatFs, FsError> {
-        statvfs(self.repo.root())
+        match self.repo.store().local_root() {
+            Some(root) => statvfs(root),
+            None => Ok(StatFs {
+                blocks: 0,
+                bfree: 0,
+                bavail: 0,
+                files: 0,
+                ffree: 0,
+                bsize: 4096,
+                frsize: 4096,
+                namelen: 255,
+            }),
+        }
     }
 }
 

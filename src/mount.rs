@@ -446,8 +446,11 @@ pub fn mount(
     secret: Option<&crate::repo::keys::Secret>,
     notice: &dyn Fn(&str),
 ) -> Result<()> {
-    let repo_path =
-        std::fs::canonicalize(repo).with_context(|| format!("repository {}", repo.display()))?;
+    let repo_path = if crate::repo::store::s3::is_s3_url(repo) {
+        repo.to_path_buf()
+    } else {
+        std::fs::canonicalize(repo).with_context(|| format!("repository {}", repo.display()))?
+    };
     let repository = Repository::open(&repo_path, secret)?.with_direct_reads();
     let mp = prepare_mountpoint(mountpoint, opts.nonempty, notice)?;
     crate::raise_fd_limit();

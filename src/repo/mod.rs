@@ -520,6 +520,25 @@ impl Repository {
     /// Create a repository in `path` (a new or empty directory).
     pub fn init(path: &Path, encryption: &Encryption) -> Result<Repository> {
         let loc = path.display().to_string();
+        if let Some(store) = url_store(path)? {
+            let found = store
+                .list("")
+                .map_err(|e| RepoError::io("list", store.describe(""), e))?;
+            if found.iter().any(|o| o.key == REPO_FILE) {
+                return Err(RepoError::Invalid(format!(
+                    "{loc} is already a cbtfs repository; nothing was changed"
+                )));
+            }
+            if let Some(first) = found.first() {
+                return Err(RepoError::Invalid(format!(
+                    "{loc} is not empty (it holds {} object{}, such as {}); give `cbtfs init` an empty bucket or a new prefix",
+                    found.len(),
+                    if found.len() == 1 { "" } else { "s" },
+                    store.describe(&first.key)
+                )));
+            }
+            return Repository::init_in(store, path, encryption);
+        }
         match std::fs::read_dir(path) {
             Ok(mut entries) => {
                 if path.join(REPO_FILE).exists() {
@@ -627,6 +646,9 @@ impl Repository {
     /// Read and check the header of the repository at `path` without opening it (is it
     /// encrypted? which format?).
     pub fn probe(path: &Path) -> Result<RepoHeader> {
+        if let Some(store) = url_store(path)? {
+            return Repository::probe_in(store.as_ref(), path);
+        }
         if let Some(why) = not_a_repository(path) {
             return Err(RepoError::NotARepository {
                 path: path.to_path_buf(),
@@ -675,6 +697,9 @@ impl Repository {
 
     /// Open an existing repository. An encrypted one needs `secret` (its password or key file).
     pub fn open(path: &Path, secret: Option<&Secret>) -> Result<Repository> {
+        if let Some(store) = url_store(path)? {
+            return Repository::open_store(store, path, secret);
+        }
         let header = Repository::probe(path)?;
         let store: Arc<dyn Store> = Arc::new(LocalStore::new(path));
         Repository::open_with(store, path, header, secret)
@@ -1498,6 +1523,22 @@ pub struct WriteLock {
 
 /// Why `path` is not a repository at all, or `None` when it may be one (a directory holding a
 /// `cbtfs.repo` entry, or a path that cannot be examined: the read then says why).
+/// The store of a REPO given as `s3://BUCKET/PREFIX` (checked to answer), or None for a
+/// directory.
+fn url_store(path: &Path) -> Result<Option<Arc<dyn Store>>> {
+    if !store::s3::is_s3_url(path) {
+        return Ok(None);
+    }
+    let url = path.to_string_lossy();
+    let s3 = store::s3::S3Store::open_url(&url).map_err(|e| RepoError::Io {
+        op: "open repository",
+        location: url.to_string(),
+        source: e,
+        hint: "",
+    })?;
+    Ok(Some(Arc::new(s3)))
+}
+
 fn not_a_repository(path: &Path) -> Option<String> {
     use std::os::unix::fs::FileTypeExt;
     let md = match std::fs::metadata(path) {

@@ -6,7 +6,11 @@
 //! without touching anything above it. Keys are `/`-separated (`packs/3f/3f9a…`).
 //!
 //! The writer lock is part of the trait too: a local store takes `flock` on `REPO/lock`; an
-//! object store will use a lock object.
+//! object store holds a lease on a lock object (`s3::S3Store`, `PREFIX/lock`).
+//!
+//! Stores: [`LocalStore`] (a directory, the default) and [`s3::S3Store`] (`s3://BUCKET/PREFIX`).
+//! A cache in front of a remote store (metadata, recently read pack ranges) belongs here too,
+//! as a `Store` wrapping another.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -19,6 +23,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub mod s3;
 
 use lru::LruCache;
 use std::fs::TryLockError;
