@@ -577,7 +577,7 @@ impl State {
 /// `MERGE_ALWAYS_AT` objects and the merged file, and each entry is rewritten a logarithmic
 /// number of times. The merge reads its inputs with `pread` in small batches and writes through
 /// a buffer: it maps nothing.
-const MERGE_AT: usize = 4;
+pub const MERGE_AT: usize = 4;
 const MERGE_ALWAYS_AT: usize = 16;
 
 /// Objects merged into one local file.

@@ -31,8 +31,9 @@ const MAX_WORKERS: usize = 4;
 /// and the encoded and sealed bodies (44 B each). At 2^17 that is a constant ~15 MiB map plus
 /// ~19 MiB during a flush, whatever the disk's size; at the chunk index's own split size
 /// (2^20) it was ~114 + ~140 MiB, too much for a backup of a 2 TiB disk to stay under 256 MiB.
-/// Each flush adds one index object that lookups search (issue 18: 100 GiB of new data is
-/// 13 objects until `gc` merges them).
+/// Each flush adds one index object (100 GiB of new data: 13 until `gc` merges them); lookups
+/// do not search them one by one but a local merged file (`chunkindex::MERGE_AT`), so their
+/// number does not slow dedup (issue 18).
 pub const FLUSH_PENDING: usize = 1 << 17;
 
 struct Uploader {
