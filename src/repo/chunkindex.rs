@@ -224,6 +224,13 @@ pub fn parse_cindex_body(plain: &[u8]) -> std::result::Result<CindexBody<'_>, St
     Ok(body)
 }
 
+/// The first 8 bytes of an id, big-endian: ordered as the ids are.
+fn id_prefix(id: &[u8]) -> u64 {
+    id.get(..8)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
 /// The u32 LE at `at` of `b` (0 if out of range; callers index checked lengths).
 fn u32_at(b: &[u8], at: usize) -> u32 {
     b.get(at..at + 4)
@@ -274,6 +281,16 @@ impl<'a> CindexBody<'a> {
             },
         ))
     }
+    /// Pack `n` of its pack table.
+    fn pack_id(&self, n: usize) -> Option<PackId> {
+        let p = CINDEX_HEAD_LEN.checked_add(n.checked_mul(PACK_ID_LEN)?)?;
+        let pack: [u8; 16] = self
+            .bytes
+            .get(p..p.checked_add(PACK_ID_LEN)?)?
+            .try_into()
+            .ok()?;
+        Some(PackId(pack))
+    }
     /// The smallest and largest ids (None when empty).
     pub fn range(&self) -> Option<(ChunkId, ChunkId)> {
         let last = self.entries.checked_sub(1)?;
@@ -283,7 +300,11 @@ impl<'a> CindexBody<'a> {
     }
     /// Binary search for `id`.
     pub fn find(&self, id: &ChunkId) -> Option<ChunkLocation> {
-        let (mut lo, mut hi) = (0usize, self.entries);
+        self.find_in(id, 0, self.entries)
+    }
+    /// Binary search for `id` among entries `lo..hi` (which must hold it if the body does).
+    fn find_in(&self, id: &ChunkId, lo: usize, hi: usize) -> Option<ChunkLocation> {
+        let (mut lo, mut hi) = (lo, hi.min(self.entries));
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match self.id_at(mid)?.cmp(&id.0[..]) {
@@ -343,10 +364,20 @@ fn object_hex(key: &str) -> Option<&str> {
     parse_hex16(hex).map(|_| hex)
 }
 
+/// Entries per fence post. Each object keeps the first 8 bytes of every `FENCE_EVERY`-th id
+/// in memory (0.125 B per entry: 4 MiB at 2 TiB of distinct blocks); a lookup finds the one
+/// group of entries that can hold its id there and reads only that group (2,816 bytes), with
+/// `pread` from a cache file. So lookups cost one small read per object, and leave no page of
+/// the cache files mapped into the process: the files stay in the page cache (shared,
+/// reclaimable), out of the process's resident set, where binary search over the mappings
+/// touched every page in time (70 MiB at 1.6 M chunks, 1.4 GiB at 32 M; issue 18).
+const FENCE_EVERY: usize = 64;
+
 /// Where an object's plain body lives.
 enum Backing {
-    /// A cache file: body then its hash.
-    Map(Mmap),
+    /// A cache file: body then its hash, mapped (structure checks, `for_each`), and the file
+    /// (lookups read it with `pread`).
+    Map(Mmap, fs::File),
     /// No cache directory (or it failed): the opened body itself.
     Heap(Vec<u8>),
 }
@@ -359,30 +390,114 @@ struct Object {
     packs: u32,
     entries: usize,
     range: Option<(ChunkId, ChunkId)>,
+    /// `id_prefix` of entries 0, `FENCE_EVERY`, 2 × `FENCE_EVERY`, ...
+    fences: Vec<u64>,
+    /// The pack table (16 B per pack: a few hundred per object).
+    pack_ids: Vec<PackId>,
 }
 
 impl Object {
     fn new(key: String, backing: Backing, body_len: usize) -> std::result::Result<Object, String> {
         let bytes = match &backing {
-            Backing::Map(m) => m.get(..body_len),
+            Backing::Map(m, _) => m.get(..body_len),
             Backing::Heap(v) => v.get(..body_len),
         }
         .ok_or("its body is shorter than recorded")?;
         let body = parse_cindex_body(bytes)?;
         let (packs, entries, range) = (body.packs, body.entries, body.range());
-        Ok(Object {
+        let pack_ids = (0..packs as usize)
+            .map(|n| body.pack_id(n))
+            .collect::<Option<Vec<PackId>>>()
+            .ok_or("its pack table is shorter than its pack count")?;
+        let fences = (0..entries)
+            .step_by(FENCE_EVERY)
+            .map(|i| body.id_at(i).map_or(0, id_prefix))
+            .collect();
+        let o = Object {
             key,
             backing,
             body_len,
             packs,
             entries,
             range,
-        })
+            fences,
+            pack_ids,
+        };
+        o.release_pages();
+        Ok(o)
+    }
+    /// Unmap the pages of a cache file this process touched (checking its hash and structure,
+    /// `for_each`): they stay in the page cache, out of the resident set.
+    fn release_pages(&self) {
+        if let Backing::Map(m, _) = &self.backing {
+            // SAFETY: MADV_DONTNEED on a read-only shared mapping of a file only drops the page
+            // table entries; later accesses read the same bytes from the file again (no memory
+            // is zeroed, as it would be for a private anonymous mapping). Nothing holds
+            // references into it across this call that could observe a change: the bytes do
+            // not change.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+    /// Find `id`: its group from the fences, then that group's entries (read with `pread` from
+    /// a cache file).
+    fn find(&self, id: &ChunkId) -> Option<ChunkLocation> {
+        let p = id_prefix(&id.0);
+        // Groups whose range can hold prefix p: from the last one starting below p (its tail
+        // may hold p) to the last one starting at p.
+        let first = self.fences.partition_point(|&f| f < p).saturating_sub(1);
+        let end = self.fences.partition_point(|&f| f <= p);
+        if end <= first {
+            return None;
+        }
+        let (a, b) = (
+            first.checked_mul(FENCE_EVERY)?,
+            end.checked_mul(FENCE_EVERY)?.min(self.entries),
+        );
+        let body = self.body();
+        let Backing::Map(_, file) = &self.backing else {
+            return body.find_in(id, a, b);
+        };
+        if b - a > 2 * FENCE_EVERY {
+            // Many ids sharing 8 leading bytes (never from keyed hashes): search the mapping.
+            let found = body.find_in(id, a, b);
+            self.release_pages();
+            return found;
+        }
+        let mut buf = [0u8; 2 * FENCE_EVERY * ENTRY_LEN];
+        let len = (b - a) * ENTRY_LEN;
+        let at = body.entries_at().checked_add(a.checked_mul(ENTRY_LEN)?)?;
+        let group = buf.get_mut(..len)?;
+        use std::os::unix::fs::FileExt;
+        if file.read_exact_at(group, at as u64).is_err() {
+            let found = body.find_in(id, a, b);
+            self.release_pages();
+            return found;
+        }
+        let (mut lo, mut hi) = (0usize, b - a);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let e = group.get(mid * ENTRY_LEN..(mid + 1) * ENTRY_LEN)?;
+            match e.get(..32)?.cmp(&id.0[..]) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    // The pack table from memory: touching the mapping would map not only
+                    // that page but the kernel's fault-around (64 KiB) of cached pages too.
+                    let [pn, offset, len] = [32, 36, 40].map(|o| u32_at(e, o));
+                    return Some(ChunkLocation {
+                        pack: *self.pack_ids.get(pn as usize)?,
+                        offset,
+                        len,
+                    });
+                }
+            }
+        }
+        None
     }
     /// The body, checked by `new`.
     fn body(&self) -> CindexBody<'_> {
         let bytes = match &self.backing {
-            Backing::Map(m) => m.get(..self.body_len),
+            Backing::Map(m, _) => m.get(..self.body_len),
             Backing::Heap(v) => v.get(..self.body_len),
         };
         CindexBody {
@@ -409,6 +524,67 @@ struct State {
     /// In load order: lookups search from the end (newest first).
     objects: Vec<Arc<Object>>,
     failed: BTreeMap<String, Failure>,
+    /// A local file merging some of `objects` (see `MERGE_AT`), when there is one.
+    merged: Option<Arc<Merged>>,
+    /// What a lookup searches, newest first: the objects `merged` does not hold, then it.
+    search: Vec<Arc<Object>>,
+}
+
+impl State {
+    /// Drop `merged` if an object it holds is gone, and recompute `search`.
+    fn update_search(&mut self) {
+        if let Some(m) = &self.merged
+            && !m
+                .members
+                .iter()
+                .all(|k| self.objects.iter().any(|o| o.key == *k))
+        {
+            self.merged = None;
+        }
+        let merged = self.merged.clone();
+        let held = |o: &Object| merged.as_ref().is_some_and(|m| m.members.contains(&o.key));
+        self.search = self
+            .objects
+            .iter()
+            .rev()
+            .filter(|o| !held(o))
+            .cloned()
+            .collect();
+        if let Some(m) = merged {
+            self.search.push(m.obj.clone());
+        }
+    }
+    /// Objects not in `merged`, oldest first.
+    fn unmerged(&self) -> Vec<Arc<Object>> {
+        self.objects
+            .iter()
+            .filter(|o| {
+                self.merged
+                    .as_ref()
+                    .is_none_or(|m| !m.members.contains(&o.key))
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// Lookups search every index object (ids are keyed hashes: an object's id range is the whole
+/// space), so their cost grows with the number of objects: a backup adds one per
+/// `FLUSH_PENDING` new chunks, and only `gc` merges stored objects. So a process merges the
+/// objects it has loaded into one local sorted file (unlinked at once: private to the process,
+/// gone with it) once `MERGE_AT` objects are outside it holding at least a quarter as many
+/// entries as it (or `MERGE_ALWAYS_AT` objects, whatever their size): a lookup searches at most
+/// `MERGE_ALWAYS_AT` objects and the merged file, and each entry is rewritten a logarithmic
+/// number of times. The merge reads its inputs with `pread` in small batches and writes through
+/// a buffer: it maps nothing.
+pub const MERGE_AT: usize = 4;
+const MERGE_ALWAYS_AT: usize = 16;
+
+/// Objects merged into one local file.
+struct Merged {
+    /// Keys of the objects it holds.
+    members: BTreeSet<String>,
+    obj: Arc<Object>,
 }
 
 /// Every chunk index object of a repository, mapped.
@@ -464,11 +640,15 @@ impl ChunkIndex {
     }
     pub fn lookup(&self, id: &ChunkId) -> Option<ChunkLocation> {
         let st = self.read();
-        st.objects
+        st.search
             .iter()
-            .rev()
             .filter(|o| o.may_hold(id))
-            .find_map(|o| o.body().find(id))
+            .find_map(|o| o.find(id))
+    }
+    /// How many sorted files a lookup searches at most (index objects outside the merged
+    /// file, and it).
+    pub fn searched_files(&self) -> usize {
+        self.read().search.len()
     }
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.lookup(id).is_some()
@@ -543,6 +723,7 @@ impl ChunkIndex {
                     f(&id, &loc);
                 }
             }
+            o.release_pages();
         }
     }
     /// Number of entries over all objects (duplicates counted).
@@ -610,7 +791,52 @@ impl ChunkIndex {
                 st.failed.insert(k, f);
             }
         }
+        st.update_search();
+        drop(st);
+        self.maybe_merge();
         Ok(listed)
+    }
+
+    /// Merge the loaded objects into a new local file when `MERGE_AT` says so (only with a
+    /// cache directory; a failure is logged and lookups go on without it).
+    fn maybe_merge(&self) {
+        let Some(dir) = &self.cache else { return };
+        let (inputs, members) = {
+            let st = self.read();
+            let unmerged = st.unmerged();
+            let merged_entries = st.merged.as_ref().map_or(0, |m| m.obj.entries);
+            let new_entries: usize = unmerged.iter().map(|o| o.entries).sum();
+            let due = unmerged.len() >= MERGE_ALWAYS_AT
+                || (unmerged.len() >= MERGE_AT && new_entries.saturating_mul(4) >= merged_entries);
+            if !due {
+                return;
+            }
+            let mut members: BTreeSet<String> = st
+                .merged
+                .as_ref()
+                .map(|m| m.members.clone())
+                .unwrap_or_default();
+            members.extend(unmerged.iter().map(|o| o.key.clone()));
+            // Oldest first: the merged file, then the objects in load order.
+            let mut inputs: Vec<Arc<Object>> = st.merged.iter().map(|m| m.obj.clone()).collect();
+            inputs.extend(unmerged);
+            (inputs, members)
+        };
+        match merge_objects(dir, &inputs) {
+            Ok(obj) => {
+                let mut st = self.write();
+                st.merged = Some(Arc::new(Merged {
+                    members,
+                    obj: Arc::new(obj),
+                }));
+                // An input gone meanwhile (a concurrent refresh) drops the new file again.
+                st.update_search();
+            }
+            Err(e) => tracing::warn!(
+                "cannot merge the chunk index into {} ({e}); lookups search each object",
+                dir.display()
+            ),
+        }
     }
 
     /// One object: from its cache file when that is intact, else from the store (then cached).
@@ -646,7 +872,7 @@ impl ChunkIndex {
         parse_cindex_body(&plain).map_err(damaged)?;
         let body_len = plain.len();
         let backing = match cache_file.as_ref().map(|p| write_cache_file(p, &plain)) {
-            Some(Ok(map)) => Backing::Map(map),
+            Some(Ok((map, file))) => Backing::Map(map, file),
             Some(Err(e)) => {
                 tracing::warn!(
                     "cannot write the chunk index cache file for {key} ({e}); kept in memory"
@@ -690,7 +916,7 @@ fn map_cache_file(key: &str, path: &Path) -> Option<Object> {
                     if !ok {
                         "its hash does not match its bytes".to_string()
                     } else {
-                        match Object::new(key.to_string(), Backing::Map(map), body_len) {
+                        match Object::new(key.to_string(), Backing::Map(map, f), body_len) {
                             Ok(o) => return Some(o),
                             Err(why) => why,
                         }
@@ -708,7 +934,7 @@ fn map_cache_file(key: &str, path: &Path) -> Option<Object> {
 }
 
 /// Write `body` + its hash as `path` (0600, temporary name then rename) and map it.
-fn write_cache_file(path: &Path, body: &[u8]) -> io::Result<Mmap> {
+fn write_cache_file(path: &Path, body: &[u8]) -> io::Result<(Mmap, fs::File)> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other("cache file without a directory"))?;
@@ -734,12 +960,165 @@ fn write_cache_file(path: &Path, body: &[u8]) -> io::Result<Mmap> {
         // SAFETY: as in `map_cache_file`; this file is complete and no longer written.
         let map = unsafe { Mmap::map(&f)? };
         fs::rename(&tmp, path)?;
-        Ok(map)
+        Ok((map, f))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Reads an object's entries in order, a batch at a time (`pread` from a cache file).
+struct Cursor<'a> {
+    obj: &'a Object,
+    next: usize,
+    buf: Vec<u8>,
+    /// Entry number of `buf`'s first entry, and how many it holds.
+    buf_first: usize,
+    buf_n: usize,
+}
+
+/// Entries a cursor reads at once (44 KiB).
+const CURSOR_BATCH: usize = 1024;
+
+impl<'a> Cursor<'a> {
+    fn new(obj: &'a Object) -> Cursor<'a> {
+        Cursor {
+            obj,
+            next: 0,
+            buf: Vec::new(),
+            buf_first: 0,
+            buf_n: 0,
+        }
+    }
+    /// The current entry's bytes (None at the end).
+    fn peek(&mut self) -> io::Result<Option<&[u8]>> {
+        if self.next >= self.obj.entries {
+            return Ok(None);
+        }
+        if self.next >= self.buf_first + self.buf_n || self.next < self.buf_first {
+            let n = CURSOR_BATCH.min(self.obj.entries - self.next);
+            let body = self.obj.body();
+            let at = body.entries_at() + self.next * ENTRY_LEN;
+            self.buf.resize(n * ENTRY_LEN, 0);
+            match &self.obj.backing {
+                Backing::Map(_, f) => {
+                    use std::os::unix::fs::FileExt;
+                    f.read_exact_at(&mut self.buf, at as u64)?;
+                }
+                Backing::Heap(v) => {
+                    let src = v
+                        .get(at..at + n * ENTRY_LEN)
+                        .ok_or_else(|| io::Error::other("index body shorter than its count"))?;
+                    self.buf.copy_from_slice(src);
+                }
+            }
+            self.buf_first = self.next;
+            self.buf_n = n;
+        }
+        let i = self.next - self.buf_first;
+        Ok(self.buf.get(i * ENTRY_LEN..(i + 1) * ENTRY_LEN))
+    }
+}
+
+/// Merge `inputs` (oldest first; an id in several keeps the newest's entry) into a new file in
+/// `dir`, unlinked at once, and return it as an object (trusted: built here from checked
+/// objects, so not parsed again, which would map every page).
+fn merge_objects(dir: &Path, inputs: &[Arc<Object>]) -> io::Result<Object> {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).map_err(|e| io::Error::other(e.to_string()))?;
+    let path = dir.join(format!(
+        "{CACHE_TMP_PREFIX}merged-{}",
+        u64::from_le_bytes(r)
+    ));
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(super::store::FILE_MODE)
+        .open(&path)?;
+    // Private to this process from now on (a crash before this line leaves a temporary file
+    // that `prune_cache` removes).
+    fs::remove_file(&path)?;
+    // The pack table: every input's packs, in first use.
+    let mut pack_ids: Vec<PackId> = Vec::new();
+    let mut numbers: HashMap<PackId, u32> = HashMap::new();
+    for o in inputs {
+        for p in &o.pack_ids {
+            if !numbers.contains_key(p) {
+                let n = u32::try_from(pack_ids.len())
+                    .map_err(|_| io::Error::other("more than 2^32 packs"))?;
+                numbers.insert(*p, n);
+                pack_ids.push(*p);
+            }
+        }
+    }
+    let mut w = io::BufWriter::with_capacity(1 << 20, &file);
+    let mut head = Vec::with_capacity(CINDEX_HEAD_LEN);
+    head.extend_from_slice(&CINDEX_MAGIC);
+    head.extend_from_slice(&(pack_ids.len() as u32).to_le_bytes());
+    head.extend_from_slice(&0u64.to_le_bytes());
+    w.write_all(&head)?;
+    for p in &pack_ids {
+        w.write_all(&p.0)?;
+    }
+    let mut cursors: Vec<Cursor<'_>> = inputs.iter().map(|o| Cursor::new(o)).collect();
+    let (mut count, mut fences, mut first, mut last) = (0usize, Vec::new(), None, None);
+    loop {
+        // The smallest id; among equal ones the newest input (the last).
+        let mut best: Option<(usize, [u8; ENTRY_LEN])> = None;
+        for (k, c) in cursors.iter_mut().enumerate() {
+            let Some(e) = c.peek()? else { continue };
+            let e: [u8; ENTRY_LEN] = e
+                .try_into()
+                .map_err(|_| io::Error::other("short index entry"))?;
+            if best.as_ref().is_none_or(|(_, b)| e[..32] <= b[..32]) {
+                best = Some((k, e));
+            }
+        }
+        let Some((k, mut e)) = best else { break };
+        // Skip this id in every input.
+        for c in cursors.iter_mut() {
+            if c.peek()?.is_some_and(|x| x[..32] == e[..32]) {
+                c.next += 1;
+            }
+        }
+        let pn = u32_at(&e, 32) as usize;
+        let pack = inputs
+            .get(k)
+            .and_then(|o| o.pack_ids.get(pn))
+            .and_then(|p| numbers.get(p))
+            .ok_or_else(|| io::Error::other("index entry names a pack it does not list"))?;
+        e[32..36].copy_from_slice(&pack.to_le_bytes());
+        if count % FENCE_EVERY == 0 {
+            fences.push(id_prefix(&e));
+        }
+        let id: [u8; 32] = e[..32].try_into().map_err(io::Error::other)?;
+        if first.is_none() {
+            first = Some(ChunkId(id));
+        }
+        last = Some(ChunkId(id));
+        w.write_all(&e)?;
+        count += 1;
+    }
+    w.flush()?;
+    drop(w);
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&(count as u64).to_le_bytes(), 12)?;
+    let body_len = CINDEX_HEAD_LEN + pack_ids.len() * PACK_ID_LEN + count * ENTRY_LEN;
+    // SAFETY: the file is unlinked and only this function wrote it (it is complete now); no
+    // other process can open it, so the mapped bytes do not change.
+    let map = unsafe { Mmap::map(&file)? };
+    Ok(Object {
+        key: "(merged)".into(),
+        backing: Backing::Map(map, file),
+        body_len,
+        packs: pack_ids.len() as u32,
+        entries: count,
+        range: first.zip(last),
+        fences,
+        pack_ids,
+    })
 }
 
 /// Remove cache files of objects no longer listed, and old temporary files.
@@ -931,6 +1310,182 @@ mod tests {
             let descents = seen.windows(2).filter(|w| w[0].0 > w[1].0).count();
             assert!(descents <= 2, "{descents}");
         }
+    }
+
+    /// Fenced lookups (issue 18): ids sharing their first 8 bytes across group boundaries, in
+    /// runs longer than the two groups a `pread` covers, and absent ids between and around
+    /// them, from a cache file and from memory; lookups leave the index's pages unmapped.
+    #[test]
+    fn fenced_lookups_find_every_id_and_only_those() {
+        for cached in [true, false] {
+            let r = repo(true, cached);
+            let p = packs(3);
+            let mut e = entries(1000, 0..=0xff, &p);
+            // Runs of one 8-byte prefix: 70 (straddles a fence), 3 and 200 (> 2 groups).
+            for (start, n, prefix) in [
+                (100usize, 70usize, 0x40u8),
+                (400, 3, 0x41),
+                (500, 200, 0x42),
+            ] {
+                for (k, x) in e[start..start + n].iter_mut().enumerate() {
+                    x.0.0[..8].copy_from_slice(&[prefix; 8]);
+                    x.0.0[8..12].copy_from_slice(&(k as u32 * 2 + 1).to_be_bytes());
+                }
+            }
+            r.write(e.clone());
+            let idx = r.load();
+            assert!(idx.problems().is_empty());
+            for (id, loc) in &e {
+                assert_eq!(idx.lookup(id), Some(*loc), "{id}");
+            }
+            // Absent: the same prefixes with even numbers (between present ids), below and
+            // above every present one, and random ids.
+            for prefix in [0x40u8, 0x41, 0x42, 0x00, 0xff] {
+                for k in [0u32, 2, 4, 68, 140, 398, 400, 100_000] {
+                    let mut id = [0u8; 32];
+                    id[..8].copy_from_slice(&[prefix; 8]);
+                    id[8..12].copy_from_slice(&k.to_be_bytes());
+                    assert_eq!(idx.lookup(&ChunkId(id)), None, "{prefix} {k}");
+                }
+            }
+            for _ in 0..2000 {
+                let id = random_id(0..=0xff);
+                assert_eq!(idx.lookup(&id), None);
+            }
+            let o = idx.read().objects[0].clone();
+            assert_eq!(o.fences.len(), 1000usize.div_ceil(FENCE_EVERY));
+            if let Backing::Map(m, _) = &o.backing {
+                assert_eq!(resident_pages(m), 0, "lookups leave no page mapped");
+                let mut n = 0;
+                idx.for_each(&mut |_, _| n += 1);
+                assert_eq!(n, 1000);
+                assert_eq!(resident_pages(m), 0, "for_each releases its pages");
+            } else {
+                assert!(!cached);
+            }
+        }
+    }
+
+    /// The local merged file (issue 18): a lookup searches at most a few files however many
+    /// objects there are, finds every id, prefers the newest object, and forgets objects that
+    /// are gone; the merge leaves no file behind and maps no page.
+    #[test]
+    fn loaded_objects_are_merged_for_lookups() {
+        let r = repo(true, true);
+        let p = packs(5);
+        let mut all = Vec::new();
+        for k in 0..10 {
+            let e = entries(50, 0..=0xff, &p[k % 3..]);
+            r.write(e.clone());
+            all.extend(e);
+        }
+        // One id in two objects, at two (equally valid) locations.
+        let dup = all[3].0;
+        let other = ChunkLocation {
+            pack: p[4],
+            offset: 77,
+            len: 7,
+        };
+        r.write(vec![(dup, other)]);
+        let idx = r.load();
+        assert_eq!(idx.searched_files(), 1, "11 objects, one merged file");
+        assert_eq!(idx.len(), 501);
+        for (id, loc) in &all[4..] {
+            assert_eq!(idx.lookup(id), Some(*loc), "{id}");
+        }
+        assert!([Some(all[3].1), Some(other)].contains(&idx.lookup(&dup)));
+        for _ in 0..500 {
+            assert_eq!(idx.lookup(&random_id(0..=0xff)), None);
+        }
+        let dir = r.cache.0.clone().unwrap();
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            11,
+            "one cache file per object"
+        );
+        let merged = idx.read().merged.clone().unwrap();
+        if let Backing::Map(m, _) = &merged.obj.backing {
+            assert_eq!(resident_pages(m), 0);
+        }
+        // New objects: searched on their own, newest first, until enough for a merge.
+        let newer = ChunkLocation {
+            pack: p[0],
+            offset: 5,
+            len: 9,
+        };
+        r.write(vec![(all[10].0, newer)]);
+        let more: Vec<_> = (0..2).map(|_| entries(60, 0..=0xff, &p)).collect();
+        for e in &more {
+            r.write(e.clone());
+        }
+        assert!(idx.refresh().unwrap());
+        assert_eq!(idx.searched_files(), 4);
+        assert_eq!(
+            idx.lookup(&all[10].0),
+            Some(newer),
+            "the newest object wins"
+        );
+        for (id, loc) in more.iter().flatten() {
+            assert_eq!(idx.lookup(id), Some(*loc));
+        }
+        let last = entries(60, 0..=0xff, &p);
+        r.write(last.clone());
+        assert!(idx.refresh().unwrap());
+        assert_eq!(
+            idx.searched_files(),
+            1,
+            "4 new objects, 181 entries (over a quarter of 501): merged again"
+        );
+        assert_eq!(idx.lookup(&all[10].0), Some(newer), "still the newest");
+        assert_eq!(idx.lookup(&last[0].0), Some(last[0].1));
+        // An object deleted (gc): the merged file holding it goes; its ids are not found.
+        let gone = r.objects_key(0);
+        let sealed = r.store.get(&gone).unwrap();
+        let hex = object_hex(&gone).unwrap();
+        let plain = r.keys.open(&cindex_aad(hex), &sealed).unwrap();
+        let body = parse_cindex_body(&plain).unwrap();
+        let gone_ids: Vec<ChunkId> = (0..body.len()).map(|i| body.entry(i).unwrap().0).collect();
+        r.store.delete(&gone).unwrap();
+        assert!(idx.refresh().unwrap());
+        assert_eq!(idx.searched_files(), 1, "the rest merged anew");
+        let mut still = BTreeSet::new();
+        idx.for_each(&mut |id, _| {
+            still.insert(*id);
+        });
+        for id in &gone_ids {
+            if !still.contains(id) {
+                assert_eq!(idx.lookup(id), None, "{id}");
+            }
+        }
+        for (id, loc) in &last {
+            assert_eq!(idx.lookup(id), Some(*loc));
+        }
+        // Without a cache directory nothing is merged.
+        let mem = ChunkIndex::load(r.store.clone(), r.keys.clone(), &CacheDir(None)).unwrap();
+        assert_eq!(mem.searched_files(), mem.objects().len());
+        assert_eq!(mem.lookup(&last[0].0), Some(last[0].1));
+    }
+
+    /// Pages of `m` mapped into this process (mincore counts page-cache residency, so this
+    /// reads /proc/self/smaps' Rss line of the mapping instead).
+    fn resident_pages(m: &Mmap) -> usize {
+        let start = m.as_ptr() as usize;
+        let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((lo, _)) = range.split_once('-')
+                && let Ok(lo) = usize::from_str_radix(lo, 16)
+            {
+                inside = lo == start;
+                continue;
+            }
+            if inside && let Some(kb) = line.strip_prefix("Rss:") {
+                let kb: usize = kb.trim().trim_end_matches("kB").trim().parse().unwrap();
+                return kb / 4;
+            }
+        }
+        panic!("mapping at {start:#x} not in /proc/self/smaps");
     }
 
     #[test]

@@ -1112,12 +1112,13 @@ impl Repository {
         data: &roaring::RoaringBitmap,
         ids: &[u8],
     ) -> Result<ObjRef> {
+        self.put_index_body(&index::encode(virtual_size, changed, data, ids))
+    }
+
+    /// Store an encoded point index body (`index::encode`) as a new point index object.
+    pub(crate) fn put_index_body(&self, body: &[u8]) -> Result<ObjRef> {
         let key = format!("{PINDEX}{}", random_hex(16)?);
-        let len = self.put_sealed(
-            &key,
-            "pindex",
-            &index::encode(virtual_size, changed, data, ids),
-        )?;
+        let len = self.put_sealed(&key, "pindex", body)?;
         Ok(ObjRef { key, len })
     }
 
@@ -1957,5 +1958,52 @@ mod tests {
         assert!(LocalStore::new(&root).list(PINDEX).unwrap().len() == 1);
         drop(lock);
         assert!(read_point(&testing::open(&root), VDI_A, 0, 0) == a);
+    }
+
+    /// Issue 18: a writer's pending chunk map never holds `flush_every` entries or more, its
+    /// table stays the size that bound needs, and every flush is an index object a fresh
+    /// reader finds; blocks repeated across flushes are stored once.
+    #[test]
+    fn writer_memory_is_bounded_by_its_flush_size() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let repo = testing::init(&root);
+        let blocks = 350usize;
+        let mut img = vec![0u8; blocks * BS];
+        for (b, chunk) in img.chunks_mut(BS).enumerate() {
+            // Distinct blocks, except that the last 50 repeat the first 50.
+            chunk[..8].copy_from_slice(&((b % 300) as u64 + 1).to_be_bytes());
+        }
+        let lock = repo.lock("test").unwrap();
+        let mut w = repo
+            .begin_point(&lock, spec(VDI_A, 1_000, blocks as u64, true))
+            .unwrap();
+        w.set_flush_every(100);
+        // Capacity a HashMap needs for 100 entries (it never needs to grow past that).
+        let bound = HashMap::<crypto::ChunkId, pack::ChunkLocation>::with_capacity(100).capacity();
+        let mut most = 0;
+        for (k, run) in img.chunks(7 * BS).enumerate() {
+            w.add_run((k * 7) as u64, run, true).unwrap();
+            let (len, cap) = w.pending_size();
+            assert!(len < 100, "{len} pending after run {k}");
+            assert!(cap <= bound, "capacity {cap} > {bound} after run {k}");
+            most = most.max(len);
+        }
+        assert!(most > 50, "{most}: the test never filled the map");
+        let objects = LocalStore::new(&root)
+            .list(chunkindex::CINDEX_PREFIX)
+            .unwrap();
+        assert_eq!(objects.len(), 3, "300 distinct chunks in flushes of 100");
+        let m = w.commit().unwrap();
+        drop(lock);
+        assert_eq!(m.stats.new_chunks, 300);
+        let fresh = testing::open(&root);
+        assert_eq!(fresh.chunk_index().unwrap().len(), 300);
+        assert!(read_point(&fresh, VDI_A, 0, 0) == img);
+        // The real bound's map: at most ~16 MiB (2^18 buckets of a 56-byte entry + 1 control
+        // byte), whatever the disk's size.
+        let full =
+            HashMap::<crypto::ChunkId, pack::ChunkLocation>::with_capacity(writer::FLUSH_PENDING);
+        assert!(full.capacity() * 57 <= 16 << 20, "{}", full.capacity());
     }
 }

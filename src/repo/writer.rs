@@ -31,6 +31,16 @@ const MAX_WORKERS: usize = 4;
 /// Blocks hashed and encoded per round of the workers (their slots, ≤ 4.1 MiB, are room in
 /// the open pack).
 const BATCH_BLOCKS: usize = 64;
+/// New chunks held in `pending` before they are written out as a chunk index object. Memory,
+/// not lookups, sets it: the map costs ~114 B per entry (56-byte entries in a table kept at
+/// most 7/8 full, rounded up to a power of two), and a flush briefly adds a sorted copy (56 B)
+/// and the encoded and sealed bodies (44 B each). At 2^17 that is a constant ~15 MiB map plus
+/// ~19 MiB during a flush, whatever the disk's size; at the chunk index's own split size
+/// (2^20) it was ~114 + ~140 MiB, too much for a backup of a 2 TiB disk to stay under 256 MiB.
+/// Each flush adds one index object (100 GiB of new data: 13 until `gc` merges them); lookups
+/// do not search them one by one but a local merged file (`chunkindex::MERGE_AT`), so their
+/// number does not slow dedup (issue 18).
+pub const FLUSH_PENDING: usize = 1 << 17;
 
 struct Uploader {
     tx: Option<mpsc::SyncSender<(String, Vec<u8>)>>,
@@ -111,8 +121,11 @@ pub struct PointWriter<'l> {
     ids: Vec<u8>,
     next_block: u64,
     pack: Option<PackWriter>,
-    /// Chunks written by this writer that no chunk index object lists yet.
+    /// Chunks written by this writer that no chunk index object lists yet (fewer than
+    /// `flush_every`: flushed when it reaches that many).
     pending: HashMap<ChunkId, ChunkLocation>,
+    /// `FLUSH_PENDING`; smaller in tests.
+    flush_every: usize,
     uploader: Uploader,
     /// Hashing/encoding workers' state, one per worker thread, kept for the whole point.
     workers: Vec<Worker>,
@@ -145,6 +158,7 @@ impl<'l> PointWriter<'l> {
             next_block: 0,
             pack: None,
             pending: HashMap::new(),
+            flush_every: FLUSH_PENDING,
             uploader,
             workers: (0..worker_count()).map(|_| Worker::default()).collect(),
             written: Vec::new(),
@@ -335,7 +349,7 @@ impl<'l> PointWriter<'l> {
             {
                 self.finish_pack()?;
             }
-            if self.pending.len() >= chunkindex::FLUSH_ENTRIES {
+            if self.pending.len() >= self.flush_every {
                 self.flush_index()?;
             }
         }
@@ -363,6 +377,7 @@ impl<'l> PointWriter<'l> {
         // The packs must be stored before an index names them.
         self.uploader.finish()?;
         if !self.pending.is_empty() {
+            // `drain` keeps the map's table (bounded by `flush_every`) for the next entries.
             let entries: Vec<(ChunkId, ChunkLocation)> = self.pending.drain().collect();
             let keys =
                 chunkindex::write_index(self.repo.store().as_ref(), self.repo.keys(), entries)?;
@@ -377,12 +392,15 @@ impl<'l> PointWriter<'l> {
     pub fn commit(mut self) -> Result<PointManifest> {
         self.flush_index()?;
         self.uploader.finish()?;
-        let index = self.repo.put_index(
-            self.spec.virtual_size,
-            &self.changed,
-            &self.stored,
-            &self.ids,
-        )?;
+        // Free what is no longer needed before the point index is encoded and sealed: the
+        // pending map's table, and the ids themselves once encoded (encoded), so
+        // at most two copies of the ids (32 B per stored block) exist at once.
+        self.pending = HashMap::new();
+        let ids = std::mem::take(&mut self.ids);
+        let body = super::index::encode(self.spec.virtual_size, &self.changed, &self.stored, &ids);
+        drop(ids);
+        let index = self.repo.put_index_body(&body)?;
+        drop(body);
         self.written.push(index.key.clone());
         let vm_metadata = match &self.spec.vm_metadata {
             Some(bytes) => {
@@ -440,6 +458,18 @@ impl Drop for PointWriter<'_> {
         {
             let _ = ci.refresh();
         }
+    }
+}
+
+#[cfg(test)]
+impl PointWriter<'_> {
+    /// Flush after `n` pending chunks instead of `FLUSH_PENDING` (tests of the bound).
+    pub(crate) fn set_flush_every(&mut self, n: usize) {
+        self.flush_every = n.max(1);
+    }
+    /// Entries waiting for a flush, and the pending map's capacity.
+    pub(crate) fn pending_size(&self) -> (usize, usize) {
+        (self.pending.len(), self.pending.capacity())
     }
 }
 
