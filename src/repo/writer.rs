@@ -121,8 +121,8 @@ pub struct PointWriter<'l> {
     ids: Vec<u8>,
     next_block: u64,
     pack: Option<PackWriter>,
-    /// Chunks written by this writer that no chunk index object lists yet (fewer than
-    /// `flush_every`: flushed when it reaches that many).
+    /// Chunks written by this writer that no chunk index object lists yet (flushed after the
+    /// batch that brings it to `flush_every`: never more than that plus one batch).
     pending: HashMap<ChunkId, ChunkLocation>,
     /// `FLUSH_PENDING`; smaller in tests.
     flush_every: usize,
