@@ -342,6 +342,7 @@ mod tests {
             vdi_type: Some("user".into()),
             vm_run: None,
             stats: Default::default(),
+            copied_from: None,
         };
         std::fs::write(man.join("base.point"), super::super::manifest::encode(&m)).unwrap();
         let mut inc = m.clone();
