@@ -77,6 +77,19 @@ pub struct CopiedPoint {
     pub new_stored_bytes: u64,
 }
 
+/// What a copy reports while it runs.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Blocks of the point `path` read and written so far, of `total`.
+    Blocks {
+        path: &'a str,
+        done: u64,
+        total: u64,
+    },
+    /// A point committed in the destination (in a dry run: planned).
+    Copied(&'a CopiedPoint),
+}
+
 /// A selected point that was not copied, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Skipped {
@@ -137,13 +150,13 @@ struct DstSet {
     last: PointManifest,
 }
 
-/// Copy the points `req` selects from `src` into `dst`. `on_point` hears each point as soon as
-/// it is committed (or, in a dry run, planned).
+/// Copy the points `req` selects from `src` into `dst`. `on_event` hears the blocks copied and
+/// each point as soon as it is committed (or, in a dry run, planned).
 pub fn copy(
     src: &Repository,
     dst: &Repository,
     req: &CopyRequest,
-    mut on_point: impl FnMut(&CopiedPoint),
+    mut on_event: impl FnMut(Event<'_>),
 ) -> Result<CopyReport, CopyFailure> {
     let started = Instant::now();
     let s_err = |source: RepoError| CopyFailure::Source {
@@ -234,7 +247,7 @@ pub fn copy(
                 &mut held,
                 &mut newest_dst_set,
                 &mut report,
-                &mut on_point,
+                &mut on_event,
             )?;
         }
     }
@@ -287,7 +300,7 @@ fn copy_set(
     held: &mut HashMap<String, DstSet>,
     newest_dst_set: &mut Option<String>,
     report: &mut CopyReport,
-    on_point: &mut impl FnMut(&CopiedPoint),
+    on_event: &mut impl FnMut(Event<'_>),
 ) -> Result<(), CopyFailure> {
     let s_err = |source: RepoError| CopyFailure::Source {
         repo: src.root().display().to_string(),
@@ -357,7 +370,7 @@ fn copy_set(
                 done.dst_set = done_name(p);
             }
             report.blocks_read += done.blocks_read;
-            on_point(&done);
+            on_event(Event::Copied(&done));
             report.copied.push(done);
             // Later points of the set follow this one.
             let h = held.entry(set.id.clone()).or_insert_with(|| DstSet {
@@ -407,7 +420,14 @@ fn copy_set(
             )),
             Err(e) => Err(e.to_string()),
         };
-        match copy_blocks(&mut writer, &mut source, &take, true, |_, _| {}) {
+        let progress = |done, total| {
+            on_event(Event::Blocks {
+                path: &path,
+                done,
+                total,
+            })
+        };
+        match copy_blocks(&mut writer, &mut source, &take, true, progress) {
             Ok(()) => {}
             Err(CopyError::Read { blocks, source }) => {
                 return Err(CopyFailure::Read {
@@ -425,7 +445,7 @@ fn copy_set(
         report.blocks_read += done.blocks_read;
         report.new_chunks += done.new_chunks;
         report.new_stored_bytes += done.new_stored_bytes;
-        on_point(&done);
+        on_event(Event::Copied(&done));
         report.copied.push(done);
         let h = held.entry(set.id.clone()).or_insert_with(|| DstSet {
             name: m.set.clone(),
@@ -509,4 +529,170 @@ fn blocks_to_take(
     }
     take.remove_range(blocks..);
     Ok(take)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::testing;
+
+    const VDI: &str = "00000000-0000-4000-8000-0000000000c1";
+    const BS: usize = BLOCK_SIZE as usize;
+    const T0: i64 = 1_767_232_800;
+
+    fn spec(time: i64, size: u64, new_set: bool) -> NewPoint {
+        NewPoint {
+            vdi: VDI.into(),
+            disk_name: "xvda".into(),
+            vm_uuid: None,
+            vm_name: Some("web".into()),
+            time,
+            virtual_size: size,
+            source: "test".into(),
+            new_set,
+            snapshot: Some("00000000-0000-4000-8000-0000000000d1".into()),
+            vm_metadata: Some(format!("metadata at {time}").into_bytes()),
+            vdi_type: Some("user".into()),
+            vm_run: None,
+        }
+    }
+
+    /// Write a point whose blocks `blocks` hold `fill(block)` (the disk's last block short).
+    fn write(repo: &Repository, s: NewPoint, blocks: &[u64], fill: impl Fn(u64) -> u8) {
+        let size = s.virtual_size;
+        let lock = repo.lock("test").unwrap();
+        let mut w = repo.begin_point(&lock, s).unwrap();
+        for &b in blocks {
+            let len = (size - b * BLOCK_SIZE).min(BLOCK_SIZE) as usize;
+            w.add_block(b, &vec![fill(b); len]).unwrap();
+        }
+        w.commit().unwrap();
+    }
+
+    /// Every point of the disk: (time, bytes).
+    fn all_points(repo: &Repository) -> Vec<(i64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for set in repo.disk(VDI).unwrap().sets {
+            for p in &set.points {
+                let r = PointReader::open(repo, &set, p.seq).unwrap();
+                let mut buf = vec![0u8; r.size() as usize];
+                assert_eq!(r.read_at(&mut buf, 0).unwrap(), buf.len());
+                out.push((p.time, buf));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_disk_that_shrank_and_grew_between_copies_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = testing::init(&dir.path().join("src"));
+        let dst = testing::init(&dir.path().join("dst"));
+        // A base of 10 blocks of data.
+        write(
+            &src,
+            spec(T0, 10 * BLOCK_SIZE, true),
+            &(0..10).collect::<Vec<_>>(),
+            |b| b as u8 + 1,
+        );
+        let r = copy(&src, &dst, &CopyRequest::default(), |_: Event<'_>| {}).unwrap();
+        assert_eq!(r.points_copied, 1);
+        // Shrunk to 5 blocks and 1000 bytes (its partial last block stored), then grown back
+        // to 10 blocks with only block 8 written: blocks 6, 7 and 9 read as zeros now.
+        let small = 5 * BLOCK_SIZE + 1000;
+        write(&src, spec(T0 + 10, small, false), &[1, 5], |_| 0x77);
+        write(&src, spec(T0 + 20, 10 * BLOCK_SIZE, false), &[8], |_| 0x88);
+        // Copy only the newest: it follows the copied base directly.
+        let req = CopyRequest {
+            since: Some(T0 + 20),
+            ..CopyRequest::default()
+        };
+        let r = copy(&src, &dst, &req, |_: Event<'_>| {}).unwrap();
+        assert_eq!(r.points_copied, 1);
+        // Blocks 1 and 5 (the middle point) and 8, and the tail cut by the shrink: 5 to 9.
+        assert_eq!(r.blocks_read, 6, "{r:?}");
+        let want = all_points(&src);
+        let got = all_points(&dst);
+        assert_eq!(got.len(), 2);
+        assert!(got[0] == want[0] && got[1] == want[2]);
+        let last = &got[1].1;
+        assert_eq!(last.len(), 10 * BS);
+        assert!(last[6 * BS..8 * BS].iter().all(|&x| x == 0));
+        assert!(last[5 * BS..5 * BS + 1000].iter().all(|&x| x == 0x77));
+        assert!(last[5 * BS + 1000..6 * BS].iter().all(|&x| x == 0));
+        // The copy's manifest keeps the source's fields and says where it came from.
+        let s = src.disk(VDI).unwrap().sets[0].points[2].clone();
+        let d = dst.disk(VDI).unwrap().sets[0].points[1].clone();
+        assert_eq!(
+            d.copied_from,
+            Some(CopiedFrom {
+                repo: src.header.id.clone(),
+                point: s.id.clone(),
+                set: s.set.clone(),
+                n: 2
+            })
+        );
+        assert_eq!(
+            dst.read_vm_metadata(&d).unwrap(),
+            src.read_vm_metadata(&s).unwrap()
+        );
+        assert_eq!(
+            (&d.snapshot, &d.vdi_type, &d.vm_name),
+            (&s.snapshot, &s.vdi_type, &s.vm_name)
+        );
+        // A run without --since cannot put the middle point before the copied newer one.
+        let r = copy(&src, &dst, &CopyRequest::default(), |_: Event<'_>| {}).unwrap();
+        assert_eq!(r.points_copied, 0);
+        assert_eq!(r.already_there, 2);
+        assert_eq!(r.skipped.len(), 1, "{r:?}");
+    }
+
+    #[test]
+    fn a_repository_is_not_copied_into_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = testing::init(&dir.path().join("src"));
+        let same = testing::open(&dir.path().join("src"));
+        let e = copy(&src, &same, &CopyRequest::default(), |_: Event<'_>| {}).unwrap_err();
+        assert!(e.to_string().contains("are the same repository"), "{e}");
+    }
+
+    #[test]
+    fn a_copy_origin_is_checked_when_read() {
+        let origin = CopiedFrom {
+            repo: "00112233445566778899aabbccddeeff".into(),
+            point: "ffeeddccbbaa99887766554433221100".into(),
+            set: "20261120T020000Z".into(),
+            n: 3,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let src = testing::init(&dir.path().join("src"));
+        write(&src, spec(T0, 2 * BLOCK_SIZE, true), &[0], |_| 1);
+        let mut m = src.disk(VDI).unwrap().sets[0].points[0].clone();
+        // An old manifest (no field) reads as no origin; a good one round-trips.
+        let plain = crate::repo::manifest::encode(&m);
+        assert!(!String::from_utf8_lossy(&plain).contains("copied_from"));
+        m.copied_from = Some(origin.clone());
+        let back =
+            crate::repo::decode_point_manifest(&crate::repo::manifest::encode(&m), "m").unwrap();
+        assert_eq!(back.copied_from, Some(origin.clone()));
+        for bad in [
+            CopiedFrom {
+                set: "../x".into(),
+                ..origin.clone()
+            },
+            CopiedFrom {
+                point: "zz".into(),
+                ..origin.clone()
+            },
+            CopiedFrom {
+                repo: String::new(),
+                ..origin.clone()
+            },
+        ] {
+            m.copied_from = Some(bad);
+            let e = crate::repo::decode_point_manifest(&crate::repo::manifest::encode(&m), "m")
+                .unwrap_err();
+            assert!(e.to_string().contains("copy origin"), "{e}");
+        }
+    }
 }

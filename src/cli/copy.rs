@@ -11,7 +11,7 @@ use serde_json::json;
 use super::secret::{self, SecretSources, TO_NAMES};
 use super::text::{count, plural};
 use super::{Done, human, open};
-use crate::copy::{CopiedPoint, CopyRequest};
+use crate::copy::{CopiedPoint, CopyRequest, Event};
 use crate::repo::Repository;
 
 /// The destination's secret: from its own flags and variables only (never the source's), or a
@@ -83,12 +83,44 @@ pub(super) fn run(
         since,
         dry_run,
     };
-    let r = crate::copy::copy(&source, &destination, &req, |p| {
-        if !dry_run {
-            done.add(json!({ "point": p.path, "label": p.label, "dst_set": p.dst_set }));
+    // Progress on a terminal: one line per point being copied, rewritten in place.
+    let tty = !json && std::io::stderr().is_terminal();
+    let mut shown: Option<(String, std::time::Instant, std::time::Instant)> = None;
+    let r = crate::copy::copy(&source, &destination, &req, |e| match e {
+        Event::Blocks { path, done, total } if tty => {
+            let now = std::time::Instant::now();
+            let (started, last) = match &mut shown {
+                Some((p, started, last)) if p == path => (*started, last),
+                _ => {
+                    shown = Some((path.to_string(), now, now));
+                    return;
+                }
+            };
+            if now.duration_since(*last).as_millis() >= 200 || done >= total {
+                *last = now;
+                let bs = crate::BLOCK_SIZE;
+                eprint!(
+                    "\r\x1b[K{}",
+                    super::text::progress_line(
+                        path,
+                        done.saturating_mul(bs),
+                        total.saturating_mul(bs),
+                        now.duration_since(started).as_secs_f64()
+                    )
+                );
+            }
         }
-        if !json {
-            println!("{}", point_line(p, dry_run));
+        Event::Blocks { .. } => {}
+        Event::Copied(p) => {
+            if shown.take().is_some() {
+                eprint!("\r\x1b[K");
+            }
+            if !dry_run {
+                done.add(json!({ "point": p.path, "label": p.label, "dst_set": p.dst_set }));
+            }
+            if !json {
+                println!("{}", point_line(p, dry_run));
+            }
         }
     })?;
     if json {
@@ -120,14 +152,14 @@ pub(super) fn run(
             );
         } else {
             println!(
-                "copied {} from {} to {} in {:.1} s: {} read ({}), {} new in the destination ({} stored); {} already there",
+                "copied {} from {} to {} in {:.1} s: {} read ({}), {} in the destination ({} stored); {} already there",
                 count(r.points_copied, "point", "points"),
                 src.display(),
                 dst.display(),
                 r.seconds,
                 plural(r.blocks_read, "block", "blocks"),
                 human(blocks_bytes),
-                plural(r.new_chunks, "chunk", "chunks"),
+                plural(r.new_chunks, "new chunk", "new chunks"),
                 human(r.new_stored_bytes),
                 count(r.already_there, "point was", "points were"),
             );

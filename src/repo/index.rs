@@ -354,6 +354,18 @@ mod tests {
             super::super::manifest::encode(&inc),
         )
         .unwrap();
+        let mut copied = inc.clone();
+        copied.copied_from = Some(super::super::CopiedFrom {
+            repo: "00112233445566778899aabbccddeeff".into(),
+            point: "ffeeddccbbaa99887766554433221100".into(),
+            set: "20261120T020000Z".into(),
+            n: 7,
+        });
+        std::fs::write(
+            man.join("copied.point"),
+            super::super::manifest::encode(&copied),
+        )
+        .unwrap();
     }
 
     #[test]
