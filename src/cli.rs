@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 
+mod copy;
 mod key;
 mod secret;
 mod text;
@@ -67,6 +68,8 @@ Environment:
   CBTFS_REPO_PASSWORD_FILE  a file whose first line is the repository's password (as --repo-password-file)
   CBTFS_REPO_PASSWORD       the repository's password itself, when no file names it
   CBTFS_KEY_FILE            a key file that opens the repository (as --key-file)
+  CBTFS_TO_KEY_FILE, CBTFS_TO_REPO_PASSWORD_FILE, CBTFS_TO_REPO_PASSWORD
+                            the same for `cbtfs copy`'s destination
   CBTFS_CACHE_DIR           where plain copies of the chunk index are cached (default $XDG_CACHE_HOME/cbtfs, else ~/.cache/cbtfs)
   CBTFS_PASSWORD            the host's password when --password-file is not given
   CBTFS_LOG                 log detail on standard error: warn (default), info, debug
@@ -479,6 +482,44 @@ Examples:
         /// any more to a later `cbtfs gc`.
         #[arg(long)]
         no_gc: bool,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Copy restore points into another repository (the offsite copy), incrementally.
+    ///
+    /// Every point of SRC (or of the VMs --vm names, taken at or after --since) that DST does
+    /// not have yet is copied with its set structure, names and VM metadata; only the chunks
+    /// DST lacks are stored. A second run copies only the points made since; a killed run is
+    /// finished by the next. DST keeps points SRC has pruned since (prune DST on its own).
+    /// DST's secret comes from --to-key-file, --to-repo-password-file or CBTFS_TO_KEY_FILE,
+    /// CBTFS_TO_REPO_PASSWORD_FILE, CBTFS_TO_REPO_PASSWORD (never SRC's). Exit status 1 if a
+    /// selected point could not be copied.
+    #[command(after_help = "\
+Examples:
+  cbtfs copy /backup/repo /mnt/offsite/repo --key-file /root/cbtfs.key --to-key-file /root/offsite.key
+  cbtfs copy /backup/repo /mnt/offsite/repo --vm web01 --since 2026-01-01 --dry-run")]
+    Copy {
+        /// The source repository. May be left out when CBTFS_REPO names it.
+        repo: PathBuf,
+        /// The destination repository (made by `cbtfs init`, with its own key).
+        dst: PathBuf,
+        /// Only this VM's disks (its name as `cbtfs ls` shows it, or its uuid); repeatable.
+        #[arg(long, value_name = "VM")]
+        vm: Vec<String>,
+        /// Only points taken at or after this time: 2026-01-05, 2026-01-05T00:00:00Z or
+        /// 20260105T000000Z (UTC).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Show what would be copied; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// A key file that opens the destination. Also CBTFS_TO_KEY_FILE
+        #[arg(long, value_name = "FILE")]
+        to_key_file: Option<PathBuf>,
+        /// The destination's password, read from the first line of FILE. Also
+        /// CBTFS_TO_REPO_PASSWORD_FILE, or CBTFS_TO_REPO_PASSWORD
+        #[arg(long, value_name = "FILE")]
+        to_repo_password_file: Option<PathBuf>,
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
@@ -909,6 +950,16 @@ fn typed_code(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
             ImportError::Fetch(f) => typed_code(f).unwrap_or("nbd"),
             ImportError::Nbd(n) => typed_code(n).unwrap_or("nbd"),
             ImportError::Runtime(_) => "internal",
+        });
+    }
+    if let Some(e) = e.downcast_ref::<crate::copy::CopyFailure>() {
+        use crate::copy::CopyFailure;
+        return Some(match e {
+            CopyFailure::Refused(_) => "refused",
+            CopyFailure::Source { source, .. } | CopyFailure::Destination { source, .. } => {
+                repo_code(source)
+            }
+            CopyFailure::Read { .. } => "damaged",
         });
     }
     if let Some(e) = e.downcast_ref::<PruneError>() {
@@ -1359,6 +1410,22 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
                     None => {}
                 }
             }
+        }
+        Command::Copy {
+            repo,
+            dst,
+            vm,
+            since,
+            dry_run,
+            to_key_file,
+            to_repo_password_file,
+            json,
+        } => {
+            let to = SecretSources {
+                password_file: to_repo_password_file,
+                key_file: to_key_file,
+            };
+            return copy::run(&repo, &dst, vm, since, dry_run, &to, json, done);
         }
         Command::Gc {
             repo,

@@ -12,6 +12,7 @@ pub mod bitmap;
 pub mod browse;
 pub mod chain;
 pub mod cli;
+pub mod copy;
 pub mod demo;
 pub mod diff;
 pub mod dump;

@@ -672,6 +672,7 @@ mod tests {
             vm_metadata: None,
             vdi_type: None,
             vm_run: None,
+            copied_from: None,
         }
     }
 

@@ -23,6 +23,12 @@ fn accepted(m: &PointManifest) {
     assert!(m.virtual_size <= repo::MAX_VIRTUAL_SIZE);
     assert!(m.data_blocks <= m.changed_blocks);
     assert!(m.generation >= 1);
+    if let Some(c) = &m.copied_from {
+        assert!(repo::valid_set_name(&c.set));
+        for id in [&c.repo, &c.point] {
+            assert!(id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit()));
+        }
+    }
     let _ = m.label();
     let _ = m.key();
     let again = decode_point_manifest(&manifest::encode(m), "again").expect("re-encoded");

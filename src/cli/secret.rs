@@ -37,10 +37,47 @@ pub struct SecretSources {
     pub key_file: Option<PathBuf>,
 }
 
+/// The flags and environment variables one repository's secret may come from.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretNames {
+    pub key_flag: &'static str,
+    pub password_flag: &'static str,
+    pub key_env: &'static str,
+    pub password_file_env: &'static str,
+    pub password_env: &'static str,
+}
+
+/// The repository a command works on (for `cbtfs copy`: the source).
+pub const REPO_NAMES: SecretNames = SecretNames {
+    key_flag: "--key-file",
+    password_flag: "--repo-password-file",
+    key_env: "CBTFS_KEY_FILE",
+    password_file_env: "CBTFS_REPO_PASSWORD_FILE",
+    password_env: "CBTFS_REPO_PASSWORD",
+};
+
+/// `cbtfs copy`'s destination, in the same order of precedence.
+pub const TO_NAMES: SecretNames = SecretNames {
+    key_flag: "--to-key-file",
+    password_flag: "--to-repo-password-file",
+    key_env: "CBTFS_TO_KEY_FILE",
+    password_file_env: "CBTFS_TO_REPO_PASSWORD_FILE",
+    password_env: "CBTFS_TO_REPO_PASSWORD",
+};
+
 /// The secret the flags or the environment give, or `None` if they give none. `purpose` says
 /// what it is for in messages ("to open repository /backup").
 pub fn resolve(sources: &SecretSources, purpose: &str) -> Result<Option<Secret>> {
     resolve_with(sources, purpose, |name| std::env::var_os(name))
+}
+
+/// `resolve` for the secret `names` name (`TO_NAMES`: a copy's destination).
+pub fn resolve_named(
+    sources: &SecretSources,
+    names: &SecretNames,
+    purpose: &str,
+) -> Result<Option<Secret>> {
+    resolve_named_with(sources, names, purpose, |name| std::env::var_os(name))
 }
 
 /// `resolve` with the environment as a function (tests).
@@ -49,37 +86,51 @@ fn resolve_with(
     purpose: &str,
     env: impl Fn(&str) -> Option<OsString>,
 ) -> Result<Option<Secret>> {
+    resolve_named_with(sources, &REPO_NAMES, purpose, env)
+}
+
+fn resolve_named_with(
+    sources: &SecretSources,
+    names: &SecretNames,
+    purpose: &str,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> Result<Option<Secret>> {
+    let n = names;
     if let (Some(k), Some(p)) = (&sources.key_file, &sources.password_file) {
         bail!(
-            "both --key-file {} and --repo-password-file {} were given {purpose}; give one of them",
+            "both {} {} and {} {} were given {purpose}; give one of them",
+            n.key_flag,
             k.display(),
+            n.password_flag,
             p.display()
         );
     }
     if let Some(k) = &sources.key_file {
-        return key_file(k, "--key-file", purpose).map(Some);
+        return key_file(k, n.key_flag, purpose).map(Some);
     }
     if let Some(p) = &sources.password_file {
-        return password_file(p, "--repo-password-file", purpose).map(Some);
+        return password_file(p, n.password_flag, purpose).map(Some);
     }
     let set = |name: &str| env(name).filter(|v| !v.is_empty());
-    if let Some(k) = set("CBTFS_KEY_FILE") {
-        return key_file(Path::new(&k), "CBTFS_KEY_FILE", purpose).map(Some);
+    if let Some(k) = set(n.key_env) {
+        return key_file(Path::new(&k), n.key_env, purpose).map(Some);
     }
-    if let Some(p) = set("CBTFS_REPO_PASSWORD_FILE") {
-        return password_file(Path::new(&p), "CBTFS_REPO_PASSWORD_FILE", purpose).map(Some);
+    if let Some(p) = set(n.password_file_env) {
+        return password_file(Path::new(&p), n.password_file_env, purpose).map(Some);
     }
-    if let Some(mut v) = env("CBTFS_REPO_PASSWORD") {
+    if let Some(mut v) = env(n.password_env) {
         let text = v.to_str().map(str::to_string);
         v.zeroize_os();
         let Some(p) = text else {
             bail!(
-                "CBTFS_REPO_PASSWORD is not UTF-8 text (given {purpose}); set it to the password"
+                "{} is not UTF-8 text (given {purpose}); set it to the password",
+                n.password_env
             );
         };
         if p.is_empty() {
             bail!(
-                "CBTFS_REPO_PASSWORD is set but empty (given {purpose}); set it to the password, or unset it"
+                "{} is set but empty (given {purpose}); set it to the password, or unset it",
+                n.password_env
             );
         }
         return Ok(Some(Secret::Password(p)));
@@ -323,6 +374,58 @@ mod tests {
             key1,
             key2,
         }
+    }
+
+    #[test]
+    fn a_copy_destination_reads_only_its_own_names() {
+        let f = files();
+        let src_env = [
+            ("CBTFS_KEY_FILE", f.key1.to_str().unwrap()),
+            ("CBTFS_REPO_PASSWORD", "source-password"),
+        ];
+        let none = SecretSources::default();
+        // The source's variables are not the destination's.
+        assert!(
+            resolve_named_with(&none, &TO_NAMES, "", env(&src_env))
+                .unwrap()
+                .is_none()
+        );
+        let to_env = [
+            ("CBTFS_KEY_FILE", f.key1.to_str().unwrap()),
+            ("CBTFS_TO_KEY_FILE", f.key2.to_str().unwrap()),
+            ("CBTFS_TO_REPO_PASSWORD", "dest-password"),
+        ];
+        assert_eq!(
+            key_path(resolve_named_with(&none, &TO_NAMES, "", env(&to_env)).unwrap()),
+            f.key2
+        );
+        assert_eq!(
+            password(resolve_named_with(&none, &TO_NAMES, "", env(&to_env[2..])).unwrap()),
+            "dest-password"
+        );
+        let to_pw_flag = SecretSources {
+            key_file: None,
+            password_file: Some(f.pw1.clone()),
+        };
+        assert_eq!(
+            password(resolve_named_with(&to_pw_flag, &TO_NAMES, "", env(&to_env)).unwrap()),
+            "from-flag-file"
+        );
+        let both = SecretSources {
+            key_file: Some(f.key1.clone()),
+            password_file: Some(f.pw1.clone()),
+        };
+        let e = resolve_named_with(&both, &TO_NAMES, "to open the destination", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--to-key-file") && e.contains("--to-repo-password-file"),
+            "{e}"
+        );
+        let e = resolve_named_with(&none, &TO_NAMES, "", env(&[("CBTFS_TO_REPO_PASSWORD", "")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CBTFS_TO_REPO_PASSWORD is set but empty"), "{e}");
     }
 
     #[test]

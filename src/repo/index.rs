@@ -342,6 +342,7 @@ mod tests {
             vdi_type: Some("user".into()),
             vm_run: None,
             stats: Default::default(),
+            copied_from: None,
         };
         std::fs::write(man.join("base.point"), super::super::manifest::encode(&m)).unwrap();
         let mut inc = m.clone();
@@ -351,6 +352,18 @@ mod tests {
         std::fs::write(
             man.join("incremental.point"),
             super::super::manifest::encode(&inc),
+        )
+        .unwrap();
+        let mut copied = inc.clone();
+        copied.copied_from = Some(super::super::CopiedFrom {
+            repo: "00112233445566778899aabbccddeeff".into(),
+            point: "ffeeddccbbaa99887766554433221100".into(),
+            set: "20261120T020000Z".into(),
+            n: 7,
+        });
+        std::fs::write(
+            man.join("copied.point"),
+            super::super::manifest::encode(&copied),
         )
         .unwrap();
     }

@@ -188,6 +188,36 @@ pub struct PointManifest {
     pub vm_run: Option<VmRun>,
     #[serde(default)]
     pub stats: PointStats,
+    /// For a point `cbtfs copy` made: the point it is a copy of (its bytes are that point's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied_from: Option<CopiedFrom>,
+}
+
+/// Where a copied point came from: `cbtfs copy` skips the points a destination already has and
+/// continues each set after its newest copied point. Prune keeps a point's id (and this record)
+/// through its generations, in both repositories.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CopiedFrom {
+    /// The source repository's id (its header's `id`).
+    pub repo: String,
+    /// The source point's id.
+    pub point: String,
+    /// Its set in the source repository, and its creation number there (`n`: increasing in a
+    /// set, kept by prune).
+    pub set: String,
+    pub n: u32,
+}
+
+impl CopiedFrom {
+    fn check(&self) -> std::result::Result<(), String> {
+        if !is_hex32(&self.repo) || !is_hex32(&self.point) || !valid_set_name(&self.set) {
+            return Err(format!(
+                "its copy origin (repository {:?}, point {:?}, set {:?}) is not one `cbtfs copy` writes",
+                self.repo, self.point, self.set
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A point's place in a whole-VM backup run.
@@ -301,6 +331,9 @@ impl PointManifest {
         }
         if let Some(r) = &self.vm_run {
             r.check()?;
+        }
+        if let Some(c) = &self.copied_from {
+            c.check()?;
         }
         if self.virtual_size > MAX_VIRTUAL_SIZE {
             return Err(format!(

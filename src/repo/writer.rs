@@ -18,8 +18,8 @@ use super::chunkindex;
 use super::crypto::ChunkId;
 use super::pack::{self, ChunkLocation, PackWriter};
 use super::{
-    META, NewPoint, ObjRef, POINT_FORMAT, POINT_VERSION, PointManifest, PointStats, RepoError,
-    Repository, Result, WriteLock, random_hex,
+    CopiedFrom, META, NewPoint, ObjRef, POINT_FORMAT, POINT_VERSION, PointManifest, PointStats,
+    RepoError, Repository, Result, WriteLock, random_hex,
 };
 use crate::{BLOCK_SIZE, blocks_for};
 
@@ -132,6 +132,7 @@ pub struct PointWriter<'l> {
     /// Every object this writer put (deleted again if it is dropped without commit).
     written: Vec<String>,
     stats: PointStats,
+    copied_from: Option<CopiedFrom>,
     committed: bool,
 }
 
@@ -163,8 +164,15 @@ impl<'l> PointWriter<'l> {
             workers: (0..worker_count()).map(|_| Worker::default()).collect(),
             written: Vec::new(),
             stats: PointStats::default(),
+            copied_from: None,
             committed: false,
         })
+    }
+
+    /// Record in the manifest that this point is a copy of another repository's point
+    /// (`cbtfs copy`).
+    pub fn set_copied_from(&mut self, origin: CopiedFrom) {
+        self.copied_from = Some(origin);
     }
 
     /// The point this one follows in its set (None for a base).
@@ -435,7 +443,9 @@ impl<'l> PointWriter<'l> {
             vdi_type: self.spec.vdi_type.clone(),
             vm_run: self.spec.vm_run.clone(),
             stats: self.stats.clone(),
+            copied_from: self.copied_from.clone(),
         };
+        test_hang("commit-before-manifest");
         self.repo.put_manifest(&m)?;
         self.committed = true;
         tracing::info!(point = %m.label(), set = %m.set, seq = m.seq, new_chunks = m.stats.new_chunks, "committed");
@@ -458,6 +468,38 @@ impl Drop for PointWriter<'_> {
         {
             let _ = ci.refresh();
         }
+    }
+}
+
+/// Test hook: when `CBTFS_TEST_HANG` is `PLACE` or `PLACE:K`, the K-th time (default the
+/// first) this process reaches `PLACE`, it writes `cbtfs-test-hang: PLACE` to standard error
+/// and waits to be killed, so a test can `kill -9` a writer at an exact step (everything before
+/// the place written, nothing after it). Places: `commit-before-manifest` (a point's packs,
+/// chunk index objects, point index and VM metadata are stored; its manifest is not).
+pub(crate) fn test_hang(place: &str) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static REACHED: AtomicU32 = AtomicU32::new(0);
+    let Some(want) = std::env::var_os("CBTFS_TEST_HANG") else {
+        return;
+    };
+    let want = want.to_string_lossy();
+    let (name, k) = match want.split_once(':') {
+        Some((n, k)) => (n, k.parse::<u32>().unwrap_or(1)),
+        None => (want.as_ref(), 1),
+    };
+    if name != place {
+        return;
+    }
+    let n = REACHED.fetch_add(1, Ordering::SeqCst).saturating_add(1);
+    if n != k {
+        return;
+    }
+    use std::io::Write;
+    let mut err = std::io::stderr();
+    let _ = writeln!(err, "cbtfs-test-hang: {place}");
+    let _ = err.flush();
+    loop {
+        std::thread::park();
     }
 }
 
