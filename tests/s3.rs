@@ -545,7 +545,7 @@ fn copy_goes_from_local_to_s3_and_back_exactly() {
     }
     s3ok(rgw, &["init", &url]);
     let key = common::key_file();
-    let to = ["--to-key-file", s(&key)];
+    let to = ["--to-key-file", s(key)];
     let out = s3ok(rgw, &[&["copy", s(&local), &url][..], &to[..]].concat());
     assert!(out.contains("web01/root/"), "{out}");
     let again = s3ok(
