@@ -2171,7 +2171,7 @@ fn point_json(m: &crate::repo::PointManifest, path: &str) -> serde_json::Value {
 /// How `ls` names a repository's protection.
 fn encryption_word(header: &crate::repo::RepoHeader) -> &str {
     match header.encryption.as_str() {
-        crate::repo::ENCRYPTION_ON => "encrypted",
+        crate::repo::ENCRYPTION_ON | crate::repo::ENCRYPTION_XCHACHA => "encrypted",
         crate::repo::ENCRYPTION_NONE => "NOT encrypted",
         other => other,
     }

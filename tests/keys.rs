@@ -460,7 +460,7 @@ fn ls_shows_space_statistics_per_disk_and_for_the_repository() {
     let c = r["compression_ratio"].as_f64().unwrap();
     assert!(close(c, raw as f64 / stored as f64), "{r}");
     assert!(c > 1.0, "{r}");
-    assert_eq!(r["encryption"], "xchacha20poly1305", "{r}");
+    assert_eq!(r["encryption"], "aes-256-gcm", "{r}");
     assert_eq!(r["encrypted"], true, "{r}");
     assert_eq!(r["path"], s(&repo), "{r}");
     // Everything on storage: at least the chunks, and exactly what the files hold.

@@ -24,8 +24,8 @@
 //!   incremental points while CBT stays enabled; a **point** is a manifest naming its index.
 //!   Disk, set and VM names live only inside sealed manifests: the store sees random names.
 //! * A **chunk** is one 64 KiB block's bytes, named by BLAKE3 keyed with a repository secret,
-//!   compressed with zstd when that is smaller, sealed with XChaCha20-Poly1305 bound to its
-//!   name. The same content is stored once in the whole repository (dedup across disks and
+//!   compressed with zstd when that is smaller, sealed with AES-256-GCM under a key of its own
+//!   (`crypto`) bound to its name. The same content is stored once in the whole repository (dedup across disks and
 //!   points); all-zero blocks are never stored (recorded in the bitmap only).
 //! * Reading block b of point K: the chain (`chain::ChainMap`) finds the newest point ≤ K in the
 //!   set whose bitmap has b; its index gives the chunk id; the chunk index gives the pack range.
@@ -112,7 +112,8 @@ pub struct RepoHeader {
     pub id: String,
     pub created: String,
     pub block_size: u64,
-    /// "xchacha20poly1305" or "none".
+    /// "aes-256-gcm" (or "xchacha20poly1305" from the first format-2 builds: both read both
+    /// envelopes) or "none".
     #[serde(default)]
     pub encryption: String,
     /// Only with `encryption: none`: hex of the 64 master-key bytes (chunk ids need a key).
@@ -120,7 +121,12 @@ pub struct RepoHeader {
     pub master: Option<String>,
 }
 
-pub const ENCRYPTION_ON: &str = "xchacha20poly1305";
+/// The header's word for an encrypted repository: objects are sealed with AES-256-GCM under a
+/// per-object key (`crypto`).
+pub const ENCRYPTION_ON: &str = "aes-256-gcm";
+/// What the first format-2 builds wrote for an encrypted repository (its objects sealed with
+/// XChaCha20-Poly1305, which still open); treated exactly as `ENCRYPTION_ON`.
+pub const ENCRYPTION_XCHACHA: &str = "xchacha20poly1305";
 pub const ENCRYPTION_NONE: &str = "none";
 
 /// A sealed object a manifest names.
@@ -772,7 +778,7 @@ impl Repository {
                 let keys = Keys::from_master_bytes(&master, false);
                 Ok(Repository::assemble(store, root, header, keys, None))
             }
-            ENCRYPTION_ON => {
+            ENCRYPTION_ON | ENCRYPTION_XCHACHA => {
                 let Some(secret) = secret else {
                     return Err(RepoError::NeedSecret {
                         path: root.to_path_buf(),
