@@ -4,15 +4,22 @@
 # overflow checks and debug assertions, memory capped at 512 MiB.
 # Prints one line per target: executions, crashes, OOMs, timeouts; exits 1 if any target failed.
 # Any finding is saved under fuzz/artifacts/TARGET/: turn it into a regression test.
-# FUZZ_TARGETS="a b" limits the run to those targets; FUZZ_JOBS=N runs N targets at once.
+# FUZZ_TARGETS="a b" limits the run to those targets; FUZZ_JOBS=N runs N targets at once;
+# FUZZ_SANITIZER=none builds without AddressSanitizer (CI's short smoke run: it builds faster;
+# the default, address, is what long runs use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-60}
 jobs=${FUZZ_JOBS:-1}
+sanitizer=${FUZZ_SANITIZER:-address}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 targets=${FUZZ_TARGETS:-$(cd fuzz && cargo +nightly fuzz list)}
 # cargo-fuzz builds one target or all of them.
-for t in $targets; do (cd fuzz && cargo +nightly fuzz build --debug-assertions "$t" >/dev/null); done
+if [ -n "${FUZZ_TARGETS:-}" ]; then
+  for t in $targets; do (cd fuzz && cargo +nightly fuzz build --sanitizer "$sanitizer" --debug-assertions "$t" >/dev/null); done
+else
+  (cd fuzz && cargo +nightly fuzz build --sanitizer "$sanitizer" --debug-assertions >/dev/null)
+fi
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 touch "$logs/start"   # findings of this run are the artifacts newer than this
@@ -20,7 +27,7 @@ touch "$logs/start"   # findings of this run are the artifacts newer than this
 run_one() {
   local t=$1
   mkdir -p "fuzz/corpus/$t" "fuzz/seeds/$t" "fuzz/artifacts/$t"
-  (cd fuzz && cargo +nightly fuzz run --debug-assertions "$t" "corpus/$t" "seeds/$t" -- \
+  (cd fuzz && cargo +nightly fuzz run --sanitizer "$sanitizer" --debug-assertions "$t" "corpus/$t" "seeds/$t" -- \
       -max_total_time="$seconds" -rss_limit_mb=512 -timeout=10 -print_final_stats=1 \
       -artifact_prefix="artifacts/$t/") >"$logs/$t.log" 2>&1
 }
