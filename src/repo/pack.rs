@@ -205,7 +205,7 @@ impl Encoder {
         // zstd may write at most `plain.len() - 1` bytes: a result that does not fit is not
         // smaller than the block, and is not kept.
         let compressed_len = match (self.zstd.as_mut(), plain.len().checked_sub(1)) {
-            (Some(z), Some(room)) if room > 0 => body
+            (Some(z), Some(room)) if room > 0 && !looks_incompressible(plain) => body
                 .get_mut(1..1 + room)
                 .and_then(|dst| z.compress_to_buffer(plain, dst).ok()),
             _ => None,
@@ -221,6 +221,41 @@ impl Encoder {
         let len = keys.seal_in_place(&chunk_aad(&id), slot, 1 + payload_len);
         (len, codec == CODEC_ZSTD)
     }
+}
+
+/// Bytes looked at per sample in [`looks_incompressible`], and the distinct byte values a
+/// sample must show to look random. 128 random bytes show 100.7 distinct values on average
+/// (256·(1 − e^−½)), standard deviation ≈ 4.8; text shows 30–60, machine code 50–80.
+const SAMPLE_LEN: usize = 128;
+const RANDOM_DISTINCT: u32 = 88;
+
+/// True if every 4 KiB of `plain` looks like random bytes (encrypted or already compressed
+/// data), judged from one 128-byte sample per 4 KiB: then zstd is not tried. A failed zstd
+/// attempt on 64 KiB costs as much as AES-GCM sealing it; this check reads 2 KiB. A block
+/// with any 4 KiB of zeros, text or code has a sample that says so and is compressed as
+/// always, and so is one whose 4 KiB pieces repeat the first. What it misses is random bytes
+/// repeated at another distance: stored raw then, bigger but never wrong. Deterministic, so
+/// equal blocks encode alike.
+pub fn looks_incompressible(plain: &[u8]) -> bool {
+    const AT: usize = 1024;
+    if plain.len() < 4096 {
+        return false;
+    }
+    let first = &plain[AT..AT + SAMPLE_LEN];
+    plain.chunks(4096).enumerate().all(|(i, piece)| {
+        let Some(sample) = piece.get(AT..AT + SAMPLE_LEN) else {
+            // A short last piece: too little to judge, let zstd try.
+            return false;
+        };
+        if i > 0 && sample[..16] == first[..16] {
+            return false;
+        }
+        let mut seen = [0u64; 4];
+        for &b in sample {
+            seen[usize::from(b >> 6)] |= 1 << (b & 63);
+        }
+        seen.iter().map(|w| w.count_ones()).sum::<u32>() >= RANDOM_DISTINCT
+    })
 }
 
 /// The largest record a block of `plain_len` bytes can become: stored raw, plus the codec byte
@@ -684,6 +719,61 @@ pub(crate) mod tests {
         fn lock(&self, _holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
             Ok(Box::new(NoLock))
         }
+    }
+
+    /// Deterministic bytes that look random.
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut v);
+        v
+    }
+
+    #[test]
+    fn random_blocks_skip_zstd_and_compressible_ones_never_do() {
+        let b = crate::BLOCK_SIZE as usize;
+        let flagged = (0..200)
+            .filter(|&s| looks_incompressible(&noise(s, b)))
+            .count();
+        assert!(
+            flagged >= 160,
+            "only {flagged} of 200 random blocks skip zstd"
+        );
+        // Any 4 KiB that compresses is seen.
+        for hole in 0..16 {
+            let mut v = noise(1000 + hole as u64, b);
+            v[hole * 4096..(hole + 1) * 4096].fill(0);
+            assert!(!looks_incompressible(&v), "zeros at 4 KiB piece {hole}");
+            let mut t = noise(2000 + hole as u64, b);
+            let text = b"the quick brown fox jumps over the lazy dog, again and again; ";
+            for (k, byte) in t[hole * 4096..(hole + 1) * 4096].iter_mut().enumerate() {
+                *byte = text[k % text.len()];
+            }
+            assert!(!looks_incompressible(&t), "text at 4 KiB piece {hole}");
+        }
+        // Random 4 KiB repeated through the block.
+        let page = noise(7, 4096);
+        assert!(!looks_incompressible(&page.repeat(16)));
+        // Short blocks (a disk's last) are left to zstd.
+        assert!(!looks_incompressible(&noise(8, 4000)));
+        // Real data: every block of this test binary (code, tables, strings) that zstd
+        // shrinks by more than 2% is compressed.
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let mut z = zstd::bulk::Compressor::new(ZSTD_LEVEL).unwrap();
+        let mut checked = 0;
+        for block in exe.chunks_exact(b) {
+            if looks_incompressible(block) {
+                let n = z.compress(block).unwrap().len();
+                assert!(
+                    n * 100 >= b * 98,
+                    "a block zstd shrinks to {n} bytes was skipped"
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked > 10);
     }
 
     pub(crate) fn random_bytes(n: usize) -> Vec<u8> {

@@ -129,6 +129,9 @@ pub struct PointWriter<'l> {
     uploader: Uploader,
     /// Hashing/encoding workers' state, one per worker thread, kept for the whole point.
     workers: Vec<Worker>,
+    /// The threads that run them, started once per point: a batch is often one NBD reply
+    /// (≤ 16 blocks), and starting threads per batch cost more than some batches' work.
+    pool: rayon::ThreadPool,
     /// Every object this writer put (deleted again if it is dropped without commit).
     written: Vec<String>,
     stats: PointStats,
@@ -162,6 +165,11 @@ impl<'l> PointWriter<'l> {
             flush_every: FLUSH_PENDING,
             uploader,
             workers: (0..worker_count()).map(|_| Worker::default()).collect(),
+            pool: rayon::ThreadPoolBuilder::new()
+                .num_threads(worker_count())
+                .thread_name(|i| format!("cbtfs-encode-{i}"))
+                .build()
+                .map_err(|e| RepoError::Invalid(format!("cannot start encoding threads: {e}")))?,
             written: Vec::new(),
             stats: PointStats::default(),
             copied_from: None,
@@ -314,11 +322,11 @@ impl<'l> PointWriter<'l> {
                     at += part.len() * slot;
                     rest = tail;
                 }
-                std::thread::scope(|s| {
+                self.pool.scope(|s| {
                     for ((w, part), (region, at)) in
                         self.workers.iter_mut().zip(&parts).zip(regions)
                     {
-                        s.spawn(move || work(w, part, region, at));
+                        s.spawn(move |_| work(w, part, region, at));
                     }
                 });
             }
