@@ -12,8 +12,8 @@
 #      QUICK: /usr/share), imported with `import --raw`. Reference: the image's non-zero 64 KiB
 #      blocks concatenated and compressed as one stream by `zstd -1`.
 #   3. random data: what the repository of row 4's (last) format-2 backup takes vs the disk.
-#   4. full backup throughput: a SIZE_MB disk of random data (incompressible: zstd is tried on
-#      every block and loses), served by qemu-nbd (TLS, 4 connections) to the simulated host
+#   4. full backup throughput: a SIZE_MB disk of random data (incompressible: every block is
+#      hashed, looked up and sealed; zstd is skipped where a block's samples look random), served by qemu-nbd (TLS, 4 connections) to the simulated host
 #      (`cbtfs sim`), as scripts/bench-backup.sh does; whole `cbtfs backup` runs into a fresh
 #      repository on /dev/shm. In each of ROUNDS rounds: the format-1 binary (built from commit
 #      396e47c, the last format-1 commit), the format-2 binary and `restic backup` of the same
