@@ -627,8 +627,10 @@ print(round(max(y0 + s * (104857.6 - x0), max(y)) / 1024))"; }
 eb=$(extra "${brss[@]}"); em=$(extra "${mrss[@]}")
 say "7. SCALED: 2 TiB virtual disks holding ${bx[*]} MiB of data (not 5% = 100 GiB); backup over NBD ${btime[*]} s"
 say "   peak RSS KiB: backup ${brss[*]}; mount (VmHWM after reading all the data) ${mrss[*]} (of which now anonymous/file-backed: ${manon[*]}); extrapolated linearly to 100 GiB of data: backup $eb MiB, mount $em MiB"
-row "2 TiB backup peak RSS MiB (scaled, extrapolated)" "$eb" "$(( ${brss[-1]} / 1024 )) at ${bx[-1]} MiB" "-" "<= 256" "$(verdict "$eb <= 256")" "$(( ${brss[-1]} / 1024 ))"
-row "2 TiB mount peak RSS MiB (scaled, extrapolated)" "$em" "$(( ${mrss[-1]} / 1024 )) at ${bx[-1]} MiB" "-" "<= 256" "$(verdict "$em <= 256")" "$(( ${mrss[-1]} / 1024 ))"
+# No verdict from a scaled run: bounded caches fill up between the two sizes, so a straight
+# line through them overstates 100 GiB (measured directly: see RSS_FULL=1).
+row "2 TiB backup peak RSS MiB (scaled, extrapolated)" "$eb" "$(( ${brss[-1]} / 1024 )) at ${bx[-1]} MiB" "-" "<= 256" "RSS_FULL=1" "$(( ${brss[-1]} / 1024 ))"
+row "2 TiB mount peak RSS MiB (scaled, extrapolated)" "$em" "$(( ${mrss[-1]} / 1024 )) at ${bx[-1]} MiB" "-" "<= 256" "RSS_FULL=1" "$(( ${mrss[-1]} / 1024 ))"
 [ "${#MOUNT_ROW[@]}" = 0 ] && { mount_ready; drop_chain; }
 row "${MOUNT_ROW[@]}"
 }
