@@ -193,7 +193,9 @@ start_host() {
   qemu-nbd -r -f raw -t -e 16 -x disk -b 127.0.0.1 -p 10821 \
     --object tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir="$WORK/pki" --tls-creds tls0 "$1" &
   QEMU_PID=$!
-  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/10821) 2>/dev/null && break; sleep 0.1; done
+  # nbdkit reads the 102,400-line extent list first: seconds on a loaded machine.
+for _ in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/10821) 2>/dev/null && break; sleep 0.1; done
+(exec 3<>/dev/tcp/127.0.0.1/10821) 2>/dev/null || { echo "nbdkit did not start listening within 60 s" >&2; exit 1; }
   curl -sfk -H "x-sim-token: $TOKEN" -X POST "$URL/sim/nbd?address=127.0.0.1&port=10821&export=disk&subject=localhost" \
     --data-binary @"$WORK/pki/server-cert.pem" > /dev/null
   bk_args
@@ -538,7 +540,9 @@ TOKEN=$(grep -o 'x-sim-token: [0-9a-f-]*' "$WORK/sim.out" | cut -d' ' -f2)
 nbdkit -r -f -i 127.0.0.1 -p 10821 -e disk --tls=require --tls-certificates="$WORK/pki" \
   --filter=extentlist pattern size=2T extentlist="$ext" &
 QEMU_PID=$!
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/10821) 2>/dev/null && break; sleep 0.1; done
+# nbdkit reads the 102,400-line extent list first: seconds on a loaded machine.
+for _ in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/10821) 2>/dev/null && break; sleep 0.1; done
+(exec 3<>/dev/tcp/127.0.0.1/10821) 2>/dev/null || { echo "nbdkit did not start listening within 60 s" >&2; exit 1; }
 curl -sfk -H "x-sim-token: $TOKEN" -X POST "$URL/sim/nbd?address=127.0.0.1&port=10821&export=disk&subject=localhost" \
   --data-binary @"$WORK/pki/server-cert.pem" > /dev/null
 bk_args
