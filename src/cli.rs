@@ -70,7 +70,8 @@ Environment:
   CBTFS_KEY_FILE            a key file that opens the repository (as --key-file)
   CBTFS_TO_KEY_FILE, CBTFS_TO_REPO_PASSWORD_FILE, CBTFS_TO_REPO_PASSWORD
                             the same for `cbtfs copy`'s destination
-  CBTFS_CACHE_DIR           where plain copies of the chunk index are cached (default $XDG_CACHE_HOME/cbtfs, else ~/.cache/cbtfs)
+  CBTFS_CACHE_DIR           where caches are kept (as --cache-dir; default $XDG_CACHE_HOME/cbtfs, else ~/.cache/cbtfs)
+  CBTFS_CACHE_SIZE          most bytes of pack ranges an S3 repository's cache keeps (as --cache-size; default 1G)
   CBTFS_PASSWORD            the host's password when --password-file is not given
   CBTFS_LOG                 log detail on standard error: warn (default), info, debug
   CBTFS_S3_ENDPOINT         the S3 endpoint of s3://BUCKET/PREFIX repositories (as --s3-endpoint)
@@ -83,7 +84,8 @@ fn mount_options_help() -> String {
          log_file=FILE, key_file=FILE or repo_password_file=FILE (what opens an encrypted \
          repository, for fstab), threads=N (threads serving reads, 1 to 64; default {threads}), \
          prefetch=MiB (read-ahead of each sequential reader, 0 turns it off, at most 1024; \
-         default {prefetch}), nonempty (mount over a directory that is not empty, hiding what is \
+         default {prefetch}), cache_dir=DIR and cache_size=SIZE (as --cache-dir and \
+         --cache-size), nonempty (mount over a directory that is not empty, hiding what is \
          there; refused without it), nodev, nosuid, noexec, noatime (and dev, suid, exec, atime, \
          nodiratime, relatime, strictatime, sync, async, dirsync); ro and default_permissions \
          always hold; fstab's defaults/auto/noauto/user/users/nouser/owner/group/_netdev/nofail/\
@@ -124,6 +126,19 @@ pub struct Cli {
     /// path style (https://ENDPOINT/BUCKET/KEY, the default with --s3-endpoint)
     #[arg(long, global = true)]
     s3_virtual_hosted: bool,
+    /// Where caches are kept: a repository's in DIR/<repository id>/ (its chunk index, and for
+    /// a repository on S3 its metadata and recently read pack ranges). Also CBTFS_CACHE_DIR;
+    /// default $XDG_CACHE_HOME/cbtfs, else ~/.cache/cbtfs
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Most bytes of pack ranges an S3 repository's cache keeps (least recently used dropped
+    /// first), e.g. 512M, 4G. Also CBTFS_CACHE_SIZE; default 1G
+    #[arg(long, global = true, value_name = "SIZE", value_parser = parse_cache_size)]
+    cache_size: Option<u64>,
+}
+
+fn parse_cache_size(s: &str) -> std::result::Result<u64, String> {
+    crate::repo::store::cache::parse_size(s)
 }
 
 /// Where this run's repository secret comes from (set once, before any command runs).
@@ -699,6 +714,12 @@ pub fn main() -> ExitCode {
         ca_cert: cli.s3_ca_cert.clone(),
         virtual_hosted: cli.s3_virtual_hosted,
     });
+    crate::repo::store::cache::set_options(crate::repo::store::cache::CacheOptions {
+        dir: cli.cache_dir.clone(),
+        size: cli.cache_size,
+        // verify reads what is stored, never a local copy.
+        off: matches!(cli.command, Command::Verify { .. }),
+    });
     // Commands that print data end quietly when their reader goes away (`cbtfs ls | head`,
     // `cbtfs export ... - | cmp`). The others keep SIGPIPE ignored: a server closing a socket
     // must surface as an error to retry, never kill the process.
@@ -1235,6 +1256,13 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             options,
         } => {
             let opts = crate::mount::parse_options(&options)?;
+            // cache_dir= and cache_size= (fstab lines cannot pass flags) over the flags.
+            if opts.cache_dir.is_some() || opts.cache_size.is_some() {
+                let mut c = crate::repo::store::cache::options();
+                c.dir = opts.cache_dir.clone().or(c.dir);
+                c.size = opts.cache_size.or(c.size);
+                crate::repo::store::cache::set_options(c);
+            }
             // fstab lines name the secret in -o; flags and the environment work as anywhere.
             let mut sources = secret_sources();
             if sources.key_file.is_none() {
@@ -2787,6 +2815,8 @@ mod tests {
             "log_file=/var/log/cbtfs.log",
             "threads=8",
             "prefetch=0",
+            "cache_dir=/var/cache/cbtfs",
+            "cache_size=2G",
             "ro",
             "default_permissions",
             "nodev",

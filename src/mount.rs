@@ -54,6 +54,9 @@ pub struct MountOptions {
     /// lines cannot pass flags).
     pub key_file: Option<PathBuf>,
     pub repo_password_file: Option<PathBuf>,
+    /// `cache_dir=DIR`, `cache_size=SIZE`: as `--cache-dir` and `--cache-size`.
+    pub cache_dir: Option<PathBuf>,
+    pub cache_size: Option<u64>,
 }
 
 /// Split an option string on commas; `\,` is a literal comma (util-linux's escaping).
@@ -90,6 +93,16 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
             "log_file" => m.log_file = value.map(PathBuf::from),
             "key_file" => m.key_file = value.map(PathBuf::from),
             "repo_password_file" => m.repo_password_file = value.map(PathBuf::from),
+            "cache_dir" => match value.filter(|v| !v.is_empty()) {
+                Some(v) => m.cache_dir = Some(PathBuf::from(v)),
+                None => bail!("cache_dir= takes a directory"),
+            },
+            "cache_size" => {
+                match crate::repo::store::cache::parse_size(value.as_deref().unwrap_or("")) {
+                    Ok(n) => m.cache_size = Some(n),
+                    Err(e) => bail!("cache_size=: {e}"),
+                }
+            }
             "threads" => {
                 let n = value
                     .as_deref()
@@ -122,7 +135,7 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
             | "nofail" | "defaults" | "comment" | "loop" => {}
             k if k.starts_with("x-") => {}
             k => bail!(
-                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, nonempty, log_file=FILE, key_file=FILE, repo_password_file=FILE, threads=N, prefetch=MiB, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
+                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, nonempty, log_file=FILE, key_file=FILE, repo_password_file=FILE, threads=N, prefetch=MiB, cache_dir=DIR, cache_size=SIZE, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
             ),
         }
     }
@@ -680,6 +693,18 @@ mod tests {
         assert!(!parse_options(&["ro".into()]).unwrap().nonempty);
         let o = parse_options(&["log_file=/tmp/a\\,b.log".into()]).unwrap();
         assert_eq!(o.log_file, Some(PathBuf::from("/tmp/a,b.log")));
+        let o = parse_options(&["cache_dir=/var/cache/x,cache_size=512M".into()]).unwrap();
+        assert_eq!(o.cache_dir, Some(PathBuf::from("/var/cache/x")));
+        assert_eq!(o.cache_size, Some(512 << 20));
+        for bad in [
+            "cache_dir",
+            "cache_dir=",
+            "cache_size",
+            "cache_size=1.5G",
+            "cache_size=9Q",
+        ] {
+            assert!(parse_options(&[bad.into()]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -72,10 +72,7 @@ pub struct CacheDir(pub Option<PathBuf>);
 impl CacheDir {
     /// The default for repository `repo_id` (None when no directory can be made: in memory).
     pub fn default_for(repo_id: &str) -> CacheDir {
-        let base = env_dir("CBTFS_CACHE_DIR")
-            .or_else(|| env_dir("XDG_CACHE_HOME").map(|d| d.join("cbtfs")))
-            .or_else(|| env_dir("HOME").map(|d| d.join(".cache").join("cbtfs")));
-        match base {
+        match cache_base() {
             Some(base) => CacheDir(cache_dir_under(&base, repo_id)),
             None => {
                 tracing::info!(
@@ -83,6 +80,36 @@ impl CacheDir {
                 );
                 CacheDir(None)
             }
+        }
+    }
+}
+
+/// The base directory of every repository's caches: `--cache-dir` (`store::cache::options`),
+/// else `$CBTFS_CACHE_DIR`, `$XDG_CACHE_HOME/cbtfs`, `$HOME/.cache/cbtfs`.
+pub fn cache_base() -> Option<PathBuf> {
+    super::store::cache::options()
+        .dir
+        .map(|d| std::path::absolute(&d).unwrap_or(d))
+        .or_else(|| env_dir("CBTFS_CACHE_DIR"))
+        .or_else(|| env_dir("XDG_CACHE_HOME").map(|d| d.join("cbtfs")))
+        .or_else(|| env_dir("HOME").map(|d| d.join(".cache").join("cbtfs")))
+}
+
+/// `BASE/<repo_id>/<sub>` (see `cache_base`), made 0700 and checked to be ours; None (with a
+/// warning) when there is no base or it cannot be used.
+pub fn repo_cache_dir(repo_id: &str, sub: &str) -> Option<PathBuf> {
+    let Some(base) = cache_base() else {
+        tracing::info!(
+            "no cache directory (--cache-dir, $CBTFS_CACHE_DIR, $XDG_CACHE_HOME and $HOME unset)"
+        );
+        return None;
+    };
+    let dir = cache_dir_under(&base, repo_id)?.parent()?.join(sub);
+    match make_private_dir(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            tracing::warn!("cannot use {} as a cache ({e})", dir.display());
+            None
         }
     }
 }

@@ -737,7 +737,10 @@ impl Repository {
     /// Open an existing repository. An encrypted one needs `secret` (its password or key file).
     pub fn open(path: &Path, secret: Option<&Secret>) -> Result<Repository> {
         if let Some(store) = url_store(path)? {
-            return Repository::open_store(store, path, secret);
+            // The header, always from the store: it names the repository, and so its cache.
+            let header = Repository::probe_in(store.as_ref(), path)?;
+            let store = store::cache::wrap(store, &header.id);
+            return Repository::open_with(store, path, header, secret);
         }
         let header = Repository::probe(path)?;
         let store: Arc<dyn Store> = Arc::new(LocalStore::new(path));
@@ -846,19 +849,56 @@ impl Repository {
         Ok(sealed.len() as u64)
     }
 
-    /// Get and open a sealed object (at most `MAX_OBJECT` bytes; `expect_len` if known).
+    /// Get and open a sealed object (at most `MAX_OBJECT` bytes; `expect_len` if known). A
+    /// local copy that fails (a cache's) is dropped and the object fetched once more from the
+    /// store before the failure is reported.
     pub(crate) fn get_sealed(
         &self,
         key: &str,
         aad_role: &str,
         expect_len: Option<u64>,
     ) -> Result<Vec<u8>> {
-        let loc = self.describe(key);
         let bytes = self
             .shared
             .store
             .get(key)
-            .map_err(|e| RepoError::io("read", &loc, e))?;
+            .map_err(|e| RepoError::io("read", self.describe(key), e))?;
+        self.open_sealed(key, aad_role, expect_len, bytes)
+    }
+
+    /// Open the sealed bytes of `key` fetched already (see `get_sealed`).
+    fn open_sealed(
+        &self,
+        key: &str,
+        aad_role: &str,
+        expect_len: Option<u64>,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        match self.open_sealed_once(key, aad_role, expect_len, bytes) {
+            Err(RepoError::Corrupt { .. }) if self.shared.store.forget_cached(key) => {
+                tracing::warn!(
+                    "the cached copy of {} did not open; fetched it again",
+                    self.describe(key)
+                );
+                let bytes = self
+                    .shared
+                    .store
+                    .get(key)
+                    .map_err(|e| RepoError::io("read", self.describe(key), e))?;
+                self.open_sealed_once(key, aad_role, expect_len, bytes)
+            }
+            r => r,
+        }
+    }
+
+    fn open_sealed_once(
+        &self,
+        key: &str,
+        aad_role: &str,
+        expect_len: Option<u64>,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let loc = self.describe(key);
         if let Some(n) = expect_len
             && bytes.len() as u64 != n
         {
@@ -923,10 +963,22 @@ impl Repository {
             .unwrap_or_else(|p| p.into_inner());
         let live: std::collections::HashSet<&str> = listed.iter().map(|k| k.as_str()).collect();
         cache.retain(|k, _| live.contains(k.as_str()));
+        // Fetched together: a remote store gets them in parallel (a mount of 1,000 points).
+        let todo: Vec<String> = listed
+            .iter()
+            .filter(|k| !cache.contains_key(*k) && parse_manifest_key(k).is_some())
+            .cloned()
+            .collect();
+        let mut fetched: HashMap<String, io::Result<Vec<u8>>> = if todo.len() > 1 {
+            let got = self.shared.store.get_many(&todo);
+            todo.into_iter().zip(got).collect()
+        } else {
+            HashMap::new()
+        };
         for key in listed {
             let r = match cache.get(key) {
                 Some(r) => r.clone(),
-                None => match self.read_manifest(key) {
+                None => match self.read_manifest(key, fetched.remove(key)) {
                     // Deleted since the listing (a prune's old generation): not a problem.
                     Err(RepoError::Io { source, .. })
                         if source.kind() == io::ErrorKind::NotFound =>
@@ -953,7 +1005,12 @@ impl Repository {
         Ok((good, bad))
     }
 
-    fn read_manifest(&self, key: &str) -> Result<PointManifest> {
+    /// Read manifest `key` (its sealed bytes if fetched already).
+    fn read_manifest(
+        &self,
+        key: &str,
+        fetched: Option<io::Result<Vec<u8>>>,
+    ) -> Result<PointManifest> {
         let loc = self.describe(key);
         let Some((id, gen_)) = parse_manifest_key(key) else {
             return Err(RepoError::corrupt(
@@ -961,7 +1018,13 @@ impl Repository {
                 "its name is not a point manifest's",
             ));
         };
-        let plain = self.get_sealed(key, "point", None)?;
+        let plain = match fetched {
+            Some(bytes) => {
+                let bytes = bytes.map_err(|e| RepoError::io("read", &loc, e))?;
+                self.open_sealed(key, "point", None, bytes)?
+            }
+            None => self.get_sealed(key, "point", None)?,
+        };
         let m = decode_point_manifest(&plain, &loc)?;
         if m.id != id || m.generation != gen_ {
             return Err(RepoError::corrupt(

@@ -9,8 +9,8 @@
 //! object store holds a lease on a lock object (`s3::S3Store`, `PREFIX/lock`).
 //!
 //! Stores: [`LocalStore`] (a directory, the default) and [`s3::S3Store`] (`s3://BUCKET/PREFIX`).
-//! A cache in front of a remote store (metadata, recently read pack ranges) belongs here too,
-//! as a `Store` wrapping another.
+//! [`cache::CachedStore`] wraps a remote store (metadata kept whole, recently read pack ranges
+//! in a bounded LRU); a repository on S3 is opened through it.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod cache;
 pub mod s3;
 
 use lru::LruCache;
@@ -61,6 +62,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()>;
     /// A whole object (`NotFound` if absent).
     fn get(&self, key: &str) -> io::Result<Vec<u8>>;
+    /// Several whole objects, each as `get` gives it, in `keys`' order. Remote stores fetch
+    /// them in parallel (`cache::CachedStore`); the default reads one after the other.
+    fn get_many(&self, keys: &[String]) -> Vec<io::Result<Vec<u8>>> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
     /// Fill `buf` from `offset` of the object (`UnexpectedEof` if it is shorter, `NotFound` if
     /// absent).
     fn get_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()>;
@@ -84,6 +90,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// writer lock: no put of a live writer is then under way there. Default: nothing to do.
     fn remove_temporaries(&self) -> io::Result<u64> {
         Ok(0)
+    }
+    /// Drop a local copy of `key` (a cached object that did not open), so the next `get`
+    /// fetches it from the store; returns whether there was one. Default: no copies.
+    fn forget_cached(&self, _key: &str) -> bool {
+        false
     }
 }
 
