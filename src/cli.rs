@@ -463,6 +463,9 @@ Examples:
         /// Keep the newest N points of each disk.
         #[arg(long, value_name = "N", default_value_t = 0)]
         keep_last: usize,
+        /// Keep the newest point of each of the newest N hours.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_hourly: usize,
         /// Keep the newest point of each of the newest N days.
         #[arg(long, value_name = "N", default_value_t = 0)]
         keep_daily: usize,
@@ -472,6 +475,13 @@ Examples:
         /// Keep the newest point of each of the newest N months.
         #[arg(long, value_name = "N", default_value_t = 0)]
         keep_monthly: usize,
+        /// Keep the newest point of each of the newest N years.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_yearly: usize,
+        /// Keep every point taken within DURATION before the disk's newest point (30d, 12h,
+        /// 2w, 1y, 1d12h).
+        #[arg(long, value_name = "DURATION", value_parser = parse_within)]
+        keep_within: Option<u64>,
         /// Prune only this disk (VDI uuid).
         #[arg(long, value_name = "VDI_UUID")]
         vdi: Option<String>,
@@ -1330,9 +1340,12 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
         Command::Prune {
             repo,
             keep_last,
+            keep_hourly,
             keep_daily,
             keep_weekly,
             keep_monthly,
+            keep_yearly,
+            keep_within,
             vdi,
             dry_run,
             no_gc,
@@ -1340,9 +1353,12 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
         } => {
             let policy = crate::prune::Policy {
                 last: keep_last,
+                hourly: keep_hourly,
                 daily: keep_daily,
                 weekly: keep_weekly,
                 monthly: keep_monthly,
+                yearly: keep_yearly,
+                within: keep_within,
             };
             let repository = open(&repo)?;
             if let Some(v) = &vdi
@@ -1687,6 +1703,10 @@ fn cmd_backup(
 }
 
 /// How to reach a host: its URL, the user, the password (file or CBTFS_PASSWORD) and trust.
+fn parse_within(s: &str) -> std::result::Result<u64, String> {
+    crate::timefmt::parse_duration(s).map_err(|e| e.to_string())
+}
+
 fn host_access(
     url: String,
     user: String,
