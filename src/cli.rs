@@ -12,6 +12,7 @@ use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 
 mod copy;
+mod job;
 mod key;
 mod secret;
 mod text;
@@ -568,6 +569,16 @@ Examples:
     Key {
         #[command(subcommand)]
         action: key::KeyAction,
+    },
+    /// The configuration file of backup jobs (/etc/cbtfs/cbtfs.toml): check it.
+    Config {
+        #[command(subcommand)]
+        action: job::ConfigAction,
+    },
+    /// Backup jobs of the configuration file: list them.
+    Job {
+        #[command(subcommand)]
+        action: job::JobAction,
     },
     /// Run a simulated XenServer host (management API, NBD, CBT) for trying cbtfs out.
     #[command(after_help = "\
@@ -1450,6 +1461,8 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             json,
         } => cmd_gc(&repo, dry_run, repack_below, json)?,
         Command::Key { action } => key::run(action)?,
+        Command::Config { action } => job::run_config(action)?,
+        Command::Job { action } => job::run_job(action)?,
         Command::Sim {
             dir,
             disks,
