@@ -12,6 +12,7 @@ use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 
 mod copy;
+mod job;
 mod key;
 mod secret;
 mod text;
@@ -478,6 +479,9 @@ Examples:
         /// Keep the newest N points of each disk.
         #[arg(long, value_name = "N", default_value_t = 0)]
         keep_last: usize,
+        /// Keep the newest point of each of the newest N hours.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_hourly: usize,
         /// Keep the newest point of each of the newest N days.
         #[arg(long, value_name = "N", default_value_t = 0)]
         keep_daily: usize,
@@ -487,6 +491,13 @@ Examples:
         /// Keep the newest point of each of the newest N months.
         #[arg(long, value_name = "N", default_value_t = 0)]
         keep_monthly: usize,
+        /// Keep the newest point of each of the newest N years.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_yearly: usize,
+        /// Keep every point taken within DURATION before the disk's newest point (30d, 12h,
+        /// 2w, 1y, 1d12h).
+        #[arg(long, value_name = "DURATION", value_parser = parse_within)]
+        keep_within: Option<u64>,
         /// Prune only this disk (VDI uuid).
         #[arg(long, value_name = "VDI_UUID")]
         vdi: Option<String>,
@@ -573,6 +584,16 @@ Examples:
     Key {
         #[command(subcommand)]
         action: key::KeyAction,
+    },
+    /// The configuration file of backup jobs (/etc/cbtfs/cbtfs.toml): check it.
+    Config {
+        #[command(subcommand)]
+        action: job::ConfigAction,
+    },
+    /// Backup jobs of the configuration file: list them.
+    Job {
+        #[command(subcommand)]
+        action: job::JobAction,
     },
     /// Run a simulated XenServer host (management API, NBD, CBT) for trying cbtfs out.
     #[command(after_help = "\
@@ -1358,9 +1379,12 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
         Command::Prune {
             repo,
             keep_last,
+            keep_hourly,
             keep_daily,
             keep_weekly,
             keep_monthly,
+            keep_yearly,
+            keep_within,
             vdi,
             dry_run,
             no_gc,
@@ -1368,9 +1392,12 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
         } => {
             let policy = crate::prune::Policy {
                 last: keep_last,
+                hourly: keep_hourly,
                 daily: keep_daily,
                 weekly: keep_weekly,
                 monthly: keep_monthly,
+                yearly: keep_yearly,
+                within: keep_within,
             };
             let repository = open(&repo)?;
             if let Some(v) = &vdi
@@ -1462,6 +1489,8 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
             json,
         } => cmd_gc(&repo, dry_run, repack_below, json)?,
         Command::Key { action } => key::run(action)?,
+        Command::Config { action } => job::run_config(action)?,
+        Command::Job { action } => job::run_job(action)?,
         Command::Sim {
             dir,
             disks,
@@ -1715,6 +1744,10 @@ fn cmd_backup(
 }
 
 /// How to reach a host: its URL, the user, the password (file or CBTFS_PASSWORD) and trust.
+fn parse_within(s: &str) -> std::result::Result<u64, String> {
+    crate::timefmt::parse_duration(s).map_err(|e| e.to_string())
+}
+
 fn host_access(
     url: String,
     user: String,

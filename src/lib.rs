@@ -22,6 +22,7 @@ pub mod fs;
 pub mod fuse;
 pub mod host;
 pub mod import;
+pub mod job;
 pub mod mount;
 pub mod naming;
 pub mod nbd;

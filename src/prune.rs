@@ -33,12 +33,20 @@ use crate::{BLOCK_SIZE, blocks_for};
 pub struct Policy {
     /// The newest N points.
     pub last: usize,
+    /// The newest point of each of the newest N hours (UTC) that have points.
+    pub hourly: usize,
     /// The newest point of each of the newest N days (UTC) that have points.
     pub daily: usize,
     /// The newest point of each of the newest N ISO weeks that have points.
     pub weekly: usize,
     /// The newest point of each of the newest N months that have points.
     pub monthly: usize,
+    /// The newest point of each of the newest N years that have points.
+    pub yearly: usize,
+    /// Every point at most this many seconds older than the disk's newest point (measured
+    /// from the newest point, not the clock, so a disk whose backups stopped keeps its last
+    /// ones).
+    pub within: Option<u64>,
 }
 
 fn date(t: i64) -> time::Date {
@@ -49,7 +57,13 @@ fn date(t: i64) -> time::Date {
 
 impl Policy {
     pub fn is_empty(&self) -> bool {
-        self.last == 0 && self.daily == 0 && self.weekly == 0 && self.monthly == 0
+        self.last == 0
+            && self.hourly == 0
+            && self.daily == 0
+            && self.weekly == 0
+            && self.monthly == 0
+            && self.yearly == 0
+            && self.within.is_none()
     }
 
     /// Which of `times` (ascending) to keep.
@@ -74,12 +88,24 @@ impl Policy {
                 }
             }
         };
+        bucket(self.hourly, &|t| {
+            // Hours since the epoch, split to fit the key.
+            let h = t.div_euclid(3600);
+            ((h >> 32) as i32, h as u32)
+        });
         bucket(self.daily, &|t| (date(t).year(), date(t).ordinal() as u32));
         bucket(self.weekly, &|t| {
             let (y, w, _) = date(t).to_iso_week_date();
             (y, w as u32)
         });
         bucket(self.monthly, &|t| (date(t).year(), date(t).month() as u32));
+        bucket(self.yearly, &|t| (date(t).year(), 0));
+        if let (Some(within), Some(&newest)) = (self.within, times.last()) {
+            let from = newest.saturating_sub(i64::try_from(within).unwrap_or(i64::MAX));
+            for (k, &t) in keep.iter_mut().zip(times) {
+                *k |= t >= from;
+            }
+        }
         keep
     }
 }
@@ -504,4 +530,51 @@ fn blocks_to_write(
     }
     take.remove_range(blocks32..);
     Ok(take)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Policy;
+
+    fn at(s: &str) -> i64 {
+        crate::timefmt::parse(s).unwrap()
+    }
+
+    #[test]
+    fn hourly_yearly_and_within_keep_what_they_say() {
+        let times = [
+            at("2024-06-01T10:00:00Z"),
+            at("2025-03-01T10:00:00Z"),
+            at("2025-12-31T23:00:00Z"),
+            at("2026-01-01T09:10:00Z"),
+            at("2026-01-01T09:50:00Z"),
+            at("2026-01-01T10:05:00Z"),
+            at("2026-01-01T10:40:00Z"),
+        ];
+        let p = Policy {
+            hourly: 2,
+            ..Policy::default()
+        };
+        assert_eq!(
+            p.keep(&times),
+            [false, false, false, false, true, false, true]
+        );
+        let p = Policy {
+            yearly: 2,
+            ..Policy::default()
+        };
+        assert_eq!(
+            p.keep(&times),
+            [false, false, true, false, false, false, true]
+        );
+        // Within 12 h of the newest point (10:40): 2025-12-31 23:00 is 11 h 40 min before.
+        let p = Policy {
+            within: Some(12 * 3600),
+            ..Policy::default()
+        };
+        assert_eq!(p.keep(&times), [false, false, true, true, true, true, true]);
+        assert!(!p.is_empty());
+        assert!(Policy::default().is_empty());
+        assert!(Policy::default().keep(&[]).is_empty());
+    }
 }

@@ -236,8 +236,91 @@ pub fn now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// A length of time that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{text:?} is not a duration: {why}; write e.g. 30d, 12h, 2w, 1y or 1d12h (units s, min, h, d, w, y)"
+)]
+pub struct DurationError {
+    pub text: String,
+    pub why: String,
+}
+
+/// Parse a duration like `30d`, `1d12h`, `2w` or `90min` into seconds. A year is 365 days;
+/// `m` alone is refused (minutes or months?).
+pub fn parse_duration(text: &str) -> Result<u64, DurationError> {
+    let err = |why: &str| DurationError {
+        text: text.chars().take(80).collect(),
+        why: why.to_string(),
+    };
+    let s = text.trim();
+    if s.is_empty() {
+        return Err(err("it is empty"));
+    }
+    if s.len() > 40 || !s.is_ascii() {
+        return Err(err("it is too long or holds other characters"));
+    }
+    let mut total: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(err("a number must come before each unit"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| err("a number is too large"))?;
+        rest = rest[digits..].trim_start();
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = &rest[..unit_len];
+        rest = rest[unit_len..].trim_start();
+        let secs: u64 = match unit {
+            "s" => 1,
+            "min" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            "w" => 7 * 86_400,
+            "y" => 365 * 86_400,
+            "m" => {
+                return Err(err(
+                    "`m` could mean minutes or months: write min, or e.g. 30d",
+                ));
+            }
+            "" => return Err(err("a unit must follow each number")),
+            _ => return Err(err("unknown unit")),
+        };
+        total = n
+            .checked_mul(secs)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| err("it is too long"))?;
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn durations_read_and_bad_ones_are_named() {
+        assert_eq!(parse_duration("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_duration("1d12h"), Ok(86_400 + 12 * 3600));
+        assert_eq!(parse_duration(" 2w 3h "), Ok(14 * 86_400 + 3 * 3600));
+        assert_eq!(parse_duration("90min"), Ok(5400));
+        assert_eq!(parse_duration("1y"), Ok(365 * 86_400));
+        for bad in [
+            "",
+            "d",
+            "5",
+            "5m",
+            "5x",
+            "-5d",
+            "99999999999999999999d",
+            "5d-",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.to_string().contains("is not a duration"), "{bad}: {e}");
+        }
+    }
     use super::*;
 
     const T: i64 = 1_767_578_400; // 2026-01-05T02:00:00Z

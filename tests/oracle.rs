@@ -183,6 +183,9 @@ impl Oracle {
             daily: self.rng.below(3) as usize,
             weekly: self.rng.below(3) as usize,
             monthly: self.rng.below(2) as usize,
+            hourly: self.rng.below(3) as usize,
+            yearly: self.rng.below(2) as usize,
+            within: (self.rng.below(3) == 0).then(|| self.rng.below(3) * 86_400),
         };
         if policy.is_empty() {
             policy.last = 1;
@@ -199,7 +202,15 @@ impl Oracle {
             policy.weekly.to_string(),
             "--keep-monthly".into(),
             policy.monthly.to_string(),
+            "--keep-hourly".into(),
+            policy.hourly.to_string(),
+            "--keep-yearly".into(),
+            policy.yearly.to_string(),
         ];
+        if let Some(w) = policy.within {
+            // Seconds are a duration the flag reads.
+            args.extend(["--keep-within".into(), format!("{w}s")]);
+        }
         if let Some(k) = only {
             args.extend(["--vdi".into(), self.disks[k as usize].vdi.clone()]);
         }

@@ -63,6 +63,7 @@ fn random_chains_and_policies_keep_kept_points_identical() {
             daily: rng.below(4) as usize,
             weekly: rng.below(3) as usize,
             monthly: rng.below(2) as usize,
+            ..Policy::default()
         };
         let before = dir_bytes(&repo);
         let r = open_repo(&repo);
@@ -289,6 +290,7 @@ fn dry_run_bytes_after_equals_the_real_runs() {
             daily: rng.below(3) as usize,
             weekly: rng.below(2) as usize,
             monthly: 0,
+            ..Policy::default()
         };
         if policy.is_empty() {
             policy.last = 1;
