@@ -756,6 +756,23 @@ fn mount_t_cbtfs_of_a_bucket_takes_the_endpoint_and_credentials_from_its_options
     assert!(!o.status.success());
     assert!(text(&o).contains("no S3 credentials"), "{}", text(&o));
     assert!(cbtfs::mount::mounted_fstype(&mp).is_none());
+    // s3_ca_cert= reaches the store: a file that is no PEM is named, with the flag to fix.
+    let bad_ca = dp.join("ca.pem");
+    std::fs::write(&bad_ca, "not a certificate\n").unwrap();
+    let o = mount(&format!(
+        "{base},s3_credentials_file={},s3_profile=cbtfs,s3_ca_cert={}",
+        s(&creds),
+        s(&bad_ca)
+    ));
+    assert!(!o.status.success());
+    let m = text(&o);
+    assert!(
+        m.contains(&format!("{} holds no PEM certificate", s(&bad_ca)))
+            && m.contains("--s3-ca-cert")
+            && m.contains("s3_ca_cert="),
+        "{m}"
+    );
+    assert!(cbtfs::mount::mounted_fstype(&mp).is_none());
     // The profile picks the right keys in the file.
     let o = mount(&format!(
         "{base},s3_credentials_file={},s3_profile=cbtfs",
