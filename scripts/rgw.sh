@@ -10,8 +10,11 @@
 #   scripts/rgw.sh status DIR  exit 0 if radosgw answers
 #
 # Monitor + one OSD on memstore (data in RAM, RGW_MEMSTORE_MB, default 2048) + radosgw; cephx
-# on; one replica; small placement-group counts; tuned for 2 cores. Ports are chosen free on
-# 127.0.0.1. The S3 user is `cbtfs` with random keys. Ceph >= 16 (Debian's packages:
+# on; one replica; small placement-group counts; tuned for 2 cores. Beast runs with
+# tcp_nodelay=1: with Nagle's algorithm on (its default), a small response written in two parts
+# waits for the client's delayed ACK, ~40 ms per request (a mount of 100 points' manifests took
+# 5 s instead of 0.25 s; a copy of 100 small points 32 s instead of 9.5 s). Ports are chosen
+# free on 127.0.0.1. The S3 user is `cbtfs` with random keys. Ceph >= 16 (Debian's packages:
 # scripts/setup.sh installs ceph-mon ceph-osd radosgw ceph-common).
 set -euo pipefail
 
@@ -155,7 +158,7 @@ osd memory target = 939524096
 pid file = $dir/run/rgw.pid
 admin socket = $dir/run/\$name.asok
 rgw data = $dir/rgw
-rgw frontends = beast endpoint=127.0.0.1:$rgw_port
+rgw frontends = beast endpoint=127.0.0.1:$rgw_port tcp_nodelay=1
 rgw enable apis = s3, admin
 rgw dns name = 127.0.0.1
 log file = $dir/log/rgw.log

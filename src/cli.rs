@@ -83,7 +83,10 @@ fn mount_options_help() -> String {
     format!(
         "Mount options, comma-separated: allow_other (every user may read the mount), allow_root, \
          log_file=FILE, key_file=FILE or repo_password_file=FILE (what opens an encrypted \
-         repository, for fstab), threads=N (threads serving reads, 1 to 64; default {threads}), \
+         repository, for fstab), s3_endpoint=URL, s3_ca_cert=FILE, s3_virtual_hosted, \
+         s3_credentials_file=FILE and s3_profile=NAME (an s3:// repository's endpoint and \
+         credentials, for fstab; as --s3-endpoint, AWS_SHARED_CREDENTIALS_FILE, AWS_PROFILE), \
+         threads=N (threads serving reads, 1 to 64; default {threads}), \
          prefetch=MiB (read-ahead of each sequential reader, 0 turns it off, at most 1024; \
          default {prefetch}), cache_dir=DIR and cache_size=SIZE (as --cache-dir and \
          --cache-size), nonempty (mount over a directory that is not empty, hiding what is \
@@ -730,11 +733,33 @@ pub fn main() -> ExitCode {
         password_file: cli.repo_password_file.clone(),
         key_file: cli.key_file.clone(),
     });
-    crate::repo::store::s3::set_cli_options(crate::repo::store::s3::S3CliOptions {
+    let mut s3 = crate::repo::store::s3::S3CliOptions {
         endpoint: cli.s3_endpoint.clone(),
         ca_cert: cli.s3_ca_cert.clone(),
         virtual_hosted: cli.s3_virtual_hosted,
-    });
+    };
+    // A mount's -o may name them too (fstab lines have no flags and no environment). Options
+    // that do not parse are reported when the mount runs.
+    if let Command::Mount { options, .. } = &cli.command
+        && let Ok(o) = crate::mount::parse_options(options)
+    {
+        s3.endpoint = s3.endpoint.or(o.s3_endpoint);
+        s3.ca_cert = s3.ca_cert.or(o.s3_ca_cert);
+        s3.virtual_hosted |= o.s3_virtual_hosted;
+        for (var, value) in [
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                o.s3_credentials_file.map(|p| p.into_os_string()),
+            ),
+            ("AWS_PROFILE", o.s3_profile.map(OsString::from)),
+        ] {
+            if let Some(v) = value {
+                // SAFETY: at start-up, before this process has started any other thread.
+                unsafe { std::env::set_var(var, v) };
+            }
+        }
+    }
+    crate::repo::store::s3::set_cli_options(s3);
     crate::repo::store::cache::set_options(crate::repo::store::cache::CacheOptions {
         dir: cli.cache_dir.clone(),
         size: cli.cache_size,

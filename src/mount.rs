@@ -57,6 +57,16 @@ pub struct MountOptions {
     /// `cache_dir=DIR`, `cache_size=SIZE`: as `--cache-dir` and `--cache-size`.
     pub cache_dir: Option<PathBuf>,
     pub cache_size: Option<u64>,
+    /// An `s3://` repository's endpoint, CA and addressing (`s3_endpoint=URL`,
+    /// `s3_ca_cert=FILE`, `s3_virtual_hosted`), as `--s3-endpoint` and friends: an fstab line
+    /// has neither flags nor an environment. The flags win when both are given.
+    pub s3_endpoint: Option<String>,
+    pub s3_ca_cert: Option<PathBuf>,
+    pub s3_virtual_hosted: bool,
+    /// Where its credentials are (`s3_credentials_file=FILE`, `s3_profile=NAME`), as
+    /// AWS_SHARED_CREDENTIALS_FILE and AWS_PROFILE; keys in the environment still come first.
+    pub s3_credentials_file: Option<PathBuf>,
+    pub s3_profile: Option<String>,
 }
 
 /// Split an option string on commas; `\,` is a literal comma (util-linux's escaping).
@@ -103,6 +113,18 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
                     Err(e) => bail!("cache_size=: {e}"),
                 }
             }
+            "s3_endpoint" | "s3_ca_cert" | "s3_credentials_file" | "s3_profile" => {
+                let Some(v) = value.filter(|v| !v.is_empty()) else {
+                    bail!("{key}= needs a value ({key}=...)");
+                };
+                match key.as_str() {
+                    "s3_endpoint" => m.s3_endpoint = Some(v),
+                    "s3_ca_cert" => m.s3_ca_cert = Some(PathBuf::from(v)),
+                    "s3_credentials_file" => m.s3_credentials_file = Some(PathBuf::from(v)),
+                    _ => m.s3_profile = Some(v),
+                }
+            }
+            "s3_virtual_hosted" => m.s3_virtual_hosted = true,
             "threads" => {
                 let n = value
                     .as_deref()
@@ -135,7 +157,7 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions> {
             | "nofail" | "defaults" | "comment" | "loop" => {}
             k if k.starts_with("x-") => {}
             k => bail!(
-                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, nonempty, log_file=FILE, key_file=FILE, repo_password_file=FILE, threads=N, prefetch=MiB, cache_dir=DIR, cache_size=SIZE, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
+                "unknown mount option `{k}`; cbtfs knows allow_other, allow_root, nonempty, log_file=FILE, key_file=FILE, repo_password_file=FILE, s3_endpoint=URL, s3_ca_cert=FILE, s3_virtual_hosted, s3_credentials_file=FILE, s3_profile=NAME, threads=N, prefetch=MiB, cache_dir=DIR, cache_size=SIZE, ro, nodev, nosuid, noexec, noatime (and ignores fstab's auto/noauto/user/_netdev/nofail/x-*)"
             ),
         }
     }
@@ -704,6 +726,30 @@ mod tests {
             "cache_size=9Q",
         ] {
             assert!(parse_options(&[bad.into()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn s3_options_name_the_endpoint_and_credentials() {
+        let o = parse_options(&[
+            "noauto,s3_endpoint=https://rgw.lan:8443,s3_ca_cert=/etc/ca.pem,s3_virtual_hosted"
+                .into(),
+            "s3_credentials_file=/root/.aws/cbtfs,s3_profile=offsite".into(),
+        ])
+        .unwrap();
+        assert_eq!(o.s3_endpoint.as_deref(), Some("https://rgw.lan:8443"));
+        assert_eq!(o.s3_ca_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert!(o.s3_virtual_hosted);
+        assert_eq!(
+            o.s3_credentials_file,
+            Some(PathBuf::from("/root/.aws/cbtfs"))
+        );
+        assert_eq!(o.s3_profile.as_deref(), Some("offsite"));
+        let none = parse_options(&["ro".into()]).unwrap();
+        assert_eq!((none.s3_endpoint, none.s3_virtual_hosted), (None, false));
+        for bad in ["s3_endpoint", "s3_endpoint=", "s3_profile", "s3_ca_cert="] {
+            let e = parse_options(&[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains("needs a value"), "{bad}: {e}");
         }
     }
 

@@ -681,7 +681,7 @@ fn read_ca(path: &Path) -> io::Result<Vec<object_store::Certificate>> {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "{} holds no usable PEM certificate ({e}); give --ca-cert a PEM file of the CA that signed the endpoint's certificate",
+                "{} holds no usable PEM certificate ({e}); give --s3-ca-cert (the mount option s3_ca_cert=) a PEM file of the CA that signed the endpoint's certificate",
                 path.display()
             ),
         )
@@ -689,7 +689,10 @@ fn read_ca(path: &Path) -> io::Result<Vec<object_store::Certificate>> {
     if certs.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} holds no PEM certificate", path.display()),
+            format!(
+                "{} holds no PEM certificate; give --s3-ca-cert (the mount option s3_ca_cert=) a PEM file of the CA that signed the endpoint's certificate",
+                path.display()
+            ),
         ));
     }
     Ok(certs)
