@@ -615,3 +615,103 @@ fn worker_count() -> usize {
         .unwrap_or(1)
         .clamp(1, MAX_WORKERS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::store::{LocalStore, LockError, LockGuard, ObjectInfo, Store};
+    use super::super::{NewPoint, Repository, testing};
+    use crate::BLOCK_SIZE;
+    use std::io;
+    use std::sync::Arc;
+
+    /// A local store whose puts of keys under `prefix` store the object and then fail, as a
+    /// PUT whose answer was lost on every attempt does.
+    #[derive(Debug)]
+    struct LostAnswers {
+        inner: LocalStore,
+        prefix: &'static str,
+    }
+
+    impl Store for LostAnswers {
+        fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+            self.inner.put(key, bytes)?;
+            if key.starts_with(self.prefix) {
+                return Err(io::Error::other(format!("{key}: the answer was lost")));
+            }
+            Ok(())
+        }
+        fn get(&self, key: &str) -> io::Result<Vec<u8>> {
+            self.inner.get(key)
+        }
+        fn get_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.inner.get_range(key, offset, buf)
+        }
+        fn list(&self, prefix: &str) -> io::Result<Vec<ObjectInfo>> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> io::Result<()> {
+            self.inner.delete(key)
+        }
+        fn describe(&self, key: &str) -> String {
+            self.inner.describe(key)
+        }
+        fn lock(&self, holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
+            self.inner.lock(holder)
+        }
+    }
+
+    /// A writer whose chunk index, point index or manifest put fails after storing the
+    /// object leaves nothing behind: a chunk index object left over would name the packs
+    /// the writer deletes (and a later backup would dedup against chunks that are gone); a
+    /// manifest would be a point whose data is gone.
+    #[test]
+    fn a_failed_put_that_stored_its_object_leaves_nothing() {
+        for prefix in ["cindex/", "points/", "packs/"] {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path().join("r");
+            drop(testing::init(&root));
+            let before = LocalStore::new(&root).list("").unwrap();
+            let store: Arc<dyn Store> = Arc::new(LostAnswers {
+                inner: LocalStore::new(&root),
+                prefix,
+            });
+            let repo = Repository::open_store(store, &root, Some(&testing::secret())).unwrap();
+            let lock = repo.lock("test").unwrap();
+            let blocks = 40u64;
+            let mut w = repo
+                .begin_point(
+                    &lock,
+                    NewPoint {
+                        vdi: "00000000-0000-4000-8000-00000000000a".into(),
+                        disk_name: "d".into(),
+                        vm_uuid: None,
+                        vm_name: None,
+                        time: 1_000,
+                        virtual_size: blocks * BLOCK_SIZE,
+                        source: "test".into(),
+                        new_set: true,
+                        snapshot: None,
+                        vm_metadata: None,
+                        vdi_type: None,
+                        vm_run: None,
+                    },
+                )
+                .unwrap();
+            let img: Vec<u8> = (0..blocks as usize * BLOCK_SIZE as usize)
+                .map(|i| (i / 7) as u8 ^ (i >> 16) as u8)
+                .collect();
+            w.add_run(0, &img, true).unwrap();
+            let e = w.commit().unwrap_err();
+            assert!(
+                e.to_string().contains("the answer was lost"),
+                "{prefix}: {e}"
+            );
+            drop(lock);
+            assert_eq!(
+                LocalStore::new(&root).list("").unwrap(),
+                before,
+                "{prefix}: objects left behind"
+            );
+        }
+    }
+}
