@@ -1181,7 +1181,21 @@ pub fn write_index(
     keys: &Keys,
     entries: Vec<(ChunkId, ChunkLocation)>,
 ) -> Result<Vec<String>> {
-    write_index_split(store, keys, entries, FLUSH_ENTRIES)
+    let mut written = Vec::new();
+    write_index_split(store, keys, entries, FLUSH_ENTRIES, &mut written)?;
+    Ok(written)
+}
+
+/// `write_index`, adding each object's key to `written` before its put: a put that fails
+/// may still have stored the object (an answer lost on the way back), and a writer that
+/// cleans up after a failure must delete it too, or it would name packs that are deleted.
+pub fn write_index_into(
+    store: &dyn Store,
+    keys: &Keys,
+    entries: Vec<(ChunkId, ChunkLocation)>,
+    written: &mut Vec<String>,
+) -> Result<()> {
+    write_index_split(store, keys, entries, FLUSH_ENTRIES, written)
 }
 
 fn write_index_split(
@@ -1189,22 +1203,22 @@ fn write_index_split(
     keys: &Keys,
     mut entries: Vec<(ChunkId, ChunkLocation)>,
     per_object: usize,
-) -> Result<Vec<String>> {
+    written: &mut Vec<String>,
+) -> Result<()> {
     entries.sort_by_key(|e| e.0);
     entries.dedup_by(|later, first| later.0 == first.0);
-    let mut written = Vec::new();
     for part in entries.chunks(per_object.max(1)) {
         let body = encode_cindex_body(part);
         let id = PackId::random().map_err(|e| RepoError::io("name", CINDEX_PREFIX, e))?;
         let hex = id.to_string();
         let key = format!("{CINDEX_PREFIX}{hex}");
         let sealed = keys.seal(&cindex_aad(&hex), &body);
+        written.push(key.clone());
         store
             .put(&key, &sealed)
             .map_err(|e| RepoError::io("write", store.describe(&key), e))?;
-        written.push(key);
     }
-    Ok(written)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1818,7 +1832,8 @@ mod tests {
         let p = packs(4);
         let mut e = entries(10, 0..=0xff, &p);
         e.push(e[3]);
-        let keys = write_index_split(&*r.store, &r.keys, e.clone(), 3).unwrap();
+        let mut keys = Vec::new();
+        write_index_split(&*r.store, &r.keys, e.clone(), 3, &mut keys).unwrap();
         assert_eq!(keys.len(), 4);
         assert!(
             write_index(&*r.store, &r.keys, Vec::new())

@@ -60,6 +60,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Atomically and durably put a whole object. Fails with `AlreadyExists` if `key` exists
     /// (create-only: a commit can never overwrite another). Readers see all of it or nothing.
     fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()>;
+    /// `put` of a buffer the store may keep while it works (no copy), handed back for
+    /// reuse (possibly empty, if the store could not give it back). Default: `put`.
+    fn put_owned(&self, key: &str, bytes: Vec<u8>) -> io::Result<Vec<u8>> {
+        self.put(key, &bytes).map(|()| bytes)
+    }
+    /// How many `put`s a writer should keep in flight at once: more than one only where a
+    /// put's latency, not the bandwidth, bounds a stream of them (an object store over a
+    /// network). Each costs a pack buffer of memory. Default: 1.
+    fn parallel_puts(&self) -> usize {
+        1
+    }
     /// A whole object (`NotFound` if absent).
     fn get(&self, key: &str) -> io::Result<Vec<u8>>;
     /// Several whole objects, each as `get` gives it, in `keys`' order. Remote stores fetch

@@ -7,7 +7,9 @@
 //! of the open pack's buffer (no copy per record). Dedup decisions are then taken in block
 //! order, so the result does not depend on thread timing. A finished pack is handed to an
 //! uploader thread while the next one fills; its buffer comes back for a later pack, so at
-//! most two pack buffers exist (the memory a backup needs does not grow with the disk).
+//! most two pack buffers exist (the memory a backup needs does not grow with the disk). A
+//! store whose puts are bound by latency (S3) gets `Store::parallel_puts` uploader threads
+//! instead of one, and so that many plus one pack buffers.
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -26,6 +28,8 @@ use crate::{BLOCK_SIZE, blocks_for};
 /// Finished packs waiting for the uploader, at most (0: a finished pack waits until the
 /// previous one is stored; one fills while one is stored).
 const UPLOAD_QUEUE: usize = 0;
+/// The most upload threads, whatever a store asks for (each costs a pack buffer).
+const MAX_PARALLEL_PUTS: usize = 8;
 /// Threads hashing and encoding a run (the machine's cores, at most this many).
 const MAX_WORKERS: usize = 4;
 /// Blocks hashed and encoded per round of the workers (their slots, ≤ 4.1 MiB, are room in
@@ -42,34 +46,68 @@ const BATCH_BLOCKS: usize = 64;
 /// number does not slow dedup (issue 18).
 pub const FLUSH_PENDING: usize = 1 << 17;
 
+/// Stores finished packs on `Store::parallel_puts` threads (1 on a local disk: a put there is
+/// bound by the disk, not by latency). A pack is handed over only when a thread is free to
+/// take it (a rendezvous), so at most `threads` packs are being stored while the next one
+/// fills: `threads + 1` pack buffers at most (~37 MiB each), whatever the disk's size.
 struct Uploader {
     tx: Option<mpsc::SyncSender<(String, Vec<u8>)>>,
-    done: Option<std::thread::JoinHandle<std::result::Result<(), RepoError>>>,
+    done: Vec<std::thread::JoinHandle<std::result::Result<(), RepoError>>>,
     /// Stored packs' buffers, handed back for the next packs.
     spare: mpsc::Receiver<Vec<u8>>,
+    /// Set by the first thread whose put fails: the others take no more packs.
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Uploader {
     fn new(repo: Repository) -> Uploader {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
         let (tx, rx) = mpsc::sync_channel::<(String, Vec<u8>)>(UPLOAD_QUEUE);
-        // Bounded by the packs in flight: at most UPLOAD_QUEUE + 2 buffers exist.
+        let rx = Arc::new(Mutex::new(rx));
+        let failed = Arc::new(AtomicBool::new(false));
+        // Bounded by the packs in flight: at most threads + UPLOAD_QUEUE + 1 buffers exist.
         let (spare_tx, spare) = mpsc::channel::<Vec<u8>>();
-        let done = std::thread::Builder::new()
-            .name("cbtfs-upload".into())
-            .spawn(move || {
-                for (key, bytes) in rx {
-                    repo.store()
-                        .put(&key, &bytes)
-                        .map_err(|e| RepoError::io("write", repo.describe(&key), e))?;
-                    let _ = spare_tx.send(bytes);
-                }
-                Ok(())
-            })
-            .ok();
+        let threads = repo.store().parallel_puts().clamp(1, MAX_PARALLEL_PUTS);
+        let mut done = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (repo, rx, spare_tx, failed) =
+                (repo.clone(), rx.clone(), spare_tx.clone(), failed.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("cbtfs-upload-{i}"))
+                .spawn(move || {
+                    loop {
+                        if failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        // The lock is held only while waiting for the next pack.
+                        let next = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return Ok(()),
+                        };
+                        let Ok((key, bytes)) = next else {
+                            return Ok(());
+                        };
+                        match repo.store().put_owned(&key, bytes) {
+                            Ok(back) => {
+                                let _ = spare_tx.send(back);
+                            }
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(RepoError::io("write", repo.describe(&key), e));
+                            }
+                        }
+                    }
+                });
+            if let Ok(t) = t {
+                done.push(t);
+            }
+        }
         Uploader {
-            tx: Some(tx),
+            tx: (!done.is_empty()).then_some(tx),
             done,
             spare,
+            failed,
         }
     }
 
@@ -81,28 +119,35 @@ impl Uploader {
     /// Queue a pack; an earlier upload's failure surfaces here.
     fn send(&mut self, key: String, bytes: Vec<u8>) -> Result<()> {
         let sent = match &self.tx {
-            Some(tx) => tx.send((key.clone(), bytes)).is_ok(),
-            None => false,
+            Some(tx) if !self.failed.load(std::sync::atomic::Ordering::Relaxed) => {
+                tx.send((key.clone(), bytes)).is_ok()
+            }
+            _ => false,
         };
         if !sent {
-            // The uploader stopped: it failed (or could not start); say why.
+            // An upload failed (or no thread could start); say why.
             self.finish()?;
             return Err(RepoError::Invalid(format!(
-                "internal: the upload thread stopped before {key}"
+                "internal: the upload threads stopped before {key}"
             )));
         }
         Ok(())
     }
 
-    /// Wait for every queued pack to be stored.
+    /// Wait for every queued pack to be stored; the first failure is returned.
     fn finish(&mut self) -> Result<()> {
         self.tx.take();
-        match self.done.take() {
-            Some(h) => h
+        let mut first = Ok(());
+        for h in self.done.drain(..) {
+            let r = h
                 .join()
-                .map_err(|_| RepoError::Invalid("internal: the upload thread panicked".into()))?,
-            None => Ok(()),
+                .map_err(|_| RepoError::Invalid("internal: an upload thread panicked".into()))
+                .and_then(|r| r);
+            if first.is_ok() {
+                first = r;
+            }
         }
+        first
     }
 }
 
@@ -137,6 +182,8 @@ pub struct PointWriter<'l> {
     stats: PointStats,
     copied_from: Option<CopiedFrom>,
     committed: bool,
+    /// A failed commit could not tell whether its manifest was stored: keep every object.
+    keep_written: bool,
 }
 
 impl<'l> PointWriter<'l> {
@@ -174,6 +221,7 @@ impl<'l> PointWriter<'l> {
             stats: PointStats::default(),
             copied_from: None,
             committed: false,
+            keep_written: false,
         })
     }
 
@@ -395,9 +443,12 @@ impl<'l> PointWriter<'l> {
         if !self.pending.is_empty() {
             // `drain` keeps the map's table (bounded by `flush_every`) for the next entries.
             let entries: Vec<(ChunkId, ChunkLocation)> = self.pending.drain().collect();
-            let keys =
-                chunkindex::write_index(self.repo.store().as_ref(), self.repo.keys(), entries)?;
-            self.written.extend(keys);
+            chunkindex::write_index_into(
+                self.repo.store().as_ref(),
+                self.repo.keys(),
+                entries,
+                &mut self.written,
+            )?;
             self.repo.chunk_index()?.refresh()?;
         }
         self.uploader = Uploader::new(self.repo.clone());
@@ -454,7 +505,18 @@ impl<'l> PointWriter<'l> {
             copied_from: self.copied_from.clone(),
         };
         test_hang("commit-before-manifest");
-        self.repo.put_manifest(&m)?;
+        if let Err(e) = self.repo.put_manifest(&m) {
+            // A failed put may still have stored the manifest (on S3, its last attempt's
+            // answer lost): it must not be left naming what the drop below deletes. Its key
+            // is this point's own (a random id), so deleting it touches nothing else; if
+            // that fails too, everything written is kept (consistent either way; `gc`
+            // collects it if the manifest is not there).
+            if let Err(d) = self.repo.store().delete(&m.key()) {
+                tracing::warn!(object = %self.repo.describe(&m.key()), error = %d, "cannot make sure a failed manifest put left nothing; keeping the point's objects for `cbtfs gc`");
+                self.keep_written = true;
+            }
+            return Err(e);
+        }
         self.committed = true;
         tracing::info!(point = %m.label(), set = %m.set, seq = m.seq, new_chunks = m.stats.new_chunks, "committed");
         Ok(m)
@@ -468,8 +530,19 @@ impl Drop for PointWriter<'_> {
         }
         self.pack.take();
         let _ = self.uploader.finish();
-        for key in &self.written {
-            let _ = self.repo.store().delete(key);
+        if self.keep_written {
+            return;
+        }
+        // Newest first: what refers to other objects (chunk index objects name packs) goes
+        // before what it refers to, so stopping half way leaves nothing naming a deleted
+        // object.
+        for key in self.written.iter().rev() {
+            if let Err(e) = self.repo.store().delete(key) {
+                // The store is failing (each delete was retried already): leave the rest to
+                // `gc` rather than wait out every object's retries. Nothing references them.
+                tracing::warn!(object = %self.repo.describe(key), error = %e, "cannot delete what an unfinished point wrote; `cbtfs gc` collects it");
+                break;
+            }
         }
         if !self.written.is_empty()
             && let Ok(ci) = self.repo.chunk_index()
@@ -541,4 +614,104 @@ fn worker_count() -> usize {
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, MAX_WORKERS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::store::{LocalStore, LockError, LockGuard, ObjectInfo, Store};
+    use super::super::{NewPoint, Repository, testing};
+    use crate::BLOCK_SIZE;
+    use std::io;
+    use std::sync::Arc;
+
+    /// A local store whose puts of keys under `prefix` store the object and then fail, as a
+    /// PUT whose answer was lost on every attempt does.
+    #[derive(Debug)]
+    struct LostAnswers {
+        inner: LocalStore,
+        prefix: &'static str,
+    }
+
+    impl Store for LostAnswers {
+        fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+            self.inner.put(key, bytes)?;
+            if key.starts_with(self.prefix) {
+                return Err(io::Error::other(format!("{key}: the answer was lost")));
+            }
+            Ok(())
+        }
+        fn get(&self, key: &str) -> io::Result<Vec<u8>> {
+            self.inner.get(key)
+        }
+        fn get_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.inner.get_range(key, offset, buf)
+        }
+        fn list(&self, prefix: &str) -> io::Result<Vec<ObjectInfo>> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> io::Result<()> {
+            self.inner.delete(key)
+        }
+        fn describe(&self, key: &str) -> String {
+            self.inner.describe(key)
+        }
+        fn lock(&self, holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
+            self.inner.lock(holder)
+        }
+    }
+
+    /// A writer whose chunk index, point index or manifest put fails after storing the
+    /// object leaves nothing behind: a chunk index object left over would name the packs
+    /// the writer deletes (and a later backup would dedup against chunks that are gone); a
+    /// manifest would be a point whose data is gone.
+    #[test]
+    fn a_failed_put_that_stored_its_object_leaves_nothing() {
+        for prefix in ["cindex/", "points/", "packs/"] {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path().join("r");
+            drop(testing::init(&root));
+            let before = LocalStore::new(&root).list("").unwrap();
+            let store: Arc<dyn Store> = Arc::new(LostAnswers {
+                inner: LocalStore::new(&root),
+                prefix,
+            });
+            let repo = Repository::open_store(store, &root, Some(&testing::secret())).unwrap();
+            let lock = repo.lock("test").unwrap();
+            let blocks = 40u64;
+            let mut w = repo
+                .begin_point(
+                    &lock,
+                    NewPoint {
+                        vdi: "00000000-0000-4000-8000-00000000000a".into(),
+                        disk_name: "d".into(),
+                        vm_uuid: None,
+                        vm_name: None,
+                        time: 1_000,
+                        virtual_size: blocks * BLOCK_SIZE,
+                        source: "test".into(),
+                        new_set: true,
+                        snapshot: None,
+                        vm_metadata: None,
+                        vdi_type: None,
+                        vm_run: None,
+                    },
+                )
+                .unwrap();
+            let img: Vec<u8> = (0..blocks as usize * BLOCK_SIZE as usize)
+                .map(|i| (i / 7) as u8 ^ (i >> 16) as u8)
+                .collect();
+            w.add_run(0, &img, true).unwrap();
+            let e = w.commit().unwrap_err();
+            assert!(
+                e.to_string().contains("the answer was lost"),
+                "{prefix}: {e}"
+            );
+            drop(lock);
+            assert_eq!(
+                LocalStore::new(&root).list("").unwrap(),
+                before,
+                "{prefix}: objects left behind"
+            );
+        }
+    }
 }
