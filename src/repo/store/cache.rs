@@ -782,6 +782,21 @@ impl Store for CachedStore {
         Ok(())
     }
 
+    // Packs (never cached here) go straight to the inner store's owned put, and its
+    // parallelism is the writer's: a wrapper must not turn S3's uploads back into one at a
+    // time.
+    fn put_owned(&self, key: &str, bytes: Vec<u8>) -> io::Result<Vec<u8>> {
+        let bytes = self.inner.put_owned(key, bytes)?;
+        if is_meta(key) {
+            self.keep_meta(key, &bytes);
+        }
+        Ok(bytes)
+    }
+
+    fn parallel_puts(&self) -> usize {
+        self.inner.parallel_puts()
+    }
+
     fn get(&self, key: &str) -> io::Result<Vec<u8>> {
         if !is_meta(key) {
             return self.inner.get(key);
@@ -945,6 +960,21 @@ mod tests {
         fn lock(&self, holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
             self.inner.lock(holder)
         }
+        fn parallel_puts(&self) -> usize {
+            3
+        }
+    }
+
+    /// The writer's upload parallelism and owned puts pass through the cache.
+    #[test]
+    fn uploads_keep_the_inner_stores_parallelism() {
+        let (_t, counting, c) = setup(1 << 20);
+        assert_eq!(c.parallel_puts(), 3);
+        let back = c.put_owned("points/a/000001", vec![7u8; 100]).unwrap();
+        assert_eq!(back, vec![7u8; 100]);
+        assert_eq!(c.get("points/a/000001").unwrap(), vec![7u8; 100]);
+        // Kept as metadata by the owned put: read without reaching the store.
+        assert_eq!(counting.gets.load(Relaxed), 0);
     }
 
     fn setup(limit: u64) -> (tempfile::TempDir, Arc<Counting>, CachedStore) {
