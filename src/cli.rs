@@ -76,6 +76,9 @@ Environment:
   CBTFS_PASSWORD            the host's password when --password-file is not given
   CBTFS_LOG                 log detail on standard error: warn (default), info, debug
   CBTFS_S3_ENDPOINT         the S3 endpoint of s3://BUCKET/PREFIX repositories (as --s3-endpoint)
+  CBTFS_S3_ATTEMPTS         attempts per S3 request before giving up (default 6, with back-off)
+  CBTFS_S3_TIMEOUT          seconds an S3 request may go without a byte before it is retried (default 30)
+  CBTFS_CONFIG              the configuration file of backup jobs (default /etc/cbtfs/cbtfs.toml)
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION   S3 credentials and region";
 
 /// The mount's `-o` options, with the defaults the mount really uses.
