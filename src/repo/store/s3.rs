@@ -12,6 +12,9 @@
 //!   directory part, paginated, filtered to the prefix and sorted; `delete` is `DeleteObject`
 //!   (durable once answered).
 //! * Keys are the local store's (`check_key`), below `PREFIX/`.
+//! * With Object Lock (`cbtfs init --object-lock`), puts carry a retention date and deletes
+//!   leave a deletion record; raw SigV4 requests (`sign`) do what `object_store` cannot
+//!   (`lock`).
 //!
 //! # The writer lock: a lease
 //!
@@ -66,6 +69,9 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 
 use super::{LOCK_FILE, LockError, LockGuard, ObjectInfo, Store, check_key, check_prefix};
+
+pub mod lock;
+pub mod sign;
 
 /// How often a held lock is refreshed.
 pub const HEARTBEAT: Duration = Duration::from_secs(20);
@@ -358,6 +364,8 @@ pub struct S3Store {
     url: S3Url,
     cfg: Arc<S3Config>,
     conn: Arc<Mutex<Option<Arc<Conn>>>>,
+    /// Raw requests' client and the Object Lock policy (`lock`).
+    extra: Arc<lock::Extra>,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -393,6 +401,7 @@ impl S3Store {
             url,
             cfg: Arc::new(cfg),
             conn: Arc::default(),
+            extra: Arc::default(),
         };
         store.conn()?;
         Ok(store)
@@ -658,6 +667,9 @@ impl S3Store {
     }
 
     fn delete_lock(&self) -> io::Result<()> {
+        if self.object_lock().is_some() && self.delete_lock_versions()? {
+            return Ok(());
+        }
         let c = self.conn()?;
         let (rt, s3) = parts(&c)?;
         let path = self.lock_path()?;
@@ -852,6 +864,9 @@ fn heartbeat(store: S3Store, mut lease: Lease, every: Duration, stop: mpsc::Rece
 impl Store for S3Store {
     fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
         let key = check_key(key)?;
+        if let Some(l) = self.object_lock() {
+            return self.put_locked(key, bytes, l);
+        }
         let path = self.path(key)?;
         let c = self.conn()?;
         let (rt, s3) = parts(&c)?;
@@ -963,6 +978,10 @@ impl Store for S3Store {
 
     fn delete(&self, key: &str) -> io::Result<()> {
         let key = check_key(key)?;
+        if let Some(l) = self.object_lock() {
+            // Tells this delete marker from anyone else's (`lock` module doc).
+            self.record_deletion(key, l)?;
+        }
         let path = self.path(key)?;
         let c = self.conn()?;
         let (rt, s3) = parts(&c)?;
@@ -970,6 +989,15 @@ impl Store for S3Store {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error("delete", key, e)),
         }
+    }
+
+    fn s3(&self) -> Option<&S3Store> {
+        Some(self)
+    }
+
+    fn remove_temporaries(&self) -> io::Result<u64> {
+        // Multipart uploads of killed writers (`lock` module doc).
+        self.abort_uploads()
     }
 
     fn describe(&self, key: &str) -> String {
