@@ -21,7 +21,8 @@
 //! `x-amz-object-lock-retain-until-date` (now + DAYS) on the PUT itself, with `Content-MD5`
 //! as S3 requires with them: the object never exists unlocked (PutObjectRetention after the
 //! PUT would leave a window, and cost a request per object). The PUT stays create-only
-//! (`If-None-Match: *`). The writer lock's object (`PREFIX/lock`) is the exception: it is
+//! (`If-None-Match: *`, and a HEAD first: RGW Pacific ignores If-None-Match on versioned
+//! buckets). The writer lock's object (`PREFIX/lock`) is the exception: it is
 //! written through `object_store` without retention, so it stays deletable.
 //!
 //! # Deleting, and telling cbtfs's deletions from anyone else's
@@ -243,6 +244,26 @@ impl S3Store {
 
     /// Put a new object create-only with the policy's retention (see the module doc).
     pub(super) fn put_locked(&self, key: &str, bytes: &[u8], lock: ObjectLock) -> io::Result<()> {
+        // Create-only is asked with If-None-Match (AWS honours it), but RGW (Pacific) ignores
+        // it on a versioned bucket and would put a second version: look first. Only two
+        // writers racing for one key could slip between, and the writer lock excludes that.
+        let head = self.raw(&RawRequest::new("HEAD", Some(key)))?;
+        match head.status {
+            200..=299 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} already exists", self.describe(key)),
+                ));
+            }
+            404 => {}
+            _ => {
+                return Err(io::Error::other(format!(
+                    "look for {} before writing it: HTTP {}",
+                    self.describe(key),
+                    head.status
+                )));
+            }
+        }
         let until = unix_now().saturating_add(lock.period());
         let mut req = RawRequest::new("PUT", Some(key))
             .header("If-None-Match", "*")

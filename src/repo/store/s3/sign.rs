@@ -369,7 +369,10 @@ impl S3Store {
             for (k, v) in req.headers.iter().chain(signed.iter()) {
                 rb = rb.header(k.as_str(), v.as_str());
             }
-            let rb = rb.body(req.body.clone());
+            // An empty body must still say so (RGW answers 411 otherwise).
+            let rb = rb
+                .header(reqwest::header::CONTENT_LENGTH, req.body.len())
+                .body(req.body.clone());
             let max = req.max_response;
             let got = block(rt, async move {
                 let mut resp = rb.send().await?;
