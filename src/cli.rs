@@ -178,6 +178,18 @@ Examples:
         /// key file (--key-file FILE: made if it does not exist)
         #[arg(long, value_name = "MODE", default_value = "on", value_parser = ["on", "none"])]
         encryption: String,
+        /// S3 only: write every object with an Object Lock retention of DAYS (the bucket must
+        /// have versioning and Object Lock enabled). Locked objects cannot be deleted or
+        /// replaced, even with cbtfs's own keys; `cbtfs gc` extends the locks of what is still
+        /// referenced and deletes garbage once its lock has ended
+        #[arg(long, value_name = "DAYS")]
+        object_lock: Option<u32>,
+        /// compliance (the default: nobody can shorten a lock or delete a locked object before
+        /// its date, which is what protects backups from ransomware holding the backup
+        /// server's keys) or governance (users allowed to bypass governance retention can: an
+        /// administrator can undo a mistake, but keys with that right give no protection)
+        #[arg(long, value_name = "MODE", default_value = "compliance", value_parser = ["compliance", "governance"], requires = "object_lock")]
+        object_lock_mode: String,
     },
     /// Add a restore point from a raw disk image or an NBD export.
     ///
@@ -552,6 +564,22 @@ Examples:
         /// CBTFS_TO_REPO_PASSWORD_FILE, or CBTFS_TO_REPO_PASSWORD
         #[arg(long, value_name = "FILE")]
         to_repo_password_file: Option<PathBuf>,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Undo deletions and overwrites made behind cbtfs's back in a repository on a versioned
+    /// S3 bucket (what `cbtfs verify` names): remove delete markers nobody recorded, put the
+    /// versions cbtfs wrote back on top.
+    #[command(after_help = "\
+Examples:
+  cbtfs verify s3://backups/site1     # names what was deleted or overwritten
+  cbtfs repair s3://backups/site1 --undelete")]
+    Repair {
+        #[arg(help = REPO_HELP)]
+        repo: PathBuf,
+        /// Remove foreign delete markers and newer versions (the only repair so far).
+        #[arg(long, required = true)]
+        undelete: bool,
         #[arg(long, help = JSON_HELP)]
         json: bool,
     },
@@ -1169,7 +1197,27 @@ fn error_text(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
     match cli.command {
-        Command::Init { repo, encryption } => cmd_init(&repo, &encryption)?,
+        Command::Init {
+            repo,
+            encryption,
+            object_lock,
+            object_lock_mode,
+        } => {
+            let lock = match object_lock {
+                Some(days) => Some(
+                    crate::repo::store::s3::lock::LockMode::parse(&object_lock_mode)
+                        .and_then(|m| crate::repo::store::s3::lock::ObjectLock::new(days, m))
+                        .map_err(anyhow::Error::msg)?,
+                ),
+                None => None,
+            };
+            cmd_init(&repo, &encryption, lock)?
+        }
+        Command::Repair {
+            repo,
+            undelete: _,
+            json,
+        } => return cmd_repair(&repo, json),
         Command::Import {
             repo,
             vdi,
@@ -1562,8 +1610,67 @@ fn cmd_gc(repo: &Path, dry_run: bool, repack_below: u8, json: bool) -> Result<()
             if dry_run { " (dry run)" } else { "" },
             gc_summary(&r)
         );
+        if let Some(m) = &r.object_lock {
+            println!(
+                "Object Lock: {} extended ({} checked), {} reclaimed, {} of deleted objects still locked (reclaimed by a later gc)",
+                plural(m.extended, "lock", "locks"),
+                m.retention_checked,
+                plural(m.versions_reclaimed, "version", "versions"),
+                plural(m.versions_still_locked, "version", "versions")
+            );
+        }
     }
     Ok(())
+}
+
+/// `cbtfs repair --undelete`: works without opening the repository (its header may be what
+/// was deleted).
+fn cmd_repair(repo: &Path, json: bool) -> Result<ExitCode> {
+    use crate::repo::store::s3;
+    if !s3::is_s3_url(repo) {
+        bail!(
+            "{}: `cbtfs repair --undelete` undoes deletions on a versioned S3 bucket; a local repository keeps no versions (restore it from a copy)",
+            repo.display()
+        );
+    }
+    let store = s3::S3Store::open_url(&repo.to_string_lossy())?;
+    if !store.versioning_enabled()? {
+        bail!(
+            "{}: the bucket has no versioning, so nothing deleted or overwritten can be brought back",
+            repo.display()
+        );
+    }
+    if let Ok(h) = Repository::probe_in(&store, repo)
+        && let Some(l) = h.object_lock
+    {
+        store.enable_object_lock(l)?;
+    }
+    let r = s3::lock::undelete(&store)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        for k in &r.undeleted {
+            println!("undeleted {k}");
+        }
+        for k in &r.restored {
+            println!("restored the original version of {k}");
+        }
+        for (k, why) in &r.failed {
+            println!("FAILED {k}: {why}");
+        }
+        println!(
+            "{} undeleted, {} restored, {} failed; run `cbtfs verify {}` to check",
+            r.undeleted.len(),
+            r.restored.len(),
+            r.failed.len(),
+            repo.display()
+        );
+    }
+    Ok(if r.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DAMAGE)
+    })
 }
 
 /// One line saying what a garbage collection did (or, in a dry run, would do).
@@ -1969,10 +2076,23 @@ fn open(repo: &Path) -> Result<Repository> {
 }
 
 /// `cbtfs init`: create the repository and say where its key material is.
-fn cmd_init(repo: &Path, encryption: &str) -> Result<()> {
+fn cmd_init(
+    repo: &Path,
+    encryption: &str,
+    lock: Option<crate::repo::store::s3::lock::ObjectLock>,
+) -> Result<()> {
     use crate::repo::keys::Secret;
+    if let Some(l) = lock {
+        // Said first: init fails before anything is written if the bucket cannot lock.
+        println!(
+            "Object Lock: every object is retained {} day{} in {} mode (`cbtfs gc` extends what is still referenced)",
+            l.days,
+            if l.days == 1 { "" } else { "s" },
+            l.mode.as_str()
+        );
+    }
     if encryption == "none" {
-        Repository::init(repo, &crate::repo::Encryption::None)?;
+        Repository::init_locked(repo, &crate::repo::Encryption::None, lock)?;
         println!(
             "created repository {} WITHOUT encryption (--encryption none): anyone who can read its files can read the backed-up disks; integrity is still checked",
             repo.display()
@@ -2000,7 +2120,7 @@ fn cmd_init(repo: &Path, encryption: &str) -> Result<()> {
             ),
         },
     };
-    let r = Repository::init(repo, &crate::repo::Encryption::Secret(secret.clone()))?;
+    let r = Repository::init_locked(repo, &crate::repo::Encryption::Secret(secret.clone()), lock)?;
     println!("created encrypted repository {}", repo.display());
     let slot = r.opened_slot().unwrap_or("?");
     match &secret {
@@ -2533,8 +2653,29 @@ fn cmd_verify(
     sample: Option<f64>,
     json: bool,
 ) -> Result<ExitCode> {
-    let repository = open(repo)?;
     let mut report = VerifyReport::default();
+    let repository = match open(repo) {
+        Ok(r) => r,
+        Err(e) => {
+            // On S3 its header or key slots may be what was deleted: say so, and how to undo it.
+            if let Some(s3) = crate::repo::store::s3::is_s3_url(repo)
+                .then(|| crate::repo::store::s3::S3Store::open_url(&repo.to_string_lossy()).ok())
+                .flatten()
+            {
+                verify::verify_object_versions(&s3, &mut report)?;
+            }
+            if report.ok() {
+                return Err(e);
+            }
+            for d in &report.damage {
+                println!("DAMAGED repository: {} ({})", d.problem, d.location);
+            }
+            println!(
+                "the repository cannot be opened ({e:#}); undo the damage above, then verify again"
+            );
+            return Ok(ExitCode::from(EXIT_DAMAGE));
+        }
+    };
     let opts = verify::VerifyOptions {
         sample_percent: sample,
     };

@@ -96,6 +96,9 @@ pub fn verify_all(
     opts: &VerifyOptions,
     report: &mut VerifyReport,
 ) -> crate::repo::Result<()> {
+    if let Some(s3) = repo.store().s3() {
+        verify_object_versions(s3, report)?;
+    }
     for p in repo.damaged_manifests()? {
         report.damage.push(Damage {
             point: None,
@@ -139,6 +142,38 @@ pub fn verify_all(
         for set in &disk.sets {
             verify_set(repo, set, None, opts, &mut checked, report);
         }
+    }
+    Ok(())
+}
+
+/// On a versioned S3 bucket: every object deleted (a delete marker cbtfs did not make) or
+/// overwritten (its current version is not the one cbtfs wrote) behind cbtfs's back, with how
+/// to undo it (`store::s3::lock`). Objects hidden so are invisible to every other check (a
+/// listing no longer shows them), so this is the only way to see them.
+pub fn verify_object_versions(
+    store: &crate::repo::store::s3::S3Store,
+    report: &mut VerifyReport,
+) -> crate::repo::Result<()> {
+    use crate::repo::store::Store as _;
+    match store.versioning_enabled() {
+        Ok(true) => {}
+        Ok(false) => return Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell whether the bucket keeps object versions; deleted or overwritten objects are not looked for");
+            return Ok(());
+        }
+    }
+    let found = crate::repo::store::s3::lock::find_damage(store).map_err(|e| {
+        crate::repo::RepoError::io("list the object versions of", store.describe(""), e)
+    })?;
+    for d in found {
+        report.damage.push(Damage {
+            point: None,
+            path: None,
+            block: None,
+            location: store.describe(&d.key),
+            problem: d.describe(store),
+        });
     }
     Ok(())
 }

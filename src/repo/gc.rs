@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::chunkindex::{self, CINDEX_PREFIX};
 use super::crypto::ChunkId;
 use super::pack::{self, ChunkLocation, PackId, PackWriter};
+use super::store::s3::lock::{LockMaintenance, extend_locks, reclaim};
 use super::{META, PINDEX, RepoError, Repository, Result, WriteLock};
 
 /// Packs whose live bytes are below this share of their records are repacked (percent).
@@ -42,6 +43,9 @@ pub struct GcReport {
     pub live_chunks: u64,
     pub objects_deleted: u64,
     pub dry_run: bool,
+    /// On a repository with Object Lock: locks extended, versions reclaimed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<LockMaintenance>,
 }
 
 #[derive(Default)]
@@ -59,6 +63,21 @@ pub fn gc(
     repack_below: u8,
     dry_run: bool,
 ) -> Result<GcReport> {
+    // Object Lock: extend the locks running out before deleting anything; never repack (it
+    // frees nothing while the old packs are locked); reclaim expired versions last.
+    let locked = repo.header.object_lock.zip(repo.store().s3());
+    let lock_err = |e| {
+        RepoError::io(
+            "maintain the Object Lock retention of",
+            repo.describe(""),
+            e,
+        )
+    };
+    let mut maintenance = LockMaintenance::default();
+    let repack_below = if locked.is_some() { 0 } else { repack_below };
+    if let Some((l, s3)) = locked.filter(|_| !dry_run) {
+        extend_locks(s3, l, &mut maintenance).map_err(lock_err)?;
+    }
     // 1.
     let manifests_deleted = if dry_run {
         0
@@ -68,6 +87,10 @@ pub fn gc(
     let (live, live_objects) = mark(repo)?;
     let mut report = sweep(repo, &live, Some(&live_objects), repack_below, dry_run)?;
     report.manifests_deleted = manifests_deleted;
+    if let Some((l, s3)) = locked.filter(|_| !dry_run) {
+        reclaim(s3, l, &mut maintenance).map_err(lock_err)?;
+    }
+    report.object_lock = locked.map(|_| maintenance);
     Ok(report)
 }
 

@@ -18,6 +18,8 @@
 //! hosts/<keyed name>         pinned host certificate fingerprints (sealed)
 //! journal/<keyed name>.N     what a backup is snapshotting right now (sealed)
 //! lock                       the writer lock (`Store::lock`)
+//! deleted/<key>              with Object Lock only: empty records of the objects cbtfs deleted
+//!                            (`store::s3::lock`); the header then has `object_lock`
 //! ```
 //!
 //! * A **disk** is a VDI, keyed by uuid; a **set** starts with a full base and grows by
@@ -119,6 +121,10 @@ pub struct RepoHeader {
     /// Only with `encryption: none`: hex of the 64 master-key bytes (chunk ids need a key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master: Option<String>,
+    /// `cbtfs init s3://… --object-lock DAYS`: every object is written with this retention
+    /// (`store::s3::lock`). Absent in other repositories' headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<store::s3::lock::ObjectLock>,
 }
 
 /// The header's word for an encrypted repository: objects are sealed with AES-256-GCM under a
@@ -558,7 +564,22 @@ const MAX_COALESCE: usize = 8 << 20;
 impl Repository {
     /// Create a repository in `path` (a new or empty directory).
     pub fn init(path: &Path, encryption: &Encryption) -> Result<Repository> {
+        Repository::init_locked(path, encryption, None)
+    }
+
+    /// Create a repository, with Object Lock if `lock` is given (an `s3://` one, on a bucket
+    /// with versioning and Object Lock enabled: checked first).
+    pub fn init_locked(
+        path: &Path,
+        encryption: &Encryption,
+        lock: Option<store::s3::lock::ObjectLock>,
+    ) -> Result<Repository> {
         let loc = path.display().to_string();
+        if lock.is_some() && !store::s3::is_s3_url(path) {
+            return Err(RepoError::Invalid(format!(
+                "{loc}: --object-lock needs a repository on S3 (s3://BUCKET/PREFIX, a bucket with Object Lock enabled)"
+            )));
+        }
         if let Some(store) = url_store(path)? {
             let found = store
                 .list("")
@@ -576,7 +597,15 @@ impl Repository {
                     store.describe(&first.key)
                 )));
             }
-            return Repository::init_in(store, path, encryption);
+            if let Some(l) = lock {
+                let s3 = store.s3().ok_or_else(|| {
+                    RepoError::Invalid(format!("{loc}: this store cannot lock objects"))
+                })?;
+                s3.check_bucket_lock()
+                    .and_then(|()| s3.enable_object_lock(l))
+                    .map_err(|e| RepoError::io("set up Object Lock in", &loc, e))?;
+            }
+            return Repository::init_in_with(store, path, encryption, lock);
         }
         match std::fs::read_dir(path) {
             Ok(mut entries) => {
@@ -618,6 +647,15 @@ impl Repository {
         root: &Path,
         encryption: &Encryption,
     ) -> Result<Repository> {
+        Repository::init_in_with(store, root, encryption, None)
+    }
+
+    fn init_in_with(
+        store: Arc<dyn Store>,
+        root: &Path,
+        encryption: &Encryption,
+        object_lock: Option<store::s3::lock::ObjectLock>,
+    ) -> Result<Repository> {
         let encrypted = matches!(encryption, Encryption::Secret(_));
         let keys = Keys::generate(encrypted)
             .map_err(|e| RepoError::Invalid(format!("no randomness: {e}")))?;
@@ -640,6 +678,7 @@ impl Repository {
                     .map(|b| format!("{b:02x}"))
                     .collect()
             }),
+            object_lock,
         };
         let mut slot = None;
         if let Encryption::Secret(secret) = encryption {
@@ -765,6 +804,17 @@ impl Repository {
         secret: Option<&Secret>,
     ) -> Result<Repository> {
         let loc = store.describe(REPO_FILE);
+        if let Some(l) = header.object_lock {
+            // Every object this handle writes gets the retention; a store that cannot lock
+            // refuses here rather than write unlocked objects.
+            store
+                .s3()
+                .ok_or_else(|| {
+                    io::Error::other("the repository uses Object Lock, which this store cannot set")
+                })
+                .and_then(|s| s.enable_object_lock(l))
+                .map_err(|e| RepoError::io("open", &loc, e))?;
+        }
         match header.encryption.as_str() {
             ENCRYPTION_NONE => {
                 let master = header

@@ -107,6 +107,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn forget_cached(&self, _key: &str) -> bool {
         false
     }
+    /// The S3 store behind this one, if any (Object Lock, object versions: `s3::lock`). A
+    /// store wrapping another must forward it: a repository with Object Lock refuses to open
+    /// without it rather than write unlocked objects.
+    fn s3(&self) -> Option<&s3::S3Store> {
+        None
+    }
 }
 
 /// The top-level directories only writers holding the lock put objects into: their temporary

@@ -797,6 +797,12 @@ impl Store for CachedStore {
         self.inner.parallel_puts()
     }
 
+    // Object Lock and object versions are the S3 store's: a locked repository refuses to
+    // open without it.
+    fn s3(&self) -> Option<&super::s3::S3Store> {
+        self.inner.s3()
+    }
+
     fn get(&self, key: &str) -> io::Result<Vec<u8>> {
         if !is_meta(key) {
             return self.inner.get(key);
