@@ -620,11 +620,19 @@ Examples:
         action: key::KeyAction,
     },
     /// The configuration file of backup jobs (/etc/cbtfs/cbtfs.toml): check it.
+    #[command(after_help = "\
+Examples:
+  cbtfs config check
+  cbtfs config check --config /etc/cbtfs/cbtfs.toml --offline")]
     Config {
         #[command(subcommand)]
         action: job::ConfigAction,
     },
     /// Backup jobs of the configuration file: list them.
+    #[command(after_help = "\
+Examples:
+  cbtfs job list
+  cbtfs job list --config /etc/cbtfs/cbtfs.toml --json")]
     Job {
         #[command(subcommand)]
         action: job::JobAction,

@@ -3,12 +3,11 @@
 mod common;
 
 use std::io;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use cbtfs::repo::store::s3::{S3Config, S3Store, S3Url};
 use cbtfs::repo::store::{LockError, Store};
-use common::rgw::Rgw;
+use common::rgw::{Rgw, s3cbtfs, s3ok};
 use common::*;
 
 #[test]
@@ -295,30 +294,6 @@ fn s3_lock_is_an_exclusive_lease_and_stale_ones_are_broken() {
     assert!(now.contains("\"holder\":\"cbtfs backup vm3\""), "{now}");
     drop(second);
     assert_eq!(rgw.request("GET", &lock_key, &[]).0, 404);
-}
-
-/// Run cbtfs with the endpoint's credentials in its environment; no output ever shows the
-/// secret key.
-fn s3cbtfs(rgw: &Rgw, args: &[&str]) -> Output {
-    let o = cbtfs_cmd().envs(rgw.env()).args(args).output().unwrap();
-    for text in [&o.stdout, &o.stderr] {
-        assert!(
-            !String::from_utf8_lossy(text).contains(&rgw.secret_key),
-            "cbtfs {args:?} printed the secret key"
-        );
-    }
-    o
-}
-
-fn s3ok(rgw: &Rgw, args: &[&str]) -> String {
-    let o = s3cbtfs(rgw, args);
-    assert!(
-        o.status.success(),
-        "cbtfs {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[test]

@@ -15,26 +15,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::rgw::Rgw;
+use common::rgw::{no_secret, s3cbtfs, s3ok};
 use common::simhost::SimHost;
 use common::*;
 use serde_json::Value;
-
-/// cbtfs with the endpoint's credentials in its environment; no output ever shows the secret.
-fn s3cbtfs(rgw: &Rgw, args: &[&str]) -> Output {
-    let o = cbtfs_cmd().envs(rgw.env()).args(args).output().unwrap();
-    no_secret(rgw, args, &o);
-    o
-}
-
-fn no_secret(rgw: &Rgw, args: &[&str], o: &Output) {
-    for text in [&o.stdout, &o.stderr] {
-        assert!(
-            !String::from_utf8_lossy(text).contains(&rgw.secret_key),
-            "cbtfs {args:?} printed the secret key"
-        );
-    }
-}
 
 fn text(o: &Output) -> String {
     format!(
@@ -42,12 +26,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr),
         String::from_utf8_lossy(&o.stdout)
     )
-}
-
-fn s3ok(rgw: &Rgw, args: &[&str]) -> String {
-    let o = s3cbtfs(rgw, args);
-    assert!(o.status.success(), "cbtfs {args:?}: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn assert_same(what: &str, got: &[u8], want: &[u8]) {

@@ -5,32 +5,8 @@
 
 mod common;
 
-use std::process::Output;
-
-use common::rgw::Rgw;
+use common::rgw::{Rgw, s3cbtfs, s3ok};
 use common::*;
-
-fn s3cbtfs(rgw: &Rgw, args: &[&str]) -> Output {
-    let o = cbtfs_cmd().envs(rgw.env()).args(args).output().unwrap();
-    for text in [&o.stdout, &o.stderr] {
-        assert!(
-            !String::from_utf8_lossy(text).contains(&rgw.secret_key),
-            "cbtfs {args:?} printed the secret key"
-        );
-    }
-    o
-}
-
-fn s3ok(rgw: &Rgw, args: &[&str]) -> String {
-    let o = s3cbtfs(rgw, args);
-    assert!(
-        o.status.success(),
-        "cbtfs {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stderr),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// Exit code and stdout+stderr of a command expected to fail.
 fn s3fails(rgw: &Rgw, args: &[&str]) -> (i32, String) {

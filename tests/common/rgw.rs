@@ -13,7 +13,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -214,4 +214,38 @@ impl Rgw {
             ("AWS_REGION", self.region.clone()),
         ]
     }
+}
+
+/// cbtfs with the endpoint's credentials in its environment; no output ever shows the secret
+/// key.
+pub fn s3cbtfs(rgw: &Rgw, args: &[&str]) -> Output {
+    let o = super::cbtfs_cmd()
+        .envs(rgw.env())
+        .args(args)
+        .output()
+        .unwrap();
+    no_secret(rgw, args, &o);
+    o
+}
+
+/// Neither output of `o` shows the endpoint's secret key.
+pub fn no_secret(rgw: &Rgw, args: &[&str], o: &Output) {
+    for text in [&o.stdout, &o.stderr] {
+        assert!(
+            !String::from_utf8_lossy(text).contains(&rgw.secret_key),
+            "cbtfs {args:?} printed the secret key"
+        );
+    }
+}
+
+/// `s3cbtfs`, required to succeed; its stdout.
+pub fn s3ok(rgw: &Rgw, args: &[&str]) -> String {
+    let o = s3cbtfs(rgw, args);
+    assert!(
+        o.status.success(),
+        "cbtfs {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
