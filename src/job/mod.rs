@@ -1,7 +1,9 @@
 //! Backup jobs for a whole pool: a configuration file of hosts, repositories and jobs
-//! ([`config`]), and the schedules that timers run them on ([`schedule`]).
+//! ([`config`]), the schedules that timers run them on ([`schedule`]), and the record of a
+//! run ([`report`]).
 
 pub mod config;
+pub mod report;
 pub mod schedule;
 
 pub use config::{Config, ConfigError, JobConf, Selector};
