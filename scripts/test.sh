@@ -8,6 +8,8 @@ cargo fmt --all -- --check
 (cd fuzz && cargo fmt --all -- --check)
 cargo clippy --all-targets -- -D warnings
 cargo test --release --all-targets
-# The smoke run: two targets at a time, without AddressSanitizer (a much shorter build; the
-# long runs of scripts/fuzz.sh keep it).
-FUZZ_JOBS=${FUZZ_JOBS:-2} FUZZ_SANITIZER=${FUZZ_SANITIZER:-none} scripts/fuzz.sh "${CBTFS_CI_FUZZ_SECONDS:-5}"
+# The smoke run: two targets at a time, without AddressSanitizer and without debug info (a
+# much shorter build; the long runs of scripts/fuzz.sh keep both).
+CARGO_PROFILE_RELEASE_DEBUG=${CARGO_PROFILE_RELEASE_DEBUG:-0} \
+  FUZZ_JOBS=${FUZZ_JOBS:-2} FUZZ_SANITIZER=${FUZZ_SANITIZER:-none} \
+  scripts/fuzz.sh "${CBTFS_CI_FUZZ_SECONDS:-5}"

@@ -78,6 +78,7 @@ Environment:
   CBTFS_S3_ENDPOINT         the S3 endpoint of s3://BUCKET/PREFIX repositories (as --s3-endpoint)
   CBTFS_S3_ATTEMPTS         attempts per S3 request before giving up (default 6, with back-off)
   CBTFS_S3_TIMEOUT          seconds an S3 request may go without a byte before it is retried (default 30)
+  CBTFS_S3_BACKOFF_MS       milliseconds before an S3 request's first retry, doubled after each (default 200)
   CBTFS_CONFIG              the configuration file of backup jobs (default /etc/cbtfs/cbtfs.toml)
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION   S3 credentials and region";
 

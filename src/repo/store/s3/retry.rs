@@ -44,6 +44,7 @@ pub const PUT_TIMEOUT_UNIT: usize = 4 << 20;
 /// Bounds of the environment's settings.
 const MAX_ATTEMPTS: u32 = 100;
 const MAX_TIMEOUT_SECS: u64 = 3600;
+const MAX_BACKOFF_MS: u64 = 10_000;
 
 /// How requests are retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,8 +68,8 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// The defaults, with `CBTFS_S3_ATTEMPTS` (1–100) and `CBTFS_S3_TIMEOUT` (seconds,
-    /// 1–3600) if set.
+    /// The defaults, with `CBTFS_S3_ATTEMPTS` (1–100), `CBTFS_S3_TIMEOUT` (seconds, 1–3600)
+    /// and `CBTFS_S3_BACKOFF_MS` (the first back-off, 1–10000 ms) if set.
     pub fn from_env() -> std::io::Result<Policy> {
         let mut p = Policy::default();
         if let Some(v) = super::env("CBTFS_S3_ATTEMPTS") {
@@ -79,6 +80,10 @@ impl Policy {
         if let Some(v) = super::env("CBTFS_S3_TIMEOUT") {
             p.timeout =
                 Duration::from_secs(parse_bounded("CBTFS_S3_TIMEOUT", &v, 1, MAX_TIMEOUT_SECS)?);
+        }
+        if let Some(v) = super::env("CBTFS_S3_BACKOFF_MS") {
+            p.backoff =
+                Duration::from_millis(parse_bounded("CBTFS_S3_BACKOFF_MS", &v, 1, MAX_BACKOFF_MS)?);
         }
         Ok(p)
     }

@@ -1,14 +1,14 @@
 //! Repositories on S3, against a real radosgw (tests/common/rgw.rs starts one per process).
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::time::{Duration, Instant};
 
+use crate::common::rgw::{Rgw, s3cbtfs, s3ok};
+use crate::common::*;
 use cbtfs::repo::store::s3::{S3Config, S3Store, S3Url};
 use cbtfs::repo::store::{LockError, Store};
-use common::rgw::{Rgw, s3cbtfs, s3ok};
-use common::*;
 
 #[test]
 fn the_engine_serves_s3_with_object_lock_buckets() {

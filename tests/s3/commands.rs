@@ -1,5 +1,5 @@
 //! Every command on a repository in an S3 bucket (issue 19), against a real radosgw
-//! (tests/common/rgw.rs), beyond what tests/s3.rs covers (init, import, ls, export, a mount
+//! (tests/common/rgw.rs), beyond what tests/s3/basics.rs covers (init, import, ls, export, a mount
 //! read, verify, prune, gc, copy local ↔ S3): `backup` and `restore` through the simulated
 //! host, `browse`, `dump`, `find` and `diff` of a real ext4 inside the points, the key slots,
 //! `copy` from one bucket to another, and `mount -t cbtfs s3://…` with the endpoint and the
@@ -8,16 +8,16 @@
 //! Bytes are checked against the source (the simulated disk, the guest's files); where a local
 //! repository holding the same points can answer too, the bucket's answer must equal it.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::rgw::{no_secret, s3cbtfs, s3ok};
-use common::simhost::SimHost;
-use common::*;
+use crate::common::rgw::{no_secret, s3cbtfs, s3ok};
+use crate::common::simhost::SimHost;
+use crate::common::*;
 use serde_json::Value;
 
 fn text(o: &Output) -> String {

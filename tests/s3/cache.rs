@@ -2,17 +2,15 @@
 //! a counting proxy between cbtfs and it: what a warm cache saves is counted in requests that
 //! reached the server.
 
-mod common;
-#[path = "common/counting_proxy.rs"]
-mod counting_proxy;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::rgw::Rgw;
-use common::*;
-use counting_proxy::{CountingProxy, Seen};
+use crate::common::rgw::Rgw;
+use crate::common::*;
+use crate::counting_proxy::{CountingProxy, Seen};
 
 const BS: usize = 65536;
 

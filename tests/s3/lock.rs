@@ -3,10 +3,10 @@
 //! uploads. Every S3 answer is read here by plain string search over curl's output (an S3
 //! client independent of cbtfs's own).
 
-mod common;
+use crate::common;
 
-use common::rgw::{Rgw, s3cbtfs, s3ok};
-use common::*;
+use crate::common::rgw::{Rgw, s3cbtfs, s3ok};
+use crate::common::*;
 
 /// Exit code and stdout+stderr of a command expected to fail.
 fn s3fails(rgw: &Rgw, args: &[&str]) -> (i32, String) {
