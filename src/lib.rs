@@ -38,6 +38,7 @@ pub mod timefmt;
 pub mod verify;
 pub mod volumes;
 pub mod xapi;
+pub mod xml;
 
 /// CBT tracks 64 KiB blocks (the guide: "Blocks of 64 kB within the VDI are tracked").
 pub const BLOCK_SHIFT: u32 = 16;

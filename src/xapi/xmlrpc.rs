@@ -3,92 +3,15 @@
 //! strings, and results are never faults but a `Status`/`Value`/`ErrorDescription` struct.
 
 use quick_xml::escape::escape;
-use quick_xml::events::Event;
 use serde_json::{Map, Value};
 
-/// A parsed XML element: enough DOM for XML-RPC.
-#[derive(Debug, Default)]
-struct Node {
-    name: String,
-    text: String,
-    children: Vec<Node>,
-}
-
-impl Node {
-    fn child(&self, name: &str) -> Result<&Node, String> {
-        self.children
-            .iter()
-            .find(|c| c.name == name)
-            .ok_or_else(|| format!("<{}> has no <{name}>", self.name))
-    }
-}
+use crate::xml::Node;
 
 /// Deepest nesting accepted: a hostile reply must not exhaust the stack.
 const MAX_DEPTH: usize = 64;
 
 fn parse(xml: &str) -> Result<Node, String> {
-    let mut reader = quick_xml::Reader::from_str(xml);
-    let mut stack: Vec<Node> = vec![Node::default()];
-    loop {
-        match reader
-            .read_event()
-            .map_err(|e| format!("malformed XML: {e}"))?
-        {
-            Event::Start(e) => {
-                if stack.len() > MAX_DEPTH {
-                    return Err("XML nested too deeply".into());
-                }
-                stack.push(Node {
-                    name: String::from_utf8_lossy(e.local_name().as_ref()).into_owned(),
-                    ..Node::default()
-                });
-            }
-            Event::Empty(e) => {
-                let n = Node {
-                    name: String::from_utf8_lossy(e.local_name().as_ref()).into_owned(),
-                    ..Node::default()
-                };
-                if let Some(top) = stack.last_mut() {
-                    top.children.push(n);
-                }
-            }
-            Event::End(_) => {
-                let n = stack.pop().ok_or("unbalanced XML")?;
-                stack.last_mut().ok_or("unbalanced XML")?.children.push(n);
-            }
-            Event::Text(t) => {
-                let s = t.decode().map_err(|e| format!("malformed XML text: {e}"))?;
-                let s = quick_xml::escape::unescape(&s)
-                    .map_err(|e| format!("malformed XML entity: {e}"))?;
-                if let Some(top) = stack.last_mut() {
-                    top.text.push_str(&s);
-                }
-            }
-            Event::GeneralRef(r) => {
-                let name = r.decode().map_err(|e| format!("malformed XML: {e}"))?;
-                let entity = format!("&{name};");
-                let s = quick_xml::escape::unescape(&entity)
-                    .map_err(|e| format!("malformed XML entity: {e}"))?;
-                if let Some(top) = stack.last_mut() {
-                    top.text.push_str(&s);
-                }
-            }
-            Event::CData(t) => {
-                if let Some(top) = stack.last_mut() {
-                    top.text.push_str(&String::from_utf8_lossy(&t));
-                }
-            }
-            Event::Eof => break,
-            _ => {}
-        }
-    }
-    if stack.len() != 1 {
-        return Err("XML ends inside an element".into());
-    }
-    stack
-        .pop()
-        .and_then(|mut root| root.children.pop())
-        .ok_or_else(|| "empty XML document".into())
+    crate::xml::parse(xml, MAX_DEPTH)
 }
 
 fn value(node: &Node) -> Result<Value, String> {
@@ -121,7 +44,7 @@ fn value(node: &Node) -> Result<Value, String> {
         "dateTime.iso8601" | "base64" => Value::String(typed.text.trim().to_string()),
         "nil" => Value::Null,
         "array" => {
-            let data = typed.child("data")?;
+            let data = typed.require("data")?;
             Value::Array(
                 data.children
                     .iter()
@@ -133,8 +56,8 @@ fn value(node: &Node) -> Result<Value, String> {
         "struct" => {
             let mut m = Map::new();
             for member in typed.children.iter().filter(|c| c.name == "member") {
-                let name = member.child("name")?.text.clone();
-                m.insert(name, value(member.child("value")?)?);
+                let name = member.require("name")?.text.clone();
+                m.insert(name, value(member.require("value")?)?);
             }
             Value::Object(m)
         }
@@ -202,15 +125,15 @@ pub fn decode_call(xml: &str) -> Result<(String, Vec<Value>), String> {
     if root.name != "methodCall" {
         return Err(format!("expected <methodCall>, got <{}>", root.name));
     }
-    let method = root.child("methodName")?.text.trim().to_string();
+    let method = root.require("methodName")?.text.trim().to_string();
     let params = match root.child("params") {
-        Ok(p) => p
+        Some(p) => p
             .children
             .iter()
             .filter(|c| c.name == "param")
-            .map(|c| c.child("value").and_then(value))
+            .map(|c| c.require("value").and_then(value))
             .collect::<Result<_, _>>()?,
-        Err(_) => Vec::new(),
+        None => Vec::new(),
     };
     Ok((method, params))
 }
@@ -246,11 +169,11 @@ pub fn decode_response(xml: &str) -> Result<Value, String> {
     if root.name != "methodResponse" {
         return Err(format!("expected <methodResponse>, got <{}>", root.name));
     }
-    if let Ok(f) = root.child("fault") {
-        return Err(format!("XML-RPC fault: {}", value(f.child("value")?)?));
+    if let Some(f) = root.child("fault") {
+        return Err(format!("XML-RPC fault: {}", value(f.require("value")?)?));
     }
-    let param = root.child("params")?.child("param")?;
-    value(param.child("value")?)
+    let param = root.require("params")?.require("param")?;
+    value(param.require("value")?)
 }
 
 #[cfg(test)]

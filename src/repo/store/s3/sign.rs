@@ -455,92 +455,11 @@ pub fn content_md5(body: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(body))
 }
 
-/// An XML element: its name (without namespace), text and children.
-#[derive(Debug, Default, Clone)]
-pub struct Node {
-    pub name: String,
-    pub text: String,
-    pub children: Vec<Node>,
-}
-
-impl Node {
-    /// The first child named `name`.
-    pub fn child(&self, name: &str) -> Option<&Node> {
-        self.children.iter().find(|c| c.name == name)
-    }
-    /// The text of the first child named `name`.
-    pub fn text_of(&self, name: &str) -> Option<&str> {
-        self.child(name).map(|c| c.text.as_str())
-    }
-    /// Every child named `name`.
-    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
-        self.children.iter().filter(move |c| c.name == name)
-    }
-}
+pub use crate::xml::Node;
 
 /// Parse an S3 XML answer into its root element.
 pub fn parse_xml(xml: &str) -> Result<Node, String> {
-    use quick_xml::events::Event;
-    let mut reader = quick_xml::Reader::from_str(xml);
-    let mut stack: Vec<Node> = vec![Node::default()];
-    loop {
-        match reader
-            .read_event()
-            .map_err(|e| format!("malformed XML: {e}"))?
-        {
-            Event::Start(e) => {
-                if stack.len() > MAX_DEPTH {
-                    return Err("XML nested too deeply".into());
-                }
-                stack.push(Node {
-                    name: String::from_utf8_lossy(e.local_name().as_ref()).into_owned(),
-                    ..Node::default()
-                });
-            }
-            Event::Empty(e) => {
-                let n = Node {
-                    name: String::from_utf8_lossy(e.local_name().as_ref()).into_owned(),
-                    ..Node::default()
-                };
-                if let Some(top) = stack.last_mut() {
-                    top.children.push(n);
-                }
-            }
-            Event::End(_) => {
-                let n = stack.pop().ok_or("unbalanced XML")?;
-                stack.last_mut().ok_or("unbalanced XML")?.children.push(n);
-            }
-            Event::Text(t) => {
-                let s = t.decode().map_err(|e| format!("malformed XML text: {e}"))?;
-                if let Some(top) = stack.last_mut() {
-                    top.text.push_str(&s);
-                }
-            }
-            Event::GeneralRef(r) => {
-                let name = r.decode().map_err(|e| format!("malformed XML: {e}"))?;
-                let s = quick_xml::escape::unescape(&format!("&{name};"))
-                    .map_err(|e| format!("malformed XML entity: {e}"))?
-                    .into_owned();
-                if let Some(top) = stack.last_mut() {
-                    top.text.push_str(&s);
-                }
-            }
-            Event::CData(t) => {
-                if let Some(top) = stack.last_mut() {
-                    top.text.push_str(&String::from_utf8_lossy(&t));
-                }
-            }
-            Event::Eof => break,
-            _ => {}
-        }
-    }
-    if stack.len() != 1 {
-        return Err("XML ends inside an element".into());
-    }
-    stack
-        .pop()
-        .and_then(|mut root| root.children.pop())
-        .ok_or_else(|| "empty XML document".into())
+    crate::xml::parse(xml, MAX_DEPTH)
 }
 
 #[cfg(test)]
