@@ -23,7 +23,8 @@ pub fn bin() -> &'static str {
 pub fn key_file() -> &'static Path {
     static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     KEY.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("cbtfs-test-keys-{}", std::process::id()));
+        remove_dead_key_dirs();
+        let dir = std::env::temp_dir().join(format!("{KEY_DIR_PREFIX}{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("repo.key");
         if !p.exists() {
@@ -31,6 +32,29 @@ pub fn key_file() -> &'static Path {
         }
         p
     })
+}
+
+const KEY_DIR_PREFIX: &str = "cbtfs-test-keys-";
+
+/// Remove the key directories of test processes that have ended (each process makes one; a
+/// process cannot remove its own at exit, as statics are never dropped).
+fn remove_dead_key_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(KEY_DIR_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// A copy of the tests' key file that user `uid` owns (tests that run cbtfs as nobody).
