@@ -6,19 +6,23 @@
 # Any finding is saved under fuzz/artifacts/TARGET/: turn it into a regression test.
 # FUZZ_TARGETS="a b" limits the run to those targets; FUZZ_JOBS=N runs N targets at once;
 # FUZZ_SANITIZER=none builds without AddressSanitizer (CI's short smoke run: it builds faster;
-# the default, address, is what long runs use).
+# the default, address, is what long runs use); FUZZ_DEV=1 builds without optimisation (CI's
+# smoke run again: its build takes a fraction of an optimised one, and 5 s per target need no
+# speed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-60}
 jobs=${FUZZ_JOBS:-1}
 sanitizer=${FUZZ_SANITIZER:-address}
+build=(--sanitizer "$sanitizer" --debug-assertions)
+[ "${FUZZ_DEV:-0}" = 1 ] && build+=(--dev)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 targets=${FUZZ_TARGETS:-$(cd fuzz && cargo +nightly fuzz list)}
 # cargo-fuzz builds one target or all of them.
 if [ -n "${FUZZ_TARGETS:-}" ]; then
-  for t in $targets; do (cd fuzz && cargo +nightly fuzz build --sanitizer "$sanitizer" --debug-assertions "$t" >/dev/null); done
+  for t in $targets; do (cd fuzz && cargo +nightly fuzz build "${build[@]}" "$t" >/dev/null); done
 else
-  (cd fuzz && cargo +nightly fuzz build --sanitizer "$sanitizer" --debug-assertions >/dev/null)
+  (cd fuzz && cargo +nightly fuzz build "${build[@]}" >/dev/null)
 fi
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
@@ -27,7 +31,7 @@ touch "$logs/start"   # findings of this run are the artifacts newer than this
 run_one() {
   local t=$1
   mkdir -p "fuzz/corpus/$t" "fuzz/seeds/$t" "fuzz/artifacts/$t"
-  (cd fuzz && cargo +nightly fuzz run --sanitizer "$sanitizer" --debug-assertions "$t" "corpus/$t" "seeds/$t" -- \
+  (cd fuzz && cargo +nightly fuzz run "${build[@]}" "$t" "corpus/$t" "seeds/$t" -- \
       -max_total_time="$seconds" -rss_limit_mb=512 -timeout=10 -print_final_stats=1 \
       -artifact_prefix="artifacts/$t/") >"$logs/$t.log" 2>&1
 }

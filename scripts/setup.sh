@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(e2fsprogs fuse3 util-linux fdisk gdisk lvm2 kmod fio nbdkit nbd-server libnbd-bin openssl curl strace
-      xfsprogs btrfs-progs dosfstools ntfs-3g fusefat fuse2fs)
+      xfsprogs btrfs-progs dosfstools ntfs-3g fusefat fuse2fs time)
 # Ceph's S3 gateway for the object-storage tests (scripts/rgw.sh runs a throwaway cluster);
 # installed without recommends (they pull in a whole storage admin toolbox).
 ceph_pkgs=(ceph-mon ceph-osd radosgw ceph-common)
@@ -53,7 +53,7 @@ fi
 # machine that lost a package must fail here, loudly, not later as a skipped test.
 tools=(mkfs.ext4 debugfs fuse2fs fusermount3 losetup sfdisk sgdisk pvcreate fio nbdkit nbd-server
        nbdcopy openssl curl strace mkfs.xfs mkfs.btrfs mkfs.vfat ntfs-3g mkntfs fusefat setpriv
-       qemu-img qemu-nbd ceph-mon ceph-osd radosgw radosgw-admin ceph ceph-authtool monmaptool)
+       qemu-img qemu-nbd /usr/bin/time ceph-mon ceph-osd radosgw radosgw-admin ceph ceph-authtool monmaptool)
 absent=()
 for t in "${tools[@]}"; do
   command -v "$t" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$t" >/dev/null 2>&1 ||

@@ -20,7 +20,7 @@
 //!   PUT's latency would otherwise bound a backup. `put_owned` hands the pack's buffer to the
 //!   client without a copy and gets it back for the next pack.
 //! * Multipart is not used for packs. Measured against the test radosgw on loopback
-//!   (`put_throughput` in tests/s3/faults.rs, 2 shared cores, 32 MiB objects, warm): one
+//!   (`put_throughput` in tests/suite/s3/faults.rs, 2 shared cores, 32 MiB objects, warm): one
 //!   PUT 152 MiB/s, multipart 4 × 8 MiB parts at once 110 MiB/s (two more requests and the
 //!   server's assembly), 1/2/3/4 single PUTs in flight 160/172/185/185 MiB/s. Parallel
 //!   single PUTs give what multipart would (several streams) while staying create-only.

@@ -5,13 +5,11 @@
 //! Every command runs with `CBTFS_KDF_FAST=1` (cheap password slots), a private
 //! `CBTFS_CACHE_DIR`, and none of the caller's secret variables.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// The secret variables a test must not inherit from whoever runs it.

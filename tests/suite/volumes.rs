@@ -3,15 +3,13 @@
 //! with sfdisk and the real LVM tools (metadata only: activation off); where each LV's bytes
 //! lie is taken from `lvs --segments`, independently of cbtfs's parser.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
+use crate::common::*;
 use cbtfs::read::PointReader;
 use cbtfs::repo::Repository;
 use cbtfs::volumes::{Layout, discover};
-use common::*;
 use serde_json::Value;
 
 const LVM_CONF: &str = "global { activation=0 } devices { obtain_device_list_from_udev=0 }";

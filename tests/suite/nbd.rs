@@ -2,17 +2,16 @@
 //! self-signed certificate like XenServer's, no structured replies, injected errors), plus a
 //! proxy that cuts connections mid-transfer. Data fetched must equal the source byte for byte.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A server process, killed when dropped.
 struct Server(Child);
@@ -1229,13 +1228,28 @@ struct Measured {
     peak_rss: u64,
 }
 
-/// Run cbtfs with `args`, measuring its peak RSS (wait4's rusage of that very child). A child
-/// still running after `limit` is killed, so a hang fails the test rather than stalling it.
+/// Run cbtfs with `args`, measuring its peak RSS (GNU time's report of that very process). A
+/// child still running after `limit` is killed, so a hang fails the test rather than stalling it.
 fn measured(args: &[&str], dir: &Path, limit: Duration) -> Measured {
     let (out, err) = (dir.join("child.out"), dir.join("child.err"));
+    let rss = dir.join("child.rss");
+    // Through GNU time: a child started by this process records this process's own peak at
+    // exec (the kernel keeps the larger of the old and new image's), and the test process runs
+    // many tests; time's fresh, small image forks the one measured.
+    let time = Path::new("/usr/bin/time");
+    assert!(
+        time.exists(),
+        "/usr/bin/time (package time; scripts/setup.sh installs it) measures the child's peak RSS"
+    );
     let start = Instant::now();
-    let child = cbtfs_cmd()
+    let child = Command::new(time)
+        .args(["-f", "%M", "-o"])
+        .arg(&rss)
+        .arg(bin())
+        .env("CBTFS_KEY_FILE", key_file())
         .args(args)
+        // Its own group: the watchdog kills time and cbtfs together.
+        .process_group(0)
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
@@ -1244,9 +1258,9 @@ fn measured(args: &[&str], dir: &Path, limit: Duration) -> Measured {
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if done_rx.recv_timeout(limit).is_err() {
-            // SAFETY: signals the child spawned above, which is not reaped yet (wait4 below
-            // has not returned, or this thread would have been told).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: signals the group of the child spawned above, which is not reaped yet
+            // (wait4 below has not returned, or this thread would have been told).
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
         }
     });
     let mut status = 0;
@@ -1267,7 +1281,11 @@ fn measured(args: &[&str], dir: &Path, limit: Duration) -> Measured {
             std::fs::read_to_string(&out).unwrap_or_default()
         ),
         elapsed,
-        peak_rss: ru.ru_maxrss as u64 * 1024,
+        peak_rss: std::fs::read_to_string(&rss)
+            .ok()
+            .and_then(|t| t.lines().last()?.trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or_else(|| panic!("no peak RSS from /usr/bin/time in {}", rss.display())),
     }
 }
 

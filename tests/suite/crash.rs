@@ -1,13 +1,11 @@
 //! Crashes and hostile filesystems: kill -9 at random moments, a full disk, a read-only
 //! repository. Nothing half-written may ever become visible; the repository stays writable.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 
 fn points(repo: &Path) -> Vec<String> {
     let j: serde_json::Value = serde_json::from_str(&ok(&["ls", s(repo), "--json"])).unwrap();

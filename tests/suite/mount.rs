@@ -1,8 +1,6 @@
 //! The mount through a real kernel FUSE mount: contents, holes, guest filesystems, concurrency,
 //! damage, live updates, lifecycle and `mount -t cbtfs`. Needs root and /dev/fuse (CI has both).
 
-mod common;
-
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -10,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn every_point_of_random_chains_reads_exactly_through_the_mount() {

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::counting_proxy::{CountingProxy, Seen};
 use crate::common::rgw::Rgw;
 use crate::common::*;
-use crate::counting_proxy::{CountingProxy, Seen};
 
 const BS: usize = 65536;
 

@@ -2,10 +2,8 @@
 //! asked, several NBD addresses (one `get_nbd_info` record each) that come and go, pool
 //! members behind `/export_raw_vdi` redirects, and hosts that accept but never answer.
 
-mod common;
-
+use crate::common::*;
 use cbtfs::sim::SimConfig;
-use common::*;
 use serde_json::Value;
 
 const DISK_MB: u64 = 16;

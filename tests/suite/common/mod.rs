@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod counting_proxy;
 pub mod faulty;
 pub mod rgw;
 pub mod simhost;

@@ -1,16 +1,14 @@
 //! `cbtfs prune`: random chains and random policies keep every kept point byte-identical,
 //! reclaim space, survive kill -9 at any moment, and leave an open mount's readers working.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::common::*;
 use cbtfs::prune::Policy;
 use cbtfs::read::PointReader;
-use common::*;
 
 /// Every point in the repository, by time: its bytes.
 fn read_all(repo: &Path) -> HashMap<i64, Vec<u8>> {

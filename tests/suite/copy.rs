@@ -3,14 +3,12 @@
 //! destination must store only the chunks it lacks, and a prune in the source must not break
 //! the destination's chains.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// A source and a destination repository with different keys (the source's is the tests'

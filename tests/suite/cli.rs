@@ -1,10 +1,8 @@
 //! The commands as users run them, and their answers to bad input.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 fn setup(d: &Path) -> (String, String) {
     let repo = d.join("repo");

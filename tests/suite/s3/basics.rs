@@ -1,4 +1,4 @@
-//! Repositories on S3, against a real radosgw (tests/common/rgw.rs starts one per process).
+//! Repositories on S3, against a real radosgw (tests/suite/common/rgw.rs starts one per process).
 
 use crate::common;
 

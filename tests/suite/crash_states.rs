@@ -47,15 +47,13 @@
 //! The tests print `crash states: K states, L lost commits, W wrong bytes` and fail on any
 //! violation.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// System calls that can change files or directories, or whose descriptors matter for those

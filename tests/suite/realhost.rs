@@ -5,14 +5,12 @@
 //! 2. `/export_raw_vdi` answers a close-delimited body that ends without a TLS `close_notify`;
 //! 3. `/export_metadata` too.
 
-mod common;
-
 use std::io::{Read, Write};
 
 use std::sync::Arc;
 
+use crate::common::*;
 use cbtfs::sim::NbdMode;
-use common::*;
 use serde_json::Value;
 
 const DISK_MB: u64 = 8;

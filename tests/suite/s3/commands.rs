@@ -1,5 +1,5 @@
 //! Every command on a repository in an S3 bucket (issue 19), against a real radosgw
-//! (tests/common/rgw.rs), beyond what tests/s3/basics.rs covers (init, import, ls, export, a mount
+//! (tests/suite/common/rgw.rs), beyond what tests/suite/s3/basics.rs covers (init, import, ls, export, a mount
 //! read, verify, prune, gc, copy local ↔ S3): `backup` and `restore` through the simulated
 //! host, `browse`, `dump`, `find` and `diff` of a real ext4 inside the points, the key slots,
 //! `copy` from one bucket to another, and `mount -t cbtfs s3://…` with the endpoint and the

@@ -1,11 +1,9 @@
 //! Backup jobs: the configuration file (`cbtfs config check`, `cbtfs job list`).
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::{cbtfs_cmd, ok};
+use crate::common::{cbtfs_cmd, ok};
 
 /// The example, with its paths moved under `dir`.
 fn example(dir: &Path) -> String {

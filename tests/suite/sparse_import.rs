@@ -1,14 +1,12 @@
 //! A sparse raw image imports in time proportional to its data, not its size, and reads back
 //! byte for byte: data where it was written, zeros in the holes.
 
-mod common;
-
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;

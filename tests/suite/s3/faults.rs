@@ -1,4 +1,4 @@
-//! Repositories on S3 through a fault-injecting proxy (tests/common/faulty.rs) in front of a
+//! Repositories on S3 through a fault-injecting proxy (tests/suite/common/faulty.rs) in front of a
 //! real radosgw: retries commit exact points, a failing store fails cleanly with nothing
 //! referenced, and reads give exact bytes or an error, never wrong bytes.
 
@@ -624,7 +624,7 @@ fn mount_reads_through_faults_are_exact_or_eio() {
 }
 
 /// Measures a 32 MiB PUT to radosgw: one PUT, multipart (4 × 8 MiB parts at once), and one
-/// to four single PUTs in flight. Run by hand: `cargo test --release --test s3 faults::
+/// to four single PUTs in flight. Run by hand: `cargo test --release --test suite s3::faults::
 /// put_throughput -- --ignored --nocapture`.
 #[test]
 #[ignore]

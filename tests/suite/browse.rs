@@ -4,15 +4,13 @@
 //! through its own rw mount just before the snapshot; the reference for `diff` is a full
 //! comparison of the two browsed trees (and `diff -rq`).
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const LVM_CONF: &str = "global { activation=0 } devices { obtain_device_list_from_udev=0 }";

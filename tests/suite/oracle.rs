@@ -9,8 +9,6 @@
 //! its view is older than 200 ms (see `fs`), so after each change the test lists the tree until
 //! it shows exactly what the model says (`wait_for`), then compares.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -18,8 +16,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use cbtfs::prune::Policy;
-use common::*;
 
 /// Rounds of random operations (each: `OPS` operations, then a full comparison).
 const ROUNDS: usize = 50;

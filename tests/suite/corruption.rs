@@ -6,14 +6,12 @@
 //! exactly as the source image held it; never other bytes, never a panic. Also: wrong and
 //! removed secrets, chunks shared by two disks, `verify --sample`, and random damage anywhere.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::common::*;
 use cbtfs::read::PointReader;
 use cbtfs::repo::{PointManifest, Repository};
-use common::*;
 
 /// Blocks of the test disk; blocks 16.. are zero (never stored).
 const BLOCKS: usize = 20;

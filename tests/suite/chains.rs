@@ -2,15 +2,13 @@
 //! resizes, new sets) built with `import`; every point must read back exactly as the disk was at
 //! its snapshot — which is also what the guide's coalescing procedure gives.
 
-mod common;
-
 use std::path::Path;
 
 use cbtfs::import::{ImportRequest, import_raw};
 use cbtfs::naming::Tree;
 use cbtfs::read::PointReader;
 
-use common::*;
+use crate::common::*;
 use proptest::prelude::*;
 
 /// The guide's procedure: coalesce each point's changed blocks onto the previous image.

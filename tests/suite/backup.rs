@@ -1,15 +1,13 @@
 //! `cbtfs backup` end to end against the simulated host: the guide's procedure, every point
 //! equal to the disk at its snapshot, and each failure path the guide and xen-api name.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use crate::common::*;
 use cbtfs::sim::{NbdMode, Sim, SimConfig};
-use common::*;
 use serde_json::Value;
 
 const DISK_MB: u64 = 16;
