@@ -15,7 +15,7 @@ mod copy;
 mod job;
 mod key;
 mod secret;
-mod text;
+pub mod text;
 use secret::SecretSources;
 use text::{count, plural};
 

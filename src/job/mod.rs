@@ -1,8 +1,10 @@
 //! Backup jobs for a whole pool: a configuration file of hosts, repositories and jobs
 //! ([`config`]), the schedules that timers run them on ([`schedule`]), and the record of a
-//! run ([`report`]).
+//! run ([`report`]) and where it goes: report file, metrics, notifications, summary
+//! ([`deliver`]).
 
 pub mod config;
+pub mod deliver;
 pub mod report;
 pub mod schedule;
 
