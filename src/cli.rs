@@ -628,10 +628,12 @@ Examples:
         #[command(subcommand)]
         action: job::ConfigAction,
     },
-    /// Backup jobs of the configuration file: list them.
+    /// Backup jobs of the configuration file: list them, their last runs, their systemd units.
     #[command(after_help = "\
 Examples:
   cbtfs job list
+  cbtfs job status
+  cbtfs job units --dir /etc/systemd/system
   cbtfs job list --config /etc/cbtfs/cbtfs.toml --json")]
     Job {
         #[command(subcommand)]
