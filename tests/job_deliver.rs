@@ -731,3 +731,40 @@ fn job_units_write_a_service_and_timer_per_scheduled_job() {
         "{err}"
     );
 }
+
+/// scripts/install.sh writes the units of the configuration's scheduled jobs (into the staging
+/// root here, where it says how to enable them instead of calling systemctl).
+#[test]
+fn install_script_writes_the_job_units() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = write_config(t.path(), "");
+    let dest = t.path().join("stage");
+    let o = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install.sh"))
+        .env("DESTDIR", &dest)
+        .env("PREFIX", "/usr")
+        .env("CBTFS_BIN", common::bin())
+        .env("CBTFS_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let units = dest.join("etc/systemd/system");
+    assert!(
+        out.contains(&format!(
+            "wrote cbtfs-job-nightly.timer to {}; enable them where systemd runs with:\n  systemctl daemon-reload && systemctl enable --now cbtfs-job-nightly.timer\n",
+            units.display()
+        )),
+        "{out}"
+    );
+    let service = std::fs::read_to_string(units.join("cbtfs-job-nightly.service")).unwrap();
+    assert!(
+        service.contains(&format!(
+            "\nExecStart=/usr/bin/cbtfs job run nightly --config {}\n",
+            std::fs::canonicalize(&cfg).unwrap().display()
+        )),
+        "{service}"
+    );
+    assert!(units.join("cbtfs-job-nightly.timer").is_file());
+    assert!(!units.join("cbtfs-job-weekly.timer").exists());
+}
