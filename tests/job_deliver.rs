@@ -768,3 +768,66 @@ fn install_script_writes_the_job_units() {
     assert!(units.join("cbtfs-job-nightly.timer").is_file());
     assert!(!units.join("cbtfs-job-weekly.timer").exists());
 }
+
+/// The README's "Backing up a pool": its config reads as written (`config check --offline`),
+/// its units come out of `job units`, and the series its alert rules use are the ones written.
+#[test]
+fn readme_pool_example_works_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split_once("### Backing up a pool\n")
+        .expect("the README has the section")
+        .1;
+    let section = section.split("\n### ").next().unwrap();
+    let toml = section
+        .split_once("```toml\n")
+        .unwrap()
+        .1
+        .split_once("```")
+        .unwrap()
+        .0;
+    let t = tempfile::tempdir().unwrap();
+    let cfg = t.path().join("cbtfs.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let o = cbtfs_cmd()
+        .args(["config", "check", "--offline", "--config", s(&cfg)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = Config::parse(toml, &cfg).unwrap();
+    let j = &c.jobs["nightly"];
+    assert_eq!(
+        j.report.as_deref(),
+        Some(Path::new("/var/log/cbtfs/nightly.json"))
+    );
+    let units = t.path().join("units");
+    let o = cbtfs_cmd()
+        .args(["job", "units", "--config", s(&cfg), "--dir", s(&units)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::fs::read_to_string(units.join("cbtfs-job-nightly.timer"))
+            .unwrap()
+            .contains("\nOnCalendar=*-*-* 02:00:00\n")
+    );
+    // Every series the alert rules name is in a metrics file of a run.
+    let m = cbtfs::job::deliver::metrics_text("nightly", &partial(), "");
+    for series in [
+        "time() - cbtfs_disk_last_success_timestamp_seconds > 26 * 3600",
+        "cbtfs_job_last_run_outcome{outcome=\"ok\"} == 0",
+    ] {
+        assert!(section.contains(series), "the README lost {series:?}");
+        let name = series
+            .trim_start_matches("time() - ")
+            .split(['{', ' '])
+            .next()
+            .unwrap();
+        assert!(
+            m.contains(&format!("\n{name}{{cbtfs_job=\"nightly\",")),
+            "{name}"
+        );
+    }
+    assert!(section.contains("$labels.cbtfs_job"));
+}
