@@ -566,10 +566,22 @@ fn job_status_reads_the_last_report() {
     deliver::write_report(&t.path().join("log/nightly.json"), &r).unwrap();
     let o = cbtfs_cmd()
         .args(["job", "status", "--config", s(&cfg)])
+        .env("TZ", "UTC")
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The next run, where systemd can tell: the next 02:00 UTC, within a day.
+    let next = if common::have("systemd-analyze") {
+        let now = cbtfs::timefmt::now();
+        let day = now - now.rem_euclid(86_400);
+        let at2 = day + 7200;
+        let next = if at2 > now { at2 } else { at2 + 86_400 };
+        format!(" (next {})", cbtfs::timefmt::rfc3339(next))
+    } else {
+        common::skip("systemd-analyze is not installed: job status shows no next run");
+        String::new()
+    };
     let d = t.path().display();
     let mut lines = out.lines();
     let first = lines.next().unwrap();
@@ -587,7 +599,7 @@ fn job_status_reads_the_last_report() {
         [
             "  db02/root: VM.snapshot: HANDLE_INVALID (the VM was deleted)".to_string(),
             format!("  report {d}/log/nightly.json"),
-            "  schedule *-*-* 02:00:00".to_string(),
+            format!("  schedule *-*-* 02:00:00{next}"),
             format!("weekly: never run (no report at {d}/log/weekly.json)"),
             "  schedule none (run by hand)".to_string(),
         ]
@@ -596,6 +608,7 @@ fn job_status_reads_the_last_report() {
     // One job, as JSON.
     let o = cbtfs_cmd()
         .args(["job", "status", "nightly", "--json", "--config", s(&cfg)])
+        .env("TZ", "UTC")
         .output()
         .unwrap();
     assert!(o.status.success());
@@ -604,6 +617,9 @@ fn job_status_reads_the_last_report() {
     assert_eq!(a.len(), 1);
     assert_eq!(a[0]["job"], "nightly");
     assert_eq!(a[0]["schedule"], "*-*-* 02:00:00");
+    if !next.is_empty() {
+        assert!(a[0]["next"].as_str().unwrap().ends_with("T02:00:00Z"));
+    }
     let lr = &a[0]["last_run"];
     assert_eq!(lr["outcome"], "partial");
     assert_eq!(lr["exit_status"], 3);

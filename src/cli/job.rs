@@ -168,6 +168,8 @@ struct JobStatus {
     job: String,
     report: Option<PathBuf>,
     schedule: Option<String>,
+    /// When the timer starts it next (RFC 3339 UTC), where systemd can tell.
+    next: Option<String>,
     /// None when the job never ran (or its report cannot be read: see `error`).
     last_run: Option<LastRun>,
     error: Option<String>,
@@ -217,6 +219,10 @@ fn status(name: Option<String>, config: Option<PathBuf>, json: bool) -> Result<(
             job: n.clone(),
             report: path,
             schedule: j.schedule.clone(),
+            next: j
+                .schedule
+                .as_deref()
+                .and_then(crate::job::schedule::next_elapse),
             last_run,
             error,
         });
@@ -322,8 +328,12 @@ fn status_text(s: &JobStatus, now: i64) -> String {
             t.push_str(&format!("  report {report}\n"));
         }
     }
+    let next = s
+        .next
+        .as_ref()
+        .map_or_else(String::new, |n| format!(" (next {n})"));
     t.push_str(&format!(
-        "  schedule {}\n",
+        "  schedule {}{next}\n",
         s.schedule.as_deref().unwrap_or("none (run by hand)")
     ));
     t
