@@ -155,7 +155,7 @@ mod tests {
         assert!(s.contains("\nStandardOutput=journal\n"));
         assert!(s.contains("\nSyslogIdentifier=cbtfs-job-nightly\n"));
         assert!(s.contains("\nProtectSystem=full\n"));
-        assert!(!s.contains("strict"));
+        assert!(!s.contains("ProtectSystem=strict"));
         assert!(!s.contains("ProtectHome"));
         assert!(!s.contains("PrivateDevices"));
         let t = timer("nightly", &c.jobs["nightly"]).unwrap();
