@@ -471,6 +471,27 @@ fn failing_webhooks_are_problems_in_bounded_time_and_hide_the_url() {
         rx.connections.load(Ordering::SeqCst) == 2
     });
 
+    // https: a server that answers the TLS handshake with plain text is refused (the TLS
+    // client is set up with the system's roots and never falls back to plain HTTP).
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let j = job(
+        t.path(),
+        &format!("notify = {{ webhook = \"https://127.0.0.1:{port}/x/SECRET\" }}"),
+    );
+    let problems = deliver::deliver_with("nightly", &j, &r, &quick());
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].starts_with("the webhook to 127.0.0.1 failed: error sending request"),
+        "{problems:?}"
+    );
+    assert!(!problems[0].contains("SECRET"), "{problems:?}");
+
     // Nobody listening at all.
     let port = {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
