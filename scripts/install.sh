@@ -6,6 +6,10 @@
 #   PREFIX=/usr/local   where cbtfs, its man pages and completions go
 #   DESTDIR=            a staging root prepended to every path (packaging; no root needed)
 #   CBTFS_BIN=          an already built cbtfs to install (default: build target/release/cbtfs)
+#   CBTFS_CONFIG=       the backup jobs' configuration (default /etc/cbtfs/cbtfs.toml): when it
+#                       exists, a systemd service and timer per scheduled job are written to
+#                       DESTDIR/UNIT_DIR and, unless DESTDIR is set, the timers are enabled
+#   UNIT_DIR=           where those units go (default /etc/systemd/system)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PREFIX=${PREFIX:-/usr/local}
@@ -31,3 +35,25 @@ install -m 0644 "$man"/*.1 "$root/share/man/man1/"
 chmod 0644 "$root/share/bash-completion/completions/cbtfs" \
   "$root/share/zsh/site-functions/_cbtfs" "$root/share/fish/vendor_completions.d/cbtfs.fish"
 echo "installed $root/bin/cbtfs, $DESTDIR/sbin/mount.cbtfs, man pages in $root/share/man/man1, completions for bash, zsh and fish"
+
+# Backup jobs: a service and a timer per job with a schedule, running the installed cbtfs.
+config=${CBTFS_CONFIG:-/etc/cbtfs/cbtfs.toml}
+unitdir=$DESTDIR${UNIT_DIR:-/etc/systemd/system}
+if [[ -f $config ]]; then
+  install -d "$unitdir"
+  written=$("$root/bin/cbtfs" job units --config "$config" --dir "$unitdir" --bin "$PREFIX/bin/cbtfs")
+  timers=()
+  while IFS= read -r f; do
+    [[ $f == *.timer ]] && timers+=("$(basename "$f")")
+  done <<<"$written"
+  if ((${#timers[@]} == 0)); then
+    echo "no job in $config has a schedule: no timers installed"
+  elif [[ -z $DESTDIR && -d /run/systemd/system ]]; then
+    systemctl daemon-reload
+    systemctl enable --now "${timers[@]}"
+    echo "enabled ${timers[*]} (systemctl list-timers 'cbtfs-job-*' shows the next runs)"
+  else
+    echo "wrote ${timers[*]} to $unitdir; enable them where systemd runs with:"
+    echo "  systemctl daemon-reload && systemctl enable --now ${timers[*]}"
+  fi
+fi

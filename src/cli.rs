@@ -15,7 +15,7 @@ mod copy;
 mod job;
 mod key;
 mod secret;
-mod text;
+pub mod text;
 use secret::SecretSources;
 use text::{count, plural};
 
@@ -629,10 +629,12 @@ Examples:
         #[command(subcommand)]
         action: job::ConfigAction,
     },
-    /// Backup jobs of the configuration file: list them.
+    /// Backup jobs of the configuration file: list them, their last runs, their systemd units.
     #[command(after_help = "\
 Examples:
   cbtfs job list
+  cbtfs job status
+  cbtfs job units --dir /etc/systemd/system
   cbtfs job list --config /etc/cbtfs/cbtfs.toml --json")]
     Job {
         #[command(subcommand)]

@@ -1,4 +1,5 @@
-//! `cbtfs config check` and `cbtfs job list`: the configuration file of backup jobs.
+//! `cbtfs config check`, `cbtfs job list`, `cbtfs job status` and `cbtfs job units`: the
+//! configuration file of backup jobs, the last run of each, and the systemd units that run them.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,9 @@ use clap::Subcommand;
 
 use super::JSON_HELP;
 use crate::job::config::{self, Config};
+use crate::job::deliver;
+use crate::job::report::{JobReport, Outcome};
+use crate::job::units;
 
 const CONFIG_HELP: &str =
     "The configuration file (default /etc/cbtfs/cbtfs.toml, or $CBTFS_CONFIG)";
@@ -42,6 +46,37 @@ Examples:
         config: Option<PathBuf>,
         #[arg(long, help = JSON_HELP)]
         json: bool,
+    },
+    /// The last run of each job (or of NAME), from its report file: when, the outcome, disks ok
+    /// and failed; and the schedule. A job never run says so.
+    #[command(after_help = "\
+Examples:
+  cbtfs job status
+  cbtfs job status nightly --json")]
+    Status {
+        /// Only this job.
+        name: Option<String>,
+        #[arg(long, value_name = "FILE", env = "CBTFS_CONFIG", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
+    /// Write a systemd service and timer per job with a schedule (cbtfs-job-NAME.service,
+    /// cbtfs-job-NAME.timer); prints the files written. Then `systemctl daemon-reload` and
+    /// `systemctl enable --now cbtfs-job-NAME.timer` (scripts/install.sh does both).
+    #[command(after_help = "\
+Examples:
+  cbtfs job units
+  cbtfs job units --config /etc/cbtfs/cbtfs.toml --dir /etc/systemd/system --bin /usr/local/bin/cbtfs")]
+    Units {
+        #[arg(long, value_name = "FILE", env = "CBTFS_CONFIG", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        /// Where the units go.
+        #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
+        dir: PathBuf,
+        /// The cbtfs the services run (default: this one).
+        #[arg(long, value_name = "PATH")]
+        bin: Option<PathBuf>,
     },
 }
 
@@ -122,7 +157,244 @@ pub fn run_job(action: JobAction) -> Result<()> {
             }
             Ok(())
         }
+        JobAction::Status { name, config, json } => status(name, config, json),
+        JobAction::Units { config, dir, bin } => units(config, &dir, bin),
     }
+}
+
+/// One job's line of `job status`.
+#[derive(serde::Serialize)]
+struct JobStatus {
+    job: String,
+    report: Option<PathBuf>,
+    schedule: Option<String>,
+    /// When the timer starts it next (RFC 3339 UTC), where systemd can tell.
+    next: Option<String>,
+    /// None when the job never ran (or its report cannot be read: see `error`).
+    last_run: Option<LastRun>,
+    error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct LastRun {
+    started: String,
+    finished: String,
+    seconds: f64,
+    outcome: Outcome,
+    exit_status: i32,
+    disks_ok: usize,
+    disks_failed: usize,
+    errors: Vec<String>,
+    /// `VM/DISK: why` of each failed disk.
+    failed: Vec<String>,
+}
+
+fn status(name: Option<String>, config: Option<PathBuf>, json: bool) -> Result<()> {
+    let c = Config::load(&config_path(config))?;
+    let names: Vec<&String> = match &name {
+        Some(n) => match c.jobs.get_key_value(n) {
+            Some((k, _)) => vec![k],
+            None => bail!(
+                "{}: there is no job {n:?}; `cbtfs job list` shows the jobs",
+                c.path.display()
+            ),
+        },
+        None => c.jobs.keys().collect(),
+    };
+    let mut out = Vec::new();
+    for n in names {
+        let j = &c.jobs[n];
+        let path = deliver::report_path(n, j);
+        let (last_run, error) = match &path {
+            None => (
+                None,
+                Some(deliver::DeliverError::NoReportPath { job: n.clone() }.to_string()),
+            ),
+            Some(p) => match deliver::read_report(p) {
+                Ok(r) => (r.map(|r| last_run(&r)), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+        };
+        out.push(JobStatus {
+            job: n.clone(),
+            report: path,
+            schedule: j.schedule.clone(),
+            next: j
+                .schedule
+                .as_deref()
+                .and_then(crate::job::schedule::next_elapse),
+            last_run,
+            error,
+        });
+    }
+    let unreadable = out.iter().filter(|s| s.error.is_some()).count();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        if out.is_empty() {
+            println!("{}: no jobs", c.path.display());
+        }
+        let now = crate::timefmt::now();
+        for s in &out {
+            print!("{}", status_text(s, now));
+        }
+    }
+    if unreadable > 0 {
+        bail!(
+            "{} could not be read",
+            super::count(unreadable, "report", "reports")
+        );
+    }
+    Ok(())
+}
+
+fn last_run(r: &JobReport) -> LastRun {
+    let ok = r.disks.iter().filter(|d| d.ok).count();
+    LastRun {
+        started: r.started.clone(),
+        finished: r.finished.clone(),
+        seconds: r.seconds,
+        outcome: r.outcome,
+        exit_status: r.outcome.exit_code(),
+        disks_ok: ok,
+        disks_failed: r.disks.len().saturating_sub(ok),
+        errors: r.errors.clone(),
+        failed: r
+            .disks
+            .iter()
+            .filter(|d| !d.ok)
+            .map(|d| {
+                format!(
+                    "{}/{}: {}",
+                    d.vm,
+                    d.disk,
+                    d.error.as_deref().unwrap_or("no reason given")
+                )
+            })
+            .collect(),
+    }
+}
+
+/// `3 h ago`, `2 d ago`; empty when the time is unreadable or ahead.
+fn ago(when: &str, now: i64) -> String {
+    let Ok(t) = crate::timefmt::parse(when) else {
+        return String::new();
+    };
+    let Some(d) = now.checked_sub(t).filter(|d| *d >= 0) else {
+        return String::new();
+    };
+    let (n, unit) = match d {
+        0..120 => (d, "s"),
+        120..7200 => (d / 60, "min"),
+        7200..172_800 => (d / 3600, "h"),
+        _ => (d / 86_400, "d"),
+    };
+    format!(" ({n} {unit} ago)")
+}
+
+fn status_text(s: &JobStatus, now: i64) -> String {
+    let mut t = String::new();
+    let report = s
+        .report
+        .as_ref()
+        .map_or_else(|| "no report path".into(), |p| p.display().to_string());
+    match (&s.last_run, &s.error) {
+        (_, Some(e)) => t.push_str(&format!("{}: {e}\n", s.job)),
+        (None, None) => t.push_str(&format!("{}: never run (no report at {report})\n", s.job)),
+        (Some(r), None) => {
+            let word = match r.outcome {
+                Outcome::Ok => "ok",
+                Outcome::Partial => "PARTIAL",
+                Outcome::Failed => "FAILED",
+            };
+            t.push_str(&format!(
+                "{}: last run {}{}, {word} (exit status {}): {} of {} ok, {} failed{}\n",
+                s.job,
+                r.started,
+                ago(&r.started, now),
+                r.exit_status,
+                r.disks_ok,
+                super::count(r.disks_ok + r.disks_failed, "disk", "disks"),
+                r.disks_failed,
+                if r.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", super::count(r.errors.len(), "error", "errors"))
+                }
+            ));
+            for f in r.failed.iter().chain(r.errors.iter()) {
+                t.push_str(&format!("  {f}\n"));
+            }
+            t.push_str(&format!("  report {report}\n"));
+        }
+    }
+    let next = s
+        .next
+        .as_ref()
+        .map_or_else(String::new, |n| format!(" (next {n})"));
+    t.push_str(&format!(
+        "  schedule {}{next}\n",
+        s.schedule.as_deref().unwrap_or("none (run by hand)")
+    ));
+    t
+}
+
+fn units(config: Option<PathBuf>, dir: &Path, bin: Option<PathBuf>) -> Result<()> {
+    let path = config_path(config);
+    let c = Config::load(&path)?;
+    // The units outlive this shell: absolute paths only.
+    let config_abs = std::fs::canonicalize(&path).unwrap_or(std::path::absolute(&path)?);
+    let bin = match bin {
+        Some(b) => std::path::absolute(b)?,
+        None => std::env::current_exe()?,
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot make the unit directory {}: {e}", dir.display()))?;
+    let mut wanted = std::collections::BTreeSet::new();
+    for (name, j) in &c.jobs {
+        let Some(timer) = units::timer(name, j) else {
+            eprintln!(
+                "job {name} has no schedule: no timer written (run it with `cbtfs job run {name}`)"
+            );
+            continue;
+        };
+        let stem = units::unit_stem(name);
+        for (file, text) in [
+            (
+                format!("{stem}.service"),
+                units::service(name, &bin, &config_abs),
+            ),
+            (format!("{stem}.timer"), timer),
+        ] {
+            let p = dir.join(&file);
+            deliver::write_atomic(&p, text.as_bytes(), 0o644)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?;
+            println!("{}", p.display());
+            wanted.insert(file);
+        }
+    }
+    // Units of jobs that are gone or lost their schedule: named, not removed (they may be
+    // running).
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        let mut stale: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|f| {
+                f.starts_with("cbtfs-job-")
+                    && (f.ends_with(".timer") || f.ends_with(".service"))
+                    && !wanted.contains(f)
+            })
+            .collect();
+        stale.sort();
+        for f in stale.iter().filter(|f| f.ends_with(".timer")) {
+            eprintln!(
+                "{} is not a scheduled job of {} any more: `systemctl disable --now {f}` and remove it and its service",
+                dir.join(f).display(),
+                c.path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn describe_keep(p: &crate::prune::Policy) -> String {

@@ -79,6 +79,40 @@ pub fn check(expr: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// When systemd will next start a timer on `expr`, as RFC 3339 UTC (`2026-12-01T02:00:00Z`):
+/// asked of `systemd-analyze calendar`, systemd's own calendar arithmetic with time zones and
+/// daylight saving. None where systemd is not installed or the expression is refused.
+pub fn next_elapse(expr: &str) -> Option<String> {
+    check(expr).ok()?;
+    let o = std::process::Command::new("systemd-analyze")
+        .args(["calendar", "--"])
+        .arg(expr.trim())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    parse_next_elapse(&String::from_utf8_lossy(&o.stdout))
+}
+
+/// The next elapse in `systemd-analyze calendar`'s answer: the `(in UTC):` line, or the
+/// `Next elapse:` line when that is in UTC already (`Tue 2026-12-01 02:00:00 UTC`).
+pub fn parse_next_elapse(out: &str) -> Option<String> {
+    let pick = |key: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(key).map(str::trim))
+    };
+    let t = pick("(in UTC):").or_else(|| pick("Next elapse:"))?;
+    let w: Vec<&str> = t.split_whitespace().collect();
+    let [_weekday, date, time, "UTC"] = w.as_slice() else {
+        return None;
+    };
+    let unix = crate::timefmt::parse(&format!("{date}T{time}Z")).ok()?;
+    Some(crate::timefmt::rfc3339(unix))
+}
+
 fn is_zone(t: &str, tokens: &[&str]) -> bool {
     tokens.len() == 1 && t.contains('/')
 }
@@ -240,6 +274,26 @@ mod tests {
         for b in BAD {
             assert!(check(b).is_err(), "{b:?} was accepted");
         }
+    }
+
+    #[test]
+    fn next_elapse_is_read_from_systemd_analyze() {
+        use super::parse_next_elapse;
+        let utc = "Normalized form: *-*-* 02:00:00\n    Next elapse: Tue 2026-12-01 02:00:00 UTC\n       From now: 13h left\n";
+        assert_eq!(
+            parse_next_elapse(utc).as_deref(),
+            Some("2026-12-01T02:00:00Z")
+        );
+        let cet = "Normalized form: *-*-* 02:00:00\n    Next elapse: Tue 2026-12-01 02:00:00 CET\n       (in UTC): Tue 2026-12-01 01:00:00 UTC\n       From now: 12h left\n";
+        assert_eq!(
+            parse_next_elapse(cet).as_deref(),
+            Some("2026-12-01T01:00:00Z")
+        );
+        let only_local = "    Next elapse: Tue 2026-12-01 02:00:00 CET\n";
+        assert_eq!(parse_next_elapse(only_local), None);
+        assert_eq!(parse_next_elapse("Next elapse: never\n"), None);
+        assert_eq!(parse_next_elapse(""), None);
+        assert_eq!(super::next_elapse("every day"), None);
     }
 
     /// Where systemd is installed, it agrees with every verdict above.
