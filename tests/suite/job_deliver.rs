@@ -2,7 +2,7 @@
 //! webhooks received by a real HTTP listener in the test, mail through a fake `sendmail`;
 //! then `cbtfs job status` reading the report and `cbtfs job units` writing the timers.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{cbtfs_cmd, s};
 use cbtfs::job::config::{Config, JobConf};
 use cbtfs::job::deliver::{self, Options};
 use cbtfs::job::report::{DiskOutcome, JobReport, Outcome, REPORT_FORMAT, REPORT_VERSION};
-use common::{cbtfs_cmd, s};
 
 fn disk(vm: &str, name: &str, vdi: &str, ok: bool) -> DiskOutcome {
     DiskOutcome {
