@@ -12,7 +12,7 @@
 //! | ext2/3/4 | `e2fsck -fn` | `needs_recovery` in the superblock: `e2fsck -E journal_only -y` replays it into the overlay first |
 //! | xfs | `xfs_repair -n -f` | a dirty log (the checker says so): a kernel mount through a loop device replays it first (root) |
 //! | ntfs | `ntfsfix -n` | — |
-//! | vfat | `fsck.vfat -n` | — |
+//! | vfat | `fsck.vfat -n` | the dirty mark Linux sets while mounted: cleared in the overlay first |
 //! | btrfs | `btrfs check --readonly` | — (copy-on-write: nothing to replay) |
 //!
 //! Each volume gets a state: `clean`; `journal` (clean once its journal was replayed: what a
@@ -348,8 +348,49 @@ struct Overlay {
     session: Option<fuser::BackgroundSession>,
 }
 
+/// The prefix of an overlay's directory name; the process id follows.
+const DIR_PREFIX: &str = "cbtfs-health-";
+
+/// Undo what checks of processes that are gone (killed, crashed) left in `tmp`: their replay
+/// mounts and loop devices, their overlays and directories.
+fn clean_stale(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(DIR_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        tracing::warn!(dir = %path.display(), "cleaning up after a health check whose process {pid} is gone");
+        if name.ends_with(".replay") {
+            let _ = crate::mount::unmount(&path, crate::mount::Unmount::Lazy);
+        } else {
+            for dev in crate::browse::loops_backed_by(&path) {
+                let _ = Command::new("losetup")
+                    .args(["-d", &dev])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            let _ = crate::mount::unmount(&path, crate::mount::Unmount::Lazy);
+        }
+        let _ = std::fs::remove_dir(&path);
+    }
+}
+
 impl Overlay {
     fn new(reader: &Arc<PointReader>, vols: &[Volume], tmp: &Path) -> Result<Overlay, HealthError> {
+        clean_stale(tmp);
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce).map_err(|e| HealthError::Temp {
             what: "choosing a name in",
@@ -357,7 +398,7 @@ impl Overlay {
             source: io::Error::other(e.to_string()),
         })?;
         let dir = tmp.join(format!(
-            "cbtfs-health-{}-{:016x}",
+            "{DIR_PREFIX}{}-{:016x}",
             std::process::id(),
             u64::from_le_bytes(nonce)
         ));
@@ -655,6 +696,30 @@ fn check_volume(
             }
         }
     }
+    // FAT has no journal, but Linux marks it dirty while mounted: a snapshot of a running
+    // guest carries the mark, which fsck.vfat counts as an error. Cleared in the overlay, the
+    // check says whether anything else is wrong.
+    if kind == Kind::Vfat
+        && let Some(at) = fat_dirty_byte(cow)
+    {
+        let mut b = [0u8; 1];
+        let cleared = cow
+            .read_at(&mut b, at)
+            .and_then(|_| cow.write_at(&[b[0] & !FAT_DIRTY], at));
+        if let Err(e) = cleared {
+            return (
+                State::Unchecked,
+                checker,
+                format!("clearing its dirty mark in the overlay failed: {e}"),
+            );
+        }
+        checker = format!("{checker} (after clearing the dirty mark)");
+        replayed = true;
+        notes.push(
+            "it was marked dirty (mounted when the snapshot was taken); the mark was cleared in the overlay"
+                .into(),
+        );
+    }
     let mut r = match run_bounded(prog, kind.args(), file, opts) {
         Ok(r) => r,
         Err(e) => {
@@ -759,6 +824,24 @@ fn ext_needs_recovery(cow: &CowFile) -> bool {
     let magic = u16::from_le_bytes([sb[56], sb[57]]);
     let incompat = u32::from_le_bytes([sb[96], sb[97], sb[98], sb[99]]);
     magic == 0xEF53 && incompat & 0x4 != 0
+}
+
+/// The "not properly unmounted" bit of a FAT boot sector's state byte.
+const FAT_DIRTY: u8 = 0x01;
+
+/// Where a FAT boot sector's state byte is, if its dirty bit is set: byte 37 of FAT12/16,
+/// byte 65 of FAT32 (whose 16-bit sectors-per-FAT field, at 22, is zero).
+fn fat_dirty_byte(cow: &CowFile) -> Option<u64> {
+    let mut bs = [0u8; 512];
+    match cow.read_at(&mut bs, 0) {
+        Ok(n) if n == bs.len() => {}
+        _ => return None,
+    }
+    let fat32 = u16::from_le_bytes([bs[22], bs[23]]) == 0;
+    // The extended boot record's signature (0x28 or 0x29) says the state byte is there.
+    let (sig, state) = if fat32 { (66, 65) } else { (38, 37) };
+    let has_ebr = matches!(bs[sig], 0x28 | 0x29);
+    (has_ebr && bs[state] & FAT_DIRTY != 0).then_some(state as u64)
 }
 
 /// Whether `xfs_repair -n` stopped at (or warned about) a log that needs replaying.

@@ -106,6 +106,22 @@ fn snapshot_while_mounted(kind: &'static str) -> impl Fn(&Path) {
     }
 }
 
+/// A FAT32 marked dirty, as Linux leaves it while mounted (the boot sector's state byte, 65).
+fn dirty_fat32(img: &Path) {
+    sh(&format!("mkfs.vfat -F 32 {}", s(img)));
+    let mut b = std::fs::read(img).unwrap();
+    b[65] |= 1;
+    std::fs::write(img, b).unwrap();
+    // fsck.vfat alone calls it an error.
+    let o = std::process::Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(img)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Dirty bit is set"));
+}
+
 /// A GPT disk of `parts` (p1, p2, ... in order), each made by its function in its own image and
 /// copied into place.
 fn make_disk(dir: &Path, name: &str, parts: &[Part]) -> PathBuf {
@@ -337,6 +353,7 @@ fn journals_of_a_crash_consistent_snapshot_are_replayed_into_the_overlay() {
         &[
             part(64, snapshot_while_mounted("ext4")),
             part(320, snapshot_while_mounted("xfs")),
+            part(64, dirty_fat32),
         ],
     );
     // The images really need their journals: e2fsck sees the flag, xfs_repair the log.
@@ -365,7 +382,11 @@ fn journals_of_a_crash_consistent_snapshot_are_replayed_into_the_overlay() {
     let h = check_newest(&r, 2, &opts);
     assert_eq!(
         states(&h),
-        want(&[("p1", "ext4", "journal"), ("p2", "xfs", "journal")]),
+        want(&[
+            ("p1", "ext4", "journal"),
+            ("p2", "xfs", "journal"),
+            ("p3", "vfat", "journal")
+        ]),
         "{h:#?}"
     );
     assert_eq!(h.state, "journal");
@@ -376,6 +397,10 @@ fn journals_of_a_crash_consistent_snapshot_are_replayed_into_the_overlay() {
     assert_eq!(
         h.volumes[1].checker,
         "xfs_repair -n -f (after a log replay by a kernel mount)"
+    );
+    assert_eq!(
+        h.volumes[2].checker,
+        "fsck.vfat -n (after clearing the dirty mark)"
     );
     // The replays went to the overlay only.
     assert_eq!(point_digest(&r, 2), disk_sum);
@@ -639,4 +664,70 @@ fn fsck_of_a_256_mib_disk_with_one_ext4() {
         h["seconds"].as_f64().unwrap()
     );
     assert_eq!(leftovers(), "");
+}
+
+#[test]
+fn a_check_killed_midway_is_cleaned_up_by_the_next() {
+    let _serial = serial();
+    if !needs(&["sfdisk", "mkfs.ext4", "e2fsck"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = make_disk(dir.path(), "one", &[part(32, mkfs("ext4"))]);
+    let repo = dir.path().join("repo");
+    import(&repo, &disk, 4, "web01");
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    // A checker that says where it is and waits.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let pid_file = dir.path().join("checker.pid");
+    std::fs::write(
+        bin.join("e2fsck"),
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec {} 60\n",
+            s(&pid_file),
+            sh("command -v sleep").trim()
+        ),
+    )
+    .unwrap();
+    sh(&format!("chmod 755 {}", s(&bin.join("e2fsck"))));
+    let mut child = cbtfs_cmd()
+        .args(["fsck", s(&repo)])
+        .env("TMPDIR", &tmp)
+        .env("PATH", &bin)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the checker to start", Duration::from_secs(60), || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n'))
+    });
+    assert!(
+        leftovers().contains("cbtfs-health"),
+        "the overlay is mounted"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let checker: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: the checker is the process this test's script started (it wrote its own pid).
+    unsafe { libc::kill(checker, libc::SIGKILL) };
+    // The killed check's overlay is left behind: the next check cleans it up.
+    let o = cbtfs_cmd()
+        .args(["fsck", s(&repo), "--json"])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(leftovers(), "");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
 }
