@@ -51,7 +51,7 @@ fi
 
 # Whatever happened above, check that every tool the demo and tests run is really there: a
 # machine that lost a package must fail here, loudly, not later as a skipped test.
-tools=(mkfs.ext4 debugfs fuse2fs fusermount3 losetup sfdisk sgdisk pvcreate fio nbdkit nbd-server
+tools=(mkfs.ext4 debugfs e2fsck xfs_repair ntfsfix fsck.vfat btrfs fuse2fs fusermount3 losetup sfdisk sgdisk pvcreate fio nbdkit nbd-server
        nbdcopy openssl curl strace mkfs.xfs mkfs.btrfs mkfs.vfat ntfs-3g mkntfs fusefat setpriv
        qemu-img qemu-nbd /usr/bin/time ceph-mon ceph-osd radosgw radosgw-admin ceph ceph-authtool monmaptool)
 absent=()

@@ -140,7 +140,7 @@ fn load(path: &Path) -> Result<State> {
 }
 
 /// Loop devices whose backing file lies under `dir`.
-fn loops_backed_by(dir: &Path) -> Vec<String> {
+pub(crate) fn loops_backed_by(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/sys/block") else {
         return out;
@@ -366,8 +366,9 @@ pub struct Session {
     pub label: String,
 }
 
-/// The volumes a point offers for browsing: its partitions and LVs, or the whole disk.
-fn browsable(layout: &Layout, size: u64) -> Vec<Volume> {
+/// The volumes a point offers for browsing: its partitions and LVs, or the whole disk. The
+/// health check (`health`) checks the same list.
+pub(crate) fn browsable(layout: &Layout, size: u64) -> Vec<Volume> {
     if layout.scheme == "none" && layout.content.as_deref() != Some("lvm2 pv") {
         return vec![Volume {
             name: "disk".into(),

@@ -12,6 +12,7 @@ use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 
 mod copy;
+mod health;
 mod job;
 mod key;
 mod secret;
@@ -313,6 +314,31 @@ Examples:
         foreground: bool,
         #[arg(short = 'o', value_name = "OPTIONS", help = mount_options_help())]
         options: Vec<String>,
+    },
+    /// Check the guest filesystems of points, each with its own read-only checker.
+    ///
+    /// e2fsck, xfs_repair, ntfsfix, fsck.vfat or btrfs check runs on a copy-on-write overlay of
+    /// each volume (journals are replayed into the overlay first): the points are never
+    /// modified. Every volume is clean, journal (clean once its journal is replayed), damaged
+    /// or unchecked (with why). Exit status 0 all clean or journal, 3 something damaged or
+    /// unchecked, 4 nothing could be checked.
+    #[command(after_help = "\
+Examples:
+  cbtfs fsck /backup/repo                   # the newest point of every disk
+  cbtfs fsck /backup/repo web01/xvda/20260104T020000Z/20260105T020000Z --json")]
+    Fsck {
+        #[arg(help = REPO_HELP)]
+        repo: PathBuf,
+        /// Points to check (as `cbtfs ls` names them); none: the newest point of every disk.
+        points: Vec<String>,
+        /// Seconds one checker may run before it is stopped (the volume is then unchecked).
+        #[arg(long, value_name = "SECS", default_value_t = 3600)]
+        timeout: u64,
+        /// Points checked at once.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        parallel: usize,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
     },
     /// Mount every filesystem inside a point under DIR, read-only.
     ///
@@ -1577,7 +1603,17 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
         } => cmd_gc(&repo, dry_run, repack_below, json)?,
         Command::Key { action } => key::run(action)?,
         Command::Config { action } => job::run_config(action)?,
-        Command::Job { action } => job::run_job(action)?,
+        Command::Job { action } => return job::run_job(action),
+        Command::Fsck {
+            repo,
+            points,
+            timeout,
+            parallel,
+            json,
+        } => {
+            let r = open(&repo)?;
+            return health::fsck(&repo, &r, &points, json, timeout, parallel);
+        }
         Command::Sim {
             dir,
             disks,

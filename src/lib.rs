@@ -20,6 +20,7 @@ pub mod export;
 pub mod find;
 pub mod fs;
 pub mod fuse;
+pub mod health;
 pub mod host;
 pub mod import;
 pub mod job;

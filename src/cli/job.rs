@@ -78,6 +78,26 @@ Examples:
         #[arg(long, value_name = "PATH")]
         bin: Option<PathBuf>,
     },
+    /// Check the guest filesystems of the newest point of every disk the job selects, each
+    /// with its own read-only checker (e2fsck, xfs_repair, ntfsfix, fsck.vfat, btrfs check) on
+    /// a copy-on-write overlay: no restore, no host, the points are never modified. Exit status
+    /// 0 all clean (or clean after a journal replay), 3 something damaged or unchecked, 4
+    /// nothing could be checked.
+    #[command(after_help = "\
+Examples:
+  cbtfs job check nightly
+  cbtfs job check nightly --json --timeout 600")]
+    Check {
+        /// The job's name (`cbtfs job list`).
+        name: String,
+        #[arg(long, value_name = "FILE", env = "CBTFS_CONFIG", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+        /// Seconds one checker may run before it is stopped (the volume is then unchecked).
+        #[arg(long, value_name = "SECS", default_value_t = 3600)]
+        timeout: u64,
+        #[arg(long, help = JSON_HELP)]
+        json: bool,
+    },
 }
 
 fn config_path(p: Option<PathBuf>) -> PathBuf {
@@ -117,13 +137,19 @@ pub fn run_config(action: ConfigAction) -> Result<()> {
     }
 }
 
-pub fn run_job(action: JobAction) -> Result<()> {
+pub fn run_job(action: JobAction) -> Result<std::process::ExitCode> {
     match action {
+        JobAction::Check {
+            name,
+            config,
+            timeout,
+            json,
+        } => super::health::job_check(&config_path(config), &name, json, timeout),
         JobAction::List { config, json } => {
             let c = Config::load(&config_path(config))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&c.jobs)?);
-                return Ok(());
+                return Ok(std::process::ExitCode::SUCCESS);
             }
             if c.jobs.is_empty() {
                 println!("{}: no jobs", c.path.display());
@@ -155,10 +181,14 @@ pub fn run_job(action: JobAction) -> Result<()> {
                     println!("  then copy to repository {t}");
                 }
             }
-            Ok(())
+            Ok(std::process::ExitCode::SUCCESS)
         }
-        JobAction::Status { name, config, json } => status(name, config, json),
-        JobAction::Units { config, dir, bin } => units(config, &dir, bin),
+        JobAction::Status { name, config, json } => {
+            status(name, config, json).map(|()| std::process::ExitCode::SUCCESS)
+        }
+        JobAction::Units { config, dir, bin } => {
+            units(config, &dir, bin).map(|()| std::process::ExitCode::SUCCESS)
+        }
     }
 }
 
