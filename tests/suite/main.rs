@@ -12,6 +12,7 @@ mod copy;
 mod corruption;
 mod crash;
 mod crash_states;
+mod health;
 mod job_deliver;
 mod jobs;
 mod keys;

@@ -5,7 +5,7 @@
 //! from the filesystems' own checkers run on the images before import, and the point's bytes
 //! must be the same after the check as before.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -17,7 +17,7 @@ use cbtfs::health::{CheckOptions, check_point};
 use cbtfs::job::report::HealthOutcome;
 use cbtfs::read::PointReader;
 use cbtfs::repo::Repository;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// These tests look at the host's loop devices and mounts: one at a time.
