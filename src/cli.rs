@@ -628,11 +628,12 @@ Examples:
         #[command(subcommand)]
         action: job::ConfigAction,
     },
-    /// Backup jobs of the configuration file: list them.
+    /// Backup jobs of the configuration file: list them, run one.
     #[command(after_help = "\
 Examples:
   cbtfs job list
-  cbtfs job list --config /etc/cbtfs/cbtfs.toml --json")]
+  cbtfs job list --config /etc/cbtfs/cbtfs.toml --json
+  cbtfs job run nightly")]
     Job {
         #[command(subcommand)]
         action: job::JobAction,
@@ -1574,7 +1575,7 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
         } => cmd_gc(&repo, dry_run, repack_below, json)?,
         Command::Key { action } => key::run(action)?,
         Command::Config { action } => job::run_config(action)?,
-        Command::Job { action } => job::run_job(action)?,
+        Command::Job { action } => return job::run_job(action),
         Command::Sim {
             dir,
             disks,

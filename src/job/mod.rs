@@ -3,7 +3,9 @@
 //! run ([`report`]).
 
 pub mod config;
+pub mod deliver;
 pub mod report;
+pub mod run;
 pub mod schedule;
 
 pub use config::{Config, ConfigError, JobConf, Selector};

@@ -357,6 +357,19 @@ impl Exports for HostExports {
     fn serving(&self, local: &str) -> bool {
         lock(&self.0).nbd_serving(local)
     }
+    fn admitted(&self, active: usize) {
+        let mut st = lock(&self.0);
+        st.nbd_peak = st.nbd_peak.max(active);
+    }
+    fn refused(&self) {
+        lock(&self.0).nbd_refused += 1;
+    }
+    fn held(&self) -> bool {
+        let st = lock(&self.0);
+        st.faults
+            .nbd_hold_reads_until
+            .is_some_and(|n| st.nbd_peak < n)
+    }
 }
 
 struct Ctx {

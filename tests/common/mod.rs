@@ -7,6 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod faulty;
+pub mod pool;
 pub mod rgw;
 pub mod simhost;
 #[allow(unused_imports)]
