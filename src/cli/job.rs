@@ -1,4 +1,5 @@
-//! `cbtfs config check` and `cbtfs job list`: the configuration file of backup jobs.
+//! `cbtfs config check`, `cbtfs job list` and `cbtfs job run`: the configuration file of
+//! backup jobs, and running them.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -578,7 +578,7 @@ async fn one_disk(
             } else {
                 format!("disk {} (VDI {}) of VM {}: {e}", p.disk, p.vdi, p.vm_name)
             };
-            tracing::warn!(vm = %p.vm_name, vdi = %p.vdi, error = %error, "a disk of the job failed");
+            tracing::info!(vm = %p.vm_name, vdi = %p.vdi, error = %error, "a disk of the job failed");
             failed(p, error, warnings.into_inner().unwrap_or_default(), seconds)
         }
     }
