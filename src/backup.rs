@@ -86,6 +86,8 @@ pub struct DiskReport {
     /// Blocks read from the host.
     pub fetched_blocks: u64,
     pub fetched_bytes: u64,
+    /// Bytes the point added to the repository (new chunks, compressed and sealed).
+    pub stored_bytes: u64,
     pub seconds: f64,
     /// The host snapshot the point was read from (the next backup's origin).
     pub snapshot: String,
@@ -165,17 +167,18 @@ pub async fn run(
 }
 
 /// A disk to back up and what names it.
-struct DiskTarget {
-    vdi_ref: String,
-    vm: Option<(String, String)>,
+pub(crate) struct DiskTarget {
+    pub(crate) vdi_ref: String,
+    /// The VM's (uuid, name).
+    pub(crate) vm: Option<(String, String)>,
     /// Its VBD's `userdevice` in that VM.
-    userdevice: Option<String>,
+    pub(crate) userdevice: Option<String>,
     /// The VM's disks (VDI uuids), this one included.
-    vm_disks: Vec<String>,
+    pub(crate) vm_disks: Vec<String>,
 }
 
 /// The VDI uuids of a VM's disks (VBDs of type Disk with a VDI), with each VBD's record.
-async fn vm_disks(
+pub(crate) async fn vm_disks(
     xapi: &Xapi,
     vm: &crate::xapi::VmRecord,
 ) -> Result<Vec<(String, crate::xapi::VbdRecord)>, XapiError> {
@@ -510,8 +513,10 @@ async fn recover_snapshot_journal(
     Ok(warnings)
 }
 
+/// Back up one disk (`run` names the backup run its point belongs to). Disks may be backed
+/// up concurrently over one session and one lock (a job does).
 #[allow(clippy::too_many_arguments)]
-async fn backup_disk(
+pub(crate) async fn backup_disk(
     repo: &Repository,
     lock: &WriteLock,
     xapi: &Xapi,
@@ -684,17 +689,30 @@ async fn backup_disk(
             return Err(e);
         }
     };
-    // The point is committed: the new snapshot is the origin from now on.
-    for w in tidy_snapshots(
+    // The point is committed: the new snapshot is the origin from now on. What is left to
+    // tidy on the host cannot undo that (the VM may even have been deleted meanwhile): a
+    // failure here is a warning, the next backup tidies again.
+    match tidy_snapshots(
         xapi,
         &t.vdi_ref,
         &repo_id,
         Some(&snap.uuid),
         opts.keep_snapshot_data,
     )
-    .await?
+    .await
     {
-        warn(w, &mut warnings);
+        Ok(ws) => {
+            for w in ws {
+                warn(w, &mut warnings);
+            }
+        }
+        Err(e) => warn(
+            format!(
+                "the point of VDI {} is committed, but its snapshots on the host could not be tidied ({e}); the next backup tries again",
+                rec.uuid
+            ),
+            &mut warnings,
+        ),
     }
     let m = &report.manifest;
     let blocks = blocks_for(m.virtual_size);
@@ -728,6 +746,7 @@ async fn backup_disk(
         },
         fetched_blocks: report.blocks_read,
         fetched_bytes: report.blocks_read * BLOCK_SIZE,
+        stored_bytes: m.stats.new_stored_bytes,
         seconds: started.elapsed().as_secs_f64(),
         snapshot: snap.uuid,
         vm_metadata_saved: m.vm_metadata.is_some(),

@@ -655,11 +655,14 @@ Examples:
         #[command(subcommand)]
         action: job::ConfigAction,
     },
-    /// Backup jobs of the configuration file: list them, their last runs, their systemd units.
+    /// Backup jobs of the configuration file: list them, run one, their last runs, their
+    /// health checks, their systemd units.
     #[command(after_help = "\
 Examples:
   cbtfs job list
+  cbtfs job run nightly
   cbtfs job status
+  cbtfs job check nightly
   cbtfs job units --dir /etc/systemd/system
   cbtfs job list --config /etc/cbtfs/cbtfs.toml --json")]
     Job {

@@ -395,6 +395,9 @@ pub fn summary(report: &JobReport) -> String {
             line(format!("  {e}"));
         }
     }
+    for w in &report.warnings {
+        line(format!("warning: {w}"));
+    }
     for (what, step) in [("prune", &report.prune), ("copy", &report.copy)] {
         if let Some(s) = step {
             line(format!(
@@ -1264,6 +1267,7 @@ mod tests {
             prune: None,
             copy: None,
             repository_bytes: Some(5 << 30),
+            warnings: vec![],
         };
         r.outcome = r.judge();
         r

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod deliver;
 pub mod report;
+pub mod run;
 pub mod schedule;
 pub mod units;
 

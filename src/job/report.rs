@@ -119,6 +119,10 @@ pub struct JobReport {
     pub copy: Option<StepOutcome>,
     /// The repository's stored bytes after the run (None if it could not be measured).
     pub repository_bytes: Option<u64>,
+    /// What the run changed or noticed that is not one disk's: fewer NBD connections per
+    /// disk than configured (the host's limit), a VM without disks.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 impl JobReport {
@@ -186,6 +190,7 @@ mod tests {
             prune: None,
             copy: None,
             repository_bytes: None,
+            warnings: vec![],
         }
     }
 

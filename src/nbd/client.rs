@@ -183,6 +183,8 @@ pub struct Client {
     tx: mpsc::Sender<Job>,
     writer: tokio::task::JoinHandle<()>,
     reader: ReaderTask,
+    /// Ends when the server has closed the connection (after DISC, as servers do).
+    reader_end: tokio::task::JoinHandle<()>,
     pub info: ExportInfo,
     pub structured: bool,
     pub status_context: Option<u32>,
@@ -504,6 +506,7 @@ impl Client {
             tx,
             writer,
             reader: ReaderTask(reader.abort_handle()),
+            reader_end: reader,
             info: n.info,
             structured: n.structured,
             status_context: n.status_context,
@@ -516,9 +519,23 @@ impl Client {
     /// Disconnect cleanly: NBD_CMD_DISC, then TLS close_notify. (A host keeps a VBD plugged
     /// per connection until it ends, and `data_destroy` waits for that.)
     pub async fn close(self) {
-        let Client { tx, writer, .. } = self;
+        let Client {
+            tx,
+            writer,
+            reader,
+            reader_end,
+            ..
+        } = self;
         drop(tx);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+        // Then wait (boundedly) for the server to close its side: only then has the host let
+        // go of the connection, so a new one opened next does not count twice against its
+        // limit of 16 (and its VBD is on its way out).
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let _ = writer.await;
+            let _ = reader_end.await;
+        })
+        .await;
+        drop(reader);
     }
 
     /// True while the connection can answer: its reader task runs and no error ended it.

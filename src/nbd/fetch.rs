@@ -250,9 +250,12 @@ impl Pool {
 
     /// Close every connection cleanly.
     pub async fn close(self) {
+        // All at once: each waits for its server to close its side.
+        let mut closing = tokio::task::JoinSet::new();
         for c in self.clients {
-            c.close().await;
+            closing.spawn(c.close());
         }
+        while closing.join_next().await.is_some() {}
     }
 
     /// The first address the export was offered at (how points name their source).

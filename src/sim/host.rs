@@ -110,6 +110,22 @@ pub struct Vm {
     pub name_label: String,
     pub vbds: Vec<String>,
     pub power_state: String,
+    /// xapi's `tags` (a string set: what `xe vm-param-add param-name=tags` adds).
+    pub tags: Vec<String>,
+    pub is_a_template: bool,
+    /// dom0: every host has one; it is never backed up.
+    pub is_control_domain: bool,
+}
+
+/// A VM (and its disks) the host deletes when a call reaches one of them (a user running
+/// `xe vm-uninstall` while a backup goes on).
+#[derive(Debug, Clone)]
+pub struct VmDeletion {
+    /// The VM's name label.
+    pub vm: String,
+    /// The method (`VDI.snapshot`, `VDI.get_nbd_info`, ...) whose first call on one of the
+    /// VM's disks, or on a snapshot of one, deletes it just before that call is answered.
+    pub at: String,
 }
 
 /// Faults and host states tests switch on.
@@ -172,6 +188,13 @@ pub struct Faults {
     pub nbd_down: std::collections::BTreeSet<String>,
     /// (address, n): that address goes down once it has served n requests in all.
     pub nbd_dies_after: Option<(String, u64)>,
+    /// Delete a VM with its VBDs and disks (not their snapshots, as `xe vm-uninstall`) when
+    /// a call reaches it. Cleared when it fires.
+    pub delete_vm: Option<VmDeletion>,
+    /// NBD reads wait until this many connections have been served at once (`nbd_peak`):
+    /// a test's proof that disks were read concurrently (a run that reads one disk at a
+    /// time never gets past it).
+    pub nbd_hold_reads_until: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -217,6 +240,15 @@ pub struct State {
     pub withhold_reply: bool,
     /// A `VDI.snapshot` answered and `hang_after_snapshot` waits for the tagging call.
     snapshot_answered: bool,
+    /// The pool (`pool.get_all` answers this one reference) and its name label (xapi's
+    /// default for a new pool is empty).
+    pub pool_ref: String,
+    pub pool_uuid: String,
+    pub pool_name: String,
+    /// The most NBD connections served at once, and the connections closed at accept
+    /// because the limit was reached (a client that kept to the limit never sees one).
+    pub nbd_peak: usize,
+    pub nbd_refused: u64,
 }
 
 fn s(v: &Value) -> &str {
@@ -253,7 +285,7 @@ impl State {
     }
 
     pub fn new(dir: PathBuf, user: &str, password: &str) -> State {
-        State {
+        let mut st = State {
             dir,
             user: user.into(),
             password: password.into(),
@@ -282,7 +314,107 @@ impl State {
             clock: 0,
             withhold_reply: false,
             snapshot_answered: false,
+            pool_ref: new_ref(),
+            pool_uuid: new_uuid(),
+            pool_name: String::new(),
+            nbd_peak: 0,
+            nbd_refused: 0,
+        };
+        // Every host runs its control domain: listed among the VMs, never backed up.
+        st.vms.insert(
+            new_ref(),
+            Vm {
+                uuid: new_uuid(),
+                name_label: "Control domain on host: xenserver-sim".into(),
+                vbds: Vec::new(),
+                power_state: "Running".into(),
+                tags: Vec::new(),
+                is_a_template: false,
+                is_control_domain: true,
+            },
+        );
+        st
+    }
+
+    /// Tag the VM named `name` (every VM of that name).
+    pub fn tag_vm(&mut self, name: &str, tag: &str) {
+        for v in self.vms.values_mut().filter(|v| v.name_label == name) {
+            if !v.tags.iter().any(|t| t == tag) {
+                v.tags.push(tag.to_string());
+            }
         }
+    }
+
+    /// Turn the VM named `name` into a template (`xe vm-param-set is-a-template=true`): its
+    /// disks stay, and no backup job selects it.
+    pub fn make_template(&mut self, name: &str) {
+        for v in self.vms.values_mut().filter(|v| v.name_label == name) {
+            v.is_a_template = true;
+            v.power_state = "Halted".into();
+        }
+    }
+
+    /// `xe vm-uninstall`: the VM, its VBDs and its disks go; snapshots of the disks stay
+    /// (their `snapshot_of` then names nothing, as on a real host).
+    pub fn uninstall_vm(&mut self, vm_ref: &str) {
+        let Some(vm) = self.vms.remove(vm_ref) else {
+            return;
+        };
+        for b in &vm.vbds {
+            if let Some(vbd) = self.vbds.remove(b) {
+                self.vdis.remove(&vbd.vdi);
+            }
+        }
+    }
+
+    /// The VM a VDI (or the disk a snapshot is of) belongs to.
+    fn vm_of_vdi(&self, vdi_ref: &str) -> Option<String> {
+        let v = self.vdis.get(vdi_ref)?;
+        let disk = if v.is_a_snapshot {
+            v.snapshot_of.as_str()
+        } else {
+            vdi_ref
+        };
+        self.vbds
+            .values()
+            .find(|b| b.vdi == disk)
+            .map(|b| b.vm.clone())
+    }
+
+    /// `VM.get_record`'s fields as xen-api's datamodel (datamodel_vm.ml) names them, those a
+    /// client may read to choose VMs.
+    fn vm_record(&self, r: &str) -> Result<Value, Failure> {
+        let v = self
+            .vms
+            .get(r)
+            .ok_or_else(|| fail("HANDLE_INVALID", &["VM", r]))?;
+        let resident = if v.power_state == "Running" {
+            self.net.host_ref.clone()
+        } else {
+            NULL_REF.to_string()
+        };
+        Ok(json!({
+            "uuid": v.uuid,
+            "name_label": v.name_label,
+            "name_description": "",
+            "power_state": v.power_state,
+            "is_a_template": v.is_a_template,
+            "is_default_template": false,
+            "is_a_snapshot": false,
+            "snapshot_of": NULL_REF,
+            "snapshots": [],
+            "snapshot_time": xapi_time(0),
+            "is_control_domain": v.is_control_domain,
+            "resident_on": resident,
+            "affinity": NULL_REF,
+            "domid": if v.power_state == "Running" { "1" } else { "-1" },
+            "VBDs": v.vbds,
+            "VIFs": [],
+            "tags": v.tags,
+            "other_config": {},
+            "blocked_operations": {},
+            "user_version": "1",
+        }))
     }
 
     /// Add a VM with one disk per image; returns (vm uuid, vdi uuids).
@@ -316,6 +448,9 @@ impl State {
                 name_label: name.into(),
                 vbds,
                 power_state: "Running".into(),
+                tags: Vec::new(),
+                is_a_template: false,
+                is_control_domain: false,
             },
         );
         (vm_uuid, uuids)
@@ -663,6 +798,14 @@ impl State {
         };
         self.session(s(sref))?;
         let a = &params[1..];
+        if let Some(d) = &self.faults.delete_vm
+            && d.at == method
+            && let Some(vm) = a.first().map(s).and_then(|r| self.vm_of_vdi(r))
+            && self.vms.get(&vm).is_some_and(|v| v.name_label == d.vm)
+        {
+            self.faults.delete_vm = None;
+            self.uninstall_vm(&vm);
+        }
         let argc = |n: usize| count(n + 1);
         let arg = |i: usize| a.get(i).map(s).unwrap_or("");
         match method {
@@ -960,15 +1103,52 @@ impl State {
             }
             "VM.get_record" => {
                 argc(1)?;
-                let v = self
-                    .vms
-                    .get(arg(0))
-                    .ok_or_else(|| fail("HANDLE_INVALID", &["VM", arg(0)]))?;
-                Ok(json!({
-                    "uuid": v.uuid, "name_label": v.name_label, "VBDs": v.vbds,
-                    "is_a_snapshot": false, "is_a_template": false, "is_control_domain": false,
-                    "power_state": v.power_state,
-                }))
+                self.vm_record(arg(0))
+            }
+            "VM.get_all_records" => {
+                argc(0)?;
+                let mut all = serde_json::Map::new();
+                for r in self.vms.keys() {
+                    all.insert(r.clone(), self.vm_record(r)?);
+                }
+                Ok(Value::Object(all))
+            }
+            "VM.get_tags" => {
+                argc(1)?;
+                Ok(json!(self.vm_record(arg(0))?["tags"]))
+            }
+            "pool.get_all" => {
+                argc(0)?;
+                Ok(json!([self.pool_ref]))
+            }
+            "pool.get_all_records" => {
+                argc(0)?;
+                let master = self
+                    .hosts
+                    .first()
+                    .map(|h| h.reference.clone())
+                    .unwrap_or_else(|| NULL_REF.into());
+                let mut all = serde_json::Map::new();
+                all.insert(
+                    self.pool_ref.clone(),
+                    json!({
+                        "uuid": self.pool_uuid,
+                        "name_label": self.pool_name,
+                        "name_description": "",
+                        "master": master,
+                        "default_SR": self.sr_ref,
+                        "other_config": {},
+                        "tags": [],
+                    }),
+                );
+                Ok(Value::Object(all))
+            }
+            "pool.get_name_label" => {
+                argc(1)?;
+                if arg(0) != self.pool_ref {
+                    return Err(fail("HANDLE_INVALID", &["pool", arg(0)]));
+                }
+                Ok(json!(self.pool_name))
             }
             "SR.get_name_label" => {
                 argc(1)?;
@@ -1094,6 +1274,9 @@ impl State {
                 name_label: name,
                 vbds,
                 power_state: "Halted".into(),
+                tags: Vec::new(),
+                is_a_template: false,
+                is_control_domain: false,
             },
         );
         Ok(vm_ref)

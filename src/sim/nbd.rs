@@ -79,6 +79,14 @@ pub trait Exports: Send + Sync {
     fn serving(&self, _local: &str) -> bool {
         true
     }
+    /// A connection was admitted: `active` are being served now, this one included.
+    fn admitted(&self, _active: usize) {}
+    /// A connection was closed at accept because `limit` were being served already.
+    fn refused(&self) {}
+    /// Reads wait while this says so (fault injection: a barrier for concurrency tests).
+    fn held(&self) -> bool {
+        false
+    }
 }
 
 /// What the host does with a new connection (fault injection).
@@ -238,16 +246,21 @@ async fn accept_loop(
             .unwrap_or_default();
         let admission = exports.admission(&local);
         if admission.close || active.load(Ordering::SeqCst) >= admission.limit {
+            if !admission.close {
+                exports.refused();
+            }
             drop(sock); // over the limit (or the address is down): closed at once
             continue;
         }
-        active.fetch_add(1, Ordering::SeqCst);
+        let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+        exports.admitted(now);
         let guard = Active(active.clone());
         let (exports, tls) = (exports.clone(), tls.clone());
         tokio::spawn(async move {
-            let _guard = guard;
             let _ = sock.set_nodelay(true);
-            let r = session(Box::new(sock), &exports, tls, &local).await;
+            // The guard goes to the session, which ends the count before the socket closes:
+            // a client that saw its connection end may count on the slot being free.
+            let r = session(Box::new(sock), &exports, tls, &local, guard).await;
             if let Err(e) = r {
                 tracing::debug!(error = %e, "sim nbd: connection ended");
             }
@@ -272,11 +285,15 @@ async fn reply<S: Stream + ?Sized>(
 }
 
 async fn session(
-    mut s: Box<dyn Stream>,
+    stream: Box<dyn Stream>,
     exports: &Arc<dyn Exports>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     local: &str,
+    guard: Active,
 ) -> std::io::Result<()> {
+    // Locals drop in reverse order: the count (`_guard`) ends before the stream closes.
+    let mut s = stream;
+    let _guard = guard;
     let mut g = Vec::new();
     g.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
     g.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -323,7 +340,7 @@ async fn session(
                 );
                 b.extend_from_slice(&[0u8; 124]);
                 s.write_all(&b).await?;
-                return transmission(s, export, size, exports, local).await;
+                return transmission(&mut s, export, size, exports, local).await;
             }
             proto::OPT_LIST => reply(&mut *s, opt, proto::REP_ACK, &[]).await?,
             _ => reply(&mut *s, opt, proto::REP_ERR_UNSUP, &[]).await?,
@@ -348,7 +365,7 @@ async fn simple_reply<S: Stream + ?Sized>(
 
 /// Requests one at a time; any error reply ends the connection.
 async fn transmission(
-    mut s: Box<dyn Stream>,
+    s: &mut Box<dyn Stream>,
     export: Box<dyn ExportData>,
     size: u64,
     exports: &Arc<dyn Exports>,
@@ -374,6 +391,10 @@ async fn transmission(
         }
         if cmd != proto::CMD_DISC && !exports.serving(local) {
             return Ok(()); // injected fault: the address went away
+        }
+        // Held reads: ask again shortly (the client's timeout bounds the wait).
+        while cmd == proto::CMD_READ && exports.held() {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
         match cmd {
             proto::CMD_DISC => return Ok(()),

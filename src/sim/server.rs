@@ -357,6 +357,19 @@ impl Exports for HostExports {
     fn serving(&self, local: &str) -> bool {
         lock(&self.0).nbd_serving(local)
     }
+    fn admitted(&self, active: usize) {
+        let mut st = lock(&self.0);
+        st.nbd_peak = st.nbd_peak.max(active);
+    }
+    fn refused(&self) {
+        lock(&self.0).nbd_refused += 1;
+    }
+    fn held(&self) -> bool {
+        let st = lock(&self.0);
+        st.faults
+            .nbd_hold_reads_until
+            .is_some_and(|n| st.nbd_peak < n)
+    }
 }
 
 struct Ctx {
@@ -763,6 +776,39 @@ fn control(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
                 st.faults.nbd_connection_limit = Some(n);
             }
             Ok(json!("ok"))
+        }
+        "/sim/add_vm" => {
+            // `name=VM&disks=LABEL=RAW_IMAGE,LABEL=RAW_IMAGE[&tags=A,B]`: another VM (benches
+            // of pools: `cbtfs sim` starts one VM).
+            let name = q.get("name").cloned().unwrap_or_default();
+            let mut images = Vec::new();
+            let mut bad = None;
+            for d in q.get("disks").map(String::as_str).unwrap_or("").split(',') {
+                let Some((label, path)) = d.split_once('=') else {
+                    bad = Some(format!("disks: {d:?} is not LABEL=RAW_IMAGE"));
+                    break;
+                };
+                match Image::from_raw(&st.dir, Path::new(path)) {
+                    Ok(img) => images.push((label.to_string(), img)),
+                    Err(e) => {
+                        bad = Some(format!("{path}: {e}"));
+                        break;
+                    }
+                }
+            }
+            match bad {
+                Some(e) => Err(e),
+                None if name.is_empty() => Err("name is missing".into()),
+                None => {
+                    let (vm, vdis) = st.add_vm(&name, images);
+                    for t in q.get("tags").map(String::as_str).unwrap_or("").split(',') {
+                        if !t.is_empty() {
+                            st.tag_vm(&name, t);
+                        }
+                    }
+                    Ok(json!({ "vm": vm, "vdis": vdis }))
+                }
+            }
         }
         "/sim/crash" => {
             st.crash();

@@ -123,6 +123,29 @@ pub struct VmRecord {
     pub is_a_template: bool,
     pub is_control_domain: bool,
     pub power_state: String,
+    /// xapi's `tags` (a string set).
+    pub tags: Vec<String>,
+}
+
+impl VmRecord {
+    /// A VM record from `VM.get_record` or one entry of `VM.get_all_records`.
+    pub fn from_value(v: &Value) -> VmRecord {
+        VmRecord {
+            uuid: field_str(v, "uuid"),
+            name_label: field_str(v, "name_label"),
+            vbds: field_refs(v, "VBDs"),
+            is_a_snapshot: field_bool(v, "is_a_snapshot"),
+            is_a_template: field_bool(v, "is_a_template"),
+            is_control_domain: field_bool(v, "is_control_domain"),
+            power_state: field_str(v, "power_state"),
+            tags: field_refs(v, "tags"),
+        }
+    }
+
+    /// A VM a backup job may take: not a template, a snapshot or a control domain.
+    pub fn is_backup_candidate(&self) -> bool {
+        !self.is_a_template && !self.is_a_snapshot && !self.is_control_domain
+    }
 }
 
 /// One entry of `VDI.get_nbd_info`.
@@ -186,15 +209,40 @@ impl Xapi {
 
     pub async fn vm_record(&self, vm: &str) -> Result<VmRecord, XapiError> {
         let v = self.call("VM.get_record", vec![json!(vm)]).await?;
-        Ok(VmRecord {
-            uuid: field_str(&v, "uuid"),
-            name_label: field_str(&v, "name_label"),
-            vbds: field_refs(&v, "VBDs"),
-            is_a_snapshot: field_bool(&v, "is_a_snapshot"),
-            is_a_template: field_bool(&v, "is_a_template"),
-            is_control_domain: field_bool(&v, "is_control_domain"),
-            power_state: field_str(&v, "power_state"),
-        })
+        Ok(VmRecord::from_value(&v))
+    }
+
+    /// The pool's name label (`pool.get_all_records`: every host is in exactly one pool; a
+    /// standalone host's pool has an empty name unless someone set one).
+    pub async fn pool_name(&self) -> Result<String, XapiError> {
+        let v = self.call("pool.get_all_records", vec![]).await?;
+        let Value::Object(pools) = v else {
+            return Err(self.bad("pool.get_all_records", "not a map of records".into()));
+        };
+        Ok(pools
+            .values()
+            .next()
+            .map(|p| field_str(p, "name_label"))
+            .unwrap_or_default())
+    }
+
+    /// Every VM the host knows (`VM.get_all_records`), as (reference, record), sorted by
+    /// name then uuid; templates, snapshots and control domains included (see
+    /// [`VmRecord::is_backup_candidate`]).
+    pub async fn all_vms(&self) -> Result<Vec<(String, VmRecord)>, XapiError> {
+        let v = self.call("VM.get_all_records", vec![]).await?;
+        let Value::Object(vms) = v else {
+            return Err(self.bad("VM.get_all_records", "not a map of records".into()));
+        };
+        let mut out: Vec<(String, VmRecord)> = vms
+            .iter()
+            .map(|(r, rec)| (r.clone(), VmRecord::from_value(rec)))
+            .collect();
+        out.sort_by(|a, b| {
+            (a.1.name_label.as_str(), a.1.uuid.as_str())
+                .cmp(&(b.1.name_label.as_str(), b.1.uuid.as_str()))
+        });
+        Ok(out)
     }
 
     pub async fn vm_by_uuid(&self, uuid: &str) -> Result<String, XapiError> {

@@ -5,19 +5,17 @@
 //! from the filesystems' own checkers run on the images before import, and the point's bytes
 //! must be the same after the check as before.
 
-use crate::common;
-
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use cbtfs::health::{CheckOptions, check_point};
 use cbtfs::job::report::HealthOutcome;
 use cbtfs::read::PointReader;
 use cbtfs::repo::Repository;
-use crate::common::*;
 use serde_json::Value;
 
 /// These tests look at the host's loop devices and mounts: one at a time.

@@ -55,6 +55,7 @@ fn report(disks: Vec<DiskOutcome>) -> JobReport {
         prune: None,
         copy: None,
         repository_bytes: Some(1 << 30),
+        warnings: vec![],
     };
     r.outcome = r.judge();
     r

@@ -14,6 +14,7 @@ mod crash;
 mod crash_states;
 mod health;
 mod job_deliver;
+mod job_run;
 mod jobs;
 mod keys;
 mod mount;

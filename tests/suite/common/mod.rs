@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 pub mod counting_proxy;
 pub mod faulty;
+pub mod pool;
 pub mod rgw;
 pub mod simhost;
 #[allow(unused_imports)]
