@@ -2067,7 +2067,7 @@ mod tests {
         assert_eq!(h.version, REPO_VERSION_LOCKED);
         assert!(h.object_lock.is_some());
         // A local store cannot lock: opening refuses rather than write unlocked objects.
-        let e = Repository::open(&dir, None).err().expect("refused");
+        let e = Repository::open(&dir, None).expect_err("refused");
         assert!(e.to_string().contains("Object Lock"), "{e}");
 
         for (version, lock, want) in [

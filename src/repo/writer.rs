@@ -664,9 +664,10 @@ mod tests {
     }
 
     /// A writer whose chunk index, point index, VM metadata or manifest put fails after
-    /// storing the object leaves nothing behind: a chunk index object left over would name the packs
-    /// the writer deletes (and a later backup would dedup against chunks that are gone); a
-    /// manifest would be a point whose data is gone.
+    /// storing the object leaves nothing behind: a chunk index object left over would name
+    /// the packs the writer deletes (and a later backup would dedup against chunks that are
+    /// gone); a manifest would be a point whose data is gone; a point index or VM metadata
+    /// object would be unreferenced, left for gc.
     #[test]
     fn a_failed_put_that_stored_its_object_leaves_nothing() {
         for prefix in ["cindex/", "pindex/", "meta/", "points/", "packs/"] {
