@@ -39,7 +39,8 @@
 # Usage: scripts/bench-s3.sh [WORKDIR]   (root; default /var/tmp/cbtfs-bench-s3; ~2.5 x SIZE_MB
 #   free there, and RAM for RGW's memstore (RGW_MEMSTORE_MB, default 2 x SIZE_MB + 4 GiB, used
 #   as filled) plus SIZE_MB in /dev/shm; installs qemu-utils if missing; aws is the AWS CLI)
-#   QUICK=1: SIZE_MB=512, ROUNDS=1, POINTS=100, COPY_POINTS=10, COPY_MB=2 (~2 min, a smoke run)
+#   QUICK=1: SIZE_MB=512, ROUNDS=1, POINTS=100, COPY_POINTS=100, COPY_MB=2 (~6 min, a smoke run;
+#   the copy row keeps the 100 points, smaller ones)
 #   Default: SIZE_MB=4096, ROUNDS=2, POINTS=1000, COPY_POINTS=100, COPY_MB=8 (< 15 min)
 #   Also settable: SIZE_MB, ROUNDS, POINTS, COPY_POINTS, COPY_MB, LIST_TIMEOUT, ONLY (rows, e.g. ONLY="1 5";
 #   2 and 4 need 1), CBTFS (a prebuilt binary instead of building this tree), AWS (the CLI).
@@ -50,7 +51,7 @@ WORK=${1:-/var/tmp/cbtfs-bench-s3}
 QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then
   SIZE_MB=${SIZE_MB:-512}; ROUNDS=${ROUNDS:-1}; POINTS=${POINTS:-100}
-  COPY_POINTS=${COPY_POINTS:-10}; COPY_MB=${COPY_MB:-2}
+  COPY_POINTS=${COPY_POINTS:-100}; COPY_MB=${COPY_MB:-2}
 else
   SIZE_MB=${SIZE_MB:-4096}; ROUNDS=${ROUNDS:-2}; POINTS=${POINTS:-1000}
   COPY_POINTS=${COPY_POINTS:-100}; COPY_MB=${COPY_MB:-8}

@@ -59,6 +59,9 @@ const FRESH: Duration = Duration::from_millis(200);
 /// Reads of the catalog tried before a rescan gives up (each retry follows a prune's swap).
 /// Open point readers kept after their last handle closes (a chain map and layer references each).
 const READER_CACHE: usize = 64;
+/// Point indexes fetched together by one step of `set_blocks` (a remote store gets them in
+/// parallel); memory: this many indexes of one set at once.
+const BLOCKS_BATCH: usize = 64;
 pub const POINT_SUFFIX: &str = ".raw";
 pub const LATEST: &str = "latest.raw";
 /// Beside `POINT.raw`: the directory of the volumes inside it.
@@ -498,6 +501,8 @@ pub struct CbtFs {
     readers: Mutex<lru::LruCache<u64, Arc<PointReader>>>,
     /// st_blocks per chain hash, once known (computing it needs the chain).
     blocks: Mutex<HashMap<u64, u64>>,
+    /// One `set_blocks` pass at a time (the kernel asks many points' attributes at once).
+    blocks_pass: Mutex<()>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     /// The entries of each `POINT.parts/` listed so far (by its inode), and their files.
@@ -520,6 +525,7 @@ impl CbtFs {
                 NonZeroUsize::new(READER_CACHE).unwrap_or(NonZeroUsize::MIN),
             )),
             blocks: Mutex::new(HashMap::new()),
+            blocks_pass: Mutex::new(()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             parts: Mutex::new(HashMap::new()),
@@ -527,6 +533,9 @@ impl CbtFs {
             prefetch: None,
         };
         fs.rescan()?;
+        // The view is as fresh as the end of its scan (on S3, a scan of many points takes a
+        // while): the kernel's first listing, right after the mount, must not scan again.
+        *fs.scanned.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         Ok(fs)
     }
 
@@ -644,16 +653,66 @@ impl CbtFs {
     /// Honest st_blocks: the blocks that read from stored data. `NotFound` if the point was
     /// pruned since `snap` was taken.
     fn point_blocks(&self, ino: u64, node: &Node, snap: &Arc<Snapshot>) -> Result<u64, FsError> {
-        if let NodeData::Point { chain, .. } = &node.data
-            && let Some(b) = self.blocks.lock().ok().and_then(|m| m.get(chain).copied())
-        {
-            return Ok(b);
+        if let NodeData::Point { set, seq, chain } = &node.data {
+            let known = || self.blocks.lock().ok().and_then(|m| m.get(chain).copied());
+            if let Some(b) = known() {
+                return Ok(b);
+            }
+            self.set_blocks(set, *seq, *chain);
+            if let Some(b) = known() {
+                return Ok(b);
+            }
         }
+        // Not found by the set's pass (an index that does not open): the point's own reader
+        // tells a point pruned since from a damaged one.
         match self.current_reader(ino, snap) {
             Ok(r) => Ok(r.map().stored_blocks() * (BLOCK_SIZE / 512)),
             Err(FsError::NotFound) => Err(FsError::NotFound),
             // Unknown (damaged, logged): claim the whole size rather than pretend it is a hole.
             Err(_) => Ok(node.size.div_ceil(512)),
+        }
+    }
+
+    /// Learn st_blocks of every point of `set` in one pass up its chain (the kernel asks for
+    /// all of a directory's points at once, `ls -l` or `find`): the indexes are fetched
+    /// `BLOCKS_BATCH` at a time, together (`Repository::open_points`), and each point's count
+    /// follows from the one below it, where opening each point's reader reads its whole chain
+    /// and fetches one index after another. Point k's stored blocks are the point below's,
+    /// less the blocks k records, plus those it stores, cut at its size: exactly what its
+    /// `ChainMap` counts (`chain_map_counts_and_set_pass_agree` checks). The pass stops at
+    /// the first index that does not open (its point and those above go the reader's way);
+    /// `seq`/`chain` is the point asked for: a pass whose hashes do not reach it records nothing.
+    fn set_blocks(&self, set: &SetHistory, seq: u32, chain: u64) {
+        let _one = self.blocks_pass.lock().unwrap_or_else(|p| p.into_inner());
+        if self
+            .blocks
+            .lock()
+            .ok()
+            .is_some_and(|m| m.contains_key(&chain))
+        {
+            return;
+        }
+        let mut hash = fnv(CHAIN_BASIS, format!("{}/{}", set.vdi, set.id).as_bytes());
+        let mut stored = roaring::RoaringBitmap::new();
+        let mut found: Vec<(u64, u64)> = Vec::with_capacity(set.points.len());
+        'pass: for batch in set.points.chunks(BLOCKS_BATCH) {
+            for (m, p) in batch.iter().zip(self.repo.open_points(batch)) {
+                let Ok(p) = p else {
+                    break 'pass;
+                };
+                hash = chain_step(hash, m);
+                let limit = crate::blocks_for(p.index.virtual_size).min(u32::MAX as u64) as u32;
+                stored -= &p.index.changed;
+                stored |= &p.index.changed & &p.index.data;
+                stored.remove_range(limit..);
+                found.push((hash, stored.len() * (BLOCK_SIZE / 512)));
+            }
+        }
+        if found.get(seq as usize).map(|f| f.0) != Some(chain) {
+            return;
+        }
+        if let Ok(mut b) = self.blocks.lock() {
+            b.extend(found);
         }
     }
 
@@ -1283,6 +1342,95 @@ mod tests {
             Err(FsError::NotFound)
         ));
         assert!(matches!(fs.lookup(f.ino, "x"), Err(FsError::NotADirectory)));
+    }
+
+    /// st_blocks from one pass over a set (`set_blocks`) equal each point's own `ChainMap`
+    /// count, through overlapping writes, zero blocks written over data, a shrink and a grow.
+    #[test]
+    fn chain_map_counts_and_set_pass_agree() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = crate::repo::testing::init(&d.path().join("repo"));
+        let bs = BLOCK_SIZE as usize;
+        // (blocks of the image, blocks its bitmap names, blocks written with data, rest zero)
+        let steps: &[(u32, &[u32], &[u32])] = &[
+            (16, &[], &[0, 1, 2, 5, 9, 15]),
+            (16, &[1, 2, 3], &[3]),
+            (16, &[0, 4, 5, 15], &[4, 15]),
+            (12, &[6, 7], &[6, 7]),
+            (20, &[13, 18, 19], &[18]),
+            (20, &[0, 1, 2, 3, 4, 5, 6, 7], &[2, 3, 5]),
+        ];
+        for (i, (blocks, bits, data)) in steps.iter().enumerate() {
+            let mut img = vec![0u8; *blocks as usize * bs];
+            for &b in *data {
+                img[b as usize * bs..(b as usize + 1) * bs].fill(i as u8 * 16 + b as u8 + 1);
+            }
+            let path = d.path().join("img");
+            std::fs::write(&path, &img).unwrap();
+            let bm: roaring::RoaringBitmap = bits.iter().copied().collect();
+            import_raw(
+                &repo,
+                &ImportRequest {
+                    vdi: "11111111-2222-4333-8444-555555555555".into(),
+                    disk_name: Some("root".into()),
+                    vm_uuid: None,
+                    vm_name: None,
+                    source: crate::import::ImportSource::Raw(path),
+                    bitmap: (i > 0).then(|| {
+                        (
+                            crate::bitmap::encode_base64(&bm, *blocks as u64),
+                            "bm".into(),
+                        )
+                    }),
+                    time: 1_800_000_000 + i as i64 * 3600,
+                    snapshot: None,
+                    vm_metadata: None,
+                    vdi_type: None,
+                    vm_run: None,
+                    source_label: None,
+                },
+                |_, _| {},
+            )
+            .unwrap();
+        }
+        let fs = CbtFs::new(repo.clone()).unwrap();
+        let set = repo
+            .disk("11111111-2222-4333-8444-555555555555")
+            .unwrap()
+            .sets[0]
+            .clone();
+        assert_eq!(set.points.len(), steps.len());
+        let snap = fs.snap();
+        let mut points: Vec<(u32, u64)> = snap
+            .nodes
+            .iter()
+            .filter_map(|(&ino, n)| match &n.data {
+                NodeData::Point { seq, .. } => Some((*seq, ino)),
+                _ => None,
+            })
+            .collect();
+        points.sort();
+        assert_eq!(points.len(), steps.len());
+        // The newest first: its stat makes the pass, which records every point's count.
+        let newest = points.last().unwrap().1;
+        fs.getattr(newest).unwrap();
+        assert_eq!(
+            fs.blocks.lock().unwrap().len(),
+            steps.len(),
+            "one pass, every point"
+        );
+        let mut counts = Vec::new();
+        for &(seq, ino) in &points {
+            let want = PointReader::open(&repo, &set, seq)
+                .unwrap()
+                .map()
+                .stored_blocks();
+            let got = fs.getattr(ino).unwrap().blocks;
+            assert_eq!(got, want * (BLOCK_SIZE / 512), "point {seq}");
+            counts.push(want);
+        }
+        // Hand-counted, so that agreement is not agreement on a wrong answer.
+        assert_eq!(counts, vec![6, 5, 4, 5, 6, 5]);
     }
 
     /// Points A, B, C of random bytes in one set (each rewrites every block); their bytes.

@@ -82,7 +82,15 @@ use crate::{BLOCK_SIZE, blocks_for, timefmt};
 
 pub const REPO_FILE: &str = "cbtfs.repo";
 pub const REPO_FORMAT: &str = "cbtfs-repository";
+/// The header version of a repository without Object Lock (format 2).
 pub const REPO_VERSION: u64 = 2;
+/// The header version of a repository with Object Lock (`object_lock` in its header): the same
+/// format, but a cbtfs that does not know Object Lock ignores the field and would write
+/// unlocked objects into it, so the version is raised and such builds refuse to open it
+/// ("upgrade cbtfs"). Repositories without Object Lock keep version 2, readable by every
+/// format-2 build. Headers of the first Object Lock builds (version 2 with `object_lock`)
+/// still open, locked.
+pub const REPO_VERSION_LOCKED: u64 = 3;
 pub const POINT_FORMAT: &str = "cbtfs-point";
 pub const POINT_VERSION: u64 = 2;
 pub(crate) const POINTS: &str = "points/";
@@ -662,7 +670,11 @@ impl Repository {
         let id = random_hex(16)?;
         let header = RepoHeader {
             format: REPO_FORMAT.into(),
-            version: REPO_VERSION,
+            version: if object_lock.is_some() {
+                REPO_VERSION_LOCKED
+            } else {
+                REPO_VERSION
+            },
             id: id.clone(),
             created: timefmt::rfc3339(timefmt::now()),
             block_size: BLOCK_SIZE,
@@ -757,7 +769,7 @@ impl Repository {
             Err(e) => return Err(RepoError::io("read", loc, e)),
         };
         let header: RepoHeader =
-            manifest::decode(&bytes, &loc, "repository", REPO_FORMAT, REPO_VERSION)?;
+            manifest::decode(&bytes, &loc, "repository", REPO_FORMAT, REPO_VERSION_LOCKED)?;
         if header.version < REPO_VERSION {
             return Err(RepoError::OldFormat {
                 path: path.to_path_buf(),
@@ -768,6 +780,15 @@ impl Repository {
             return Err(RepoError::corrupt(
                 loc,
                 format!("block size {} is not 65536", header.block_size),
+            ));
+        }
+        if header.version == REPO_VERSION_LOCKED && header.object_lock.is_none() {
+            // Opened as is, it would be written without locks: the very thing version 3 is for.
+            return Err(RepoError::corrupt(
+                loc,
+                format!(
+                    "its header has version {REPO_VERSION_LOCKED} (Object Lock) but no object_lock settings"
+                ),
             ));
         }
         Ok(header)
@@ -1269,7 +1290,19 @@ impl Repository {
 
     /// Store an encoded point index body (`index::encode`) as a new point index object.
     pub(crate) fn put_index_body(&self, body: &[u8]) -> Result<ObjRef> {
+        self.put_index_body_recorded(body, &mut Vec::new())
+    }
+
+    /// `put_index_body`, recording the new key in `written` *before* the put: a put that
+    /// fails after storing its object (on S3, an answer lost on every attempt) leaves an
+    /// object its writer must still know of to delete it.
+    pub(crate) fn put_index_body_recorded(
+        &self,
+        body: &[u8],
+        written: &mut Vec<String>,
+    ) -> Result<ObjRef> {
         let key = format!("{PINDEX}{}", random_hex(16)?);
+        written.push(key.clone());
         let len = self.put_sealed(&key, "pindex", body)?;
         Ok(ObjRef { key, len })
     }
@@ -1293,9 +1326,41 @@ impl Repository {
         if let Err(detail) = m.check() {
             return Err(RepoError::corrupt(self.describe(&m.key()), detail));
         }
-        let key = &m.index.key;
-        let iloc = self.describe(key);
-        let body = self.get_sealed(key, "pindex", Some(m.index.len))?;
+        let body = self.get_sealed(&m.index.key, "pindex", Some(m.index.len))?;
+        self.stored_point(m, body)
+    }
+
+    /// Open the indexes of points `ms`, fetched together: a remote store gets them in
+    /// parallel (`Store::get_many`), where one `open_point` after another waits for each.
+    /// One result per manifest, in order.
+    pub fn open_points(&self, ms: &[PointManifest]) -> Vec<Result<StoredPoint>> {
+        // Only keys of the shape writers make are asked for.
+        let checked: Vec<std::result::Result<(), String>> = ms.iter().map(|m| m.check()).collect();
+        let keys: Vec<String> = ms
+            .iter()
+            .zip(&checked)
+            .filter(|(_, c)| c.is_ok())
+            .map(|(m, _)| m.index.key.clone())
+            .collect();
+        let mut fetched = self.shared.store.get_many(&keys).into_iter();
+        ms.iter()
+            .zip(checked)
+            .map(|(m, c)| {
+                c.map_err(|detail| RepoError::corrupt(self.describe(&m.key()), detail))?;
+                let key = &m.index.key;
+                let bytes = fetched
+                    .next()
+                    .ok_or_else(|| RepoError::Invalid("internal: a batched read was lost".into()))?
+                    .map_err(|e| RepoError::io("read", self.describe(key), e))?;
+                let body = self.open_sealed(key, "pindex", Some(m.index.len), bytes)?;
+                self.stored_point(m, body)
+            })
+            .collect()
+    }
+
+    /// A point from its index's opened body (checked against its manifest).
+    fn stored_point(&self, m: &PointManifest, body: Vec<u8>) -> Result<StoredPoint> {
+        let iloc = self.describe(&m.index.key);
         let index = Index::parse(body, &iloc)?;
         if index.virtual_size != m.virtual_size
             || index.changed.len() != m.changed_blocks
@@ -1952,6 +2017,67 @@ mod tests {
         let e = Repository::open(&old, None).unwrap_err();
         assert!(matches!(e, RepoError::OldFormat { found: 1, .. }), "{e}");
         assert!(e.to_string().contains("format-1"), "{e}");
+    }
+
+    /// A repository with Object Lock has header version 3: a build that knows only version 2
+    /// (and would ignore `object_lock`, writing unlocked objects) refuses it; a version-3
+    /// header without the settings is damaged; plain repositories keep version 2.
+    #[test]
+    fn object_lock_raises_the_header_version_and_old_headers_open_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        let plain = d.path().join("plain");
+        Repository::init(&plain, &Encryption::None).unwrap();
+        let bytes = std::fs::read(plain.join(REPO_FILE)).unwrap();
+        let h: RepoHeader = manifest::decode(&bytes, "h", "repository", REPO_FORMAT, REPO_VERSION)
+            .expect("a plain header is readable by version-2 builds");
+        assert_eq!((h.version, h.object_lock), (REPO_VERSION, None));
+        assert!(Repository::open(&plain, None).is_ok());
+
+        let header = |version: u64, lock: Option<serde_json::Value>| {
+            let mut v = serde_json::json!({
+                "format": REPO_FORMAT, "version": version, "id": "ab", "created": "x",
+                "block_size": 65536, "encryption": ENCRYPTION_NONE, "master": "00".repeat(64),
+            });
+            if let Some(l) = lock {
+                v["object_lock"] = l;
+            }
+            manifest::encode(&v)
+        };
+        let lock = serde_json::json!({"mode": "COMPLIANCE", "days": 7});
+        let locked = header(REPO_VERSION_LOCKED, Some(lock.clone()));
+        // What a version-2 build does with it: refuses, naming the version.
+        let e =
+            manifest::decode::<RepoHeader>(&locked, "h", "repository", REPO_FORMAT, REPO_VERSION)
+                .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RepoError::UnsupportedVersion {
+                    found: 3,
+                    supported: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let dir = d.path().join("locked");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(REPO_FILE), &locked).unwrap();
+        let h = Repository::probe(&dir).unwrap();
+        assert_eq!(h.version, REPO_VERSION_LOCKED);
+        assert!(h.object_lock.is_some());
+        // A local store cannot lock: opening refuses rather than write unlocked objects.
+        let e = Repository::open(&dir, None).expect_err("refused");
+        assert!(e.to_string().contains("Object Lock"), "{e}");
+
+        for (version, lock, want) in [
+            (REPO_VERSION_LOCKED, None, "no object_lock settings"),
+            (REPO_VERSION_LOCKED + 1, Some(lock), "upgrade cbtfs"),
+        ] {
+            std::fs::write(dir.join(REPO_FILE), header(version, lock)).unwrap();
+            let e = Repository::probe(&dir).unwrap_err();
+            assert!(e.to_string().contains(want), "version {version}: {e}");
+        }
     }
 
     #[test]

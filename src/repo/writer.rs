@@ -466,14 +466,17 @@ impl<'l> PointWriter<'l> {
         let ids = std::mem::take(&mut self.ids);
         let body = super::index::encode(self.spec.virtual_size, &self.changed, &self.stored, &ids);
         drop(ids);
-        let index = self.repo.put_index_body(&body)?;
+        // Keys are recorded before their puts, as chunk index keys are (`write_index_into`):
+        // a put that stored its object and then failed leaves an object this writer deletes.
+        let index = self
+            .repo
+            .put_index_body_recorded(&body, &mut self.written)?;
         drop(body);
-        self.written.push(index.key.clone());
         let vm_metadata = match &self.spec.vm_metadata {
             Some(bytes) => {
                 let key = format!("{META}{}", random_hex(16)?);
-                let len = self.repo.put_sealed(&key, "meta", bytes)?;
                 self.written.push(key.clone());
+                let len = self.repo.put_sealed(&key, "meta", bytes)?;
                 Some(ObjRef { key, len })
             }
             None => None,
@@ -660,13 +663,14 @@ mod tests {
         }
     }
 
-    /// A writer whose chunk index, point index or manifest put fails after storing the
-    /// object leaves nothing behind: a chunk index object left over would name the packs
-    /// the writer deletes (and a later backup would dedup against chunks that are gone); a
-    /// manifest would be a point whose data is gone.
+    /// A writer whose chunk index, point index, VM metadata or manifest put fails after
+    /// storing the object leaves nothing behind: a chunk index object left over would name
+    /// the packs the writer deletes (and a later backup would dedup against chunks that are
+    /// gone); a manifest would be a point whose data is gone; a point index or VM metadata
+    /// object would be unreferenced, left for gc.
     #[test]
     fn a_failed_put_that_stored_its_object_leaves_nothing() {
-        for prefix in ["cindex/", "points/", "packs/"] {
+        for prefix in ["cindex/", "pindex/", "meta/", "points/", "packs/"] {
             let d = tempfile::tempdir().unwrap();
             let root = d.path().join("r");
             drop(testing::init(&root));
@@ -691,7 +695,8 @@ mod tests {
                         source: "test".into(),
                         new_set: true,
                         snapshot: None,
-                        vm_metadata: None,
+                        // VM metadata too, so that its put is one of those failing.
+                        vm_metadata: Some(b"<ova.xml of the test VM/>".to_vec()),
                         vdi_type: None,
                         vm_run: None,
                     },

@@ -6,3 +6,4 @@ mod cache;
 mod commands;
 mod faults;
 mod lock;
+mod mount_ready;

@@ -268,27 +268,12 @@ impl S3Store {
         {
             return Ok(c.clone());
         }
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
+        // The CA roots are read once per process (`tls`), not once per client.
+        let trust =
+            super::tls::Trust::of(self.cfg.endpoint.as_deref(), self.cfg.ca_cert.as_deref());
+        let b = super::tls::client_builder(&trust)?
             .timeout(Duration::from_secs(300))
             .connect_timeout(Duration::from_secs(10));
-        if let Some(ca) = &self.cfg.ca_cert {
-            let pem = std::fs::read(ca).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot read the CA certificate {}: {e}", ca.display()),
-                )
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{} holds no usable PEM certificate ({e})", ca.display()),
-                )
-            })?;
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
-        }
         let c = b.build().map_err(|e| {
             io::Error::other(format!("cannot set up the S3 client for {}: {e}", self.url))
         })?;
