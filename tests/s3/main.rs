@@ -12,3 +12,4 @@ mod cache;
 mod commands;
 mod faults;
 mod lock;
+mod writers;
