@@ -15,6 +15,8 @@
 //!    index objects are deleted, then dead, repacked and orphan packs, then point indexes and
 //!    VM metadata no manifest names. A crash before the old index objects go leaves duplicates
 //!    (both valid); after, only unreferenced objects, which the next gc deletes.
+//! 5. Remove the records of dead writers (`Repository::collect_dead_writers`): what they left
+//!    is collected.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -90,6 +92,10 @@ pub fn gc(
     report.manifests_deleted = manifests_deleted;
     if let Some((l, s3)) = locked.filter(|_| !dry_run) {
         reclaim(s3, l, &mut maintenance).map_err(lock_err)?;
+    }
+    if !dry_run {
+        // Everything dead writers left is collected: their records can go.
+        repo.forget_dead_writers(lock)?;
     }
     report.object_lock = locked.map(|_| maintenance);
     Ok(report)

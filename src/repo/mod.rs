@@ -1614,19 +1614,31 @@ impl Repository {
                 running: self.running_writers()?.len(),
             });
         };
-        // Under the exclusive lock no writer is live: every record is a dead one.
-        let dead: Vec<store::WriterRecord> = self.writer_records()?;
+        // gc removes the records once it has collected everything.
+        let dead: Vec<String> = self
+            .writer_records()?
+            .into_iter()
+            .map(|r| r.holder)
+            .collect();
         let report = gc::gc(self, &lock, 0, false)?;
-        for r in &dead {
+        Ok(Collection::Collected {
+            writers: dead,
+            gc: report,
+        })
+    }
+
+    /// Remove every writer record: under the exclusive lock all are dead writers' (`gc` calls
+    /// it once it has collected what they left). Returns who they named.
+    pub fn forget_dead_writers(&self, _lock: &ExclusiveLock) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for r in self.writer_records()? {
             self.shared.store.remove_writer_record(&r.id).map_err(|e| {
                 RepoError::io("remove a dead writer's record in", self.describe(""), e)
             })?;
             tracing::info!(writer = %r.holder, "collected what a dead writer left");
+            out.push(r.holder);
         }
-        Ok(Collection::Collected {
-            writers: dead.into_iter().map(|r| r.holder).collect(),
-            gc: report,
-        })
+        Ok(out)
     }
 
     /// The manifests `clean_orphans` would delete (prune's dry run counts their bytes).

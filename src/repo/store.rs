@@ -978,6 +978,18 @@ impl Store for LocalStore {
 
     fn remove_temporaries(&self) -> io::Result<u64> {
         let mut removed = 0u64;
+        // Writer records a killed writer had not named yet.
+        let writers = self.root.join(WRITERS_DIR);
+        if let Ok(entries) = std::fs::read_dir(&writers) {
+            for entry in entries.flatten() {
+                if is_temp_name(entry.file_name().as_bytes()) {
+                    match std::fs::remove_file(entry.path()) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                        _ => removed += 1,
+                    }
+                }
+            }
+        }
         let mut todo: Vec<std::path::PathBuf> =
             LOCKED_PREFIXES.iter().map(|p| self.root.join(p)).collect();
         while let Some(dir) = todo.pop() {

@@ -740,4 +740,66 @@ mod tests {
             );
         }
     }
+
+    /// Under a disk lock (other writers live), an unfinished point keeps what other writers
+    /// may have deduplicated against: its chunk index object and the packs it names. Only
+    /// what nobody can see (its point index) goes; gc under the exclusive lock collects the
+    /// rest.
+    #[test]
+    fn an_unfinished_point_beside_other_writers_keeps_what_it_indexed() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        drop(testing::init(&root));
+        let before = LocalStore::new(&root).list("").unwrap();
+        let store: Arc<dyn Store> = Arc::new(LostAnswers {
+            inner: LocalStore::new(&root),
+            prefix: "points/",
+        });
+        let repo = Repository::open_store(store, &root, Some(&testing::secret())).unwrap();
+        let vdi = "00000000-0000-4000-8000-00000000000a";
+        let shared = repo.lock_shared("test").unwrap();
+        let lock = shared.lock_disk(vdi, "test").unwrap();
+        let blocks = 40u64;
+        let mut w = repo
+            .begin_point(
+                &lock,
+                NewPoint {
+                    vdi: vdi.into(),
+                    disk_name: "d".into(),
+                    vm_uuid: None,
+                    vm_name: None,
+                    time: 1_000,
+                    virtual_size: blocks * BLOCK_SIZE,
+                    source: "test".into(),
+                    new_set: true,
+                    snapshot: None,
+                    vm_metadata: None,
+                    vdi_type: None,
+                    vm_run: None,
+                },
+            )
+            .unwrap();
+        let img: Vec<u8> = (0..blocks as usize * BLOCK_SIZE as usize)
+            .map(|i| (i / 7) as u8 ^ (i >> 16) as u8)
+            .collect();
+        w.add_run(0, &img, true).unwrap();
+        assert!(w.commit().is_err());
+        drop(lock);
+        drop(shared);
+        let after = LocalStore::new(&root).list("").unwrap();
+        let new: Vec<&str> = after
+            .iter()
+            .filter(|o| !before.contains(o))
+            .map(|o| o.key.split('/').next().unwrap_or(""))
+            .collect();
+        assert!(new.contains(&"cindex") && new.contains(&"packs"), "{new:?}");
+        assert!(
+            new.iter().all(|p| *p == "cindex" || *p == "packs"),
+            "{new:?}"
+        );
+        // gc (exclusive) collects it.
+        let x = repo.lock_exclusive("gc").unwrap();
+        crate::repo::gc::gc(&repo, &x, 0, false).unwrap();
+        assert_eq!(LocalStore::new(&root).list("").unwrap(), before);
+    }
 }
