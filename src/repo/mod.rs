@@ -1596,30 +1596,36 @@ impl Repository {
             .map_err(|e| RepoError::io("list the writers of", self.describe(""), e))
     }
 
-    /// Collect what dead writers left (issue 19: "the next run collects what is
-    /// unreferenced"). A writer killed mid-run leaves its record (`store`'s module doc) and
-    /// objects no point references. When there is such a record and the exclusive lock can be
-    /// taken without waiting (no writer live), runs `gc` without repacking (honouring Object
-    /// Lock as gc does), then removes the records; otherwise leaves them for a later run.
-    /// Call it after dropping this process's own [`SharedLock`].
+    /// Collect what dead writers left (issue 19: "the next run aborts its multipart uploads
+    /// and collects what is unreferenced"). A writer killed mid-run leaves its record
+    /// (`store`'s module doc), perhaps unfinished puts (temporary files, multipart uploads)
+    /// and objects no point references. When the exclusive lock can be taken without waiting
+    /// (no writer live), taking it removes the unfinished puts, and if there are dead records
+    /// `gc` runs without repacking (honouring Object Lock as gc does) and removes them;
+    /// otherwise all is left for a later run. Call it after dropping this process's own
+    /// [`SharedLock`].
     pub fn collect_dead_writers(&self, holder: &str) -> Result<Collection> {
-        let records = self.writer_records()?;
-        let dead = records.iter().filter(|r| !r.live).count();
-        if dead == 0 {
-            return Ok(Collection::NothingToDo);
-        }
         let Some(lock) = self.try_lock_exclusive(holder)? else {
+            let records = self.writer_records()?;
+            let dead = records.iter().filter(|r| !r.live).count();
+            if dead == 0 {
+                return Ok(Collection::NothingToDo);
+            }
             return Ok(Collection::Deferred {
                 dead,
-                running: self.running_writers()?.len(),
+                running: records.len() - dead,
             });
         };
-        // gc removes the records once it has collected everything.
+        // Under the exclusive lock every record is a dead writer's; gc removes them once it
+        // has collected everything.
         let dead: Vec<String> = self
             .writer_records()?
             .into_iter()
             .map(|r| r.holder)
             .collect();
+        if dead.is_empty() {
+            return Ok(Collection::NothingToDo);
+        }
         let report = gc::gc(self, &lock, 0, false)?;
         Ok(Collection::Collected {
             writers: dead,
@@ -1930,9 +1936,10 @@ impl DiskWriteLock for ExclusiveLock {
 /// What [`Repository::collect_dead_writers`] did.
 #[derive(Debug)]
 pub enum Collection {
-    /// No dead writer's record.
+    /// No dead writer's record (unfinished puts were removed if the exclusive lock was free).
     NothingToDo,
-    /// `dead` records left for a later run: `running` writers are live (or maintenance runs).
+    /// `dead` records left for a later run: `running` writers are live (or a maintenance run
+    /// holds the exclusive lock).
     Deferred { dead: usize, running: usize },
     /// The dead writers (as their records named them) and the gc that collected their leftovers.
     Collected {
