@@ -27,7 +27,7 @@ use crate::import::{self, ImportError, ImportRequest};
 use crate::nbd::FetchOptions;
 use crate::repo::copy::{BlockCopy, READ_BLOCKS};
 use crate::repo::journal::SnapshotJournal;
-use crate::repo::{RepoError, Repository, WriteLock};
+use crate::repo::{DiskWriteLock, RepoError, Repository, SharedLock};
 use crate::xapi::{Failure, VdiRecord, Xapi, XapiError};
 use crate::{BLOCK_SIZE, blocks_for, timefmt};
 
@@ -130,17 +130,22 @@ impl From<HostError> for BackupError {
     }
 }
 
-/// Run a backup. The repository lock is held for the whole run.
+/// Run a backup. The writers' shared lock is held for the whole run, each disk's lock while it
+/// is backed up (other runs back up other disks meanwhile); at the end, what dead writers
+/// left is collected if no writer is running (`Repository::collect_dead_writers`).
 pub async fn run(
     repo: &Repository,
     opts: &BackupOptions,
     say: &dyn Fn(Event),
 ) -> Result<RunReport, BackupError> {
-    let lock = repo.lock(&format!("cbtfs backup from {}", opts.host.url))?;
+    let holder = format!("cbtfs backup from {}", opts.host.url);
+    let lock = repo.lock_shared(&holder)?;
     let (mut xapi, pinned) = connect(repo, &opts.host, say).await?;
     let result = run_logged_in(repo, &lock, &xapi, opts, say).await;
     // Always log out: sessions are limited per user.
     xapi.logout().await;
+    drop(lock);
+    collect_dead_writers(repo, &holder, say);
     let (mut disks, failures) = result?;
     // Name the new points as the mount shows them, in the repository as it is now.
     match repo.catalog() {
@@ -164,6 +169,28 @@ pub async fn run(
         disks,
         failures,
     })
+}
+
+/// Collect what dead writers left, if nobody else is writing (a warning if it fails: the
+/// backup itself is done).
+pub fn collect_dead_writers(repo: &Repository, holder: &str, say: &dyn Fn(Event)) {
+    match repo.collect_dead_writers(holder) {
+        Ok(crate::repo::Collection::Collected { writers, gc }) => tracing::info!(
+            writers = writers.len(),
+            packs = gc.packs_deleted,
+            objects = gc.objects_deleted,
+            "collected what killed writers left"
+        ),
+        Ok(crate::repo::Collection::Deferred { dead, running }) => tracing::info!(
+            dead,
+            running,
+            "what killed writers left is collected by a later run: writers are running"
+        ),
+        Ok(crate::repo::Collection::NothingToDo) => {}
+        Err(e) => say(Event::Warning(&format!(
+            "could not collect what an interrupted writer left ({e}); `cbtfs gc` does it"
+        ))),
+    }
 }
 
 /// A disk to back up and what names it.
@@ -268,7 +295,7 @@ type Outcome = (Vec<DiskReport>, Vec<(String, String)>);
 
 async fn run_logged_in(
     repo: &Repository,
-    lock: &WriteLock,
+    lock: &SharedLock,
     xapi: &Xapi,
     opts: &BackupOptions,
     say: &dyn Fn(Event),
@@ -431,7 +458,7 @@ async fn snapshot_records(
 /// two of the same second are left alone, named, for a human to decide).
 async fn recover_snapshot_journal(
     repo: &Repository,
-    lock: &WriteLock,
+    lock: &dyn DiskWriteLock,
     xapi: &Xapi,
     rec: &VdiRecord,
     origin: Option<&str>,
@@ -518,7 +545,7 @@ async fn recover_snapshot_journal(
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn backup_disk(
     repo: &Repository,
-    lock: &WriteLock,
+    lock: &SharedLock,
     xapi: &Xapi,
     opts: &BackupOptions,
     t: &DiskTarget,
@@ -535,6 +562,12 @@ pub(crate) async fn backup_disk(
             rec.uuid
         )));
     }
+    // This disk's lock, before its history is read: another run may be backing it up.
+    let disk_lock = lock.lock_disk(
+        &rec.uuid,
+        &format!("cbtfs backup of VDI {} from {}", rec.uuid, opts.host.url),
+    )?;
+    let lock: &dyn DiskWriteLock = &disk_lock;
     let mut warnings = Vec::new();
     let warn = |w: String, warnings: &mut Vec<String>| {
         say(Event::Warning(&w));
@@ -793,7 +826,7 @@ async fn changed_blocks(
 #[allow(clippy::too_many_arguments)]
 async fn fetch(
     repo: &Repository,
-    lock: &WriteLock,
+    lock: &dyn DiskWriteLock,
     xapi: &Xapi,
     opts: &BackupOptions,
     snap: &VdiRecord,
@@ -857,7 +890,7 @@ async fn fetch(
 /// Read the snapshot through `/export_raw_vdi`; an increment keeps only the bitmap's blocks.
 async fn import_http(
     repo: &Repository,
-    lock: &WriteLock,
+    lock: &dyn DiskWriteLock,
     xapi: &Xapi,
     snap: &VdiRecord,
     req: &ImportRequest,

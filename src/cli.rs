@@ -1572,8 +1572,20 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
                         "reclaimed"
                     }
                 );
+                for (vdi, holder) in &r.busy_disks {
+                    eprintln!(
+                        "cbtfs: warning: disk {vdi} was not pruned: it is being written ({holder}); the next prune takes it"
+                    );
+                }
                 match &r.gc {
                     Some(g) => println!("garbage collection: {}", gc_summary(g)),
+                    None if r.gc_deferred.is_some() => println!(
+                        "garbage collection: {}",
+                        r.gc_deferred
+                            .as_ref()
+                            .map(|d| d.describe())
+                            .unwrap_or_default()
+                    ),
                     None if no_gc && !r.dry_run => println!(
                         "garbage collection: not run (--no-gc); `cbtfs gc {}` deletes the data no point references any more",
                         repo.display()
@@ -1648,7 +1660,7 @@ fn run(cli: Cli, done: &Done) -> Result<ExitCode> {
 /// `cbtfs gc`: collect garbage under the writer lock and say what was done.
 fn cmd_gc(repo: &Path, dry_run: bool, repack_below: u8, json: bool) -> Result<()> {
     let repository = open(repo)?;
-    let lock = repository.lock("cbtfs gc")?;
+    let lock = repository.lock_exclusive("cbtfs gc")?;
     let r = crate::repo::gc::gc(&repository, &lock, repack_below, dry_run)?;
     drop(lock);
     if json {

@@ -176,10 +176,10 @@ pub fn copy(
         )));
     }
     // The destination's lock first: a busy destination fails before anything is read.
-    let lock = if req.dry_run {
+    let mut lock = if req.dry_run {
         None
     } else {
-        Some(dst.lock("cbtfs copy").map_err(d_err)?)
+        Some(dst.lock_shared("cbtfs copy").map_err(d_err)?)
     };
     let catalog = src.catalog().map_err(s_err)?;
     let tree = Tree::build(catalog);
@@ -201,6 +201,12 @@ pub fn copy(
     for vdi in disks {
         let Some((_, disk)) = tree.disk_by_uuid(&vdi) else {
             continue;
+        };
+        // The destination disk's lock before reading what it holds: another writer (a backup
+        // into the destination) may be adding points to it.
+        let disk_lock = match &lock {
+            Some(shared) => Some(shared.lock_disk(&vdi, "cbtfs copy").map_err(d_err)?),
+            None => None,
         };
         // What the destination holds of this disk's sets, by source set name.
         let dst_disk = dst.disk(&vdi).map_err(d_err)?;
@@ -240,7 +246,9 @@ pub fn copy(
             copy_set(
                 src,
                 dst,
-                lock.as_ref(),
+                disk_lock
+                    .as_ref()
+                    .map(|l| l as &dyn crate::repo::DiskWriteLock),
                 &tree,
                 set,
                 req,
@@ -249,6 +257,12 @@ pub fn copy(
                 &mut report,
                 &mut on_event,
             )?;
+        }
+    }
+    if lock.take().is_some() {
+        // This copy's lock is gone: collect what killed writers left, if nobody is writing.
+        if let Err(e) = dst.collect_dead_writers("cbtfs copy") {
+            tracing::warn!(error = %e, "could not collect what an interrupted writer left; `cbtfs gc` does it");
         }
     }
     report.points_copied = report.copied.len();
@@ -293,7 +307,7 @@ fn select_disks(tree: &Tree, vms: &[String]) -> Result<Vec<String>, CopyFailure>
 fn copy_set(
     src: &Repository,
     dst: &Repository,
-    lock: Option<&crate::repo::WriteLock>,
+    lock: Option<&dyn crate::repo::DiskWriteLock>,
     tree: &Tree,
     set: &SetHistory,
     req: &CopyRequest,
@@ -560,7 +574,7 @@ mod tests {
     /// Write a point whose blocks `blocks` hold `fill(block)` (the disk's last block short).
     fn write(repo: &Repository, s: NewPoint, blocks: &[u64], fill: impl Fn(u64) -> u8) {
         let size = s.virtual_size;
-        let lock = repo.lock("test").unwrap();
+        let lock = repo.lock_exclusive("test").unwrap();
         let mut w = repo.begin_point(&lock, s).unwrap();
         for &b in blocks {
             let len = (size - b * BLOCK_SIZE).min(BLOCK_SIZE) as usize;

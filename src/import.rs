@@ -111,8 +111,14 @@ pub fn import_raw(
 ) -> Result<ImportReport, ImportError> {
     match &req.source {
         ImportSource::Raw(path) => {
-            let lock = repo.lock(&format!("cbtfs import {}", req.vdi))?;
-            import_file(repo, &lock, req, path, progress)
+            let holder = format!("cbtfs import {}", req.vdi);
+            let shared = repo.lock_shared(&holder)?;
+            let lock = shared.lock_disk(&req.vdi, &holder)?;
+            let r = import_file(repo, &lock, req, path, progress);
+            drop(lock);
+            drop(shared);
+            collect_dead_writers(repo, &holder);
+            r
         }
         ImportSource::Nbd { target, options } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -120,11 +126,26 @@ pub fn import_raw(
                 .enable_all()
                 .build()
                 .map_err(|e| ImportError::Runtime(e.to_string()))?;
-            rt.block_on(async {
+            let holder = format!("cbtfs import {}", req.vdi);
+            let r = rt.block_on(async {
                 let pool = crate::nbd::Pool::open(target.clone(), *options).await?;
-                let lock = repo.lock(&format!("cbtfs import {}", req.vdi))?;
+                let shared = repo.lock_shared(&holder)?;
+                let lock = shared.lock_disk(&req.vdi, &holder)?;
                 import_nbd(repo, &lock, req, pool, progress).await
-            })
+            });
+            collect_dead_writers(repo, &holder);
+            r
+        }
+    }
+}
+
+/// Collect what dead writers left once this import's locks are gone (logged, never an error:
+/// the import is done; `Repository::collect_dead_writers`).
+fn collect_dead_writers(repo: &Repository, holder: &str) {
+    match repo.collect_dead_writers(holder) {
+        Ok(c) => tracing::debug!(?c, "dead writers"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not collect what an interrupted writer left; `cbtfs gc` does it")
         }
     }
 }
@@ -148,7 +169,7 @@ pub(crate) fn marked_blocks(
 /// Start the point: the lock, names carried over from the disk's newest point, set and seq.
 pub(crate) fn begin<'l>(
     repo: &Repository,
-    lock: &'l crate::repo::WriteLock,
+    lock: &'l dyn crate::repo::DiskWriteLock,
     req: &ImportRequest,
     size: u64,
     source: String,
@@ -235,7 +256,7 @@ pub(crate) fn plan(
 
 fn import_file(
     repo: &Repository,
-    lock: &crate::repo::WriteLock,
+    lock: &dyn crate::repo::DiskWriteLock,
     req: &ImportRequest,
     path: &Path,
     progress: impl FnMut(u64, u64),
@@ -292,7 +313,7 @@ fn import_file(
 /// block arrived.
 pub async fn import_nbd(
     repo: &Repository,
-    lock: &crate::repo::WriteLock,
+    lock: &dyn crate::repo::DiskWriteLock,
     req: &ImportRequest,
     mut pool: crate::nbd::Pool,
     progress: impl FnMut(u64, u64),

@@ -24,7 +24,7 @@ use crate::read::PointReader;
 use crate::repo::crypto::ChunkId;
 use crate::repo::gc::{self, GcReport};
 use crate::repo::{
-    ObjRef, PointManifest, RepoError, Repository, SetHistory, WriteLock, index, manifest,
+    DiskWriteLock, ObjRef, PointManifest, RepoError, Repository, SetHistory, index, manifest,
 };
 use crate::{BLOCK_SIZE, blocks_for};
 
@@ -145,6 +145,41 @@ pub struct PruneReport {
     /// The garbage collection that ran after (or would run, in a dry run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gc: Option<GcReport>,
+    /// The garbage collection left for later because writers were running (it needs the
+    /// exclusive lock, and prune never waits for other disks' transfers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc_deferred: Option<GcDeferred>,
+    /// Disks not pruned because another process was writing them: (VDI uuid, holder).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub busy_disks: Vec<(String, String)>,
+}
+
+/// A garbage collection prune could not run yet.
+#[derive(Debug, Clone, Serialize)]
+pub struct GcDeferred {
+    /// Objects a gc would delete now (packs and indexes no point references; it may include
+    /// packs the running writers have put and not indexed yet).
+    pub objects: u64,
+    /// The running writers, as they name themselves.
+    pub running: Vec<String>,
+}
+
+impl GcDeferred {
+    /// "N objects left for a later gc: K backups are running".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} object{} left for a later gc: {} backup{} running ({})",
+            self.objects,
+            if self.objects == 1 { "" } else { "s" },
+            self.running.len(),
+            if self.running.len() == 1 {
+                " is"
+            } else {
+                "s are"
+            },
+            self.running.join("; ")
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +215,10 @@ pub fn prune(
                 .into(),
         ));
     }
-    let lock = repo.lock("cbtfs prune")?;
+    // Writers of other disks go on: prune holds the shared lock and, while it drops a disk's
+    // points, that disk's lock. Deleting data (gc) needs the exclusive lock: deferred while
+    // writers run.
+    let shared = repo.lock_shared("cbtfs prune")?;
     let mut report = PruneReport {
         dry_run,
         policy,
@@ -189,6 +227,8 @@ pub fn prune(
         bytes_after: 0,
         bytes_written: 0,
         gc: None,
+        gc_deferred: None,
+        busy_disks: Vec::new(),
     };
     // What the dry run counts to say exactly what the real run leaves.
     let mut tally = Tally {
@@ -196,26 +236,53 @@ pub fn prune(
         seal_overhead: repo.keys().seal(b"prune", &[]).len() as u64,
         ..Tally::default()
     };
-    // Leftovers of an interrupted prune go first.
+    // Leftovers of an interrupted prune go first (per disk, under its lock, below).
     if dry_run {
         for key in repo.stale_manifests()? {
             tally.deleted += tally.sizes.get(&key).copied().unwrap_or(0);
         }
-    } else {
-        repo.clean_orphans(&lock, "")?;
     }
     // Names as the mount shows them before the prune (the removed points are in it).
     let tree = Tree::build(repo.catalog()?);
-    for disk in repo.catalog()? {
-        let vdi = disk.vdi.clone();
+    for listed in repo.catalog()? {
+        let vdi = listed.vdi.clone();
+        let selected = only.is_none_or(|o| o == vdi);
+        // A disk that loses points is locked, then read again: a backup may have added one.
+        let wants_lock = !dry_run && selected && {
+            let n: Vec<i64> = listed
+                .sets
+                .iter()
+                .flat_map(|s| s.points.iter().map(|m| m.time))
+                .collect();
+            policy.keep(&n).iter().any(|k| !k)
+        };
+        let disk_lock = if wants_lock {
+            match shared.lock_disk(&vdi, "cbtfs prune") {
+                Ok(l) => Some(l),
+                Err(RepoError::Locked { holder, .. }) if only.is_none() => {
+                    tracing::warn!(%vdi, %holder, "disk not pruned: it is being written");
+                    report.busy_disks.push((vdi.clone(), holder));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        let disk = match &disk_lock {
+            Some(l) => {
+                repo.clean_orphans(l, &vdi)?;
+                repo.disk(&vdi)?
+            }
+            None => listed,
+        };
         let Some(newest) = disk.newest().cloned() else {
             continue;
         };
         let all: Vec<&PointManifest> = disk.sets.iter().flat_map(|s| s.points.iter()).collect();
         let times: Vec<i64> = all.iter().map(|m| m.time).collect();
         let keep = policy.keep(&times);
-        let selected = only.is_none_or(|o| o == vdi);
-        let keep: Vec<bool> = if selected {
+        let keep: Vec<bool> = if selected && (dry_run || disk_lock.is_some()) {
             keep
         } else {
             vec![true; all.len()]
@@ -261,8 +328,13 @@ pub fn prune(
             } else {
                 outcome.rewritten += rewrites(flags);
             }
-            retire(repo, &lock, set, flags, dry_run, &mut tally)?;
+            if flags.iter().all(|k| *k) && !dry_run {
+                continue; // nothing to do, and no lock taken
+            }
+            let lock: Option<&dyn DiskWriteLock> = disk_lock.as_ref().map(|l| l as _);
+            retire(repo, lock, set, flags, dry_run, &mut tally)?;
         }
+        drop(disk_lock);
         if !selected {
             continue;
         }
@@ -283,6 +355,7 @@ pub fn prune(
             .collect();
         report.disks.push(outcome);
     }
+    drop(shared);
     report.bytes_written = tally.written;
     if dry_run {
         // Exact: the metadata prune writes and deletes, then what gc frees and writes.
@@ -302,7 +375,20 @@ pub fn prune(
         report.bytes_after = after;
     } else {
         if !no_gc {
-            report.gc = Some(gc::gc(repo, &lock, gc::DEFAULT_REPACK_BELOW, false)?);
+            match repo.try_lock_exclusive("cbtfs prune (gc)")? {
+                Some(lock) => {
+                    report.gc = Some(gc::gc(repo, &lock, gc::DEFAULT_REPACK_BELOW, false)?);
+                }
+                None => {
+                    let pending = gc::pending(repo)?;
+                    let d = GcDeferred {
+                        objects: pending.packs_deleted + pending.objects_deleted,
+                        running: repo.running_writers()?,
+                    };
+                    tracing::info!("{}", d.describe());
+                    report.gc_deferred = Some(d);
+                }
+            }
         }
         report.bytes_after = repository_bytes(repo)?;
     }
@@ -373,12 +459,23 @@ fn rewrites(flags: &[bool]) -> usize {
 /// gets the metadata bytes written and deleted and (dry run) what the kept points reference.
 fn retire(
     repo: &Repository,
-    _lock: &WriteLock,
+    lock: Option<&dyn DiskWriteLock>,
     set: &SetHistory,
     flags: &[bool],
     dry_run: bool,
     tally: &mut Tally,
 ) -> Result<(), PruneError> {
+    if !dry_run {
+        match lock {
+            Some(l) => l.check_disk(&set.vdi)?,
+            None => {
+                return Err(PruneError::Refused(format!(
+                    "internal: pruning disk {} without its lock (a bug in cbtfs: please report it)",
+                    set.vdi
+                )));
+            }
+        }
+    }
     let mut previous_kept: Option<usize> = None;
     for (k, m) in set.points.iter().enumerate() {
         if !flags[k] {

@@ -804,7 +804,7 @@ mod tests {
     const B: &str = "00000000-0000-4000-8000-00000000000b";
 
     fn point(repo: &Repository, vdi: &str, time: i64, run: Option<(&str, &str)>) {
-        let lock = repo.lock("test").unwrap();
+        let lock = repo.lock_exclusive("test").unwrap();
         let w = repo
             .begin_point(
                 &lock,

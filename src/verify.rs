@@ -399,7 +399,7 @@ mod tests {
     const BS: usize = BLOCK_SIZE as usize;
 
     fn write(repo: &Repository, time: i64, new_set: bool, bytes: &[u8]) -> PointManifest {
-        let lock = repo.lock("test").unwrap();
+        let lock = repo.lock_exclusive("test").unwrap();
         let spec = NewPoint {
             vdi: VDI.into(),
             disk_name: "d".into(),

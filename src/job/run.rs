@@ -8,7 +8,8 @@
 //! 3. Back the disks up, several at once: at most `concurrency` disks, each over `connections`
 //!    NBD connections, and never more connections in total than the host allows (XenServer:
 //!    16, shared by every disk of the run): the connections per disk are lowered to fit, and
-//!    the report says so. All disks share one API session and one repository writer lock.
+//!    the report says so. All disks share one API session and the writers' shared lock (other
+//!    jobs and backups of other disks run beside it); each disk takes its own lock.
 //!    Each disk runs on a thread of its own (the repository writer hashes, compresses and
 //!    seals on the calling thread's behalf), driven by one tokio runtime whose workers carry
 //!    the network I/O. A disk or a VM that fails (deleted meanwhile, CBT reset, a host error)
@@ -31,7 +32,7 @@ use super::config::{Config, HostConf, JobConf, RepoConf, VmFacts};
 use super::report::{DiskOutcome, JobReport, Outcome, REPORT_FORMAT, REPORT_VERSION, StepOutcome};
 use crate::backup::{self, BackupOptions, DiskTarget, Event, HostAccess, Selection};
 use crate::repo::keys::Secret;
-use crate::repo::{Repository, WriteLock};
+use crate::repo::{Repository, SharedLock};
 use crate::xapi::{Failure, Xapi};
 
 /// The longest password line read from a password file.
@@ -269,8 +270,10 @@ fn run_into(
         },
     };
     {
+        // The writers' lock: other jobs and backups of other disks go on beside this one;
+        // each disk takes its own lock in `backup_disk`.
         let lock = repo
-            .lock(&format!("cbtfs job run {name}"))
+            .lock_shared(&format!("cbtfs job run {name}"))
             .map_err(|e| SetupError::Repo {
                 path: repo_conf.path.clone(),
                 source: e,
@@ -306,6 +309,13 @@ fn run_into(
         rt.block_on(xapi.logout());
         // The lock goes before prune and copy, which take it themselves.
     }
+    // What killed writers left (an earlier run's, another job's) is collected when no writer
+    // is live; otherwise a later run does it.
+    crate::backup::collect_dead_writers(&repo, &format!("cbtfs job run {name}"), &|e| {
+        if let Event::Warning(m) = e {
+            on(JobEvent::Warning(m))
+        }
+    });
     name_points(&repo, &mut report.disks);
     if !job.keep.is_empty() {
         report.prune = Some(prune(&repo, job, &mut report.disks));
@@ -421,7 +431,7 @@ async fn plan(
 fn back_up(
     rt: &tokio::runtime::Runtime,
     repo: &Repository,
-    lock: &WriteLock,
+    lock: &SharedLock,
     xapi: &Xapi,
     opts: &BackupOptions,
     planned: &[Planned],
@@ -495,7 +505,7 @@ fn failed(p: &Planned, error: String, warnings: Vec<String>, seconds: f64) -> Di
 #[allow(clippy::too_many_arguments)]
 async fn one_disk(
     repo: &Repository,
-    lock: &WriteLock,
+    lock: &SharedLock,
     xapi: &Xapi,
     opts: &BackupOptions,
     p: &Planned,
@@ -639,12 +649,21 @@ fn prune(repo: &Repository, job: &JobConf, disks: &mut [DiskOutcome]) -> StepOut
         }
     }
     let gc = if removed > 0 {
+        // Never waits for other writers' transfers: with writers live, the space is freed by a
+        // later run (or `cbtfs gc`).
         match repo
-            .lock("cbtfs job run (gc after prune)")
-            .and_then(|lock| {
-                crate::repo::gc::gc(repo, &lock, crate::repo::gc::DEFAULT_REPACK_BELOW, false)
+            .try_lock_exclusive("cbtfs job run (gc after prune)")
+            .and_then(|lock| match lock {
+                Some(lock) => {
+                    crate::repo::gc::gc(repo, &lock, crate::repo::gc::DEFAULT_REPACK_BELOW, false)
+                        .map(Some)
+                }
+                None => Ok(None),
             }) {
-            Ok(g) => format!("; garbage collection freed {} bytes", g.bytes_freed),
+            Ok(Some(g)) => format!("; garbage collection freed {} bytes", g.bytes_freed),
+            Ok(None) => {
+                "; garbage collection left for a later run (other writers are running)".to_string()
+            }
             Err(e) => {
                 problems.push(format!("garbage collection: {e}"));
                 String::new()

@@ -262,7 +262,7 @@ mod tests {
     ) -> (Vec<u8>, String) {
         let dir = tempfile::tempdir().unwrap();
         let repo = crate::repo::testing::init(&dir.path().join("r"));
-        let lock = repo.lock("test").unwrap();
+        let lock = repo.lock_exclusive("test").unwrap();
         let mut w = repo.begin_point(&lock, spec()).unwrap();
         fill(&mut w).unwrap();
         let m = w.commit().unwrap();
@@ -387,7 +387,7 @@ mod tests {
         let take = bitmap(&[0..=200]);
         let dir = tempfile::tempdir().unwrap();
         let repo = crate::repo::testing::init(&dir.path().join("r"));
-        let lock = repo.lock("test").unwrap();
+        let lock = repo.lock_exclusive("test").unwrap();
         // Block 70 cannot be read: the 4 MiB read holding it fails, then it alone.
         let mut w = repo.begin_point(&lock, spec()).unwrap();
         let mut bad = |buf: &mut [u8], off: u64| {
@@ -441,7 +441,7 @@ mod tests {
         let take = bitmap(&[199..=201]);
         let dir = tempfile::tempdir().unwrap();
         let repo = crate::repo::testing::init(&dir.path().join("r"));
-        let lock = repo.lock("test").unwrap();
+        let lock = repo.lock_exclusive("test").unwrap();
         let mut w = repo.begin_point(&lock, spec()).unwrap();
         let mut zeros = |buf: &mut [u8], _: u64| {
             buf.fill(0);

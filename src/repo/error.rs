@@ -50,7 +50,7 @@ pub enum RepoError {
     },
 
     #[error(
-        "repository {path} is being written by another process ({holder}); wait for it to finish, or remove {path}/lock if that process no longer exists"
+        "repository {path} is being written by another process ({holder}); wait for it to finish and try again (the lock of a process that was killed is released by itself: at once on a local repository, once stale on S3)"
     )]
     Locked { path: PathBuf, holder: String },
 

@@ -1,7 +1,8 @@
 //! Garbage collection: delete what no point references, repack what is mostly dead.
 //!
-//! Runs under the writer lock, so no backup is writing (and no chunk a running backup is about
-//! to reference can be deleted: backups hold the lock for their whole run). Steps, each safe
+//! Runs under the exclusive lock, so no writer is live (and no chunk a running backup is about
+//! to reference can be deleted: writers hold the shared lock for their whole run, and a new
+//! writer refreshes its chunk index when it begins a point). Steps, each safe
 //! to interrupt at any moment:
 //!
 //! 1. Delete manifests no reader sees (older generations, points a dead prune superseded).
@@ -14,6 +15,8 @@
 //!    index objects are deleted, then dead, repacked and orphan packs, then point indexes and
 //!    VM metadata no manifest names. A crash before the old index objects go leaves duplicates
 //!    (both valid); after, only unreferenced objects, which the next gc deletes.
+//! 5. Remove the records of dead writers (`Repository::collect_dead_writers`): what they left
+//!    is collected.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -21,7 +24,7 @@ use super::chunkindex::{self, CINDEX_PREFIX};
 use super::crypto::ChunkId;
 use super::pack::{self, ChunkLocation, PackId, PackWriter};
 use super::store::s3::lock::{LockMaintenance, extend_locks, reclaim};
-use super::{META, PINDEX, RepoError, Repository, Result, WriteLock};
+use super::{ExclusiveLock, META, PINDEX, RepoError, Repository, Result};
 
 /// Packs whose live bytes are below this share of their records are repacked (percent).
 pub const DEFAULT_REPACK_BELOW: u8 = 50;
@@ -59,7 +62,7 @@ struct PackUse {
 /// Collect garbage. `repack_below`: percent (0 disables repacking).
 pub fn gc(
     repo: &Repository,
-    lock: &WriteLock,
+    lock: &ExclusiveLock,
     repack_below: u8,
     dry_run: bool,
 ) -> Result<GcReport> {
@@ -82,7 +85,7 @@ pub fn gc(
     let manifests_deleted = if dry_run {
         0
     } else {
-        repo.clean_orphans(lock, "")?.len() as u64
+        repo.clean_all_orphans(lock)?.len() as u64
     };
     let (live, live_objects) = mark(repo)?;
     let mut report = sweep(repo, &live, Some(&live_objects), repack_below, dry_run)?;
@@ -90,8 +93,20 @@ pub fn gc(
     if let Some((l, s3)) = locked.filter(|_| !dry_run) {
         reclaim(s3, l, &mut maintenance).map_err(lock_err)?;
     }
+    if !dry_run {
+        // Everything dead writers left is collected: their records can go.
+        repo.forget_dead_writers(lock)?;
+    }
     report.object_lock = locked.map(|_| maintenance);
     Ok(report)
+}
+
+/// What a gc would delete now, without a lock and without deleting anything (prune's
+/// message when it must leave the gc for later). It may count packs a running writer has put
+/// and not indexed yet.
+pub fn pending(repo: &Repository) -> Result<GcReport> {
+    let (live, live_objects) = mark(repo)?;
+    sweep(repo, &live, Some(&live_objects), 0, true)
 }
 
 /// What gc would free and write if exactly the chunks `live` (sorted, deduplicated) and the

@@ -26,7 +26,7 @@ use std::io;
 use serde::{Deserialize, Serialize};
 
 use super::error::{RepoError, Result};
-use super::{Repository, WriteLock, manifest, valid_uuid};
+use super::{DiskWriteLock, Repository, manifest, valid_uuid};
 
 pub const JOURNAL_DIR: &str = "journal";
 pub const JOURNAL_FORMAT: &str = "cbtfs-snapshot-journal";
@@ -116,8 +116,13 @@ impl Repository {
 
     /// Durably record `j` (stage 1 without a snapshot uuid, stage 2 with one). Stage 2 is put
     /// before stage 1 is deleted.
-    pub fn put_snapshot_journal(&self, _lock: &WriteLock, j: &SnapshotJournal) -> Result<()> {
+    pub fn put_snapshot_journal(
+        &self,
+        lock: &dyn DiskWriteLock,
+        j: &SnapshotJournal,
+    ) -> Result<()> {
         check_vdi(&j.vdi)?;
+        lock.check_disk(&j.vdi)?;
         let stage = if j.snapshot.is_some() { 2 } else { 1 };
         let k = self.journal_key(&j.vdi, stage);
         // A stage-1 record of an earlier attempt that died before `VDI.snapshot` returned is
@@ -131,8 +136,9 @@ impl Repository {
     }
 
     /// Forget `vdi`'s journal: what it named is tagged or gone.
-    pub fn clear_snapshot_journal(&self, _lock: &WriteLock, vdi: &str) -> Result<()> {
+    pub fn clear_snapshot_journal(&self, lock: &dyn DiskWriteLock, vdi: &str) -> Result<()> {
         check_vdi(vdi)?;
+        lock.check_disk(vdi)?;
         // Stage 2 first: a crash in between leaves stage 1 alone, which names only snapshots
         // that are untagged, and this one is tagged or destroyed by now.
         self.delete(&self.journal_key(vdi, 2))?;
@@ -151,7 +157,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("r");
         let repo = crate::repo::testing::init(&root);
-        let lock = repo.lock("test").unwrap();
+        let lock = repo.lock_exclusive("test").unwrap();
         assert_eq!(repo.snapshot_journal(VDI).unwrap(), None);
         let mut j = SnapshotJournal::new(VDI, vec!["OpaqueRef:a".into()], Some(5));
         repo.put_snapshot_journal(&lock, &j).unwrap();

@@ -17,7 +17,9 @@
 //! meta/<id>                  VM metadata exports saved with points (sealed)
 //! hosts/<keyed name>         pinned host certificate fingerprints (sealed)
 //! journal/<keyed name>.N     what a backup is snapshotting right now (sealed)
-//! lock                       the writer lock (`Store::lock`)
+//! lock                       the writers' shared / the exclusive maintenance lock
+//! locks/writers/<id>         a record per live writer (shared lock holder)
+//! locks/disks/<keyed name>   one lock per disk (VDI)
 //! deleted/<key>              with Object Lock only: empty records of the objects cbtfs deleted
 //!                            (`store::s3::lock`); the header then has `object_lock`
 //! ```
@@ -41,6 +43,32 @@
 //! a new-generation manifest for the next kept point, taking over the removed points' entries,
 //! then deletes the removed manifests; every intermediate state reads the same bytes for every
 //! kept point (see `load_set` for how superseded manifests are hidden).
+//!
+//! # Locks
+//!
+//! Readers never lock. Writers take three kinds (`store`'s module doc has the mechanisms:
+//! `flock` locally, leases on S3):
+//!
+//! * [`SharedLock`] ([`Repository::lock_shared`]): backup, import, copy and prune (dropping
+//!   points) hold it for their whole run; any number at once, in one or many processes. Under
+//!   it, whoever writes points of a disk holds that disk's [`DiskLock`]
+//!   ([`SharedLock::lock_disk`]): two writers of one disk exclude each other (the second
+//!   fails after 2 s naming the first), writers of different disks never wait for each other's
+//!   transfers. Everything a writer does that is not per disk is safe beside other writers:
+//!   packs, chunk index objects and point indexes have random names and are create-only; a
+//!   point's set and position are decided, and its manifest put, under its disk's lock; stale
+//!   manifests are deleted per disk ([`Repository::clean_orphans`]).
+//! * [`ExclusiveLock`] ([`Repository::lock_exclusive`]): gc's sweep, repair; only while no
+//!   writer is live. Deleting packs or chunk index objects needs it: a live writer dedups
+//!   against the chunk index it loaded, so any chunk it can see may end up referenced by its
+//!   next point. `prune` therefore drops points under the shared lock and leaves the deletion
+//!   for a later gc while writers are running.
+//! * A writer killed mid-run leaves a record (`locks/writers/ID`) that shows it dead, and
+//!   objects nothing references. [`Repository::collect_dead_writers`], called when a run ends,
+//!   collects them (gc without repacking) when it can take the exclusive lock at once.
+//!
+//! Deadlock freedom: the shared lock is taken before any disk lock, disk locks one at a time,
+//! and the exclusive lock only by a process holding no other lock.
 //!
 //! # Integrity
 //!
@@ -1117,7 +1145,7 @@ impl Repository {
 
     /// All sets: (vdi, set) -> history, plus the manifest keys no reader should see (older
     /// generations, superseded points) for the next writer to delete.
-    fn all_sets(&self) -> Result<(SetsByDisk, Vec<String>)> {
+    fn all_sets(&self) -> Result<(SetsByDisk, Vec<(String, String)>)> {
         let (manifests, _) = self.manifests()?;
         let mut groups: BTreeMap<(String, String), Vec<PointManifest>> = BTreeMap::new();
         for m in manifests {
@@ -1141,16 +1169,16 @@ impl Repository {
         vdi: &str,
         set: &str,
         ms: Vec<PointManifest>,
-        stale: &mut Vec<String>,
+        stale: &mut Vec<(String, String)>,
     ) -> SetHistory {
         // The newest generation of each point.
         let mut newest: HashMap<String, PointManifest> = HashMap::new();
         for m in ms {
             match newest.get(&m.id) {
-                Some(o) if o.generation >= m.generation => stale.push(m.key()),
+                Some(o) if o.generation >= m.generation => stale.push((vdi.to_string(), m.key())),
                 _ => {
                     if let Some(o) = newest.insert(m.id.clone(), m) {
-                        stale.push(o.key());
+                        stale.push((vdi.to_string(), o.key()));
                     }
                 }
             }
@@ -1183,7 +1211,7 @@ impl Repository {
         let mut broken = false;
         for mut m in points {
             if superseded.contains(&m.id) {
-                stale.push(m.key());
+                stale.push((vdi.to_string(), m.key()));
                 continue;
             }
             let loc = self.describe(&m.key());
@@ -1550,43 +1578,164 @@ impl Repository {
         Ok(self.locate(&id)?.map(|l| (l.pack.key(), l)))
     }
 
-    /// Take the writer lock (one writer at a time; readers never lock).
-    pub fn lock(&self, holder: &str) -> Result<WriteLock> {
-        match self.shared.store.lock(holder) {
-            Ok(g) => {
-                // Killed writers' unfinished puts: nobody else puts there while we hold the lock.
-                if let Err(e) = self.shared.store.remove_temporaries() {
-                    tracing::warn!(
-                        repo = %self.shared.root.display(),
-                        error = %e,
-                        "cannot remove the temporary files of killed writers"
-                    );
-                }
-                Ok(WriteLock { _guard: g })
-            }
-            Err(store::LockError::Held(who)) => Err(RepoError::Locked {
+    /// A lock error as the repository's: `Held` names the holder.
+    fn lock_error(&self, e: store::LockError, what: &str) -> RepoError {
+        match e {
+            store::LockError::Held(who) => RepoError::Locked {
                 path: self.shared.root.clone(),
-                holder: if who.trim().is_empty() {
-                    "unknown holder".into()
-                } else {
-                    who.trim().to_string()
+                holder: match who.trim() {
+                    "" => format!("unknown holder{what}"),
+                    w => format!("{w}{what}"),
                 },
-            }),
-            Err(store::LockError::Io(e)) => Err(RepoError::io("lock", self.describe("lock"), e)),
+            },
+            store::LockError::Io(e) => RepoError::io("lock", self.describe("lock"), e),
         }
+    }
+
+    /// Take the writers' shared lock (see [Locks](self#locks)): any number of backups,
+    /// imports, copies and prunes at once; only the exclusive lock waits for them. Waits up to
+    /// 2 s for an exclusive holder that is just leaving, then fails naming it.
+    pub fn lock_shared(&self, holder: &str) -> Result<SharedLock> {
+        let g = self
+            .shared
+            .store
+            .take_lock(store::LockKind::Shared, holder, store::LOCK_WAIT)
+            .map_err(|e| self.lock_error(e, ""))?;
+        Ok(SharedLock {
+            _guard: g,
+            repo: self.clone(),
+        })
+    }
+
+    /// Take the exclusive (maintenance) lock: no writer is live while it is held. Waits up to
+    /// 2 s, then fails naming the holder (or the running writers). Removes what killed
+    /// writers' unfinished puts left (temporary files, multipart uploads).
+    pub fn lock_exclusive(&self, holder: &str) -> Result<ExclusiveLock> {
+        self.exclusive(holder, store::LOCK_WAIT)
+    }
+
+    /// [`lock_exclusive`](Self::lock_exclusive) without waiting: None while anyone holds a
+    /// lock it excludes (a writer, or another maintenance run).
+    pub fn try_lock_exclusive(&self, holder: &str) -> Result<Option<ExclusiveLock>> {
+        match self.exclusive(holder, std::time::Duration::ZERO) {
+            Ok(l) => Ok(Some(l)),
+            Err(RepoError::Locked { holder, .. }) => {
+                tracing::debug!(%holder, "the exclusive lock is not free");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn exclusive(&self, holder: &str, wait: std::time::Duration) -> Result<ExclusiveLock> {
+        let g = self
+            .shared
+            .store
+            .take_lock(store::LockKind::Exclusive, holder, wait)
+            .map_err(|e| self.lock_error(e, ""))?;
+        // Killed writers' unfinished puts: no writer is live while we hold the lock.
+        if let Err(e) = self.shared.store.remove_temporaries() {
+            tracing::warn!(
+                repo = %self.shared.root.display(),
+                error = %e,
+                "cannot remove the temporary files of killed writers"
+            );
+        }
+        Ok(ExclusiveLock { _guard: g })
+    }
+
+    /// The writers that hold the shared lock now, as their records name them.
+    pub fn running_writers(&self) -> Result<Vec<String>> {
+        Ok(self
+            .writer_records()?
+            .into_iter()
+            .filter(|r| r.live)
+            .map(|r| r.holder)
+            .collect())
+    }
+
+    fn writer_records(&self) -> Result<Vec<store::WriterRecord>> {
+        self.shared
+            .store
+            .writer_records()
+            .map_err(|e| RepoError::io("list the writers of", self.describe(""), e))
+    }
+
+    /// Collect what dead writers left (issue 19: "the next run aborts its multipart uploads
+    /// and collects what is unreferenced"). A writer killed mid-run leaves its record
+    /// (`store`'s module doc), perhaps unfinished puts (temporary files, multipart uploads)
+    /// and objects no point references. When the exclusive lock can be taken without waiting
+    /// (no writer live), taking it removes the unfinished puts, and if there are dead records
+    /// `gc` runs without repacking (honouring Object Lock as gc does) and removes them;
+    /// otherwise all is left for a later run. Call it after dropping this process's own
+    /// [`SharedLock`].
+    pub fn collect_dead_writers(&self, holder: &str) -> Result<Collection> {
+        let Some(lock) = self.try_lock_exclusive(holder)? else {
+            let records = self.writer_records()?;
+            let dead = records.iter().filter(|r| !r.live).count();
+            if dead == 0 {
+                return Ok(Collection::NothingToDo);
+            }
+            return Ok(Collection::Deferred {
+                dead,
+                running: records.len() - dead,
+            });
+        };
+        // Under the exclusive lock every record is a dead writer's; gc removes them once it
+        // has collected everything.
+        let dead: Vec<String> = self
+            .writer_records()?
+            .into_iter()
+            .map(|r| r.holder)
+            .collect();
+        if dead.is_empty() {
+            return Ok(Collection::NothingToDo);
+        }
+        let report = gc::gc(self, &lock, 0, false)?;
+        Ok(Collection::Collected {
+            writers: dead,
+            gc: report,
+        })
+    }
+
+    /// Remove every writer record: under the exclusive lock all are dead writers' (`gc` calls
+    /// it once it has collected what they left). Returns who they named.
+    pub fn forget_dead_writers(&self, _lock: &ExclusiveLock) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for r in self.writer_records()? {
+            self.shared.store.remove_writer_record(&r.id).map_err(|e| {
+                RepoError::io("remove a dead writer's record in", self.describe(""), e)
+            })?;
+            tracing::info!(writer = %r.holder, "collected what a dead writer left");
+            out.push(r.holder);
+        }
+        Ok(out)
     }
 
     /// The manifests `clean_orphans` would delete (prune's dry run counts their bytes).
     pub fn stale_manifests(&self) -> Result<Vec<String>> {
-        Ok(self.all_sets()?.1)
+        Ok(self.all_sets()?.1.into_iter().map(|(_, k)| k).collect())
     }
 
-    /// Delete manifests no reader sees any more (older generations, points a prune superseded
-    /// before it died). Needs the lock. Unreferenced packs and indexes are `gc`'s.
-    pub fn clean_orphans(&self, _lock: &WriteLock, _vdi: &str) -> Result<Vec<String>> {
+    /// Delete the manifests of disk `vdi` no reader sees any more (older generations, points a
+    /// prune superseded before it died). Needs that disk's lock (other disks' writers may be
+    /// live). Unreferenced packs and indexes are `gc`'s.
+    pub fn clean_orphans(&self, lock: &dyn DiskWriteLock, vdi: &str) -> Result<Vec<String>> {
+        lock.check_disk(vdi)?;
         let (_, stale) = self.all_sets()?;
         let mut removed = Vec::new();
-        for key in stale {
+        for (_, key) in stale.into_iter().filter(|(v, _)| v == vdi) {
+            self.delete(&key)?;
+            removed.push(self.describe(&key));
+        }
+        Ok(removed)
+    }
+
+    /// [`clean_orphans`](Self::clean_orphans) of every disk (gc, under the exclusive lock).
+    pub fn clean_all_orphans(&self, _lock: &ExclusiveLock) -> Result<Vec<String>> {
+        let (_, stale) = self.all_sets()?;
+        let mut removed = Vec::new();
+        for (_, key) in stale {
             self.delete(&key)?;
             removed.push(self.describe(&key));
         }
@@ -1594,7 +1743,12 @@ impl Repository {
     }
 
     /// Start writing a point. Decides its set and position and checks its time.
-    pub fn begin_point<'l>(&self, lock: &'l WriteLock, spec: NewPoint) -> Result<PointWriter<'l>> {
+    /// Needs the disk's lock (a [`DiskLock`] of `spec.vdi`, or the exclusive lock).
+    pub fn begin_point<'l>(
+        &self,
+        lock: &'l dyn DiskWriteLock,
+        spec: NewPoint,
+    ) -> Result<PointWriter<'l>> {
         if !valid_uuid(&spec.vdi) {
             return Err(RepoError::Invalid(format!(
                 "{:?} is not a VDI uuid (like 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b)",
@@ -1607,7 +1761,13 @@ impl Repository {
                 spec.vdi, spec.virtual_size
             )));
         }
+        lock.check_disk(&spec.vdi)?;
         self.clean_orphans(lock, &spec.vdi)?;
+        // A handle's chunk index may predate a gc (between two runs of this process): the
+        // writer dedups only against chunks that exist. Under a lock no gc runs from here on.
+        if let Some(ci) = self.shared.chunks.get() {
+            ci.refresh()?;
+        }
         let (all, _) = self.all_sets()?;
         let disk_sets: Vec<&SetHistory> = all
             .iter()
@@ -1734,9 +1894,123 @@ fn io_problem(e: &io::Error) -> String {
     }
 }
 
-/// The writer lock; released when dropped (or when the process dies).
-pub struct WriteLock {
+/// The writers' shared lock ([`Repository::lock_shared`]); released when dropped (or when
+/// the process dies). Disks are locked under it with [`SharedLock::lock_disk`].
+pub struct SharedLock {
     _guard: Box<dyn store::LockGuard>,
+    repo: Repository,
+}
+
+impl SharedLock {
+    /// Lock disk `vdi` for writing its points (backup, import, copy, prune): one holder at a
+    /// time. Waits up to 2 s, then fails naming the holder. The lock file's name is keyed
+    /// (`locks/disks/<keyed name>`), like the journal's: the store never sees the uuid.
+    pub fn lock_disk(&self, vdi: &str, holder: &str) -> Result<DiskLock<'_>> {
+        if !valid_uuid(vdi) {
+            return Err(RepoError::Invalid(format!(
+                "{vdi:?} is not a VDI uuid (like 3f1c6f5e-9d7b-4a55-b5f4-0c7f8a1d2e3b)"
+            )));
+        }
+        let repo = &self.repo;
+        let name = repo.keys().name_key("disk-lock", vdi);
+        let g = repo
+            .shared
+            .store
+            .take_lock(store::LockKind::Disk(&name), holder, store::LOCK_WAIT)
+            .map_err(|e| repo.lock_error(e, &format!(", writing disk {vdi}")))?;
+        Ok(DiskLock {
+            vdi: vdi.to_string(),
+            _guard: g,
+            _shared: std::marker::PhantomData,
+        })
+    }
+}
+
+impl std::fmt::Debug for SharedLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLock").finish_non_exhaustive()
+    }
+}
+
+/// The exclusive (maintenance) lock ([`Repository::lock_exclusive`]): no writer is live while
+/// it is held. It also entitles writing the points of any disk.
+pub struct ExclusiveLock {
+    _guard: Box<dyn store::LockGuard>,
+}
+
+impl std::fmt::Debug for ExclusiveLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExclusiveLock").finish_non_exhaustive()
+    }
+}
+
+/// One disk's lock, held under a [`SharedLock`]; released when dropped.
+pub struct DiskLock<'a> {
+    vdi: String,
+    _guard: Box<dyn store::LockGuard>,
+    _shared: std::marker::PhantomData<&'a SharedLock>,
+}
+
+impl DiskLock<'_> {
+    pub fn vdi(&self) -> &str {
+        &self.vdi
+    }
+}
+
+impl std::fmt::Debug for DiskLock<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskLock").field("vdi", &self.vdi).finish()
+    }
+}
+
+/// A lock under which points (and journals, orphan manifests) of a disk may be written: that
+/// disk's [`DiskLock`], or the [`ExclusiveLock`].
+pub trait DiskWriteLock: Sync {
+    /// Ok if this lock covers disk `vdi`; an error naming both otherwise (a bug).
+    fn check_disk(&self, vdi: &str) -> Result<()>;
+    /// No other writer is live while it is held (the exclusive lock): what this writer put
+    /// and indexed may be deleted again, nobody else can have used it.
+    fn excludes_other_writers(&self) -> bool;
+}
+
+impl DiskWriteLock for DiskLock<'_> {
+    fn check_disk(&self, vdi: &str) -> Result<()> {
+        if vdi == self.vdi {
+            Ok(())
+        } else {
+            Err(RepoError::Invalid(format!(
+                "internal: writing disk {vdi} under the lock of disk {} (a bug in cbtfs: please report it)",
+                self.vdi
+            )))
+        }
+    }
+    fn excludes_other_writers(&self) -> bool {
+        false
+    }
+}
+
+impl DiskWriteLock for ExclusiveLock {
+    fn check_disk(&self, _vdi: &str) -> Result<()> {
+        Ok(())
+    }
+    fn excludes_other_writers(&self) -> bool {
+        true
+    }
+}
+
+/// What [`Repository::collect_dead_writers`] did.
+#[derive(Debug)]
+pub enum Collection {
+    /// No dead writer's record (unfinished puts were removed if the exclusive lock was free).
+    NothingToDo,
+    /// `dead` records left for a later run: `running` writers are live (or a maintenance run
+    /// holds the exclusive lock).
+    Deferred { dead: usize, running: usize },
+    /// The dead writers (as their records named them) and the gc that collected their leftovers.
+    Collected {
+        writers: Vec<String>,
+        gc: gc::GcReport,
+    },
 }
 
 /// Why `path` is not a repository at all, or `None` when it may be one (a directory holding a
@@ -1859,7 +2133,7 @@ mod tests {
     }
 
     fn write(repo: &Repository, s: NewPoint, bytes: &[u8], first: u64) -> PointManifest {
-        let lock = repo.lock("test").unwrap();
+        let lock = repo.lock_exclusive("test").unwrap();
         let mut w = repo.begin_point(&lock, s).unwrap();
         w.add_run(first, bytes, true).unwrap();
         w.commit().unwrap()
@@ -2173,7 +2447,7 @@ mod tests {
             assert!(read_point(&fresh, VDI_A, 0, seq) == *w, "point at {seq}");
         }
         // The next writer cleans up: point 1 and the old generation of point 2 go.
-        let lock = fresh.lock("t").unwrap();
+        let lock = fresh.lock_exclusive("t").unwrap();
         let removed = fresh.clean_orphans(&lock, VDI_A).unwrap();
         assert_eq!(removed.len(), 2, "{removed:?}");
         drop(lock);
@@ -2218,7 +2492,7 @@ mod tests {
         write(&repo, spec(VDI_A, 1_000, 30, true), &a, 0);
         write(&repo, spec(VDI_B, 1_000, 30, true), &b, 0);
         // Nothing to collect yet.
-        let lock = repo.lock("t").unwrap();
+        let lock = repo.lock_exclusive("t").unwrap();
         let r = gc::gc(&repo, &lock, gc::DEFAULT_REPACK_BELOW, false).unwrap();
         assert_eq!((r.packs_deleted, r.packs_repacked), (0, 0), "{r:?}");
         drop(lock);
@@ -2226,7 +2500,7 @@ mod tests {
         let mb = repo.disk(VDI_B).unwrap().sets[0].points[0].clone();
         repo.delete(&mb.key()).unwrap();
         let before = pack_bytes(&root);
-        let lock = repo.lock("t").unwrap();
+        let lock = repo.lock_exclusive("t").unwrap();
         let dry = gc::gc(&repo, &lock, gc::DEFAULT_REPACK_BELOW, true).unwrap();
         assert_eq!(pack_bytes(&root), before, "a dry run deletes nothing");
         let r = gc::gc(&repo, &lock, gc::DEFAULT_REPACK_BELOW, false).unwrap();
@@ -2252,7 +2526,7 @@ mod tests {
             // Distinct blocks, except that the last 50 repeat the first 50.
             chunk[..8].copy_from_slice(&((b % 300) as u64 + 1).to_be_bytes());
         }
-        let lock = repo.lock("test").unwrap();
+        let lock = repo.lock_exclusive("test").unwrap();
         let mut w = repo
             .begin_point(&lock, spec(VDI_A, 1_000, blocks as u64, true))
             .unwrap();

@@ -716,7 +716,12 @@ pub(crate) mod tests {
         fn describe(&self, key: &str) -> String {
             format!("mem:{key}")
         }
-        fn lock(&self, _holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
+        fn take_lock(
+            &self,
+            _kind: crate::repo::store::LockKind<'_>,
+            _holder: &str,
+            _wait: std::time::Duration,
+        ) -> Result<Box<dyn LockGuard>, LockError> {
             Ok(Box::new(NoLock))
         }
     }

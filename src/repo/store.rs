@@ -5,8 +5,28 @@
 //! renames, no hard links, no appends, no directories: an object store fits behind the trait
 //! without touching anything above it. Keys are `/`-separated (`packs/3f/3f9a…`).
 //!
-//! The writer lock is part of the trait too: a local store takes `flock` on `REPO/lock`; an
-//! object store holds a lease on a lock object (`s3::S3Store`, `PREFIX/lock`).
+//! Locks are part of the trait too ([`LockKind`]): the writers' shared lock, the exclusive
+//! maintenance lock and one lock per disk. A local store takes `flock`s on files (`REPO/lock`,
+//! `REPO/locks/…`); an object store holds leases on lock objects (`s3::S3Store`,
+//! `PREFIX/lock`, `PREFIX/locks/…`).
+//!
+//! # Locks
+//!
+//! * **Shared** (writers: backup, import, copy, prune's dropping of points): any number at
+//!   once, in one or many processes. Each holder also leaves a **writer record** while it
+//!   lives (`locks/writers/ID`): a holder that ends cleanly removes it; a killed one leaves it,
+//!   and the record then shows the writer dead (local: the record's own `flock` is free; S3:
+//!   its lease is stale or its process gone). What a dead writer put and nothing references
+//!   is collected by the next holder of the exclusive lock ([`Store::writer_records`]).
+//! * **Exclusive** (maintenance: gc's sweep, repair): granted only while no shared holder is
+//!   live, and keeps new shared holders out while held.
+//! * **Disk** (`locks/disks/NAME`, NAME a keyed name the repository derives from the VDI
+//!   uuid): one holder at a time; taken under the shared lock by whoever writes points of that
+//!   disk.
+//!
+//! Every kind waits up to [`LOCK_WAIT`] (or what the caller gives) for a holder that is just
+//! leaving, then fails with [`LockError::Held`] naming the holder(s). `locks/` and `lock` are
+//! not objects: `list` never shows them and no key may name them.
 //!
 //! Stores: [`LocalStore`] (a directory, the default) and [`s3::S3Store`] (`s3://BUCKET/PREFIX`).
 //! [`cache::CachedStore`] wraps a remote store (metadata kept whole, recently read pack ranges
@@ -52,8 +72,67 @@ pub enum LockError {
     Io(#[from] io::Error),
 }
 
-/// A held writer lock; released when dropped (or when the process dies).
+/// A held lock; released when dropped (or when the process dies).
 pub trait LockGuard: Send + Sync {}
+
+/// Which lock to take (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockKind<'a> {
+    /// The writers' lock: many holders at once; each leaves a writer record while it lives.
+    Shared,
+    /// The maintenance lock: only while no shared holder is live.
+    Exclusive,
+    /// One disk's lock, by its keyed name (`[0-9A-Za-z_-]`, at most 128 characters).
+    Disk(&'a str),
+}
+
+/// The record a shared holder leaves while it lives (`locks/writers/ID`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterRecord {
+    pub id: String,
+    /// Who (pid, command, since when), as the holder wrote it.
+    pub holder: String,
+    /// The holder still holds its lock (local: its record's flock; S3: a fresh lease of a
+    /// process that may exist).
+    pub live: bool,
+}
+
+/// The directory (local) or key prefix (S3) of every lock but the top `lock`.
+pub const LOCKS_DIR: &str = "locks";
+/// Writer records, below [`LOCKS_DIR`].
+pub const WRITERS_DIR: &str = "locks/writers";
+/// Disk locks, below [`LOCKS_DIR`].
+pub const DISKS_DIR: &str = "locks/disks";
+
+/// Is `key` one of the lock objects rather than a repository object (`lock`, `locks/…`)?
+pub fn is_lock_key(key: &str) -> bool {
+    key == LOCK_FILE || key == LOCKS_DIR || key.starts_with("locks/")
+}
+
+/// Check a disk lock's or writer record's name (a keyed name or a random id).
+pub(crate) fn check_lock_name(name: &str) -> io::Result<&str> {
+    if name.is_empty()
+        || name.len() > 128
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("lock name {name:?} is not a keyed name (a bug in cbtfs: please report it)"),
+        ));
+    }
+    Ok(name)
+}
+
+/// The text a holder leaves: who and since when.
+pub(crate) fn holder_text(holder: &str) -> String {
+    format!(
+        "pid {} ({holder}) since {}",
+        std::process::id(),
+        crate::timefmt::rfc3339(crate::timefmt::now())
+    )
+}
 
 /// Storage behind a repository.
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -90,15 +169,35 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn delete(&self, key: &str) -> io::Result<()>;
     /// A human-readable location of `key`, for error messages (a path, a URL).
     fn describe(&self, key: &str) -> String;
-    /// Take the exclusive writer lock, waiting up to 2 s for a holder that is just leaving.
-    fn lock(&self, holder: &str) -> Result<Box<dyn LockGuard>, LockError>;
+    /// Take a lock of `kind`, waiting up to `wait` for a holder that is just leaving (see the
+    /// module doc). `holder` says who, for the messages of those who find it held.
+    fn take_lock(
+        &self,
+        kind: LockKind<'_>,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Box<dyn LockGuard>, LockError>;
+    /// Take the exclusive (maintenance) lock, waiting up to [`LOCK_WAIT`].
+    fn lock(&self, holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
+        self.take_lock(LockKind::Exclusive, holder, LOCK_WAIT)
+    }
+    /// The records of the shared lock's holders, live and dead. Default: none (a store
+    /// without shared locks).
+    fn writer_records(&self) -> io::Result<Vec<WriterRecord>> {
+        Ok(Vec::new())
+    }
+    /// Remove a dead writer's record (call it holding the exclusive lock, after collecting
+    /// what it left). Absent is fine.
+    fn remove_writer_record(&self, _id: &str) -> io::Result<()> {
+        Ok(())
+    }
     /// The local directory holding the objects, if the store is one (statvfs, messages).
     fn local_root(&self) -> Option<&Path> {
         None
     }
     /// Remove what unfinished puts of killed writers left (temporary objects), below the
-    /// prefixes only writers holding the lock put to; returns how many. Call it holding the
-    /// writer lock: no put of a live writer is then under way there. Default: nothing to do.
+    /// prefixes only writers holding a lock put to; returns how many. Call it holding the
+    /// exclusive lock: no put of a live writer is then under way there. Default: nothing to do.
     fn remove_temporaries(&self) -> io::Result<u64> {
         Ok(0)
     }
@@ -115,8 +214,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// The top-level directories only writers holding the lock put objects into: their temporary
-/// files belong to killed writers once the lock is held. (Key slots and host pins may be put
+/// The top-level directories only writers holding a lock put objects into: their temporary
+/// files belong to killed writers once the exclusive lock is held. (Key slots and host pins may be put
 /// without the lock; the header is put by `init` alone.)
 pub const LOCKED_PREFIXES: &[&str] = &["packs", "cindex", "pindex", "meta", "points", "journal"];
 
@@ -170,7 +269,7 @@ const DIRECT_PIECE: usize = 1 << 20;
 pub const LOCK_FILE: &str = "lock";
 
 /// How long `lock` waits for a holder that is just leaving, and how often it looks.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 const LOCK_POLL: Duration = Duration::from_millis(20);
 
 /// The most of a lock file's text read back for a message (it is written by cbtfs, but any
@@ -335,8 +434,8 @@ fn check_key(key: &str) -> io::Result<&str> {
             format!("object key {key:?} {why} (a bug in cbtfs: please report it)"),
         ))
     };
-    if key == LOCK_FILE {
-        return bad("is the name of the lock file");
+    if is_lock_key(key) {
+        return bad("is the name of a lock file");
     }
     if key.contains('\0') {
         return bad("holds a NUL byte");
@@ -490,13 +589,149 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
     }
 }
 
-/// The writer lock of a local store: the `flock` on `ROOT/lock`, released when the file closes.
+/// A lock of a local store: `flock`s released when their files close; a shared holder's
+/// writer record is removed first.
 #[derive(Debug)]
 struct LocalLock {
-    _file: File,
+    _files: Vec<File>,
+    record: Option<std::path::PathBuf>,
 }
 
 impl LockGuard for LocalLock {}
+
+impl Drop for LocalLock {
+    fn drop(&mut self) {
+        // The record goes while its flock is still held: nobody can see it dead meanwhile.
+        if let Some(path) = self.record.take() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    if let Err(e) = sync_parent(&path) {
+                        tracing::debug!(path = %path.display(), error = %e, "cannot sync the writer records' directory");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove this writer's record; the next exclusive lock holder takes it for a dead writer's and collects garbage")
+                }
+            }
+        }
+    }
+}
+
+/// Open (creating it, 0600) a lock file.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
+/// Take `file`'s flock (shared or exclusive), trying for up to `wait`. False: still held.
+fn flock_wait(file: &File, shared: bool, wait: Duration) -> io::Result<bool> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let r = if shared {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
+        };
+        match r {
+            Ok(()) => return Ok(true),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(LOCK_POLL)
+            }
+            Err(TryLockError::WouldBlock) => return Ok(false),
+            Err(TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
+/// What a lock file says about its holder (or that it says nothing yet).
+fn lock_file_text(file: &File) -> io::Result<String> {
+    let mut text = Vec::new();
+    let r = file;
+    r.take(LOCK_TEXT_MAX).read_to_end(&mut text)?;
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    Ok(if text.is_empty() {
+        "another process (it has not written its name yet)".to_string()
+    } else {
+        text
+    })
+}
+
+/// Write who holds a lock file (its exclusive holder only).
+fn write_holder(file: &File, holder: &str) -> io::Result<()> {
+    let text = format!("{}\n", holder_text(holder));
+    file.set_len(0)?;
+    file.write_all_at(text.as_bytes(), 0)
+}
+
+/// "2 writers are running: A; B" for the exclusive lock's refusal.
+pub(crate) fn running_writers(live: &[String]) -> String {
+    format!(
+        "{} writer{} running: {}",
+        live.len(),
+        if live.len() == 1 { " is" } else { "s are" },
+        live.join("; ")
+    )
+}
+
+impl LocalStore {
+    /// `ROOT/<rel>` made (0700, with `locks/`) if absent.
+    fn lock_dir(&self, rel: &str) -> io::Result<std::path::PathBuf> {
+        let dir = self.root.join(rel);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&dir)?;
+        Ok(dir)
+    }
+
+    /// The shared lock: a shared flock on `ROOT/lock`, then a writer record locked before it
+    /// gets its name (so nobody ever sees a live writer's record unlocked).
+    fn lock_shared(&self, holder: &str, wait: Duration) -> Result<Box<dyn LockGuard>, LockError> {
+        let main = open_lock_file(&self.root.join(LOCK_FILE))?;
+        if !flock_wait(&main, true, wait)? {
+            return Err(LockError::Held(lock_file_text(&main)?));
+        }
+        let dir = self.lock_dir(WRITERS_DIR)?;
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| io::Error::other(format!("no randomness: {e}")))?;
+        let id = format!("{:016x}", u64::from_le_bytes(nonce));
+        let tmp = dir.join(format!(".{id}.tmp"));
+        let record = dir.join(&id);
+        let made = (|| {
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .open(&tmp)?;
+            f.try_lock().map_err(|e| match e {
+                TryLockError::WouldBlock => io::Error::other("a new writer record is locked"),
+                TryLockError::Error(e) => e,
+            })?;
+            f.write_all(format!("{}\n", holder_text(holder)).as_bytes())?;
+            f.sync_all()?;
+            rename_noreplace(&tmp, &record)?;
+            sync_dir(&dir)?;
+            Ok::<File, io::Error>(f)
+        })();
+        match made {
+            Ok(f) => Ok(Box::new(LocalLock {
+                _files: vec![main, f],
+                record: Some(record),
+            })),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(LockError::Io(e))
+            }
+        }
+    }
+}
 
 impl Store for LocalStore {
     fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
@@ -602,7 +837,7 @@ impl Store for LocalStore {
                     tracing::debug!(dir = %path.display(), "skipping a name that is not UTF-8");
                     continue;
                 };
-                if name.starts_with('.') || (keys.is_empty() && name == LOCK_FILE) {
+                if name.starts_with('.') || (keys.is_empty() && is_lock_key(&name)) {
                     continue;
                 }
                 let key = format!("{keys}{name}");
@@ -648,43 +883,93 @@ impl Store for LocalStore {
         self.path(key).display().to_string()
     }
 
-    fn lock(&self, holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
-        let path = self.root.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(&path)?;
-        let deadline = Instant::now() + LOCK_WAIT;
-        loop {
-            match file.try_lock() {
-                Ok(()) => break,
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(LOCK_POLL)
-                }
-                Err(TryLockError::WouldBlock) => {
-                    let mut text = Vec::new();
-                    (&file).take(LOCK_TEXT_MAX).read_to_end(&mut text)?;
-                    let text = String::from_utf8_lossy(&text).trim().to_string();
-                    return Err(LockError::Held(if text.is_empty() {
-                        "another process (it has not written its name yet)".to_string()
+    fn take_lock(
+        &self,
+        kind: LockKind<'_>,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Box<dyn LockGuard>, LockError> {
+        match kind {
+            LockKind::Shared => self.lock_shared(holder, wait),
+            LockKind::Exclusive => {
+                let file = open_lock_file(&self.root.join(LOCK_FILE))?;
+                if !flock_wait(&file, false, wait)? {
+                    let live: Vec<String> = self
+                        .writer_records()?
+                        .into_iter()
+                        .filter(|r| r.live)
+                        .map(|r| r.holder)
+                        .collect();
+                    return Err(LockError::Held(if live.is_empty() {
+                        lock_file_text(&file)?
                     } else {
-                        text
+                        running_writers(&live)
                     }));
                 }
-                Err(TryLockError::Error(e)) => return Err(LockError::Io(e)),
+                write_holder(&file, holder)?;
+                Ok(Box::new(LocalLock {
+                    _files: vec![file],
+                    record: None,
+                }))
+            }
+            LockKind::Disk(name) => {
+                let name = check_lock_name(name)?;
+                let dir = self.lock_dir(DISKS_DIR)?;
+                let file = open_lock_file(&dir.join(name))?;
+                if !flock_wait(&file, false, wait)? {
+                    return Err(LockError::Held(lock_file_text(&file)?));
+                }
+                write_holder(&file, holder)?;
+                Ok(Box::new(LocalLock {
+                    _files: vec![file],
+                    record: None,
+                }))
             }
         }
-        let text = format!(
-            "pid {} ({holder}) since {}\n",
-            std::process::id(),
-            crate::timefmt::rfc3339(crate::timefmt::now())
-        );
-        file.set_len(0)?;
-        file.write_all_at(text.as_bytes(), 0)?;
-        Ok(Box::new(LocalLock { _file: file }))
+    }
+
+    fn writer_records(&self) -> io::Result<Vec<WriterRecord>> {
+        let dir = self.root.join(WRITERS_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let Some(id) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if id.starts_with('.') || check_lock_name(&id).is_err() {
+                continue; // a record being made (or not ours)
+            }
+            let file = match File::open(entry.path()) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // ended meanwhile
+                Err(e) => return Err(e),
+            };
+            // The holder locked its record before it was given its name: a free lock is a
+            // holder that is gone (the test lock is released when `file` closes).
+            let live = match file.try_lock() {
+                Ok(()) => false,
+                Err(TryLockError::WouldBlock) => true,
+                Err(TryLockError::Error(e)) => return Err(e),
+            };
+            let holder = lock_file_text(&file)?;
+            out.push(WriterRecord { id, holder, live });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    fn remove_writer_record(&self, id: &str) -> io::Result<()> {
+        let dir = self.root.join(WRITERS_DIR);
+        match std::fs::remove_file(dir.join(check_lock_name(id)?)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+            Ok(()) => sync_dir(&dir),
+        }
     }
 
     fn local_root(&self) -> Option<&Path> {
@@ -693,6 +978,18 @@ impl Store for LocalStore {
 
     fn remove_temporaries(&self) -> io::Result<u64> {
         let mut removed = 0u64;
+        // Writer records a killed writer had not named yet.
+        let writers = self.root.join(WRITERS_DIR);
+        if let Ok(entries) = std::fs::read_dir(&writers) {
+            for entry in entries.flatten() {
+                if is_temp_name(entry.file_name().as_bytes()) {
+                    match std::fs::remove_file(entry.path()) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                        _ => removed += 1,
+                    }
+                }
+            }
+        }
         let mut todo: Vec<std::path::PathBuf> =
             LOCKED_PREFIXES.iter().map(|p| self.root.join(p)).collect();
         while let Some(dir) = todo.pop() {
@@ -1177,5 +1474,131 @@ mod tests {
         let text = std::fs::read_to_string(&lock_path).unwrap();
         assert!(text.contains("(cbtfs backup)"), "{text:?}");
         drop(guard);
+    }
+
+    fn take(
+        s: &LocalStore,
+        kind: LockKind<'_>,
+        who: &str,
+    ) -> Result<Box<dyn LockGuard>, LockError> {
+        s.take_lock(kind, who, Duration::ZERO)
+    }
+
+    fn held(r: Result<Box<dyn LockGuard>, LockError>) -> String {
+        match r {
+            Err(LockError::Held(who)) => who,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("taken while held"),
+        }
+    }
+
+    #[test]
+    fn shared_locks_coexist_and_exclude_the_exclusive_one() {
+        let (dir, s) = store();
+        let a = take(&s, LockKind::Shared, "cbtfs backup vm1").unwrap();
+        let b = take(&s, LockKind::Shared, "cbtfs import d2").unwrap();
+        // Each leaves a live record naming it.
+        let recs = s.writer_records().unwrap();
+        assert_eq!(recs.len(), 2, "{recs:?}");
+        assert!(recs.iter().all(|r| r.live), "{recs:?}");
+        let mut names: Vec<&str> = recs.iter().map(|r| r.holder.as_str()).collect();
+        names.sort();
+        assert!(names[0].contains("(cbtfs backup vm1) since "), "{names:?}");
+        assert!(names[1].contains("(cbtfs import d2)"), "{names:?}");
+        // The exclusive lock names both writers, waiting its full time first.
+        let started = Instant::now();
+        let who = held(s.lock("cbtfs gc"));
+        assert!(started.elapsed() >= LOCK_WAIT);
+        assert!(who.starts_with("2 writers are running: "), "{who}");
+        assert!(
+            who.contains("(cbtfs backup vm1)") && who.contains("(cbtfs import d2)"),
+            "{who}"
+        );
+        drop(a);
+        let who = held(take(&s, LockKind::Exclusive, "cbtfs gc"));
+        assert!(
+            who.starts_with("1 writer is running: ") && who.contains("(cbtfs import d2)"),
+            "{who}"
+        );
+        // A writer that ends cleanly leaves no record.
+        drop(b);
+        assert_eq!(s.writer_records().unwrap(), []);
+        let x = take(&s, LockKind::Exclusive, "cbtfs gc").unwrap();
+        // The exclusive lock keeps writers out, naming its holder.
+        let who = held(take(&s, LockKind::Shared, "cbtfs backup vm1"));
+        assert!(who.contains("(cbtfs gc)"), "{who}");
+        assert!(
+            who.contains(&format!("pid {}", std::process::id())),
+            "{who}"
+        );
+        drop(x);
+        let again = take(&s, LockKind::Shared, "cbtfs backup vm1").unwrap();
+        drop(again);
+        // Lock files are never objects.
+        assert_eq!(s.list("").unwrap(), []);
+        assert!(dir.path().join("locks/writers").is_dir());
+        for key in ["locks", "locks/writers/x", "locks/disks/y"] {
+            assert_eq!(
+                s.put(key, b"x").unwrap_err().kind(),
+                io::ErrorKind::InvalidInput
+            );
+        }
+    }
+
+    #[test]
+    fn a_disk_lock_has_one_holder_and_other_disks_are_free() {
+        let (dir, s) = store();
+        let _w = take(&s, LockKind::Shared, "w").unwrap();
+        let a = take(&s, LockKind::Disk("0a1b"), "cbtfs backup of VDI A").unwrap();
+        let b = take(&s, LockKind::Disk("ffee"), "cbtfs backup of VDI B").unwrap();
+        let who = held(take(&s, LockKind::Disk("0a1b"), "cbtfs import A"));
+        assert!(who.contains("(cbtfs backup of VDI A)"), "{who}");
+        drop(a);
+        let a2 = take(&s, LockKind::Disk("0a1b"), "cbtfs import A").unwrap();
+        assert!(
+            std::fs::read_to_string(dir.path().join("locks/disks/0a1b"))
+                .unwrap()
+                .contains("(cbtfs import A)")
+        );
+        drop((a2, b));
+        for bad in ["", "../x", "a/b", ".x", "a b"] {
+            match take(&s, LockKind::Disk(bad), "x") {
+                Err(LockError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::InvalidInput),
+                _ => panic!("{bad:?} accepted"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_dead_writers_record_shows_it_dead_until_removed() {
+        let (dir, s) = store();
+        let live = take(&s, LockKind::Shared, "cbtfs backup live").unwrap();
+        // A writer killed mid-run: its record stays, its flock is gone with its process.
+        let writers = dir.path().join(WRITERS_DIR);
+        std::fs::write(
+            writers.join("00000000deadbeef"),
+            "pid 1 (cbtfs import killed) since x\n",
+        )
+        .unwrap();
+        // A record being made (hidden name) is not listed.
+        std::fs::write(writers.join(".0000000000000001.tmp"), "x").unwrap();
+        let recs = s.writer_records().unwrap();
+        assert_eq!(recs.len(), 2, "{recs:?}");
+        let dead: Vec<&WriterRecord> = recs.iter().filter(|r| !r.live).collect();
+        assert_eq!(dead.len(), 1, "{recs:?}");
+        assert_eq!(dead[0].id, "00000000deadbeef");
+        assert_eq!(dead[0].holder, "pid 1 (cbtfs import killed) since x");
+        // The dead record does not hold the exclusive lock back; the live writer does.
+        let who = held(take(&s, LockKind::Exclusive, "gc"));
+        assert!(
+            who.starts_with("1 writer is running") && who.contains("cbtfs backup live"),
+            "{who}"
+        );
+        drop(live);
+        let x = take(&s, LockKind::Exclusive, "gc").unwrap();
+        s.remove_writer_record("00000000deadbeef").unwrap();
+        s.remove_writer_record("00000000deadbeef").unwrap();
+        assert_eq!(s.writer_records().unwrap(), []);
+        drop(x);
     }
 }

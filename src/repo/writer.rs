@@ -20,8 +20,8 @@ use super::chunkindex;
 use super::crypto::ChunkId;
 use super::pack::{self, ChunkLocation, PackWriter};
 use super::{
-    CopiedFrom, META, NewPoint, ObjRef, POINT_FORMAT, POINT_VERSION, PointManifest, PointStats,
-    RepoError, Repository, Result, WriteLock, random_hex,
+    CopiedFrom, DiskWriteLock, META, NewPoint, ObjRef, POINT_FORMAT, POINT_VERSION, PointManifest,
+    PointStats, RepoError, Repository, Result, random_hex,
 };
 use crate::{BLOCK_SIZE, blocks_for};
 
@@ -155,7 +155,7 @@ impl Uploader {
 /// what it wrote (best effort; `gc` collects anything left): nothing becomes visible.
 pub struct PointWriter<'l> {
     repo: Repository,
-    _lock: &'l WriteLock,
+    lock: &'l dyn DiskWriteLock,
     spec: NewPoint,
     set: String,
     n: u32,
@@ -179,6 +179,11 @@ pub struct PointWriter<'l> {
     pool: rayon::ThreadPool,
     /// Every object this writer put (deleted again if it is dropped without commit).
     written: Vec<String>,
+    /// How many of `written` other writers may have seen: packs a chunk index object names
+    /// (or may name: its put was tried), and those objects. Another live writer may dedup
+    /// against them, so an unfinished point leaves them for `gc` unless it holds the
+    /// exclusive lock.
+    published: usize,
     stats: PointStats,
     copied_from: Option<CopiedFrom>,
     committed: bool,
@@ -189,7 +194,7 @@ pub struct PointWriter<'l> {
 impl<'l> PointWriter<'l> {
     pub(crate) fn new(
         repo: Repository,
-        lock: &'l WriteLock,
+        lock: &'l dyn DiskWriteLock,
         set: String,
         n: u32,
         previous: Option<PointManifest>,
@@ -198,7 +203,7 @@ impl<'l> PointWriter<'l> {
         let uploader = Uploader::new(repo.clone());
         Ok(PointWriter {
             repo,
-            _lock: lock,
+            lock,
             spec,
             set,
             n,
@@ -218,6 +223,7 @@ impl<'l> PointWriter<'l> {
                 .build()
                 .map_err(|e| RepoError::Invalid(format!("cannot start encoding threads: {e}")))?,
             written: Vec::new(),
+            published: 0,
             stats: PointStats::default(),
             copied_from: None,
             committed: false,
@@ -443,12 +449,14 @@ impl<'l> PointWriter<'l> {
         if !self.pending.is_empty() {
             // `drain` keeps the map's table (bounded by `flush_every`) for the next entries.
             let entries: Vec<(ChunkId, ChunkLocation)> = self.pending.drain().collect();
-            chunkindex::write_index_into(
+            let put = chunkindex::write_index_into(
                 self.repo.store().as_ref(),
                 self.repo.keys(),
                 entries,
                 &mut self.written,
-            )?;
+            );
+            self.published = self.written.len();
+            put?;
             self.repo.chunk_index()?.refresh()?;
         }
         self.uploader = Uploader::new(self.repo.clone());
@@ -536,10 +544,23 @@ impl Drop for PointWriter<'_> {
         if self.keep_written {
             return;
         }
+        // What other writers may have seen stays (for `gc`, under the exclusive lock), unless
+        // this writer holds that lock itself.
+        let keep = if self.lock.excludes_other_writers() {
+            0
+        } else {
+            self.published.min(self.written.len())
+        };
+        if keep > 0 {
+            tracing::info!(
+                objects = keep,
+                "an unfinished point leaves the chunks it indexed for `cbtfs gc`: other writers may use them"
+            );
+        }
         // Newest first: what refers to other objects (chunk index objects name packs) goes
         // before what it refers to, so stopping half way leaves nothing naming a deleted
         // object.
-        for key in self.written.iter().rev() {
+        for key in self.written.get(keep..).unwrap_or(&[]).iter().rev() {
             if let Err(e) = self.repo.store().delete(key) {
                 // The store is failing (each delete was retried already): leave the rest to
                 // `gc` rather than wait out every object's retries. Nothing references them.
@@ -658,8 +679,13 @@ mod tests {
         fn describe(&self, key: &str) -> String {
             self.inner.describe(key)
         }
-        fn lock(&self, holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
-            self.inner.lock(holder)
+        fn take_lock(
+            &self,
+            kind: crate::repo::store::LockKind<'_>,
+            holder: &str,
+            wait: std::time::Duration,
+        ) -> Result<Box<dyn LockGuard>, LockError> {
+            self.inner.take_lock(kind, holder, wait)
         }
     }
 
@@ -680,7 +706,7 @@ mod tests {
                 prefix,
             });
             let repo = Repository::open_store(store, &root, Some(&testing::secret())).unwrap();
-            let lock = repo.lock("test").unwrap();
+            let lock = repo.lock_exclusive("test").unwrap();
             let blocks = 40u64;
             let mut w = repo
                 .begin_point(
@@ -718,5 +744,67 @@ mod tests {
                 "{prefix}: objects left behind"
             );
         }
+    }
+
+    /// Under a disk lock (other writers live), an unfinished point keeps what other writers
+    /// may have deduplicated against: its chunk index object and the packs it names. Only
+    /// what nobody can see (its point index) goes; gc under the exclusive lock collects the
+    /// rest.
+    #[test]
+    fn an_unfinished_point_beside_other_writers_keeps_what_it_indexed() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        drop(testing::init(&root));
+        let before = LocalStore::new(&root).list("").unwrap();
+        let store: Arc<dyn Store> = Arc::new(LostAnswers {
+            inner: LocalStore::new(&root),
+            prefix: "points/",
+        });
+        let repo = Repository::open_store(store, &root, Some(&testing::secret())).unwrap();
+        let vdi = "00000000-0000-4000-8000-00000000000a";
+        let shared = repo.lock_shared("test").unwrap();
+        let lock = shared.lock_disk(vdi, "test").unwrap();
+        let blocks = 40u64;
+        let mut w = repo
+            .begin_point(
+                &lock,
+                NewPoint {
+                    vdi: vdi.into(),
+                    disk_name: "d".into(),
+                    vm_uuid: None,
+                    vm_name: None,
+                    time: 1_000,
+                    virtual_size: blocks * BLOCK_SIZE,
+                    source: "test".into(),
+                    new_set: true,
+                    snapshot: None,
+                    vm_metadata: None,
+                    vdi_type: None,
+                    vm_run: None,
+                },
+            )
+            .unwrap();
+        let img: Vec<u8> = (0..blocks as usize * BLOCK_SIZE as usize)
+            .map(|i| (i / 7) as u8 ^ (i >> 16) as u8)
+            .collect();
+        w.add_run(0, &img, true).unwrap();
+        assert!(w.commit().is_err());
+        drop(lock);
+        drop(shared);
+        let after = LocalStore::new(&root).list("").unwrap();
+        let new: Vec<&str> = after
+            .iter()
+            .filter(|o| !before.contains(o))
+            .map(|o| o.key.split('/').next().unwrap_or(""))
+            .collect();
+        assert!(new.contains(&"cindex") && new.contains(&"packs"), "{new:?}");
+        assert!(
+            new.iter().all(|p| *p == "cindex" || *p == "packs"),
+            "{new:?}"
+        );
+        // gc (exclusive) collects it.
+        let x = repo.lock_exclusive("gc").unwrap();
+        crate::repo::gc::gc(&repo, &x, 0, false).unwrap();
+        assert_eq!(LocalStore::new(&root).list("").unwrap(), before);
     }
 }

@@ -319,7 +319,7 @@ fn json_errors_carry_code_message_done_and_status() {
     // A locked repository.
     let (repo, _) = setup(d.path());
     let r = open_repo(Path::new(&repo));
-    let _held = r.lock("test holder").unwrap();
+    let _held = r.lock_exclusive("test holder").unwrap();
     let img = d.path().join("img");
     let o = cbtfs(&[
         "import",
@@ -739,7 +739,7 @@ fn a_second_writer_is_refused_while_one_holds_the_lock() {
     let d = tempfile::tempdir().unwrap();
     let (repo, v) = setup(d.path());
     let r = open_repo(Path::new(&repo));
-    let _held = r.lock("test holder").unwrap();
+    let _held = r.lock_exclusive("test holder").unwrap();
     let img = d.path().join("img");
     let (_, m) = fails(&[
         "import",

@@ -623,7 +623,7 @@ fn a_locked_destination_is_refused_and_nothing_is_written() {
     let mut a = Disk::new(1, "web", 8 * BS, 4);
     a.import(&pair.src, dir, &time(0), None);
     let dst = pair.dst_repo();
-    let lock = dst.lock("cbtfs backup (pid 4242)").unwrap();
+    let lock = dst.lock_exclusive("cbtfs backup (pid 4242)").unwrap();
     let before = listing(&pair.dst);
     let (ok, v, _) = pair.copy_status(&[]);
     assert!(!ok);

@@ -26,3 +26,4 @@ mod realhost;
 mod s3;
 mod sparse_import;
 mod volumes;
+mod writers;

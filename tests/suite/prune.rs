@@ -139,7 +139,7 @@ fn cli_dry_run_refusals_and_space_reclaimed() {
     }
     // A prune waits for, then names, a writer holding the repository.
     let r = open_repo(&repo);
-    let lock = r.lock("cbtfs backup from https://xs1").unwrap();
+    let lock = r.lock_exclusive("cbtfs backup from https://xs1").unwrap();
     let (_, err) = fails(&["prune", s(&repo), "--keep-last", "1"]);
     assert!(err.contains("cbtfs backup from https://xs1"), "{err}");
     drop(lock);

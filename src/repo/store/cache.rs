@@ -904,8 +904,21 @@ impl Store for CachedStore {
         self.inner.describe(key)
     }
 
-    fn lock(&self, holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
-        self.inner.lock(holder)
+    fn take_lock(
+        &self,
+        kind: super::LockKind<'_>,
+        holder: &str,
+        wait: std::time::Duration,
+    ) -> Result<Box<dyn LockGuard>, LockError> {
+        self.inner.take_lock(kind, holder, wait)
+    }
+
+    fn writer_records(&self) -> io::Result<Vec<super::WriterRecord>> {
+        self.inner.writer_records()
+    }
+
+    fn remove_writer_record(&self, id: &str) -> io::Result<()> {
+        self.inner.remove_writer_record(id)
     }
 
     fn local_root(&self) -> Option<&Path> {
@@ -963,8 +976,13 @@ mod tests {
         fn describe(&self, key: &str) -> String {
             self.inner.describe(key)
         }
-        fn lock(&self, holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
-            self.inner.lock(holder)
+        fn take_lock(
+            &self,
+            kind: crate::repo::store::LockKind<'_>,
+            holder: &str,
+            wait: std::time::Duration,
+        ) -> Result<Box<dyn LockGuard>, LockError> {
+            self.inner.take_lock(kind, holder, wait)
         }
         fn parallel_puts(&self) -> usize {
             3

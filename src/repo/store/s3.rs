@@ -28,22 +28,37 @@
 //!   leave a deletion record; raw SigV4 requests (`sign`) do what `object_store` cannot
 //!   (`lock`).
 //!
-//! # The writer lock: a lease
+//! # Locks: leases
 //!
-//! S3 has no locks. The lock is the object `PREFIX/lock`, put create-only, holding JSON: who
+//! S3 has no locks. Each lock is a lease object, put create-only, holding JSON: who
 //! (`holder`, host, pid), since when, a random token, and when it was last refreshed. While
 //! the guard lives, a thread refreshes it every [`HEARTBEAT`] (reading it first: if the token
-//! is no longer ours the lock was broken and it is left alone, with an error logged). Dropping
-//! the guard deletes it if it is still ours.
+//! is no longer ours the lease was broken and it is left alone, with an error logged).
+//! Dropping the guard deletes it if it is still ours. The objects (`Store` module doc):
 //!
-//! A lock found held may be broken (deleted, then taken create-only) when it is stale: not
-//! refreshed for [`STALE_AFTER`] by both the holder's clock (the `refreshed` field) and the
-//! server's (the object's last-modified time), or held by a process of this host that no
-//! longer exists. Otherwise `lock` waits up to 2 s, then fails naming the holder. Two processes
-//! breaking the same stale lock at the same instant could both believe they hold it (S3 of
-//! this generation has no conditional delete); the heartbeat's token check makes the loser
-//! notice within one heartbeat and log it.
+//! * `PREFIX/lock`: the exclusive (maintenance) lease;
+//! * `PREFIX/locks/writers/ID`: one lease per holder of the shared lock, which is also its
+//!   writer record (a killed writer's lease goes stale, or names a process of this host that is
+//!   gone: the writer is dead);
+//! * `PREFIX/locks/disks/NAME`: one lease per disk.
 //!
+//! A one-holder lease (`lock`, a disk's) found held may be broken (deleted, then taken
+//! create-only) when it is stale: not refreshed for [`STALE_AFTER`] by both the holder's clock
+//! (the `refreshed` field) and the server's (the object's last-modified time), or held by a
+//! process of this host that no longer exists. Otherwise `take_lock` waits (2 s for
+//! [`Store::lock`]), then fails naming the holder. Two processes breaking the same stale lease at
+//! the same instant could both believe they hold it (S3 of this generation has no conditional
+//! delete); the heartbeat's token check makes the loser notice within one heartbeat and log it.
+//!
+//! Shared against exclusive, without a lock of S3's: a writer puts its lease, then reads
+//! `lock`; absent, it goes on; stale, it breaks it and reads again; live, it deletes its lease,
+//! waits and tries again. The exclusive taker puts `lock`, then lists the writers' leases; none
+//! live, it goes on; otherwise it deletes `lock`, waits and tries again. S3 is strongly
+//! consistent (read-after-write, list-after-write), so both cannot go on: each looks after
+//! its own put, and whichever looked second sees the other's lease. Stale writer leases do not
+//! hold the exclusive lock back: they are dead writers' records, removed by the collector
+//! (`Repository::collect_dead_writers`).
+
 //! # Runtime
 //!
 //! The trait is synchronous and called from plain threads. The store keeps one tokio runtime
@@ -81,7 +96,10 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{LOCK_FILE, LockError, LockGuard, ObjectInfo, Store, check_key, check_prefix};
+use super::{
+    DISKS_DIR, LOCK_FILE, LockError, LockGuard, LockKind, ObjectInfo, Store, WRITERS_DIR,
+    WriterRecord, check_key, check_lock_name, check_prefix, is_lock_key,
+};
 
 pub mod retry;
 use retry::{Failure, GaveUp, within};
@@ -94,8 +112,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(20);
 /// A lock not refreshed for this long is stale and may be broken (six missed heartbeats:
 /// a slow network does not lose a live writer its lock).
 pub const STALE_AFTER: Duration = Duration::from_secs(120);
-/// How long `lock` waits for a holder that is just leaving, and how often it looks.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// How often a lock that is held is looked at again while waiting.
 const LOCK_POLL: Duration = Duration::from_millis(200);
 /// The most attempts one `lock` makes (polls within the wait, plus immediate retries).
 const MAX_LOCK_TRIES: u32 = 64;
@@ -812,25 +829,26 @@ impl S3Store {
         self.put_retried("write", key, &path, data, PutMode::Create)
     }
 
-    /// The lock object's path.
-    fn lock_path(&self) -> io::Result<ObjPath> {
+    /// The path of lock object `key` (`lock`, `locks/…`): not an object key (`check_key`
+    /// refuses those).
+    fn lock_path(&self, key: &str) -> io::Result<ObjPath> {
         let full = if self.url.prefix.is_empty() {
-            LOCK_FILE.to_string()
+            key.to_string()
         } else {
-            format!("{}/{LOCK_FILE}", self.url.prefix)
+            format!("{}/{key}", self.url.prefix)
         };
         ObjPath::parse(&full)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
     }
 
-    /// The lock object's record and its last-modified time (unix seconds), if it exists.
-    fn read_lock(&self) -> io::Result<Option<(Lease, i64, Vec<u8>)>> {
+    /// Lock object `key`'s record and its last-modified time (unix seconds), if it exists.
+    fn read_lock(&self, key: &str) -> io::Result<Option<(Lease, i64)>> {
         let c = self.conn()?;
         let (rt, s3) = parts(&c)?;
-        let path = self.lock_path()?;
+        let path = self.lock_path(key)?;
         let got = block(
             rt,
-            retry::run(&self.cfg.retry, &self.describe(LOCK_FILE), |_| {
+            retry::run(&self.cfg.retry, &self.describe(key), |_| {
                 self.fetch(s3, &path, None)
             }),
         );
@@ -845,28 +863,213 @@ impl S3Store {
                     ),
                     ..Lease::default()
                 });
-                Ok(Some((lease, modified, raw)))
+                Ok(Some((lease, modified)))
             }
             Err(GaveUp {
                 last: Failure::Store(object_store::Error::NotFound { .. }),
                 ..
             }) => Ok(None),
-            Err(g) => Err(self.gave_up("read the lock", LOCK_FILE, g)),
+            Err(g) => Err(self.gave_up("read the lock", key, g)),
         }
     }
 
-    fn put_lock(&self, lease: &Lease, mode: PutMode) -> io::Result<()> {
-        let path = self.lock_path()?;
+    fn put_lock(&self, key: &str, lease: &Lease, mode: PutMode) -> io::Result<()> {
+        let path = self.lock_path(key)?;
         let body = serde_json::to_vec(lease).map_err(io::Error::other)?;
-        self.put_retried("write the lock", LOCK_FILE, &path, body.into(), mode)
+        self.put_retried("write the lock", key, &path, body.into(), mode)
     }
 
-    fn delete_lock(&self) -> io::Result<()> {
-        if self.object_lock().is_some() && self.delete_lock_versions()? {
+    fn delete_lock(&self, key: &str) -> io::Result<()> {
+        if self.object_lock().is_some() && self.delete_lock_versions(key)? {
             return Ok(());
         }
-        let path = self.lock_path()?;
-        self.delete_path("delete the lock", LOCK_FILE, &path)
+        let path = self.lock_path(key)?;
+        self.delete_path("delete the lock", key, &path)
+    }
+
+    /// Is a lease found held stale (not refreshed in time, or its process gone from this
+    /// host)? The reason, if so.
+    fn stale(&self, held: &Lease, modified: i64) -> Option<String> {
+        let now = unix_now();
+        let stale_after = i64::try_from(self.cfg.stale_after.as_secs()).unwrap_or(i64::MAX);
+        let age = now.saturating_sub(held.refreshed.max(modified));
+        let dead_here =
+            held.host == hostname() && held.pid != std::process::id() && !pid_alive(held.pid);
+        if dead_here {
+            Some("its process no longer exists".to_string())
+        } else if age > stale_after {
+            Some(format!("not refreshed for {age} s"))
+        } else {
+            None
+        }
+    }
+
+    /// A new lease record for this process.
+    fn new_lease(holder: &str, token: &str) -> Lease {
+        let now = unix_now();
+        Lease {
+            holder: holder.to_string(),
+            host: hostname(),
+            pid: std::process::id(),
+            since: crate::timefmt::rfc3339(now),
+            refreshed: now,
+            token: token.to_string(),
+        }
+    }
+
+    /// Start refreshing lease `key` (just put): the guard that holds it.
+    fn hold(&self, key: &str, lease: Lease) -> Result<Box<dyn LockGuard>, LockError> {
+        let (tx, rx) = mpsc::channel();
+        let store = self.clone();
+        let every = self.cfg.heartbeat;
+        let token = lease.token.clone();
+        let k = key.to_string();
+        let thread = std::thread::Builder::new()
+            .name("cbtfs-s3-lock".into())
+            .spawn(move || heartbeat(store, k, lease, every, rx))?;
+        Ok(Box::new(S3Lock {
+            stop: Some(tx),
+            thread: Some(thread),
+            store: self.clone(),
+            key: key.to_string(),
+            token,
+        }))
+    }
+
+    /// Take the one-holder lease `key` (`lock`, `locks/disks/NAME`): put it create-only; if
+    /// held, break it when stale, else wait until `deadline` and fail naming the holder.
+    fn lease_exclusive(
+        &self,
+        key: &str,
+        holder: &str,
+        deadline: Instant,
+    ) -> Result<Box<dyn LockGuard>, LockError> {
+        let token = random_token()?;
+        // Bounds the retries without a wait (released meanwhile, broken as stale) should
+        // other processes keep taking and dropping the lock.
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            if tries > MAX_LOCK_TRIES {
+                return Err(LockError::Io(io::Error::other(format!(
+                    "the lock {} keeps changing hands; try again",
+                    self.describe(key)
+                ))));
+            }
+            let lease = Self::new_lease(holder, &token);
+            match self.put_lock(key, &lease, PutMode::Create) {
+                Ok(()) => return self.hold(key, lease),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(LockError::Io(e)),
+            }
+            let Some((held, modified)) = self.read_lock(key)? else {
+                continue; // released meanwhile: try again at once
+            };
+            if let Some(why) = self.stale(&held, modified) {
+                tracing::warn!(lock = %self.describe(key), holder = %held.describe(), %why, "breaking a stale lock");
+                self.delete_lock(key)?;
+                continue;
+            }
+            if Instant::now() >= deadline {
+                return Err(LockError::Held(format!(
+                    "{}; the lock {} is broken automatically once not refreshed for {} s",
+                    held.describe(),
+                    self.describe(key),
+                    self.cfg.stale_after.as_secs()
+                )));
+            }
+            std::thread::sleep(LOCK_POLL);
+        }
+    }
+
+    /// The writers' shared lock: put this writer's lease `locks/writers/ID`, then look at the
+    /// exclusive lease: absent, go on; stale, break it and look again; live, withdraw the
+    /// lease, wait and try again (until `deadline`). The exclusive side does the mirror image
+    /// (its lease first, then the writers'), so the two can never both go on.
+    fn lease_shared(
+        &self,
+        holder: &str,
+        deadline: Instant,
+    ) -> Result<Box<dyn LockGuard>, LockError> {
+        let token = random_token()?;
+        let key = format!("{WRITERS_DIR}/{token}");
+        let mut tries = 0u32;
+        let mut lease = Self::new_lease(holder, &token);
+        self.put_lock(&key, &lease, PutMode::Create)?;
+        loop {
+            tries += 1;
+            let found = self.read_lock(LOCK_FILE);
+            let held = match found {
+                Ok(None) => return self.hold(&key, lease),
+                Ok(Some((held, modified))) => match self.stale(&held, modified) {
+                    Some(why) if tries <= MAX_LOCK_TRIES => {
+                        tracing::warn!(lock = %self.describe(LOCK_FILE), holder = %held.describe(), %why, "breaking a stale lock");
+                        if let Err(e) = self.delete_lock(LOCK_FILE) {
+                            let _ = self.delete_lock(&key);
+                            return Err(LockError::Io(e));
+                        }
+                        continue;
+                    }
+                    _ => held,
+                },
+                Err(e) => {
+                    let _ = self.delete_lock(&key);
+                    return Err(LockError::Io(e));
+                }
+            };
+            // Withdraw while the exclusive holder works.
+            self.delete_lock(&key)?;
+            if Instant::now() >= deadline || tries > MAX_LOCK_TRIES {
+                return Err(LockError::Held(format!(
+                    "{}; the lock {} is broken automatically once not refreshed for {} s",
+                    held.describe(),
+                    self.describe(LOCK_FILE),
+                    self.cfg.stale_after.as_secs()
+                )));
+            }
+            std::thread::sleep(LOCK_POLL);
+            lease = Self::new_lease(holder, &token);
+            self.put_lock(&key, &lease, PutMode::Create)?;
+        }
+    }
+
+    /// Every object below the prefix whose key starts with `prefix`, lock objects included.
+    fn list_all(&self, prefix: &str) -> io::Result<Vec<ObjectInfo>> {
+        let dir = check_prefix(prefix)?;
+        let listed = self.dir_path(dir)?;
+        let c = self.conn()?;
+        let (rt, s3) = parts(&c)?;
+        let idle = self.cfg.retry.timeout;
+        // A listing that fails part way is listed again from its start.
+        let metas = block(
+            rt,
+            retry::run(&self.cfg.retry, &self.describe(prefix), |_| {
+                let listed = listed.clone();
+                async move {
+                    let mut out = Vec::new();
+                    let mut stream = s3.list(listed.as_ref());
+                    while let Some(m) =
+                        within(idle, async { Ok::<_, Failure>(stream.next().await) }).await?
+                    {
+                        out.push(m?);
+                    }
+                    Ok::<_, Failure>(out)
+                }
+            }),
+        )
+        .map_err(|g| self.gave_up("list", prefix, g))?;
+        let mut found: Vec<ObjectInfo> = metas
+            .into_iter()
+            .filter_map(|m| {
+                let key = self.key_of(m.location.as_ref())?;
+                key.starts_with(prefix).then(|| ObjectInfo {
+                    key: key.to_string(),
+                    len: m.size,
+                })
+            })
+            .collect();
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
     }
 
     /// Delete `path` (the object `key`, or the lock), retried; absent is fine.
@@ -1017,6 +1220,7 @@ struct S3Lock {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     store: S3Store,
+    key: String,
     token: String,
 }
 
@@ -1028,46 +1232,52 @@ impl Drop for S3Lock {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        match self.store.read_lock() {
-            Ok(Some((lease, _, _))) if lease.token == self.token => {
-                if let Err(e) = self.store.delete_lock() {
-                    tracing::warn!(error = %e, "cannot release the S3 writer lock; it goes stale by itself");
+        match self.store.read_lock(&self.key) {
+            Ok(Some((lease, _))) if lease.token == self.token => {
+                if let Err(e) = self.store.delete_lock(&self.key) {
+                    tracing::warn!(lock = %self.store.describe(&self.key), error = %e, "cannot release an S3 lock; it goes stale by itself");
                 }
             }
             Ok(_) => {
-                tracing::error!(lock = %self.store.describe(LOCK_FILE), "the writer lock was taken over by another process while held")
+                tracing::error!(lock = %self.store.describe(&self.key), "the lock was taken over by another process while held")
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot release the S3 writer lock; it goes stale by itself")
+                tracing::warn!(lock = %self.store.describe(&self.key), error = %e, "cannot release an S3 lock; it goes stale by itself")
             }
         }
     }
 }
 
-fn heartbeat(store: S3Store, mut lease: Lease, every: Duration, stop: mpsc::Receiver<()>) {
+fn heartbeat(
+    store: S3Store,
+    key: String,
+    mut lease: Lease,
+    every: Duration,
+    stop: mpsc::Receiver<()>,
+) {
     loop {
         match stop.recv_timeout(every) {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             _ => return,
         }
-        match store.read_lock() {
-            Ok(Some((now, _, _))) if now.token == lease.token => {}
+        match store.read_lock(&key) {
+            Ok(Some((now, _))) if now.token == lease.token => {}
             Ok(other) => {
                 tracing::error!(
-                    lock = %store.describe(LOCK_FILE),
-                    now = %other.map(|(l, _, _)| l.describe()).unwrap_or_else(|| "nobody".into()),
-                    "the writer lock was broken by another process while held (it was not refreshed in time); stop this writer and check the repository with `cbtfs verify`"
+                    lock = %store.describe(&key),
+                    now = %other.map(|(l, _)| l.describe()).unwrap_or_else(|| "nobody".into()),
+                    "the lock was broken by another process while held (it was not refreshed in time); stop this writer and check the repository with `cbtfs verify`"
                 );
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot refresh the S3 writer lock; trying again");
+                tracing::warn!(error = %e, "cannot refresh an S3 lock; trying again");
                 continue;
             }
         }
         lease.refreshed = unix_now();
-        if let Err(e) = store.put_lock(&lease, PutMode::Overwrite) {
-            tracing::warn!(error = %e, "cannot refresh the S3 writer lock; trying again");
+        if let Err(e) = store.put_lock(&key, &lease, PutMode::Overwrite) {
+            tracing::warn!(error = %e, "cannot refresh an S3 lock; trying again");
         }
     }
 }
@@ -1168,40 +1378,8 @@ impl Store for S3Store {
     }
 
     fn list(&self, prefix: &str) -> io::Result<Vec<ObjectInfo>> {
-        let dir = check_prefix(prefix)?;
-        let listed = self.dir_path(dir)?;
-        let c = self.conn()?;
-        let (rt, s3) = parts(&c)?;
-        let idle = self.cfg.retry.timeout;
-        // A listing that fails part way is listed again from its start.
-        let metas = block(
-            rt,
-            retry::run(&self.cfg.retry, &self.describe(prefix), |_| {
-                let listed = listed.clone();
-                async move {
-                    let mut out = Vec::new();
-                    let mut stream = s3.list(listed.as_ref());
-                    while let Some(m) =
-                        within(idle, async { Ok::<_, Failure>(stream.next().await) }).await?
-                    {
-                        out.push(m?);
-                    }
-                    Ok::<_, Failure>(out)
-                }
-            }),
-        )
-        .map_err(|g| self.gave_up("list", prefix, g))?;
-        let mut found: Vec<ObjectInfo> = metas
-            .into_iter()
-            .filter_map(|m| {
-                let key = self.key_of(m.location.as_ref())?;
-                (key.starts_with(prefix) && key != LOCK_FILE).then(|| ObjectInfo {
-                    key: key.to_string(),
-                    len: m.size,
-                })
-            })
-            .collect();
-        found.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut found = self.list_all(prefix)?;
+        found.retain(|o| !is_lock_key(&o.key));
         Ok(found)
     }
 
@@ -1232,75 +1410,67 @@ impl Store for S3Store {
         }
     }
 
-    fn lock(&self, holder: &str) -> Result<Box<dyn LockGuard>, LockError> {
-        let host = hostname();
-        let pid = std::process::id();
-        let token = random_token()?;
-        let deadline = Instant::now() + LOCK_WAIT;
-        // Bounds the retries without a wait (released meanwhile, broken as stale) should
-        // other processes keep taking and dropping the lock.
-        let mut tries = 0u32;
-        loop {
-            tries += 1;
-            if tries > MAX_LOCK_TRIES {
-                return Err(LockError::Io(io::Error::other(format!(
-                    "the lock {} keeps changing hands; try again",
-                    self.describe(LOCK_FILE)
-                ))));
+    fn take_lock(
+        &self,
+        kind: LockKind<'_>,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Box<dyn LockGuard>, LockError> {
+        let deadline = Instant::now() + wait;
+        match kind {
+            LockKind::Shared => self.lease_shared(holder, deadline),
+            LockKind::Disk(name) => {
+                let key = format!("{DISKS_DIR}/{}", check_lock_name(name)?);
+                self.lease_exclusive(&key, holder, deadline)
             }
-            let now = unix_now();
-            let lease = Lease {
-                holder: holder.to_string(),
-                host: host.clone(),
-                pid,
-                since: crate::timefmt::rfc3339(now),
-                refreshed: now,
-                token: token.clone(),
-            };
-            match self.put_lock(&lease, PutMode::Create) {
-                Ok(()) => {
-                    let (tx, rx) = mpsc::channel();
-                    let store = self.clone();
-                    let every = self.cfg.heartbeat;
-                    let thread = std::thread::Builder::new()
-                        .name("cbtfs-s3-lock".into())
-                        .spawn(move || heartbeat(store, lease, every, rx))?;
-                    return Ok(Box::new(S3Lock {
-                        stop: Some(tx),
-                        thread: Some(thread),
-                        store: self.clone(),
-                        token,
-                    }));
+            LockKind::Exclusive => {
+                let mut tries = 0u32;
+                loop {
+                    tries += 1;
+                    let guard = self.lease_exclusive(LOCK_FILE, holder, deadline)?;
+                    let live: Vec<String> = self
+                        .writer_records()?
+                        .into_iter()
+                        .filter(|r| r.live)
+                        .map(|r| r.holder)
+                        .collect();
+                    if live.is_empty() {
+                        return Ok(guard);
+                    }
+                    // Withdraw: the writers go on, and a new one waits for nothing.
+                    drop(guard);
+                    if Instant::now() >= deadline || tries > MAX_LOCK_TRIES {
+                        return Err(LockError::Held(super::running_writers(&live)));
+                    }
+                    std::thread::sleep(LOCK_POLL);
                 }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(LockError::Io(e)),
             }
-            let Some((held, modified, _)) = self.read_lock()? else {
-                continue; // released meanwhile: try again at once
+        }
+    }
+
+    fn writer_records(&self) -> io::Result<Vec<WriterRecord>> {
+        let mut out = Vec::new();
+        for o in self.list_all(&format!("{WRITERS_DIR}/"))? {
+            let Some(id) = o.key.strip_prefix(&format!("{WRITERS_DIR}/")) else {
+                continue;
             };
-            let stale_after = i64::try_from(self.cfg.stale_after.as_secs()).unwrap_or(i64::MAX);
-            let age = now.saturating_sub(held.refreshed.max(modified));
-            let dead_here = held.host == host && held.pid != pid && !pid_alive(held.pid);
-            if age > stale_after || dead_here {
-                let why = if dead_here {
-                    "its process no longer exists".to_string()
-                } else {
-                    format!("not refreshed for {age} s")
-                };
-                tracing::warn!(lock = %self.describe(LOCK_FILE), holder = %held.describe(), %why, "breaking a stale writer lock");
-                self.delete_lock()?;
+            if check_lock_name(id).is_err() {
                 continue;
             }
-            if Instant::now() >= deadline {
-                return Err(LockError::Held(format!(
-                    "{}; the lock {} is broken automatically once not refreshed for {} s",
-                    held.describe(),
-                    self.describe(LOCK_FILE),
-                    self.cfg.stale_after.as_secs()
-                )));
-            }
-            std::thread::sleep(LOCK_POLL);
+            let Some((lease, modified)) = self.read_lock(&o.key)? else {
+                continue; // ended meanwhile
+            };
+            out.push(WriterRecord {
+                id: id.to_string(),
+                live: self.stale(&lease, modified).is_none(),
+                holder: lease.describe(),
+            });
         }
+        Ok(out)
+    }
+
+    fn remove_writer_record(&self, id: &str) -> io::Result<()> {
+        self.delete_lock(&format!("{WRITERS_DIR}/{}", check_lock_name(id)?))
     }
 }
 

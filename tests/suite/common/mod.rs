@@ -590,7 +590,7 @@ pub fn files_under(p: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Every file of the repository at `repo` (relative path -> bytes), but the writer lock file,
+/// Every file of the repository at `repo` (relative path -> bytes), but the lock files,
 /// whose content names the current holder.
 pub fn repo_objects(repo: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     files_under(repo)
@@ -600,7 +600,8 @@ pub fn repo_objects(repo: &Path) -> std::collections::BTreeMap<String, Vec<u8>> 
             let bytes = std::fs::read(&f).unwrap();
             (rel, bytes)
         })
-        .filter(|(rel, _)| rel != "lock")
+        // Lock files (the writers' lock, disk locks) are not objects.
+        .filter(|(rel, _)| rel != "lock" && !rel.starts_with("locks/"))
         .collect()
 }
 

@@ -509,7 +509,7 @@ fn figure_mount_ready_with_1000_points() {
     let store: std::sync::Arc<dyn Store> =
         std::sync::Arc::new(S3Store::new(S3Url::parse(&url).unwrap(), cfg).unwrap());
     let repo = Repository::init_in(store, Path::new(&url), &Encryption::Secret(secret())).unwrap();
-    let lock = repo.lock("figure").unwrap();
+    let lock = repo.lock_exclusive("figure").unwrap();
     let started = Instant::now();
     let n: u32 = 1000;
     for i in 0..n {

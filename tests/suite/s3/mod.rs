@@ -7,3 +7,4 @@ mod commands;
 mod faults;
 mod lock;
 mod mount_ready;
+mod writers;

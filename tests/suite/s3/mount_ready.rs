@@ -60,7 +60,7 @@ fn repository_with_many_points(s3: &S3) -> String {
     let store: std::sync::Arc<dyn Store> =
         std::sync::Arc::new(S3Store::new(S3Url::parse(&url).unwrap(), cfg).unwrap());
     let repo = Repository::init_in(store, Path::new(&url), &Encryption::Secret(secret())).unwrap();
-    let lock = repo.lock("test").unwrap();
+    let lock = repo.lock_exclusive("test").unwrap();
     for i in 0..POINTS {
         let mut w = repo
             .begin_point(

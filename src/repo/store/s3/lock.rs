@@ -52,11 +52,11 @@
 //!
 //! # Stale multipart uploads
 //!
-//! Only the holder of the writer lock uploads; so when a writer takes the lock, every
-//! multipart upload in progress below the prefix belongs to a writer that no longer holds it
-//! (killed, or whose lock was broken as stale): all of them are aborted, whatever their age
-//! (`Store::remove_temporaries`). The lock object itself is removed with all its versions (one
-//! per heartbeat on a versioned bucket) when released.
+//! Only writers upload, and no writer is live while the exclusive lock is held; so when the
+//! exclusive lock is taken, every multipart upload in progress below the prefix belongs to a
+//! writer that is gone (killed, or whose lease was broken as stale): all of them are aborted,
+//! whatever their age (`Store::remove_temporaries`). A lease object is removed with all its
+//! versions (one per heartbeat on a versioned bucket) when released.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -66,8 +66,8 @@ use serde::{Deserialize, Serialize};
 
 use super::S3Store;
 use super::sign::{RawRequest, content_md5, parse_xml};
-use crate::repo::store::LOCK_FILE;
 use crate::repo::store::Store as _;
+use crate::repo::store::is_lock_key;
 
 /// Where deletion records live.
 pub const RECORDS: &str = "deleted/";
@@ -484,11 +484,11 @@ impl S3Store {
     /// version. Nobody else can put the lock while it exists (create-only), so the current
     /// version deleted last is the one just checked. Falls back to a plain delete if a version
     /// is refused (a bucket default retention locked it).
-    pub(super) fn delete_lock_versions(&self) -> io::Result<bool> {
+    pub(super) fn delete_lock_versions(&self, key: &str) -> io::Result<bool> {
         let mut vs: Vec<Version> = self
-            .versions(LOCK_FILE)?
+            .versions(key)?
             .into_iter()
-            .filter(|v| v.key == LOCK_FILE)
+            .filter(|v| v.key == key)
             .collect();
         vs.sort_by_key(|v| (v.latest, v.modified));
         for v in &vs {
@@ -527,7 +527,7 @@ fn recorded(m: &BTreeMap<String, Vec<Version>>) -> BTreeSet<String> {
 /// Keys cbtfs itself rewrites (a journal stage is deleted and put again): an older version
 /// there is not an overwrite.
 fn rewritten_by_cbtfs(key: &str) -> bool {
-    key.starts_with("journal/") || key == LOCK_FILE
+    key.starts_with("journal/") || is_lock_key(key)
 }
 
 /// What is wrong with one object.
@@ -577,7 +577,7 @@ fn damage_of(versions: Vec<Version>) -> Vec<VersionDamage> {
     let records = recorded(&m);
     let mut out = Vec::new();
     for (key, vs) in &m {
-        if key == LOCK_FILE {
+        if is_lock_key(key) {
             continue;
         }
         let Some(top) = vs.first() else { continue };
@@ -628,7 +628,7 @@ pub fn undelete(store: &S3Store) -> io::Result<RepairReport> {
         let records = recorded(&m);
         for (key, vs) in &m {
             let record = key.starts_with(RECORDS);
-            if key == LOCK_FILE || (pass == 0) != record {
+            if is_lock_key(key) || (pass == 0) != record {
                 continue;
             }
             let Some(top) = vs.first() else { continue };
@@ -718,7 +718,7 @@ pub fn extend_locks(
     let m = by_key(store.versions("")?);
     for (key, vs) in &m {
         let Some(top) = vs.first() else { continue };
-        if key == LOCK_FILE || top.marker {
+        if is_lock_key(key) || top.marker {
             continue;
         }
         if lock.mode == LockMode::Compliance && top.modified.saturating_add(lock.period()) > horizon
