@@ -320,6 +320,10 @@ fn run_into(
     if !job.keep.is_empty() {
         report.prune = Some(prune(&repo, job, &mut report.disks));
     }
+    if job.health == Some(super::config::Health::Fsck) {
+        on(JobEvent::Info("health check of the new points"));
+        health_check(&repo, &mut report.disks);
+    }
     if let Some(to) = &job.copy_to {
         report.copy = Some(copy(config, to, &repo, &report.disks));
     }
@@ -608,6 +612,50 @@ fn name_points(repo: &Repository, disks: &mut [DiskOutcome]) {
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot list the repository to name the new points"),
+    }
+}
+
+/// `health = "fsck"`: check the guest filesystems of each committed disk's newest point (the
+/// one this run made) with their own read-only checkers (src/health.rs). A point that cannot
+/// be checked is `unchecked` with the reason in the disk's warnings.
+fn health_check(repo: &Repository, disks: &mut [DiskOutcome]) {
+    let catalog = match repo.catalog() {
+        Ok(c) => c,
+        Err(e) => {
+            for d in disks.iter_mut().filter(|d| d.ok) {
+                d.warnings.push(format!(
+                    "health check not run: cannot list the repository: {e}"
+                ));
+            }
+            return;
+        }
+    };
+    let opts = crate::health::CheckOptions::default();
+    for d in disks.iter_mut().filter(|d| d.ok) {
+        let newest = catalog
+            .iter()
+            .find(|h| h.vdi == d.vdi)
+            .and_then(|h| h.sets.iter().rev().find(|s| !s.points.is_empty()))
+            .and_then(|set| {
+                let seq = u32::try_from(set.points.len().checked_sub(1)?).ok()?;
+                Some((set, seq))
+            });
+        let Some((set, seq)) = newest else {
+            d.warnings
+                .push("health check not run: the new point is not in the repository".into());
+            continue;
+        };
+        match crate::health::check_point(repo, set, seq, &opts) {
+            Ok(h) => d.health = Some(h),
+            Err(e) => {
+                d.warnings.push(format!("health check failed: {e}"));
+                d.health = Some(super::report::HealthOutcome {
+                    state: "unchecked".into(),
+                    seconds: 0.0,
+                    volumes: Vec::new(),
+                });
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use crate::common;
 use std::collections::BTreeSet;
 
 use crate::common::pool::{Run, SimPool, VmSpec};
-use crate::common::{BS, ok, s};
+use crate::common::{BS, ok, s, sh, skip};
 use cbtfs::sim::host::VmDeletion;
 use serde_json::Value;
 
@@ -353,5 +353,79 @@ fn too_many_connections_are_lowered_to_the_hosts_limit() {
     let (peak, refused) = p.sim.with(|st| (st.nbd_peak, st.nbd_refused));
     assert!(peak <= 12, "peak {peak}");
     assert_eq!(refused, 0);
+    assert_points_exact(&p, &r);
+}
+
+/// `health = "fsck"`: each new point's guest filesystem is checked; a damaged one makes the
+/// run partial (exit 3) and is named in the report, a clean one passes.
+#[test]
+fn a_jobs_health_check_finds_the_damaged_guest_filesystem() {
+    if ["mkfs.ext4", "debugfs", "e2fsck"]
+        .iter()
+        .any(|t| sh(&format!("command -v {t} || echo missing")).contains("missing"))
+    {
+        return skip("needs mkfs.ext4, debugfs and e2fsck (e2fsprogs)");
+    }
+    const BLOCKS: usize = 160; // 10 MiB: a whole-disk ext4 per VM
+    let p = SimPool::start(
+        "lab",
+        &[
+            VmSpec {
+                name: "good",
+                tags: &[],
+                disks: &[("root", BLOCKS)],
+                template: false,
+            },
+            VmSpec {
+                name: "bad",
+                tags: &[],
+                disks: &[("root", BLOCKS)],
+                template: false,
+            },
+        ],
+        |_| {},
+    );
+    for (vm, damage) in [("good", false), ("bad", true)] {
+        let img = p.dir.path().join(format!("{vm}-fs.img"));
+        let i = img.display();
+        sh(&format!(
+            "truncate -s {} {i} && mkfs.ext4 -q -F {i}",
+            BLOCKS * BS
+        ));
+        if damage {
+            // The root directory's link count is wrong: e2fsck -n reports it.
+            sh(&format!(
+                "debugfs -w -R 'set_inode_field <2> links_count 7' {i} 2>/dev/null"
+            ));
+        }
+        let bytes = std::fs::read(&img).unwrap();
+        let vdi = p.vdis[&format!("{vm}/root")].clone();
+        p.sim.with(|st| st.guest_write(&vdi, 0, &bytes)).unwrap();
+    }
+    let cfg = p.config(
+        None,
+        "",
+        &job(&p, "checked", "vms = [\"*\"]\nhealth = \"fsck\""),
+    );
+    let r = p.run(&cfg, "checked");
+    assert_eq!(r.code, 3, "{}", r.text());
+    let disks = r.disks();
+    assert_eq!(
+        disks["good/root"]["health"]["state"],
+        "clean",
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        disks["bad/root"]["health"]["state"],
+        "damaged",
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        disks["bad/root"]["health"]["volumes"][0]["filesystem"],
+        "ext4"
+    );
+    assert_eq!(r.report["outcome"], "partial");
     assert_points_exact(&p, &r);
 }

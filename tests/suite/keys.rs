@@ -461,9 +461,11 @@ fn ls_shows_space_statistics_per_disk_and_for_the_repository() {
     assert_eq!(r["encryption"], "aes-256-gcm", "{r}");
     assert_eq!(r["encrypted"], true, "{r}");
     assert_eq!(r["path"], s(&repo), "{r}");
-    // Everything on storage: at least the chunks, and exactly what the files hold.
+    // Everything on storage: at least the chunks, and exactly what the files hold (lock
+    // files, `lock` and `locks/`, are not objects).
     let on_disk: u64 = files_under(&repo)
         .iter()
+        .filter(|p| !p.starts_with(repo.join("locks")))
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
