@@ -15,13 +15,6 @@ use serde_json::Value;
 
 const LVM_CONF: &str = "global { activation=0 } devices { obtain_device_list_from_udev=0 }";
 
-/// These tests compare the host's loop devices and mounts before and after: one at a time.
-static HOST_STATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    HOST_STATE.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Skip (printing why) unless every tool is here and we are root with FUSE.
 fn needs(tools: &[&str]) -> bool {
     if !can_mount() {
@@ -517,7 +510,7 @@ fn change_v1(rng: &mut TestRng, m: &Path, kind: &str) {
 
 #[test]
 fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&[
         "sgdisk",
         "mkfs.ext4",
@@ -820,7 +813,7 @@ fn place_lv(disk: &Path, pv_offset: u64, lv_img: &Path, segs: &[(u64, u64, u64)]
 
 #[test]
 fn mbr_logical_partitions_and_an_lvm_volume_in_two_pieces() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&["sfdisk", "mkfs.ext4", "pvcreate", "losetup"]) {
         return;
     }
@@ -964,7 +957,7 @@ fn kill9_browse(dir: &Path) {
 
 #[test]
 fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&["mkfs.ext4", "dumpe2fs", "losetup", "fuse2fs", "e2fsck"]) {
         return;
     }
@@ -1145,7 +1138,7 @@ fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage()
 /// and why it was skipped, and leaves nothing behind (no mounts, no state, no folder it made).
 #[test]
 fn browse_with_nothing_mountable_fails_naming_each_volume() {
-    let _serial = serial();
+    let _serial = host_state();
     if !can_mount() {
         return;
     }
@@ -1199,7 +1192,7 @@ fn browse_with_nothing_mountable_fails_naming_each_volume() {
 /// exits 0, its volume marked compared.
 #[test]
 fn diff_of_a_volume_that_cannot_be_mounted_says_not_compared_and_fails() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&["mkfs.ext4", "losetup"]) {
         return;
     }
@@ -1512,7 +1505,7 @@ fn assert_clean_tmp(tmp: &Path) {
 
 #[test]
 fn dump_files_and_tars_as_root_and_as_nobody() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&[
         "sgdisk",
         "mkfs.ext4",
@@ -1755,7 +1748,7 @@ fn dump_files_and_tars_as_root_and_as_nobody() {
 
 #[test]
 fn find_lists_the_points_holding_a_path_as_root_and_as_nobody() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&[
         "sgdisk",
         "mkfs.ext4",

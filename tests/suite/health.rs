@@ -18,13 +18,6 @@ use cbtfs::read::PointReader;
 use cbtfs::repo::Repository;
 use serde_json::Value;
 
-/// These tests look at the host's loop devices and mounts: one at a time.
-static HOST_STATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    HOST_STATE.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Skip (saying why) unless we are root with FUSE and every tool is here.
 fn needs(tools: &[&str]) -> bool {
     if !can_mount() {
@@ -239,7 +232,7 @@ fn private_tmp(dir: &Path) -> CheckOptions {
 
 #[test]
 fn every_filesystem_checked_a_planted_damage_found_and_the_point_unchanged() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&[
         "sfdisk",
         "mkfs.ext4",
@@ -333,7 +326,7 @@ fn every_filesystem_checked_a_planted_damage_found_and_the_point_unchanged() {
 
 #[test]
 fn journals_of_a_crash_consistent_snapshot_are_replayed_into_the_overlay() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&[
         "sfdisk",
         "mkfs.ext4",
@@ -408,7 +401,7 @@ fn journals_of_a_crash_consistent_snapshot_are_replayed_into_the_overlay() {
 
 #[test]
 fn a_missing_checker_leaves_the_volume_unchecked_saying_why() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&["sfdisk", "mkfs.ext4", "e2fsck"]) {
         return;
     }
@@ -537,7 +530,7 @@ fn point_states(v: &Value) -> BTreeMap<String, (String, Vec<String>)> {
 
 #[test]
 fn job_check_selects_the_jobs_disks_and_exits_by_the_worst() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&["sfdisk", "mkfs.ext4", "debugfs", "e2fsck"]) {
         return;
     }
@@ -618,7 +611,7 @@ fn job_check_selects_the_jobs_disks_and_exits_by_the_worst() {
 
 #[test]
 fn fsck_of_a_256_mib_disk_with_one_ext4() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&["sfdisk", "mkfs.ext4", "e2fsck"]) {
         return;
     }
@@ -666,7 +659,7 @@ fn fsck_of_a_256_mib_disk_with_one_ext4() {
 
 #[test]
 fn a_check_killed_midway_is_cleaned_up_by_the_next() {
-    let _serial = serial();
+    let _serial = host_state();
     if !needs(&["sfdisk", "mkfs.ext4", "e2fsck"]) {
         return;
     }

@@ -137,6 +137,7 @@ fn diff_blocks(a: &[u8], b: &[u8]) -> Vec<u64> {
 
 #[test]
 fn guest_ext4_files_at_each_point_through_a_loop_mount() {
+    let _host = host_state();
     if !can_mount() {
         return;
     }

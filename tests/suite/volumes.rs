@@ -137,6 +137,7 @@ fn mbr_with_logical_partitions_and_gpt() {
 
 #[test]
 fn lvm_linear_in_two_pieces_and_striped_over_two_pvs() {
+    let _host = host_state();
     if !is_root() || !have("pvcreate") || !have("sfdisk") || !have("losetup") {
         skip("needs root, sfdisk, losetup and lvm2 (scripts/setup.sh installs them)");
         return;
@@ -283,6 +284,7 @@ fn lvm_linear_in_two_pieces_and_striped_over_two_pvs() {
 
 #[test]
 fn partition_files_in_the_mount_loop_mount_without_offsets() {
+    let _host = host_state();
     if !can_mount() || !have("sfdisk") || !have("mkfs.ext4") {
         skip("needs root, /dev/fuse, sfdisk and mkfs.ext4");
         return;

@@ -67,6 +67,14 @@ pub fn key_file_for(uid: u32, dir: &Path) -> PathBuf {
     p
 }
 
+/// Held by every test that makes loop devices or compares the host's loop devices and mounts
+/// before and after: all integration tests share one process, and one test's loop device must
+/// not show up as another's leftover.
+pub fn host_state() -> std::sync::MutexGuard<'static, ()> {
+    static HOST_STATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HOST_STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The tests' repository secret, for library calls.
 pub fn secret() -> cbtfs::repo::keys::Secret {
     cbtfs::repo::keys::Secret::read_key_file(key_file()).expect("read the tests' key file")

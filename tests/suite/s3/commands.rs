@@ -195,6 +195,8 @@ fn tree(root: &Path) -> BTreeMap<String, Node> {
 
 /// Mount the ext4 image `img` rw (the guest), run `f` on it, unmount; returns `f`'s answer.
 fn in_guest<T>(img: &Path, f: impl FnOnce(&Path) -> T) -> T {
+    // Its loop device must not show up as another test's leftover.
+    let _host = crate::common::host_state();
     let mp = tempfile::tempdir().unwrap();
     sh(&format!(
         "mount -o loop -t ext4 {} {}",
