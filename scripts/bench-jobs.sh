@@ -96,7 +96,7 @@ connections = 4
 report = "$WORK/report.json"
 EOF
 
-secs() { local t0 t1; t0=$(date +%s.%N); "$@" > /dev/null 2>&1 || { echo "failed: $*" >&2; exit 1; }; t1=$(date +%s.%N); python3 -c "print(round($t1 - $t0, 2))"; }
+secs() { local t0 t1; t0=$(date +%s.%N); "$@" > "$WORK/last.out" 2>&1 || { echo "failed: $*" >&2; tail -5 "$WORK/last.out" >&2; exit 1; }; t1=$(date +%s.%N); python3 -c "print(round($t1 - $t0, 2))"; }
 job() { "$CBTFS" job run bench --config "$WORK/cbtfs.toml"; }
 sequential() {
   for i in $(seq -f %02g "$VMS"); do
