@@ -302,7 +302,20 @@ fn select_disks(tree: &Tree, vms: &[String]) -> Result<Vec<String>, CopyFailure>
         .collect())
 }
 
+/// A copied point whose manifest is being stored on another thread, with what the report
+/// says of it once it is.
+type Publishing<'s> = (
+    std::thread::ScopedJoinHandle<'s, Result<PointManifest, RepoError>>,
+    CopiedPoint,
+);
+
 /// Copy the selected points of one source set that the destination lacks.
+///
+/// Points follow each other in a pipeline: once a point is sealed (all its blocks written,
+/// its manifest decided), it is published (its last pack, indexes and manifest stored) on
+/// another thread while the next point of the set is read and encoded. A point's manifest is
+/// stored only after its parent's, and a failed publish stops the copy before anything after
+/// it becomes visible.
 #[allow(clippy::too_many_arguments)]
 fn copy_set(
     src: &Repository,
@@ -315,6 +328,79 @@ fn copy_set(
     newest_dst_set: &mut Option<String>,
     report: &mut CopyReport,
     on_event: &mut impl FnMut(Event<'_>),
+) -> Result<(), CopyFailure> {
+    std::thread::scope(|scope| {
+        let mut publishing: Option<Publishing<'_>> = None;
+        let r = copy_set_points(
+            src,
+            dst,
+            lock,
+            tree,
+            set,
+            req,
+            held,
+            newest_dst_set,
+            report,
+            on_event,
+            scope,
+            &mut publishing,
+        );
+        // The last point's publish, or the one in flight when a later point failed (its
+        // success is reported either way).
+        let landed = land(dst, &mut publishing, report, on_event);
+        r.and(landed)
+    })
+}
+
+/// Wait for the point being published, if any, and report it.
+fn land(
+    dst: &Repository,
+    publishing: &mut Option<Publishing<'_>>,
+    report: &mut CopyReport,
+    on_event: &mut impl FnMut(Event<'_>),
+) -> Result<(), CopyFailure> {
+    let Some((handle, mut done)) = publishing.take() else {
+        return Ok(());
+    };
+    let m = handle
+        .join()
+        .map_err(|_| CopyFailure::Destination {
+            repo: dst.root().display().to_string(),
+            source: RepoError::Invalid(format!(
+                "internal: storing point {} panicked; a bug in cbtfs: please report it",
+                done.path
+            )),
+        })?
+        .map_err(|source| CopyFailure::Destination {
+            repo: dst.root().display().to_string(),
+            source,
+        })?;
+    done.dst_set = m.set.clone();
+    done.new_chunks = m.stats.new_chunks;
+    done.new_raw_bytes = m.stats.new_raw_bytes;
+    done.new_stored_bytes = m.stats.new_stored_bytes;
+    report.blocks_read += done.blocks_read;
+    report.new_chunks += done.new_chunks;
+    report.new_stored_bytes += done.new_stored_bytes;
+    on_event(Event::Copied(&done));
+    report.copied.push(done);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn copy_set_points<'s, 'l: 's>(
+    src: &Repository,
+    dst: &'s Repository,
+    lock: Option<&'l dyn crate::repo::DiskWriteLock>,
+    tree: &Tree,
+    set: &SetHistory,
+    req: &CopyRequest,
+    held: &mut HashMap<String, DstSet>,
+    newest_dst_set: &mut Option<String>,
+    report: &mut CopyReport,
+    on_event: &mut impl FnMut(Event<'_>),
+    scope: &'s std::thread::Scope<'s, '_>,
+    publishing: &mut Option<Publishing<'s>>,
 ) -> Result<(), CopyFailure> {
     let s_err = |source: RepoError| CopyFailure::Source {
         repo: src.root().display().to_string(),
@@ -411,7 +497,17 @@ fn copy_set(
             vdi_type: p.vdi_type.clone(),
             vm_run: p.vm_run.clone(),
         };
-        let mut writer = match dst.begin_point(lock, spec) {
+        // The point being published is this one's parent: follow it without waiting. Else
+        // the destination is read, which must show every point published so far.
+        let follows_publishing =
+            publishing.is_some() && there.is_some_and(|h| h.last.copied_from.is_some() && !new_set);
+        let begun = if follows_publishing && let Some(h) = there {
+            dst.continue_point(lock, spec, &h.last)
+        } else {
+            land(dst, publishing, report, on_event)?;
+            dst.begin_point(lock, spec)
+        };
+        let mut writer = match begun {
             Ok(w) => w,
             Err(RepoError::Invalid(why)) => {
                 report.skipped.push(skip(why));
@@ -451,16 +547,13 @@ fn copy_set(
             }
             Err(CopyError::Repo(e)) => return Err(d_err(e)),
         }
-        let m = writer.commit().map_err(d_err)?;
-        done.dst_set = m.set.clone();
-        done.new_chunks = m.stats.new_chunks;
-        done.new_raw_bytes = m.stats.new_raw_bytes;
-        done.new_stored_bytes = m.stats.new_stored_bytes;
-        report.blocks_read += done.blocks_read;
-        report.new_chunks += done.new_chunks;
-        report.new_stored_bytes += done.new_stored_bytes;
-        on_event(Event::Copied(&done));
-        report.copied.push(done);
+        let sealed = writer.seal().map_err(d_err)?;
+        let m = sealed.manifest().clone();
+        // Its parent's manifest is stored first; if that failed, this point is dropped
+        // (deleting what it wrote) and the copy stops.
+        land(dst, publishing, report, on_event)?;
+        *publishing = Some((scope.spawn(move || sealed.publish()), done));
+        // Later points of the set follow this one.
         let h = held.entry(set.id.clone()).or_insert_with(|| DstSet {
             name: m.set.clone(),
             copied: HashSet::new(),

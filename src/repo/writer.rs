@@ -20,8 +20,8 @@ use super::chunkindex;
 use super::crypto::ChunkId;
 use super::pack::{self, ChunkLocation, PackWriter};
 use super::{
-    CopiedFrom, DiskWriteLock, META, NewPoint, ObjRef, POINT_FORMAT, POINT_VERSION, PointManifest,
-    PointStats, RepoError, Repository, Result, random_hex,
+    CopiedFrom, DiskWriteLock, META, NewPoint, ObjRef, PINDEX, POINT_FORMAT, POINT_VERSION,
+    PointManifest, PointStats, RepoError, Repository, Result, random_hex,
 };
 use crate::{BLOCK_SIZE, blocks_for};
 
@@ -53,8 +53,6 @@ pub const FLUSH_PENDING: usize = 1 << 17;
 struct Uploader {
     tx: Option<mpsc::SyncSender<(String, Vec<u8>)>>,
     done: Vec<std::thread::JoinHandle<std::result::Result<(), RepoError>>>,
-    /// Stored packs' buffers, handed back for the next packs.
-    spare: mpsc::Receiver<Vec<u8>>,
     /// Set by the first thread whose put fails: the others take no more packs.
     failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -66,13 +64,10 @@ impl Uploader {
         let (tx, rx) = mpsc::sync_channel::<(String, Vec<u8>)>(UPLOAD_QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let failed = Arc::new(AtomicBool::new(false));
-        // Bounded by the packs in flight: at most threads + UPLOAD_QUEUE + 1 buffers exist.
-        let (spare_tx, spare) = mpsc::channel::<Vec<u8>>();
         let threads = repo.store().parallel_puts().clamp(1, MAX_PARALLEL_PUTS);
         let mut done = Vec::with_capacity(threads);
         for i in 0..threads {
-            let (repo, rx, spare_tx, failed) =
-                (repo.clone(), rx.clone(), spare_tx.clone(), failed.clone());
+            let (repo, rx, failed) = (repo.clone(), rx.clone(), failed.clone());
             let t = std::thread::Builder::new()
                 .name(format!("cbtfs-upload-{i}"))
                 .spawn(move || {
@@ -89,9 +84,8 @@ impl Uploader {
                             return Ok(());
                         };
                         match repo.store().put_owned(&key, bytes) {
-                            Ok(back) => {
-                                let _ = spare_tx.send(back);
-                            }
+                            // The stored pack's buffer goes back for the next packs.
+                            Ok(back) => repo.give_back_pack_buffer(back),
                             Err(e) => {
                                 failed.store(true, Ordering::Relaxed);
                                 return Err(RepoError::io("write", repo.describe(&key), e));
@@ -106,14 +100,8 @@ impl Uploader {
         Uploader {
             tx: (!done.is_empty()).then_some(tx),
             done,
-            spare,
             failed,
         }
-    }
-
-    /// A stored pack's buffer to fill again, if one is back.
-    fn spare_buffer(&self) -> Vec<u8> {
-        self.spare.try_recv().unwrap_or_default()
     }
 
     /// Queue a pack; an earlier upload's failure surfaces here.
@@ -324,7 +312,7 @@ impl<'l> PointWriter<'l> {
             // of each new id (moving its record down over unused room) and drop the rest.
             if self.pack.is_none() {
                 self.pack = Some(
-                    PackWriter::with_buffer(self.uploader.spare_buffer())
+                    PackWriter::with_buffer(self.repo.take_pack_buffer())
                         .map_err(|e| RepoError::Invalid(format!("no randomness: {e}")))?,
                 );
             }
@@ -464,28 +452,39 @@ impl<'l> PointWriter<'l> {
     }
 
     /// Make the point durable and visible. Returns its manifest.
-    pub fn commit(mut self) -> Result<PointManifest> {
-        self.flush_index()?;
-        self.uploader.finish()?;
+    pub fn commit(self) -> Result<PointManifest> {
+        self.seal()?.publish()
+    }
+
+    /// Finish adding blocks and decide the point's manifest without waiting for any store:
+    /// the last pack goes to the upload threads, the point index and VM metadata are encoded
+    /// and sealed. [`SealedPoint::publish`] then stores the rest and the manifest. Between the
+    /// two a caller may write the next point of the same set ([`Repository::continue_point`]),
+    /// so that one point's uploads overlap the next one's reading and encoding (`cbtfs copy`).
+    pub fn seal(mut self) -> Result<SealedPoint<'l>> {
+        // Its upload starts now, on this writer's upload threads.
+        self.finish_pack()?;
         // Free what is no longer needed before the point index is encoded and sealed: the
-        // pending map's table, and the ids themselves once encoded (encoded), so
-        // at most two copies of the ids (32 B per stored block) exist at once.
-        self.pending = HashMap::new();
+        // pending map's table (its entries kept in a vector, half the size), and the ids
+        // themselves once encoded, so at most two copies of the ids (32 B per stored block)
+        // exist at once.
+        let entries: Vec<(ChunkId, ChunkLocation)> =
+            std::mem::take(&mut self.pending).into_iter().collect();
         let ids = std::mem::take(&mut self.ids);
         let body = super::index::encode(self.spec.virtual_size, &self.changed, &self.stored, &ids);
         drop(ids);
-        // Keys are recorded before their puts, as chunk index keys are (`write_index_into`):
-        // a put that stored its object and then failed leaves an object this writer deletes.
-        let index = self
-            .repo
-            .put_index_body_recorded(&body, &mut self.written)?;
+        let index_key = format!("{PINDEX}{}", random_hex(16)?);
+        let index_bytes = self.repo.seal_object(&index_key, "pindex", &body);
         drop(body);
-        let vm_metadata = match &self.spec.vm_metadata {
+        let index = ObjRef {
+            key: index_key,
+            len: index_bytes.len() as u64,
+        };
+        let meta = match &self.spec.vm_metadata {
             Some(bytes) => {
                 let key = format!("{META}{}", random_hex(16)?);
-                self.written.push(key.clone());
-                let len = self.repo.put_sealed(&key, "meta", bytes)?;
-                Some(ObjRef { key, len })
+                let sealed = self.repo.seal_object(&key, "meta", bytes);
+                Some((key, sealed))
             }
             None => None,
         };
@@ -506,29 +505,90 @@ impl<'l> PointWriter<'l> {
             virtual_size: self.spec.virtual_size,
             changed_blocks: self.changed.len(),
             data_blocks: self.stored.len(),
-            index,
+            index: index.clone(),
             source: self.spec.source.clone(),
             snapshot: self.spec.snapshot.clone(),
-            vm_metadata,
+            vm_metadata: meta.as_ref().map(|(key, b)| ObjRef {
+                key: key.clone(),
+                len: b.len() as u64,
+            }),
             vdi_type: self.spec.vdi_type.clone(),
             vm_run: self.spec.vm_run.clone(),
             stats: self.stats.clone(),
             copied_from: self.copied_from.clone(),
         };
+        Ok(SealedPoint {
+            writer: self,
+            manifest: m,
+            entries,
+            index: (index.key, index_bytes),
+            meta,
+        })
+    }
+}
+
+/// A point whose blocks are all added and whose manifest is decided, not yet stored
+/// ([`PointWriter::seal`]). Dropped without [`publish`](Self::publish), it deletes what it
+/// wrote, as an unfinished writer does: nothing becomes visible.
+pub struct SealedPoint<'l> {
+    writer: PointWriter<'l>,
+    manifest: PointManifest,
+    /// New chunks no chunk index object lists yet.
+    entries: Vec<(ChunkId, ChunkLocation)>,
+    /// The sealed point index and VM metadata objects: (key, bytes).
+    index: (String, Vec<u8>),
+    meta: Option<(String, Vec<u8>)>,
+}
+
+impl SealedPoint<'_> {
+    /// The manifest `publish` stores (the next point of the set names it as its parent).
+    pub fn manifest(&self) -> &PointManifest {
+        &self.manifest
+    }
+
+    /// Store the packs, the chunk index object, the point index, the VM metadata and last the
+    /// manifest: the point is durable and visible. Returns its manifest.
+    pub fn publish(mut self) -> Result<PointManifest> {
+        let w = &mut self.writer;
+        // The packs must be stored before an index names them.
+        w.uploader.finish()?;
+        let entries = std::mem::take(&mut self.entries);
+        if !entries.is_empty() {
+            let put = chunkindex::write_index_into(
+                w.repo.store().as_ref(),
+                w.repo.keys(),
+                entries,
+                &mut w.written,
+            );
+            w.published = w.written.len();
+            put?;
+            w.repo.chunk_index()?.refresh()?;
+        }
+        // Keys are recorded before their puts, as chunk index keys are (`write_index_into`):
+        // a put that stored its object and then failed leaves an object this writer deletes.
+        let (key, bytes) = std::mem::take(&mut self.index);
+        w.written.push(key.clone());
+        w.repo.put_sealed_object(&key, &bytes)?;
+        drop(bytes);
+        if let Some((key, bytes)) = self.meta.take() {
+            w.written.push(key.clone());
+            w.repo.put_sealed_object(&key, &bytes)?;
+        }
+        let m = self.manifest.clone();
         test_hang("commit-before-manifest");
-        if let Err(e) = self.repo.put_manifest(&m) {
+        if let Err(e) = w.repo.put_manifest(&m) {
             // A failed put may still have stored the manifest (on S3, its last attempt's
             // answer lost): it must not be left naming what the drop below deletes. Its key
             // is this point's own (a random id), so deleting it touches nothing else; if
             // that fails too, everything written is kept (consistent either way; `gc`
             // collects it if the manifest is not there).
-            if let Err(d) = self.repo.store().delete(&m.key()) {
-                tracing::warn!(object = %self.repo.describe(&m.key()), error = %d, "cannot make sure a failed manifest put left nothing; keeping the point's objects for `cbtfs gc`");
-                self.keep_written = true;
+            if let Err(d) = w.repo.store().delete(&m.key()) {
+                tracing::warn!(object = %w.repo.describe(&m.key()), error = %d, "cannot make sure a failed manifest put left nothing; keeping the point's objects for `cbtfs gc`");
+                w.keep_written = true;
             }
             return Err(e);
         }
-        self.committed = true;
+        w.committed = true;
         tracing::info!(point = %m.label(), set = %m.set, seq = m.seq, new_chunks = m.stats.new_chunks, "committed");
         Ok(m)
     }

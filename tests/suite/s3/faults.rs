@@ -723,3 +723,77 @@ fn put_throughput() {
         }
     }
 }
+
+/// `cbtfs copy` publishes a point while it writes the next one. When a manifest put fails
+/// for good, the copy fails naming the destination, the destination holds exactly the points
+/// before it (each exact), nothing after it became visible, and the next run copies the rest
+/// exactly.
+#[test]
+fn a_copy_whose_publish_fails_leaves_exact_earlier_points_and_the_next_run_finishes() {
+    let Some(rgw) = common::rgw::rgw() else {
+        return;
+    };
+    let bucket = rgw.bucket("copy-pipeline", false);
+    let url = format!("s3://{bucket}/dst");
+    let proxy = Proxy::start(&rgw.endpoint);
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let src = dp.join("src");
+    let src_s = s(&src);
+    let v = vdi(33);
+    ok_at(rgw, &rgw.endpoint, &["init", src_s]);
+    ok_at(rgw, &rgw.endpoint, &["init", &url]);
+    // A base and five points, each a whole image (import finds what changed).
+    let mut images = Vec::new();
+    for i in 0..6 {
+        let img = disk(40, 330 + i as u64);
+        let path = dp.join(format!("{i}.img"));
+        std::fs::write(&path, &img).unwrap();
+        let (t, _) = stamp(i);
+        let mut args = import_args(src_s, &v, s(&path), &t);
+        // Later points join the base's set, every block marked changed.
+        let all = write_bitmap(dp, &format!("{i}.b64"), &(0..40).collect::<Vec<u64>>(), 40);
+        if i > 0 {
+            args.extend(["--bitmap", s(&all)]);
+        }
+        ok_at(rgw, &rgw.endpoint, &args);
+        images.push(img);
+    }
+    // The third manifest put, and every one after it, fails (each attempt).
+    proxy.set(
+        Schedule::new(When::Nth((3..200).collect()), &[Fault::Status500])
+            .method("PUT")
+            .path("/dst/points/"),
+    );
+    let key = key_file();
+    let copy = ["copy", src_s, &url, "--to-key-file", s(&key)];
+    let o = run_at(rgw, &proxy.endpoint, &copy);
+    let m = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "the copy succeeded through failing manifest puts: {m}"
+    );
+    assert!(
+        m.contains(&format!("{url}/points/")),
+        "the error does not name the manifest that could not be stored: {m}"
+    );
+    assert_eq!(
+        manifests(rgw, &bucket, "dst").len(),
+        2,
+        "the destination holds other than the two points published before the failure: {m}"
+    );
+    proxy.set(Schedule::none());
+    let out = dp.join("out.img");
+    for (i, img) in images.iter().enumerate().take(2) {
+        let (t, _) = stamp(i);
+        export_is(rgw, &rgw.endpoint, &url, &format!("{v}@{t}"), img, &out);
+    }
+    // The next run copies the rest, exactly.
+    ok_at(rgw, &rgw.endpoint, &copy);
+    assert_eq!(manifests(rgw, &bucket, "dst").len(), 6);
+    for (i, img) in images.iter().enumerate() {
+        let (t, _) = stamp(i);
+        export_is(rgw, &rgw.endpoint, &url, &format!("{v}@{t}"), img, &out);
+    }
+    ok_at(rgw, &rgw.endpoint, &["verify", &url]);
+}
