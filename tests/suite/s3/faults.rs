@@ -766,7 +766,7 @@ fn a_copy_whose_publish_fails_leaves_exact_earlier_points_and_the_next_run_finis
             .path("/dst/points/"),
     );
     let key = key_file();
-    let copy = ["copy", src_s, &url, "--to-key-file", s(&key)];
+    let copy = ["copy", src_s, &url, "--to-key-file", s(key)];
     let o = run_at(rgw, &proxy.endpoint, &copy);
     let m = String::from_utf8_lossy(&o.stderr);
     assert!(
