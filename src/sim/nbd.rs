@@ -83,6 +83,8 @@ pub trait Exports: Send + Sync {
     fn admitted(&self, _active: usize) {}
     /// A connection was closed at accept because `limit` were being served already.
     fn refused(&self) {}
+    /// A connection was dropped by `drop_after`.
+    fn dropped(&self) {}
     /// Reads wait while this says so (fault injection: a barrier for concurrency tests).
     fn held(&self) -> bool {
         false
@@ -375,6 +377,7 @@ async fn transmission(
     let mut served = 0u64;
     loop {
         if drop_after.is_some_and(|n| served >= n) {
+            exports.dropped();
             return Ok(()); // injected fault: the connection drops
         }
         served += 1;

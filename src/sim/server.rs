@@ -364,6 +364,9 @@ impl Exports for HostExports {
     fn refused(&self) {
         lock(&self.0).nbd_refused += 1;
     }
+    fn dropped(&self) {
+        lock(&self.0).nbd_dropped += 1;
+    }
     fn held(&self) -> bool {
         let st = lock(&self.0);
         st.faults
@@ -833,6 +836,12 @@ fn control(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
             st.faults.no_licence = q.get("enabled").map(String::as_str) == Some("0");
             Ok(json!("ok"))
         }
+        "/sim/stats" => Ok(json!({
+            "nbd_peak": st.nbd_peak,
+            "nbd_refused": st.nbd_refused,
+            "nbd_dropped": st.nbd_dropped,
+            "served_bytes": st.served_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        })),
         "/sim/state" => Ok(json!(
             st.vdis
                 .values()

@@ -300,6 +300,8 @@ fn nbd_drops_leave_every_committed_point_exact() {
     let want = if committed == 6 { 0 } else { 3 };
     assert_eq!(r.code, want, "{}", r.text());
     assert!(p.sim.with(|st| st.nbd_peak) <= 12);
+    // The fault fired: connections were dropped mid-run.
+    assert!(p.sim.with(|st| st.nbd_dropped) > 0);
 }
 
 #[test]
