@@ -35,8 +35,9 @@
 #      committed point is exported (`cbtfs export REPO POINT -`) and compared byte for byte
 #      (`cmp`) with what the disk holds: its image, overlaid by round 1's written blocks for the
 #      second run. Stated: the points committed and failed of each run, the connections the
-#      host dropped (`/sim/stats`); the target is every committed point exact (and the row
-#      fails if nothing committed or nothing was dropped).
+#      host dropped (`/sim/stats`: connections closed with a read unanswered); the target is
+#      every committed point exact (and the row fails if nothing committed, nothing was
+#      dropped, or a run's exit status is neither 0 nor 3).
 #   4. health check: each disk holds a whole-disk ext4 of DISK_MB MiB made by
 #      `mkfs.ext4 -d` from a directory of a few files (a text file, 1 MiB of random bytes, a
 #      nested directory, a symlink), no partition table. The job's full bases (not timed), then
