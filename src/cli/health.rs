@@ -137,8 +137,14 @@ fn open_configured(c: &Config, name: &str) -> Result<Repository> {
         bail!("{}: no [repository.{name}] is defined", c.path.display());
     };
     let path = PathBuf::from(&r.path);
-    let header =
-        Repository::probe(&path).with_context(|| format!("repository {name} ({})", r.path))?;
+    let ctx = || format!("repository {name} ({})", r.path);
+    // An s3:// repository at the configuration's s3_endpoint and ca_cert.
+    let store = crate::job::run::s3_store(r).with_context(ctx)?;
+    let header = match &store {
+        Some(s) => Repository::probe_in(s.as_ref(), &path),
+        None => Repository::probe(&path),
+    }
+    .with_context(ctx)?;
     let secret = if header.encryption == crate::repo::ENCRYPTION_NONE {
         None
     } else {
@@ -155,8 +161,15 @@ fn open_configured(c: &Config, name: &str) -> Result<Repository> {
             ),
         }
     };
-    Repository::open(&path, secret.as_ref())
-        .with_context(|| format!("repository {name} ({})", r.path))
+    match store {
+        Some(s) => Repository::open_store(
+            crate::repo::store::cache::wrap(s, &header.id),
+            &path,
+            secret.as_ref(),
+        ),
+        None => Repository::open(&path, secret.as_ref()),
+    }
+    .with_context(ctx)
 }
 
 fn options(timeout: u64) -> CheckOptions {

@@ -579,12 +579,8 @@ fn check_files(c: &Config, problems: &mut Vec<String>) {
         for (what, p) in [("report", &j.report), ("metrics", &j.metrics)] {
             if let Some(p) = p {
                 let dir = p.parent().unwrap_or(Path::new("/"));
-                if !dir.is_dir() {
-                    problems.push(format!(
-                        "[job.{name}] {what} {}: the directory {} does not exist",
-                        p.display(),
-                        dir.display()
-                    ));
+                if let Err(why) = creatable_dir(dir) {
+                    problems.push(format!("[job.{name}] {what} {}: {why}", p.display()));
                 }
             }
         }
@@ -595,6 +591,67 @@ fn check_files(c: &Config, problems: &mut Vec<String>) {
                 "[job.{name}] notify.sendmail {}: not found",
                 s.display()
             ));
+        }
+    }
+}
+
+/// Whether a run can write into directory `dir`: it exists, or delivery can make it (the
+/// nearest existing ancestor is a directory this process may write into). Err says why not.
+fn creatable_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() && at == dir => return Ok(()),
+            Ok(m) if m.is_dir() => {
+                let Ok(c) = std::ffi::CString::new(at.as_os_str().as_bytes()) else {
+                    return Err(format!("{} is not a usable path", at.display()));
+                };
+                // SAFETY: `c` is a NUL-terminated path that outlives the call.
+                let rc = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) };
+                return if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the directory {} does not exist and cannot be made: {} is not writable ({})",
+                        dir.display(),
+                        at.display(),
+                        std::io::Error::last_os_error()
+                    ))
+                };
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "the directory {} cannot exist: {} is not a directory",
+                    dir.display(),
+                    at.display()
+                ));
+            }
+            // Missing, or below a file (ENOTDIR): the ancestors tell.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                match at.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => at = p,
+                    // A relative path whose every component is missing: the working
+                    // directory (once: it may be gone too).
+                    _ if at != Path::new(".") => at = Path::new("."),
+                    _ => {
+                        return Err(format!(
+                            "the directory {} cannot be made: {e}",
+                            dir.display()
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(format!(
+                    "the directory {} cannot be used: {}: {e}",
+                    dir.display(),
+                    at.display()
+                ));
+            }
         }
     }
 }

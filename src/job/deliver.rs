@@ -1227,53 +1227,8 @@ pub fn send_mail(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::report::{REPORT_FORMAT, REPORT_VERSION, StepOutcome};
-
-    fn disk(vm: &str, name: &str, vdi: &str, ok: bool) -> DiskOutcome {
-        DiskOutcome {
-            vm: vm.into(),
-            vm_uuid: format!("{vm}-uuid"),
-            disk: name.into(),
-            vdi: vdi.into(),
-            ok,
-            kind: ok.then(|| "incremental".into()),
-            reason: None,
-            point: ok.then(|| format!("{vm}/{name}/1/2")),
-            bytes_read: if ok { 3 << 20 } else { 0 },
-            bytes_stored: if ok { 1 << 20 } else { 0 },
-            virtual_size: 1 << 30,
-            seconds: 2.5,
-            error: (!ok).then(|| "VM.snapshot: VM_NOT_FOUND".into()),
-            points_kept: ok.then_some(7),
-            health: None,
-            warnings: vec![],
-        }
-    }
-
-    fn report(disks: Vec<DiskOutcome>) -> JobReport {
-        let mut r = JobReport {
-            format: REPORT_FORMAT.into(),
-            version: REPORT_VERSION,
-            job: "nightly".into(),
-            host: "xs1".into(),
-            repository: "/backup/repo".into(),
-            started: "2026-11-30T02:00:00Z".into(),
-            finished: "2026-11-30T02:10:00Z".into(),
-            seconds: 600.0,
-            outcome: Outcome::Ok,
-            vms_selected: 2,
-            disks,
-            errors: vec![],
-            prune: None,
-            copy: None,
-            repository_bytes: Some(5 << 30),
-            warnings: vec![],
-        };
-        r.outcome = r.judge();
-        r
-    }
-
-    const END: i64 = 1_796_004_600; // 2026-11-30T02:10:00Z
+    use crate::job::report::StepOutcome;
+    use crate::job::report::sample::{END, disk, report};
 
     #[test]
     fn end_time_constant_is_right() {

@@ -148,50 +148,71 @@ impl JobReport {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// Fixed, plausible reports for tests: the library's own and the integration tests' (one
+/// builder, so their expectations agree). Not part of the API.
+#[doc(hidden)]
+pub mod sample {
     use super::*;
 
-    fn disk(ok: bool) -> DiskOutcome {
+    /// The end of [`report`]'s run, 2026-11-30T02:10:00Z, in seconds since the epoch.
+    pub const END: i64 = 1_796_004_600;
+
+    /// Disk `name` of VM `vm` (VDI `vdi`): an incremental of 3 MiB read, 1 MiB stored, 2.5 s,
+    /// 7 points kept when `ok`; else failed with `VM.snapshot: VM_NOT_FOUND`.
+    pub fn disk(vm: &str, name: &str, vdi: &str, ok: bool) -> DiskOutcome {
         DiskOutcome {
-            vm: "web".into(),
-            vm_uuid: "u".into(),
-            disk: "root".into(),
-            vdi: "v".into(),
+            vm: vm.into(),
+            vm_uuid: format!("{vm}-uuid"),
+            disk: name.into(),
+            vdi: vdi.into(),
             ok,
-            kind: None,
+            kind: ok.then(|| "incremental".into()),
             reason: None,
-            point: None,
-            bytes_read: 0,
-            bytes_stored: 0,
-            virtual_size: 0,
-            seconds: 0.0,
-            error: (!ok).then(|| "gone".into()),
-            points_kept: None,
+            point: ok.then(|| format!("{vm}/{name}/1/2")),
+            bytes_read: if ok { 3 << 20 } else { 0 },
+            bytes_stored: if ok { 1 << 20 } else { 0 },
+            virtual_size: 1 << 30,
+            seconds: 2.5,
+            error: (!ok).then(|| "VM.snapshot: VM_NOT_FOUND".into()),
+            points_kept: ok.then_some(7),
             health: None,
             warnings: vec![],
         }
     }
 
-    fn report(disks: Vec<DiskOutcome>) -> JobReport {
-        JobReport {
+    /// Job `nightly` on host `xs1` into `/backup/repo`, 2026-11-30 02:00:00 to 02:10:00 (600
+    /// s), 2 VMs selected, the repository 5 GiB; its outcome judged from `disks`.
+    pub fn report(disks: Vec<DiskOutcome>) -> JobReport {
+        let mut r = JobReport {
             format: REPORT_FORMAT.into(),
             version: REPORT_VERSION,
             job: "nightly".into(),
             host: "xs1".into(),
-            repository: "/r".into(),
-            started: String::new(),
-            finished: String::new(),
-            seconds: 0.0,
+            repository: "/backup/repo".into(),
+            started: "2026-11-30T02:00:00Z".into(),
+            finished: "2026-11-30T02:10:00Z".into(),
+            seconds: 600.0,
             outcome: Outcome::Ok,
-            vms_selected: 1,
+            vms_selected: 2,
             disks,
             errors: vec![],
             prune: None,
             copy: None,
-            repository_bytes: None,
+            repository_bytes: Some(5 << 30),
             warnings: vec![],
-        }
+        };
+        r.outcome = r.judge();
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample::report;
+    use super::*;
+
+    fn disk(ok: bool) -> DiskOutcome {
+        sample::disk("web", "root", "v", ok)
     }
 
     #[test]

@@ -148,7 +148,45 @@ pub fn open_repository(name: &str, r: &RepoConf) -> Result<Repository, SetupErro
         )?)),
         (None, None) => None,
     };
-    Repository::open(Path::new(&r.path), secret.as_ref()).map_err(repo_err)
+    let path = Path::new(&r.path);
+    match s3_store(r).map_err(repo_err)? {
+        Some(store) => {
+            // As `Repository::open` does for a URL: the header names the cache.
+            let header = Repository::probe_in(store.as_ref(), path).map_err(repo_err)?;
+            let store = crate::repo::store::cache::wrap(store, &header.id);
+            Repository::open_store(store, path, secret.as_ref()).map_err(repo_err)
+        }
+        None => Repository::open(path, secret.as_ref()).map_err(repo_err),
+    }
+}
+
+/// The store of a configured `s3://` repository (None for a local path), reached at the
+/// repository's `s3_endpoint` and verified with its `ca_cert` when the configuration names
+/// them; otherwise as the command line and the environment say (`--s3-endpoint`,
+/// `CBTFS_S3_ENDPOINT`, `AWS_ENDPOINT_URL`, `--s3-ca-cert`). Checks that the bucket answers.
+pub fn s3_store(
+    r: &RepoConf,
+) -> Result<Option<std::sync::Arc<dyn crate::repo::store::Store>>, crate::repo::RepoError> {
+    use crate::repo::store::s3::{S3Config, S3Store, S3Url, is_s3_url};
+    if !is_s3_url(Path::new(&r.path)) {
+        return Ok(None);
+    }
+    let io_err = |source| crate::repo::RepoError::Io {
+        op: "open repository",
+        location: r.path.clone(),
+        source,
+        hint: "",
+    };
+    let mut cfg = S3Config::from_env().map_err(io_err)?;
+    if let Some(e) = &r.s3_endpoint {
+        cfg.endpoint = Some(e.trim().trim_end_matches('/').to_string());
+    }
+    if let Some(ca) = &r.ca_cert {
+        cfg.ca_cert = Some(ca.clone());
+    }
+    let store = S3Store::new(S3Url::parse(&r.path).map_err(io_err)?, cfg).map_err(io_err)?;
+    store.check().map_err(io_err)?;
+    Ok(Some(std::sync::Arc::new(store)))
 }
 
 /// How many NBD connections each disk gets: the job's `connections`, lowered so that

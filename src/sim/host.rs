@@ -249,6 +249,8 @@ pub struct State {
     /// because the limit was reached (a client that kept to the limit never sees one).
     pub nbd_peak: usize,
     pub nbd_refused: u64,
+    /// NBD connections dropped by `faults.nbd_drop_after`.
+    pub nbd_dropped: u64,
 }
 
 fn s(v: &Value) -> &str {
@@ -319,6 +321,7 @@ impl State {
             pool_name: String::new(),
             nbd_peak: 0,
             nbd_refused: 0,
+            nbd_dropped: 0,
         };
         // Every host runs its control domain: listed among the VMs, never backed up.
         st.vms.insert(

@@ -83,6 +83,8 @@ pub trait Exports: Send + Sync {
     fn admitted(&self, _active: usize) {}
     /// A connection was closed at accept because `limit` were being served already.
     fn refused(&self) {}
+    /// A connection was dropped by `drop_after`.
+    fn dropped(&self) {}
     /// Reads wait while this says so (fault injection: a barrier for concurrency tests).
     fn held(&self) -> bool {
         false
@@ -374,9 +376,6 @@ async fn transmission(
     let drop_after = exports.drop_after();
     let mut served = 0u64;
     loop {
-        if drop_after.is_some_and(|n| served >= n) {
-            return Ok(()); // injected fault: the connection drops
-        }
         served += 1;
         let mut r = [0u8; 28];
         s.read_exact(&mut r).await?;
@@ -387,6 +386,12 @@ async fn transmission(
         let offset = u64::from_be_bytes([r[16], r[17], r[18], r[19], r[20], r[21], r[22], r[23]]);
         let len = u32::from_be_bytes([r[24], r[25], r[26], r[27]]) as u64;
         if magic != proto::REQUEST_MAGIC {
+            return Ok(());
+        }
+        // Injected fault: the connection drops with this request (past the first N)
+        // unanswered; a disconnect is not a request to drop.
+        if cmd != proto::CMD_DISC && drop_after.is_some_and(|n| served > n) {
+            exports.dropped();
             return Ok(());
         }
         if cmd != proto::CMD_DISC && !exports.serving(local) {

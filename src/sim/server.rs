@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::disk::Image;
-use super::host::State;
+use super::host::{State, VmDeletion};
 use super::http::{Conn, Head, Reply};
 use super::nbd::{ExportData, Exports, ServerConfig};
 
@@ -363,6 +363,9 @@ impl Exports for HostExports {
     }
     fn refused(&self) {
         lock(&self.0).nbd_refused += 1;
+    }
+    fn dropped(&self) {
+        lock(&self.0).nbd_dropped += 1;
     }
     fn held(&self) -> bool {
         let st = lock(&self.0);
@@ -775,6 +778,21 @@ fn control(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
             if let Some(n) = q.get("nbd_limit").and_then(|n| n.parse().ok()) {
                 st.faults.nbd_connection_limit = Some(n);
             }
+            // `nbd_drop_after=N`: every NBD connection drops after N requests (empty: never).
+            if let Some(n) = q.get("nbd_drop_after") {
+                st.faults.nbd_drop_after = n.parse().ok();
+            }
+            // `delete_vm=NAME[&delete_at=METHOD]`: the VM is uninstalled at the first METHOD
+            // call on one of its disks (default `VDI.snapshot`; empty name: no deletion).
+            if let Some(vm) = q.get("delete_vm") {
+                st.faults.delete_vm = (!vm.is_empty()).then(|| VmDeletion {
+                    vm: vm.clone(),
+                    at: q
+                        .get("delete_at")
+                        .cloned()
+                        .unwrap_or_else(|| "VDI.snapshot".into()),
+                });
+            }
             Ok(json!("ok"))
         }
         "/sim/add_vm" => {
@@ -818,6 +836,12 @@ fn control(ctx: &Arc<Ctx>, head: &Head, body: &[u8]) -> Reply {
             st.faults.no_licence = q.get("enabled").map(String::as_str) == Some("0");
             Ok(json!("ok"))
         }
+        "/sim/stats" => Ok(json!({
+            "nbd_peak": st.nbd_peak,
+            "nbd_refused": st.nbd_refused,
+            "nbd_dropped": st.nbd_dropped,
+            "served_bytes": st.served_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        })),
         "/sim/state" => Ok(json!(
             st.vdis
                 .values()

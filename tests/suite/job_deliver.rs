@@ -15,51 +15,8 @@ use std::time::{Duration, Instant};
 use crate::common::{cbtfs_cmd, s};
 use cbtfs::job::config::{Config, JobConf};
 use cbtfs::job::deliver::{self, Options};
-use cbtfs::job::report::{DiskOutcome, JobReport, Outcome, REPORT_FORMAT, REPORT_VERSION};
-
-fn disk(vm: &str, name: &str, vdi: &str, ok: bool) -> DiskOutcome {
-    DiskOutcome {
-        vm: vm.into(),
-        vm_uuid: format!("{vdi}-vm"),
-        disk: name.into(),
-        vdi: vdi.into(),
-        ok,
-        kind: ok.then(|| "incremental".into()),
-        reason: None,
-        point: ok.then(|| format!("{vm}/{name}/20261130T020000Z/20261130T020500Z")),
-        bytes_read: if ok { 5 << 20 } else { 0 },
-        bytes_stored: if ok { 2 << 20 } else { 0 },
-        virtual_size: 256 << 20,
-        seconds: 4.0,
-        error: (!ok).then(|| "VM.snapshot: HANDLE_INVALID (the VM was deleted)".into()),
-        points_kept: ok.then_some(7),
-        health: None,
-        warnings: vec![],
-    }
-}
-
-fn report(disks: Vec<DiskOutcome>) -> JobReport {
-    let mut r = JobReport {
-        format: REPORT_FORMAT.into(),
-        version: REPORT_VERSION,
-        job: "nightly".into(),
-        host: "xs1".into(),
-        repository: "/backup/repo".into(),
-        started: "2026-11-30T02:00:00Z".into(),
-        finished: "2026-11-30T02:01:00Z".into(),
-        seconds: 60.0,
-        outcome: Outcome::Ok,
-        vms_selected: 2,
-        disks,
-        errors: vec![],
-        prune: None,
-        copy: None,
-        repository_bytes: Some(1 << 30),
-        warnings: vec![],
-    };
-    r.outcome = r.judge();
-    r
-}
+use cbtfs::job::report::sample::{END, disk, report};
+use cbtfs::job::report::{JobReport, Outcome};
 
 fn partial() -> JobReport {
     report(vec![
@@ -240,9 +197,7 @@ fn webhooks_post_the_report_as_json_slack_and_teams() {
                 );
                 assert!(text.ends_with("```"), "{text}");
                 assert!(
-                    text.contains(
-                        "  FAILED  db02/root: VM.snapshot: HANDLE_INVALID (the VM was deleted)"
-                    ),
+                    text.contains("  FAILED  db02/root: VM.snapshot: VM_NOT_FOUND"),
                     "{text}"
                 );
             }
@@ -378,9 +333,7 @@ fn mail_goes_to_sendmail_with_the_summary() {
         deliver::summary(&r)
     );
     assert_eq!(mail, want);
-    assert!(mail.contains(
-        "\n  FAILED  db02/root: VM.snapshot: HANDLE_INVALID (the VM was deleted); 0 B read, 4.0 s\n"
-    ));
+    assert!(mail.contains("\n  FAILED  db02/root: VM.snapshot: VM_NOT_FOUND; 0 B read, 2.5 s\n"));
     assert!(mail.ends_with("outcome: PARTIAL (exit status 3)\n"));
 
     // A sendmail that refuses: a problem naming its exit and what it said; the report is
@@ -521,13 +474,13 @@ fn metrics_keep_the_last_success_of_a_disk_that_failed() {
     );
     let mut second = partial();
     second.started = "2026-12-01T02:00:00Z".into();
-    second.finished = "2026-12-01T02:01:00Z".into();
+    second.finished = "2026-12-01T02:10:00Z".into();
     assert_eq!(
         deliver::deliver("nightly", &j, &second),
         Vec::<String>::new()
     );
     let m = std::fs::read_to_string(t.path().join("prom/cbtfs.prom")).unwrap();
-    let first_end = 1_796_004_060; // 2026-11-30T02:01:00Z
+    let first_end = END; // 2026-11-30T02:10:00Z
     let second_end = first_end + 86_400;
     assert!(
         m.contains(&format!("cbtfs_disk_last_success_timestamp_seconds{{cbtfs_job=\"nightly\",vm=\"db02\",disk=\"root\",vdi=\"v2\"}} {first_end}\n")),
@@ -619,7 +572,7 @@ fn job_status_reads_the_last_report() {
     assert_eq!(
         rest,
         [
-            "  db02/root: VM.snapshot: HANDLE_INVALID (the VM was deleted)".to_string(),
+            "  db02/root: VM.snapshot: VM_NOT_FOUND".to_string(),
             format!("  report {d}/log/nightly.json"),
             format!("  schedule *-*-* 02:00:00{next}"),
             format!("weekly: never run (no report at {d}/log/weekly.json)"),
@@ -647,11 +600,8 @@ fn job_status_reads_the_last_report() {
     assert_eq!(lr["exit_status"], 3);
     assert_eq!(lr["disks_ok"], 1);
     assert_eq!(lr["disks_failed"], 1);
-    assert_eq!(lr["finished"], "2026-11-30T02:01:00Z");
-    assert_eq!(
-        lr["failed"][0],
-        "db02/root: VM.snapshot: HANDLE_INVALID (the VM was deleted)"
-    );
+    assert_eq!(lr["finished"], "2026-11-30T02:10:00Z");
+    assert_eq!(lr["failed"][0], "db02/root: VM.snapshot: VM_NOT_FOUND");
     assert_eq!(a[0]["error"], serde_json::Value::Null);
 
     // An unknown job, and a damaged report: errors that say what to do.

@@ -58,13 +58,15 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
         .unwrap();
     assert!(o.status.success());
 
-    // A password file others can read, and a report directory that does not exist.
+    // A password file others can read, and a report directory that cannot be made (its
+    // parent is a regular file).
     std::fs::set_permissions(
         d.join("xs1.password"),
         std::fs::Permissions::from_mode(0o644),
     )
     .unwrap();
     std::fs::remove_dir(d.join("log")).unwrap();
+    std::fs::write(d.join("log"), "a file, not a directory\n").unwrap();
     let o = cbtfs_cmd()
         .args(["config", "check", "--config", cfg.to_str().unwrap()])
         .output()
@@ -77,9 +79,13 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
     );
     assert!(err.contains("chmod 600"), "{err}");
     assert!(
-        err.contains("report") && err.contains("does not exist"),
+        err.contains(&format!(
+            "[job.nightly] report {d}/log/nightly.json: the directory {d}/log cannot exist: {d}/log is not a directory",
+            d = d.display()
+        )),
         "{err}"
     );
+    assert_eq!(err.matches("[job.nightly]").count(), 1, "{err}");
     // --offline looks at the file alone.
     ok(&[
         "config",
@@ -169,4 +175,40 @@ fn job_list_shows_each_job() {
     .unwrap();
     assert_eq!(json["nightly"]["concurrency"], 4);
     assert_eq!(json["nightly"]["keep"]["within"], 2 * 86_400);
+}
+
+/// Regression: delivery makes missing report and metrics directories, so `config check`
+/// accepts them when they can be made (the nearest existing ancestor is a writable
+/// directory), and names the one that cannot (an ancestor is a regular file).
+#[test]
+fn config_check_accepts_report_directories_delivery_can_make() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let cfg = d.join("cbtfs.toml");
+    secret_file(&d.join("xs1.password"));
+    secret_file(&d.join("repo.password"));
+    // Neither log/ nor prom/a/b exists; d does.
+    let text = example(d).replace("/prom/cbtfs.prom", "/prom/a/b/cbtfs.prom");
+    std::fs::write(&cfg, &text).unwrap();
+    let out = ok(&["config", "check", "--config", cfg.to_str().unwrap()]);
+    assert!(out.contains(": ok (1 host, 1 repository, 1 job)"), "{out}");
+    assert!(!d.join("log").exists() && !d.join("prom").exists());
+
+    // prom/a is a regular file: prom/a/b can never be made.
+    std::fs::create_dir(d.join("prom")).unwrap();
+    std::fs::write(d.join("prom/a"), "").unwrap();
+    let o = cbtfs_cmd()
+        .args(["config", "check", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "[job.nightly] metrics {p}/a/b/cbtfs.prom: the directory {p}/a/b cannot exist: {p}/a is not a directory",
+            p = d.join("prom").display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("report"), "{err}");
 }

@@ -5,6 +5,7 @@ mod basics;
 mod cache;
 mod commands;
 mod faults;
+mod jobs;
 mod lock;
 mod mount_ready;
 mod writers;
