@@ -10,7 +10,9 @@
 #      4 connections) to the simulated host (`cbtfs sim`), as scripts/bench-format2.sh row 4
 #      does; whole `cbtfs backup` runs into a fresh repository: s3://BUCKET/PREFIX in RGW, or a
 #      directory on /dev/shm. ROUNDS rounds, the order alternating (interleaved); the median of
-#      the per-round throughput ratios RGW / local. Peak RSS by /usr/bin/time -f %M.
+#      the per-round throughput ratios RGW / local. Peak RSS by /usr/bin/time -f %M. Also timed
+#      each round: `aws s3 cp` of the image itself into RGW (what the engine takes in here from
+#      its standard client), stated beside as the ratio cbtfs / aws throughput.
 #   2. cold sequential read: `dd bs=1M` of row 1's point through `cbtfs mount` (a daemon), RGW
 #      vs local, after `echo 3 > drop_caches` and with an empty cbtfs cache (CBTFS_CACHE_DIR a
 #      fresh empty directory for every mount: the chunk index and any object cache start cold).
@@ -212,11 +214,18 @@ one_s3() {
   sleep 1   # radosgw writes its log line once the response is sent
   puts+=("$(requests PUT "$at" "$B1")"); stored+=("$(s3bytes "$B1/r$1/")")
 }
+# The engine's own ingest of the same bytes through the standard client (multipart, 10 parts
+# at once): what RGW on this machine takes in, whoever sends it.
+ta1=()
+one_aws() {
+  out=$(timed "$AWS" --endpoint-url "$CBTFS_S3_ENDPOINT" s3 cp --quiet "$SRCIMG" "s3://$B1/aws$1.img"); ta1+=("${out% *}")
+  s3purge "$B1/aws$1.img"
+}
 for ((r = 1; r <= ROUNDS; r++)); do
   [ "$r" -gt 1 ] && s3purge "$B1/r$((r - 1))/"
-  if [ $((r % 2)) = 1 ]; then one_local; one_s3 "$r"; else one_s3 "$r"; one_local; fi
+  if [ $((r % 2)) = 1 ]; then one_local; one_s3 "$r"; one_aws "$r"; else one_aws "$r"; one_s3 "$r"; one_local; fi
   q+=("$(ratio "${tl[-1]}" "${ts[-1]}")")
-  log "  round $r: local ${tl[-1]} s, RGW ${ts[-1]} s (${puts[-1]} PUTs for $(mib "${stored[-1]}") MiB stored)"
+  log "  round $r: local ${tl[-1]} s, RGW ${ts[-1]} s (${puts[-1]} PUTs for $(mib "${stored[-1]}") MiB stored), aws s3 cp of the image ${ta1[-1]} s"
 done
 stop_host
 S3REPO=s3://$B1/r$ROUNDS       # rows 2 and 4 read these
@@ -227,6 +236,8 @@ say "1. full backup of ${SIZE_MB} MiB random data over NBD (qemu-nbd TLS, 4 conn
 say "   local (/dev/shm): ${tl[*]} s; RGW: ${ts[*]} s; per-round throughput ratios RGW / local: ${q[*]}"
 say "   peak RSS KiB: local ${rssl[*]}; RGW ${rsss[*]}"
 row "full backup MB/s, RGW vs local" "$(thr "$(median "${ts[@]}")")" "$(thr "$(median "${tl[@]}")") (local)" "$mq" ">= 0.70" "$(verdict "$mq >= 0.7")" "$(( $(median "${rsss[@]}" | cut -d. -f1) / 1024 ))"
+say "   aws s3 cp of the same image into RGW (the engine's ingest here): ${ta1[*]} s"
+row "full backup MB/s, RGW vs aws s3 cp of image" "$(thr "$(median "${ts[@]}")")" "$(thr "$(median "${ta1[@]}")") (aws cp)" "$(ratio "$(median "${ta1[@]}")" "$(median "${ts[@]}")")" "-" "-" "-"
 ppm=()
 for ((i = 0; i < ${#puts[@]}; i++)); do ppm+=("$(py "print('%.3f' % (${puts[i]} / (${stored[i]} / 8388608)))")"); done
 say "4. PUTs per backup: ${puts[*]}; stored bytes: ${stored[*]}; PUTs per 8 MiB stored: ${ppm[*]}"
