@@ -603,6 +603,9 @@ fn serve(repo: Repository, mp: &Path, opts: &MountOptions, ready: &dyn Fn()) -> 
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 
     let started = std::time::Instant::now();
+    // Past the fork: the cache may write on a thread of its own (a cold mount is ready
+    // without waiting for its cache files).
+    repo.store().cache_writes_in_background(true);
     let prefetch = opts.prefetch_mib.unwrap_or(DEFAULT_PREFETCH_MIB) << 20;
     let fs = CbtFs::new(repo.clone())?.with_prefetch(prefetch, PREFETCH_THREADS);
     let mut options = vec![
@@ -636,6 +639,7 @@ fn serve(repo: Repository, mp: &Path, opts: &MountOptions, ready: &dyn Fn()) -> 
     loop {
         if session.guard.is_finished() {
             tracing::info!(mountpoint = %mp.display(), "unmounted from outside; exiting");
+            repo.store().cache_writes_in_background(false);
             return finish(session);
         }
         // SAFETY: waits for one of the blocked signals, with a valid set and timeout.
@@ -652,6 +656,7 @@ fn serve(repo: Repository, mp: &Path, opts: &MountOptions, ready: &dyn Fn()) -> 
     while !session.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
     }
+    repo.store().cache_writes_in_background(false);
     finish(session)
 }
 

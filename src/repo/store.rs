@@ -150,6 +150,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn parallel_puts(&self) -> usize {
         1
     }
+    /// Let a cache in front of the store write what it keeps on a thread of its own (`true`),
+    /// or finish those writes and go back to writing at once (`false`: before a process ends
+    /// without dropping the store, as a mount's daemon does). Off by default, and turned on
+    /// only once the process will not fork any more (a mount's daemon after its fork: a fork
+    /// must find no thread running). Default: nothing to do.
+    fn cache_writes_in_background(&self, _on: bool) {}
     /// A whole object (`NotFound` if absent).
     fn get(&self, key: &str) -> io::Result<Vec<u8>>;
     /// Several whole objects, each as `get` gives it, in `keys`' order. Remote stores fetch

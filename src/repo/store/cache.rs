@@ -173,6 +173,109 @@ pub struct CachedStore {
     limit: u64,
     lru: Mutex<RangeLru>,
     stats: CacheStats,
+    meta_writer: MetaWriter,
+}
+
+/// Small metadata objects fetched by a mount, written to the cache by a thread of their own
+/// (once turned on, after the daemon's fork). A cold mount of 1,000 points fetched its manifests in half a second, then spent as long
+/// again, or more on a busy disk, creating 1,000 cache files before it was ready. Until an
+/// entry is written, this process reads it from `pending`; an entry not written when the
+/// process ends is only a later cache miss.
+#[derive(Default)]
+struct MetaWriter {
+    /// Writes go to the thread (`Store::cache_writes_in_background`).
+    enabled: std::sync::atomic::AtomicBool,
+    /// Entries queued and not written yet, by key.
+    pending: Arc<Mutex<HashMap<String, Arc<[u8]>>>>,
+    /// The writer thread's queue (None until the first entry, or once it stopped).
+    queue: Mutex<Option<std::sync::mpsc::SyncSender<(PathBuf, String)>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Metadata objects up to this size are written by the writer thread; larger ones (a big
+/// disk's point index) at once, so that `pending` stays small.
+const BACKGROUND_ENTRY_MAX: usize = 1 << 20;
+/// Entries queued for the writer thread at most; then the fetching threads wait.
+const BACKGROUND_QUEUE: usize = 4096;
+
+impl MetaWriter {
+    /// Queue `body` for `path`; false if it must be written at once (too large, or no thread).
+    fn queue(&self, path: PathBuf, key: &str, body: &[u8]) -> bool {
+        if body.len() > BACKGROUND_ENTRY_MAX || !self.enabled.load(Relaxed) {
+            return false;
+        }
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.is_none() {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(PathBuf, String)>(BACKGROUND_QUEUE);
+            let pending = self.pending.clone();
+            let Ok(t) = std::thread::Builder::new()
+                .name("cbtfs-cache-write".into())
+                .spawn(move || {
+                    for (path, key) in rx {
+                        let body = pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&key)
+                            .cloned();
+                        if let Some(body) = body
+                            && let Err(e) = write_entry(&path, &key, &body)
+                        {
+                            tracing::debug!("cannot cache {key} ({e})");
+                        }
+                        pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&key);
+                    }
+                })
+            else {
+                return false;
+            };
+            *queue = Some(tx);
+            *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        }
+        let Some(tx) = queue.as_ref() else {
+            return false;
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), Arc::from(body));
+        let tx = tx.clone();
+        // Not under the queue's lock: a full queue makes this thread wait, not every thread.
+        drop(queue);
+        if tx.send((path, key.to_string())).is_err() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(key);
+            return false;
+        }
+        true
+    }
+
+    /// An entry queued and not written yet.
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .map(|b| b.to_vec())
+    }
+
+    /// Write what is queued and stop the thread.
+    fn finish(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for CachedStore {
+    fn drop(&mut self) {
+        self.meta_writer.finish();
+    }
 }
 
 impl std::fmt::Debug for CachedStore {
@@ -456,6 +559,7 @@ impl CachedStore {
             limit,
             lru: Mutex::new(RangeLru::default()),
             stats: CacheStats::default(),
+            meta_writer: MetaWriter::default(),
         };
         c.scan_ranges()?;
         remove_old_temporaries(&root.join("meta"), 0);
@@ -523,6 +627,10 @@ impl CachedStore {
 
     /// The cached body of metadata object `key`, if intact (a damaged file is removed).
     fn cached_meta(&self, key: &str) -> Option<Vec<u8>> {
+        if let Some(body) = self.meta_writer.get(key) {
+            self.stats.meta_hits.fetch_add(1, Relaxed);
+            return Some(body);
+        }
         let path = self.meta_path(key);
         let (_, bytes) = match read_file(&path) {
             Ok(Some(x)) => x,
@@ -551,6 +659,9 @@ impl CachedStore {
     }
 
     fn keep_meta(&self, key: &str, body: &[u8]) {
+        if self.meta_writer.queue(self.meta_path(key), key, body) {
+            return;
+        }
         if let Err(e) = write_entry(&self.meta_path(key), key, body) {
             tracing::debug!("cannot cache {key} ({e})");
         }
@@ -741,10 +852,18 @@ pub fn get_parallel(
     store: &dyn Store,
     keys: &[String],
     threads: usize,
+    on_fetched: &(dyn Fn(&str, &[u8]) + Sync),
 ) -> Vec<io::Result<Vec<u8>>> {
+    let get = |k: &String| {
+        let r = store.get(k);
+        if let Ok(b) = &r {
+            on_fetched(k, b);
+        }
+        r
+    };
     let n = threads.clamp(1, keys.len().max(1));
     if n == 1 {
-        return keys.iter().map(|k| store.get(k)).collect();
+        return keys.iter().map(get).collect();
     }
     let next = AtomicUsize::new(0);
     let results: Vec<Mutex<Option<io::Result<Vec<u8>>>>> =
@@ -755,7 +874,7 @@ pub fn get_parallel(
                 loop {
                     let i = next.fetch_add(1, Relaxed);
                     let Some(k) = keys.get(i) else { break };
-                    let r = store.get(k);
+                    let r = get(k);
                     if let Some(slot) = results.get(i) {
                         *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                     }
@@ -797,6 +916,13 @@ impl Store for CachedStore {
         self.inner.parallel_puts()
     }
 
+    fn cache_writes_in_background(&self, on: bool) {
+        self.meta_writer.enabled.store(on, Relaxed);
+        if !on {
+            self.meta_writer.finish();
+        }
+    }
+
     // Object Lock and object versions are the S3 store's: a locked repository refuses to
     // open without it.
     fn s3(&self) -> Option<&super::s3::S3Store> {
@@ -832,15 +958,17 @@ impl Store for CachedStore {
             .collect();
         if !missing.is_empty() {
             self.stats.fetches.fetch_add(missing.len() as u64, Relaxed);
-            let fetched = get_parallel(self.inner.as_ref(), &missing, PARALLEL_GETS);
-            let mut fetched = missing.iter().zip(fetched);
+            // Each object is kept by the thread that fetched it, while others still wait on
+            // the network (1,000 manifests kept one after another took a quarter second).
+            let keep = |k: &str, b: &[u8]| {
+                if is_meta(k) {
+                    self.keep_meta(k, b);
+                }
+            };
+            let fetched = get_parallel(self.inner.as_ref(), &missing, PARALLEL_GETS, &keep);
+            let mut fetched = fetched.into_iter();
             for slot in out.iter_mut().filter(|r| r.is_none()) {
-                if let Some((k, r)) = fetched.next() {
-                    if let Ok(b) = &r
-                        && is_meta(k)
-                    {
-                        self.keep_meta(k, b);
-                    }
+                if let Some(r) = fetched.next() {
                     *slot = Some(r);
                 }
             }
@@ -999,6 +1127,49 @@ mod tests {
         assert_eq!(c.get("points/a/000001").unwrap(), vec![7u8; 100]);
         // Kept as metadata by the owned put: read without reaching the store.
         assert_eq!(counting.gets.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn background_cache_writes_start_only_when_asked_and_finish_whole() {
+        let (t, counting, c) = setup(1 << 20);
+        let keys: Vec<String> = (0..50).map(|i| format!("points/m{i:03}.000001")).collect();
+        for (i, k) in keys.iter().enumerate() {
+            counting.inner.put(k, &pattern(300, i as u32 + 1)).unwrap();
+        }
+        let files = || {
+            fs::read_dir(t.path().join("cache").join("meta").join("points"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
+        // Off by default: kept at once, by the calling thread (a process may still fork).
+        c.get_many(&keys[..10]);
+        assert_eq!(files(), 10);
+        assert!(c.meta_writer.thread.lock().unwrap().is_none());
+        // On: kept by the writer thread; readable from this process at once either way.
+        c.cache_writes_in_background(true);
+        let got = c.get_many(&keys);
+        for (i, (k, g)) in keys.iter().zip(&got).enumerate() {
+            assert_eq!(g.as_ref().unwrap(), &pattern(300, i as u32 + 1), "{k}");
+        }
+        let before = counting.gets.load(Relaxed);
+        for k in &keys {
+            c.get(k).unwrap();
+        }
+        assert_eq!(
+            counting.gets.load(Relaxed),
+            before,
+            "queued entries were fetched again"
+        );
+        // Off again: every queued entry is written before it returns, and the thread is gone.
+        c.cache_writes_in_background(false);
+        assert_eq!(files(), keys.len());
+        assert!(c.meta_writer.thread.lock().unwrap().is_none());
+        assert!(c.meta_writer.pending.lock().unwrap().is_empty());
+        // A new cache on the same directory finds them all.
+        let c2 = CachedStore::open(counting.clone(), &t.path().join("cache"), 1 << 20).unwrap();
+        let before = counting.gets.load(Relaxed);
+        c2.get_many(&keys);
+        assert_eq!(counting.gets.load(Relaxed), before);
     }
 
     fn setup(limit: u64) -> (tempfile::TempDir, Arc<Counting>, CachedStore) {
