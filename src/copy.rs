@@ -331,20 +331,173 @@ fn copy_set(
 ) -> Result<(), CopyFailure> {
     std::thread::scope(|scope| {
         let mut publishing: Option<Publishing<'_>> = None;
-        let r = copy_set_points(
-            src,
-            dst,
-            lock,
-            tree,
-            set,
-            req,
-            held,
-            newest_dst_set,
-            report,
-            on_event,
-            scope,
-            &mut publishing,
-        );
+        // The set's points; a failure returns from here and leaves the publish in flight to
+        // `land` below.
+        let r = (|| -> Result<(), CopyFailure> {
+            let s_err = |source: RepoError| CopyFailure::Source {
+                repo: src.root().display().to_string(),
+                source,
+            };
+            let d_err = |source: RepoError| CopyFailure::Destination {
+                repo: dst.root().display().to_string(),
+                source,
+            };
+            // The set's points opened so far (base first), shared by the readers of its points.
+            let mut layers: Vec<Arc<StoredPoint>> = Vec::new();
+            for (k, p) in set.points.iter().enumerate() {
+                if req.since.is_some_and(|t| p.time < t) {
+                    continue;
+                }
+                let path = tree.name_of(p);
+                let there = held.get(&set.id);
+                if there.is_some_and(|h| h.copied.contains(&p.id)) {
+                    report.already_there += 1;
+                    continue;
+                }
+                let skip = |reason: String| Skipped {
+                    path: path.clone(),
+                    label: p.label(),
+                    reason,
+                };
+                if let Some(h) = there {
+                    let last_n = h.last.copied_from.as_ref().map(|c| c.n);
+                    if last_n.is_none_or(|n| n >= p.n) {
+                        report.skipped.push(skip(format!(
+                            "the destination's set {} already goes on past it (a copy made without it, e.g. with a later --since)",
+                            h.name
+                        )));
+                        continue;
+                    }
+                    if newest_dst_set.as_deref() != Some(h.name.as_str()) {
+                        report.skipped.push(skip(format!(
+                            "the destination's set {} of this disk is no longer its newest (a newer set was started there)",
+                            h.name
+                        )));
+                        continue;
+                    }
+                }
+                // Open the chain up to this point.
+                while layers.len() <= k {
+                    let m = &set.points[layers.len()];
+                    layers.push(Arc::new(src.open_point(m).map_err(s_err)?));
+                }
+                let chain = &layers[..=k];
+                // The newest earlier point of the chain whose copy the destination set holds.
+                let q = there
+                    .and_then(|h| (0..k).rev().find(|&i| h.copied.contains(&set.points[i].id)));
+                let take = blocks_to_take(chain, q, there.map(|h| h.last.virtual_size))?;
+                let new_set = there.is_none();
+                let mut done = CopiedPoint {
+                    path: path.clone(),
+                    label: p.label(),
+                    dst_set: there.map(|h| h.name.clone()).unwrap_or_default(),
+                    new_set,
+                    blocks_read: take.len(),
+                    new_chunks: 0,
+                    new_raw_bytes: 0,
+                    new_stored_bytes: 0,
+                };
+                let Some(lock) = lock else {
+                    // A dry run: the destination set is named when the base is written.
+                    if new_set {
+                        done.dst_set = done_name(p);
+                    }
+                    report.blocks_read += done.blocks_read;
+                    on_event(Event::Copied(&done));
+                    report.copied.push(done);
+                    // Later points of the set follow this one.
+                    let h = held.entry(set.id.clone()).or_insert_with(|| DstSet {
+                        name: done_name(p),
+                        copied: HashSet::new(),
+                        last: p.clone(),
+                    });
+                    h.copied.insert(p.id.clone());
+                    h.last = with_origin(src, p);
+                    *newest_dst_set = Some(h.name.clone());
+                    continue;
+                };
+                let spec = NewPoint {
+                    vdi: p.vdi.clone(),
+                    disk_name: p.disk_name.clone(),
+                    vm_uuid: p.vm_uuid.clone(),
+                    vm_name: p.vm_name.clone(),
+                    time: p.time,
+                    virtual_size: p.virtual_size,
+                    source: p.source.clone(),
+                    new_set,
+                    snapshot: p.snapshot.clone(),
+                    vm_metadata: src.read_vm_metadata(p).map_err(s_err)?,
+                    vdi_type: p.vdi_type.clone(),
+                    vm_run: p.vm_run.clone(),
+                };
+                // The point being published is this one's parent: follow it without waiting. Else
+                // the destination is read, which must show every point published so far.
+                let follows_publishing = publishing.is_some()
+                    && there.is_some_and(|h| h.last.copied_from.is_some() && !new_set);
+                let begun = if follows_publishing && let Some(h) = there {
+                    dst.continue_point(lock, spec, &h.last)
+                } else {
+                    land(dst, &mut publishing, report, on_event)?;
+                    dst.begin_point(lock, spec)
+                };
+                let mut writer = match begun {
+                    Ok(w) => w,
+                    Err(RepoError::Invalid(why)) => {
+                        report.skipped.push(skip(why));
+                        continue;
+                    }
+                    Err(e) => return Err(d_err(e)),
+                };
+                writer.set_copied_from(CopiedFrom {
+                    repo: src.header.id.clone(),
+                    point: p.id.clone(),
+                    set: set.id.clone(),
+                    n: p.n,
+                });
+                let reader = PointReader::from_layers(chain.to_vec()).map_err(s_err)?;
+                let mut source = |buf: &mut [u8], offset: u64| match reader.read_at(buf, offset) {
+                    Ok(n) if n == buf.len() => Ok(()),
+                    Ok(n) => Err(format!(
+                        "the point ends after {n} of {} bytes at byte {offset}",
+                        buf.len()
+                    )),
+                    Err(e) => Err(e.to_string()),
+                };
+                let progress = |done, total| {
+                    on_event(Event::Blocks {
+                        path: &path,
+                        done,
+                        total,
+                    })
+                };
+                match copy_blocks(&mut writer, &mut source, &take, true, progress) {
+                    Ok(()) => {}
+                    Err(CopyError::Read { blocks, source }) => {
+                        return Err(CopyFailure::Read {
+                            point: path,
+                            detail: format!("{blocks}: {source}"),
+                        });
+                    }
+                    Err(CopyError::Repo(e)) => return Err(d_err(e)),
+                }
+                let sealed = writer.seal().map_err(d_err)?;
+                let m = sealed.manifest().clone();
+                // Its parent's manifest is stored first; if that failed, this point is dropped
+                // (deleting what it wrote) and the copy stops.
+                land(dst, &mut publishing, report, on_event)?;
+                publishing = Some((scope.spawn(move || sealed.publish()), done));
+                // Later points of the set follow this one.
+                let h = held.entry(set.id.clone()).or_insert_with(|| DstSet {
+                    name: m.set.clone(),
+                    copied: HashSet::new(),
+                    last: m.clone(),
+                });
+                h.copied.insert(p.id.clone());
+                h.last = m;
+                *newest_dst_set = Some(h.name.clone());
+            }
+            Ok(())
+        })();
         // The last point's publish, or the one in flight when a later point failed (its
         // success is reported either way).
         let landed = land(dst, &mut publishing, report, on_event);
@@ -384,185 +537,6 @@ fn land(
     report.new_stored_bytes += done.new_stored_bytes;
     on_event(Event::Copied(&done));
     report.copied.push(done);
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn copy_set_points<'s, 'l: 's>(
-    src: &Repository,
-    dst: &'s Repository,
-    lock: Option<&'l dyn crate::repo::DiskWriteLock>,
-    tree: &Tree,
-    set: &SetHistory,
-    req: &CopyRequest,
-    held: &mut HashMap<String, DstSet>,
-    newest_dst_set: &mut Option<String>,
-    report: &mut CopyReport,
-    on_event: &mut impl FnMut(Event<'_>),
-    scope: &'s std::thread::Scope<'s, '_>,
-    publishing: &mut Option<Publishing<'s>>,
-) -> Result<(), CopyFailure> {
-    let s_err = |source: RepoError| CopyFailure::Source {
-        repo: src.root().display().to_string(),
-        source,
-    };
-    let d_err = |source: RepoError| CopyFailure::Destination {
-        repo: dst.root().display().to_string(),
-        source,
-    };
-    // The set's points opened so far (base first), shared by the readers of its points.
-    let mut layers: Vec<Arc<StoredPoint>> = Vec::new();
-    for (k, p) in set.points.iter().enumerate() {
-        if req.since.is_some_and(|t| p.time < t) {
-            continue;
-        }
-        let path = tree.name_of(p);
-        let there = held.get(&set.id);
-        if there.is_some_and(|h| h.copied.contains(&p.id)) {
-            report.already_there += 1;
-            continue;
-        }
-        let skip = |reason: String| Skipped {
-            path: path.clone(),
-            label: p.label(),
-            reason,
-        };
-        if let Some(h) = there {
-            let last_n = h.last.copied_from.as_ref().map(|c| c.n);
-            if last_n.is_none_or(|n| n >= p.n) {
-                report.skipped.push(skip(format!(
-                    "the destination's set {} already goes on past it (a copy made without it, e.g. with a later --since)",
-                    h.name
-                )));
-                continue;
-            }
-            if newest_dst_set.as_deref() != Some(h.name.as_str()) {
-                report.skipped.push(skip(format!(
-                    "the destination's set {} of this disk is no longer its newest (a newer set was started there)",
-                    h.name
-                )));
-                continue;
-            }
-        }
-        // Open the chain up to this point.
-        while layers.len() <= k {
-            let m = &set.points[layers.len()];
-            layers.push(Arc::new(src.open_point(m).map_err(s_err)?));
-        }
-        let chain = &layers[..=k];
-        // The newest earlier point of the chain whose copy the destination set holds.
-        let q = there.and_then(|h| (0..k).rev().find(|&i| h.copied.contains(&set.points[i].id)));
-        let take = blocks_to_take(chain, q, there.map(|h| h.last.virtual_size))?;
-        let new_set = there.is_none();
-        let mut done = CopiedPoint {
-            path: path.clone(),
-            label: p.label(),
-            dst_set: there.map(|h| h.name.clone()).unwrap_or_default(),
-            new_set,
-            blocks_read: take.len(),
-            new_chunks: 0,
-            new_raw_bytes: 0,
-            new_stored_bytes: 0,
-        };
-        let Some(lock) = lock else {
-            // A dry run: the destination set is named when the base is written.
-            if new_set {
-                done.dst_set = done_name(p);
-            }
-            report.blocks_read += done.blocks_read;
-            on_event(Event::Copied(&done));
-            report.copied.push(done);
-            // Later points of the set follow this one.
-            let h = held.entry(set.id.clone()).or_insert_with(|| DstSet {
-                name: done_name(p),
-                copied: HashSet::new(),
-                last: p.clone(),
-            });
-            h.copied.insert(p.id.clone());
-            h.last = with_origin(src, p);
-            *newest_dst_set = Some(h.name.clone());
-            continue;
-        };
-        let spec = NewPoint {
-            vdi: p.vdi.clone(),
-            disk_name: p.disk_name.clone(),
-            vm_uuid: p.vm_uuid.clone(),
-            vm_name: p.vm_name.clone(),
-            time: p.time,
-            virtual_size: p.virtual_size,
-            source: p.source.clone(),
-            new_set,
-            snapshot: p.snapshot.clone(),
-            vm_metadata: src.read_vm_metadata(p).map_err(s_err)?,
-            vdi_type: p.vdi_type.clone(),
-            vm_run: p.vm_run.clone(),
-        };
-        // The point being published is this one's parent: follow it without waiting. Else
-        // the destination is read, which must show every point published so far.
-        let follows_publishing =
-            publishing.is_some() && there.is_some_and(|h| h.last.copied_from.is_some() && !new_set);
-        let begun = if follows_publishing && let Some(h) = there {
-            dst.continue_point(lock, spec, &h.last)
-        } else {
-            land(dst, publishing, report, on_event)?;
-            dst.begin_point(lock, spec)
-        };
-        let mut writer = match begun {
-            Ok(w) => w,
-            Err(RepoError::Invalid(why)) => {
-                report.skipped.push(skip(why));
-                continue;
-            }
-            Err(e) => return Err(d_err(e)),
-        };
-        writer.set_copied_from(CopiedFrom {
-            repo: src.header.id.clone(),
-            point: p.id.clone(),
-            set: set.id.clone(),
-            n: p.n,
-        });
-        let reader = PointReader::from_layers(chain.to_vec()).map_err(s_err)?;
-        let mut source = |buf: &mut [u8], offset: u64| match reader.read_at(buf, offset) {
-            Ok(n) if n == buf.len() => Ok(()),
-            Ok(n) => Err(format!(
-                "the point ends after {n} of {} bytes at byte {offset}",
-                buf.len()
-            )),
-            Err(e) => Err(e.to_string()),
-        };
-        let progress = |done, total| {
-            on_event(Event::Blocks {
-                path: &path,
-                done,
-                total,
-            })
-        };
-        match copy_blocks(&mut writer, &mut source, &take, true, progress) {
-            Ok(()) => {}
-            Err(CopyError::Read { blocks, source }) => {
-                return Err(CopyFailure::Read {
-                    point: path,
-                    detail: format!("{blocks}: {source}"),
-                });
-            }
-            Err(CopyError::Repo(e)) => return Err(d_err(e)),
-        }
-        let sealed = writer.seal().map_err(d_err)?;
-        let m = sealed.manifest().clone();
-        // Its parent's manifest is stored first; if that failed, this point is dropped
-        // (deleting what it wrote) and the copy stops.
-        land(dst, publishing, report, on_event)?;
-        *publishing = Some((scope.spawn(move || sealed.publish()), done));
-        // Later points of the set follow this one.
-        let h = held.entry(set.id.clone()).or_insert_with(|| DstSet {
-            name: m.set.clone(),
-            copied: HashSet::new(),
-            last: m.clone(),
-        });
-        h.copied.insert(p.id.clone());
-        h.last = m;
-        *newest_dst_set = Some(h.name.clone());
-    }
     Ok(())
 }
 

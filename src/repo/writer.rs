@@ -428,6 +428,21 @@ impl<'l> PointWriter<'l> {
         self.uploader.send(key, bytes)
     }
 
+    /// Write a chunk index object listing `entries` (chunks of stored packs) and load it:
+    /// from then on other writers may dedup against them.
+    fn index_entries(&mut self, entries: Vec<(ChunkId, ChunkLocation)>) -> Result<()> {
+        let put = chunkindex::write_index_into(
+            self.repo.store().as_ref(),
+            self.repo.keys(),
+            entries,
+            &mut self.written,
+        );
+        self.published = self.written.len();
+        put?;
+        self.repo.chunk_index()?.refresh()?;
+        Ok(())
+    }
+
     /// Store every pack so far and an index object listing their chunks; readers and later
     /// writers then find them.
     fn flush_index(&mut self) -> Result<()> {
@@ -437,15 +452,7 @@ impl<'l> PointWriter<'l> {
         if !self.pending.is_empty() {
             // `drain` keeps the map's table (bounded by `flush_every`) for the next entries.
             let entries: Vec<(ChunkId, ChunkLocation)> = self.pending.drain().collect();
-            let put = chunkindex::write_index_into(
-                self.repo.store().as_ref(),
-                self.repo.keys(),
-                entries,
-                &mut self.written,
-            );
-            self.published = self.written.len();
-            put?;
-            self.repo.chunk_index()?.refresh()?;
+            self.index_entries(entries)?;
         }
         self.uploader = Uploader::new(self.repo.clone());
         Ok(())
@@ -554,15 +561,7 @@ impl SealedPoint<'_> {
         w.uploader.finish()?;
         let entries = std::mem::take(&mut self.entries);
         if !entries.is_empty() {
-            let put = chunkindex::write_index_into(
-                w.repo.store().as_ref(),
-                w.repo.keys(),
-                entries,
-                &mut w.written,
-            );
-            w.published = w.written.len();
-            put?;
-            w.repo.chunk_index()?.refresh()?;
+            w.index_entries(entries)?;
         }
         // Keys are recorded before their puts, as chunk index keys are (`write_index_into`):
         // a put that stored its object and then failed leaves an object this writer deletes.
