@@ -49,7 +49,9 @@
 #      job runs again (incrementals), and `job check` is timed again: it must report that disk
 #      damaged and only it. Stated: seconds per point (the second check's wall time / points),
 #      and the check's own `seconds`.
-#   Repositories in WORK (default /var/tmp; put it on /dev/shm to take the disk out).
+#   Repositories in WORK (default /var/tmp; put it on /dev/shm to take the disk out). Each
+#   row's directory (its host's disks, its repositories) is removed when the row ends unless
+#   KEEP=1; the source images stay for the next run.
 # Results: one table at the end (standard output and WORK/results.txt); progress on stderr.
 # Usage: scripts/bench-jobs.sh [WORKDIR]   (root: row 4 mounts FUSE; e2fsprogs, curl, python3)
 #   QUICK=1: 4 VMs x 2 disks of 16 MiB, 1 round, NBD_DROP_AFTER=2 (a smoke run).
@@ -113,6 +115,9 @@ EOF
 
 SIM_PID=
 stop_sim() { [ -n "$SIM_PID" ] && { kill "$SIM_PID" 2>/dev/null || true; wait "$SIM_PID" 2>/dev/null || true; }; SIM_PID=; }
+# end_row NAME: stop its host and remove WORK/NAME (the host's disks and the repositories, ~20 GiB
+# a row at full size; a whole run kept them all and filled a 92 GB disk) unless KEEP=1.
+end_row() { stop_sim; [ -n "${KEEP:-}" ] || rm -rf "${WORK:?}/$1"; }
 trap stop_sim EXIT
 # start_sim NAME PREFIX: a host in WORK/NAME with VMS VMs whose disks are PREFIX-I-D.raw;
 # sets URL, TOKEN and NAME/vdis.txt ("INDEX DISK UUID" per line, the root disk first).
@@ -196,7 +201,7 @@ bench_1() {
   local med
   med=$(python3 -c "import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))" "${ratios[@]}")
   row 1 "job / sequential wall time, $DISKS disks, 5% changed (rounds: ${ratios[*]})" "$med" "<= 0.4" "$(verdict "$med <= 0.4")"
-  stop_sim
+  end_row row1
 }
 
 ############ 2. one VM deleted mid-run
@@ -251,7 +256,7 @@ EOF
   what=$(sed -n 1p <<< "$got"); problems=$(sed -n 2p <<< "$got")
   log "row 2: job $t s: $what${problems:+; PROBLEMS: $problems}"
   row 2 "vm-$MID deleted mid-run ($t s): others committed, named" "$what" "the other disks; exit 3" "$(verdict "'$problems' == ''")"
-  stop_sim
+  end_row row2
 }
 
 ############ 3. NBD connections dropped
@@ -308,7 +313,7 @@ bench_3() {
   [ "$dropped" -gt 0 ] || bad="no connection was dropped"
   [ -z "$bad" ] || log "row 3: PROBLEM: $bad"
   row 3 "NBD drops every $NBD_DROP_AFTER requests: committed exact" "${res[0]} + ${res[1]} committed, $dropped drops" "every point exact" "$(verdict "'$bad' == ''")"
-  stop_sim
+  end_row row3
 }
 
 ############ 4. health check of the job's points
@@ -384,7 +389,7 @@ EOF
   [ "$damaged" = "vm-$MID/root" ] && [ "$clean" = $((DISKS - 1)) ] || bad="$bad; second check: damaged $damaged, $clean clean, $other other"
   [ -z "$bad" ] || log "row 4: PROBLEM: $bad"
   row 4 "health check of $n points, s per point; damaged named" "$per s/point (${t} s), damaged: $damaged" "stated; only vm-$MID/root" "$(verdict "'$bad' == ''")"
-  stop_sim
+  end_row row4
 }
 
 for n in $ONLY; do "bench_$n"; done
