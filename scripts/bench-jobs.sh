@@ -212,7 +212,7 @@ bench_2() {
   log "row 2: bases $(secs job row2 deleted) s"
   python3 -c "import json; r = json.load(open('$WORK/row2/report.json')); assert r['outcome'] == 'ok', r['errors']"
   write_round row2 1
-  ctl "faults?delete_vm=vm-$MID&delete_at=VDI.snapshot" > /dev/null
+  ctl "faults?delete_vm=vm-$MID&delete_at=${DELETE_AT:-VDI.snapshot}" > /dev/null
   local t rc
   read -r t rc <<< "$(secs_rc job row2 deleted)"
   cp "$WORK/last.out" "$WORK/row2/run.out"

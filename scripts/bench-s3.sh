@@ -338,7 +338,12 @@ ready() { # cache dir [list] -> seconds from `cbtfs mount` starting to its first
     c=$(date +%s.%N)
     LISTED="$(py "print('%.3f' % ($c - $a))") s for $n of $POINTS points"
   fi
+  # The daemon writes what it fetched into the cache on a thread of its own and finishes
+  # after the unmount: wait for it, so the next mount finds its cache whole and the cache
+  # directory is not removed under it.
+  local pid; pid=$(mount_pid "$MNT")
   umount "$MNT"
+  while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; do sleep 0.01; done
   py "print('%.4f' % ($b - $a))"
 }
 ec=(); wc_=(); LISTED=
