@@ -7,7 +7,24 @@ bash scripts/setup.sh
 cargo fmt --all -- --check
 (cd fuzz && cargo fmt --all -- --check)
 cargo clippy --all-targets -- -D warnings
-cargo test --release --all-targets
+# A hung test must fail with what it hangs on, not run silently into CI's own time limit:
+# past CBTFS_TEST_TIMEOUT seconds the run prints what is running and blocked (process tree,
+# kernel stacks, FUSE mounts, loop devices), then is killed.
+test_timeout=${CBTFS_TEST_TIMEOUT:-1800}
+setsid cargo test --release --all-targets &
+tests=$!
+# The watchdog has a process group of its own so that killing it takes its sleep along (a
+# sleep left behind would hold this script's output open).
+setsid bash -c '
+  sleep "$1"
+  echo "test.sh: FAILED: the tests did not finish within $1 s; what was running:" >&2
+  bash scripts/hang-report.sh >&2
+  kill -KILL -- "-$2" 2>/dev/null' watchdog "$test_timeout" "$tests" &
+watchdog=$!
+rc=0
+wait "$tests" || rc=$?
+kill -- "-$watchdog" 2>/dev/null || true
+[ "$rc" = 0 ] || exit "$rc"
 # The smoke run: two targets at a time, unoptimised and without AddressSanitizer (a much
 # shorter build; the long runs of scripts/fuzz.sh are optimised and keep the sanitizer).
 FUZZ_JOBS=${FUZZ_JOBS:-2} FUZZ_SANITIZER=${FUZZ_SANITIZER:-none} FUZZ_DEV=${FUZZ_DEV:-1} \

@@ -161,6 +161,20 @@ pub(crate) fn loops_backed_by(dir: &Path) -> Vec<String> {
     out
 }
 
+/// Unmount `mp`, trying again for a second while it is busy: a probe that opened a file or
+/// the device for a moment (udev, a scanner, a shell's completion) is no reason to refuse.
+fn unmount_unless_busy(mp: &Path) -> Result<(), UnmountError> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match crate::mount::unmount(mp, Unmount::Normal) {
+            Err(UnmountError::Busy { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Unmount the filesystems `st` records and detach their loop devices. Refuses (changing
 /// nothing more) if a filesystem is in use.
 fn unmount_filesystems(st: &State) -> Result<()> {
@@ -168,7 +182,7 @@ fn unmount_filesystems(st: &State) -> Result<()> {
         if mounted_fstype(mp).is_none() {
             continue;
         }
-        match crate::mount::unmount(mp, Unmount::Normal) {
+        match unmount_unless_busy(mp) {
             Ok(()) => {}
             Err(UnmountError::Busy { .. }) => bail!(
                 "{} is in use (a shell or program has files open there); close them and run `cbtfs browse --unmount {}` again",

@@ -253,7 +253,7 @@ fn refusals_say_what_to_do_and_leave_nothing_behind() {
     let o = cbtfs_cmd()
         .args(["backup", s(&repo), "--host", &h.sim.url])
         .args(["--password-file", s(&bad), "--vdi", &h.vdi])
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -319,7 +319,7 @@ fn refusals_say_what_to_do_and_leave_nothing_behind() {
             &h2.vdi,
         ])
         .env_remove("CBTFS_PASSWORD")
-        .output()
+        .bounded()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("--password-file"));
     // Nothing was committed by the failures.
@@ -343,7 +343,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
     let o = cbtfs_cmd()
         .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -363,7 +363,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
         .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .args(["--ca-cert", s(&ca)])
-        .output()
+        .bounded()
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("certificate"));
@@ -372,7 +372,7 @@ fn certificate_is_pinned_on_first_use_and_a_changed_one_is_refused() {
         .args(["backup", s(&h.repo()), "--host", &other.sim.url])
         .args(["--password-file", s(&other.pw), "--vdi", &other.vdi])
         .arg("--insecure-tls")
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not checked"));
@@ -414,7 +414,7 @@ fn xmlrpc_only_host_pool_member_and_vm_selection() {
     let o = cbtfs_cmd()
         .args(["backup", s(&j.repo()), "--host", &member.url])
         .args(["--password-file", s(&j.pw), "--vdi", &j.vdi, "--json"])
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
@@ -691,7 +691,7 @@ fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
             s(&pw),
         ])
         .args(["--vdi", &vdis[0], "--ca-cert", &p("ca.pem")])
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
@@ -701,7 +701,7 @@ fn a_host_certificate_signed_by_a_ca_is_trusted_with_ca_cert() {
         .args(["backup", s(&repo), "--password-file", s(&pw)])
         .args(["--host", &sim.url.replace("127.0.0.1", "localhost")])
         .args(["--vdi", &vdis[0], "--ca-cert", &p("ca.pem")])
-        .output()
+        .bounded()
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("certificate"));
@@ -728,7 +728,7 @@ fn restore(h: &Host, args: &[&str]) -> Output {
         .args(["restore", s(&h.repo())])
         .args(args)
         .args(["--host", &h.sim.url, "--password-file", s(&h.pw)])
-        .output()
+        .bounded()
         .unwrap()
 }
 
@@ -865,7 +865,7 @@ fn backup_killed_at(h: &Host, call: &str) {
             > seen
     });
     child.kill().unwrap();
-    let status = child.wait().unwrap();
+    let status = child.bounded().unwrap();
     assert!(!status.success(), "the backup finished before the kill");
 }
 
@@ -1205,7 +1205,7 @@ fn json_errors_name_the_failed_disk_and_the_disks_done() {
             ])
             .args(selection)
             .arg("--json")
-            .output()
+            .bounded()
             .unwrap()
     };
     let o = run(&["--vm", "web01"]);

@@ -430,7 +430,7 @@ fn cbtfs_diff_exit(
 fn check_against_diff_r(a: &Path, b: &Path, ours: &BTreeSet<(String, String)>) {
     let o = Command::new("diff")
         .args(["-rq", "--no-dereference", s(a), s(b)])
-        .output()
+        .bounded()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     let (pa, pb) = (format!("{}/", s(a)), format!("{}/", s(b)));
@@ -740,7 +740,7 @@ fn gpt_disk_with_every_filesystem_browsed_at_each_point_and_diffed() {
     let o = cbtfs_cmd()
         .args(["browse", s(&h.repo), &p1, s(&d1)])
         .env("PATH", &bin_dir)
-        .output()
+        .bounded()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -850,7 +850,7 @@ fn mbr_logical_partitions_and_an_lvm_volume_in_two_pieces() {
         let _ = Command::new("vgchange")
             .args(["--config", LVM_CONF, "-an", "vg0"])
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .output();
+            .bounded();
         r.unwrap_or_else(|p| resume_unwind(p))
     });
     assert_eq!(segs.len(), 2, "root must lie in two pieces: {segs:?}");
@@ -1015,7 +1015,7 @@ fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage()
     let o = cbtfs_cmd()
         .args(["browse", s(&h.repo), &point, s(&d)])
         .env("TMPDIR", &tmp)
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut b = Browse {
@@ -1067,7 +1067,7 @@ fn bare_filesystem_with_a_journal_to_replay_userspace_crash_cleanup_and_damage()
         );
         // SAFETY: kill with the pid of our child.
         unsafe { libc::kill(child.id() as i32, sig) };
-        let st = child.wait().unwrap();
+        let st = child.bounded().unwrap();
         assert!(st.success(), "signal {sig}: {st}");
         assert!(!d.exists(), "signal {sig}: folder left");
         assert_eq!(losetup_list(), loops_before, "signal {sig}");
@@ -1433,7 +1433,7 @@ fn as_nobody(home: &Path, args: &[&str]) -> std::process::Output {
             "CBTFS_KEY_FILE",
             key_file_for(65534, home.parent().unwrap()),
         )
-        .output()
+        .bounded()
         .unwrap()
 }
 
@@ -1576,7 +1576,13 @@ fn dump_files_and_tars_as_root_and_as_nobody() {
     let loops_before = losetup_list();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    let run = |args: &[&str]| cbtfs_cmd().args(args).env("TMPDIR", &tmp).output().unwrap();
+    let run = |args: &[&str]| {
+        cbtfs_cmd()
+            .args(args)
+            .env("TMPDIR", &tmp)
+            .bounded()
+            .unwrap()
+    };
 
     // One file, byte for byte, to standard output and to -o FILE; any point name works.
     let o = run(&["dump", r, &point, "p1/srv/www/big.bin"]);

@@ -167,7 +167,7 @@ fn backup_takes_repo_as_first_argument() {
             "web01",
         ])
         .env("CBTFS_PASSWORD", "x")
-        .output()
+        .bounded()
         .unwrap();
     let m = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{m}");
@@ -181,7 +181,7 @@ fn with_repo_env(repo: &str, args: &[&str]) -> std::process::Output {
     cbtfs_cmd()
         .args(args)
         .env("CBTFS_REPO", repo)
-        .output()
+        .bounded()
         .unwrap()
 }
 
@@ -294,7 +294,7 @@ fn json_errors_carry_code_message_done_and_status() {
             "--json",
         ])
         .env("CBTFS_PASSWORD", "x")
-        .output()
+        .bounded()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     let v = json_error(&o);
@@ -400,7 +400,7 @@ fn install_script_installs_man_pages_and_completions() {
         .env("PREFIX", "/usr")
         .env("CBTFS_BIN", bin())
         .env("CBTFS_KEY_FILE", key_file())
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let usr = dest.join("usr");
@@ -977,7 +977,7 @@ fn export_to_devices_pipes_and_other_image_formats() {
     let o = cbtfs_cmd()
         .args(["export", &repo, &point, s(&gone)])
         .env("PATH", "/nonexistent")
-        .output()
+        .bounded()
         .unwrap();
     let m = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{m}");
@@ -1026,7 +1026,7 @@ fn an_export_conversion_that_fails_or_is_interrupted_leaves_nothing() {
     let o = cbtfs_cmd()
         .args(["export", &repo, &point, s(&target)])
         .env("PATH", &path)
-        .output()
+        .bounded()
         .unwrap();
     let m = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{m}");
@@ -1072,7 +1072,7 @@ fn an_export_conversion_that_fails_or_is_interrupted_leaves_nothing() {
         .unwrap();
     // SAFETY: kill(2) of our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = child.wait().unwrap();
+    let st = child.bounded().unwrap();
     assert_eq!(
         st.code(),
         Some(128 + libc::SIGTERM),
@@ -1140,7 +1140,7 @@ fn readme_import_example_names_the_vm() {
         let o = cbtfs_cmd()
             .args(args)
             .current_dir(d.path())
-            .output()
+            .bounded()
             .unwrap();
         assert!(
             o.status.success(),

@@ -43,7 +43,7 @@ impl Pair {
             .args(["copy", s(&self.src), s(&self.dst), "--json"])
             .args(["--to-key-file", s(&self.dst_key)])
             .args(args)
-            .output()
+            .bounded()
             .unwrap();
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| {
@@ -102,7 +102,7 @@ fn points(repo: &Path, extra: &[&str]) -> BTreeMap<String, String> {
 fn export(repo: &Path, point: &str, extra: &[&str]) -> Vec<u8> {
     let mut c = cbtfs_cmd();
     c.args(["export", s(repo), point, "-"]).args(extra);
-    let o = c.output().unwrap();
+    let o = c.bounded().unwrap();
     assert!(
         o.status.success(),
         "export {point} from {}: {}",
@@ -507,7 +507,7 @@ fn a_copy_killed_before_a_commit_is_finished_by_the_next_run() {
         }
     }
     child.kill().unwrap();
-    child.wait().unwrap();
+    child.bounded().unwrap();
     let key = ["--key-file", s(&pair.dst_key)];
     assert_eq!(points(&pair.dst, &key).len(), 2);
     let objects = |sub: &str| std::fs::read_dir(pair.dst.join(sub)).unwrap().count();
@@ -572,7 +572,7 @@ fn a_wrong_or_missing_destination_secret_is_refused_and_nothing_is_written() {
             "--to-key-file",
             s(&wrong),
         ])
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -583,14 +583,14 @@ fn a_wrong_or_missing_destination_secret_is_refused_and_nothing_is_written() {
     let o = cbtfs_cmd()
         .args(["copy", s(&pair.src), s(&pair.dst), "--json"])
         .args(["--to-key-file", s(&wrong)])
-        .output()
+        .bounded()
         .unwrap();
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["error"]["code"], "wrong_secret", "{v}");
     // Without a destination secret: the source's is not tried on it.
     let o = cbtfs_cmd()
         .args(["copy", s(&pair.src), s(&pair.dst)])
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -604,7 +604,7 @@ fn a_wrong_or_missing_destination_secret_is_refused_and_nothing_is_written() {
     let o = cbtfs_cmd()
         .args(["copy", s(&pair.src), s(&pair.dst), "--json"])
         .env("CBTFS_TO_REPO_PASSWORD_FILE", &pw)
-        .output()
+        .bounded()
         .unwrap();
     assert!(!o.status.success());
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();

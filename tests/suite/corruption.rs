@@ -667,7 +667,7 @@ fn damaged_repository_header_is_named() {
         std::fs::create_dir(&mp).unwrap();
         let o = cbtfs_cmd()
             .args(["mount", "-f", s(&f.repo), s(&mp)])
-            .output()
+            .bounded()
             .unwrap();
         assert!(!o.status.success());
         let m = String::from_utf8_lossy(&o.stderr);
@@ -703,19 +703,19 @@ fn a_wrong_password_says_so() {
     std::fs::write(&wrong, "wrong horse battery\n").unwrap();
     let o = plain_cmd()
         .args(["init", s(&repo), "--repo-password-file", s(&pw)])
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", out_of(&o));
     let o = plain_cmd()
         .args(["ls", s(&repo), "--repo-password-file", s(&pw)])
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", out_of(&o));
     for args in [vec!["ls", s(&repo)], vec!["verify", s(&repo)]] {
         let o = plain_cmd()
             .args(&args)
             .args(["--repo-password-file", s(&wrong)])
-            .output()
+            .bounded()
             .unwrap();
         assert_eq!(o.status.code(), Some(1), "{}", out_of(&o));
         let m = out_of(&o);
@@ -751,7 +751,7 @@ fn a_removed_key_slot_no_longer_opens_and_a_damaged_one_is_named() {
                 "--key-file",
                 s(&k2),
             ])
-            .output()
+            .bounded()
             .unwrap()
     };
     let o = open_with_k2();
@@ -1007,7 +1007,7 @@ fn strace_cbtfs(log: &Path, args: &[&str]) {
         .args(["-f", "-qq", "-e", "trace=openat,fsync", "-o", s(log), bin()])
         .args(args)
         .env("CBTFS_KEY_FILE", key_file())
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

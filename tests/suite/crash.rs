@@ -112,7 +112,7 @@ fn kill_9_during_import_never_leaves_a_partial_point() {
         let delay = full.mul_f64(rng.below(1200) as f64 / 1000.0);
         std::thread::sleep(delay);
         let _ = child.kill();
-        let status = child.wait().unwrap();
+        let status = child.bounded().unwrap();
         let after = points(&repo);
         if after.len() == before + 1 {
             committed_during_kill += 1;
@@ -359,7 +359,7 @@ fn kill_trials(
         let permille = earliest + rng.below(1100 - earliest);
         std::thread::sleep(full.mul_f64(permille as f64 / 1000.0));
         let _ = child.kill();
-        let status = child.wait().unwrap();
+        let status = child.bounded().unwrap();
         *phases
             .entry(phase(&before_files, &repo_files(&repo), status.success()))
             .or_insert(0) += 1;

@@ -909,7 +909,7 @@ fn can_trace() -> bool {
     }
     let o = Command::new("strace")
         .args(["-f", "-qq", "-o", "/dev/null", "true"])
-        .output();
+        .bounded();
     match o {
         Ok(o) if o.status.success() => true,
         Ok(o) => {
@@ -941,7 +941,7 @@ fn record(dir: &Path, args: &[String]) -> Result<Vec<Call>, String> {
         .arg("--")
         .arg(bin())
         .args(args)
-        .output()
+        .bounded()
         .expect("strace runs");
     let text = std::fs::read_to_string(&trace).expect("strace wrote its trace");
     std::fs::remove_file(&trace).unwrap();

@@ -107,7 +107,7 @@ fn dirty_fat32(img: &Path) {
     let o = std::process::Command::new("fsck.vfat")
         .arg("-n")
         .arg(img)
-        .output()
+        .bounded()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("Dirty bit is set"));
@@ -489,7 +489,7 @@ fn job_check(cfg: &Path, job: &str, path: Option<&str>) -> (i32, Value) {
     if let Some(p) = path {
         c.env("PATH", p);
     }
-    let o = c.output().unwrap();
+    let o = c.bounded().unwrap();
     let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
         panic!(
             "{e}: {}{}",
@@ -596,7 +596,7 @@ fn job_check_selects_the_jobs_disks_and_exits_by_the_worst() {
     let o = cbtfs_cmd()
         .env_remove("CBTFS_KEY_FILE")
         .args(["job", "check", "web", "--config", s(&cfg)])
-        .output()
+        .bounded()
         .unwrap();
     assert_eq!(o.status.code(), Some(3));
     let text = String::from_utf8_lossy(&o.stdout);
@@ -699,7 +699,7 @@ fn a_check_killed_midway_is_cleaned_up_by_the_next() {
         "the overlay is mounted"
     );
     child.kill().unwrap();
-    child.wait().unwrap();
+    child.bounded().unwrap();
     let checker: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
@@ -711,7 +711,7 @@ fn a_check_killed_midway_is_cleaned_up_by_the_next() {
     let o = cbtfs_cmd()
         .args(["fsck", s(&repo), "--json"])
         .env("TMPDIR", &tmp)
-        .output()
+        .bounded()
         .unwrap();
     assert_eq!(
         o.status.code(),

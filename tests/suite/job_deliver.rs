@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{cbtfs_cmd, s};
+use crate::common::{Bounded, cbtfs_cmd, s};
 use cbtfs::job::config::{Config, JobConf};
 use cbtfs::job::deliver::{self, Options};
 use cbtfs::job::report::sample::{END, disk, report};
@@ -506,11 +506,12 @@ fn metrics_keep_the_last_success_of_a_disk_that_failed() {
     );
     // Where promtool is installed, it accepts the file.
     if common::have("promtool") {
-        let o = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::fs::File::open(t.path().join("prom/cbtfs.prom")).unwrap())
-            .output()
-            .unwrap();
+        let o = common::output_within(
+            std::process::Command::new("promtool")
+                .args(["check", "metrics"])
+                .stdin(std::fs::File::open(t.path().join("prom/cbtfs.prom")).unwrap()),
+            common::command_limit(),
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
 }
@@ -542,7 +543,7 @@ fn job_status_reads_the_last_report() {
     let o = cbtfs_cmd()
         .args(["job", "status", "--config", s(&cfg)])
         .env("TZ", "UTC")
-        .output()
+        .bounded()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -584,7 +585,7 @@ fn job_status_reads_the_last_report() {
     let o = cbtfs_cmd()
         .args(["job", "status", "nightly", "--json", "--config", s(&cfg)])
         .env("TZ", "UTC")
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -607,7 +608,7 @@ fn job_status_reads_the_last_report() {
     // An unknown job, and a damaged report: errors that say what to do.
     let o = cbtfs_cmd()
         .args(["job", "status", "nope", "--config", s(&cfg)])
-        .output()
+        .bounded()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -615,7 +616,7 @@ fn job_status_reads_the_last_report() {
     std::fs::write(t.path().join("log/weekly.json"), b"{ not json").unwrap();
     let o = cbtfs_cmd()
         .args(["job", "status", "--config", s(&cfg)])
-        .output()
+        .bounded()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     let out = String::from_utf8_lossy(&o.stdout);
@@ -644,7 +645,7 @@ fn job_units_write_a_service_and_timer_per_scheduled_job() {
             "--bin",
             common::bin(),
         ])
-        .output()
+        .bounded()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
@@ -692,7 +693,7 @@ fn job_units_write_a_service_and_timer_per_scheduled_job() {
         .args(["verify", "--man=no"])
         .arg(units.join("cbtfs-job-nightly.service"))
         .arg(units.join("cbtfs-job-nightly.timer"))
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "systemd-analyze verify: {err}");
@@ -708,7 +709,7 @@ fn job_units_write_a_service_and_timer_per_scheduled_job() {
     std::fs::write(&cfg, text).unwrap();
     let o = cbtfs_cmd()
         .args(["job", "units", "--config", s(&cfg), "--dir", s(&units)])
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success());
     assert_eq!(o.stdout, b"");
@@ -733,7 +734,7 @@ fn install_script_writes_the_job_units() {
         .env("PREFIX", "/usr")
         .env("CBTFS_BIN", common::bin())
         .env("CBTFS_CONFIG", &cfg)
-        .output()
+        .bounded()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -780,7 +781,7 @@ fn readme_pool_example_works_as_written() {
     std::fs::write(&cfg, toml).unwrap();
     let o = cbtfs_cmd()
         .args(["config", "check", "--offline", "--config", s(&cfg)])
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let c = Config::parse(toml, &cfg).unwrap();
@@ -792,7 +793,7 @@ fn readme_pool_example_works_as_written() {
     let units = t.path().join("units");
     let o = cbtfs_cmd()
         .args(["job", "units", "--config", s(&cfg), "--dir", s(&units)])
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(

@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use crate::common::{cbtfs_cmd, ok};
+use crate::common::{Bounded, cbtfs_cmd, ok};
 
 /// The example, with its paths moved under `dir`.
 fn example(dir: &Path) -> String {
@@ -54,7 +54,7 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
     let o = cbtfs_cmd()
         .args(["config", "check"])
         .env("CBTFS_CONFIG", &cfg)
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success());
 
@@ -69,7 +69,7 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
     std::fs::write(d.join("log"), "a file, not a directory\n").unwrap();
     let o = cbtfs_cmd()
         .args(["config", "check", "--config", cfg.to_str().unwrap()])
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -103,7 +103,7 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
     std::fs::write(&cfg, bad).unwrap();
     let o = cbtfs_cmd()
         .args(["config", "check", "--config", cfg.to_str().unwrap()])
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -134,7 +134,7 @@ fn config_check_accepts_the_example_and_names_what_is_wrong() {
             "--config",
             d.join("none.toml").to_str().unwrap(),
         ])
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -199,7 +199,7 @@ fn config_check_accepts_report_directories_delivery_can_make() {
     std::fs::write(d.join("prom/a"), "").unwrap();
     let o = cbtfs_cmd()
         .args(["config", "check", "--config", cfg.to_str().unwrap()])
-        .output()
+        .bounded()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");

@@ -55,7 +55,7 @@ impl T {
         for (k, v) in env {
             c.env(k, v);
         }
-        c.output().expect("cbtfs runs")
+        c.bounded().expect("cbtfs runs")
     }
 
     fn run(&self, args: &[&str]) -> Output {

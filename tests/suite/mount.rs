@@ -649,7 +649,7 @@ fn mount_t_cbtfs_and_fstab_through_the_helper() {
             .args(args)
             .env("CBTFS_BIN", bin())
             .env("CBTFS_KEY_FILE", key_file())
-            .output()
+            .bounded()
             .unwrap();
         assert!(
             o.status.success(),
@@ -691,7 +691,7 @@ fn mount_t_cbtfs_and_fstab_through_the_helper() {
         ])
         .env("CBTFS_BIN", bin())
         .env("CBTFS_KEY_FILE", key_file())
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success());
     let said = String::from_utf8_lossy(&o.stderr);
@@ -954,7 +954,7 @@ fn a_non_empty_mount_point_is_refused_unless_nonempty() {
         .args(["-t", "cbtfs", s(&repo), s(&mp)])
         .env("CBTFS_BIN", bin())
         .env("CBTFS_KEY_FILE", key_file())
-        .output()
+        .bounded()
         .unwrap();
     assert!(!o.status.success());
     let said = String::from_utf8_lossy(&o.stderr);
@@ -977,7 +977,7 @@ fn a_non_empty_mount_point_is_refused_unless_nonempty() {
         .args(["-t", "cbtfs", "-o", "noauto,nonempty", s(&repo), s(&mp)])
         .env("CBTFS_BIN", bin())
         .env("CBTFS_KEY_FILE", key_file())
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(std::fs::read(&latest).unwrap() == data);
@@ -991,7 +991,7 @@ fn a_non_empty_mount_point_is_refused_unless_nonempty() {
         .args([s(&repo), s(&mp), "-fv", "-o", "noauto,nonempty,nodev"])
         .env("CBTFS_BIN", bin())
         .env("CBTFS_KEY_FILE", key_file())
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success());
     let said = String::from_utf8_lossy(&o.stderr);

@@ -816,7 +816,7 @@ impl NbdServer {
     fn start(dir: &Path, image: &Path) -> Option<NbdServer> {
         if Command::new("sh")
             .args(["-c", "command -v nbd-server"])
-            .output()
+            .bounded()
             .is_ok_and(|o| !o.status.success())
         {
             skip("nbd-server is not installed (scripts/setup.sh installs it)");

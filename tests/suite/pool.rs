@@ -143,7 +143,7 @@ fn a_host_that_accepts_but_never_answers_fails_within_the_timeout_saying_so() {
             "--timeout",
             "2",
         ])
-        .output()
+        .bounded()
         .unwrap();
     let took = t0.elapsed();
     let e = String::from_utf8_lossy(&o.stderr);
@@ -165,7 +165,7 @@ fn a_host_that_accepts_but_never_answers_fails_within_the_timeout_saying_so() {
             "--timeout",
             "2",
         ])
-        .output()
+        .bounded()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("cannot reach 127.0.0.1"), "{e}");
@@ -242,7 +242,7 @@ fn a_transfer_that_stops_midway_fails_within_the_timeout_saying_so() {
         .args(["restore", s(&h.repo()), &point, "--host", &h.sim.url])
         .args(["--password-file", s(&h.pw), "--no-verify", "--timeout", "2"])
         .args(["--to-vdi", &h.vdi])
-        .output()
+        .bounded()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{e}");

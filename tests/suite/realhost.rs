@@ -170,7 +170,7 @@ fn export_metadata_close_delimited_then_restore_to_a_new_vm() {
         .args(["restore", s(&h.repo()), d["point"].as_str().unwrap()])
         .args(["--new-vdi", "--sr", &sr, "--new-vm", "--json"])
         .args(["--host", &h.sim.url, "--password-file", s(&h.pw)])
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -255,7 +255,7 @@ fn restore_reads_back_only_over_tls() {
             .args(["restore", s(&h.repo()), d["point"].as_str().unwrap()])
             .args(["--new-vdi", "--sr", &sr, "--json"])
             .args(["--host", &h.sim.url, "--password-file", s(&h.pw)])
-            .output()
+            .bounded()
             .unwrap();
         let what = format!("{mode:?}, purpose hidden: {denied}");
         assert!(o.status.success(), "{what}: {}", text(&o));

@@ -185,7 +185,7 @@ fn lvm_linear_in_two_pieces_and_striped_over_two_pvs() {
     let _ = Command::new("vgchange")
         .args(["--config", LVM_CONF, "-an", "vgt"])
         .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .output();
+        .bounded();
     for l in [&a, &b] {
         let _ = Command::new("losetup").args(["-d", l]).status();
     }

@@ -154,7 +154,7 @@ fn writers_of_different_disks_run_at_once_and_both_points_are_exact() {
     });
 
     // Writer B (another process): a whole backup of another disk, meanwhile.
-    let o = backup_into(&h, &root).output().unwrap();
+    let o = backup_into(&h, &root).bounded().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["disks"][0]["kind"], "base", "{v}");
@@ -321,7 +321,7 @@ fn a_killed_backup_is_collected_by_the_next_run_of_another_disk() {
     assert_eq!(records(&root).len(), 1);
 
     child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.bounded().unwrap();
     let before = packs(&root);
     assert_eq!(
         records(&root).len(),
@@ -344,7 +344,7 @@ fn a_killed_backup_is_collected_by_the_next_run_of_another_disk() {
     assert_same("E", &export(&root, &ve), &img_e);
     // And the killed disk's next backup is a full one that reads back exactly.
     h.sim.with(|st| st.faults.export_hangs_after = None);
-    let o = backup_into(&h, &root).output().unwrap();
+    let o = backup_into(&h, &root).bounded().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert_same("the killed disk", &export(&root, &h.vdi), &big);
     ok(&["verify", s(&root)]);

@@ -100,7 +100,115 @@ pub fn cbtfs_cmd() -> Command {
 
 /// Run cbtfs with `args`; returns the output (never panics on failure status).
 pub fn cbtfs(args: &[&str]) -> Output {
-    cbtfs_cmd().args(args).output().expect("cbtfs binary runs")
+    output_within(cbtfs_cmd().args(args).stdin(Stdio::null()), command_limit())
+}
+
+/// How long one command of a test may take before the test fails naming it (a hang must fail
+/// the test that hung, with what the host was doing, not stall the whole run):
+/// `CBTFS_TEST_COMMAND_LIMIT` seconds, 600 by default.
+pub fn command_limit() -> Duration {
+    let secs = std::env::var("CBTFS_TEST_COMMAND_LIMIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    Duration::from_secs(secs)
+}
+
+/// `cmd.output()`, bounded (stdin is what `cmd` says, inherited if unset): a command still running after `limit`, or one that exited while a
+/// process it started still holds its output open (a daemon that kept the caller's pipes), is
+/// killed and the test panics with what the host was doing.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    use std::io::Read;
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+        rx
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let status = wait_within(&mut child, limit, &what);
+    // Once the command has exited, its output ends at once unless something else holds it.
+    let eof = Duration::from_secs(30);
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>, name: &str| {
+        rx.recv_timeout(eof).unwrap_or_else(|_| {
+            panic!(
+                "{what} exited ({status}) but its {name} stayed open for {eof:?}: a process it started holds it\n{}",
+                hang_report()
+            )
+        })
+    };
+    let stdout = collect(out, "stdout");
+    let stderr = collect(err, "stderr");
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// `output()` (stdin on /dev/null, as there) and `wait()`, bounded by `command_limit()` (see
+/// `output_within`): the commands tests run use these, so a hang fails its own test instead of
+/// stalling the whole run.
+pub trait Bounded {
+    type Out;
+    fn bounded(&mut self) -> std::io::Result<Self::Out>;
+}
+
+impl Bounded for Command {
+    type Out = Output;
+    fn bounded(&mut self) -> std::io::Result<Output> {
+        Ok(output_within(self.stdin(Stdio::null()), command_limit()))
+    }
+}
+
+impl Bounded for Child {
+    type Out = std::process::ExitStatus;
+    fn bounded(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let what = format!("process {}", self.id());
+        Ok(wait_within(self, command_limit(), &what))
+    }
+}
+
+/// Wait for `child` at most `limit`; past it, kill it and panic with what the host was doing.
+pub fn wait_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(st) = child.try_wait().expect("waiting for a child") {
+            return st;
+        }
+        if start.elapsed() > limit {
+            let report = hang_report();
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}; killed. The host:\n{report}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// scripts/hang-report.sh's picture of the host: processes, blocked kernel stacks, mounts.
+pub fn hang_report() -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hang-report.sh");
+    match Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(e) => format!("(no report: {e})"),
+    }
 }
 
 /// Run and require success; returns stdout.
@@ -567,11 +675,13 @@ pub fn have(tool: &str) -> bool {
 
 /// Run a shell command (LVM's descriptor warnings silenced); fails the test with its output.
 pub fn sh(cmd: &str) -> String {
-    let o = Command::new("sh")
-        .args(["-c", cmd])
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .output()
-        .unwrap();
+    let o = output_within(
+        Command::new("sh")
+            .args(["-c", cmd])
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .stdin(Stdio::null()),
+        command_limit(),
+    );
     assert!(
         o.status.success(),
         "{cmd}: {}{}",

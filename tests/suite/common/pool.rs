@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use cbtfs::sim::{Sim, SimConfig};
 use serde_json::Value;
 
-use super::{BS, TestRng, ok, s};
+use super::{BS, Bounded, TestRng, ok, s};
 
 /// One VM to create: name, tags, disks (name, size in 64 KiB blocks).
 pub struct VmSpec<'a> {
@@ -118,7 +118,7 @@ impl SimPool {
         let o = super::cbtfs_cmd()
             .args(["job", "run", job, "--config", s(config)])
             .env("RUST_LOG", "warn")
-            .output()
+            .bounded()
             .unwrap();
         let rp = self.report_path(job);
         let text = std::fs::read_to_string(&rp).unwrap_or_else(|e| {

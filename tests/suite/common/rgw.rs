@@ -11,6 +11,7 @@
 //! Buckets are made with `curl --aws-sigv4` (an S3 client independent of cbtfs's own), one fresh
 //! bucket per test.
 
+use super::Bounded;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -222,7 +223,7 @@ pub fn s3cbtfs(rgw: &Rgw, args: &[&str]) -> Output {
     let o = super::cbtfs_cmd()
         .envs(rgw.env())
         .args(args)
-        .output()
+        .bounded()
         .unwrap();
     no_secret(rgw, args, &o);
     o

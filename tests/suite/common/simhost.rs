@@ -7,7 +7,7 @@ use std::process::{Child, Output, Stdio};
 use cbtfs::sim::{Sim, SimConfig};
 use serde_json::Value;
 
-use super::{BS, ok, s};
+use super::{BS, Bounded, ok, s};
 
 pub struct SimHost {
     pub sim: Sim,
@@ -62,7 +62,7 @@ impl SimHost {
             .args(["backup", s(&self.repo()), "--host", &self.sim.url])
             .args(["--password-file", s(&self.pw), "--json"])
             .args(extra)
-            .output()
+            .bounded()
             .unwrap()
     }
 

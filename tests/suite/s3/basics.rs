@@ -264,7 +264,7 @@ fn s3_lock_is_an_exclusive_lease_and_stale_ones_are_broken() {
     // A lease of this host whose process is gone is broken at once.
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let gone = child.id();
-    child.wait().unwrap();
+    child.bounded().unwrap();
     let host = String::from_utf8(std::fs::read("/proc/sys/kernel/hostname").unwrap())
         .unwrap()
         .trim()
@@ -405,7 +405,7 @@ fn every_command_works_on_an_s3_repository() {
     wrong
         .envs(rgw.env())
         .env("AWS_SECRET_ACCESS_KEY", "wrong-secret-key-0123456789");
-    let o = wrong.args(["ls", r]).output().unwrap();
+    let o = wrong.args(["ls", r]).bounded().unwrap();
     assert!(!o.status.success());
     let m = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -417,7 +417,7 @@ fn every_command_works_on_an_s3_repository() {
         .envs(rgw.env())
         .env("CBTFS_S3_ENDPOINT", "http://127.0.0.1:9")
         .args(["ls", r])
-        .output()
+        .bounded()
         .unwrap();
     assert!(!o.status.success());
     let m = String::from_utf8_lossy(&o.stderr);
@@ -438,7 +438,7 @@ fn every_command_works_on_an_s3_repository() {
         .env_remove("AWS_SECRET_ACCESS_KEY")
         .env("AWS_SHARED_CREDENTIALS_FILE", dp.join("none"))
         .args(["ls", r])
-        .output()
+        .bounded()
         .unwrap();
     let m = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -459,7 +459,7 @@ fn every_command_works_on_an_s3_repository() {
         .env("AWS_SHARED_CREDENTIALS_FILE", dp.join("credentials"))
         .env("AWS_PROFILE", "backup")
         .args(["ls", r])
-        .output()
+        .bounded()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A repository's prefix that holds other objects is refused by init.

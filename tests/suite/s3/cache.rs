@@ -39,7 +39,7 @@ impl S3 {
     }
 
     fn run(&self, cache: &Path, args: &[&str]) -> Output {
-        self.cmd(cache).args(args).output().unwrap()
+        self.cmd(cache).args(args).bounded().unwrap()
     }
 
     fn ok(&self, cache: &Path, args: &[&str]) -> String {
@@ -550,7 +550,7 @@ fn figure_mount_ready_with_1000_points() {
         let o = s3
             .cmd(&cache)
             .args(["mount", &url, s(&mp)])
-            .output()
+            .bounded()
             .unwrap();
         let took = started.elapsed();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

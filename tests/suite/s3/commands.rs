@@ -63,7 +63,7 @@ fn backup_and_restore_through_the_simulator_with_the_repository_in_a_bucket() {
             .envs(rgw.env())
             .args(["backup", &url, "--host", &h.sim.url])
             .args(["--password-file", s(&h.pw), "--vdi", &h.vdi, "--json"])
-            .output()
+            .bounded()
             .unwrap();
         no_secret(rgw, &["backup"], &o);
         assert!(o.status.success(), "backup: {}", text(&o));
@@ -121,7 +121,7 @@ fn backup_and_restore_through_the_simulator_with_the_repository_in_a_bucket() {
             .args(["restore", &url])
             .args(args)
             .args(["--host", &h.sim.url, "--password-file", s(&h.pw), "--json"])
-            .output()
+            .bounded()
             .unwrap();
         no_secret(rgw, &["restore"], &o);
         o
@@ -516,7 +516,7 @@ fn key_slots_and_a_copy_between_buckets() {
             .env_remove("CBTFS_KEY_FILE")
             .envs(rgw.env())
             .args(args)
-            .output()
+            .bounded()
             .unwrap();
         no_secret(rgw, args, &o);
         for t in [&o.stdout, &o.stderr] {
@@ -720,7 +720,7 @@ fn mount_t_cbtfs_of_a_bucket_takes_the_endpoint_and_credentials_from_its_options
             )
             .env("CBTFS_BIN", bin())
             .args(["-t", "cbtfs", "-o", opts, &url, s(&mp)])
-            .output()
+            .bounded()
             .unwrap()
     };
     let base = format!(

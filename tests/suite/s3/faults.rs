@@ -28,7 +28,7 @@ fn run_at(rgw: &Rgw, endpoint: &str, args: &[&str]) -> Output {
         // Retries at 20 ms, not 200: the faults are the same, the suite shorter.
         .env("CBTFS_S3_BACKOFF_MS", "20")
         .args(args)
-        .output()
+        .bounded()
         .unwrap();
     for text in [&o.stdout, &o.stderr] {
         assert!(

@@ -3,6 +3,7 @@
 //! environment (a systemd unit has none).
 
 use crate::common;
+use crate::common::Bounded;
 
 use std::path::Path;
 use std::process::Output;
@@ -29,7 +30,7 @@ fn cbtfs_without_endpoint(rgw: &Rgw, args: &[&str]) -> Output {
         .env("AWS_SECRET_ACCESS_KEY", &rgw.secret_key)
         .env("AWS_REGION", &rgw.region)
         .args(args)
-        .output()
+        .bounded()
         .unwrap();
     no_secret(rgw, args, &o);
     o

@@ -94,7 +94,7 @@ struct Mounted(PathBuf);
 
 impl Mounted {
     fn new(s3: &S3, cache: &Path, url: &str, mp: &Path) -> Mounted {
-        let o = s3.cmd(cache).args(["mount", url, s(mp)]).output().unwrap();
+        let o = s3.cmd(cache).args(["mount", url, s(mp)]).bounded().unwrap();
         assert!(
             o.status.success(),
             "cbtfs mount: {}",

@@ -42,7 +42,7 @@ fn held(r: Result<Box<dyn LockGuard>, LockError>) -> String {
 fn dead_lease(holder: &str) -> String {
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let gone = child.id();
-    child.wait().unwrap();
+    child.bounded().unwrap();
     let host = String::from_utf8(std::fs::read("/proc/sys/kernel/hostname").unwrap())
         .unwrap()
         .trim()
@@ -288,7 +288,7 @@ fn s3_writers_of_different_disks_run_at_once_and_a_killed_one_is_collected() {
         || packs() >= before + 2,
     );
     child.kill().unwrap();
-    child.wait().unwrap();
+    child.bounded().unwrap();
     let recs = store.writer_records().unwrap();
     assert_eq!(recs.len(), 1, "{recs:?}");
     assert!(
