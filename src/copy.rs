@@ -331,6 +331,8 @@ fn copy_set(
 ) -> Result<(), CopyFailure> {
     std::thread::scope(|scope| {
         let mut publishing: Option<Publishing<'_>> = None;
+        // The new chunks of the point being published, for the next point to dedup against.
+        let mut in_flight = None;
         // The set's points; a failure returns from here and leaves the publish in flight to
         // `land` below.
         let r = (|| -> Result<(), CopyFailure> {
@@ -448,6 +450,9 @@ fn copy_set(
                     }
                     Err(e) => return Err(d_err(e)),
                 };
+                if let Some(chunks) = in_flight.take().filter(|_| follows_publishing) {
+                    writer.dedup_in_flight(chunks);
+                }
                 writer.set_copied_from(CopiedFrom {
                     repo: src.header.id.clone(),
                     point: p.id.clone(),
@@ -482,6 +487,7 @@ fn copy_set(
                 }
                 let sealed = writer.seal().map_err(d_err)?;
                 let m = sealed.manifest().clone();
+                in_flight = Some(sealed.unindexed_chunks());
                 // Its parent's manifest is stored first; if that failed, this point is dropped
                 // (deleting what it wrote) and the copy stops.
                 land(dst, &mut publishing, report, on_event)?;

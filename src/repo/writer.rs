@@ -11,8 +11,8 @@
 //! store whose puts are bound by latency (S3) gets `Store::parallel_puts` uploader threads
 //! instead of one, and so that many plus one pack buffers.
 
-use std::collections::HashMap;
-use std::sync::mpsc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, mpsc};
 
 use roaring::RoaringBitmap;
 
@@ -157,6 +157,10 @@ pub struct PointWriter<'l> {
     /// Chunks written by this writer that no chunk index object lists yet (flushed after the
     /// batch that brings it to `flush_every`: never more than that plus one batch).
     pending: HashMap<ChunkId, ChunkLocation>,
+    /// New chunks of the sealed point this one continues, still being published (no chunk
+    /// index object lists them yet): deduplicated against like stored ones. Its manifest is
+    /// stored before this point's, so they are durable by the time anything names them.
+    in_flight: Arc<HashSet<ChunkId>>,
     /// `FLUSH_PENDING`; smaller in tests.
     flush_every: usize,
     uploader: Uploader,
@@ -202,6 +206,7 @@ impl<'l> PointWriter<'l> {
             next_block: 0,
             pack: None,
             pending: HashMap::new(),
+            in_flight: Arc::default(),
             flush_every: FLUSH_PENDING,
             uploader,
             workers: (0..worker_count()).map(|_| Worker::default()).collect(),
@@ -327,13 +332,17 @@ impl<'l> PointWriter<'l> {
                 batch.len().div_ceil(self.workers.len().max(1))
             };
             let pending = &self.pending;
+            let in_flight = &self.in_flight;
             let work = |w: &mut Worker, items: &[(u32, usize)], region: &mut [u8], at: usize| {
                 w.done.clear();
                 let mut used = 0;
                 for &(b32, k) in items {
                     let plain = block_bytes(k);
                     let id = keys.chunk_id(plain);
-                    let record = if pending.contains_key(&id) || index.contains(&id) {
+                    let record = if pending.contains_key(&id)
+                        || in_flight.contains(&id)
+                        || index.contains(&id)
+                    {
                         None
                     } else {
                         let (len, _) = w.encoder.encode_in_place(
@@ -458,6 +467,13 @@ impl<'l> PointWriter<'l> {
         Ok(())
     }
 
+    /// Deduplicate against the chunks of the sealed point this one continues
+    /// ([`SealedPoint::unindexed_chunks`]). The caller publishes that point before this one:
+    /// if its publish fails, this point must be dropped.
+    pub fn dedup_in_flight(&mut self, chunks: Arc<HashSet<ChunkId>>) {
+        self.in_flight = chunks;
+    }
+
     /// Make the point durable and visible. Returns its manifest.
     pub fn commit(self) -> Result<PointManifest> {
         self.seal()?.publish()
@@ -551,6 +567,13 @@ impl SealedPoint<'_> {
     /// The manifest `publish` stores (the next point of the set names it as its parent).
     pub fn manifest(&self) -> &PointManifest {
         &self.manifest
+    }
+
+    /// The new chunks no chunk index object lists yet, for the writer of the next point
+    /// ([`PointWriter::dedup_in_flight`]): without them it would store a second copy of each
+    /// block it shares with this point while this one publishes.
+    pub fn unindexed_chunks(&self) -> Arc<HashSet<ChunkId>> {
+        Arc::new(self.entries.iter().map(|(id, _)| *id).collect())
     }
 
     /// Store the packs, the chunk index object, the point index, the VM metadata and last the
@@ -801,6 +824,72 @@ mod tests {
                 LocalStore::new(&root).list("").unwrap(),
                 before,
                 "{prefix}: objects left behind"
+            );
+        }
+    }
+
+    /// A point written while the point it continues is still publishing (`cbtfs copy`'s
+    /// pipeline) stores no second copy of the chunks they share: it dedups against the sealed
+    /// point's unindexed chunks. Without them, each shared block is stored twice (`gc` then
+    /// counts the second copy as garbage), as the second half shows.
+    #[test]
+    fn a_point_continuing_a_sealed_one_stores_no_second_copy_of_its_chunks() {
+        for dedup in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path().join("r");
+            let repo = testing::init(&root);
+            let lock = repo.lock_exclusive("test").unwrap();
+            let blocks = 8u64;
+            let spec = |time, new_set| NewPoint {
+                vdi: "00000000-0000-4000-8000-00000000000b".into(),
+                disk_name: "d".into(),
+                vm_uuid: None,
+                vm_name: None,
+                time,
+                virtual_size: blocks * BLOCK_SIZE,
+                source: "test".into(),
+                new_set,
+                snapshot: None,
+                vm_metadata: None,
+                vdi_type: None,
+                vm_run: None,
+            };
+            let img: Vec<u8> = (0..blocks as usize * BLOCK_SIZE as usize)
+                .map(|i| (i / 5) as u8 ^ (i >> 16) as u8)
+                .collect();
+            let mut w = repo.begin_point(&lock, spec(1_000, true)).unwrap();
+            w.add_run(0, &img, true).unwrap();
+            let first = w.seal().unwrap();
+            assert_eq!(first.manifest().stats.new_chunks, blocks);
+            // The same bytes again, block order reversed: every block changed, none new.
+            let mut w = repo
+                .continue_point(&lock, spec(2_000, false), first.manifest())
+                .unwrap();
+            if dedup {
+                w.dedup_in_flight(first.unindexed_chunks());
+            }
+            let bs = BLOCK_SIZE as usize;
+            let mut moved = vec![0u8; img.len()];
+            for k in 0..blocks as usize {
+                let j = blocks as usize - 1 - k;
+                moved[k * bs..(k + 1) * bs].copy_from_slice(&img[j * bs..(j + 1) * bs]);
+            }
+            w.add_run(0, &moved, true).unwrap();
+            let second = w.seal().unwrap();
+            let first = first.publish().unwrap();
+            let second = second.publish().unwrap();
+            assert_eq!(second.parent.as_deref(), Some(first.id.as_str()));
+            let want = if dedup { 0 } else { blocks };
+            assert_eq!(second.stats.new_chunks, want, "dedup {dedup}");
+            // Read back whole.
+            let p1 = Arc::new(repo.open_point(&first).unwrap());
+            let p2 = Arc::new(repo.open_point(&second).unwrap());
+            let reader = crate::read::PointReader::from_layers(vec![p1, p2]).unwrap();
+            let mut got = vec![0u8; moved.len()];
+            assert_eq!(reader.read_at(&mut got, 0).unwrap(), got.len());
+            assert!(
+                got == moved,
+                "dedup {dedup}: the second point reads back wrong"
             );
         }
     }
