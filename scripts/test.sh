@@ -3,10 +3,16 @@
 # target briefly on its committed seeds (scripts/fuzz.sh SECONDS runs them longer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each phase says when it starts (seconds since the start): where CI's time goes.
+start=$(date +%s)
+phase() { echo "== test.sh: $1 (at $(( $(date +%s) - start )) s)"; }
+phase "system packages"
 bash scripts/setup.sh
+phase "format and lints"
 cargo fmt --all -- --check
 (cd fuzz && cargo fmt --all -- --check)
 cargo clippy --all-targets -- -D warnings
+phase "tests"
 # A hung test must fail with what it hangs on, not run silently into CI's own time limit:
 # past CBTFS_TEST_TIMEOUT seconds the run prints what is running and blocked (process tree,
 # kernel stacks, FUSE mounts, loop devices), then is killed.
@@ -25,7 +31,9 @@ rc=0
 wait "$tests" || rc=$?
 kill -- "-$watchdog" 2>/dev/null || true
 [ "$rc" = 0 ] || exit "$rc"
+phase "fuzz smoke run"
 # The smoke run: two targets at a time, unoptimised and without AddressSanitizer (a much
 # shorter build; the long runs of scripts/fuzz.sh are optimised and keep the sanitizer).
 FUZZ_JOBS=${FUZZ_JOBS:-2} FUZZ_SANITIZER=${FUZZ_SANITIZER:-none} FUZZ_DEV=${FUZZ_DEV:-1} \
   scripts/fuzz.sh "${CBTFS_CI_FUZZ_SECONDS:-5}"
+phase "done"
