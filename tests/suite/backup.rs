@@ -523,6 +523,8 @@ fn kill_9_at_random_moments_then_the_next_backup_is_right() {
 
 #[test]
 fn demo_backs_up_a_real_guest_filesystem_and_shows_each_day() {
+    // Its browse makes loop devices: see `host_state`.
+    let _serial = host_state();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("demo");
     let out = ok(&["demo", s(&d)]);

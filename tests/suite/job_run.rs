@@ -366,6 +366,8 @@ fn too_many_connections_are_lowered_to_the_hosts_limit() {
 /// run partial (exit 3) and is named in the report, a clean one passes.
 #[test]
 fn a_jobs_health_check_finds_the_damaged_guest_filesystem() {
+    // Its checks make loop devices: see `host_state`.
+    let _serial = common::host_state();
     if ["mkfs.ext4", "debugfs", "e2fsck"]
         .iter()
         .any(|t| sh(&format!("command -v {t} || echo missing")).contains("missing"))
