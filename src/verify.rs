@@ -392,7 +392,7 @@ const GROUP: u64 = 64;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{NewPoint, testing};
+    use crate::repo::testing;
     use std::path::Path;
 
     const VDI: &str = "00000000-0000-4000-8000-00000000000c";
@@ -400,20 +400,7 @@ mod tests {
 
     fn write(repo: &Repository, time: i64, new_set: bool, bytes: &[u8]) -> PointManifest {
         let lock = repo.lock_exclusive("test").unwrap();
-        let spec = NewPoint {
-            vdi: VDI.into(),
-            disk_name: "d".into(),
-            vm_uuid: None,
-            vm_name: None,
-            time,
-            virtual_size: 4 * BLOCK_SIZE,
-            source: "test".into(),
-            new_set,
-            snapshot: None,
-            vm_metadata: None,
-            vdi_type: None,
-            vm_run: None,
-        };
+        let spec = testing::bare_point(VDI, time, 4 * BLOCK_SIZE, new_set);
         let mut w = repo.begin_point(&lock, spec).unwrap();
         w.add_run(0, bytes, true).unwrap();
         w.commit().unwrap()

@@ -240,20 +240,12 @@ mod tests {
     }
 
     fn spec() -> NewPoint {
-        NewPoint {
-            vdi: "00000000-0000-4000-8000-000000000001".into(),
-            disk_name: "d".into(),
-            vm_uuid: None,
-            vm_name: None,
-            time: 1_700_000_000,
-            virtual_size: SIZE,
-            source: "test".into(),
-            new_set: true,
-            snapshot: None,
-            vm_metadata: None,
-            vdi_type: None,
-            vm_run: None,
-        }
+        crate::repo::testing::bare_point(
+            "00000000-0000-4000-8000-000000000001",
+            1_700_000_000,
+            SIZE,
+            true,
+        )
     }
 
     /// A point of `SIZE` written by `fill`, as (its data bytes, its index entries and bitmaps).

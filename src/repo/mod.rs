@@ -2182,6 +2182,25 @@ pub(crate) mod testing {
     pub fn open(path: &Path) -> Repository {
         Repository::open(path, Some(&secret())).expect("open a test repository")
     }
+
+    /// A new point of disk `vdi` with nothing but what a writer needs (disk "d", no VM, no
+    /// snapshot, no metadata); tests set more with `NewPoint { field, ..bare_point(…) }`.
+    pub fn bare_point(vdi: &str, time: i64, virtual_size: u64, new_set: bool) -> NewPoint {
+        NewPoint {
+            vdi: vdi.into(),
+            disk_name: "d".into(),
+            vm_uuid: None,
+            vm_name: None,
+            time,
+            virtual_size,
+            source: "test".into(),
+            new_set,
+            snapshot: None,
+            vm_metadata: None,
+            vdi_type: None,
+            vm_run: None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -794,19 +794,14 @@ mod tests {
                 .begin_point(
                     &lock,
                     NewPoint {
-                        vdi: "00000000-0000-4000-8000-00000000000a".into(),
-                        disk_name: "d".into(),
-                        vm_uuid: None,
-                        vm_name: None,
-                        time: 1_000,
-                        virtual_size: blocks * BLOCK_SIZE,
-                        source: "test".into(),
-                        new_set: true,
-                        snapshot: None,
                         // VM metadata too, so that its put is one of those failing.
                         vm_metadata: Some(b"<ova.xml of the test VM/>".to_vec()),
-                        vdi_type: None,
-                        vm_run: None,
+                        ..testing::bare_point(
+                            "00000000-0000-4000-8000-00000000000a",
+                            1_000,
+                            blocks * BLOCK_SIZE,
+                            true,
+                        )
                     },
                 )
                 .unwrap();
@@ -840,20 +835,8 @@ mod tests {
             let repo = testing::init(&root);
             let lock = repo.lock_exclusive("test").unwrap();
             let blocks = 8u64;
-            let spec = |time, new_set| NewPoint {
-                vdi: "00000000-0000-4000-8000-00000000000b".into(),
-                disk_name: "d".into(),
-                vm_uuid: None,
-                vm_name: None,
-                time,
-                virtual_size: blocks * BLOCK_SIZE,
-                source: "test".into(),
-                new_set,
-                snapshot: None,
-                vm_metadata: None,
-                vdi_type: None,
-                vm_run: None,
-            };
+            let vdi = "00000000-0000-4000-8000-00000000000b";
+            let spec = |time, new_set| testing::bare_point(vdi, time, blocks * BLOCK_SIZE, new_set);
             let img: Vec<u8> = (0..blocks as usize * BLOCK_SIZE as usize)
                 .map(|i| (i / 5) as u8 ^ (i >> 16) as u8)
                 .collect();
@@ -916,20 +899,7 @@ mod tests {
         let mut w = repo
             .begin_point(
                 &lock,
-                NewPoint {
-                    vdi: vdi.into(),
-                    disk_name: "d".into(),
-                    vm_uuid: None,
-                    vm_name: None,
-                    time: 1_000,
-                    virtual_size: blocks * BLOCK_SIZE,
-                    source: "test".into(),
-                    new_set: true,
-                    snapshot: None,
-                    vm_metadata: None,
-                    vdi_type: None,
-                    vm_run: None,
-                },
+                testing::bare_point(vdi, 1_000, blocks * BLOCK_SIZE, true),
             )
             .unwrap();
         let img: Vec<u8> = (0..blocks as usize * BLOCK_SIZE as usize)
