@@ -856,10 +856,8 @@ pub fn main() -> ExitCode {
     crate::raise_fd_limit();
     // The mount sets up its own logging (a daemon logs to syslog or a file).
     if !matches!(cli.command, Command::Mount { .. } | Command::Browse { .. }) {
-        let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
         tracing_subscriber::fmt()
-            .with_env_filter(filter)
+            .with_env_filter(crate::mount::log_filter())
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
             .with_target(false)

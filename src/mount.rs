@@ -385,8 +385,7 @@ pub(crate) enum LogTarget {
 }
 
 pub(crate) fn init_logging(target: LogTarget) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = log_filter();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
@@ -419,6 +418,15 @@ pub(crate) fn init_logging(target: LogTarget) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What is logged: `CBTFS_LOG` (an `EnvFilter`), else warnings and errors. Not by default:
+/// fuser's "Failed to send FUSE reply", which it logs as an error whenever the kernel no longer
+/// wants an answer (the reading process was killed, a `| head` went away, the unmount ended the
+/// connection). Nothing is wrong then, and nothing could be done.
+pub(crate) fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_env("CBTFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser::reply=off"))
 }
 
 /// A tracing writer that sends each event to syslog at its level.
